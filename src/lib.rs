@@ -1,0 +1,13 @@
+//! pgmux: a PostgreSQL connection pooler.
+//!
+//! Follow a query through the crate: [`client`] reads it from the app, [`pool`] lends a
+//! server connection for the transaction, [`server`] owns that connection, and
+//! [`protocol`] frames every message on the way.
+
+pub mod auth;
+pub mod cancel;
+pub mod client;
+pub mod config;
+pub mod pool;
+pub mod protocol;
+pub mod server;
