@@ -1,1 +1,56 @@
-//! protocol
+//! The PostgreSQL wire protocol, as far as a pooler needs it.
+//!
+//! [`codec`] frames messages without parsing them; [`startup`] reads the untagged packets a
+//! connection begins with; [`write`] builds the few messages pgmux itself sends to clients;
+//! [`sqlstate`] names the error codes clients see.
+
+pub mod codec;
+pub mod sqlstate;
+pub mod startup;
+pub mod write;
+
+pub use codec::{Frame, MessageCodec, ProtocolError};
+pub use sqlstate::SqlState;
+pub use write::PgError;
+
+/// Message tags pgmux looks at. Everything else is forwarded untouched.
+pub mod tag {
+    // Frontend (client -> server).
+    pub const QUERY: u8 = b'Q';
+    pub const PARSE: u8 = b'P';
+    pub const BIND: u8 = b'B';
+    pub const EXECUTE: u8 = b'E';
+    pub const SYNC: u8 = b'S';
+    pub const FLUSH: u8 = b'H';
+    pub const FUNCTION_CALL: u8 = b'F';
+    pub const TERMINATE: u8 = b'X';
+    pub const PASSWORD: u8 = b'p';
+    pub const COPY_DATA: u8 = b'd';
+    pub const COPY_DONE: u8 = b'c';
+    pub const COPY_FAIL: u8 = b'f';
+
+    // Backend (server -> client).
+    pub const AUTHENTICATION: u8 = b'R';
+    pub const PARAMETER_STATUS: u8 = b'S';
+    pub const BACKEND_KEY_DATA: u8 = b'K';
+    pub const READY_FOR_QUERY: u8 = b'Z';
+    pub const ERROR_RESPONSE: u8 = b'E';
+    pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const COPY_IN_RESPONSE: u8 = b'G';
+    pub const COPY_OUT_RESPONSE: u8 = b'H';
+    pub const COPY_BOTH_RESPONSE: u8 = b'W';
+    pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+}
+
+/// Reads a NUL-terminated string at the start of `buf`; returns it and the rest.
+pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
+    let end = buf.iter().position(|&b| b == 0)?;
+    let s = std::str::from_utf8(&buf[..end]).ok()?;
+    Some((s, &buf[end + 1..]))
+}
+
+/// Reads a big-endian i32 at the start of `buf`; returns it and the rest.
+pub fn read_i32(buf: &[u8]) -> Option<(i32, &[u8])> {
+    let (head, rest) = buf.split_first_chunk::<4>()?;
+    Some((i32::from_be_bytes(*head), rest))
+}

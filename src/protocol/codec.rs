@@ -1,0 +1,203 @@
+//! Framing of tagged protocol messages, without parsing them.
+//!
+//! The decoder reads the 5-byte header (tag, length) and hands back the message as it
+//! arrived: a [`Frame`] whose bytes are split off the read buffer (no copy). A message
+//! larger than `max_whole` is not buffered whole: it comes out in parts as its bytes
+//! arrive, so a 100 MB DataRow costs a pooler no more than one read buffer.
+
+use bytes::BytesMut;
+use tokio_util::codec::Decoder;
+
+/// Largest length the protocol allows in a message header (PostgreSQL caps at 1 GB).
+pub const MAX_MESSAGE_LEN: usize = 1 << 30;
+
+/// How much of a message the codec buffers whole by default before it streams it.
+pub const DEFAULT_MAX_WHOLE: usize = 64 * 1024;
+
+/// A protocol violation by the peer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The length in a message header is impossible.
+    #[error("invalid message length {len} for message type '{tag}'", tag = char::from(*.tag))]
+    BadLength { tag: u8, len: usize },
+    /// A message body did not have the fields its type requires.
+    #[error("malformed {0} message")]
+    Malformed(&'static str),
+    /// The socket failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// One message, or one part of a large one, exactly as received.
+#[derive(Debug)]
+pub struct Frame {
+    /// The message type.
+    pub tag: u8,
+    /// The raw bytes: header included when `starts`.
+    pub bytes: BytesMut,
+    /// These bytes begin the message (they hold its header).
+    pub starts: bool,
+    /// These bytes end the message.
+    pub ends: bool,
+}
+
+impl Frame {
+    /// Whether the frame holds a whole message (header and complete body).
+    pub fn is_whole(&self) -> bool {
+        self.starts && self.ends
+    }
+
+    /// The body of a whole message (after the 5-byte header). Empty for parts.
+    pub fn body(&self) -> &[u8] {
+        if self.is_whole() {
+            &self.bytes[5..]
+        } else {
+            &[]
+        }
+    }
+}
+
+/// Frames tagged messages. Cancel-safe: all state lives in the codec and the buffer.
+#[derive(Debug)]
+pub struct MessageCodec {
+    max_whole: usize,
+    /// Tag and bytes still to come of a message being streamed in parts.
+    streaming: Option<(u8, usize)>,
+}
+
+impl MessageCodec {
+    /// A codec that buffers messages up to `max_whole` bytes and streams larger ones.
+    pub fn new(max_whole: usize) -> Self {
+        MessageCodec {
+            max_whole: max_whole.max(5),
+            streaming: None,
+        }
+    }
+
+    /// Whether a message is only partly through (its header went by, its end did not).
+    pub fn in_message(&self) -> bool {
+        self.streaming.is_some()
+    }
+}
+
+impl Default for MessageCodec {
+    fn default() -> Self {
+        MessageCodec::new(DEFAULT_MAX_WHOLE)
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Frame;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        if let Some((tag, remaining)) = self.streaming {
+            if src.is_empty() {
+                return Ok(None);
+            }
+            let n = remaining.min(src.len());
+            let ends = n == remaining;
+            self.streaming = if ends { None } else { Some((tag, remaining - n)) };
+            return Ok(Some(Frame {
+                tag,
+                bytes: src.split_to(n),
+                starts: false,
+                ends,
+            }));
+        }
+        let Some(header) = src.first_chunk::<5>() else {
+            return Ok(None);
+        };
+        let tag = header[0];
+        let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+            return Err(ProtocolError::BadLength { tag, len });
+        }
+        let total = 1 + len;
+        if src.len() >= total {
+            return Ok(Some(Frame {
+                tag,
+                bytes: src.split_to(total),
+                starts: true,
+                ends: true,
+            }));
+        }
+        if total <= self.max_whole {
+            src.reserve(total - src.len());
+            return Ok(None);
+        }
+        // Too large to hold: pass on what we have and stream the rest.
+        let n = src.len();
+        self.streaming = Some((tag, total - n));
+        Ok(Some(Frame {
+            tag,
+            bytes: src.split_to(n),
+            starts: true,
+            ends: false,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    #[test]
+    fn whole_messages_come_out_one_by_one() {
+        let mut codec = MessageCodec::default();
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&msg(b'Q', b"select 1\0"));
+        buf.extend_from_slice(&msg(b'S', b""));
+        let a = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((a.tag, a.is_whole(), a.body()), (b'Q', true, &b"select 1\0"[..]));
+        let b = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((b.tag, b.is_whole(), b.body().len()), (b'S', true, 0));
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+    }
+
+    #[test]
+    fn incomplete_small_message_waits() {
+        let mut codec = MessageCodec::default();
+        let full = msg(b'Q', b"select 1\0");
+        let mut buf = BytesMut::from(&full[..7]);
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&full[7..]);
+        assert!(codec.decode(&mut buf).unwrap().unwrap().is_whole());
+    }
+
+    #[test]
+    fn large_message_streams_in_parts() {
+        let mut codec = MessageCodec::new(16);
+        let full = msg(b'D', &[7u8; 100]);
+        let mut buf = BytesMut::from(&full[..40]);
+        let first = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(first.starts && !first.ends && first.bytes.len() == 40);
+        assert!(codec.in_message());
+        assert!(codec.decode(&mut buf).unwrap().is_none());
+        buf.extend_from_slice(&full[40..]);
+        buf.extend_from_slice(&msg(b'Z', b"I"));
+        let rest = codec.decode(&mut buf).unwrap().unwrap();
+        assert!(!rest.starts && rest.ends && rest.bytes.len() == full.len() - 40);
+        let z = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((z.tag, z.body()), (b'Z', &b"I"[..]));
+    }
+
+    #[test]
+    fn impossible_lengths_are_errors() {
+        let mut codec = MessageCodec::default();
+        let mut buf = BytesMut::from(&[b'Q', 0, 0, 0, 3][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(ProtocolError::BadLength { len: 3, .. })
+        ));
+        let mut buf = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
+        assert!(codec.decode(&mut buf).is_err());
+    }
+}

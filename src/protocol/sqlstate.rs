@@ -1,0 +1,41 @@
+//! SQLSTATE codes pgmux sends. Each situation has its own code so apps can decide to retry.
+
+use std::fmt;
+
+/// A five-character SQLSTATE code.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct SqlState(&'static str);
+
+impl SqlState {
+    /// 08P01: malformed or oversized message.
+    pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
+    /// 08006: upstream unreachable, or lost in the middle of a transaction.
+    pub const CONNECTION_FAILURE: SqlState = SqlState("08006");
+    /// 0A000: a feature pgmux (or this pool mode) does not support.
+    pub const FEATURE_NOT_SUPPORTED: SqlState = SqlState("0A000");
+    /// 28000: unknown user, or a login that is not allowed.
+    pub const INVALID_AUTHORIZATION: SqlState = SqlState("28000");
+    /// 28P01: wrong password.
+    pub const INVALID_PASSWORD: SqlState = SqlState("28P01");
+    /// 3D000: unknown database.
+    pub const INVALID_CATALOG_NAME: SqlState = SqlState("3D000");
+    /// 53300: a connection limit was reached (clients, or no server within wait_timeout).
+    pub const TOO_MANY_CONNECTIONS: SqlState = SqlState("53300");
+    /// 25P03: idle in transaction for longer than idle_transaction_timeout.
+    pub const IDLE_IN_TRANSACTION_TIMEOUT: SqlState = SqlState("25P03");
+    /// 57P01: pgmux is shutting down.
+    pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
+    /// 08004: the server refused the connection (its own error is in the message).
+    pub const CONNECTION_REJECTED: SqlState = SqlState("08004");
+
+    /// The code as sent on the wire.
+    pub fn code(&self) -> &'static str {
+        self.0
+    }
+}
+
+impl fmt::Display for SqlState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0)
+    }
+}

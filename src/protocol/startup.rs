@@ -1,0 +1,138 @@
+//! The untagged packets a client connection begins with: SSLRequest, GSSENCRequest,
+//! CancelRequest and StartupMessage.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{read_cstr, read_i32};
+
+/// PostgreSQL refuses startup packets above this size; so do we.
+pub const MAX_STARTUP_PACKET: usize = 10_000;
+
+const SSL_REQUEST: i32 = 80877103;
+const GSSENC_REQUEST: i32 = 80877104;
+const CANCEL_REQUEST: i32 = 80877102;
+
+/// The first packet a client sent.
+#[derive(Debug)]
+pub enum StartupPacket {
+    /// The client asks for TLS.
+    SslRequest,
+    /// The client asks for GSSAPI encryption.
+    GssEncRequest,
+    /// Cancel the query running for this key.
+    Cancel { process_id: i32, secret: i32 },
+    /// A protocol 3.x StartupMessage.
+    Startup(Startup),
+}
+
+/// A StartupMessage: protocol minor version and parameters in the order sent.
+#[derive(Debug, Clone, Default)]
+pub struct Startup {
+    /// The 3.x minor version the client asked for.
+    pub minor: u16,
+    /// Every parameter, `_pq_.` options included.
+    pub params: Vec<(String, String)>,
+}
+
+impl Startup {
+    /// The value of a parameter, if sent.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Why a startup packet was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    /// Length below 8 or above [`MAX_STARTUP_PACKET`].
+    #[error("invalid startup packet length {0}")]
+    BadLength(usize),
+    /// A protocol major version other than 3.
+    #[error("unsupported frontend protocol {0}.{1}: pgmux speaks 3.0")]
+    UnsupportedProtocol(u16, u16),
+    /// The parameters were not NUL-terminated pairs.
+    #[error("malformed startup packet")]
+    Malformed,
+    /// The socket failed or closed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one startup packet. Not cancel-safe (use it under a timeout that ends the session).
+pub async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+) -> Result<StartupPacket, StartupError> {
+    let len = reader.read_i32().await? as usize;
+    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+        return Err(StartupError::BadLength(len));
+    }
+    let mut body = vec![0u8; len - 4];
+    reader.read_exact(&mut body).await?;
+    parse_packet(&body)
+}
+
+/// Parses a startup packet body (after its length).
+pub fn parse_packet(body: &[u8]) -> Result<StartupPacket, StartupError> {
+    let (code, rest) = read_i32(body).ok_or(StartupError::Malformed)?;
+    match code {
+        SSL_REQUEST => Ok(StartupPacket::SslRequest),
+        GSSENC_REQUEST => Ok(StartupPacket::GssEncRequest),
+        CANCEL_REQUEST => {
+            let (process_id, rest) = read_i32(rest).ok_or(StartupError::Malformed)?;
+            let (secret, _) = read_i32(rest).ok_or(StartupError::Malformed)?;
+            Ok(StartupPacket::Cancel { process_id, secret })
+        }
+        _ => {
+            let (major, minor) = ((code >> 16) as u16, (code & 0xffff) as u16);
+            if major != 3 {
+                return Err(StartupError::UnsupportedProtocol(major, minor));
+            }
+            let mut params = Vec::new();
+            let mut rest = rest;
+            loop {
+                match rest {
+                    [0] | [] => break,
+                    _ => {
+                        let (name, after) = read_cstr(rest).ok_or(StartupError::Malformed)?;
+                        let (value, after) = read_cstr(after).ok_or(StartupError::Malformed)?;
+                        params.push((name.to_owned(), value.to_owned()));
+                        rest = after;
+                    }
+                }
+            }
+            Ok(StartupPacket::Startup(Startup { minor, params }))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_startup_parameters() {
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0database\0db\0\0");
+        let StartupPacket::Startup(s) = parse_packet(&body).unwrap() else {
+            panic!("not a startup")
+        };
+        assert_eq!((s.minor, s.get("user"), s.get("database")), (0, Some("app"), Some("db")));
+    }
+
+    #[test]
+    fn rejects_bad_packets() {
+        let mut body = (2i32 << 16).to_be_bytes().to_vec();
+        body.extend_from_slice(b"\0");
+        assert!(matches!(
+            parse_packet(&body),
+            Err(StartupError::UnsupportedProtocol(2, 0))
+        ));
+        let mut body = 196608i32.to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app");
+        assert!(matches!(parse_packet(&body), Err(StartupError::Malformed)));
+        assert!(matches!(parse_packet(&[1, 2]), Err(StartupError::Malformed)));
+    }
+}
