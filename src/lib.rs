@@ -8,6 +8,8 @@ pub mod auth;
 pub mod cancel;
 pub mod client;
 pub mod config;
+pub mod listener;
 pub mod pool;
 pub mod protocol;
+pub mod pooler;
 pub mod server;

@@ -1,3 +1,122 @@
-fn main() {
-    println!("Hello, world!");
+//! The pgmux daemon: command line, logging, signals and wiring. Nothing else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use pgmux::config::Config;
+use pgmux::pooler::Pooler;
+
+/// A PostgreSQL connection pooler: many client sessions on a few server connections.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// The TOML config file.
+    #[arg(long, short, global = true, env = "PGMUX_CONFIG", default_value = "config/pgmux.toml")]
+    config: PathBuf,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate the config and print it as pgmux sees it, secrets masked.
+    Check,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let config = match Config::load(&cli.config) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("pgmux: invalid config {}:\n{e}", cli.config.display());
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        println!("{}", config.masked());
+        eprintln!("pgmux: {} is valid", cli.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("the tokio runtime starts");
+    runtime.block_on(run(config))
+}
+
+async fn run(config: Config) -> ExitCode {
+    let mut listeners = Vec::new();
+    for addr in &config.server.listen {
+        match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "listening for clients");
+                listeners.push(listener);
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot listen");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let pooler = match Pooler::new(config) {
+        Ok(pooler) => pooler,
+        Err(e) => {
+            error!(error = %e, "invalid config");
+            return ExitCode::from(2);
+        }
+    };
+    tokio::spawn(watch_signals(pooler.clone()));
+    pgmux::listener::run(pooler, listeners).await;
+    ExitCode::SUCCESS
+}
+
+async fn watch_signals(pooler: std::sync::Arc<Pooler>) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+            _ = hup.recv() => {
+                warn!("SIGHUP: config reload is not available in this version; restart pgmux to apply changes");
+                continue;
+            }
+        }
+        if pooler.stop.is_cancelled() {
+            info!("second signal: ending every session now");
+            pooler.kill.cancel();
+        }
+        pooler.stop.cancel();
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }

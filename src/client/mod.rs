@@ -1,1 +1,59 @@
-//! client
+//! One client connection, from its first byte to its last: [`login`] negotiates the
+//! startup and checks the password, then [`session::Session`] runs the transaction loop.
+
+mod login;
+mod queue;
+mod session;
+
+pub use queue::OutQueue;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tracing::{debug, info};
+
+use crate::pooler::Pooler;
+use crate::protocol::{PgError, SqlState};
+
+/// Serves one client connection to the end. `admitted` is false when max_client_conn was
+/// reached: the client is told so (53300) once it has sent its startup packet.
+pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>, admitted: bool) {
+    let _ = socket.set_nodelay(true);
+    let started = std::time::Instant::now();
+    let limit = pooler.snapshot().config.server.client_login_timeout;
+    let outcome = tokio::time::timeout(limit, login::login(&mut socket, &pooler, admitted)).await;
+    let session = match outcome {
+        Ok(Ok(session)) => session,
+        Ok(Err(login::Refusal::Gone)) => return, // a cancel request, or a client that left
+        Ok(Err(login::Refusal::Error(err))) => {
+            debug!(%peer, %err, "login refused");
+            return refuse(socket, &err).await;
+        }
+        Err(_) => {
+            let err = PgError::fatal(
+                SqlState::QUERY_CANCELED,
+                format!("canceling authentication: no login within {limit:?} (client_login_timeout)"),
+            );
+            debug!(%peer, "login timed out");
+            return refuse(socket, &err).await;
+        }
+    };
+    let pool = session.pool.key.clone();
+    info!(%peer, %pool, "client connected");
+    session.run(socket).await;
+    info!(%peer, %pool, duration_ms = started.elapsed().as_millis() as u64, "client disconnected");
+}
+
+/// Sends a fatal error and closes: never a bare reset.
+async fn refuse(mut socket: TcpStream, err: &PgError) {
+    let mut buf = BytesMut::new();
+    err.write(&mut buf);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        socket.write_all(&buf).await?;
+        socket.shutdown().await
+    })
+    .await;
+}

@@ -20,6 +20,8 @@ pub mod tag {
     pub const PARSE: u8 = b'P';
     pub const BIND: u8 = b'B';
     pub const EXECUTE: u8 = b'E';
+    pub const DESCRIBE: u8 = b'D';
+    pub const CLOSE: u8 = b'C';
     pub const SYNC: u8 = b'S';
     pub const FLUSH: u8 = b'H';
     pub const FUNCTION_CALL: u8 = b'F';

@@ -28,6 +28,9 @@ impl SqlState {
     /// 08004: the server refused the connection (its own error is in the message).
     pub const CONNECTION_REJECTED: SqlState = SqlState("08004");
 
+    /// 57014: login took longer than client_login_timeout.
+    pub const QUERY_CANCELED: SqlState = SqlState("57014");
+
     /// The code as sent on the wire.
     pub fn code(&self) -> &'static str {
         self.0

@@ -1,0 +1,293 @@
+//! A client's way in: startup negotiation, password check by pgmux itself, and the
+//! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
+
+use std::sync::Arc;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+use tracing::debug;
+
+use super::session::Session;
+use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
+use crate::config::AuthMethod;
+use crate::pooler::Pooler;
+use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
+use crate::protocol::{MessageCodec, PgError, SqlState, read_cstr, read_i32, tag, write};
+
+/// How a login ends early.
+pub(super) enum Refusal {
+    /// The client left, or only wanted to cancel: nothing to say.
+    Gone,
+    /// Tell the client this, then close.
+    Error(PgError),
+}
+
+impl From<std::io::Error> for Refusal {
+    fn from(_: std::io::Error) -> Self {
+        Refusal::Gone
+    }
+}
+
+impl From<PgError> for Refusal {
+    fn from(e: PgError) -> Self {
+        Refusal::Error(e)
+    }
+}
+
+/// Runs the startup and authentication of one client. Returns the session to run.
+pub(super) async fn login(
+    socket: &mut TcpStream,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Result<Session, Refusal> {
+    let startup = read_startup(socket, pooler).await?;
+    if !admitted {
+        let max = pooler.snapshot().config.server.max_client_conn;
+        return Err(PgError::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!("too many clients: max_client_conn ({max}) reached"),
+        )
+        .with_hint("raise server.max_client_conn, or use fewer client connections")
+        .into());
+    }
+    if startup
+        .get("replication")
+        .is_some_and(|v| !matches!(v, "false" | "off" | "no" | "0"))
+    {
+        return Err(PgError::fatal(
+            SqlState::FEATURE_NOT_SUPPORTED,
+            "replication connections are not supported through pgmux",
+        )
+        .with_hint("connect to PostgreSQL directly for replication")
+        .into());
+    }
+    let mut out = BytesMut::new();
+    let unknown: Vec<String> = startup
+        .params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.clone())
+        .collect();
+    if startup.minor > 0 || !unknown.is_empty() {
+        write::negotiate_protocol_version(&mut out, 0, &unknown);
+    }
+
+    let user = startup.get("user").unwrap_or_default().to_owned();
+    if user.is_empty() {
+        return Err(PgError::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            "no user name in the startup packet",
+        )
+        .into());
+    }
+    let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
+
+    let snapshot = pooler.snapshot();
+    if !snapshot.config.databases.contains_key(&database) {
+        return Err(PgError::fatal(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("no such database \"{database}\""),
+        )
+        .with_hint(format!("add [databases.{database}] to the pgmux config"))
+        .into());
+    }
+    if !snapshot.config.users.contains_key(&user) {
+        return Err(PgError::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            format!("no such user \"{user}\""),
+        )
+        .with_hint(format!("add [users.{user}] to the pgmux config or its userlist file"))
+        .into());
+    }
+
+    let mut cbuf = BytesMut::new();
+    let method = snapshot.config.auth_method_for(&user);
+    if method != AuthMethod::Trust {
+        let Some(credential) = snapshot.credentials.get(&user) else {
+            return Err(bad_password(&user).into());
+        };
+        let scram = method == AuthMethod::ScramSha256 && credential.scram().is_some();
+        socket.write_all(&out).await?;
+        out.clear();
+        if scram {
+            scram_login(socket, &mut cbuf, &user, credential).await?;
+        } else {
+            md5_login(socket, &mut cbuf, &user, credential).await?;
+        }
+    }
+    write::auth_ok(&mut out);
+
+    let Some(pool) = pooler.pool(&database, &user) else {
+        return Err(PgError::fatal(
+            SqlState::INVALID_CATALOG_NAME,
+            format!("no such database \"{database}\""),
+        )
+        .into());
+    };
+    let mut params = pool.server_params();
+    if params.is_empty() {
+        // The first client of a pool: learn what the server reports from a real connection.
+        match pool.checkout().await {
+            Ok(conn) => pool.checkin(conn),
+            Err(e) => {
+                return Err(PgError::fatal(SqlState::CONNECTION_FAILURE, e.to_string()).into());
+            }
+        }
+        params = pool.server_params();
+    }
+    for (name, value) in &params {
+        let value = match (name.as_str(), startup.get(name)) {
+            ("application_name", Some(mine)) => mine,
+            _ => value.as_str(),
+        };
+        write::parameter_status(&mut out, name, value);
+    }
+    let cancel = pooler.cancels.register();
+    let (process_id, secret) = cancel.key();
+    write::backend_key_data(&mut out, process_id, secret);
+    write::ready_for_query(&mut out, b'I');
+    socket.write_all(&out).await?;
+    debug!(user, database, "client logged in");
+
+    let settings = pool.settings();
+    Ok(Session {
+        mode: settings.mode,
+        idle_transaction_timeout: settings.idle_transaction_timeout,
+        reset_query: settings.server_reset_query.clone(),
+        pool,
+        cancel,
+        stop: pooler.stop.clone(),
+        kill: pooler.kill.clone(),
+        cbuf,
+    })
+}
+
+/// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests
+/// with `N` and forwarding a CancelRequest.
+async fn read_startup(socket: &mut TcpStream, pooler: &Pooler) -> Result<Startup, Refusal> {
+    loop {
+        match startup::read_packet(socket).await {
+            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
+                socket.write_all(b"N").await?;
+            }
+            Ok(StartupPacket::Cancel { process_id, secret }) => {
+                pooler.cancels.cancel(process_id, secret).await;
+                return Err(Refusal::Gone);
+            }
+            Ok(StartupPacket::Startup(startup)) => return Ok(startup),
+            Err(StartupError::Io(_)) => return Err(Refusal::Gone),
+            Err(e @ StartupError::UnsupportedProtocol(..)) => {
+                return Err(PgError::fatal(SqlState::FEATURE_NOT_SUPPORTED, e.to_string()).into());
+            }
+            Err(e @ StartupError::BadLength(_)) => {
+                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())
+                    .with_hint(format!("a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"))
+                    .into());
+            }
+            Err(e @ StartupError::Malformed) => {
+                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into());
+            }
+        }
+    }
+}
+
+async fn scram_login(
+    socket: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    user: &str,
+    credential: &Credential,
+) -> Result<(), Refusal> {
+    let verifier = credential.scram().expect("checked by the caller");
+    let mut out = BytesMut::new();
+    write::auth_sasl(&mut out, &[SCRAM_MECHANISM]);
+    socket.write_all(&out).await?;
+
+    let first = read_password_message(socket, cbuf).await?;
+    let malformed = || PgError::fatal(SqlState::PROTOCOL_VIOLATION, "malformed SASLInitialResponse");
+    let (mechanism, rest) = read_cstr(&first).ok_or_else(malformed)?;
+    if mechanism != SCRAM_MECHANISM {
+        return Err(PgError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!("client selected an invalid SASL mechanism \"{mechanism}\""),
+        )
+        .into());
+    }
+    let (len, data) = read_i32(rest).ok_or_else(malformed)?;
+    let data = usize::try_from(len).ok().and_then(|n| data.get(..n)).ok_or_else(malformed)?;
+
+    let mut exchange = ScramExchange::new(verifier.clone());
+    let server_first = exchange.client_first(data).map_err(|e| auth_refusal(user, e))?;
+    out.clear();
+    write::auth_sasl_step(&mut out, 11, &server_first);
+    socket.write_all(&out).await?;
+
+    let last = read_password_message(socket, cbuf).await?;
+    let server_final = exchange.client_final(&last).map_err(|e| auth_refusal(user, e))?;
+    out.clear();
+    write::auth_sasl_step(&mut out, 12, &server_final);
+    socket.write_all(&out).await?;
+    Ok(())
+}
+
+async fn md5_login(
+    socket: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    user: &str,
+    credential: &Credential,
+) -> Result<(), Refusal> {
+    let salt: [u8; 4] = rand::random();
+    let mut out = BytesMut::new();
+    write::auth_md5(&mut out, salt);
+    socket.write_all(&out).await?;
+    let body = read_password_message(socket, cbuf).await?;
+    let response = body.strip_suffix(&[0]).unwrap_or(&body);
+    if credential.check_md5(salt, response) {
+        Ok(())
+    } else {
+        Err(bad_password(user).into())
+    }
+}
+
+/// Reads one PasswordMessage-family message ('p') and returns its body.
+async fn read_password_message(socket: &mut TcpStream, cbuf: &mut BytesMut) -> Result<BytesMut, Refusal> {
+    let mut codec = MessageCodec::new(MAX_STARTUP_PACKET);
+    loop {
+        match codec.decode(cbuf) {
+            Ok(Some(frame)) if frame.is_whole() && frame.tag == tag::PASSWORD => {
+                let mut bytes = frame.bytes;
+                return Ok(bytes.split_off(5));
+            }
+            Ok(Some(frame)) => {
+                return Err(PgError::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!(
+                        "expected a password response, got message type '{}'",
+                        char::from(frame.tag)
+                    ),
+                )
+                .into());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into()),
+        }
+        if socket.read_buf(cbuf).await? == 0 {
+            return Err(Refusal::Gone);
+        }
+    }
+}
+
+fn bad_password(user: &str) -> PgError {
+    PgError::fatal(
+        SqlState::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+fn auth_refusal(user: &str, e: crate::auth::AuthError) -> Refusal {
+    match e {
+        crate::auth::AuthError::BadPassword => bad_password(user).into(),
+        other => PgError::fatal(SqlState::PROTOCOL_VIOLATION, other.to_string()).into(),
+    }
+}

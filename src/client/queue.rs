@@ -1,0 +1,101 @@
+//! Bytes waiting to be written to one peer, written with vectored, non-blocking writes.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+
+use bytes::{Buf, BytesMut};
+use tokio::net::TcpStream;
+
+/// How many buffers one `writev` takes.
+const MAX_SLICES: usize = 32;
+
+/// An ordered queue of message bytes for one socket. Buffers split from the same read
+/// buffer and adjacent in memory are merged back for free, so a batch of forwarded
+/// messages is usually one buffer.
+#[derive(Default, Debug)]
+pub struct OutQueue {
+    chunks: VecDeque<BytesMut>,
+    len: usize,
+}
+
+impl OutQueue {
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Queues bytes after everything already queued.
+    pub fn push(&mut self, bytes: BytesMut) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.len += bytes.len();
+        if let Some(last) = self.chunks.back_mut() {
+            // Same allocation, right after the last buffer: `unsplit` is O(1) there.
+            if last.as_ptr().wrapping_add(last.len()) == bytes.as_ptr() {
+                last.unsplit(bytes);
+                return;
+            }
+        }
+        self.chunks.push_back(bytes);
+    }
+
+    /// Drops everything queued.
+    pub fn clear(&mut self) {
+        self.chunks.clear();
+        self.len = 0;
+    }
+
+    /// Writes as much as the socket takes without waiting. Returns Ok when the queue is
+    /// empty or the socket would block.
+    pub fn write_now(&mut self, socket: &TcpStream) -> io::Result<()> {
+        while !self.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let n = self.chunks.len().min(MAX_SLICES);
+            for (slice, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
+                *slice = IoSlice::new(chunk);
+            }
+            match socket.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(written) => self.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            }
+        }
+        if self.chunks.capacity() > MAX_SLICES {
+            // A burst grew the queue; an idle client keeps no large buffer.
+            self.chunks = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Writes everything, waiting as needed.
+    pub async fn write_all(&mut self, socket: &TcpStream) -> io::Result<()> {
+        loop {
+            self.write_now(socket)?;
+            if self.is_empty() {
+                return Ok(());
+            }
+            socket.writable().await?;
+        }
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        self.len -= n;
+        while n > 0 {
+            let front = self.chunks.front_mut().expect("written bytes were queued");
+            if n >= front.len() {
+                n -= front.len();
+                self.chunks.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Accepting clients, and stopping: on SIGTERM/SIGINT the listeners close, sessions end
+//! between transactions, and after shutdown_timeout the rest are told 57P01.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::client;
+use crate::pooler::Pooler;
+
+/// Serves clients on `listeners` until the pooler's stop token fires, then drains.
+pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
+    let clients = TaskTracker::new();
+    let mut accepting = Vec::new();
+    for listener in listeners {
+        accepting.push(tokio::spawn(accept(listener, pooler.clone(), clients.clone())));
+    }
+    pooler.stop.cancelled().await;
+    for task in accepting {
+        let _ = task.await; // each drops its listener: new clients are refused, not left hanging
+    }
+    clients.close();
+    let grace = pooler.snapshot().config.server.shutdown_timeout;
+    info!(clients = clients.len(), ?grace, "shutting down: waiting for running transactions");
+    if tokio::time::timeout(grace, clients.wait()).await.is_err() {
+        warn!(left = clients.len(), "shutdown_timeout is over: ending the remaining sessions");
+        pooler.kill.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(3), clients.wait()).await;
+    }
+    for pool in pooler.pools() {
+        pool.close_idle();
+    }
+    info!("pgmux stopped");
+}
+
+async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker) {
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = pooler.stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, usually: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let max = pooler.snapshot().config.server.max_client_conn;
+        let admitted = pooler.clients.fetch_add(1, Ordering::Relaxed) < max;
+        let pooler = pooler.clone();
+        clients.spawn(async move {
+            client::serve(socket, peer, pooler.clone(), admitted).await;
+            pooler.clients.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}

@@ -1,0 +1,122 @@
+//! The pooler as a whole: the config snapshot in force, the credentials derived from it,
+//! the pools, the cancel keys, and the tokens that stop it. Shared by every task.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+
+use arc_swap::ArcSwap;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::{Credential, Secret};
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::pool::{Pool, PoolKey};
+use crate::server::Upstream;
+
+/// A config and what is derived from it once (SCRAM keys of plain passwords).
+pub struct Snapshot {
+    /// The config as loaded and validated.
+    pub config: Config,
+    /// Per user, what client logins are checked against.
+    pub credentials: HashMap<String, Arc<Credential>>,
+}
+
+impl Snapshot {
+    /// Derives credentials from a validated config.
+    pub fn new(config: Config) -> Result<Snapshot, String> {
+        let mut credentials = HashMap::new();
+        for (name, user) in &config.users {
+            if let Some(password) = &user.password {
+                let secret = Secret::parse(password).map_err(|e| format!("users.{name}.password: {e}"))?;
+                credentials.insert(name.clone(), Arc::new(Credential::new(name, secret)));
+            }
+        }
+        Ok(Snapshot { config, credentials })
+    }
+
+    /// Where a pool for (database, user) connects, and as whom. None if the database is unknown.
+    pub fn upstream(&self, database: &str, user: &str) -> Option<Upstream> {
+        let db = self.config.databases.get(database)?;
+        let (login, password) = match &db.user {
+            Some(login) => (login.clone(), db.password.clone().or_else(|| self.server_password(login))),
+            None => (user.to_owned(), self.server_password(user)),
+        };
+        Some(Upstream {
+            host: db.host.clone(),
+            port: db.port,
+            dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
+            user: login,
+            password,
+        })
+    }
+
+    /// The plain password pgmux logs in to servers with, for `user`.
+    fn server_password(&self, user: &str) -> Option<String> {
+        let entry = self.config.users.get(user)?;
+        if let Some(p) = &entry.server_password {
+            return Some(p.clone());
+        }
+        self.credentials
+            .get(user)
+            .and_then(|c| c.plain_password().map(str::to_owned))
+    }
+}
+
+/// The running pooler.
+pub struct Pooler {
+    snapshot: ArcSwap<Snapshot>,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+    /// Cancel keys of live clients.
+    pub cancels: Arc<CancelRegistry>,
+    /// Clients connected now (for max_client_conn).
+    pub clients: AtomicUsize,
+    /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
+    pub stop: CancellationToken,
+    /// Cancelled when the grace period is over: end every session now.
+    pub kill: CancellationToken,
+}
+
+impl Pooler {
+    /// A pooler serving `config`.
+    pub fn new(config: Config) -> Result<Arc<Pooler>, String> {
+        Ok(Arc::new(Pooler {
+            snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
+            pools: Mutex::new(HashMap::new()),
+            cancels: Arc::new(CancelRegistry::default()),
+            clients: AtomicUsize::new(0),
+            stop: CancellationToken::new(),
+            kill: CancellationToken::new(),
+        }))
+    }
+
+    /// The config snapshot in force.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The pool for (database, user), created on first use. None if the database is unknown.
+    pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
+        let key = PoolKey {
+            database: database.to_owned(),
+            user: user.to_owned(),
+        };
+        let mut pools = self.pools.lock();
+        if let Some(pool) = pools.get(&key) {
+            return Some(pool.clone());
+        }
+        let snapshot = self.snapshot();
+        let settings = snapshot.config.pool_settings(database, user)?;
+        let upstream = snapshot.upstream(database, user)?;
+        let pool = Pool::new(key.clone(), upstream, settings);
+        pool.start_upkeep();
+        pools.insert(key, pool.clone());
+        Some(pool)
+    }
+
+    /// Every pool, for shutdown and the admin views.
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.pools.lock().values().cloned().collect()
+    }
+}

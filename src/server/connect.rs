@@ -1,0 +1,223 @@
+//! Opening a server connection: TCP connect, StartupMessage, authentication with whatever
+//! the server asks for, then ParameterStatus and BackendKeyData up to ReadyForQuery.
+
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::{md5_hash, sasl};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::codec::Decoder;
+
+use super::{BackendKey, ServerConn, parse_parameter_status};
+use crate::protocol::{Frame, ProtocolError, read_i32, tag};
+
+/// Where and as whom a pool connects.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or address.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// The database on the server.
+    pub dbname: String,
+    /// The role to log in as.
+    pub user: String,
+    /// Its password, when the server asks for one.
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The password stays out of logs.
+        write!(f, "{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// Why a server connection could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect or I/O failed.
+    #[error("{0}")]
+    Io(String),
+    /// No answer within connect_timeout.
+    #[error("no answer within {0:?} (connect_timeout)")]
+    Timeout(Duration),
+    /// The server refused the login with an ErrorResponse.
+    #[error("server said: {message} (SQLSTATE {code})")]
+    Server { code: String, message: String },
+    /// The server asked for something pgmux cannot give.
+    #[error("{0}")]
+    Auth(String),
+    /// The server broke the protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl From<std::io::Error> for ConnectError {
+    fn from(e: std::io::Error) -> Self {
+        ConnectError::Io(e.to_string())
+    }
+}
+
+impl From<ProtocolError> for ConnectError {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Io(e) => e.into(),
+            other => ConnectError::Protocol(other.to_string()),
+        }
+    }
+}
+
+/// Opens and authenticates a connection to `upstream` within `limit`. Cancel-safe: a
+/// dropped future just drops the socket.
+pub async fn connect(upstream: &Upstream, limit: Duration) -> Result<ServerConn, ConnectError> {
+    match tokio::time::timeout(limit, connect_inner(upstream)).await {
+        Ok(result) => result,
+        Err(_) => Err(ConnectError::Timeout(limit)),
+    }
+}
+
+async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> {
+    let stream = TcpStream::connect((upstream.host.as_str(), upstream.port)).await?;
+    stream.set_nodelay(true)?;
+    let addr = stream.peer_addr()?;
+    let mut conn = ServerConn::new(stream, addr);
+
+    let mut out = BytesMut::new();
+    let params = [
+        ("user", upstream.user.as_str()),
+        ("database", upstream.dbname.as_str()),
+        ("client_encoding", "UTF8"),
+        ("application_name", "pgmux"),
+    ];
+    frontend::startup_message(params.iter().copied(), &mut out)?;
+    conn.stream.write_all(&out).await?;
+
+    let mut scram: Option<sasl::ScramSha256> = None;
+    loop {
+        let frame = next_message(&mut conn).await?;
+        let body = frame.body();
+        match frame.tag {
+            tag::AUTHENTICATION => {
+                let (code, rest) = read_i32(body).ok_or(ProtocolError::Malformed("Authentication"))?;
+                out.clear();
+                match code {
+                    0 => {}
+                    3 => frontend::password_message(password(upstream)?.as_bytes(), &mut out)?,
+                    5 => {
+                        let salt: [u8; 4] = rest
+                            .get(..4)
+                            .and_then(|s| s.try_into().ok())
+                            .ok_or(ProtocolError::Malformed("AuthenticationMD5Password"))?;
+                        let hash = md5_hash(upstream.user.as_bytes(), password(upstream)?.as_bytes(), salt);
+                        frontend::password_message(hash.as_bytes(), &mut out)?;
+                    }
+                    10 => {
+                        let offers_scram = rest.split(|&b| b == 0).any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
+                        if !offers_scram {
+                            return Err(ConnectError::Auth("server offers no SASL mechanism pgmux supports".into()));
+                        }
+                        let exchange = sasl::ScramSha256::new(
+                            password(upstream)?.as_bytes(),
+                            sasl::ChannelBinding::unsupported(),
+                        );
+                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, exchange.message(), &mut out)?;
+                        scram = Some(exchange);
+                    }
+                    11 | 12 => {
+                        let exchange = scram
+                            .as_mut()
+                            .ok_or(ConnectError::Protocol("SASL step before SASL start".into()))?;
+                        if code == 11 {
+                            exchange.update(rest).map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                            frontend::sasl_response(exchange.message(), &mut out)?;
+                        } else {
+                            exchange.finish(rest).map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                        }
+                    }
+                    other => {
+                        return Err(ConnectError::Auth(format!(
+                            "server asks for authentication method {other}, which pgmux does not support"
+                        )));
+                    }
+                }
+                if !out.is_empty() {
+                    conn.stream.write_all(&out).await?;
+                }
+            }
+            tag::PARAMETER_STATUS => {
+                if let Some((name, value)) = parse_parameter_status(body) {
+                    conn.set_param(name, value);
+                }
+            }
+            tag::BACKEND_KEY_DATA => {
+                let (process_id, rest) = read_i32(body).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                let (secret, _) = read_i32(rest).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                conn.key = BackendKey { process_id, secret };
+            }
+            tag::ERROR_RESPONSE => {
+                let (code, message) = error_fields(body);
+                return Err(ConnectError::Server { code, message });
+            }
+            tag::READY_FOR_QUERY => {
+                conn.tx_status = body.first().copied().unwrap_or(b'I');
+                return Ok(conn);
+            }
+            // NoticeResponse and NegotiateProtocolVersion need no answer.
+            _ => {}
+        }
+    }
+}
+
+fn password(upstream: &Upstream) -> Result<&str, ConnectError> {
+    upstream.password.as_deref().ok_or_else(|| {
+        ConnectError::Auth(format!(
+            "server asks for a password for user \"{}\" and none is configured (users.{}.password or server_password)",
+            upstream.user, upstream.user
+        ))
+    })
+}
+
+/// Reads one whole message during login, when messages are small.
+async fn next_message(conn: &mut ServerConn) -> Result<Frame, ConnectError> {
+    loop {
+        if let Some(frame) = conn.codec.decode(&mut conn.read_buf)? {
+            if !frame.is_whole() {
+                return Err(ConnectError::Protocol("oversized message during login".into()));
+            }
+            return Ok(frame);
+        }
+        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
+            return Err(ConnectError::Io("server closed the connection during login".into()));
+        }
+    }
+}
+
+/// The SQLSTATE and message of an ErrorResponse body.
+pub fn error_fields(body: &[u8]) -> (String, String) {
+    let (mut code, mut message) = (String::new(), String::new());
+    let mut rest = body;
+    while let Some((&field, after)) = rest.split_first() {
+        if field == 0 {
+            break;
+        }
+        let Some((value, after)) = crate::protocol::read_cstr(after) else {
+            break;
+        };
+        match field {
+            b'C' => code = value.to_owned(),
+            b'M' => message = value.to_owned(),
+            _ => {}
+        }
+        rest = after;
+    }
+    (code, message)
+}
