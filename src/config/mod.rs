@@ -1,1 +1,411 @@
-//! config
+//! The pgmux configuration: what it listens on, how clients log in, and which pools exist.
+//!
+//! [`Config::load`] reads a TOML file in four steps, each in its own file:
+//! `env` substitutes `${VAR}` references, `load` and `read` walk the spanned TOML document
+//! into a [`Config`] (every key checked, none skipped), `userlist` adds the users of
+//! `auth.userlist_file`, and `validate` refuses nonsense and warns about risky values.
+//! Every problem found along the way is collected, so one run reports them all, each with
+//! its file, line and column. See `docs/configuration.md` for the user-facing reference.
+//!
+//! A `Config` is plain data, owned by whoever loaded it; a reload builds a new one and a
+//! reload that fails changes nothing.
+
+mod env;
+mod load;
+mod masked;
+mod read;
+mod report;
+mod userlist;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration, with every default filled in.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// `[server]`: where clients connect.
+    pub server: ServerSection,
+    /// `[auth]`: how clients prove who they are.
+    pub auth: AuthSection,
+    /// `[pool]`: pool settings for every database that does not override them.
+    pub pool: PoolSettings,
+    /// `[databases.NAME]`: the databases clients may ask for, by the name they ask for.
+    pub databases: BTreeMap<String, Database>,
+    /// `[users.NAME]` plus the entries of `auth.userlist_file` (`[users]` wins on conflict).
+    pub users: BTreeMap<String, User>,
+}
+
+/// `[server]`: the client-facing side of pgmux.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServerSection {
+    /// Addresses to listen on, `host:port` each. TOML: a string or an array of strings.
+    pub listen: Vec<String>,
+    /// Client connections accepted at once; more are refused.
+    pub max_client_conn: usize,
+    /// Time a client has to finish startup and authentication.
+    pub client_login_timeout: Duration,
+    /// Time clients get to finish their transactions on shutdown.
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:6432".to_owned()],
+            max_client_conn: 10_000,
+            client_login_timeout: Duration::from_secs(15),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[auth]`: how clients log in to pgmux.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AuthSection {
+    /// The login method for users without their own `auth_method`.
+    pub method: AuthMethod,
+    /// A PgBouncer-style `"user" "secret"` file. After loading, relative paths are already
+    /// resolved against the config file's directory (or the working directory for
+    /// [`Config::parse`]).
+    pub userlist_file: Option<PathBuf>,
+    /// Users allowed on the admin console.
+    pub admin_users: Vec<String>,
+}
+
+/// How a client proves its identity. TOML: `"scram-sha-256" | "md5" | "trust"`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum AuthMethod {
+    /// SCRAM-SHA-256: works with plain and SCRAM secrets.
+    #[default]
+    ScramSha256,
+    /// MD5: works with plain and `md5…` secrets, not with SCRAM verifiers.
+    Md5,
+    /// No password at all.
+    Trust,
+}
+
+impl AuthMethod {
+    /// The spelling used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ScramSha256 => "scram-sha-256",
+            Self::Md5 => "md5",
+            Self::Trust => "trust",
+        }
+    }
+}
+
+/// When a server connection goes back to the pool. TOML: `"session" | "transaction" | "statement"`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum PoolMode {
+    /// When the client disconnects.
+    Session,
+    /// When a transaction ends.
+    #[default]
+    Transaction,
+    /// After every statement; multi-statement transactions are refused.
+    Statement,
+}
+
+impl PoolMode {
+    /// The spelling used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Transaction => "transaction",
+            Self::Statement => "statement",
+        }
+    }
+}
+
+/// The settings of one pool: `[pool]`, then a database's overrides, then a user's mode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolSettings {
+    /// When a server connection is returned to the pool.
+    pub mode: PoolMode,
+    /// Most server connections the pool opens; at least 1.
+    pub size: u32,
+    /// Server connections kept open even when idle; at most `size`.
+    pub min_size: u32,
+    /// How long a client waits for a server connection before it gets an error; above 0.
+    pub wait_timeout: Duration,
+    /// Idle server connections are closed after this long; 0 = never.
+    pub idle_timeout: Duration,
+    /// Server connections are closed after this long (once idle); 0 = unlimited.
+    pub max_lifetime: Duration,
+    /// Time to connect and log in to the server; above 0.
+    pub connect_timeout: Duration,
+    /// A client idle inside a transaction this long is disconnected; 0 = disabled.
+    pub idle_transaction_timeout: Duration,
+    /// Run before a session-mode server connection is reused; `""` = none.
+    pub server_reset_query: String,
+}
+
+impl Default for PoolSettings {
+    fn default() -> Self {
+        Self {
+            mode: PoolMode::Transaction,
+            size: 20,
+            min_size: 0,
+            wait_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10 * 60),
+            max_lifetime: Duration::from_secs(60 * 60),
+            connect_timeout: Duration::from_secs(5),
+            idle_transaction_timeout: Duration::ZERO,
+            server_reset_query: "DISCARD ALL".to_owned(),
+        }
+    }
+}
+
+impl PoolSettings {
+    /// Replaces every setting that `overrides` sets.
+    pub fn apply(&mut self, o: &PoolOverrides) {
+        self.mode = o.mode.unwrap_or(self.mode);
+        self.size = o.size.unwrap_or(self.size);
+        self.min_size = o.min_size.unwrap_or(self.min_size);
+        self.wait_timeout = o.wait_timeout.unwrap_or(self.wait_timeout);
+        self.idle_timeout = o.idle_timeout.unwrap_or(self.idle_timeout);
+        self.max_lifetime = o.max_lifetime.unwrap_or(self.max_lifetime);
+        self.connect_timeout = o.connect_timeout.unwrap_or(self.connect_timeout);
+        self.idle_transaction_timeout = o
+            .idle_transaction_timeout
+            .unwrap_or(self.idle_transaction_timeout);
+        if let Some(query) = &o.server_reset_query {
+            self.server_reset_query.clone_from(query);
+        }
+    }
+}
+
+/// Per-database pool settings, written as plain keys in `[databases.NAME]`; `None` = inherit.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PoolOverrides {
+    /// See [`PoolSettings::mode`].
+    pub mode: Option<PoolMode>,
+    /// See [`PoolSettings::size`].
+    pub size: Option<u32>,
+    /// See [`PoolSettings::min_size`].
+    pub min_size: Option<u32>,
+    /// See [`PoolSettings::wait_timeout`].
+    pub wait_timeout: Option<Duration>,
+    /// See [`PoolSettings::idle_timeout`].
+    pub idle_timeout: Option<Duration>,
+    /// See [`PoolSettings::max_lifetime`].
+    pub max_lifetime: Option<Duration>,
+    /// See [`PoolSettings::connect_timeout`].
+    pub connect_timeout: Option<Duration>,
+    /// See [`PoolSettings::idle_transaction_timeout`].
+    pub idle_transaction_timeout: Option<Duration>,
+    /// See [`PoolSettings::server_reset_query`].
+    pub server_reset_query: Option<String>,
+}
+
+/// `[databases.NAME]`: where the database a client asks for by `NAME` lives.
+#[derive(Clone, PartialEq)]
+pub struct Database {
+    /// Server host name or address.
+    pub host: String,
+    /// Server port; never 0.
+    pub port: u16,
+    /// The real database name; `None` = the `[databases.NAME]` key.
+    pub dbname: Option<String>,
+    /// Connect to the server as this user instead of the client's user.
+    pub user: Option<String>,
+    /// Plain-text password for `user`. A secret: masked in `Debug` and [`Config::masked`].
+    pub password: Option<String>,
+    /// This database's pool settings, over `[pool]`.
+    pub overrides: PoolOverrides,
+}
+
+impl Default for Database {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".to_owned(),
+            port: 5432,
+            dbname: None,
+            user: None,
+            password: None,
+            overrides: PoolOverrides::default(),
+        }
+    }
+}
+
+impl Database {
+    /// The database name to send to the server for the client-facing name `key`.
+    pub fn upstream_dbname<'a>(&'a self, key: &'a str) -> &'a str {
+        self.dbname.as_deref().unwrap_or(key)
+    }
+}
+
+impl fmt::Debug for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Database")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| MASK))
+            .field("overrides", &self.overrides)
+            .finish()
+    }
+}
+
+/// `[users.NAME]` or a userlist entry: one user's secret and overrides.
+#[derive(Clone, Default, PartialEq)]
+pub struct User {
+    /// Plain text, `md5<32 hex>` or `SCRAM-SHA-256$<iter>:<salt>$<StoredKey>:<ServerKey>`.
+    /// A secret: masked in `Debug` and [`Config::masked`].
+    pub password: Option<String>,
+    /// Plain password pgmux sends upstream when `password` is a hash. A secret.
+    pub server_password: Option<String>,
+    /// This user's login method instead of `auth.method`.
+    pub auth_method: Option<AuthMethod>,
+    /// This user's pool mode, over the database's and `[pool]`'s.
+    pub mode: Option<PoolMode>,
+}
+
+impl fmt::Debug for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("User")
+            .field("password", &self.password.as_ref().map(|_| MASK))
+            .field(
+                "server_password",
+                &self.server_password.as_ref().map(|_| MASK),
+            )
+            .field("auth_method", &self.auth_method)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+/// What every secret is replaced with in `Debug` output and [`Config::masked`].
+pub const MASK: &str = "********";
+
+impl Config {
+    /// Reads `path`, substitutes `${VAR}` from the environment, parses, loads the userlist
+    /// (relative to the file's directory) and validates. Warnings go to `tracing`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            problems: vec![Problem::general(&origin, "", format!("cannot read: {e}"))],
+        })?;
+        let base = path.parent().unwrap_or(Path::new(""));
+        load::build(&text, &origin, base, &env_var)
+    }
+
+    /// Like [`Config::load`] from a string; `origin` names it in messages and a relative
+    /// `auth.userlist_file` is taken relative to the working directory.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        load::build(text, origin, Path::new(""), &env_var)
+    }
+
+    /// Like [`Config::parse`], with `${VAR}` looked up by `env` instead of the process
+    /// environment (for tests, or a caller with its own variables).
+    pub fn parse_with_env(
+        text: &str,
+        origin: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        load::build(text, origin, Path::new(""), env)
+    }
+
+    /// The settings of the pool for `database` and `user`: `[pool]`, then the database's
+    /// overrides, then the user's `mode`. `None` if the database is not configured.
+    pub fn pool_settings(&self, database: &str, user: &str) -> Option<PoolSettings> {
+        let db = self.databases.get(database)?;
+        let mut settings = self.pool.clone();
+        settings.apply(&db.overrides);
+        if let Some(mode) = self.users.get(user).and_then(|u| u.mode) {
+            settings.mode = mode;
+        }
+        Some(settings)
+    }
+
+    /// The login method for `user`: their own `auth_method`, else `auth.method`.
+    pub fn auth_method_for(&self, user: &str) -> AuthMethod {
+        self.users
+            .get(user)
+            .and_then(|u| u.auth_method)
+            .unwrap_or(self.auth.method)
+    }
+
+    /// The effective configuration (defaults filled in) as TOML that [`Config::parse`]
+    /// accepts again, with every password replaced by [`MASK`]. What `pgmux check` prints.
+    pub fn masked(&self) -> String {
+        masked::render(self)
+    }
+}
+
+fn env_var(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
+/// Every problem found in a configuration, each with where it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ConfigError {
+    /// In file order for one file; never empty.
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// One problem: `{origin}:{line}:{column}: {key}: {message}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    /// The file (or the `origin` given to [`Config::parse`]) the problem is in.
+    pub origin: String,
+    /// The key path, e.g. `pool.wait_timeout` or `databases.app.size`; empty if none applies.
+    pub key: String,
+    /// 1-based line in `origin`, if the problem has a place.
+    pub line: Option<usize>,
+    /// 1-based column (in characters) in `origin`, if the problem has a place.
+    pub column: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl Problem {
+    /// A problem with no place in a file, such as an I/O error.
+    pub fn general(origin: &str, key: &str, message: impl Into<String>) -> Self {
+        Self {
+            origin: origin.to_owned(),
+            key: key.to_owned(),
+            line: None,
+            column: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:", self.origin)?;
+        if let Some(line) = self.line {
+            write!(f, "{line}:")?;
+            if let Some(column) = self.column {
+                write!(f, "{column}:")?;
+            }
+        }
+        if !self.key.is_empty() {
+            write!(f, " {}:", self.key)?;
+        }
+        write!(f, " {}", self.message)
+    }
+}

@@ -1,0 +1,320 @@
+//! Walks the spanned TOML document into a [`Config`], checking every key.
+//!
+//! serde would stop at the first bad key; walking the document by hand lets one run report
+//! every unknown key and bad value, each at its line and column.
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::env::{self, OffsetMap};
+use super::report::{Place, Places, Report, join_key};
+use super::{
+    AuthMethod, AuthSection, Config, ConfigError, Database, PoolMode, PoolOverrides, Problem,
+    ServerSection, User, userlist, validate,
+};
+
+/// Parses `text` (named `origin`), resolving a relative `auth.userlist_file` against `base`.
+/// Warnings go to `tracing`.
+pub(super) fn build(
+    text: &str,
+    origin: &str,
+    base: &Path,
+    env_var: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigError> {
+    let (result, warnings) = analyze(text, origin, base, env_var);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    result
+}
+
+/// [`build`], returning the warnings instead of logging them.
+pub(super) fn analyze(
+    text: &str,
+    origin: &str,
+    base: &Path,
+    env_var: &dyn Fn(&str) -> Option<String>,
+) -> (Result<Config, ConfigError>, Vec<Problem>) {
+    let substituted = env::substitute(text, env_var);
+    let source = Source {
+        origin,
+        text,
+        map: substituted.map,
+    };
+    let mut report = Report::new(origin);
+    for p in substituted.problems {
+        report.primary(source.place_original(p.offset).problem(&p.key, p.message));
+    }
+    let (doc, errors) = DeTable::parse_recoverable(&substituted.text);
+    for e in errors {
+        let problem = match e.span() {
+            Some(span) => source.place(span.start).problem("", e.message()),
+            None => Problem::general(origin, "", e.message()),
+        };
+        report.primary(problem);
+    }
+
+    let mut walker = Walker {
+        source: &source,
+        report: &mut report,
+        places: Places::new(),
+    };
+    let mut config = walker.root(doc.get_ref());
+    let mut places = walker.places;
+
+    userlist::merge(&mut config, base, &mut places, &mut report);
+    validate::normalize(&mut config);
+    let warnings = validate::check(&config, &places, &mut report);
+    (report.finish(config), warnings)
+}
+
+/// The file as written, and how the parsed (substituted) text maps back to it.
+pub(super) struct Source<'a> {
+    origin: &'a str,
+    text: &'a str,
+    map: OffsetMap,
+}
+
+impl Source<'_> {
+    /// The place of an offset in the parsed text.
+    pub fn place(&self, parsed: usize) -> Place {
+        self.place_original(self.map.to_original(parsed))
+    }
+
+    fn place_original(&self, offset: usize) -> Place {
+        Place::in_text(self.origin, self.text, offset)
+    }
+}
+
+const SECTIONS: &[&str] = &["server", "auth", "pool", "databases", "users"];
+const SERVER_KEYS: &[&str] = &[
+    "listen",
+    "max_client_conn",
+    "client_login_timeout",
+    "shutdown_timeout",
+];
+const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
+/// The keys of `[pool]`, also accepted in `[databases.NAME]`.
+pub(super) const POOL_KEYS: &[&str] = &[
+    "mode",
+    "size",
+    "min_size",
+    "wait_timeout",
+    "idle_timeout",
+    "max_lifetime",
+    "connect_timeout",
+    "idle_transaction_timeout",
+    "server_reset_query",
+];
+const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
+const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
+const AUTH_METHODS: &[(&str, AuthMethod)] = &[
+    ("scram-sha-256", AuthMethod::ScramSha256),
+    ("md5", AuthMethod::Md5),
+    ("trust", AuthMethod::Trust),
+];
+const POOL_MODES: &[(&str, PoolMode)] = &[
+    ("session", PoolMode::Session),
+    ("transaction", PoolMode::Transaction),
+    ("statement", PoolMode::Statement),
+];
+
+/// A value with its span in the parsed text.
+pub(super) type Value<'i> = Spanned<DeValue<'i>>;
+/// A key with its span in the parsed text.
+pub(super) type Key<'i> = Spanned<Cow<'i, str>>;
+
+/// Turns the document into a [`Config`], reporting into `report` as it goes.
+pub(super) struct Walker<'a> {
+    pub source: &'a Source<'a>,
+    pub report: &'a mut Report,
+    pub places: Places,
+}
+
+impl Walker<'_> {
+    fn root(&mut self, doc: &DeTable<'_>) -> Config {
+        let mut config = Config::default();
+        for (key, value) in doc {
+            let name = key.get_ref().as_ref();
+            let Some(table) = self.section(name, key, value, SECTIONS) else {
+                continue;
+            };
+            match name {
+                "server" => self.server(table, &mut config.server),
+                "auth" => self.auth(table, &mut config.auth),
+                "pool" => {
+                    let mut overrides = PoolOverrides::default();
+                    for (key, value) in table {
+                        if !self.pool_key("pool", key, value, &mut overrides) {
+                            self.unknown("pool", key, POOL_KEYS);
+                        }
+                    }
+                    config.pool.apply(&overrides);
+                }
+                "databases" => {
+                    for (key, value) in table {
+                        let path = join_key("databases", key.get_ref());
+                        if let Some(t) = self.named_table(&path, key, value) {
+                            let db = self.database(&path, t);
+                            config.databases.insert(key.get_ref().to_string(), db);
+                        }
+                    }
+                }
+                _ => {
+                    for (key, value) in table {
+                        let path = join_key("users", key.get_ref());
+                        if let Some(t) = self.named_table(&path, key, value) {
+                            let user = self.user(&path, t);
+                            config.users.insert(key.get_ref().to_string(), user);
+                        }
+                    }
+                }
+            }
+        }
+        config
+    }
+
+    /// A known top-level section as a table; reports an unknown one or a non-table.
+    fn section<'v, 'i>(
+        &mut self,
+        name: &str,
+        key: &Key<'i>,
+        value: &'v Value<'i>,
+        known: &[&str],
+    ) -> Option<&'v DeTable<'i>> {
+        if !known.contains(&name) {
+            self.unknown("", key, known);
+            return None;
+        }
+        self.table(name, value)
+    }
+
+    /// `[databases.NAME]` or `[users.NAME]`: a table with a non-empty name.
+    fn named_table<'v, 'i>(
+        &mut self,
+        path: &str,
+        key: &Key<'i>,
+        value: &'v Value<'i>,
+    ) -> Option<&'v DeTable<'i>> {
+        self.mark(path, key.span());
+        if key.get_ref().is_empty() {
+            self.problem(path, key.span(), "the name must not be empty");
+        }
+        self.table(path, value)
+    }
+
+    fn server(&mut self, table: &DeTable<'_>, server: &mut ServerSection) {
+        for (key, value) in table {
+            let path = join_key("server", key.get_ref());
+            match key.get_ref().as_ref() {
+                "listen" => set(&mut server.listen, self.listen(&path, value)),
+                "max_client_conn" => {
+                    let n = self.unsigned(&path, value, u64::MAX);
+                    set(
+                        &mut server.max_client_conn,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
+                "client_login_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.client_login_timeout, d);
+                }
+                "shutdown_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.shutdown_timeout, d);
+                }
+                _ => self.unknown("server", key, SERVER_KEYS),
+            }
+        }
+    }
+
+    fn auth(&mut self, table: &DeTable<'_>, auth: &mut AuthSection) {
+        for (key, value) in table {
+            let path = join_key("auth", key.get_ref());
+            match key.get_ref().as_ref() {
+                "method" => set(&mut auth.method, self.choice(&path, value, AUTH_METHODS)),
+                "userlist_file" => {
+                    auth.userlist_file = self.string(&path, value).map(PathBuf::from);
+                }
+                "admin_users" => set(&mut auth.admin_users, self.strings(&path, value)),
+                _ => self.unknown("auth", key, AUTH_KEYS),
+            }
+        }
+    }
+
+    fn database(&mut self, path: &str, table: &DeTable<'_>) -> Database {
+        let mut db = Database::default();
+        for (key, value) in table {
+            let p = join_key(path, key.get_ref());
+            match key.get_ref().as_ref() {
+                "host" => set(&mut db.host, self.string(&p, value)),
+                "port" => {
+                    let port = self.unsigned(&p, value, u16::MAX.into());
+                    set(&mut db.port, port.and_then(|n| n.try_into().ok()));
+                }
+                "dbname" => db.dbname = self.string(&p, value),
+                "user" => db.user = self.string(&p, value),
+                "password" => db.password = self.string(&p, value),
+                _ => {
+                    if !self.pool_key(path, key, value, &mut db.overrides) {
+                        let known: Vec<&str> =
+                            DATABASE_KEYS.iter().chain(POOL_KEYS).copied().collect();
+                        self.unknown(path, key, &known);
+                    }
+                }
+            }
+        }
+        db
+    }
+
+    fn user(&mut self, path: &str, table: &DeTable<'_>) -> User {
+        let mut user = User::default();
+        for (key, value) in table {
+            let p = join_key(path, key.get_ref());
+            match key.get_ref().as_ref() {
+                "password" => user.password = self.string(&p, value),
+                "server_password" => user.server_password = self.string(&p, value),
+                "auth_method" => user.auth_method = self.choice(&p, value, AUTH_METHODS),
+                "mode" => user.mode = self.choice(&p, value, POOL_MODES),
+                _ => self.unknown(path, key, USER_KEYS),
+            }
+        }
+        user
+    }
+
+    /// Reads `key` into `o` if it is a pool setting; false if it is not one.
+    fn pool_key(
+        &mut self,
+        path: &str,
+        key: &Key<'_>,
+        value: &Value<'_>,
+        o: &mut PoolOverrides,
+    ) -> bool {
+        let p = join_key(path, key.get_ref());
+        let u32_max = u32::MAX.into();
+        let as_u32 = |n: Option<u64>| n.and_then(|n| u32::try_from(n).ok());
+        match key.get_ref().as_ref() {
+            "mode" => o.mode = self.choice(&p, value, POOL_MODES),
+            "size" => o.size = as_u32(self.unsigned(&p, value, u32_max)),
+            "min_size" => o.min_size = as_u32(self.unsigned(&p, value, u32_max)),
+            "wait_timeout" => o.wait_timeout = self.duration(&p, value),
+            "idle_timeout" => o.idle_timeout = self.duration(&p, value),
+            "max_lifetime" => o.max_lifetime = self.duration(&p, value),
+            "connect_timeout" => o.connect_timeout = self.duration(&p, value),
+            "idle_transaction_timeout" => o.idle_transaction_timeout = self.duration(&p, value),
+            "server_reset_query" => o.server_reset_query = self.string(&p, value),
+            _ => return false,
+        }
+        true
+    }
+}
+
+/// Overwrites `target` if the value was read.
+fn set<T>(target: &mut T, value: Option<T>) {
+    if let Some(v) = value {
+        *target = v;
+    }
+}

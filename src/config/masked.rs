@@ -1,0 +1,137 @@
+//! [`Config::masked`]: the effective configuration as TOML, secrets replaced by [`MASK`].
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use super::report::join_key;
+use super::{Config, MASK, PoolOverrides, PoolSettings, env};
+
+/// Renders `config` as TOML that parses back to the same configuration, except that
+/// every password reads [`MASK`].
+pub(super) fn render(config: &Config) -> String {
+    let mut out = String::from("# pgmux effective configuration; secrets are masked.\n");
+    let server = &config.server;
+    out.push_str("\n[server]\n");
+    let listen: Vec<String> = server.listen.iter().map(|a| quote(a)).collect();
+    line(&mut out, "listen", &format!("[{}]", listen.join(", ")));
+    line(
+        &mut out,
+        "max_client_conn",
+        &server.max_client_conn.to_string(),
+    );
+    line(
+        &mut out,
+        "client_login_timeout",
+        &duration(server.client_login_timeout),
+    );
+    line(
+        &mut out,
+        "shutdown_timeout",
+        &duration(server.shutdown_timeout),
+    );
+
+    let auth = &config.auth;
+    out.push_str("\n[auth]\n");
+    line(&mut out, "method", &quote(auth.method.as_str()));
+    if let Some(file) = &auth.userlist_file {
+        line(&mut out, "userlist_file", &quote(&file.to_string_lossy()));
+    }
+    let admins: Vec<String> = auth.admin_users.iter().map(|u| quote(u)).collect();
+    line(&mut out, "admin_users", &format!("[{}]", admins.join(", ")));
+
+    out.push_str("\n[pool]\n");
+    pool(&mut out, &full(&config.pool));
+
+    for (name, db) in &config.databases {
+        let _ = writeln!(out, "\n[{}]", header("databases", name));
+        line(&mut out, "host", &quote(&db.host));
+        line(&mut out, "port", &db.port.to_string());
+        optional(&mut out, "dbname", db.dbname.as_deref());
+        optional(&mut out, "user", db.user.as_deref());
+        optional(&mut out, "password", db.password.as_ref().map(|_| MASK));
+        pool(&mut out, &db.overrides);
+    }
+
+    for (name, user) in &config.users {
+        let _ = writeln!(out, "\n[{}]", header("users", name));
+        optional(&mut out, "password", user.password.as_ref().map(|_| MASK));
+        let server_password = user.server_password.as_ref().map(|_| MASK);
+        optional(&mut out, "server_password", server_password);
+        optional(
+            &mut out,
+            "auth_method",
+            user.auth_method.map(|m| m.as_str()),
+        );
+        optional(&mut out, "mode", user.mode.map(|m| m.as_str()));
+    }
+    out
+}
+
+/// Every setting of `s`, as overrides, so that one function renders both.
+fn full(s: &PoolSettings) -> PoolOverrides {
+    PoolOverrides {
+        mode: Some(s.mode),
+        size: Some(s.size),
+        min_size: Some(s.min_size),
+        wait_timeout: Some(s.wait_timeout),
+        idle_timeout: Some(s.idle_timeout),
+        max_lifetime: Some(s.max_lifetime),
+        connect_timeout: Some(s.connect_timeout),
+        idle_transaction_timeout: Some(s.idle_transaction_timeout),
+        server_reset_query: Some(s.server_reset_query.clone()),
+    }
+}
+
+/// The pool settings that `o` sets, in [`PoolSettings`] order.
+fn pool(out: &mut String, o: &PoolOverrides) {
+    optional(out, "mode", o.mode.map(|m| m.as_str()));
+    let mut number = |key: &str, n: Option<u32>| {
+        if let Some(n) = n {
+            line(out, key, &n.to_string());
+        }
+    };
+    number("size", o.size);
+    number("min_size", o.min_size);
+    let durations = [
+        ("wait_timeout", o.wait_timeout),
+        ("idle_timeout", o.idle_timeout),
+        ("max_lifetime", o.max_lifetime),
+        ("connect_timeout", o.connect_timeout),
+        ("idle_transaction_timeout", o.idle_transaction_timeout),
+    ];
+    for (key, d) in durations {
+        if let Some(d) = d {
+            line(out, key, &duration(d));
+        }
+    }
+    optional(out, "server_reset_query", o.server_reset_query.as_deref());
+}
+
+fn line(out: &mut String, key: &str, value: &str) {
+    let _ = writeln!(out, "{key} = {value}");
+}
+
+/// `key = "value"` if there is a value.
+fn optional(out: &mut String, key: &str, value: Option<&str>) {
+    if let Some(value) = value {
+        line(out, key, &quote(value));
+    }
+}
+
+fn duration(d: Duration) -> String {
+    quote(&humantime::format_duration(d).to_string())
+}
+
+/// `section.name` for a table header. `${` is escaped so that parsing does not substitute.
+fn header(section: &str, name: &str) -> String {
+    join_key(section, name).replace("${", "$${")
+}
+
+/// A TOML basic string, on one line, `${` escaped so that parsing does not substitute.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    env::escape_basic(s, &mut out);
+    out.push('"');
+    out.replace("${", "$${")
+}

@@ -1,0 +1,537 @@
+//! Tests of the whole path: text in, `Config` or every problem out.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const STORED: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+
+fn scram() -> String {
+    format!("SCRAM-SHA-256$4096:c2FsdA==${STORED}:{STORED}")
+}
+
+fn no_env(_: &str) -> Option<String> {
+    None
+}
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::parse_with_env(text, "t.toml", &no_env)
+}
+
+fn parse_ok(text: &str) -> Config {
+    parse(text).unwrap_or_else(|e| panic!("unexpected problems:\n{e}"))
+}
+
+/// Every problem, one `Display` line each.
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(_) => panic!("expected problems in:\n{text}"),
+        Err(e) => e.problems.iter().map(ToString::to_string).collect(),
+    }
+}
+
+#[test]
+fn empty_file_gives_the_defaults() {
+    let c = parse_ok("");
+    assert_eq!(c.server.listen, ["127.0.0.1:6432"]);
+    assert_eq!(c.server.max_client_conn, 10_000);
+    assert_eq!(c.server.client_login_timeout, Duration::from_secs(15));
+    assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.auth.method, AuthMethod::ScramSha256);
+    assert_eq!(c.auth.userlist_file, None);
+    assert!(c.auth.admin_users.is_empty());
+    let p = &c.pool;
+    assert_eq!(p.mode, PoolMode::Transaction);
+    assert_eq!((p.size, p.min_size), (20, 0));
+    assert_eq!(p.wait_timeout, Duration::from_secs(5));
+    assert_eq!(p.idle_timeout, Duration::from_secs(600));
+    assert_eq!(p.max_lifetime, Duration::from_secs(3600));
+    assert_eq!(p.connect_timeout, Duration::from_secs(5));
+    assert_eq!(p.idle_transaction_timeout, Duration::ZERO);
+    assert_eq!(p.server_reset_query, "DISCARD ALL");
+    assert!(c.databases.is_empty() && c.users.is_empty());
+}
+
+#[test]
+fn every_key_is_read() {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:6432", "[::1]:6432"]
+max_client_conn = 500
+client_login_timeout = "3s"
+shutdown_timeout = "1m"
+
+[auth]
+method = "md5"
+admin_users = ["admin"]
+
+[pool]
+mode = "session"
+size = 10
+min_size = 2
+wait_timeout = "250ms"
+idle_timeout = 0
+max_lifetime = "0s"
+connect_timeout = "2s"
+idle_transaction_timeout = "30s"
+server_reset_query = ""
+
+[databases.app]
+host = "db.internal"
+port = 6543
+dbname = "app_prod"
+user = "svc"
+password = "pw"
+mode = "transaction"
+size = 0x10
+min_size = 1
+wait_timeout = "1s"
+idle_timeout = "1m"
+max_lifetime = "2h"
+connect_timeout = "1s"
+idle_transaction_timeout = "5s"
+server_reset_query = "RESET ALL"
+
+[databases."odd.name"]
+
+[users.alice]
+password = "md5A3556571E93B0D20722BA62BE61E8C2D"
+server_password = "plain"
+auth_method = "md5"
+mode = "statement"
+
+[users.bob]
+password = "{}"
+auth_method = "scram-sha-256"
+"#,
+        scram()
+    );
+    let c = parse_ok(&text);
+    assert_eq!(c.server.listen, ["127.0.0.1:6432", "[::1]:6432"]);
+    assert_eq!(c.server.max_client_conn, 500);
+    assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
+    assert_eq!(c.auth.method, AuthMethod::Md5);
+    assert_eq!(c.auth.admin_users, ["admin"]);
+    assert_eq!(c.pool.mode, PoolMode::Session);
+    assert_eq!(c.pool.wait_timeout, Duration::from_millis(250));
+    assert_eq!(c.pool.idle_timeout, Duration::ZERO);
+    assert_eq!(c.pool.server_reset_query, "");
+    let app = &c.databases["app"];
+    assert_eq!((app.host.as_str(), app.port), ("db.internal", 6543));
+    assert_eq!(app.upstream_dbname("app"), "app_prod");
+    assert_eq!(app.user.as_deref(), Some("svc"));
+    assert_eq!(app.password.as_deref(), Some("pw"));
+    assert_eq!(app.overrides.size, Some(16));
+    assert_eq!(app.overrides.max_lifetime, Some(Duration::from_secs(7200)));
+    assert_eq!(
+        app.overrides.server_reset_query.as_deref(),
+        Some("RESET ALL")
+    );
+    assert_eq!(
+        c.databases["odd.name"].upstream_dbname("odd.name"),
+        "odd.name"
+    );
+    let alice = &c.users["alice"];
+    // md5 hex is lowercased, so it compares equal to a computed hash.
+    assert_eq!(
+        alice.password.as_deref(),
+        Some("md5a3556571e93b0d20722ba62be61e8c2d")
+    );
+    assert_eq!(alice.server_password.as_deref(), Some("plain"));
+    assert_eq!(alice.mode, Some(PoolMode::Statement));
+    assert_eq!(c.auth_method_for("alice"), AuthMethod::Md5);
+    assert_eq!(c.auth_method_for("bob"), AuthMethod::ScramSha256);
+    assert_eq!(c.auth_method_for("nobody"), AuthMethod::Md5);
+}
+
+#[test]
+fn listen_accepts_a_single_string() {
+    let c = parse_ok("[server]\nlisten = \"localhost:7000\"\n");
+    assert_eq!(c.server.listen, ["localhost:7000"]);
+}
+
+#[test]
+fn unknown_keys_are_placed() {
+    let text = "[pool]\nwait_timout = \"5s\"\n\n[admin]\nlisten = \"x\"\n[databases.app]\n  sise = 3\n  flavour = 1\n";
+    assert_eq!(
+        problems(text),
+        [
+            "t.toml:2:1: pool.wait_timout: unknown key (did you mean `wait_timeout`?)",
+            "t.toml:4:2: admin: unknown key; expected one of: server, auth, pool, databases, users",
+            "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
+            "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
+             user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
+             connect_timeout, idle_transaction_timeout, server_reset_query",
+        ]
+    );
+}
+
+#[test]
+fn bad_values_are_placed() {
+    let text = r#"[server]
+listen = [6432]
+max_client_conn = -1
+client_login_timeout = 15
+shutdown_timeout = "-3s"
+[auth]
+method = "password"
+admin_users = "admin"
+[pool]
+size = "20"
+min_size = 1.5
+wait_timeout = "5 parsecs"
+idle_timeout = true
+mode = "sessions"
+[databases.app]
+port = 70000
+[users.alice]
+mode = 1
+[users.bob]
+"#;
+    let got = problems(text);
+    let expected = [
+        "t.toml:2:11: server.listen[0]: expected a string, found an integer",
+        "t.toml:3:19: server.max_client_conn: must not be negative",
+        "t.toml:4:24: server.client_login_timeout: a duration needs a unit: write \"15s\" or \"15ms\"",
+        "t.toml:5:20: server.shutdown_timeout: must not be negative",
+        "t.toml:7:10: auth.method: unknown value \"password\"; expected one of \"scram-sha-256\", \"md5\", \"trust\"",
+        "t.toml:8:15: auth.admin_users: expected an array of strings, found a string",
+        "t.toml:10:8: pool.size: expected an integer, found a string",
+        "t.toml:11:12: pool.min_size: expected an integer, found a float",
+        "t.toml:12:16: pool.wait_timeout: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", \
+         supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
+         variations); write e.g. \"250ms\", \"5s\", \"10m\", \"1h\" or \"0\"",
+        "t.toml:13:16: pool.idle_timeout: expected a duration string, found a boolean",
+        "t.toml:14:8: pool.mode: unknown value \"sessions\"; expected one of \"session\", \"transaction\", \"statement\"",
+        "t.toml:16:8: databases.app.port: is too large (at most 65535)",
+        "t.toml:18:8: users.alice.mode: expected a string, found an integer",
+    ];
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn validation_problems_are_all_reported() {
+    let text = format!(
+        r#"[server]
+listen = ["127.0.0.1", "localhost:6432"]
+max_client_conn = 0
+[pool]
+size = 0
+min_size = 3
+wait_timeout = "0s"
+connect_timeout = 0
+[databases.app]
+port = 0
+host = ""
+[databases.big]
+min_size = 30
+[databases.small]
+size = 2
+[users.alice]
+password = "SCRAM-SHA-256$4096:c2FsdA==$short:short"
+[users.bob]
+password = "{}"
+auth_method = "md5"
+[users.carol]
+password = "md5a3556571e93b0d20722ba62be61e8c2d"
+server_password = "{}"
+"#,
+        scram(),
+        scram()
+    );
+    let got = problems(&text);
+    let expected = [
+        "t.toml:2:11: server.listen: \"127.0.0.1\" is not an address: expected host:port",
+        "t.toml:3:19: server.max_client_conn: must be at least 1",
+        "t.toml:5:8: pool.size: must be at least 1",
+        "t.toml:6:12: pool.min_size: must not exceed size (0)",
+        "t.toml:7:16: pool.wait_timeout: must be above 0 (clients would fail without waiting)",
+        "t.toml:8:19: pool.connect_timeout: must be above 0",
+        "t.toml:10:8: databases.app.port: must not be 0",
+        "t.toml:11:8: databases.app.host: must not be empty",
+        "t.toml:13:12: databases.big.min_size: must not exceed size (0)",
+        "t.toml:15:8: databases.small.size: must not be below min_size (3)",
+        "t.toml:17:12: users.alice.password: malformed SCRAM verifier: expected \
+         SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey> (StoredKey is not 32 bytes of base64)",
+        "t.toml:19:12: users.bob.password: is a SCRAM verifier, which md5 login cannot check \
+         (method from users.bob.auth_method): give the plain password or an md5 hash, or use \
+         scram-sha-256",
+        "t.toml:23:19: users.carol.server_password: must be the plain password pgmux sends to the \
+         server, not a hash",
+    ];
+    assert_eq!(got, expected);
+}
+
+#[test]
+fn empty_listen_and_empty_names_are_problems() {
+    let text = "[server]\nlisten = []\n[databases.\"\"]\n";
+    assert_eq!(
+        problems(text),
+        [
+            "t.toml:2:10: server.listen: needs at least one address",
+            "t.toml:3:12: databases.\"\": the name must not be empty",
+        ]
+    );
+}
+
+#[test]
+fn syntax_errors_come_with_the_other_problems() {
+    let text = "[pool]\nsize = \nmin_size = \"x\"\nwait_timeout = \"5s\nmode = \"x\"\n";
+    let got = problems(text);
+    assert_eq!(got.len(), 4, "{got:#?}");
+    assert!(got[0].starts_with("t.toml:2:8: "), "{got:#?}");
+    assert_eq!(
+        got[1],
+        "t.toml:3:12: pool.min_size: expected an integer, found a string"
+    );
+    assert!(got[2].starts_with("t.toml:4:"), "{got:#?}");
+    assert!(
+        got[3].starts_with("t.toml:5:8: pool.mode: unknown value"),
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn env_interpolation_fills_numbers_and_strings() {
+    let env = |name: &str| match name {
+        "POOL_SIZE" => Some("42".to_owned()),
+        "APP_PASSWORD" => Some("s3cr\"et".to_owned()),
+        _ => None,
+    };
+    let text = r#"
+[pool]
+size = ${POOL_SIZE:-20}
+min_size = ${MIN:-2}   # ${NOT_SUBSTITUTED} in a comment
+wait_timeout = "${WAIT:-7s}"
+server_reset_query = "$${literal}"
+[databases.app]
+password = "${APP_PASSWORD}"
+"#;
+    let c = Config::parse_with_env(text, "t.toml", &env).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((c.pool.size, c.pool.min_size), (42, 2));
+    assert_eq!(c.pool.wait_timeout, Duration::from_secs(7));
+    assert_eq!(c.pool.server_reset_query, "${literal}");
+    assert_eq!(c.databases["app"].password.as_deref(), Some("s3cr\"et"));
+}
+
+#[test]
+fn missing_env_var_is_placed_and_hides_its_consequences() {
+    let text = "[pool]\nsize = ${POOL_SIZE}\n[databases.app]\npassword = \"${APP_PASSWORD}\"\n\
+                host = \"${DB_HOST:-db}\" ; port = 1\n";
+    let got = problems(text);
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(
+        got[0],
+        "t.toml:2:8: pool.size: environment variable POOL_SIZE is not set \
+         (write ${POOL_SIZE:-default} for a default)"
+    );
+    assert!(
+        got[1]
+            .starts_with("t.toml:4:13: databases.app.password: environment variable APP_PASSWORD")
+    );
+    // A problem after a substituted value is placed in the original columns.
+    assert!(got[2].starts_with("t.toml:5:25: unexpected"), "{got:#?}");
+}
+
+#[test]
+fn pool_settings_merge_database_then_user() {
+    let text = r#"
+[pool]
+size = 10
+idle_timeout = "1m"
+[databases.app]
+size = 30
+mode = "session"
+server_reset_query = "RESET ALL"
+[databases.plain]
+[users.batch]
+mode = "statement"
+[users.web]
+"#;
+    let c = parse_ok(text);
+    let app = c.pool_settings("app", "web").expect("app is configured");
+    assert_eq!(app.size, 30);
+    assert_eq!(app.mode, PoolMode::Session);
+    assert_eq!(app.idle_timeout, Duration::from_secs(60));
+    assert_eq!(app.server_reset_query, "RESET ALL");
+    let batch = c.pool_settings("app", "batch").expect("app is configured");
+    assert_eq!((batch.mode, batch.size), (PoolMode::Statement, 30));
+    assert_eq!(
+        c.pool_settings("plain", "unknown-user"),
+        Some(c.pool.clone())
+    );
+    assert_eq!(c.pool_settings("nope", "web"), None);
+}
+
+#[test]
+fn masked_hides_secrets_and_parses_back() {
+    let text = format!(
+        r#"
+[server]
+listen = ["127.0.0.1:6432", "localhost:7000"]
+[auth]
+admin_users = ["root"]
+[pool]
+mode = "session"
+wait_timeout = "1m 30s"
+idle_transaction_timeout = "250ms"
+server_reset_query = "SELECT '$${{x}}'"
+[databases.app]
+user = "svc"
+password = "db-secret"
+size = 3
+[databases."we\"ird.name"]
+dbname = "w"
+[users.alice]
+password = "alice-secret"
+server_password = "upstream-secret"
+mode = "transaction"
+[users.bob]
+password = "{}"
+"#,
+        scram()
+    );
+    let c = parse_ok(&text);
+    let masked = c.masked();
+    for secret in ["db-secret", "alice-secret", "upstream-secret", STORED] {
+        assert!(!masked.contains(secret), "{secret} leaked:\n{masked}");
+    }
+    let again = parse(&masked).unwrap_or_else(|e| panic!("{e}\n{masked}"));
+    assert_eq!(again.server, c.server);
+    assert_eq!(again.auth, c.auth);
+    assert_eq!(again.pool, c.pool);
+    assert_eq!(again.pool.server_reset_query, "SELECT '${x}'");
+    let mut expected = c.clone();
+    for db in expected.databases.values_mut() {
+        db.password = db.password.as_ref().map(|_| MASK.to_owned());
+    }
+    for user in expected.users.values_mut() {
+        user.password = user.password.as_ref().map(|_| MASK.to_owned());
+        user.server_password = user.server_password.as_ref().map(|_| MASK.to_owned());
+    }
+    assert_eq!(again.databases, expected.databases);
+    assert_eq!(again.users, expected.users);
+    assert_eq!(again.masked(), masked);
+}
+
+#[test]
+fn debug_masks_secrets() {
+    let c = parse_ok(
+        "[databases.app]\npassword = \"db-secret\"\n[users.a]\npassword = \"pw1\"\nserver_password = \"pw2\"\n",
+    );
+    let debug = format!("{c:?}");
+    for secret in ["db-secret", "pw1", "pw2"] {
+        assert!(!debug.contains(secret), "{debug}");
+    }
+    assert!(debug.contains(MASK));
+}
+
+#[test]
+fn userlist_is_merged_relative_to_the_config_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let userlist = "; PgBouncer userlist\n\"alice\" \"from-file\"\n\"bob\" \"bob-secret\"\n\"carol\" \"carol-secret\"\n";
+    std::fs::write(dir.path().join("userlist.txt"), userlist).expect("write userlist");
+    let config = r#"
+[auth]
+userlist_file = "userlist.txt"
+[users.alice]
+password = "from-config"
+[users.carol]
+mode = "session"
+"#;
+    let path = dir.path().join("pgmux.toml");
+    std::fs::write(&path, config).expect("write config");
+    let c = Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        c.auth.userlist_file.as_deref(),
+        Some(dir.path().join("userlist.txt").as_path())
+    );
+    assert_eq!(c.users["alice"].password.as_deref(), Some("from-config"));
+    assert_eq!(c.users["bob"].password.as_deref(), Some("bob-secret"));
+    let carol = &c.users["carol"];
+    assert_eq!(carol.password.as_deref(), Some("carol-secret"));
+    assert_eq!(carol.mode, Some(PoolMode::Session));
+}
+
+#[test]
+fn userlist_problems_name_the_userlist() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let list = dir.path().join("users.txt");
+    let text = "\"alice\" \"SCRAM-SHA-256$1:x\"\n\"bob\" \"ok\"\nbroken\n";
+    std::fs::write(&list, text).expect("write userlist");
+    let config = format!("[auth]\nuserlist_file = \"{}\"\n", list.display());
+    let list = list.display();
+    let got = problems(&config);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(got[0].starts_with(&format!(
+        "{list}:1:9: users.alice.password: malformed SCRAM"
+    )));
+    assert_eq!(
+        got[1],
+        format!("{list}:3:1: expected `\"user\" \"secret\"`")
+    );
+
+    let missing = "[auth]\nuserlist_file = \"/nonexistent/pgmux-users.txt\"\n";
+    let got = problems(missing);
+    assert_eq!(got.len(), 1);
+    assert!(
+        got[0].starts_with(
+            "t.toml:2:17: auth.userlist_file: cannot read /nonexistent/pgmux-users.txt: "
+        ),
+        "{got:#?}"
+    );
+}
+
+#[test]
+fn unreadable_config_has_no_line() {
+    let err = Config::load(Path::new("/nonexistent/pgmux.toml")).expect_err("no such file");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("/nonexistent/pgmux.toml: cannot read: "),
+        "{text}"
+    );
+}
+
+#[test]
+fn warnings_do_not_fail() {
+    let text = "[auth]\nmethod = \"trust\"\n[server]\nlisten = \"0.0.0.0:6432\"\n\
+                [pool]\nsize = 500\nmode = \"session\"\nserver_reset_query = \"\"\n[databases.app]\n";
+    let (result, warnings) = load::analyze(text, "t.toml", Path::new(""), &no_env);
+    assert_eq!(result.map(|c| c.pool.size).ok(), Some(500));
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "t.toml:2:10: auth.method: trust: clients log in without a password, and pgmux \
+             listens beyond localhost",
+            "t.toml:6:8: pool.size: 500 is above PostgreSQL's default max_connections (100); \
+             make sure the server allows that many",
+            "t.toml:8:22: pool.server_reset_query: empty in session mode: one client's session \
+             state reaches the next",
+        ]
+    );
+    let text = "[users.a]\n[users.b]\npassword = \"md5a3556571e93b0d20722ba62be61e8c2d\"\n";
+    let (_, warnings) = load::analyze(text, "t.toml", Path::new(""), &no_env);
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "t.toml: databases: no [databases] configured: every client will be refused",
+            "t.toml:1:8: users.a: no password, and scram-sha-256 needs one: this user cannot log in",
+            "t.toml:3:12: users.b.password: is an md5 hash: this user logs in with md5, not \
+             scram-sha-256 (method from auth.method)",
+        ]
+    );
+}
+
+#[test]
+fn example_config_loads() {
+    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml"));
+    let c = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.server.listen, ["127.0.0.1:6432"]);
+    assert_eq!(c.databases["app"].upstream_dbname("app"), "app");
+    assert_eq!(c.databases["postgres"].port, 5432);
+    assert!(c.users["postgres"].password.is_some());
+}
