@@ -146,7 +146,14 @@ impl Loop {
             let read_client = self.to_server.len() < HIGH_WATER;
             let write_server = server.is_some() && !self.to_server.is_empty();
             let idle_deadline = self.idle_transaction_deadline();
-            let between_transactions = self.server.is_none() && self.to_client.is_empty();
+            // Session mode holds a server between transactions too: it may stop then.
+            let between_transactions = self.to_client.is_empty()
+                && self.server.as_ref().is_none_or(|s| {
+                    s.tx_status == b'I'
+                        && self.pending == 0
+                        && !self.unsynced
+                        && !self.client_mid_message
+                });
             let event = tokio::select! {
                 biased;
                 _ = self.s.kill.cancelled() => Event::Kill,

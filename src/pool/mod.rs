@@ -226,7 +226,14 @@ impl Pool {
     /// Opens a connection in a slot already counted in `open`. On failure the slot is freed.
     async fn open_reserved(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
         let settings = self.settings();
-        match server::connect(&self.upstream, settings.connect_timeout).await {
+        // If this future is dropped mid-connect (the client left), the slot comes back.
+        let mut reserved = Reserved {
+            pool: self,
+            armed: true,
+        };
+        let result = server::connect(&self.upstream, settings.connect_timeout).await;
+        reserved.armed = false;
+        match result {
             Ok(mut conn) => {
                 conn.retire_at = retire_at(settings.max_lifetime);
                 {
@@ -346,6 +353,21 @@ enum Step {
     Connect,
     Down(Duration),
     Wait(u64, oneshot::Receiver<Grant>),
+}
+
+/// A slot counted in `open` for a connection being opened; freed if the opening is abandoned.
+struct Reserved<'a> {
+    pool: &'a Pool,
+    armed: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.pool.state.lock();
+            self.pool.free_slot(&mut st);
+        }
+    }
 }
 
 /// Removes a waiter that stops waiting (timeout or its client went away). If a grant was
