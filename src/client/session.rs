@@ -236,38 +236,35 @@ impl Loop {
                     _ => {}
                 }
             }
+            if ready.is_some_and(|status| status != b'I') && self.s.mode == PoolMode::Statement {
+                // The statement opened a transaction block: refuse it before the client
+                // sees ReadyForQuery, so the statement itself reports the error.
+                server.tx_status = ready.unwrap_or(b'T');
+                self.pending = 0;
+                return Err(End::Fatal(
+                    PgError::fatal(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "transaction blocks are not allowed in statement pooling mode",
+                    )
+                    .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
+                ));
+            }
             self.to_client.push(frame.bytes);
             if let Some(status) = ready {
                 server.tx_status = status;
                 self.pending = self.pending.saturating_sub(1);
                 if self.pending == 0 && !self.unsynced && !self.client_mid_message {
-                    self.transaction_done(status)?;
+                    self.transaction_done(status);
                 }
             }
         }
     }
 
     /// Every message forwarded has been answered: maybe give the server back.
-    fn transaction_done(&mut self, status: u8) -> Result<(), End> {
-        match self.s.mode {
-            PoolMode::Session => Ok(()),
-            PoolMode::Transaction => {
-                if status == b'I' {
-                    self.release();
-                }
-                Ok(())
-            }
-            PoolMode::Statement if status == b'I' => {
-                self.release();
-                Ok(())
-            }
-            PoolMode::Statement => Err(End::Fatal(
-                PgError::fatal(
-                    SqlState::FEATURE_NOT_SUPPORTED,
-                    "transaction blocks are not allowed in statement pooling mode",
-                )
-                .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
-            )),
+    fn transaction_done(&mut self, status: u8) {
+        // Statement mode never sees `T` or `E` here: those are refused as they arrive.
+        if self.s.mode != PoolMode::Session && status == b'I' {
+            self.release();
         }
     }
 

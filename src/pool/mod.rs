@@ -170,8 +170,9 @@ impl Pool {
             }
         };
         for conn in stale {
+            // Its slot was freed above, under the lock.
             debug!(pool = %self.key, server = conn.id, "closing a stale idle server connection");
-            self.release_slot(conn);
+            conn.close();
         }
         match step {
             Step::Ready(conn) => Ok(conn),

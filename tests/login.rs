@@ -1,0 +1,282 @@
+//! The way in: authentication, bad input on raw sockets, limits. Every refusal is a real
+//! ErrorResponse with the right SQLSTATE, and pgmux keeps serving others.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MuxOptions, TestPgmux, TestPostgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+
+/// A StartupMessage for protocol 3.`minor` with these parameters.
+fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
+    let mut body = (((3u32) << 16) | minor as u32).to_be_bytes().to_vec();
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    packet
+}
+
+/// Reads tagged messages until EOF or the limit; returns (tag, body) pairs.
+async fn read_messages(stream: &mut TcpStream, limit: Duration) -> Vec<(u8, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let mut out = Vec::new();
+    let mut rest = &raw[..];
+    while rest.len() >= 5 {
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        if rest.len() < 1 + len {
+            break;
+        }
+        out.push((rest[0], rest[5..1 + len].to_vec()));
+        rest = &rest[1 + len..];
+    }
+    out
+}
+
+/// The SQLSTATE and message of the first ErrorResponse.
+fn first_error(messages: &[(u8, Vec<u8>)]) -> Option<(String, String)> {
+    let (_, body) = messages.iter().find(|(t, _)| *t == b'E')?;
+    let (mut code, mut message) = (String::new(), String::new());
+    for field in body.split(|&b| b == 0) {
+        match field.first() {
+            Some(b'C') => code = String::from_utf8_lossy(&field[1..]).into_owned(),
+            Some(b'M') => message = String::from_utf8_lossy(&field[1..]).into_owned(),
+            _ => {}
+        }
+    }
+    Some((code, message))
+}
+
+async fn raw(mux: &TestPgmux) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
+}
+
+async fn still_serving(mux: &TestPgmux) {
+    let client = mux.connect("app", "app").await;
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test]
+async fn wrong_password_unknown_user_and_unknown_database() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
+
+    let err = mux.try_connect("app", "app", "wrong").await.err().expect("refused");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code(), &SqlState::INVALID_PASSWORD);
+    assert!(db.message().starts_with("pgmux: "), "{}", db.message());
+
+    let err = mux.try_connect("app", "nobody", "x").await.err().expect("refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION));
+    assert!(err.as_db_error().unwrap().message().contains("nobody"));
+
+    let err = mux.try_connect("nodb", "app", "app_pw").await.err().expect("refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
+    assert!(err.as_db_error().unwrap().message().contains("nodb"));
+
+    still_serving(&mux).await;
+    // The password never shows up in pgmux's logs.
+    assert!(!mux.stderr_log().contains("app_pw"));
+}
+
+#[tokio::test]
+async fn md5_and_trust_methods() {
+    let pg = TestPostgres::shared().await;
+    let md5 = TestPgmux::start(
+        pg,
+        MuxOptions {
+            extra: String::new(),
+            ..MuxOptions::default()
+        }
+        .with_auth_method("md5"),
+    )
+    .await;
+    still_serving(&md5).await;
+    let err = md5.try_connect("app", "app", "nope").await.err().expect("refused");
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
+
+    let trust = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
+    let (client, _conn) = trust.try_connect("app", "app", "anything").await.unwrap();
+    assert_eq!(client.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_startup_packets() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
+
+    // Length above 10 000 bytes.
+    let mut s = raw(&mux).await;
+    s.write_all(&20_000u32.to_be_bytes()).await.unwrap();
+    s.write_all(&[0u8; 64]).await.unwrap();
+    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    assert_eq!(code, "08P01");
+
+    // Length below the minimum.
+    let mut s = raw(&mux).await;
+    s.write_all(&2u32.to_be_bytes()).await.unwrap();
+    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    assert_eq!(code, "08P01");
+
+    // Parameters that are not NUL-terminated pairs.
+    let mut s = raw(&mux).await;
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).await.unwrap();
+    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    assert_eq!(code, "08P01");
+
+    // Protocol 2.0.
+    let mut s = raw(&mux).await;
+    let mut packet = 9u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&(2u32 << 16).to_be_bytes());
+    packet.push(0);
+    s.write_all(&packet).await.unwrap();
+    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    assert_eq!(code, "0A000");
+
+    still_serving(&mux).await;
+}
+
+#[tokio::test]
+async fn garbage_after_login_gets_08p01() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
+    let mut s = raw(&mux).await;
+    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app")])).await.unwrap();
+    // Wait for ReadyForQuery, then send a message with an impossible length.
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before ReadyForQuery");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(&[b'Q', 0, 0, 0, 1, b'x']).await.unwrap();
+    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
+    let (code, message) = first_error(&messages).expect("an error");
+    assert_eq!(code, "08P01", "{message}");
+    still_serving(&mux).await;
+}
+
+#[tokio::test]
+async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
+    let mut s = raw(&mux).await;
+    // SSLRequest: 'N', then a 3.2 startup with an unknown _pq_ option.
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    s.write_all(&startup_packet(2, &[("user", "app"), ("database", "app"), ("_pq_.future", "1")]))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "closed before ReadyForQuery");
+        seen.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(seen[0], b'v', "NegotiateProtocolVersion comes first");
+    assert_eq!(&seen[5..9], &0u32.to_be_bytes(), "newest minor we speak is 0");
+    assert!(seen.windows(11).any(|w| w == b"_pq_.future"));
+}
+
+#[tokio::test]
+async fn replication_connections_are_refused() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
+    let mut s = raw(&mux).await;
+    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app"), ("replication", "database")]))
+        .await
+        .unwrap();
+    let (code, message) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    assert_eq!(code, "0A000");
+    assert!(message.contains("replication"), "{message}");
+}
+
+#[tokio::test]
+async fn max_client_conn_gives_53300() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            max_client_conn: 2,
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let a = mux.connect("app", "app").await;
+    let _b = mux.connect("app", "app").await;
+    let err = mux.try_connect("app", "app", "app_pw").await.err().expect("refused");
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
+    assert!(err.as_db_error().unwrap().message().contains("max_client_conn"));
+    drop(a);
+    // A slot frees when a client leaves.
+    let mut ok = false;
+    for _ in 0..50 {
+        if mux.try_connect("app", "app", "app_pw").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "a client got in after another left");
+}
+
+#[tokio::test]
+async fn client_login_timeout_closes_silent_clients() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            extra: String::new(),
+            ..MuxOptions::default()
+        }
+        .with_login_timeout("500ms"),
+    )
+    .await;
+    let mut s = raw(&mux).await;
+    // Say nothing: pgmux must close us with an error, not hang.
+    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
+    let (code, message) = first_error(&messages).expect("an error before close");
+    assert_eq!(code, "57014", "{message}");
+    still_serving(&mux).await;
+}
+
+#[tokio::test]
+async fn unknown_cancel_keys_are_ignored() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
+    let mut s = raw(&mux).await;
+    let mut packet = 16u32.to_be_bytes().to_vec();
+    packet.extend_from_slice(&80877102u32.to_be_bytes());
+    packet.extend_from_slice(&12345i32.to_be_bytes());
+    packet.extend_from_slice(&678i32.to_be_bytes());
+    s.write_all(&packet).await.unwrap();
+    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
+    assert!(messages.is_empty(), "a cancel request gets no answer");
+    still_serving(&mux).await;
+}

@@ -1,0 +1,220 @@
+//! Pool modes and session lifetimes: session and statement modes, pipelining, Flush,
+//! idle_transaction_timeout, graceful shutdown.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{MuxOptions, TestPgmux, TestPostgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+
+#[tokio::test]
+async fn session_mode_keeps_the_server_and_resets_it() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            mode: "session",
+            size: 1,
+            wait_timeout: "300ms",
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let a = mux.connect("app", "app").await;
+    a.batch_execute("SET statement_timeout = '77s'").await.unwrap();
+    let t: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    assert_eq!(t, "77s", "a session-level SET sticks in session mode");
+
+    // The only server is held for a's whole session.
+    let b = mux.connect("app", "app").await;
+    let err = b.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
+
+    drop(a);
+    let mut got = None;
+    for _ in 0..50 {
+        if let Ok(row) = b.query_one("SHOW statement_timeout", &[]).await {
+            got = Some(row.get::<_, String>(0));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(got.as_deref(), Some("0"), "DISCARD ALL ran before the server was reused");
+}
+
+#[tokio::test]
+async fn statement_mode_refuses_transaction_blocks() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            mode: "statement",
+            size: 1,
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let client = mux.connect("app", "app").await;
+    assert_eq!(client.query_one("SELECT 9", &[]).await.unwrap().get::<_, i32>(0), 9);
+    let err = client.batch_execute("BEGIN").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{err}");
+    // The server went back clean: another client uses it outside any transaction.
+    let other = mux.connect("app", "app").await;
+    // One simple Query is its own transaction: it starts with the statement.
+    let in_tx = other
+        .simple_query("SELECT now() = statement_timestamp()")
+        .await
+        .unwrap()
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
+    assert!(in_tx);
+}
+
+#[tokio::test]
+async fn pipelined_queries_on_a_small_pool() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            wait_timeout: "30s",
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for c in 0..10i32 {
+        let client = mux.connect("app", "app").await;
+        tasks.push(tokio::spawn(async move {
+            // tokio-postgres pipelines concurrent queries on one connection.
+            let queries = (0..20i32).map(|i| {
+                let client = &client;
+                async move {
+                    let row = client.query_one("SELECT $1::int * 1000 + $2::int", &[&c, &i]).await.unwrap();
+                    assert_eq!(row.get::<_, i32>(0), c * 1000 + i);
+                }
+            });
+            futures_util::future::join_all(queries).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Logs in with trust on a raw socket and reads up to ReadyForQuery.
+async fn raw_login(mux: &TestPgmux) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
+    let mut body = (3u32 << 16).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0app\0database\0app\0\0");
+    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    s.write_all(&packet).await.unwrap();
+    read_until(&mut s, b"Z\0\0\0\x05I").await;
+    s
+}
+
+async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !seen.windows(needle.len()).any(|w| w == needle) {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("reply in time")
+            .unwrap();
+        assert!(n > 0, "closed; got so far {:?}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    seen
+}
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+#[tokio::test]
+async fn flush_without_sync_keeps_the_server() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            wait_timeout: "300ms",
+            ..MuxOptions::default()
+        }
+        .with_auth_method("trust"),
+    )
+    .await;
+    let mut s = raw_login(&mux).await;
+    // Parse, Bind, Execute, Flush: results come back, no Sync yet.
+    let mut batch = msg(b'P', b"\0SELECT 'flushed'\0\0\0");
+    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
+    batch.extend(msg(b'E', b"\0\0\0\0\0"));
+    batch.extend(msg(b'H', b""));
+    s.write_all(&batch).await.unwrap();
+    read_until(&mut s, b"flushed").await;
+
+    // The server is still held: another client must wait (and time out).
+    let other = mux.connect("app", "app").await;
+    let err = other.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
+
+    // Sync ends it; the server goes back and the other client gets it.
+    s.write_all(&msg(b'S', b"")).await.unwrap();
+    read_until(&mut s, b"Z\0\0\0\x05I").await;
+    assert_eq!(other.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test]
+async fn idle_in_transaction_timeout_gives_25p03_and_frees_the_server() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            wait_timeout: "10s",
+            idle_transaction_timeout: "500ms",
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let (idle, conn) = mux.try_connect("app", "app", "app_pw").await.unwrap();
+    idle.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // Another client waits for the only server; it gets it once pgmux cuts the idle one off.
+    let other = mux.connect("app", "app").await;
+    let row = other.query_one("SELECT 3", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+    let err = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.is_closed() || err.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT), "{err}");
+    // The connection task saw the 25P03 before the close.
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("connection ended");
+    drop(ended);
+    assert!(mux.stderr_log().contains("idle in transaction"), "pgmux logged why");
+}
+
+#[tokio::test]
+async fn sigterm_lets_transactions_finish_then_says_57p01() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
+    let idle = mux.connect("app", "app").await;
+    let busy = mux.connect("app", "app").await;
+    busy.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    mux.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // The client inside a transaction finishes it.
+    busy.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    // Between transactions, clients are told why the session ends.
+    let err = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(), "{err}");
+    // New clients are refused.
+    assert!(mux.try_connect("app", "app", "app_pw").await.is_err());
+    assert!(mux.stderr_log().contains("shutting down"));
+}
