@@ -79,16 +79,16 @@ async fn wrong_password_unknown_user_and_unknown_database() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
-    let err = mux.try_connect("app", "app", "wrong").await.err().expect("refused");
+    let err = mux.try_connect("app", "app", "wrong").await.expect_err("refused");
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code(), &SqlState::INVALID_PASSWORD);
     assert!(db.message().starts_with("pgmux: "), "{}", db.message());
 
-    let err = mux.try_connect("app", "nobody", "x").await.err().expect("refused");
+    let err = mux.try_connect("app", "nobody", "x").await.expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION));
     assert!(err.as_db_error().unwrap().message().contains("nobody"));
 
-    let err = mux.try_connect("nodb", "app", "app_pw").await.err().expect("refused");
+    let err = mux.try_connect("nodb", "app", "app_pw").await.expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
     assert!(err.as_db_error().unwrap().message().contains("nodb"));
 
@@ -110,7 +110,7 @@ async fn md5_and_trust_methods() {
     )
     .await;
     still_serving(&md5).await;
-    let err = md5.try_connect("app", "app", "nope").await.err().expect("refused");
+    let err = md5.try_connect("app", "app", "nope").await.expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
 
     let trust = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
@@ -230,7 +230,7 @@ async fn max_client_conn_gives_53300() {
     .await;
     let a = mux.connect("app", "app").await;
     let _b = mux.connect("app", "app").await;
-    let err = mux.try_connect("app", "app", "app_pw").await.err().expect("refused");
+    let err = mux.try_connect("app", "app", "app_pw").await.expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
     assert!(err.as_db_error().unwrap().message().contains("max_client_conn"));
     drop(a);

@@ -82,7 +82,7 @@ async fn upstream_down_from_the_start_gives_08006_at_login() {
     let mux = TestPgmux::start(&pg, MuxOptions::default()).await;
     pg.stop().await;
     let started = std::time::Instant::now();
-    let err = mux.try_connect("app", "app", "app_pw").await.err().expect("refused");
+    let err = mux.try_connect("app", "app", "app_pw").await.expect_err("refused");
     assert!(started.elapsed() < Duration::from_secs(4));
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
