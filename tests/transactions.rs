@@ -292,3 +292,35 @@ async fn fifty_megabyte_value_round_trips_with_bounded_memory() {
         "pgmux RSS grew from {before} KiB to {after} KiB while 150 MB passed through"
     );
 }
+
+#[tokio::test]
+async fn client_killed_mid_copy_leaves_no_dirty_server() {
+    use futures_util::SinkExt;
+    let pg = TestPostgres::shared().await;
+    let su = pg.superuser().await;
+    su.batch_execute("CREATE TABLE IF NOT EXISTS killed_copy(n int); GRANT ALL ON killed_copy TO app")
+        .await
+        .unwrap();
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    {
+        let (client, conn) = mux.try_connect("app", "app", "app_pw").await.unwrap();
+        let sink = client.copy_in("COPY killed_copy FROM STDIN").await.unwrap();
+        futures_util::pin_mut!(sink);
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n")).await.unwrap();
+        sink.flush().await.unwrap();
+        conn.abort(); // gone in the middle of COPY
+        let _ = conn.await;
+    }
+    // The only server was closed or cleaned: the next client works, and nothing was copied.
+    let next = mux.connect("app", "app").await;
+    let n: i64 = next.query_one("SELECT count(*) FROM killed_copy", &[]).await.unwrap().get(0);
+    assert_eq!(n, 0);
+    next.batch_execute("BEGIN; INSERT INTO killed_copy VALUES (9); ROLLBACK").await.unwrap();
+}
