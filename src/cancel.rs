@@ -96,7 +96,9 @@ pub async fn forward(target: CancelTarget) {
         stream.shutdown().await
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
-        Ok(Ok(())) => debug!(server = %target.addr, pid = target.key.process_id, "cancel request forwarded"),
+        Ok(Ok(())) => {
+            debug!(server = %target.addr, pid = target.key.process_id, "cancel request forwarded")
+        }
         Ok(Err(e)) => debug!(error = %e, "could not forward cancel request"),
         Err(_) => debug!("forwarding a cancel request timed out"),
     }

@@ -10,6 +10,6 @@ pub mod client;
 pub mod config;
 pub mod listener;
 pub mod pool;
-pub mod protocol;
 pub mod pooler;
+pub mod protocol;
 pub mod server;

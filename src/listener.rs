@@ -17,7 +17,11 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     let clients = TaskTracker::new();
     let mut accepting = Vec::new();
     for listener in listeners {
-        accepting.push(tokio::spawn(accept(listener, pooler.clone(), clients.clone())));
+        accepting.push(tokio::spawn(accept(
+            listener,
+            pooler.clone(),
+            clients.clone(),
+        )));
     }
     pooler.stop.cancelled().await;
     for task in accepting {
@@ -25,9 +29,16 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     }
     clients.close();
     let grace = pooler.snapshot().config.server.shutdown_timeout;
-    info!(clients = clients.len(), ?grace, "shutting down: waiting for running transactions");
+    info!(
+        clients = clients.len(),
+        ?grace,
+        "shutting down: waiting for running transactions"
+    );
     if tokio::time::timeout(grace, clients.wait()).await.is_err() {
-        warn!(left = clients.len(), "shutdown_timeout is over: ending the remaining sessions");
+        warn!(
+            left = clients.len(),
+            "shutdown_timeout is over: ending the remaining sessions"
+        );
         pooler.kill.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(3), clients.wait()).await;
     }

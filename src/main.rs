@@ -16,7 +16,13 @@ use pgmux::pooler::Pooler;
 #[command(version, about)]
 struct Cli {
     /// The TOML config file.
-    #[arg(long, short, global = true, env = "PGMUX_CONFIG", default_value = "config/pgmux.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "PGMUX_CONFIG",
+        default_value = "config/pgmux.toml"
+    )]
     config: PathBuf,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -114,7 +120,9 @@ async fn watch_signals(pooler: std::sync::Arc<Pooler>) {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),

@@ -29,18 +29,25 @@ impl Snapshot {
         let mut credentials = HashMap::new();
         for (name, user) in &config.users {
             if let Some(password) = &user.password {
-                let secret = Secret::parse(password).map_err(|e| format!("users.{name}.password: {e}"))?;
+                let secret =
+                    Secret::parse(password).map_err(|e| format!("users.{name}.password: {e}"))?;
                 credentials.insert(name.clone(), Arc::new(Credential::new(name, secret)));
             }
         }
-        Ok(Snapshot { config, credentials })
+        Ok(Snapshot {
+            config,
+            credentials,
+        })
     }
 
     /// Where a pool for (database, user) connects, and as whom. None if the database is unknown.
     pub fn upstream(&self, database: &str, user: &str) -> Option<Upstream> {
         let db = self.config.databases.get(database)?;
         let (login, password) = match &db.user {
-            Some(login) => (login.clone(), db.password.clone().or_else(|| self.server_password(login))),
+            Some(login) => (
+                login.clone(),
+                db.password.clone().or_else(|| self.server_password(login)),
+            ),
             None => (user.to_owned(), self.server_password(user)),
         };
         Some(Upstream {

@@ -44,9 +44,18 @@ fn config_errors_name_every_key_with_its_line() {
     );
     let (code, _stdout, stderr) = pgmux(&["check", "--config", &path]);
     assert_eq!(code, 2);
-    assert!(stderr.contains(":5:") && stderr.contains("pool.size"), "{stderr}");
-    assert!(stderr.contains(":6:") && stderr.contains("pool.wait_timout"), "{stderr}");
-    assert!(stderr.contains(":7:") && stderr.contains("pool.idle_timeout"), "{stderr}");
+    assert!(
+        stderr.contains(":5:") && stderr.contains("pool.size"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":6:") && stderr.contains("pool.wait_timout"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(":7:") && stderr.contains("pool.idle_timeout"),
+        "{stderr}"
+    );
 
     // Running (not just checking) refuses the same file the same way.
     let (code, _stdout, stderr) = pgmux(&["--config", &path]);
@@ -69,7 +78,11 @@ fn env_interpolation_feeds_sizes_and_secrets() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("size = 7"), "{stdout}");
 }
 

@@ -71,7 +71,14 @@ async fn raw(mux: &TestPgmux) -> TcpStream {
 
 async fn still_serving(mux: &TestPgmux) {
     let client = mux.connect("app", "app").await;
-    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]
@@ -79,16 +86,28 @@ async fn wrong_password_unknown_user_and_unknown_database() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
-    let err = mux.try_connect("app", "app", "wrong").await.expect_err("refused");
+    let err = mux
+        .try_connect("app", "app", "wrong")
+        .await
+        .expect_err("refused");
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code(), &SqlState::INVALID_PASSWORD);
     assert!(db.message().starts_with("pgmux: "), "{}", db.message());
 
-    let err = mux.try_connect("app", "nobody", "x").await.expect_err("refused");
-    assert_eq!(err.code(), Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION));
+    let err = mux
+        .try_connect("app", "nobody", "x")
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        err.code(),
+        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+    );
     assert!(err.as_db_error().unwrap().message().contains("nobody"));
 
-    let err = mux.try_connect("nodb", "app", "app_pw").await.expect_err("refused");
+    let err = mux
+        .try_connect("nodb", "app", "app_pw")
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
     assert!(err.as_db_error().unwrap().message().contains("nodb"));
 
@@ -110,12 +129,22 @@ async fn md5_and_trust_methods() {
     )
     .await;
     still_serving(&md5).await;
-    let err = md5.try_connect("app", "app", "nope").await.expect_err("refused");
+    let err = md5
+        .try_connect("app", "app", "nope")
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
 
     let trust = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
     let (client, _conn) = trust.try_connect("app", "app", "anything").await.unwrap();
-    assert_eq!(client.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(
+        client
+            .query_one("SELECT 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
 }
 
 #[tokio::test]
@@ -127,13 +156,15 @@ async fn oversized_and_malformed_startup_packets() {
     let mut s = raw(&mux).await;
     s.write_all(&20_000u32.to_be_bytes()).await.unwrap();
     s.write_all(&[0u8; 64]).await.unwrap();
-    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    let (code, _) =
+        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
     assert_eq!(code, "08P01");
 
     // Length below the minimum.
     let mut s = raw(&mux).await;
     s.write_all(&2u32.to_be_bytes()).await.unwrap();
-    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    let (code, _) =
+        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
     assert_eq!(code, "08P01");
 
     // Parameters that are not NUL-terminated pairs.
@@ -143,7 +174,8 @@ async fn oversized_and_malformed_startup_packets() {
     let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
     s.write_all(&packet).await.unwrap();
-    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    let (code, _) =
+        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
     assert_eq!(code, "08P01");
 
     // Protocol 2.0.
@@ -152,7 +184,8 @@ async fn oversized_and_malformed_startup_packets() {
     packet.extend_from_slice(&(2u32 << 16).to_be_bytes());
     packet.push(0);
     s.write_all(&packet).await.unwrap();
-    let (code, _) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    let (code, _) =
+        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
     assert_eq!(code, "0A000");
 
     still_serving(&mux).await;
@@ -163,7 +196,9 @@ async fn garbage_after_login_gets_08p01() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
     let mut s = raw(&mux).await;
-    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app")])).await.unwrap();
+    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app")]))
+        .await
+        .unwrap();
     // Wait for ReadyForQuery, then send a message with an impossible length.
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
@@ -185,13 +220,18 @@ async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
     let mut s = raw(&mux).await;
     // SSLRequest: 'N', then a 3.2 startup with an unknown _pq_ option.
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).await.unwrap();
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
     let mut answer = [0u8; 1];
     s.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"N");
-    s.write_all(&startup_packet(2, &[("user", "app"), ("database", "app"), ("_pq_.future", "1")]))
-        .await
-        .unwrap();
+    s.write_all(&startup_packet(
+        2,
+        &[("user", "app"), ("database", "app"), ("_pq_.future", "1")],
+    ))
+    .await
+    .unwrap();
     let mut seen = Vec::new();
     let mut buf = [0u8; 1024];
     while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
@@ -200,7 +240,11 @@ async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
         seen.extend_from_slice(&buf[..n]);
     }
     assert_eq!(seen[0], b'v', "NegotiateProtocolVersion comes first");
-    assert_eq!(&seen[5..9], &0u32.to_be_bytes(), "newest minor we speak is 0");
+    assert_eq!(
+        &seen[5..9],
+        &0u32.to_be_bytes(),
+        "newest minor we speak is 0"
+    );
     assert!(seen.windows(11).any(|w| w == b"_pq_.future"));
 }
 
@@ -209,10 +253,18 @@ async fn replication_connections_are_refused() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
     let mut s = raw(&mux).await;
-    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app"), ("replication", "database")]))
-        .await
-        .unwrap();
-    let (code, message) = first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
+    s.write_all(&startup_packet(
+        0,
+        &[
+            ("user", "app"),
+            ("database", "app"),
+            ("replication", "database"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let (code, message) =
+        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
     assert_eq!(code, "0A000");
     assert!(message.contains("replication"), "{message}");
 }
@@ -230,9 +282,17 @@ async fn max_client_conn_gives_53300() {
     .await;
     let a = mux.connect("app", "app").await;
     let _b = mux.connect("app", "app").await;
-    let err = mux.try_connect("app", "app", "app_pw").await.expect_err("refused");
+    let err = mux
+        .try_connect("app", "app", "app_pw")
+        .await
+        .expect_err("refused");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
-    assert!(err.as_db_error().unwrap().message().contains("max_client_conn"));
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("max_client_conn")
+    );
     drop(a);
     // A slot frees when a client leaves.
     let mut ok = false;

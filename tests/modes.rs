@@ -24,8 +24,14 @@ async fn session_mode_keeps_the_server_and_resets_it() {
     )
     .await;
     let a = mux.connect("app", "app").await;
-    a.batch_execute("SET statement_timeout = '77s'").await.unwrap();
-    let t: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    a.batch_execute("SET statement_timeout = '77s'")
+        .await
+        .unwrap();
+    let t: String = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(t, "77s", "a session-level SET sticks in session mode");
 
     // The only server is held for a's whole session.
@@ -42,7 +48,11 @@ async fn session_mode_keeps_the_server_and_resets_it() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(got.as_deref(), Some("0"), "DISCARD ALL ran before the server was reused");
+    assert_eq!(
+        got.as_deref(),
+        Some("0"),
+        "DISCARD ALL ran before the server was reused"
+    );
 }
 
 #[tokio::test]
@@ -58,7 +68,14 @@ async fn statement_mode_refuses_transaction_blocks() {
     )
     .await;
     let client = mux.connect("app", "app").await;
-    assert_eq!(client.query_one("SELECT 9", &[]).await.unwrap().get::<_, i32>(0), 9);
+    assert_eq!(
+        client
+            .query_one("SELECT 9", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        9
+    );
     let err = client.batch_execute("BEGIN").await.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{err}");
     // The server went back clean: another client uses it outside any transaction.
@@ -93,7 +110,10 @@ async fn pipelined_queries_on_a_small_pool() {
             let queries = (0..20i32).map(|i| {
                 let client = &client;
                 async move {
-                    let row = client.query_one("SELECT $1::int * 1000 + $2::int", &[&c, &i]).await.unwrap();
+                    let row = client
+                        .query_one("SELECT $1::int * 1000 + $2::int", &[&c, &i])
+                        .await
+                        .unwrap();
                     assert_eq!(row.get::<_, i32>(0), c * 1000 + i);
                 }
             });
@@ -125,7 +145,11 @@ async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
             .await
             .expect("reply in time")
             .unwrap();
-        assert!(n > 0, "closed; got so far {:?}", String::from_utf8_lossy(&seen));
+        assert!(
+            n > 0,
+            "closed; got so far {:?}",
+            String::from_utf8_lossy(&seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
     seen
@@ -168,7 +192,14 @@ async fn flush_without_sync_keeps_the_server() {
     // Sync ends it; the server goes back and the other client gets it.
     s.write_all(&msg(b'S', b"")).await.unwrap();
     read_until(&mut s, b"Z\0\0\0\x05I").await;
-    assert_eq!(other.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        other
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]
@@ -191,11 +222,19 @@ async fn idle_in_transaction_timeout_gives_25p03_and_frees_the_server() {
     let row = other.query_one("SELECT 3", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 3);
     let err = idle.simple_query("SELECT 1").await.unwrap_err();
-    assert!(err.is_closed() || err.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT), "{err}");
+    assert!(
+        err.is_closed() || err.code() == Some(&SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT),
+        "{err}"
+    );
     // The connection task saw the 25P03 before the close.
-    let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("connection ended");
+    let ended = tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("connection ended");
     drop(ended);
-    assert!(mux.stderr_log().contains("idle in transaction"), "pgmux logged why");
+    assert!(
+        mux.stderr_log().contains("idle in transaction"),
+        "pgmux logged why"
+    );
 }
 
 #[tokio::test]
@@ -213,7 +252,10 @@ async fn sigterm_lets_transactions_finish_then_says_57p01() {
     busy.batch_execute("SELECT 2; COMMIT").await.unwrap();
     // Between transactions, clients are told why the session ends.
     let err = idle.simple_query("SELECT 1").await.unwrap_err();
-    assert!(err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(), "{err}");
+    assert!(
+        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
+        "{err}"
+    );
     // New clients are refused.
     assert!(mux.try_connect("app", "app", "app_pw").await.is_err());
     assert!(mux.stderr_log().contains("shutting down"));

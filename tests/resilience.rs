@@ -13,14 +13,23 @@ async fn postgres_restart_under_pgmux_clients_recover() {
     let pg = TestPostgres::start().await;
     let mux = TestPgmux::start(&pg, MuxOptions::default()).await;
     let client = mux.connect("app", "app").await;
-    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
 
     pg.stop().await;
     // While it is down: a clear 08006 naming the upstream, quickly, not a hang.
     let started = std::time::Instant::now();
     let err = client.simple_query("SELECT 1").await.unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(4));
-    let db = err.as_db_error().unwrap_or_else(|| panic!("an ErrorResponse, not a dropped socket: {err:?}"));
+    let db = err
+        .as_db_error()
+        .unwrap_or_else(|| panic!("an ErrorResponse, not a dropped socket: {err:?}"));
     assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
     assert!(db.message().contains("127.0.0.1"), "{}", db.message());
 
@@ -41,7 +50,14 @@ async fn postgres_restart_under_pgmux_clients_recover() {
     assert!(recovered, "client recovered without restarting pgmux");
     // New clients too.
     let fresh = mux.connect("app", "app").await;
-    assert_eq!(fresh.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+    assert_eq!(
+        fresh
+            .query_one("SELECT 3", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
 }
 
 #[tokio::test]
@@ -57,10 +73,16 @@ async fn server_killed_mid_transaction_gives_08006_and_is_replaced() {
     .await;
     let victim = mux.connect("app", "app").await;
     victim.batch_execute("BEGIN").await.unwrap();
-    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid: i32 = victim
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
 
     let su = pg.superuser().await;
-    su.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    su.execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
 
     let err = victim.simple_query("SELECT 1").await.unwrap_err();
     if let Some(db) = err.as_db_error() {
@@ -72,7 +94,11 @@ async fn server_killed_mid_transaction_gives_08006_and_is_replaced() {
     }
     // The pool replaced the server: another client works on a new one.
     let other = mux.connect("app", "app").await;
-    let new_pid: i32 = other.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let new_pid: i32 = other
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_ne!(pid, new_pid);
 }
 
@@ -82,9 +108,16 @@ async fn upstream_down_from_the_start_gives_08006_at_login() {
     let mux = TestPgmux::start(&pg, MuxOptions::default()).await;
     pg.stop().await;
     let started = std::time::Instant::now();
-    let err = mux.try_connect("app", "app", "app_pw").await.expect_err("refused");
+    let err = mux
+        .try_connect("app", "app", "app_pw")
+        .await
+        .expect_err("refused");
     assert!(started.elapsed() < Duration::from_secs(4));
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
-    assert!(db.message().contains("cannot connect to upstream"), "{}", db.message());
+    assert!(
+        db.message().contains("cannot connect to upstream"),
+        "{}",
+        db.message()
+    );
 }

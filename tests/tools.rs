@@ -22,7 +22,10 @@ async fn pgbench_through_pgmux(protocol: &str) {
     let pg = TestPostgres::shared().await;
     let scale_db = format!("bench_{protocol}");
     let su = pg.superuser().await;
-    su.batch_execute(&format!("DROP DATABASE IF EXISTS {scale_db}; CREATE DATABASE {scale_db} OWNER app"))
+    su.batch_execute(&format!("DROP DATABASE IF EXISTS {scale_db}"))
+        .await
+        .unwrap();
+    su.batch_execute(&format!("CREATE DATABASE {scale_db} OWNER app"))
         .await
         .unwrap();
     let mux = TestPgmux::start(
@@ -40,10 +43,16 @@ async fn pgbench_through_pgmux(protocol: &str) {
     .await;
     let url = mux.url(&scale_db, "app");
     let init = common::run_pgbench(pg.bin_dir(), &["-i", "-q", "-s", "1", &url]);
-    assert!(init.status.success(), "pgbench -i: {}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     let run = common::run_pgbench(
         pg.bin_dir(),
-        &["-c", "50", "-j", "2", "-t", "40", "-M", protocol, "-n", &url],
+        &[
+            "-c", "50", "-j", "2", "-t", "40", "-M", protocol, "-n", &url,
+        ],
     );
     let stdout = String::from_utf8_lossy(&run.stdout);
     let stderr = String::from_utf8_lossy(&run.stderr);
@@ -52,7 +61,10 @@ async fn pgbench_through_pgmux(protocol: &str) {
         stdout.contains("number of transactions actually processed: 2000/2000"),
         "{stdout}"
     );
-    assert!(stdout.contains("number of failed transactions: 0"), "{stdout}");
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

@@ -14,7 +14,10 @@ async fn simple_and_extended_queries() {
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
     let client = mux.connect("app", "app").await;
 
-    let rows = client.simple_query("SELECT 1 AS one, 'two' AS two").await.unwrap();
+    let rows = client
+        .simple_query("SELECT 1 AS one, 'two' AS two")
+        .await
+        .unwrap();
     let row = rows
         .iter()
         .find_map(|m| match m {
@@ -59,7 +62,10 @@ async fn two_hundred_clients_share_a_pool_of_two() {
             for j in 0..5i32 {
                 let tx_sum: i32 = {
                     client.batch_execute("BEGIN").await.unwrap();
-                    let row = client.query_one("SELECT $1::int + $2::int", &[&i, &j]).await.unwrap();
+                    let row = client
+                        .query_one("SELECT $1::int + $2::int", &[&i, &j])
+                        .await
+                        .unwrap();
                     client.batch_execute("COMMIT").await.unwrap();
                     row.get(0)
                 };
@@ -79,7 +85,10 @@ async fn two_hundred_clients_share_a_pool_of_two() {
         )
         .await
         .unwrap();
-    assert!(row.get::<_, i64>(0) <= 2, "at most pool size server connections");
+    assert!(
+        row.get::<_, i64>(0) <= 2,
+        "at most pool size server connections"
+    );
 }
 
 #[tokio::test]
@@ -101,12 +110,27 @@ async fn wait_timeout_gives_53300_and_the_session_stays_usable() {
     let err = waiter.simple_query("SELECT 1").await.unwrap_err();
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code(), &SqlState::TOO_MANY_CONNECTIONS);
-    assert!(db.message().starts_with("pgmux: pool app/app"), "{}", db.message());
-    assert!(db.message().contains("size 1, 1 in use"), "{}", db.message());
-    assert!(db.hint().unwrap_or_default().contains("size"), "{:?}", db.hint());
+    assert!(
+        db.message().starts_with("pgmux: pool app/app"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.message().contains("size 1, 1 in use"),
+        "{}",
+        db.message()
+    );
+    assert!(
+        db.hint().unwrap_or_default().contains("size"),
+        "{:?}",
+        db.hint()
+    );
 
     // The extended protocol gets the same error and the same recovery.
-    let err = waiter.query_one("SELECT $1::int", &[&1i32]).await.unwrap_err();
+    let err = waiter
+        .query_one("SELECT $1::int", &[&1i32])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
 
     holder.batch_execute("COMMIT").await.unwrap();
@@ -134,15 +158,30 @@ async fn session_state_inside_a_transaction_does_not_leak() {
     )
     .await
     .unwrap();
-    let pid_a: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid_a: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     a.batch_execute("COMMIT").await.unwrap();
 
     // b gets the same (only) server connection, and sees none of it.
-    let pid_b: i32 = b.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid_b: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(pid_a, pid_b, "pool of one: same server connection");
-    let timeout: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    let timeout: String = b
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(timeout, "0");
-    let err = b.simple_query("SELECT * FROM leak_check").await.unwrap_err();
+    let err = b
+        .simple_query("SELECT * FROM leak_check")
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::UNDEFINED_TABLE));
 }
 
@@ -150,9 +189,11 @@ async fn session_state_inside_a_transaction_does_not_leak() {
 async fn client_killed_mid_transaction_commits_nothing() {
     let pg = TestPostgres::shared().await;
     let su = pg.superuser().await;
-    su.batch_execute("CREATE TABLE IF NOT EXISTS killed_tx(note text); GRANT ALL ON killed_tx TO app")
-        .await
-        .unwrap();
+    su.batch_execute(
+        "CREATE TABLE IF NOT EXISTS killed_tx(note text); GRANT ALL ON killed_tx TO app",
+    )
+    .await
+    .unwrap();
     let mux = TestPgmux::start(
         pg,
         MuxOptions {
@@ -173,7 +214,10 @@ async fn client_killed_mid_transaction_commits_nothing() {
     let next = mux.connect("app", "app").await;
     // The next client gets a clean server (the pool has only one), outside a transaction.
     let rows = next
-        .query("SELECT count(*) FROM killed_tx WHERE note = 'must not commit'", &[])
+        .query(
+            "SELECT count(*) FROM killed_tx WHERE note = 'must not commit'",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows[0].get::<_, i64>(0), 0);
@@ -185,7 +229,10 @@ async fn client_killed_mid_transaction_commits_nothing() {
         .unwrap()
         .iter()
         .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("t")));
-    assert!(fresh, "the server was not left inside the killed client's transaction");
+    assert!(
+        fresh,
+        "the server was not left inside the killed client's transaction"
+    );
 }
 
 #[tokio::test]
@@ -203,14 +250,33 @@ async fn cancel_reaches_the_running_query() {
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let (result, took, client) = sleeper.await.unwrap();
     assert_eq!(result.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
-    assert!(took < Duration::from_secs(20), "cancelled long before pg_sleep ended");
+    assert!(
+        took < Duration::from_secs(20),
+        "cancelled long before pg_sleep ended"
+    );
     // The session goes on.
-    assert_eq!(client.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+    assert_eq!(
+        client
+            .query_one("SELECT 5", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        5
+    );
 
     // Cancelling a client that runs nothing does nothing to it.
     let idle = mux.connect("app", "app").await;
-    idle.cancel_token().cancel_query(tokio_postgres::NoTls).await.unwrap();
-    assert_eq!(idle.query_one("SELECT 6", &[]).await.unwrap().get::<_, i32>(0), 6);
+    idle.cancel_token()
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    assert_eq!(
+        idle.query_one("SELECT 6", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        6
+    );
 }
 
 #[tokio::test]
@@ -231,16 +297,15 @@ async fn copy_in_and_out_100k_rows() {
         .await
         .unwrap();
 
-    let sink = client
-        .copy_in("COPY copy_rows FROM STDIN")
-        .await
-        .unwrap();
+    let sink = client.copy_in("COPY copy_rows FROM STDIN").await.unwrap();
     pin_mut!(sink);
     let mut chunk = String::new();
     for i in 0..100_000 {
         chunk.push_str(&format!("{i}\trow number {i}\n"));
         if chunk.len() > 64 * 1024 {
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk))).await.unwrap();
+            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
+                .await
+                .unwrap();
         }
     }
     sink.send(bytes::Bytes::from(chunk)).await.unwrap();
@@ -298,9 +363,11 @@ async fn client_killed_mid_copy_leaves_no_dirty_server() {
     use futures_util::SinkExt;
     let pg = TestPostgres::shared().await;
     let su = pg.superuser().await;
-    su.batch_execute("CREATE TABLE IF NOT EXISTS killed_copy(n int); GRANT ALL ON killed_copy TO app")
-        .await
-        .unwrap();
+    su.batch_execute(
+        "CREATE TABLE IF NOT EXISTS killed_copy(n int); GRANT ALL ON killed_copy TO app",
+    )
+    .await
+    .unwrap();
     let mux = TestPgmux::start(
         pg,
         MuxOptions {
@@ -313,14 +380,22 @@ async fn client_killed_mid_copy_leaves_no_dirty_server() {
         let (client, conn) = mux.try_connect("app", "app", "app_pw").await.unwrap();
         let sink = client.copy_in("COPY killed_copy FROM STDIN").await.unwrap();
         futures_util::pin_mut!(sink);
-        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n")).await.unwrap();
+        sink.send(bytes::Bytes::from_static(b"1\n2\n3\n"))
+            .await
+            .unwrap();
         sink.flush().await.unwrap();
         conn.abort(); // gone in the middle of COPY
         let _ = conn.await;
     }
     // The only server was closed or cleaned: the next client works, and nothing was copied.
     let next = mux.connect("app", "app").await;
-    let n: i64 = next.query_one("SELECT count(*) FROM killed_copy", &[]).await.unwrap().get(0);
+    let n: i64 = next
+        .query_one("SELECT count(*) FROM killed_copy", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 0);
-    next.batch_execute("BEGIN; INSERT INTO killed_copy VALUES (9); ROLLBACK").await.unwrap();
+    next.batch_execute("BEGIN; INSERT INTO killed_copy VALUES (9); ROLLBACK")
+        .await
+        .unwrap();
 }

@@ -82,7 +82,11 @@ pub(super) async fn login(
         )
         .into());
     }
-    let database = startup.get("database").filter(|d| !d.is_empty()).unwrap_or(&user).to_owned();
+    let database = startup
+        .get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or(&user)
+        .to_owned();
 
     let snapshot = pooler.snapshot();
     if !snapshot.config.databases.contains_key(&database) {
@@ -98,7 +102,9 @@ pub(super) async fn login(
             SqlState::INVALID_AUTHORIZATION,
             format!("no such user \"{user}\""),
         )
-        .with_hint(format!("add [users.{user}] to the pgmux config or its userlist file"))
+        .with_hint(format!(
+            "add [users.{user}] to the pgmux config or its userlist file"
+        ))
         .into());
     }
 
@@ -183,7 +189,9 @@ async fn read_startup(socket: &mut TcpStream, pooler: &Pooler) -> Result<Startup
             }
             Err(e @ StartupError::BadLength(_)) => {
                 return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())
-                    .with_hint(format!("a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"))
+                    .with_hint(format!(
+                        "a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"
+                    ))
                     .into());
             }
             Err(e @ StartupError::Malformed) => {
@@ -205,7 +213,12 @@ async fn scram_login(
     socket.write_all(&out).await?;
 
     let first = read_password_message(socket, cbuf).await?;
-    let malformed = || PgError::fatal(SqlState::PROTOCOL_VIOLATION, "malformed SASLInitialResponse");
+    let malformed = || {
+        PgError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            "malformed SASLInitialResponse",
+        )
+    };
     let (mechanism, rest) = read_cstr(&first).ok_or_else(malformed)?;
     if mechanism != SCRAM_MECHANISM {
         return Err(PgError::fatal(
@@ -215,16 +228,23 @@ async fn scram_login(
         .into());
     }
     let (len, data) = read_i32(rest).ok_or_else(malformed)?;
-    let data = usize::try_from(len).ok().and_then(|n| data.get(..n)).ok_or_else(malformed)?;
+    let data = usize::try_from(len)
+        .ok()
+        .and_then(|n| data.get(..n))
+        .ok_or_else(malformed)?;
 
     let mut exchange = ScramExchange::new(verifier.clone());
-    let server_first = exchange.client_first(data).map_err(|e| auth_refusal(user, e))?;
+    let server_first = exchange
+        .client_first(data)
+        .map_err(|e| auth_refusal(user, e))?;
     out.clear();
     write::auth_sasl_step(&mut out, 11, &server_first);
     socket.write_all(&out).await?;
 
     let last = read_password_message(socket, cbuf).await?;
-    let server_final = exchange.client_final(&last).map_err(|e| auth_refusal(user, e))?;
+    let server_final = exchange
+        .client_final(&last)
+        .map_err(|e| auth_refusal(user, e))?;
     out.clear();
     write::auth_sasl_step(&mut out, 12, &server_final);
     socket.write_all(&out).await?;
@@ -251,7 +271,10 @@ async fn md5_login(
 }
 
 /// Reads one PasswordMessage-family message ('p') and returns its body.
-async fn read_password_message(socket: &mut TcpStream, cbuf: &mut BytesMut) -> Result<BytesMut, Refusal> {
+async fn read_password_message(
+    socket: &mut TcpStream,
+    cbuf: &mut BytesMut,
+) -> Result<BytesMut, Refusal> {
     let mut codec = MessageCodec::new(MAX_STARTUP_PACKET);
     loop {
         match codec.decode(cbuf) {
@@ -270,7 +293,9 @@ async fn read_password_message(socket: &mut TcpStream, cbuf: &mut BytesMut) -> R
                 .into());
             }
             Ok(None) => {}
-            Err(e) => return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into()),
+            Err(e) => {
+                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into());
+            }
         }
         if socket.read_buf(cbuf).await? == 0 {
             return Err(Refusal::Gone);

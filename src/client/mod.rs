@@ -35,7 +35,9 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
         Err(_) => {
             let err = PgError::fatal(
                 SqlState::QUERY_CANCELED,
-                format!("canceling authentication: no login within {limit:?} (client_login_timeout)"),
+                format!(
+                    "canceling authentication: no login within {limit:?} (client_login_timeout)"
+                ),
             );
             debug!(%peer, "login timed out");
             return refuse(socket, &err).await;

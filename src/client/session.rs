@@ -121,11 +121,8 @@ impl Session {
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            l.to_client.write_all(&l.client),
-        )
-        .await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
         l.finish_server().await;
     }
 }

@@ -179,8 +179,15 @@ impl Pool {
             Step::Connect => self.open_reserved().await,
             Step::Down(wait) => Err(self.upstream_error(wait)),
             Step::Wait(id, rx) => {
-                let mut guard = WaitGuard { pool: self, id, rx: Some(rx) };
-                let rx = guard.rx.as_mut().expect("receiver is set until the wait ends");
+                let mut guard = WaitGuard {
+                    pool: self,
+                    id,
+                    rx: Some(rx),
+                };
+                let rx = guard
+                    .rx
+                    .as_mut()
+                    .expect("receiver is set until the wait ends");
                 match tokio::time::timeout_at(deadline, rx).await {
                     Ok(Ok(grant)) => {
                         guard.rx = None;
@@ -255,7 +262,10 @@ impl Pool {
                     let mut st = self.state.lock();
                     let first = st.health.failed(&error, Instant::now());
                     self.free_slot(&mut st);
-                    (first, st.health.retry_wait(Instant::now()).unwrap_or_default())
+                    (
+                        first,
+                        st.health.retry_wait(Instant::now()).unwrap_or_default(),
+                    )
                 };
                 if first {
                     warn!(pool = %self.key, upstream = %self.upstream, %error, "cannot connect to upstream");

@@ -97,7 +97,11 @@ impl Decoder for MessageCodec {
             }
             let n = remaining.min(src.len());
             let ends = n == remaining;
-            self.streaming = if ends { None } else { Some((tag, remaining - n)) };
+            self.streaming = if ends {
+                None
+            } else {
+                Some((tag, remaining - n))
+            };
             return Ok(Some(Frame {
                 tag,
                 bytes: src.split_to(n),
@@ -156,7 +160,10 @@ mod tests {
         buf.extend_from_slice(&msg(b'Q', b"select 1\0"));
         buf.extend_from_slice(&msg(b'S', b""));
         let a = codec.decode(&mut buf).unwrap().unwrap();
-        assert_eq!((a.tag, a.is_whole(), a.body()), (b'Q', true, &b"select 1\0"[..]));
+        assert_eq!(
+            (a.tag, a.is_whole(), a.body()),
+            (b'Q', true, &b"select 1\0"[..])
+        );
         let b = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!((b.tag, b.is_whole(), b.body().len()), (b'S', true, 0));
         assert!(codec.decode(&mut buf).unwrap().is_none());

@@ -119,7 +119,10 @@ mod tests {
         let StartupPacket::Startup(s) = parse_packet(&body).unwrap() else {
             panic!("not a startup")
         };
-        assert_eq!((s.minor, s.get("user"), s.get("database")), (0, Some("app"), Some("db")));
+        assert_eq!(
+            (s.minor, s.get("user"), s.get("database")),
+            (0, Some("app"), Some("db"))
+        );
     }
 
     #[test]
@@ -133,6 +136,9 @@ mod tests {
         let mut body = 196608i32.to_be_bytes().to_vec();
         body.extend_from_slice(b"user\0app");
         assert!(matches!(parse_packet(&body), Err(StartupError::Malformed)));
-        assert!(matches!(parse_packet(&[1, 2]), Err(StartupError::Malformed)));
+        assert!(matches!(
+            parse_packet(&[1, 2]),
+            Err(StartupError::Malformed)
+        ));
     }
 }

@@ -31,7 +31,11 @@ pub struct Upstream {
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The password stays out of logs.
-        write!(f, "{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.dbname
+        )
     }
 }
 
@@ -107,7 +111,8 @@ async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> 
         let body = frame.body();
         match frame.tag {
             tag::AUTHENTICATION => {
-                let (code, rest) = read_i32(body).ok_or(ProtocolError::Malformed("Authentication"))?;
+                let (code, rest) =
+                    read_i32(body).ok_or(ProtocolError::Malformed("Authentication"))?;
                 out.clear();
                 match code {
                     0 => {}
@@ -117,19 +122,31 @@ async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> 
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
                             .ok_or(ProtocolError::Malformed("AuthenticationMD5Password"))?;
-                        let hash = md5_hash(upstream.user.as_bytes(), password(upstream)?.as_bytes(), salt);
+                        let hash = md5_hash(
+                            upstream.user.as_bytes(),
+                            password(upstream)?.as_bytes(),
+                            salt,
+                        );
                         frontend::password_message(hash.as_bytes(), &mut out)?;
                     }
                     10 => {
-                        let offers_scram = rest.split(|&b| b == 0).any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
+                        let offers_scram = rest
+                            .split(|&b| b == 0)
+                            .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
                         if !offers_scram {
-                            return Err(ConnectError::Auth("server offers no SASL mechanism pgmux supports".into()));
+                            return Err(ConnectError::Auth(
+                                "server offers no SASL mechanism pgmux supports".into(),
+                            ));
                         }
                         let exchange = sasl::ScramSha256::new(
                             password(upstream)?.as_bytes(),
                             sasl::ChannelBinding::unsupported(),
                         );
-                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, exchange.message(), &mut out)?;
+                        frontend::sasl_initial_response(
+                            sasl::SCRAM_SHA_256,
+                            exchange.message(),
+                            &mut out,
+                        )?;
                         scram = Some(exchange);
                     }
                     11 | 12 => {
@@ -137,10 +154,14 @@ async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> 
                             .as_mut()
                             .ok_or(ConnectError::Protocol("SASL step before SASL start".into()))?;
                         if code == 11 {
-                            exchange.update(rest).map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                            exchange
+                                .update(rest)
+                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
                             frontend::sasl_response(exchange.message(), &mut out)?;
                         } else {
-                            exchange.finish(rest).map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                            exchange
+                                .finish(rest)
+                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
                         }
                     }
                     other => {
@@ -159,8 +180,10 @@ async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> 
                 }
             }
             tag::BACKEND_KEY_DATA => {
-                let (process_id, rest) = read_i32(body).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
-                let (secret, _) = read_i32(rest).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                let (process_id, rest) =
+                    read_i32(body).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
+                let (secret, _) =
+                    read_i32(rest).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
                 conn.key = BackendKey { process_id, secret };
             }
             tag::ERROR_RESPONSE => {
@@ -191,12 +214,16 @@ async fn next_message(conn: &mut ServerConn) -> Result<Frame, ConnectError> {
     loop {
         if let Some(frame) = conn.codec.decode(&mut conn.read_buf)? {
             if !frame.is_whole() {
-                return Err(ConnectError::Protocol("oversized message during login".into()));
+                return Err(ConnectError::Protocol(
+                    "oversized message during login".into(),
+                ));
             }
             return Ok(frame);
         }
         if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(ConnectError::Io("server closed the connection during login".into()));
+            return Err(ConnectError::Io(
+                "server closed the connection during login".into(),
+            ));
         }
     }
 }

@@ -81,7 +81,10 @@ impl ServerConn {
 
     /// Whether it can go back to the pool: idle, outside a transaction, nothing half-read.
     pub fn is_clean(&self) -> bool {
-        !self.broken && self.tx_status == b'I' && self.read_buf.is_empty() && !self.codec.in_message()
+        !self.broken
+            && self.tx_status == b'I'
+            && self.read_buf.is_empty()
+            && !self.codec.in_message()
     }
 
     /// Records a ParameterStatus the server sent.
@@ -132,7 +135,9 @@ impl ServerConn {
                             let status = frame.body().first().copied().unwrap_or(b'E');
                             self.tx_status = status;
                             if failed {
-                                return Err(ProtocolError::Malformed("error reply to a reset query"));
+                                return Err(ProtocolError::Malformed(
+                                    "error reply to a reset query",
+                                ));
                             }
                             return Ok(status);
                         }

@@ -1,0 +1,127 @@
+//! The integration test harness: a throwaway PostgreSQL (`TestPostgres`), the pgmux binary
+//! in front of it (`TestPgmux`), and helpers for psql, pgbench and memory checks.
+//!
+//! Each tests/*.rs is its own crate that includes this module with `mod common;`, and
+//! each uses a different part of it.
+// Every test binary compiles this whole module but uses only some helpers, so the rest
+// would warn as dead code (or as unused re-exports) in that binary.
+#![allow(dead_code, unused_imports)]
+
+mod pgmux;
+mod postgres;
+mod watchdog;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub use pgmux::{MuxOptions, TestPgmux};
+pub use postgres::{SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir};
+
+/// The password of each test role, as created by `TestPostgres` and configured in pgmux;
+/// empty for any other user.
+pub fn password_for(user: &str) -> &'static str {
+    match user {
+        "app" => "app_pw",
+        "other" => "other_pw",
+        SUPERUSER => SUPERUSER_PASSWORD,
+        _ => "",
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it, close).
+/// Callers retry when someone else takes it before they bind.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// Runs `sql` with psql against `url` (stop on the first error, no psqlrc).
+/// Returns (success, stdout, stderr).
+pub fn run_psql(bin_dir: &Path, url: &str, sql: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = client_tool(bin_dir, "psql")
+        .args(["-X", "-v", "ON_ERROR_STOP=1", "-d", url, "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("psql did not start: {e}"));
+    // Statements on stdin, not -c: psql then runs and prints them one by one.
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    stdin
+        .write_all(sql.as_bytes())
+        .expect("sql written to psql");
+    drop(stdin);
+    let out = child.wait_with_output().expect("psql finished");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Runs pgbench with `args` (put the connection URL last, as the database name).
+pub fn run_pgbench(bin_dir: &Path, args: &[&str]) -> Output {
+    client_tool(bin_dir, "pgbench")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("pgbench did not start: {e}"))
+}
+
+/// The resident set size of a process in KiB (VmRSS in /proc/PID/status).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// A client program from `bin_dir`, else from PATH, with the libpq environment cleared
+/// so that only the URL decides where it connects.
+fn client_tool(bin_dir: &Path, name: &str) -> Command {
+    let in_bin_dir = bin_dir.join(name);
+    let program: PathBuf = if in_bin_dir.is_file() {
+        in_bin_dir
+    } else {
+        PathBuf::from(name)
+    };
+    let mut cmd = Command::new(program);
+    clean_pg_env(&mut cmd);
+    cmd.env("PGCONNECT_TIMEOUT", "10");
+    cmd
+}
+
+/// Removes the libpq variables a developer's shell may set (PGHOST, PGPASSWORD, ...).
+fn clean_pg_env(cmd: &mut Command) {
+    for var in [
+        "PGHOST",
+        "PGHOSTADDR",
+        "PGPORT",
+        "PGDATABASE",
+        "PGUSER",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGOPTIONS",
+        "PGDATA",
+        "PGSSLMODE",
+        "PGREQUIRESSL",
+        "PGTARGETSESSIONATTRS",
+    ] {
+        cmd.env_remove(var);
+    }
+}
+
+/// The last `n` lines of `text`.
+fn log_tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

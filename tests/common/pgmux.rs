@@ -1,0 +1,355 @@
+//! The pgmux binary under test: a generated config, a free port, its log in a temp dir.
+
+use std::fs::{self, File};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::watchdog::Watchdog;
+use super::{TestPostgres, free_port, log_tail, password_for};
+
+/// How long pgmux gets to listen after it starts.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Settings for the config `TestPgmux` writes. Durations are pgmux duration strings.
+#[derive(Clone, Debug)]
+pub struct MuxOptions {
+    /// `[pool] mode`: session | transaction | statement.
+    pub mode: &'static str,
+    /// `[pool] size`.
+    pub size: u32,
+    /// `[pool] min_size`.
+    pub min_size: u32,
+    /// `[pool] wait_timeout`.
+    pub wait_timeout: &'static str,
+    /// `[pool] idle_transaction_timeout`.
+    pub idle_transaction_timeout: &'static str,
+    /// `[server] max_client_conn`.
+    pub max_client_conn: usize,
+    /// `[server] client_login_timeout`.
+    pub client_login_timeout: &'static str,
+    /// `[auth] method`: scram-sha-256 | md5 | trust.
+    pub auth_method: &'static str,
+    /// Raw TOML appended at the end of the file, e.g. more `[databases.x]` tables.
+    pub extra: String,
+}
+
+impl Default for MuxOptions {
+    fn default() -> Self {
+        MuxOptions {
+            mode: "transaction",
+            size: 2,
+            min_size: 0,
+            wait_timeout: "5s",
+            idle_transaction_timeout: "0s",
+            max_client_conn: 10_000,
+            client_login_timeout: "15s",
+            auth_method: "scram-sha-256",
+            extra: String::new(),
+        }
+    }
+}
+
+impl MuxOptions {
+    /// These options with `[auth] method = method`.
+    pub fn with_auth_method(mut self, method: &'static str) -> Self {
+        self.auth_method = method;
+        self
+    }
+
+    /// These options with `[server] client_login_timeout = timeout`.
+    pub fn with_login_timeout(mut self, timeout: &'static str) -> Self {
+        self.client_login_timeout = timeout;
+        self
+    }
+}
+
+/// A running pgmux (`CARGO_BIN_EXE_pgmux`) in front of a `TestPostgres`, logging at
+/// `pgmux=debug` (unless `RUST_LOG` is set) to a file. Dropping it kills the process; so
+/// does a watchdog if the test process dies first.
+pub struct TestPgmux {
+    /// The client port on 127.0.0.1.
+    pub port: u16,
+    /// The config file it was started with; rewrite it and `signal("HUP")` to reload.
+    pub config_path: PathBuf,
+    process: Process,
+    log_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl TestPgmux {
+    /// Writes a config for `pg` and starts pgmux on a free port; returns once it listens.
+    /// Panics with pgmux's output if it exits or does not listen within 10 s.
+    pub async fn start(pg: &TestPostgres, opts: MuxOptions) -> TestPgmux {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmux-mux-")
+            .tempdir()
+            .expect("a temp dir for pgmux");
+        let config_path = dir.path().join("pgmux.toml");
+        let log_path = dir.path().join("pgmux.log");
+        for _ in 0..5 {
+            let port = free_port();
+            fs::write(&config_path, Self::config_toml(pg, &opts, port)).expect("config written");
+            let mut process = Process::spawn(&config_path, &log_path, dir.path());
+            match process.wait_listening(port, &log_path).await {
+                Ready::Listening => {
+                    return TestPgmux {
+                        port,
+                        config_path,
+                        process,
+                        log_path,
+                        _dir: dir,
+                    };
+                }
+                // Another process took the port between our probe and pgmux's bind.
+                Ready::PortTaken => continue,
+            }
+        }
+        panic!(
+            "pgmux could not listen: ports kept being taken\n{}",
+            read_log(&log_path)
+        );
+    }
+
+    /// The config `start` writes for `pg`, listening on `port`.
+    pub fn config_toml(pg: &TestPostgres, opts: &MuxOptions, port: u16) -> String {
+        format!(
+            r#"[server]
+listen = "127.0.0.1:{port}"
+max_client_conn = {max_client_conn}
+client_login_timeout = "{client_login_timeout}"
+shutdown_timeout = "30s"
+
+[auth]
+method = "{auth_method}"
+
+[pool]
+mode = "{mode}"
+size = {size}
+min_size = {min_size}
+wait_timeout = "{wait_timeout}"
+idle_timeout = "10m"
+max_lifetime = "1h"
+connect_timeout = "5s"
+idle_transaction_timeout = "{idle_transaction_timeout}"
+
+[databases.app]
+host = "127.0.0.1"
+port = {pg_port}
+dbname = "app"
+
+[users.app]
+password = "app_pw"
+
+[users.other]
+password = "other_pw"
+
+{extra}
+"#,
+            max_client_conn = opts.max_client_conn,
+            client_login_timeout = opts.client_login_timeout,
+            auth_method = opts.auth_method,
+            mode = opts.mode,
+            size = opts.size,
+            min_size = opts.min_size,
+            wait_timeout = opts.wait_timeout,
+            idle_transaction_timeout = opts.idle_transaction_timeout,
+            pg_port = pg.port,
+            extra = opts.extra,
+        )
+    }
+
+    /// Connects as `user` (password from `password_for`) to `database`; panics on failure.
+    pub async fn connect(&self, database: &str, user: &str) -> tokio_postgres::Client {
+        match self.try_connect(database, user, password_for(user)).await {
+            Ok((client, _connection)) => client,
+            Err(e) => panic!("connecting to pgmux as {user} to {database}: {e}"),
+        }
+    }
+
+    /// Connects with this password. The connection task is spawned on the caller's runtime;
+    /// its handle ends when the connection closes (abort it to drop the socket).
+    pub async fn try_connect(
+        &self,
+        database: &str,
+        user: &str,
+        password: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host("127.0.0.1")
+            .port(self.port)
+            .user(user)
+            .password(password)
+            .dbname(database)
+            .connect_timeout(Duration::from_secs(10));
+        let (client, connection) = config.connect(tokio_postgres::NoTls).await?;
+        let task = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok((client, task))
+    }
+
+    /// `postgresql://user:password@127.0.0.1:port/database`, for psql and pgbench.
+    pub fn url(&self, database: &str, user: &str) -> String {
+        let password = password_for(user);
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{database}",
+            self.port
+        )
+    }
+
+    /// What pgmux wrote to stdout and stderr so far.
+    pub fn stderr_log(&self) -> String {
+        read_log(&self.log_path)
+    }
+
+    /// pgmux's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.child.id()
+    }
+
+    /// Sends a signal by name (`"TERM"`, `"HUP"`, `"INT"`) with `kill -s`.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args(["-s", sig, &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill -s {sig} {} failed", self.pid());
+    }
+
+    /// Waits (polling) until pgmux exits, up to `limit`; returns whether it did.
+    pub async fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.process.child.try_wait() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+}
+
+impl Drop for TestPgmux {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- pgmux log ({}), last lines ---\n{}",
+                self.log_path.display(),
+                log_tail(&self.stderr_log(), 60)
+            );
+        }
+    }
+}
+
+/// How a start attempt ended.
+enum Ready {
+    Listening,
+    PortTaken,
+}
+
+/// The pgmux child and its watchdog; dropping it kills pgmux.
+struct Process {
+    child: Child,
+    watchdog: Watchdog,
+}
+
+impl Process {
+    fn spawn(config: &Path, log_path: &Path, dir: &Path) -> Process {
+        let log = File::create(log_path).expect("pgmux log file");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmux"));
+        cmd.arg("--config")
+            .arg(config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
+            .stderr(log);
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "pgmux=debug");
+        }
+        let child = cmd.spawn().expect("the pgmux binary starts");
+        let watchdog = Watchdog::spawn(&format!("kill -KILL {}", child.id()), dir);
+        Process { child, watchdog }
+    }
+
+    /// Polls until pgmux listens on `port`; panics if it exits for another reason than
+    /// the port being taken, or takes too long.
+    async fn wait_listening(&mut self, port: u16, log_path: &Path) -> Ready {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let pid = self.child.id();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = read_log(log_path);
+                if log.contains("in use") {
+                    return Ready::PortTaken;
+                }
+                panic!("pgmux exited ({status}) before listening on 127.0.0.1:{port}:\n{log}");
+            }
+            if listening(pid, port) {
+                return Ready::Listening;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "pgmux did not listen on 127.0.0.1:{port} within {START_TIMEOUT:?}:\n{}",
+                    read_log(log_path)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        // Disarm first: once pgmux is reaped its pid may be reused.
+        self.watchdog.disarm();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `pid` has a socket listening on TCP `port`. On Linux this reads /proc, so no
+/// probe connection reaches pgmux (a probe would count against max_client_conn) and a
+/// stranger's socket on the port is not mistaken for pgmux; elsewhere it connects.
+fn listening(pid: u32, port: u16) -> bool {
+    let tables = ["/proc/net/tcp", "/proc/net/tcp6"].map(fs::read_to_string);
+    if tables.iter().all(Result::is_err) {
+        return TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(200),
+        )
+        .is_ok();
+    }
+    let inodes: Vec<String> = tables
+        .iter()
+        .flatten()
+        .flat_map(|table| table.lines().skip(1))
+        .filter_map(|line| {
+            // sl local_address rem_address st tx:rx tr:tm retrnsmt uid timeout inode
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            let listening = *fields.get(3)? == "0A";
+            let inode = fields.get(9)?;
+            (listening && u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|fd| fs::read_link(fd.path()).ok())
+        .any(|link| {
+            inodes
+                .iter()
+                .any(|inode| link.as_os_str() == inode.as_str())
+        })
+}
+
+fn read_log(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_default()
+}
