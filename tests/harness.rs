@@ -142,8 +142,8 @@ async fn shared_is_one_cluster_per_binary() {
 }
 
 /// Run by `shared_cluster_goes_away_when_the_process_dies`, in a child process.
+/// Does nothing unless PGMUX_HARNESS_CHILD is set (by the test below).
 #[tokio::test]
-#[ignore = "a helper: run in a child process by another test"]
 async fn child_starts_the_shared_cluster_and_dies() {
     if std::env::var_os("PGMUX_HARNESS_CHILD").is_none() {
         return;
@@ -158,7 +158,6 @@ async fn child_starts_the_shared_cluster_and_dies() {
 async fn shared_cluster_goes_away_when_the_process_dies() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
-            "--ignored",
             "--exact",
             "child_starts_the_shared_cluster_and_dies",
             "--nocapture",

@@ -260,3 +260,118 @@ async fn sigterm_lets_transactions_finish_then_says_57p01() {
     assert!(mux.try_connect("app", "app", "app_pw").await.is_err());
     assert!(mux.stderr_log().contains("shutting down"));
 }
+
+#[tokio::test]
+async fn after_shutdown_timeout_the_rest_get_57p01() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            server_extra: "shutdown_timeout = \"500ms\"".into(),
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let stuck = mux.connect("app", "app").await;
+    stuck.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    mux.signal("TERM");
+    // The transaction never ends by itself; pgmux ends it after the grace period.
+    assert!(mux.wait_exit(Duration::from_secs(10)).await, "pgmux exited");
+    let err = stuck.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
+        "{err}"
+    );
+    let log = mux.stderr_log();
+    assert!(log.contains("shutdown_timeout is over"), "{log}");
+    assert!(log.contains("pgmux stopped"), "{log}");
+}
+
+#[tokio::test]
+async fn idle_server_connections_close_after_idle_timeout() {
+    let pg = TestPostgres::start().await;
+    let mux = TestPgmux::start(
+        &pg,
+        MuxOptions {
+            size: 3,
+            pool_extra: "idle_timeout = \"1s\"".into(),
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let client = mux.connect("app", "app").await;
+    client.query_one("SELECT 1", &[]).await.unwrap();
+    let su = pg.superuser().await;
+    let count = || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmux'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    assert_eq!(count().await, 1);
+    let mut closed = false;
+    for _ in 0..50 {
+        if count().await == 0 {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        closed,
+        "the idle server connection was closed after idle_timeout"
+    );
+    // And a new one opens on demand.
+    assert_eq!(
+        client
+            .query_one("SELECT 4", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        4
+    );
+}
+
+#[tokio::test]
+async fn min_size_warms_the_pool_up() {
+    let pg = TestPostgres::start().await;
+    let mux = TestPgmux::start(
+        &pg,
+        MuxOptions {
+            size: 4,
+            min_size: 3,
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    // The pool exists from the first login; upkeep then opens up to min_size.
+    let client = mux.connect("app", "app").await;
+    let su = pg.superuser().await;
+    let mut warm = 0;
+    for _ in 0..50 {
+        warm = su
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmux'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if warm == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(warm, 3);
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}

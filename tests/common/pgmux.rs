@@ -31,6 +31,10 @@ pub struct MuxOptions {
     pub client_login_timeout: &'static str,
     /// `[auth] method`: scram-sha-256 | md5 | trust.
     pub auth_method: &'static str,
+    /// Raw TOML lines added to `[server]`, e.g. `shutdown_timeout = "1s"`.
+    pub server_extra: String,
+    /// Raw TOML lines added to `[pool]`, e.g. `idle_timeout = "1s"` (replacing the default line).
+    pub pool_extra: String,
     /// Raw TOML appended at the end of the file, e.g. more `[databases.x]` tables.
     pub extra: String,
 }
@@ -46,6 +50,8 @@ impl Default for MuxOptions {
             max_client_conn: 10_000,
             client_login_timeout: "15s",
             auth_method: "scram-sha-256",
+            server_extra: String::new(),
+            pool_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -114,13 +120,21 @@ impl TestPgmux {
 
     /// The config `start` writes for `pg`, listening on `port`.
     pub fn config_toml(pg: &TestPostgres, opts: &MuxOptions, port: u16) -> String {
-        format!(
+        // A key given in pool_extra/server_extra replaces the default line for it.
+        let keep = |line: &&str, extra: &str| {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            key.is_empty()
+                || !extra
+                    .lines()
+                    .any(|l| l.split('=').next().unwrap_or_default().trim() == key)
+        };
+        let text = format!(
             r#"[server]
 listen = "127.0.0.1:{port}"
 max_client_conn = {max_client_conn}
 client_login_timeout = "{client_login_timeout}"
 shutdown_timeout = "30s"
-
+{server_extra}
 [auth]
 method = "{auth_method}"
 
@@ -133,7 +147,7 @@ idle_timeout = "10m"
 max_lifetime = "1h"
 connect_timeout = "5s"
 idle_transaction_timeout = "{idle_transaction_timeout}"
-
+{pool_extra}
 [databases.app]
 host = "127.0.0.1"
 port = {pg_port}
@@ -156,8 +170,28 @@ password = "other_pw"
             wait_timeout = opts.wait_timeout,
             idle_transaction_timeout = opts.idle_transaction_timeout,
             pg_port = pg.port,
+            server_extra = opts.server_extra,
+            pool_extra = opts.pool_extra,
             extra = opts.extra,
-        )
+        );
+        let mut section = String::new();
+        let mut out = String::new();
+        for line in text.lines() {
+            if line.starts_with('[') {
+                section = line.to_owned();
+            }
+            let extra = match section.as_str() {
+                "[server]" => &opts.server_extra,
+                "[pool]" => &opts.pool_extra,
+                _ => "",
+            };
+            let is_extra_line = extra.lines().any(|l| l == line);
+            if is_extra_line || keep(&line, extra) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Connects as `user` (password from `password_for`) to `database`; panics on failure.
@@ -234,6 +268,10 @@ password = "other_pw"
 
 impl Drop for TestPgmux {
     fn drop(&mut self) {
+        let log = self.stderr_log();
+        if !std::thread::panicking() && log.contains("panicked at") {
+            panic!("pgmux panicked during the test:\n{}", log_tail(&log, 60));
+        }
         if std::thread::panicking() {
             eprintln!(
                 "--- pgmux log ({}), last lines ---\n{}",
