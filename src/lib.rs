@@ -11,5 +11,6 @@ pub mod config;
 pub mod listener;
 pub mod pool;
 pub mod pooler;
+pub mod prepared;
 pub mod protocol;
 pub mod server;

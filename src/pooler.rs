@@ -13,6 +13,7 @@ use crate::auth::{Credential, Secret};
 use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::pool::{Pool, PoolKey};
+use crate::prepared::Registry;
 use crate::server::Upstream;
 
 /// A config and what is derived from it once (SCRAM keys of plain passwords).
@@ -77,6 +78,8 @@ pub struct Pooler {
     pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
     /// Cancel keys of live clients.
     pub cancels: Arc<CancelRegistry>,
+    /// Every named prepared statement clients prepared, shared by all pools.
+    pub statements: Arc<Registry>,
     /// Clients connected now (for max_client_conn).
     pub clients: AtomicUsize,
     /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
@@ -92,6 +95,7 @@ impl Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
+            statements: Arc::new(Registry::default()),
             clients: AtomicUsize::new(0),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),

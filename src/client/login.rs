@@ -9,6 +9,7 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::debug;
 
+use super::params::ClientParams;
 use super::session::Session;
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
 use crate::config::AuthMethod;
@@ -143,12 +144,9 @@ pub(super) async fn login(
         }
         params = pool.server_params();
     }
-    for (name, value) in &params {
-        let value = match (name.as_str(), startup.get(name)) {
-            ("application_name", Some(mine)) => mine,
-            _ => value.as_str(),
-        };
-        write::parameter_status(&mut out, name, value);
+    let mut settings = ClientParams::from_startup(&startup.params);
+    for (name, value) in settings.greeting(&params) {
+        write::parameter_status(&mut out, &name, &value);
     }
     let cancel = pooler.cancels.register();
     let (process_id, secret) = cancel.key();
@@ -157,11 +155,14 @@ pub(super) async fn login(
     socket.write_all(&out).await?;
     debug!(user, database, "client logged in");
 
-    let settings = pool.settings();
+    let pool_settings = pool.settings();
     Ok(Session {
-        mode: settings.mode,
-        idle_transaction_timeout: settings.idle_transaction_timeout,
-        reset_query: settings.server_reset_query.clone(),
+        mode: pool_settings.mode,
+        idle_transaction_timeout: pool_settings.idle_transaction_timeout,
+        reset_query: pool_settings.server_reset_query.clone(),
+        max_prepared: pool_settings.max_prepared_statements as usize,
+        registry: pooler.statements.clone(),
+        params: settings,
         pool,
         cancel,
         stop: pooler.stop.clone(),

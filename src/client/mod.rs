@@ -2,8 +2,11 @@
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
 mod login;
+mod params;
 mod queue;
+mod replies;
 mod session;
+mod statements;
 
 pub use queue::OutQueue;
 

@@ -2,10 +2,13 @@
 //!
 //! The session reads client messages, checks a server out of the pool on the first
 //! message of a transaction, forwards both directions, and gives the server back when
-//! every Query/Sync/FunctionCall it forwarded has been answered by a ReadyForQuery and the
-//! last one said `I` (transaction mode). Reads and writes are non-blocking on both sockets
-//! from one task, so neither direction can stall the other, and per-direction buffers are
-//! bounded: a large message streams through in pieces.
+//! every message it sent has been answered ([`Replies`] is empty), nothing is left
+//! unsynced, and the last ReadyForQuery said `I` (transaction mode). Reads and writes are
+//! non-blocking on both sockets from one task, so neither direction can stall the other,
+//! and per-direction buffers are bounded: a large message streams through in pieces.
+//!
+//! Named prepared statements and session settings follow the client across servers: see
+//! [`crate::prepared`] and [`super::params`]; [`super::statements`] rewrites the messages.
 
 use std::io;
 use std::sync::Arc;
@@ -17,31 +20,38 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
+use super::params::{ClientParams, SessionChange};
 use super::queue::OutQueue;
+use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::config::PoolMode;
 use crate::pool::{CheckoutError, Pool};
+use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, PgError, ProtocolError, SqlState, tag, write};
-use crate::server::{ServerConn, parse_parameter_status};
+use crate::server::{ServerConn, SettingValue, parse_parameter_status};
 
 /// Stop reading a peer while this much waits to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
 /// Bytes reserved for one read from a client / a server.
 const CLIENT_READ: usize = 8 * 1024;
 const SERVER_READ: usize = 32 * 1024;
+/// Client messages up to this size are held whole (a named Parse must be); larger ones stream.
+pub(super) const CLIENT_MAX_WHOLE: usize = 1024 * 1024;
 /// How long cleanup may take on a server whose client left (ROLLBACK, reset query).
 const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
 
-/// Messages dropped after an error pgmux answered itself.
+/// Client messages dropped after an error pgmux answered itself.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Skip {
+pub(super) enum Skip {
     No,
     /// The rest of a large message whose start was refused.
     RestOfMessage,
-    /// Extended-protocol messages up to the next Sync, as a server does after an error.
+    /// Extended-protocol messages up to the next Sync, which pgmux answers (no server held).
     UntilSync,
+    /// Extended-protocol messages up to the next Sync, which goes to the server held.
+    UntilSyncForwarded,
 }
 
 /// Why the loop ended.
@@ -67,6 +77,9 @@ pub struct Session {
     pub(super) mode: PoolMode,
     pub(super) idle_transaction_timeout: Duration,
     pub(super) reset_query: String,
+    pub(super) max_prepared: usize,
+    pub(super) registry: Arc<Registry>,
+    pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
@@ -76,20 +89,24 @@ pub struct Session {
     pub(super) cbuf: BytesMut,
 }
 
-struct Loop {
-    s: Session,
+pub(super) struct Loop {
+    pub(super) s: Session,
     client: TcpStream,
     codec: MessageCodec,
     to_client: OutQueue,
-    to_server: OutQueue,
-    server: Option<ServerConn>,
-    /// Query, Sync and FunctionCall messages forwarded and not yet answered by ReadyForQuery.
-    pending: u32,
+    pub(super) to_server: OutQueue,
+    pub(super) server: Option<ServerConn>,
+    pub(super) replies: Replies,
+    pub(super) statements: ClientStatements,
     /// Extended-protocol messages forwarded since the last Sync.
     unsynced: bool,
     /// The start of a client message went to the server, its end not yet.
-    client_mid_message: bool,
-    skip: Skip,
+    pub(super) client_mid_message: bool,
+    /// The server message streaming through now is swallowed (pgmux's own query).
+    swallowing: bool,
+    /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
+    copy_in: bool,
+    pub(super) skip: Skip,
     last_activity: Instant,
 }
 
@@ -100,13 +117,16 @@ impl Session {
         let mut l = Loop {
             s: self,
             client,
-            codec: MessageCodec::default(),
+            codec: MessageCodec::new(CLIENT_MAX_WHOLE),
             to_client: OutQueue::default(),
             to_server: OutQueue::default(),
             server: None,
-            pending: 0,
+            replies: Replies::default(),
+            statements: ClientStatements::default(),
             unsynced: false,
             client_mid_message: false,
+            swallowing: false,
+            copy_in: false,
             skip: Skip::No,
             last_activity: Instant::now(),
         };
@@ -121,8 +141,7 @@ impl Session {
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
         l.finish_server().await;
     }
 }
@@ -144,13 +163,7 @@ impl Loop {
             let write_server = server.is_some() && !self.to_server.is_empty();
             let idle_deadline = self.idle_transaction_deadline();
             // Session mode holds a server between transactions too: it may stop then.
-            let between_transactions = self.to_client.is_empty()
-                && self.server.as_ref().is_none_or(|s| {
-                    s.tx_status == b'I'
-                        && self.pending == 0
-                        && !self.unsynced
-                        && !self.client_mid_message
-                });
+            let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
             let event = tokio::select! {
                 biased;
                 _ = self.s.kill.cancelled() => Event::Kill,
@@ -186,12 +199,23 @@ impl Loop {
         }
     }
 
+    /// No server held, or the one held has answered everything, nothing is half-sent or
+    /// unsynced, and its transaction status is `status`.
+    fn server_is_quiet(&self, status: u8) -> bool {
+        self.server.as_ref().is_none_or(|s| {
+            s.tx_status == status
+                && self.replies.is_empty()
+                && !self.unsynced
+                && !self.client_mid_message
+                && self.to_server.is_empty()
+        })
+    }
+
     /// When an idle-in-transaction client is cut off, if a limit is set and it applies now.
     fn idle_transaction_deadline(&self) -> Option<Instant> {
         let server = self.server.as_ref()?;
         let limit = self.s.idle_transaction_timeout;
-        let idle_in_transaction =
-            self.pending == 0 && server.tx_status != b'I' && !self.client_mid_message;
+        let idle_in_transaction = self.replies.is_empty() && server.tx_status != b'I' && !self.client_mid_message;
         (idle_in_transaction && !limit.is_zero()).then(|| self.last_activity + limit)
     }
 
@@ -221,47 +245,166 @@ impl Loop {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.server_lost(e)),
             };
+            if !frame.starts {
+                if !self.swallowing {
+                    self.to_client.push(frame.bytes);
+                }
+                continue;
+            }
+            if frame.tag == tag::ERROR_RESPONSE {
+                // An error ends COPY IN mode: the server reads Sync again.
+                self.copy_in = false;
+            }
+            let (route, done) = self.replies.route(frame.tag);
+            tracing::trace!(tag = %char::from(frame.tag), swallowed = matches!(route, Route::Swallow), ends = done.is_some(), "server message");
+            self.swallowing = matches!(route, Route::Swallow);
+            let hidden = self.swallowing;
+            let mut forward = !self.swallowing;
             let mut ready = None;
             if frame.is_whole() {
                 match frame.tag {
                     tag::READY_FOR_QUERY => ready = frame.body().first().copied(),
+                    tag::COPY_IN_RESPONSE => {
+                        self.copy_in = true;
+                        self.replies.copy_in_started();
+                    }
                     tag::PARAMETER_STATUS => {
                         if let Some((name, value)) = parse_parameter_status(frame.body()) {
                             server.set_param(name, value);
+                            forward = self.s.params.reported(name, value, !hidden);
                         }
+                    }
+                    tag::ERROR_RESPONSE if hidden && done.is_none() => {
+                        let (code, message) = crate::server::error_fields(frame.body());
+                        warn!(pool = %self.s.pool.key, code, message, "restoring a client's settings failed");
                     }
                     _ => {}
                 }
             }
-            if ready.is_some_and(|status| status != b'I') && self.s.mode == PoolMode::Statement {
-                // The statement opened a transaction block: refuse it before the client
-                // sees ReadyForQuery, so the statement itself reports the error.
-                server.tx_status = ready.unwrap_or(b'T');
-                self.pending = 0;
-                return Err(End::Fatal(
-                    PgError::fatal(
-                        SqlState::FEATURE_NOT_SUPPORTED,
-                        "transaction blocks are not allowed in statement pooling mode",
-                    )
-                    .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
-                ));
-            }
-            self.to_client.push(frame.bytes);
             if let Some(status) = ready {
                 server.tx_status = status;
-                self.pending = self.pending.saturating_sub(1);
-                if self.pending == 0 && !self.unsynced && !self.client_mid_message {
-                    self.transaction_done(status);
+                if status != b'I' && !hidden && self.s.mode == PoolMode::Statement {
+                    // The statement opened a transaction block: refuse it before the client
+                    // sees ReadyForQuery, so the statement itself reports the error.
+                    return Err(End::Fatal(
+                        PgError::fatal(
+                            SqlState::FEATURE_NOT_SUPPORTED,
+                            "transaction blocks are not allowed in statement pooling mode",
+                        )
+                        .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
+                    ));
                 }
+            }
+            if forward {
+                self.to_client.push(frame.bytes);
+            }
+            if let Some(done) = done {
+                self.swallowing = false;
+                self.finished(done, ready);
+            }
+            self.take_due_replies();
+            if ready == Some(b'I') && self.s.mode != PoolMode::Session && self.server_is_quiet(b'I') {
+                self.release();
             }
         }
     }
 
-    /// Every message forwarded has been answered: maybe give the server back.
-    fn transaction_done(&mut self, status: u8) {
-        // Statement mode never sees `T` or `E` here: those are refused as they arrive.
-        if self.s.mode != PoolMode::Session && status == b'I' {
-            self.release();
+    /// Bookkeeping for an entry whose replies are all in, and for those the server skipped.
+    fn finished(&mut self, done: Done, ready: Option<u8>) {
+        let Done {
+            entry,
+            failed,
+            skipped,
+        } = done;
+        match entry {
+            Expect::Client { effect, .. } | Expect::Hidden { effect, .. } if failed => self.undo(effect),
+            Expect::Client {
+                effect: Effect::Session(change),
+                kind: Kind::Query,
+                failed: false,
+            } if ready == Some(b'I') => self.apply_session_change(change),
+            Expect::Client {
+                effect: Effect::Deallocate {
+                    client_name,
+                    statement,
+                },
+                ..
+            } => {
+                if let Some(server) = self.server.as_mut() {
+                    server.prepared.remove(statement.id);
+                }
+                self.statements.remove(&client_name, Some(statement.id));
+            }
+            _ => {}
+        }
+        for entry in skipped {
+            match entry {
+                Expect::Client { effect, .. } | Expect::Hidden { effect, .. } => self.undo(effect),
+                Expect::Local(_) => {} // the server would have skipped it too
+            }
+        }
+    }
+
+    /// A message that was meant to change state failed or was skipped.
+    fn undo(&mut self, effect: Effect) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        match effect {
+            Effect::Prepare {
+                statement,
+                client_name,
+            } => {
+                server.prepared.remove(statement.id);
+                if let Some(name) = client_name {
+                    self.statements.remove(&name, Some(statement.id));
+                }
+            }
+            Effect::Evict(statement) => {
+                // Still on the server: keep knowing it (may exceed the bound by one).
+                server.prepared.insert(statement, usize::MAX);
+            }
+            Effect::Deallocate { .. } | Effect::Session(_) | Effect::None => {}
+        }
+    }
+
+    /// A client's standalone statement succeeded outside a transaction.
+    fn apply_session_change(&mut self, change: SessionChange) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        match change {
+            SessionChange::Set { name, sql } => {
+                if server.param_ci(&name).is_none() {
+                    self.s.params.set_sql(&name, &sql);
+                    server.set_applied(&name.to_ascii_lowercase(), Some(SettingValue::Sql(sql)));
+                }
+            }
+            SessionChange::Reset(name) => {
+                if server.param_ci(&name).is_none() {
+                    self.s.params.forget(&name);
+                    server.set_applied(&name.to_ascii_lowercase(), None);
+                }
+            }
+            SessionChange::ResetAll => {
+                for name in server.applied_names() {
+                    self.s.params.forget(&name);
+                }
+                server.applied.clear();
+            }
+            SessionChange::DiscardAll => {
+                for name in server.applied_names() {
+                    self.s.params.forget(&name);
+                }
+                server.applied.clear();
+                server.prepared.clear();
+                self.statements.clear();
+            }
+            SessionChange::DeallocateAll => {
+                server.prepared.clear();
+                self.statements.clear();
+            }
+            SessionChange::Deallocate(_) | SessionChange::Prepare => {}
         }
     }
 
@@ -298,10 +441,7 @@ impl Loop {
                 Ok(None) => return Ok(()),
                 Err(ProtocolError::Io(_)) => return Err(End::ClientGone),
                 Err(e) => {
-                    return Err(End::Fatal(PgError::fatal(
-                        SqlState::PROTOCOL_VIOLATION,
-                        e.to_string(),
-                    )));
+                    return Err(End::Fatal(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())));
                 }
             };
             self.on_client_frame(frame).await?;
@@ -325,15 +465,20 @@ impl Loop {
             self.skip = Skip::No;
         }
         let t = frame.tag;
+        tracing::trace!(tag = %char::from(t), "client message");
         if t == tag::TERMINATE {
             return Err(End::ClientGone);
         }
-        if self.skip == Skip::UntilSync {
-            if t == tag::SYNC {
-                self.skip = Skip::No;
-                self.answer_ready();
+        if matches!(self.skip, Skip::UntilSync | Skip::UntilSyncForwarded) {
+            if t != tag::SYNC {
+                return Ok(());
             }
-            return Ok(());
+            let answer_here = self.skip == Skip::UntilSync;
+            self.skip = Skip::No;
+            if answer_here {
+                self.answer_ready();
+                return Ok(());
+            }
         }
         if self.server.is_none() {
             match t {
@@ -360,19 +505,49 @@ impl Loop {
                 return Ok(());
             }
         }
+        self.client_mid_message = !frame.ends;
+        if self.copy_in {
+            // The server answers none of these until COPY ends.
+            if matches!(t, tag::COPY_DONE | tag::COPY_FAIL) {
+                self.copy_in = false;
+            }
+            if matches!(t, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::SYNC | tag::FLUSH) {
+                self.to_server.push(frame.bytes);
+                return Ok(());
+            }
+        }
         match t {
-            tag::QUERY | tag::FUNCTION_CALL | tag::SYNC => {
-                self.pending += 1;
+            tag::QUERY => {
                 self.unsynced = false;
+                self.query(frame);
+            }
+            tag::SYNC => {
+                self.unsynced = false;
+                self.forward(frame, Kind::Sync);
+            }
+            tag::FUNCTION_CALL => {
+                self.unsynced = false;
+                self.forward(frame, Kind::FunctionCall);
             }
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
-                self.unsynced = true
+                self.unsynced = true;
+                self.extended(frame);
             }
-            _ => {}
+            _ => self.to_server.push(frame.bytes),
         }
-        self.client_mid_message = !frame.ends;
-        self.to_server.push(frame.bytes);
         Ok(())
+    }
+
+    /// Forwards a client message as is, expecting its replies.
+    pub(super) fn forward(&mut self, frame: Frame, kind: Kind) {
+        self.replies.client(kind, Effect::None);
+        self.to_server.push(frame.bytes);
+    }
+
+    /// Sends the replies pgmux gives itself that are now due.
+    pub(super) fn take_due_replies(&mut self) {
+        let to_client = &mut self.to_client;
+        self.replies.take_due(|reply| to_client.push(reply));
     }
 
     /// ReadyForQuery(I) from pgmux itself, for a client that holds no server.
@@ -382,9 +557,9 @@ impl Loop {
         self.to_client.push(buf);
     }
 
-    /// Checks a server out for this client. While it waits, it notices a client that
-    /// leaves (the wait is dropped: no hole in the queue). The outer error ends the
-    /// session; the inner one is answered and the session goes on.
+    /// Checks a server out for this client and gives it the client's settings. While it
+    /// waits, it notices a client that leaves (the wait is dropped: no hole in the queue).
+    /// The outer error ends the session; the inner one is answered and the session goes on.
     async fn checkout(&mut self) -> Result<Result<(), PgError>, End> {
         let pool = self.s.pool.clone();
         let checkout = pool.checkout();
@@ -409,11 +584,18 @@ impl Loop {
             }
         };
         match result {
-            Ok(conn) => {
+            Ok(mut conn) => {
                 self.s.cancel.set_target(Some(CancelTarget {
                     addr: conn.addr,
                     key: conn.key,
                 }));
+                if let Some(sql) = self.s.params.sync_sql(&mut conn) {
+                    debug!(pool = %self.s.pool.key, server = conn.id, sql, "restoring the client's settings");
+                    let mut query = BytesMut::new();
+                    write::query(&mut query, &sql);
+                    self.to_server.push(query);
+                    self.replies.hidden(Kind::Query, Effect::None);
+                }
                 self.server = Some(conn);
                 Ok(Ok(()))
             }
@@ -436,18 +618,15 @@ impl Loop {
 
     /// The client is gone: make the server clean for the next client, or close it.
     async fn finish_server(&mut self) {
+        let quiet = self.server_is_quiet(b'I')
+            || self.server_is_quiet(b'T')
+            || self.server_is_quiet(b'E');
         let Some(mut conn) = self.server.take() else {
             return;
         };
         self.s.cancel.set_target(None);
-        let quiet = self.pending == 0
-            && !self.unsynced
-            && !self.client_mid_message
-            && self.to_server.is_empty()
-            && conn.read_buf.is_empty()
-            && !conn.codec.in_message();
-        if !quiet {
-            if self.pending > 0 && !conn.broken {
+        if !quiet || !conn.read_buf.is_empty() || conn.codec.in_message() {
+            if !self.replies.is_empty() && !conn.broken {
                 // A query may still run: cancel it so the backend does not work for no one.
                 let target = CancelTarget {
                     addr: conn.addr,
@@ -466,7 +645,12 @@ impl Loop {
         }
         if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.broken {
             let reset = self.s.reset_query.clone();
-            if !matches!(conn.run_quietly(&reset, CLEANUP_LIMIT).await, Ok(b'I')) {
+            if matches!(conn.run_quietly(&reset, CLEANUP_LIMIT).await, Ok(b'I')) {
+                // DISCARD ALL drops prepared statements and settings; whatever the reset
+                // query was, assume the worst.
+                conn.prepared.clear();
+                conn.applied.clear();
+            } else {
                 conn.broken = true;
             }
         }
@@ -477,11 +661,10 @@ impl Loop {
 /// What the client is told when no server could be had. The session stays usable.
 fn checkout_error(e: &CheckoutError) -> PgError {
     match e {
-        CheckoutError::Timeout { pool, .. } => PgError::error(SqlState::TOO_MANY_CONNECTIONS, e.to_string())
-            .with_hint(format!(
-                "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
-                pool.database
-            )),
+        CheckoutError::Timeout { pool, .. } => PgError::error(SqlState::TOO_MANY_CONNECTIONS, e.to_string()).with_hint(format!(
+            "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
+            pool.database
+        )),
         CheckoutError::Upstream { .. } => PgError::error(SqlState::CONNECTION_FAILURE, e.to_string())
             .with_hint("check that the PostgreSQL server is up and reachable; pgmux retries on the next query"),
     }

@@ -11,6 +11,9 @@ use tokio_util::codec::Decoder;
 /// Largest length the protocol allows in a message header (PostgreSQL caps at 1 GB).
 pub const MAX_MESSAGE_LEN: usize = 1 << 30;
 
+/// The least a large message's first part holds (header and leading fields).
+pub const FIRST_PART: usize = 4096;
+
 /// How much of a message the codec buffers whole by default before it streams it.
 pub const DEFAULT_MAX_WHOLE: usize = 64 * 1024;
 
@@ -69,7 +72,7 @@ impl MessageCodec {
     /// A codec that buffers messages up to `max_whole` bytes and streams larger ones.
     pub fn new(max_whole: usize) -> Self {
         MessageCodec {
-            max_whole: max_whole.max(5),
+            max_whole: max_whole.max(FIRST_PART),
             streaming: None,
         }
     }
@@ -130,6 +133,11 @@ impl Decoder for MessageCodec {
             src.reserve(total - src.len());
             return Ok(None);
         }
+        if src.len() < FIRST_PART {
+            // The first part carries the names at the start of a Bind or Parse.
+            src.reserve(FIRST_PART - src.len());
+            return Ok(None);
+        }
         // Too large to hold: pass on what we have and stream the rest.
         let n = src.len();
         self.streaming = Some((tag, total - n));
@@ -182,16 +190,18 @@ mod tests {
     #[test]
     fn large_message_streams_in_parts() {
         let mut codec = MessageCodec::new(16);
-        let full = msg(b'D', &[7u8; 100]);
+        let full = msg(b'D', &[7u8; 10_000]);
         let mut buf = BytesMut::from(&full[..40]);
+        assert!(codec.decode(&mut buf).unwrap().is_none(), "waits for a first part");
+        buf.extend_from_slice(&full[40..FIRST_PART + 100]);
         let first = codec.decode(&mut buf).unwrap().unwrap();
-        assert!(first.starts && !first.ends && first.bytes.len() == 40);
+        assert!(first.starts && !first.ends && first.bytes.len() == FIRST_PART + 100);
         assert!(codec.in_message());
         assert!(codec.decode(&mut buf).unwrap().is_none());
-        buf.extend_from_slice(&full[40..]);
+        buf.extend_from_slice(&full[FIRST_PART + 100..]);
         buf.extend_from_slice(&msg(b'Z', b"I"));
         let rest = codec.decode(&mut buf).unwrap().unwrap();
-        assert!(!rest.starts && rest.ends && rest.bytes.len() == full.len() - 40);
+        assert!(!rest.starts && rest.ends && rest.bytes.len() == full.len() - FIRST_PART - 100);
         let z = codec.decode(&mut buf).unwrap().unwrap();
         assert_eq!((z.tag, z.body()), (b'Z', &b"I"[..]));
     }

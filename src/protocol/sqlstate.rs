@@ -31,6 +31,11 @@ impl SqlState {
     /// 57014: login took longer than client_login_timeout.
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
 
+    /// 42P05: a client prepared a statement name it already holds.
+    pub const DUPLICATE_PREPARED_STATEMENT: SqlState = SqlState("42P05");
+    /// 54000: a limit of pgmux's was exceeded.
+    pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
+
     /// The code as sent on the wire.
     pub fn code(&self) -> &'static str {
         self.0

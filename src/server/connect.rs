@@ -192,6 +192,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> 
             }
             tag::READY_FOR_QUERY => {
                 conn.tx_status = body.first().copied().unwrap_or(b'I');
+                conn.initial_params = conn.params.clone();
                 return Ok(conn);
             }
             // NoticeResponse and NegotiateProtocolVersion need no answer.

@@ -3,7 +3,7 @@
 
 mod connect;
 
-pub use connect::{ConnectError, Upstream, connect};
+pub use connect::{ConnectError, Upstream, connect, error_fields};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
+use crate::prepared::ServerStatements;
 use crate::protocol::{MessageCodec, ProtocolError, tag, write};
 
 /// The key PostgreSQL gave this connection, needed to cancel its queries.
@@ -23,6 +24,15 @@ pub struct BackendKey {
     pub process_id: i32,
     /// The secret that goes with it.
     pub secret: i32,
+}
+
+/// How a session setting is applied to a server.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SettingValue {
+    /// A value as text, as in a startup packet or ParameterStatus: `set_config(name, text)`.
+    Text(String),
+    /// A value as SQL, as the client wrote it after `SET name =`: replayed verbatim.
+    Sql(String),
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -55,6 +65,12 @@ pub struct ServerConn {
     pub broken: bool,
     /// When the pool retires it (max_lifetime with jitter), if ever.
     pub retire_at: Option<Instant>,
+    /// ParameterStatus values as the server reported them right after login.
+    pub initial_params: Vec<(String, String)>,
+    /// Settings the server does not report that clients had applied to it, by lowercase name.
+    pub applied: Vec<(String, SettingValue)>,
+    /// Named prepared statements it holds.
+    pub prepared: ServerStatements,
 }
 
 impl ServerConn {
@@ -76,6 +92,9 @@ impl ServerConn {
             tx_status: b'I',
             broken: false,
             retire_at: None,
+            initial_params: Vec::new(),
+            applied: Vec::new(),
+            prepared: ServerStatements::default(),
         }
     }
 
@@ -93,6 +112,35 @@ impl ServerConn {
             Some(slot) => value.clone_into(&mut slot.1),
             None => self.params.push((name.to_owned(), value.to_owned())),
         }
+    }
+
+    /// The value of a reported parameter, by name in any case.
+    pub fn param_ci(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// A setting applied to it that the server does not report.
+    pub fn applied(&self, lower_name: &str) -> Option<&SettingValue> {
+        self.applied
+            .iter()
+            .find(|(k, _)| k == lower_name)
+            .map(|(_, v)| v)
+    }
+
+    /// Records (or with `None` forgets) a setting applied to it.
+    pub fn set_applied(&mut self, lower_name: &str, value: Option<SettingValue>) {
+        self.applied.retain(|(k, _)| k != lower_name);
+        if let Some(value) = value {
+            self.applied.push((lower_name.to_owned(), value));
+        }
+    }
+
+    /// Names of the settings applied to it.
+    pub fn applied_names(&self) -> Vec<String> {
+        self.applied.iter().map(|(k, _)| k.clone()).collect()
     }
 
     /// The value of a parameter the server reported.

@@ -1,0 +1,348 @@
+//! Session parameters that follow a client across server connections.
+//!
+//! A client's settings come from its startup packet, from ParameterStatus the server sends
+//! while the client holds it (a `SET application_name` outside a transaction), and from
+//! standalone `SET name = value` queries for parameters the server does not report (such
+//! as `search_path` before PostgreSQL 18, or `statement_timeout`). On checkout, the session
+//! brings the server in line with one hidden query ([`ClientParams::sync_sql`]).
+
+use crate::server::{ServerConn, SettingValue as Value};
+
+/// Startup parameters that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
+
+/// One client's settings and what it has been told. Owned by the client session.
+#[derive(Debug, Default)]
+pub struct ClientParams {
+    /// (lowercase name, name as written, value) the client wants on its server.
+    wants: Vec<(String, String, Value)>,
+    /// (name, value) as last reported to the client in ParameterStatus.
+    seen: Vec<(String, String)>,
+}
+
+impl ClientParams {
+    /// The settings of a startup packet: every parameter but user/database/replication and
+    /// `_pq_.` options, plus `-c name=value` / `--name=value` inside `options`.
+    pub fn from_startup(params: &[(String, String)]) -> Self {
+        let mut me = ClientParams::default();
+        for (name, value) in params {
+            if name == "options" {
+                for (n, v) in parse_options(value) {
+                    me.want(&n, Value::Text(v));
+                }
+            } else if !NOT_SETTINGS.contains(&name.as_str()) && !name.starts_with("_pq_.") {
+                me.want(name, Value::Text(value.clone()));
+            }
+        }
+        me
+    }
+
+    fn want(&mut self, name: &str, value: Value) {
+        let lower = name.to_ascii_lowercase();
+        match self.wants.iter_mut().find(|(l, _, _)| *l == lower) {
+            Some(slot) => slot.2 = value,
+            None => self.wants.push((lower, name.to_owned(), value)),
+        }
+    }
+
+    /// Stops wanting `name` (after `RESET name`).
+    pub fn forget(&mut self, name: &str) {
+        let lower = name.to_ascii_lowercase();
+        self.wants.retain(|(l, _, _)| *l != lower);
+    }
+
+    /// Records a `SET name = sql` the client ran outside a transaction.
+    pub fn set_sql(&mut self, name: &str, sql: &str) {
+        self.want(name, Value::Sql(sql.to_owned()));
+    }
+
+    /// The ParameterStatus set for the login greeting: the server's, with the client's own
+    /// values over them. Remembered as what the client has seen.
+    pub fn greeting(&mut self, server_params: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(server_params.len());
+        for (name, value) in server_params {
+            let lower = name.to_ascii_lowercase();
+            let value = match self.wants.iter().find(|(l, _, _)| *l == lower) {
+                Some((_, _, Value::Text(mine))) => mine.clone(),
+                _ => value.clone(),
+            };
+            out.push((name.clone(), value));
+        }
+        self.seen = out.clone();
+        out
+    }
+
+    /// A ParameterStatus from the server the client holds. `ours` says whether it came from
+    /// the client's own statements (then the client wants the new value) or from pgmux's
+    /// hidden sync (then it only normalizes a value the client already wants). Returns
+    /// whether to forward it: only when it differs from what the client was last told.
+    pub fn reported(&mut self, name: &str, value: &str, ours: bool) -> bool {
+        let lower = name.to_ascii_lowercase();
+        let wanted = self.wants.iter().any(|(l, _, _)| *l == lower);
+        if ours || wanted {
+            self.want(name, Value::Text(value.to_owned()));
+        }
+        match self.seen.iter_mut().find(|(n, _)| n == name) {
+            Some((_, seen)) if seen == value => false,
+            Some((_, seen)) => {
+                value.clone_into(seen);
+                true
+            }
+            None => {
+                self.seen.push((name.to_owned(), value.to_owned()));
+                true
+            }
+        }
+    }
+
+    /// The hidden query that gives `server` this client's settings, if any differ; updates
+    /// the server's record of what was applied to it.
+    pub fn sync_sql(&self, server: &mut ServerConn) -> Option<String> {
+        let mut sql = String::new();
+        for (lower, name, value) in &self.wants {
+            let current = match server.param_ci(lower) {
+                Some(reported) => Some(Value::Text(reported.to_owned())),
+                None => server.applied(lower).cloned(),
+            };
+            if current.as_ref() == Some(value) {
+                continue;
+            }
+            push_set(&mut sql, name, value);
+            if server.param_ci(lower).is_none() {
+                server.set_applied(lower, Some(value.clone()));
+            }
+        }
+        // Settings a previous client left that this one does not want.
+        for lower in server.applied_names() {
+            if !self.wants.iter().any(|(l, _, _)| *l == lower) {
+                sql.push_str(&format!("RESET {};", quote_ident(&lower)));
+                server.set_applied(&lower, None);
+            }
+        }
+        for (name, initial) in server.initial_params.clone() {
+            let lower = name.to_ascii_lowercase();
+            let changed = server.param(&name).is_some_and(|now| now != initial);
+            if changed && !self.wants.iter().any(|(l, _, _)| *l == lower) {
+                push_set(&mut sql, &name, &Value::Text(initial));
+            }
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+}
+
+fn push_set(sql: &mut String, name: &str, value: &Value) {
+    match value {
+        Value::Text(text) => sql.push_str(&format!(
+            "SELECT pg_catalog.set_config({}, {}, false);",
+            quote_literal(name),
+            quote_literal(text)
+        )),
+        Value::Sql(raw) => sql.push_str(&format!("SET {name} = {raw};")),
+    }
+}
+
+/// A string literal that reads the same whatever standard_conforming_strings says.
+fn quote_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 3);
+    out.push_str("E'");
+    for c in s.chars() {
+        match c {
+            '\'' => out.push_str("''"),
+            '\\' => out.push_str("\\\\"),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+fn quote_ident(s: &str) -> String {
+    if s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+        s.to_owned()
+    } else {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    }
+}
+
+/// `-c name=value` and `--name=value` settings in a startup `options` string.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut escaped = false;
+    for c in options.chars() {
+        if escaped {
+            word.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c.is_whitespace() {
+            if !word.is_empty() {
+                words.push(std::mem::take(&mut word));
+            }
+        } else {
+            word.push(c);
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut iter = words.into_iter();
+    while let Some(w) = iter.next() {
+        let setting = if w == "-c" {
+            iter.next()
+        } else if let Some(rest) = w.strip_prefix("--") {
+            Some(rest.to_owned())
+        } else {
+            w.strip_prefix("-c").map(str::to_owned)
+        };
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+            out.push((name.replace('-', "_"), value.to_owned()));
+        }
+    }
+    out
+}
+
+/// What a standalone simple Query does to session settings, when pgmux can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionChange {
+    /// `SET [SESSION] name = value` / `SET name TO value`.
+    Set { name: String, sql: String },
+    /// `RESET name`.
+    Reset(String),
+    /// `RESET ALL`.
+    ResetAll,
+    /// `DISCARD ALL`: settings and prepared statements are gone.
+    DiscardAll,
+    /// `DEALLOCATE ALL`.
+    DeallocateAll,
+    /// `DEALLOCATE [PREPARE] name`.
+    Deallocate(String),
+    /// `PREPARE name ...`: refused in transaction mode.
+    Prepare,
+}
+
+/// Recognizes the few statements that change session state, when a Query holds one alone.
+pub fn session_change(query: &[u8]) -> Option<SessionChange> {
+    let text = std::str::from_utf8(query).ok()?;
+    let text = text.trim_end_matches('\0').trim().trim_end_matches(';').trim_end();
+    let mut words = text.split_whitespace();
+    let first = words.next()?.to_ascii_uppercase();
+    let second = words.next().map(str::to_ascii_uppercase);
+    match first.as_str() {
+        "PREPARE" => return Some(SessionChange::Prepare),
+        "DISCARD" if second.as_deref() == Some("ALL") => return Some(SessionChange::DiscardAll),
+        _ => {}
+    }
+    if text.contains(';') {
+        return None; // several statements: not tracked
+    }
+    match (first.as_str(), second.as_deref()) {
+        ("DEALLOCATE", Some("ALL")) => Some(SessionChange::DeallocateAll),
+        ("DEALLOCATE", Some("PREPARE")) => words.next().map(|n| SessionChange::Deallocate(unquote(n))),
+        ("DEALLOCATE", Some(_)) => text.split_whitespace().nth(1).map(|n| SessionChange::Deallocate(unquote(n))),
+        ("RESET", Some("ALL")) => Some(SessionChange::ResetAll),
+        ("RESET", Some(_)) => text.split_whitespace().nth(1).map(|n| SessionChange::Reset(n.to_owned())),
+        ("SET", Some(_)) => parse_set(text),
+        _ => None,
+    }
+}
+
+fn unquote(name: &str) -> String {
+    match name.strip_prefix('"').and_then(|n| n.strip_suffix('"')) {
+        Some(inner) => inner.replace("\"\"", "\""),
+        None => name.to_ascii_lowercase(),
+    }
+}
+
+/// `SET [SESSION] name {=|TO} value`; not SET LOCAL, TRANSACTION, ROLE, TIME ZONE...
+fn parse_set(text: &str) -> Option<SessionChange> {
+    let rest = text[3..].trim_start();
+    let rest = match rest.get(..8) {
+        Some(w) if w.eq_ignore_ascii_case("session ") => rest[8..].trim_start(),
+        _ => rest,
+    };
+    let name_end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
+        .unwrap_or(rest.len());
+    let name = &rest[..name_end];
+    let upper = name.to_ascii_uppercase();
+    if name.is_empty()
+        || ["LOCAL", "TRANSACTION", "ROLE", "TIME", "SESSION", "CONSTRAINTS"].contains(&upper.as_str())
+    {
+        return None;
+    }
+    let after = rest[name_end..].trim_start();
+    let value = if let Some(v) = after.strip_prefix('=') {
+        v
+    } else if after.len() > 2 && after[..2].eq_ignore_ascii_case("to") && after[2..].starts_with(char::is_whitespace) {
+        &after[2..]
+    } else {
+        return None;
+    };
+    let value = value.trim();
+    (!value.is_empty()).then(|| SessionChange::Set {
+        name: name.to_owned(),
+        sql: value.to_owned(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_settings() {
+        assert_eq!(
+            parse_options("-c statement_timeout=5s --search-path=a,b -cwork_mem=4MB"),
+            vec![
+                ("statement_timeout".into(), "5s".into()),
+                ("search_path".into(), "a,b".into()),
+                ("work_mem".into(), "4MB".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn session_changes() {
+        assert_eq!(
+            session_change(b"SET search_path TO app, public\0"),
+            Some(SessionChange::Set {
+                name: "search_path".into(),
+                sql: "app, public".into()
+            })
+        );
+        assert_eq!(
+            session_change(b"set session statement_timeout = '5s';\0"),
+            Some(SessionChange::Set {
+                name: "statement_timeout".into(),
+                sql: "'5s'".into()
+            })
+        );
+        assert_eq!(session_change(b"SET LOCAL x = 1\0"), None);
+        assert_eq!(session_change(b"SET x = 1; SELECT 1\0"), None);
+        assert_eq!(session_change(b"SELECT 1\0"), None);
+        assert_eq!(session_change(b"prepare p as select 1\0"), Some(SessionChange::Prepare));
+        assert_eq!(session_change(b"DISCARD ALL\0"), Some(SessionChange::DiscardAll));
+        assert_eq!(session_change(b"DEALLOCATE PREPARE \"S_1\"\0"), Some(SessionChange::Deallocate("S_1".into())));
+        assert_eq!(session_change(b"deallocate all\0"), Some(SessionChange::DeallocateAll));
+        assert_eq!(session_change(b"RESET search_path\0"), Some(SessionChange::Reset("search_path".into())));
+    }
+
+    #[test]
+    fn literals_are_quoted_safely() {
+        assert_eq!(quote_literal("it's a \\ b"), "E'it''s a \\\\ b'");
+    }
+
+    #[test]
+    fn greeting_shows_the_clients_own_values() {
+        let mut p = ClientParams::from_startup(&[
+            ("user".into(), "app".into()),
+            ("application_name".into(), "alpha".into()),
+        ]);
+        let shown = p.greeting(&[("application_name".into(), "pgmux".into()), ("TimeZone".into(), "UTC".into())]);
+        assert_eq!(shown[0].1, "alpha");
+        assert!(!p.reported("application_name", "alpha", false));
+        assert!(p.reported("TimeZone", "Asia/Tokyo", true));
+    }
+}

@@ -1,0 +1,255 @@
+//! What the server will answer, in order, and who each answer is for.
+//!
+//! Every message the session sends to the server that produces a reply gets an entry here,
+//! and so does every reply pgmux gives itself in its place (a ParseComplete for a statement
+//! the server already holds). Server messages are matched to the front entry, which says
+//! whether they go to the client or are swallowed (pgmux's own Parse and Close), so the
+//! client sees exactly the order a direct connection would give, errors included.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::params::SessionChange;
+use crate::prepared::Statement;
+
+/// Which message an entry stands for, and so which reply ends it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Parse,
+    Bind,
+    Describe,
+    Execute,
+    Close,
+    Sync,
+    Query,
+    FunctionCall,
+}
+
+impl Kind {
+    /// Whether a message with `tag` is the last reply to this one.
+    fn ends_with(self, tag: u8) -> bool {
+        match self {
+            Kind::Parse => tag == b'1',
+            Kind::Bind => tag == b'2',
+            Kind::Describe => matches!(tag, b'T' | b'n'),
+            Kind::Execute => matches!(tag, b'C' | b'I' | b's'),
+            Kind::Close => tag == b'3',
+            Kind::Sync | Kind::Query | Kind::FunctionCall => tag == b'Z',
+        }
+    }
+
+    /// Whether an ErrorResponse ends it (extended-protocol messages) and makes the server
+    /// skip everything up to the next Sync.
+    fn ends_on_error(self) -> bool {
+        !matches!(self, Kind::Sync | Kind::Query | Kind::FunctionCall)
+    }
+}
+
+/// Bookkeeping to do when an entry's replies are in (or never come).
+#[derive(Debug)]
+pub enum Effect {
+    None,
+    /// A Parse preparing `statement` on the server: if it fails or is skipped, the server
+    /// does not hold it, and a client Parse (`client_name`) did not create its name.
+    Prepare {
+        statement: Arc<Statement>,
+        client_name: Option<String>,
+    },
+    /// pgmux's Close of an evicted statement: if skipped, the server still holds it.
+    Evict(Arc<Statement>),
+    /// A client Query that changes session state if it succeeds outside a transaction.
+    Session(SessionChange),
+    /// A client's SQL-level DEALLOCATE of its statement `client_name`, sent as a DEALLOCATE
+    /// of pgmux's copy on this server.
+    Deallocate {
+        client_name: String,
+        statement: Arc<Statement>,
+    },
+}
+
+/// One expected reply sequence.
+#[derive(Debug)]
+pub enum Expect {
+    /// A client message: replies go to the client.
+    Client { kind: Kind, effect: Effect, failed: bool },
+    /// pgmux's own message: replies are swallowed, except a failed Parse's error, which is
+    /// the client's error too (its Bind cannot run).
+    Hidden { kind: Kind, effect: Effect },
+    /// A reply pgmux gives itself at this point in the stream.
+    Local(BytesMut),
+}
+
+/// What to do with one server message.
+pub enum Route {
+    Forward,
+    Swallow,
+}
+
+/// The queue. Owned by the client session.
+#[derive(Default, Debug)]
+pub struct Replies {
+    queue: VecDeque<Expect>,
+}
+
+impl Replies {
+    /// Whether nothing is outstanding.
+    pub fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    /// Expects the replies to a client message.
+    pub fn client(&mut self, kind: Kind, effect: Effect) {
+        self.queue.push_back(Expect::Client {
+            kind,
+            effect,
+            failed: false,
+        });
+    }
+
+    /// Expects the replies to pgmux's own message.
+    pub fn hidden(&mut self, kind: Kind, effect: Effect) {
+        self.queue.push_back(Expect::Hidden { kind, effect });
+    }
+
+    /// Queues a reply pgmux gives itself.
+    pub fn local(&mut self, reply: BytesMut) {
+        self.queue.push_back(Expect::Local(reply));
+    }
+
+    /// The server entered COPY IN mode, in which it ignores Sync: Syncs sent after the
+    /// COPY's own message get no ReadyForQuery.
+    pub fn copy_in_started(&mut self) {
+        let mut first = true;
+        self.queue.retain(|e| {
+            let keep = first || !matches!(e, Expect::Client { kind: Kind::Sync, .. });
+            first = false;
+            keep
+        });
+    }
+
+    /// Local replies now at the front: they are due.
+    pub fn take_due(&mut self, mut emit: impl FnMut(BytesMut)) {
+        while let Some(Expect::Local(_)) = self.queue.front() {
+            if let Some(Expect::Local(reply)) = self.queue.pop_front() {
+                emit(reply);
+            }
+        }
+    }
+
+    /// Routes the start of a server message with `tag`. Returns the route and, when the
+    /// message ends the front entry, that entry (with whether it failed) for its effects,
+    /// and the entries the server will skip because of an error.
+    pub fn route(&mut self, tag: u8) -> (Route, Option<Done>) {
+        let is_error = tag == b'E';
+        let Some(front) = self.queue.front_mut() else {
+            // Nothing expected (an asynchronous message): the client's.
+            return (Route::Forward, None);
+        };
+        let (kind, route) = match front {
+            Expect::Client { kind, failed, .. } => {
+                if is_error {
+                    *failed = true;
+                }
+                (*kind, Route::Forward)
+            }
+            Expect::Hidden { kind, .. } => {
+                let route = if is_error && *kind == Kind::Parse {
+                    Route::Forward
+                } else {
+                    Route::Swallow
+                };
+                (*kind, route)
+            }
+            Expect::Local(_) => unreachable!("local replies are taken as soon as they are due"),
+        };
+        // Asynchronous messages belong to no entry. (The session decides itself whether a
+        // ParameterStatus reaches the client.)
+        if matches!(tag, b'N' | b'A' | b'S') {
+            return (route, None);
+        }
+        let ends = kind.ends_with(tag) || (is_error && kind.ends_on_error());
+        if !ends {
+            return (route, None);
+        }
+        let entry = self.queue.pop_front().expect("front exists");
+        let mut skipped = Vec::new();
+        if is_error && kind.ends_on_error() {
+            // The server ignores everything up to the next Sync.
+            while let Some(next) = self.queue.front() {
+                let is_sync = matches!(
+                    next,
+                    Expect::Client { kind: Kind::Sync, .. } | Expect::Hidden { kind: Kind::Sync, .. }
+                );
+                if is_sync {
+                    break;
+                }
+                skipped.push(self.queue.pop_front().expect("front exists"));
+            }
+        }
+        (
+            route,
+            Some(Done {
+                entry,
+                failed: is_error,
+                skipped,
+            }),
+        )
+    }
+}
+
+/// An entry whose replies are all in.
+pub struct Done {
+    /// The entry.
+    pub entry: Expect,
+    /// It ended with an ErrorResponse.
+    pub failed: bool,
+    /// Entries the server skipped because of that error (no replies will come for them).
+    pub skipped: Vec<Expect>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_replies_wait_their_turn() {
+        let mut r = Replies::default();
+        r.client(Kind::Bind, Effect::None);
+        r.local(BytesMut::from(&b"1"[..]));
+        r.client(Kind::Sync, Effect::None);
+        let mut due = Vec::new();
+        r.take_due(|b| due.push(b));
+        assert!(due.is_empty(), "behind the Bind");
+        let (_, done) = r.route(b'2');
+        assert!(done.is_some());
+        r.take_due(|b| due.push(b));
+        assert_eq!(due.len(), 1);
+    }
+
+    #[test]
+    fn an_error_skips_to_sync() {
+        let mut r = Replies::default();
+        r.client(Kind::Parse, Effect::None);
+        r.client(Kind::Bind, Effect::None);
+        r.local(BytesMut::from(&b"3"[..]));
+        r.client(Kind::Sync, Effect::None);
+        let (_, done) = r.route(b'E');
+        let done = done.unwrap();
+        assert!(done.failed);
+        assert_eq!(done.skipped.len(), 2, "the Bind and the local reply are skipped");
+        let (_, done) = r.route(b'Z');
+        assert!(done.is_some());
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn hidden_replies_are_swallowed_but_a_failed_parse_is_not() {
+        let mut r = Replies::default();
+        r.hidden(Kind::Parse, Effect::None);
+        assert!(matches!(r.route(b'1').0, Route::Swallow));
+        r.hidden(Kind::Parse, Effect::None);
+        assert!(matches!(r.route(b'E').0, Route::Forward));
+    }
+}

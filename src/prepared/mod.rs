@@ -1,0 +1,213 @@
+//! Named prepared statements across pooled server connections.
+//!
+//! Drivers prepare a statement once and use it in later transactions, which land on other
+//! server connections. pgmux registers every named Parse globally by (query text, parameter
+//! types) under a server-side name (`pgmux_s42`), maps each client's own name to it
+//! ([`ClientStatements`]), and remembers which server connection holds which statements
+//! ([`ServerStatements`], a bounded LRU). The session rewrites names and prepares a
+//! statement on the server it holds when that server lacks it.
+
+mod message;
+
+pub use message::{Bind, Close, Describe, Parse, rewrite_bind, rewrite_describe};
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::Mutex;
+
+/// One distinct statement (query text and parameter types), shared by every client that
+/// prepared it under whatever name.
+#[derive(Debug)]
+pub struct Statement {
+    /// Process-wide id; the server-side name is derived from it.
+    pub id: u64,
+    /// The name pgmux gives it on servers.
+    pub server_name: String,
+    /// A complete Parse message that prepares it under `server_name`.
+    pub parse: Bytes,
+}
+
+/// Every statement any client prepared, by (query, parameter types). Shared by all pools;
+/// touched only when a client sends a named Parse.
+#[derive(Default)]
+pub struct Registry {
+    statements: Mutex<HashMap<(Box<str>, Box<[u32]>), Arc<Statement>>>,
+    next_id: AtomicU64,
+}
+
+impl Registry {
+    /// The statement for this query and these parameter types, registered on first use.
+    pub fn statement(&self, query: &str, param_types: &[u32]) -> Arc<Statement> {
+        let mut statements = self.statements.lock();
+        if let Some(found) = statements.get(&(query.into(), param_types.into())) {
+            return found.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let server_name = format!("pgmux_s{id}");
+        let statement = Arc::new(Statement {
+            id,
+            parse: parse_message(&server_name, query, param_types),
+            server_name,
+        });
+        statements.insert((query.into(), param_types.into()), statement.clone());
+        statement
+    }
+
+    /// How many distinct statements are registered.
+    pub fn len(&self) -> usize {
+        self.statements.lock().len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
+    let mut buf = BytesMut::with_capacity(query.len() + name.len() + 16);
+    buf.put_u8(b'P');
+    buf.put_i32(0);
+    buf.put_slice(name.as_bytes());
+    buf.put_u8(0);
+    buf.put_slice(query.as_bytes());
+    buf.put_u8(0);
+    buf.put_i16(param_types.len() as i16);
+    for oid in param_types {
+        buf.put_u32(*oid);
+    }
+    let len = (buf.len() - 1) as i32;
+    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// One client's statement names. Owned by the client session.
+#[derive(Default, Debug)]
+pub struct ClientStatements {
+    by_name: HashMap<String, Arc<Statement>>,
+}
+
+impl ClientStatements {
+    /// The statement the client knows as `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Statement>> {
+        self.by_name.get(name)
+    }
+
+    /// Records that the client prepared `name`.
+    pub fn insert(&mut self, name: &str, statement: Arc<Statement>) {
+        self.by_name.insert(name.to_owned(), statement);
+    }
+
+    /// Forgets `name` (Close, or a Parse that failed). Only if it still maps to `id`, when given.
+    pub fn remove(&mut self, name: &str, id: Option<u64>) {
+        if id.is_none_or(|id| self.by_name.get(name).is_some_and(|s| s.id == id)) {
+            self.by_name.remove(name);
+        }
+    }
+
+    /// Forgets everything (DISCARD ALL, DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.by_name.clear();
+    }
+}
+
+/// The statements one server connection holds, bounded, least recently used first out.
+/// Owned by the server connection.
+#[derive(Debug)]
+pub struct ServerStatements {
+    held: HashMap<u64, (u64, Arc<Statement>)>,
+    tick: u64,
+}
+
+impl Default for ServerStatements {
+    fn default() -> Self {
+        ServerStatements {
+            held: HashMap::new(),
+            tick: 0,
+        }
+    }
+}
+
+impl ServerStatements {
+    /// Whether the server holds it; marks it used.
+    pub fn touch(&mut self, statement: &Statement) -> bool {
+        self.tick += 1;
+        match self.held.get_mut(&statement.id) {
+            Some((used, _)) => {
+                *used = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records that the server holds it (a Parse was sent). Returns the least recently used
+    /// statement to close when that makes more than `max`.
+    pub fn insert(&mut self, statement: Arc<Statement>, max: usize) -> Option<Arc<Statement>> {
+        self.tick += 1;
+        self.held.insert(statement.id, (self.tick, statement));
+        if self.held.len() <= max {
+            return None;
+        }
+        let oldest = self
+            .held
+            .iter()
+            .min_by_key(|(_, (used, _))| *used)
+            .map(|(id, _)| *id)?;
+        self.held.remove(&oldest).map(|(_, s)| s)
+    }
+
+    /// Records that the server does not hold it (its Parse failed, or it was closed).
+    pub fn remove(&mut self, id: u64) {
+        self.held.remove(&id);
+    }
+
+    /// Forgets everything (the server ran DISCARD ALL or DEALLOCATE ALL).
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    /// How many it holds.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_text_and_types_share_a_statement() {
+        let registry = Registry::default();
+        let a = registry.statement("SELECT $1", &[23]);
+        let b = registry.statement("SELECT $1", &[23]);
+        let c = registry.statement("SELECT $1", &[25]);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_ne!(a.id, c.id);
+        assert_eq!(&a.parse[..1], b"P");
+        assert!(a.server_name.starts_with("pgmux_s"));
+    }
+
+    #[test]
+    fn server_statements_evict_least_recently_used() {
+        let registry = Registry::default();
+        let s: Vec<_> = (0..3).map(|i| registry.statement(&format!("SELECT {i}"), &[])).collect();
+        let mut held = ServerStatements::default();
+        assert!(held.insert(s[0].clone(), 2).is_none());
+        assert!(held.insert(s[1].clone(), 2).is_none());
+        assert!(held.touch(&s[0]));
+        let evicted = held.insert(s[2].clone(), 2).expect("one evicted");
+        assert_eq!(evicted.id, s[1].id);
+        assert!(!held.touch(&s[1]));
+        assert_eq!(held.len(), 2);
+    }
+}
