@@ -304,7 +304,7 @@ async fn idle_server_connections_close_after_idle_timeout() {
     let su = pg.superuser().await;
     let count = || async {
         su.query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmux'",
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
             &[],
         )
         .await
@@ -354,7 +354,7 @@ async fn min_size_warms_the_pool_up() {
     for _ in 0..50 {
         warm = su
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgmux'",
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app'",
                 &[],
             )
             .await

@@ -34,6 +34,11 @@ impl ClientParams {
                 me.want(name, Value::Text(value.clone()));
             }
         }
+        // A client that names no application gets PostgreSQL's default, not the name the
+        // previous client of its server left there.
+        if !me.wants.iter().any(|(l, _, _)| l == "application_name") {
+            me.want("application_name", Value::Text(String::new()));
+        }
         me
     }
 
@@ -157,7 +162,9 @@ fn quote_literal(s: &str) -> String {
 }
 
 fn quote_ident(s: &str) -> String {
-    if s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.') {
+    if s.chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+    {
         s.to_owned()
     } else {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -225,7 +232,11 @@ pub enum SessionChange {
 /// Recognizes the few statements that change session state, when a Query holds one alone.
 pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     let text = std::str::from_utf8(query).ok()?;
-    let text = text.trim_end_matches('\0').trim().trim_end_matches(';').trim_end();
+    let text = text
+        .trim_end_matches('\0')
+        .trim()
+        .trim_end_matches(';')
+        .trim_end();
     let mut words = text.split_whitespace();
     let first = words.next()?.to_ascii_uppercase();
     let second = words.next().map(str::to_ascii_uppercase);
@@ -239,10 +250,18 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     }
     match (first.as_str(), second.as_deref()) {
         ("DEALLOCATE", Some("ALL")) => Some(SessionChange::DeallocateAll),
-        ("DEALLOCATE", Some("PREPARE")) => words.next().map(|n| SessionChange::Deallocate(unquote(n))),
-        ("DEALLOCATE", Some(_)) => text.split_whitespace().nth(1).map(|n| SessionChange::Deallocate(unquote(n))),
+        ("DEALLOCATE", Some("PREPARE")) => {
+            words.next().map(|n| SessionChange::Deallocate(unquote(n)))
+        }
+        ("DEALLOCATE", Some(_)) => text
+            .split_whitespace()
+            .nth(1)
+            .map(|n| SessionChange::Deallocate(unquote(n))),
         ("RESET", Some("ALL")) => Some(SessionChange::ResetAll),
-        ("RESET", Some(_)) => text.split_whitespace().nth(1).map(|n| SessionChange::Reset(n.to_owned())),
+        ("RESET", Some(_)) => text
+            .split_whitespace()
+            .nth(1)
+            .map(|n| SessionChange::Reset(n.to_owned())),
         ("SET", Some(_)) => parse_set(text),
         _ => None,
     }
@@ -268,14 +287,25 @@ fn parse_set(text: &str) -> Option<SessionChange> {
     let name = &rest[..name_end];
     let upper = name.to_ascii_uppercase();
     if name.is_empty()
-        || ["LOCAL", "TRANSACTION", "ROLE", "TIME", "SESSION", "CONSTRAINTS"].contains(&upper.as_str())
+        || [
+            "LOCAL",
+            "TRANSACTION",
+            "ROLE",
+            "TIME",
+            "SESSION",
+            "CONSTRAINTS",
+        ]
+        .contains(&upper.as_str())
     {
         return None;
     }
     let after = rest[name_end..].trim_start();
     let value = if let Some(v) = after.strip_prefix('=') {
         v
-    } else if after.len() > 2 && after[..2].eq_ignore_ascii_case("to") && after[2..].starts_with(char::is_whitespace) {
+    } else if after.len() > 2
+        && after[..2].eq_ignore_ascii_case("to")
+        && after[2..].starts_with(char::is_whitespace)
+    {
         &after[2..]
     } else {
         return None;
@@ -322,11 +352,26 @@ mod tests {
         assert_eq!(session_change(b"SET LOCAL x = 1\0"), None);
         assert_eq!(session_change(b"SET x = 1; SELECT 1\0"), None);
         assert_eq!(session_change(b"SELECT 1\0"), None);
-        assert_eq!(session_change(b"prepare p as select 1\0"), Some(SessionChange::Prepare));
-        assert_eq!(session_change(b"DISCARD ALL\0"), Some(SessionChange::DiscardAll));
-        assert_eq!(session_change(b"DEALLOCATE PREPARE \"S_1\"\0"), Some(SessionChange::Deallocate("S_1".into())));
-        assert_eq!(session_change(b"deallocate all\0"), Some(SessionChange::DeallocateAll));
-        assert_eq!(session_change(b"RESET search_path\0"), Some(SessionChange::Reset("search_path".into())));
+        assert_eq!(
+            session_change(b"prepare p as select 1\0"),
+            Some(SessionChange::Prepare)
+        );
+        assert_eq!(
+            session_change(b"DISCARD ALL\0"),
+            Some(SessionChange::DiscardAll)
+        );
+        assert_eq!(
+            session_change(b"DEALLOCATE PREPARE \"S_1\"\0"),
+            Some(SessionChange::Deallocate("S_1".into()))
+        );
+        assert_eq!(
+            session_change(b"deallocate all\0"),
+            Some(SessionChange::DeallocateAll)
+        );
+        assert_eq!(
+            session_change(b"RESET search_path\0"),
+            Some(SessionChange::Reset("search_path".into()))
+        );
     }
 
     #[test]
@@ -340,7 +385,10 @@ mod tests {
             ("user".into(), "app".into()),
             ("application_name".into(), "alpha".into()),
         ]);
-        let shown = p.greeting(&[("application_name".into(), "pgmux".into()), ("TimeZone".into(), "UTC".into())]);
+        let shown = p.greeting(&[
+            ("application_name".into(), "pgmux".into()),
+            ("TimeZone".into(), "UTC".into()),
+        ]);
         assert_eq!(shown[0].1, "alpha");
         assert!(!p.reported("application_name", "alpha", false));
         assert!(p.reported("TimeZone", "Asia/Tokyo", true));

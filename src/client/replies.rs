@@ -73,7 +73,11 @@ pub enum Effect {
 #[derive(Debug)]
 pub enum Expect {
     /// A client message: replies go to the client.
-    Client { kind: Kind, effect: Effect, failed: bool },
+    Client {
+        kind: Kind,
+        effect: Effect,
+        failed: bool,
+    },
     /// pgmux's own message: replies are swallowed, except a failed Parse's error, which is
     /// the client's error too (its Bind cannot run).
     Hidden { kind: Kind, effect: Effect },
@@ -123,7 +127,14 @@ impl Replies {
     pub fn copy_in_started(&mut self) {
         let mut first = true;
         self.queue.retain(|e| {
-            let keep = first || !matches!(e, Expect::Client { kind: Kind::Sync, .. });
+            let keep = first
+                || !matches!(
+                    e,
+                    Expect::Client {
+                        kind: Kind::Sync,
+                        ..
+                    }
+                );
             first = false;
             keep
         });
@@ -180,7 +191,13 @@ impl Replies {
             while let Some(next) = self.queue.front() {
                 let is_sync = matches!(
                     next,
-                    Expect::Client { kind: Kind::Sync, .. } | Expect::Hidden { kind: Kind::Sync, .. }
+                    Expect::Client {
+                        kind: Kind::Sync,
+                        ..
+                    } | Expect::Hidden {
+                        kind: Kind::Sync,
+                        ..
+                    }
                 );
                 if is_sync {
                     break;
@@ -238,7 +255,11 @@ mod tests {
         let (_, done) = r.route(b'E');
         let done = done.unwrap();
         assert!(done.failed);
-        assert_eq!(done.skipped.len(), 2, "the Bind and the local reply are skipped");
+        assert_eq!(
+            done.skipped.len(),
+            2,
+            "the Bind and the local reply are skipped"
+        );
         let (_, done) = r.route(b'Z');
         assert!(done.is_some());
         assert!(r.is_empty());

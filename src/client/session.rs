@@ -141,7 +141,8 @@ impl Session {
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
+        let _ =
+            tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
         l.finish_server().await;
     }
 }
@@ -215,7 +216,8 @@ impl Loop {
     fn idle_transaction_deadline(&self) -> Option<Instant> {
         let server = self.server.as_ref()?;
         let limit = self.s.idle_transaction_timeout;
-        let idle_in_transaction = self.replies.is_empty() && server.tx_status != b'I' && !self.client_mid_message;
+        let idle_in_transaction =
+            self.replies.is_empty() && server.tx_status != b'I' && !self.client_mid_message;
         (idle_in_transaction && !limit.is_zero()).then(|| self.last_activity + limit)
     }
 
@@ -291,7 +293,9 @@ impl Loop {
                             SqlState::FEATURE_NOT_SUPPORTED,
                             "transaction blocks are not allowed in statement pooling mode",
                         )
-                        .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
+                        .with_hint(
+                            "use autocommit statements, or a pool with mode = \"transaction\"",
+                        ),
                     ));
                 }
             }
@@ -303,7 +307,8 @@ impl Loop {
                 self.finished(done, ready);
             }
             self.take_due_replies();
-            if ready == Some(b'I') && self.s.mode != PoolMode::Session && self.server_is_quiet(b'I') {
+            if ready == Some(b'I') && self.s.mode != PoolMode::Session && self.server_is_quiet(b'I')
+            {
                 self.release();
             }
         }
@@ -317,17 +322,30 @@ impl Loop {
             skipped,
         } = done;
         match entry {
-            Expect::Client { effect, .. } | Expect::Hidden { effect, .. } if failed => self.undo(effect),
+            Expect::Client { effect, .. } | Expect::Hidden { effect, .. } if failed => {
+                self.undo(effect)
+            }
+            Expect::Client {
+                effect: Effect::Prepare { statement, .. },
+                ..
+            }
+            | Expect::Hidden {
+                effect: Effect::Prepare { statement, .. },
+                ..
+            } => statement
+                .verified
+                .store(true, std::sync::atomic::Ordering::Relaxed),
             Expect::Client {
                 effect: Effect::Session(change),
                 kind: Kind::Query,
                 failed: false,
             } if ready == Some(b'I') => self.apply_session_change(change),
             Expect::Client {
-                effect: Effect::Deallocate {
-                    client_name,
-                    statement,
-                },
+                effect:
+                    Effect::Deallocate {
+                        client_name,
+                        statement,
+                    },
                 ..
             } => {
                 if let Some(server) = self.server.as_mut() {
@@ -441,7 +459,10 @@ impl Loop {
                 Ok(None) => return Ok(()),
                 Err(ProtocolError::Io(_)) => return Err(End::ClientGone),
                 Err(e) => {
-                    return Err(End::Fatal(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())));
+                    return Err(End::Fatal(PgError::fatal(
+                        SqlState::PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    )));
                 }
             };
             self.on_client_frame(frame).await?;
@@ -488,6 +509,10 @@ impl Loop {
                     return Ok(());
                 }
                 tag::FLUSH => return Ok(()),
+                // A statement some server already accepted needs no server to be prepared:
+                // it is prepared on whichever server runs it. This keeps a client that
+                // prepares synchronously (libpq's PQprepare) from waiting on the pool.
+                tag::PARSE if self.parse_without_server(&frame) => return Ok(()),
                 _ => {}
             }
             if let Err(err) = self.checkout().await? {
@@ -511,7 +536,10 @@ impl Loop {
             if matches!(t, tag::COPY_DONE | tag::COPY_FAIL) {
                 self.copy_in = false;
             }
-            if matches!(t, tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::SYNC | tag::FLUSH) {
+            if matches!(
+                t,
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::SYNC | tag::FLUSH
+            ) {
                 self.to_server.push(frame.bytes);
                 return Ok(());
             }
@@ -618,9 +646,8 @@ impl Loop {
 
     /// The client is gone: make the server clean for the next client, or close it.
     async fn finish_server(&mut self) {
-        let quiet = self.server_is_quiet(b'I')
-            || self.server_is_quiet(b'T')
-            || self.server_is_quiet(b'E');
+        let quiet =
+            self.server_is_quiet(b'I') || self.server_is_quiet(b'T') || self.server_is_quiet(b'E');
         let Some(mut conn) = self.server.take() else {
             return;
         };

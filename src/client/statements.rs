@@ -88,7 +88,10 @@ impl Loop {
             Kind::Bind => {
                 let rewritten = Bind::read(&frame.bytes).and_then(|bind| {
                     let statement = self.statements.get(bind.statement)?.clone();
-                    Some((rewrite_bind(&frame.bytes, &bind, &statement.server_name), statement))
+                    Some((
+                        rewrite_bind(&frame.bytes, &bind, &statement.server_name),
+                        statement,
+                    ))
                 });
                 match rewritten {
                     Some((message, statement)) => {
@@ -107,13 +110,15 @@ impl Loop {
                     Some(statement) => {
                         self.ensure_on_server(&statement);
                         self.replies.client(Kind::Describe, Effect::None);
-                        self.to_server.push(rewrite_describe(tag::DESCRIBE, &statement.server_name));
+                        self.to_server
+                            .push(rewrite_describe(tag::DESCRIBE, &statement.server_name));
                     }
                     None => self.forward(frame, kind),
                 }
             }
             Kind::Close => {
-                let named = Close::read(frame.body()).filter(|c| c.kind == b'S' && !c.name.is_empty());
+                let named =
+                    Close::read(frame.body()).filter(|c| c.kind == b'S' && !c.name.is_empty());
                 match named {
                     Some(close) => {
                         // Other clients may use the server's copy: only this client's name goes.
@@ -129,9 +134,37 @@ impl Loop {
         }
     }
 
+    /// Answers a named Parse of an already verified statement without a server. Returns
+    /// false when a server is needed.
+    pub(super) fn parse_without_server(&mut self, frame: &Frame) -> bool {
+        if !self.tracks_statements() || !frame.is_whole() {
+            return false;
+        }
+        let Some(parse) = Parse::read(frame.body()) else {
+            return false;
+        };
+        if parse.name.is_empty() || self.statements.get(parse.name).is_some() {
+            return false;
+        }
+        let statement = self.s.registry.statement(parse.query, &parse.param_types);
+        if !statement
+            .verified
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return false;
+        }
+        self.statements.insert(parse.name, statement);
+        self.reply_locally(BytesMut::from(&[b'1', 0, 0, 0, 4][..]));
+        true
+    }
+
     fn parse(&mut self, frame: Frame) {
         if !frame.is_whole() {
-            let name = frame.bytes.get(5..).and_then(read_cstr).map(|(n, _)| n.is_empty());
+            let name = frame
+                .bytes
+                .get(5..)
+                .and_then(read_cstr)
+                .map(|(n, _)| n.is_empty());
             if name == Some(false) {
                 self.client_mid_message = false;
                 self.skip = Skip::UntilSyncForwarded;
@@ -154,18 +187,32 @@ impl Loop {
         if self.statements.get(parse.name).is_some() {
             let message = format!("prepared statement \"{}\" already exists", parse.name);
             self.skip = Skip::UntilSyncForwarded;
-            return self.local_error(PgError::error(SqlState::DUPLICATE_PREPARED_STATEMENT, message));
+            return self.local_error(PgError::error(
+                SqlState::DUPLICATE_PREPARED_STATEMENT,
+                message,
+            ));
         }
         let statement = self.s.registry.statement(parse.query, &parse.param_types);
         let name = parse.name.to_owned();
         self.statements.insert(&name, statement.clone());
-        let server = self.server.as_mut().expect("a server is held for extended messages");
+        let server = self
+            .server
+            .as_mut()
+            .expect("a server is held for extended messages");
         if server.prepared.touch(&statement) {
-            tracing::trace!(client_name = name, server_name = statement.server_name, "prepared statement already on this server");
+            tracing::trace!(
+                client_name = name,
+                server_name = statement.server_name,
+                "prepared statement already on this server"
+            );
             return self.reply_locally(BytesMut::from(&[b'1', 0, 0, 0, 4][..]));
         }
         self.make_room(&statement);
-        tracing::debug!(client_name = name, server_name = statement.server_name, "preparing statement");
+        tracing::debug!(
+            client_name = name,
+            server_name = statement.server_name,
+            "preparing statement"
+        );
         self.replies.client(
             Kind::Parse,
             Effect::Prepare {
@@ -179,11 +226,17 @@ impl Loop {
     /// Makes sure the server holds `statement` before a message that names it: if it does
     /// not, pgmux prepares it there first and swallows the ParseComplete.
     fn ensure_on_server(&mut self, statement: &Arc<Statement>) {
-        let server = self.server.as_mut().expect("a server is held for extended messages");
+        let server = self
+            .server
+            .as_mut()
+            .expect("a server is held for extended messages");
         if server.prepared.touch(statement) {
             return;
         }
-        tracing::debug!(server_name = statement.server_name, "re-preparing statement on this server");
+        tracing::debug!(
+            server_name = statement.server_name,
+            "re-preparing statement on this server"
+        );
         self.make_room(statement);
         self.replies.hidden(
             Kind::Parse,
@@ -198,10 +251,20 @@ impl Loop {
     /// Records that the server will hold `statement`; closes the least recently used one
     /// when that makes too many.
     fn make_room(&mut self, statement: &Arc<Statement>) {
-        let server = self.server.as_mut().expect("a server is held for extended messages");
-        if let Some(evicted) = server.prepared.insert(statement.clone(), self.s.max_prepared) {
-            tracing::debug!(server_name = evicted.server_name, "closing least recently used statement");
-            self.to_server.push(rewrite_describe(tag::CLOSE, &evicted.server_name));
+        let server = self
+            .server
+            .as_mut()
+            .expect("a server is held for extended messages");
+        if let Some(evicted) = server
+            .prepared
+            .insert(statement.clone(), self.s.max_prepared)
+        {
+            tracing::debug!(
+                server_name = evicted.server_name,
+                "closing least recently used statement"
+            );
+            self.to_server
+                .push(rewrite_describe(tag::CLOSE, &evicted.server_name));
             self.replies.hidden(Kind::Close, Effect::Evict(evicted));
         }
     }

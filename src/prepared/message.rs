@@ -131,7 +131,10 @@ mod tests {
     fn parse_fields() {
         let body = b"name\0SELECT $1\0\0\x01\0\0\0\x17";
         let p = Parse::read(body).unwrap();
-        assert_eq!((p.name, p.query, p.param_types), ("name", "SELECT $1", vec![23]));
+        assert_eq!(
+            (p.name, p.query, p.param_types),
+            ("name", "SELECT $1", vec![23])
+        );
         assert!(Parse::read(b"name\0SELECT").is_none());
     }
 }

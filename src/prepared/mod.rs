@@ -13,7 +13,7 @@ pub use message::{Bind, Close, Describe, Parse, rewrite_bind, rewrite_describe};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -28,13 +28,18 @@ pub struct Statement {
     pub server_name: String,
     /// A complete Parse message that prepares it under `server_name`.
     pub parse: Bytes,
+    /// Some server accepted it: a client's Parse of it may be answered without a server.
+    pub verified: AtomicBool,
 }
+
+/// Query text and parameter type OIDs.
+type StatementKey = (Box<str>, Box<[u32]>);
 
 /// Every statement any client prepared, by (query, parameter types). Shared by all pools;
 /// touched only when a client sends a named Parse.
 #[derive(Default)]
 pub struct Registry {
-    statements: Mutex<HashMap<(Box<str>, Box<[u32]>), Arc<Statement>>>,
+    statements: Mutex<HashMap<StatementKey, Arc<Statement>>>,
     next_id: AtomicU64,
 }
 
@@ -51,6 +56,7 @@ impl Registry {
             id,
             parse: parse_message(&server_name, query, param_types),
             server_name,
+            verified: AtomicBool::new(false),
         });
         statements.insert((query.into(), param_types.into()), statement.clone());
         statement
@@ -116,19 +122,10 @@ impl ClientStatements {
 
 /// The statements one server connection holds, bounded, least recently used first out.
 /// Owned by the server connection.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ServerStatements {
     held: HashMap<u64, (u64, Arc<Statement>)>,
     tick: u64,
-}
-
-impl Default for ServerStatements {
-    fn default() -> Self {
-        ServerStatements {
-            held: HashMap::new(),
-            tick: 0,
-        }
-    }
 }
 
 impl ServerStatements {
@@ -200,7 +197,9 @@ mod tests {
     #[test]
     fn server_statements_evict_least_recently_used() {
         let registry = Registry::default();
-        let s: Vec<_> = (0..3).map(|i| registry.statement(&format!("SELECT {i}"), &[])).collect();
+        let s: Vec<_> = (0..3)
+            .map(|i| registry.statement(&format!("SELECT {i}"), &[]))
+            .collect();
         let mut held = ServerStatements::default();
         assert!(held.insert(s[0].clone(), 2).is_none());
         assert!(held.insert(s[1].clone(), 2).is_none());

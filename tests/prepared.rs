@@ -1,0 +1,485 @@
+//! Named prepared statements and session settings in transaction mode: they follow the
+//! client to whichever server connection it gets, with replies in exactly the order a
+//! direct connection gives.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::{MuxOptions, TestPgmux, TestPostgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_postgres::error::SqlState;
+
+#[tokio::test]
+async fn tokio_postgres_statements_move_between_servers() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 3,
+            wait_timeout: "30s",
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for c in 0..20i32 {
+        let client = mux.connect("app", "app").await;
+        tasks.push(tokio::spawn(async move {
+            // Prepared once, used in 30 later transactions on whatever server comes.
+            let add = client
+                .prepare("SELECT $1::int + $2::int, pg_backend_pid()")
+                .await
+                .unwrap();
+            let mul = client.prepare("SELECT $1::int * $2::int").await.unwrap();
+            let mut pids = HashSet::new();
+            for i in 0..30i32 {
+                let row = client.query_one(&add, &[&c, &i]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), c + i);
+                pids.insert(row.get::<_, i32>(1));
+                let row = client.query_one(&mul, &[&c, &i]).await.unwrap();
+                assert_eq!(row.get::<_, i32>(0), c * i);
+            }
+            pids.len()
+        }));
+    }
+    let mut moved = false;
+    for t in tasks {
+        moved |= t.await.unwrap() > 1;
+    }
+    assert!(
+        moved,
+        "some client's statements ran on more than one server connection"
+    );
+}
+
+#[tokio::test]
+async fn pgbench_prepared_50_clients_on_pool_of_5() {
+    let pg = TestPostgres::shared().await;
+    let su = pg.superuser().await;
+    su.batch_execute("DROP DATABASE IF EXISTS bench_prepared")
+        .await
+        .unwrap();
+    su.batch_execute("CREATE DATABASE bench_prepared OWNER app")
+        .await
+        .unwrap();
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 5,
+            wait_timeout: "60s",
+            extra: format!(
+                "[databases.bench_prepared]\nhost = \"127.0.0.1\"\nport = {}\n",
+                pg.port
+            ),
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let url = mux.url("bench_prepared", "app");
+    let init = common::run_pgbench(pg.bin_dir(), &["-i", "-q", "-s", "1", &url]);
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let run = common::run_pgbench(
+        pg.bin_dir(),
+        &[
+            "-c", "50", "-j", "2", "-t", "40", "-M", "prepared", "-n", &url,
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{}\n{stdout}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("number of transactions actually processed: 2000/2000"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("number of failed transactions: 0"),
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn settings_follow_each_client_across_a_pool_of_two() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 2,
+            wait_timeout: "30s",
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let a = mux.connect("app", "app").await;
+    let b = mux.connect("app", "app").await;
+    a.batch_execute("SET application_name = 'alpha'; SET TimeZone = 'UTC'")
+        .await
+        .unwrap();
+    a.batch_execute("SET statement_timeout = '11s'")
+        .await
+        .unwrap();
+    b.batch_execute("SET application_name = 'beta'")
+        .await
+        .unwrap();
+    b.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    b.batch_execute("SET search_path = pg_catalog, public")
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        // A third client holds one server now and then, so a and b trade servers.
+        let hog = mux.connect("app", "app").await;
+        hog.batch_execute("BEGIN; SELECT 1").await.unwrap();
+        check(&a, "alpha", "UTC", "11s", "\"$user\", public").await;
+        check(&b, "beta", "Asia/Tokyo", "0", "pg_catalog, public").await;
+        hog.batch_execute("COMMIT").await.unwrap();
+        check(&b, "beta", "Asia/Tokyo", "0", "pg_catalog, public").await;
+        check(&a, "alpha", "UTC", "11s", "\"$user\", public").await;
+    }
+    // A fresh client gets none of it: the server's defaults.
+    let su = pg.superuser().await;
+    let default_tz: String = su.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
+    let c = mux.connect("app", "app").await;
+    check(&c, "", &default_tz, "0", "\"$user\", public").await;
+}
+
+/// In a transaction, checks what the client's session shows.
+async fn check(c: &tokio_postgres::Client, app: &str, tz: &str, timeout: &str, path: &str) {
+    c.batch_execute("BEGIN").await.unwrap();
+    let row = c
+        .query_one(
+            "SELECT current_setting('application_name'), current_setting('TimeZone'), \
+             current_setting('statement_timeout'), current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(row.get::<_, String>(0), app);
+    assert_eq!(row.get::<_, String>(1), tz);
+    assert_eq!(row.get::<_, String>(2), timeout);
+    assert_eq!(row.get::<_, String>(3), path);
+}
+
+#[tokio::test]
+async fn startup_options_follow_the_client() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            ..MuxOptions::default()
+        },
+    )
+    .await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(mux.port)
+        .user("app")
+        .password("app_pw")
+        .dbname("app")
+        .application_name("startup-app")
+        .options("-c statement_timeout=4321ms -c search_path=pg_catalog");
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    // Another client uses the only server in between.
+    let other = mux.connect("app", "app").await;
+    other
+        .batch_execute("SET application_name = 'other'")
+        .await
+        .unwrap();
+    let row = client
+        .query_one(
+            "SELECT current_setting('application_name'), current_setting('statement_timeout'), current_setting('search_path')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "startup-app");
+    assert_eq!(row.get::<_, String>(1), "4321ms");
+    assert_eq!(row.get::<_, String>(2), "pg_catalog");
+}
+
+#[tokio::test]
+async fn sql_level_prepare_is_refused_clearly() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
+    let client = mux.connect("app", "app").await;
+    let err = client
+        .batch_execute("PREPARE p AS SELECT 1")
+        .await
+        .unwrap_err();
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code(), &SqlState::FEATURE_NOT_SUPPORTED);
+    assert!(db.message().contains("PREPARE"), "{}", db.message());
+    // Inside a transaction the error aborts it, as PostgreSQL would.
+    client.batch_execute("BEGIN").await.unwrap();
+    assert!(client.batch_execute("PREPARE p AS SELECT 1").await.is_err());
+    let err = client.batch_execute("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+// ---- raw protocol: exact reply order ----
+
+fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut v = vec![tag];
+    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    v.extend_from_slice(body);
+    v
+}
+
+fn parse(name: &str, sql: &str) -> Vec<u8> {
+    msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+}
+
+fn bind(statement: &str) -> Vec<u8> {
+    msg(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
+}
+
+fn execute() -> Vec<u8> {
+    msg(b'E', b"\0\0\0\0\0")
+}
+
+fn sync() -> Vec<u8> {
+    msg(b'S', b"")
+}
+
+fn describe(name: &str) -> Vec<u8> {
+    msg(b'D', format!("S{name}\0").as_bytes())
+}
+
+fn close(name: &str) -> Vec<u8> {
+    msg(b'C', format!("S{name}\0").as_bytes())
+}
+
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn login(mux: &TestPgmux) -> Raw {
+        let mut s = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
+        let mut body = (3u32 << 16).to_be_bytes().to_vec();
+        body.extend_from_slice(b"user\0app\0database\0app\0\0");
+        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+        packet.extend_from_slice(&body);
+        s.write_all(&packet).await.unwrap();
+        let mut raw = Raw { s, buf: Vec::new() };
+        raw.until_ready().await;
+        raw
+    }
+
+    /// Sends `messages` and returns the replies up to ReadyForQuery as "tag" strings, with
+    /// an ErrorResponse shown as `E:<sqlstate>` and a DataRow as `D:<first column>`.
+    async fn run(&mut self, messages: &[Vec<u8>]) -> Vec<String> {
+        self.s.write_all(&messages.concat()).await.unwrap();
+        self.until_ready().await
+    }
+
+    async fn until_ready(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            while self.buf.len() >= 5 {
+                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() < 1 + len {
+                    break;
+                }
+                let message: Vec<u8> = self.buf.drain(..1 + len).collect();
+                let (tag, body) = (message[0], &message[5..]);
+                let shown = match tag {
+                    b'E' => {
+                        let code = body
+                            .split(|&b| b == 0)
+                            .find_map(|f| f.strip_prefix(b"C"))
+                            .map(|c| String::from_utf8_lossy(c).into_owned())
+                            .unwrap_or_default();
+                        format!("E:{code}")
+                    }
+                    b'D' => {
+                        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
+                        format!("D:{}", String::from_utf8_lossy(&body[6..6 + len]))
+                    }
+                    other => char::from(other).to_string(),
+                };
+                if tag == b'Z' {
+                    return out;
+                }
+                if !matches!(tag, b'S' | b'K' | b'R' | b'N') {
+                    out.push(shown);
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
+                .await
+                .expect("a reply in time")
+                .unwrap();
+            assert!(n > 0, "connection closed; so far {out:?}");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+async fn raw_mux(pg: &TestPostgres, size: u32, extra_pool: &str) -> TestPgmux {
+    TestPgmux::start(
+        pg,
+        MuxOptions {
+            size,
+            wait_timeout: "30s",
+            pool_extra: extra_pool.to_owned(),
+            ..MuxOptions::default()
+        }
+        .with_auth_method("trust"),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn parse_error_inside_a_pipeline_keeps_postgres_order() {
+    let pg = TestPostgres::shared().await;
+    let mux = raw_mux(pg, 1, "").await;
+    let mut c = Raw::login(&mux).await;
+    let replies = c
+        .run(&[
+            parse("s1", "SELECT 1"),
+            bind("s1"),
+            execute(),
+            parse("s2", "SELEC oops"),
+            bind("s2"),
+            execute(),
+            parse("s3", "SELECT 3"),
+            sync(),
+        ])
+        .await;
+    // As PostgreSQL answers: s1 runs, s2's Parse fails, the rest is skipped up to Sync.
+    assert_eq!(replies, ["1", "2", "D:1", "C", "E:42601"]);
+    // s3 was never prepared (skipped), s2 failed, s1 exists.
+    assert_eq!(c.run(&[bind("s3"), execute(), sync()]).await, ["E:26000"]);
+    assert_eq!(c.run(&[bind("s2"), execute(), sync()]).await, ["E:26000"]);
+    assert_eq!(
+        c.run(&[bind("s1"), execute(), sync()]).await,
+        ["2", "D:1", "C"]
+    );
+}
+
+#[tokio::test]
+async fn describe_and_close_of_unknown_names() {
+    let pg = TestPostgres::shared().await;
+    let mux = raw_mux(pg, 1, "").await;
+    let mut c = Raw::login(&mux).await;
+    assert_eq!(c.run(&[describe("nope"), sync()]).await, ["E:26000"]);
+    // PostgreSQL answers CloseComplete for a name it does not know.
+    assert_eq!(c.run(&[close("nope"), sync()]).await, ["3"]);
+    // A known statement describes as the server would.
+    assert_eq!(
+        c.run(&[parse("k", "SELECT 1 AS one"), describe("k"), sync()])
+            .await,
+        ["1", "t", "T"]
+    );
+}
+
+#[tokio::test]
+async fn names_are_per_client_and_reparse_needs_close() {
+    let pg = TestPostgres::shared().await;
+    let mux = raw_mux(pg, 1, "").await;
+    let mut a = Raw::login(&mux).await;
+    let mut b = Raw::login(&mux).await;
+    // The same name means different statements for two clients sharing one server.
+    assert_eq!(a.run(&[parse("q", "SELECT 'a'"), sync()]).await, ["1"]);
+    assert_eq!(b.run(&[parse("q", "SELECT 'b'"), sync()]).await, ["1"]);
+    assert_eq!(
+        a.run(&[bind("q"), execute(), sync()]).await,
+        ["2", "D:a", "C"]
+    );
+    assert_eq!(
+        b.run(&[bind("q"), execute(), sync()]).await,
+        ["2", "D:b", "C"]
+    );
+    // Parsing a held name again is 42P05, as in PostgreSQL, and skips to Sync.
+    assert_eq!(
+        a.run(&[parse("q", "SELECT 'x'"), bind("q"), execute(), sync()])
+            .await,
+        ["E:42P05"]
+    );
+    // After Close, the name takes new text.
+    assert_eq!(a.run(&[close("q"), sync()]).await, ["3"]);
+    assert_eq!(
+        a.run(&[parse("q", "SELECT 'new'"), bind("q"), execute(), sync()])
+            .await,
+        ["1", "2", "D:new", "C"]
+    );
+    // b's statement is untouched by a's Close.
+    assert_eq!(
+        b.run(&[bind("q"), execute(), sync()]).await,
+        ["2", "D:b", "C"]
+    );
+    // A statement another client prepared on this server is answered by pgmux.
+    assert_eq!(b.run(&[parse("q2", "SELECT 'new'"), sync()]).await, ["1"]);
+}
+
+#[tokio::test]
+async fn thousand_statements_through_a_cache_of_100() {
+    let pg = TestPostgres::shared().await;
+    let mux = raw_mux(pg, 2, "max_prepared_statements = 100").await;
+    let mut a = Raw::login(&mux).await;
+    let mut b = Raw::login(&mux).await;
+    for i in 0..1000 {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let name = format!("st{i}");
+        let replies = c
+            .run(&[
+                parse(&name, &format!("SELECT {i}")),
+                bind(&name),
+                execute(),
+                sync(),
+            ])
+            .await;
+        assert_eq!(replies, ["1", "2", format!("D:{i}").as_str(), "C"]);
+    }
+    // The earliest statements were evicted from the servers; they are re-prepared on use.
+    for i in (0..1000).step_by(97) {
+        let c = if i % 2 == 0 { &mut a } else { &mut b };
+        let replies = c.run(&[bind(&format!("st{i}")), execute(), sync()]).await;
+        assert_eq!(replies, ["2", format!("D:{i}").as_str(), "C"]);
+    }
+}
+
+#[tokio::test]
+async fn discard_all_forgets_only_this_clients_statements() {
+    let pg = TestPostgres::shared().await;
+    let mux = raw_mux(pg, 1, "").await;
+    let mut a = Raw::login(&mux).await;
+    let mut b = Raw::login(&mux).await;
+    assert_eq!(a.run(&[parse("d", "SELECT 'a'"), sync()]).await, ["1"]);
+    assert_eq!(b.run(&[parse("d", "SELECT 'b'"), sync()]).await, ["1"]);
+    assert_eq!(a.run(&[msg(b'Q', b"DISCARD ALL\0")]).await, ["C"]);
+    assert_eq!(a.run(&[bind("d"), execute(), sync()]).await, ["E:26000"]);
+    // b's statement still works (re-prepared: the server's copy went with DISCARD ALL).
+    assert_eq!(
+        b.run(&[bind("d"), execute(), sync()]).await,
+        ["2", "D:b", "C"]
+    );
+    assert_eq!(b.run(&[msg(b'Q', b"DEALLOCATE ALL\0")]).await, ["C"]);
+    assert_eq!(b.run(&[bind("d"), execute(), sync()]).await, ["E:26000"]);
+}
