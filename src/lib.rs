@@ -4,9 +4,11 @@
 //! server connection for the transaction, [`server`] owns that connection, and
 //! [`protocol`] frames every message on the way.
 
+pub mod admin;
 pub mod auth;
 pub mod cancel;
 pub mod client;
+pub mod clients;
 pub mod config;
 pub mod listener;
 pub mod pool;
@@ -14,3 +16,4 @@ pub mod pooler;
 pub mod prepared;
 pub mod protocol;
 pub mod server;
+pub mod stats;

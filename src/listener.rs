@@ -23,7 +23,9 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
             clients.clone(),
         )));
     }
+    pooler.listening.store(true, Ordering::Relaxed);
     pooler.stop.cancelled().await;
+    pooler.listening.store(false, Ordering::Relaxed);
     for task in accepting {
         let _ = task.await; // each drops its listener: new clients are refused, not left hanging
     }

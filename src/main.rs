@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use pgmux::config::Config;
 use pgmux::pooler::Pooler;
@@ -62,10 +62,24 @@ fn main() -> ExitCode {
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
-    runtime.block_on(run(config))
+    runtime.block_on(run(config, cli.config))
 }
 
-async fn run(config: Config) -> ExitCode {
+async fn run(config: Config, path: PathBuf) -> ExitCode {
+    // The admin port first: once clients can connect, it answers too.
+    let admin = match &config.admin.listen {
+        Some(addr) => match TcpListener::bind(addr).await {
+            Ok(listener) => {
+                info!(%addr, "admin port listening (metrics, health, pools, reload)");
+                Some(listener)
+            }
+            Err(e) => {
+                error!(%addr, error = %e, "cannot listen on the admin port");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
     let mut listeners = Vec::new();
     for addr in &config.server.listen {
         match TcpListener::bind(addr).await {
@@ -86,6 +100,10 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    pooler.set_config_path(path);
+    if let Some(listener) = admin {
+        tokio::spawn(pgmux::admin::serve(listener, pooler.clone()));
+    }
     tokio::spawn(watch_signals(pooler.clone()));
     pgmux::listener::run(pooler, listeners).await;
     ExitCode::SUCCESS
@@ -105,7 +123,10 @@ async fn watch_signals(pooler: std::sync::Arc<Pooler>) {
             _ = term.recv() => info!("SIGTERM: shutting down"),
             _ = int.recv() => info!("SIGINT: shutting down"),
             _ = hup.recv() => {
-                warn!("SIGHUP: config reload is not available in this version; restart pgmux to apply changes");
+                info!("SIGHUP: reloading the config");
+                let reloading = pooler.clone();
+                // Reading the file and deriving SCRAM keys is blocking work; the outcome is logged.
+                let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
                 continue;
             }
         }

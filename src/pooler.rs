@@ -2,8 +2,9 @@
 //! the pools, the cancel keys, and the tokens that stop it. Shared by every task.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
@@ -11,10 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Credential, Secret};
 use crate::cancel::CancelRegistry;
+use crate::clients::ClientRegistry;
 use crate::config::Config;
 use crate::pool::{Pool, PoolKey};
 use crate::prepared::Registry;
 use crate::server::Upstream;
+
+mod reload;
+
+pub use reload::{ReloadError, ReloadStats};
 
 /// A config and what is derived from it once (SCRAM keys of plain passwords).
 pub struct Snapshot {
@@ -82,6 +88,16 @@ pub struct Pooler {
     pub statements: Arc<Registry>,
     /// Clients connected now (for max_client_conn).
     pub clients: AtomicUsize,
+    /// Who is logged in and what they do (the admin views).
+    pub clients_registry: Arc<ClientRegistry>,
+    /// Whether the client listeners accept connections (readiness).
+    pub listening: AtomicBool,
+    /// Outcomes of config reloads (metrics).
+    pub reloads: ReloadStats,
+    /// The file reloads read again; set by main.
+    config_path: Mutex<Option<PathBuf>>,
+    /// One reload at a time.
+    reloading: Mutex<()>,
     /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
@@ -97,6 +113,11 @@ impl Pooler {
             cancels: Arc::new(CancelRegistry::default()),
             statements: Arc::new(Registry::default()),
             clients: AtomicUsize::new(0),
+            clients_registry: Arc::new(ClientRegistry::default()),
+            listening: AtomicBool::new(false),
+            reloads: ReloadStats::default(),
+            config_path: Mutex::new(None),
+            reloading: Mutex::new(()),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
         }))
@@ -121,6 +142,7 @@ impl Pooler {
         let settings = snapshot.config.pool_settings(database, user)?;
         let upstream = snapshot.upstream(database, user)?;
         let pool = Pool::new(key.clone(), upstream, settings);
+        pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
         pool.start_upkeep();
         pools.insert(key, pool.clone());
         Some(pool)

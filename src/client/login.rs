@@ -23,6 +23,9 @@ pub(super) enum Refusal {
     Gone,
     /// Tell the client this, then close.
     Error(PgError),
+    /// Not a refusal: an admin asked for the admin console (`crate::admin::console`),
+    /// which takes the socket after AuthenticationOk, with the bytes read so far.
+    Console { user: String, cbuf: BytesMut },
 }
 
 impl From<std::io::Error> for Refusal {
@@ -90,7 +93,9 @@ pub(super) async fn login(
         .to_owned();
 
     let snapshot = pooler.snapshot();
-    if !snapshot.config.databases.contains_key(&database) {
+    if !snapshot.config.databases.contains_key(&database)
+        && !crate::admin::console::is_console_database(&database)
+    {
         return Err(PgError::fatal(
             SqlState::INVALID_CATALOG_NAME,
             format!("no such database \"{database}\""),
@@ -124,6 +129,13 @@ pub(super) async fn login(
             md5_login(socket, &mut cbuf, &user, credential).await?;
         }
     }
+    // Admin console hook: `pgbouncer` / `pgmux` open the console, for auth.admin_users only.
+    if crate::admin::console::is_console_database(&database) {
+        crate::admin::console::admit(&snapshot.config, &user)?;
+        write::auth_ok(&mut out);
+        socket.write_all(&out).await?;
+        return Err(Refusal::Console { user, cbuf });
+    }
     write::auth_ok(&mut out);
 
     let Some(pool) = pooler.pool(&database, &user) else {
@@ -156,7 +168,15 @@ pub(super) async fn login(
     debug!(user, database, "client logged in");
 
     let pool_settings = pool.settings();
+    let peer = socket.peer_addr()?;
+    let view = pooler.clients_registry.register(
+        peer,
+        &database,
+        &user,
+        startup.get("application_name").unwrap_or_default(),
+    );
     Ok(Session {
+        view,
         mode: pool_settings.mode,
         idle_transaction_timeout: pool_settings.idle_transaction_timeout,
         reset_query: pool_settings.server_reset_query.clone(),

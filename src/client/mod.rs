@@ -31,6 +31,9 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
     let session = match outcome {
         Ok(Ok(session)) => session,
         Ok(Err(login::Refusal::Gone)) => return, // a cancel request, or a client that left
+        Ok(Err(login::Refusal::Console { user, cbuf })) => {
+            return crate::admin::console::serve(socket, pooler, user, cbuf).await;
+        }
         Ok(Err(login::Refusal::Error(err))) => {
             debug!(%peer, %err, "login refused");
             return refuse(socket, &err).await;
@@ -47,9 +50,25 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
         }
     };
     let pool = session.pool.key.clone();
-    info!(%peer, %pool, "client connected");
+    let log = pooler.snapshot().config.admin.log_connections;
+    if log {
+        info!(%peer, %pool, "client connected");
+    }
+    // A second descriptor for the socket, read for its byte counts once the session has
+    // dropped its own; closing it right after closes the connection.
+    let probe = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
     session.run(socket).await;
-    info!(%peer, %pool, duration_ms = started.elapsed().as_millis() as u64, "client disconnected");
+    let traffic = probe
+        .as_ref()
+        .and_then(crate::stats::tcp_traffic)
+        .unwrap_or_default();
+    drop(probe);
+    let duration_ms = started.elapsed().as_millis() as u64;
+    if log {
+        info!(%peer, %pool, duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
+    } else {
+        debug!(%peer, %pool, duration_ms, "client disconnected");
+    }
 }
 
 /// Sends a fatal error and closes: never a bare reset.

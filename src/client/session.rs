@@ -26,6 +26,7 @@ use super::params::{ClientParams, SessionChange};
 use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
+use crate::clients::{ClientHandle, ClientState};
 use crate::config::PoolMode;
 use crate::pool::{CheckoutError, Pool};
 use crate::prepared::{ClientStatements, Registry};
@@ -81,6 +82,8 @@ pub struct Session {
     pub(super) registry: Arc<Registry>,
     pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
+    /// What the admin views show of this client.
+    pub(super) view: ClientHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
     /// Stop now (the grace period is over).
@@ -228,7 +231,8 @@ impl Loop {
         server.read_buf.reserve(SERVER_READ);
         match server.stream.try_read_buf(&mut server.read_buf) {
             Ok(0) => Err(self.server_lost(io::Error::from(io::ErrorKind::UnexpectedEof).into())),
-            Ok(_) => {
+            Ok(n) => {
+                self.s.pool.stats.bytes_to_client(n);
                 self.last_activity = Instant::now();
                 self.on_server_bytes()
             }
@@ -274,9 +278,16 @@ impl Loop {
                         if let Some((name, value)) = parse_parameter_status(frame.body()) {
                             server.set_param(name, value);
                             forward = self.s.params.reported(name, value, !hidden);
+                            if name == "application_name" {
+                                self.s.view.set_application_name(value);
+                            }
                         }
                     }
-                    tag::ERROR_RESPONSE if hidden && done.is_none() => {
+                    tag::ERROR_RESPONSE if !hidden => {
+                        let (code, _) = crate::server::error_fields(frame.body());
+                        self.s.pool.stats.server_error(code.as_bytes());
+                    }
+                    tag::ERROR_RESPONSE if done.is_none() => {
                         let (code, message) = crate::server::error_fields(frame.body());
                         warn!(pool = %self.s.pool.key, code, message, "restoring a client's settings failed");
                     }
@@ -307,9 +318,17 @@ impl Loop {
                 self.finished(done, ready);
             }
             self.take_due_replies();
-            if ready == Some(b'I') && self.s.mode != PoolMode::Session && self.server_is_quiet(b'I')
-            {
-                self.release();
+            match ready {
+                Some(b'I') if self.s.mode != PoolMode::Session && self.server_is_quiet(b'I') => {
+                    self.release()
+                }
+                Some(b'I') if self.server_is_quiet(b'I') => {
+                    self.s.view.set_state(ClientState::Idle)
+                }
+                Some(status) if self.server_is_quiet(status) => {
+                    self.s.view.set_state(ClientState::IdleInTransaction)
+                }
+                _ => {}
             }
         }
     }
@@ -430,6 +449,8 @@ impl Loop {
     fn release(&mut self) {
         if let Some(mut conn) = self.server.take() {
             self.s.cancel.set_target(None);
+            self.s.view.set_server(None);
+            self.s.view.set_state(ClientState::Idle);
             if !self.to_server.is_empty() {
                 // Bytes for a server we no longer hold: its state is unknown.
                 conn.broken = true;
@@ -443,7 +464,8 @@ impl Loop {
         self.s.cbuf.reserve(CLIENT_READ);
         match self.client.try_read_buf(&mut self.s.cbuf) {
             Ok(0) => Err(End::ClientGone),
-            Ok(_) => {
+            Ok(n) => {
+                self.s.pool.stats.bytes_from_client(n);
                 self.last_activity = Instant::now();
                 self.on_client_bytes().await
             }
@@ -531,6 +553,7 @@ impl Loop {
             }
         }
         self.client_mid_message = !frame.ends;
+        self.s.view.set_state(ClientState::Active);
         if self.copy_in {
             // The server answers none of these until COPY ends.
             if matches!(t, tag::COPY_DONE | tag::COPY_FAIL) {
@@ -547,10 +570,13 @@ impl Loop {
         match t {
             tag::QUERY => {
                 self.unsynced = false;
+                self.s.pool.stats.query();
+                self.s.view.set_query(frame.body());
                 self.query(frame);
             }
             tag::SYNC => {
                 self.unsynced = false;
+                self.s.pool.stats.query();
                 self.forward(frame, Kind::Sync);
             }
             tag::FUNCTION_CALL => {
@@ -590,6 +616,7 @@ impl Loop {
     /// The outer error ends the session; the inner one is answered and the session goes on.
     async fn checkout(&mut self) -> Result<Result<(), PgError>, End> {
         let pool = self.s.pool.clone();
+        self.s.view.set_state(ClientState::Waiting);
         let checkout = pool.checkout();
         tokio::pin!(checkout);
         let result = loop {
@@ -617,6 +644,8 @@ impl Loop {
                     addr: conn.addr,
                     key: conn.key,
                 }));
+                self.s.view.set_server(Some((conn.id, conn.key.process_id)));
+                self.s.view.set_state(ClientState::Active);
                 if let Some(sql) = self.s.params.sync_sql(&mut conn) {
                     debug!(pool = %self.s.pool.key, server = conn.id, sql, "restoring the client's settings");
                     let mut query = BytesMut::new();
@@ -627,7 +656,10 @@ impl Loop {
                 self.server = Some(conn);
                 Ok(Ok(()))
             }
-            Err(e) => Ok(Err(checkout_error(&e))),
+            Err(e) => {
+                self.s.view.set_state(ClientState::Idle);
+                Ok(Err(checkout_error(&e)))
+            }
         }
     }
 
@@ -652,6 +684,7 @@ impl Loop {
             return;
         };
         self.s.cancel.set_target(None);
+        self.s.view.set_server(None);
         if !quiet || !conn.read_buf.is_empty() || conn.codec.in_message() {
             if !self.replies.is_empty() && !conn.broken {
                 // A query may still run: cancel it so the backend does not work for no one.

@@ -154,6 +154,7 @@ impl Loop {
             return false;
         }
         self.statements.insert(parse.name, statement);
+        self.s.pool.stats.prepared_hit();
         self.reply_locally(BytesMut::from(&[b'1', 0, 0, 0, 4][..]));
         true
     }
@@ -194,12 +195,14 @@ impl Loop {
         }
         let statement = self.s.registry.statement(parse.query, &parse.param_types);
         let name = parse.name.to_owned();
+        self.s.view.set_query(parse.query.as_bytes());
         self.statements.insert(&name, statement.clone());
         let server = self
             .server
             .as_mut()
             .expect("a server is held for extended messages");
         if server.prepared.touch(&statement) {
+            self.s.pool.stats.prepared_hit();
             tracing::trace!(
                 client_name = name,
                 server_name = statement.server_name,
@@ -207,6 +210,7 @@ impl Loop {
             );
             return self.reply_locally(BytesMut::from(&[b'1', 0, 0, 0, 4][..]));
         }
+        self.s.pool.stats.prepared_miss();
         self.make_room(&statement);
         tracing::debug!(
             client_name = name,
@@ -231,8 +235,10 @@ impl Loop {
             .as_mut()
             .expect("a server is held for extended messages");
         if server.prepared.touch(statement) {
+            self.s.pool.stats.prepared_hit();
             return;
         }
+        self.s.pool.stats.prepared_miss();
         tracing::debug!(
             server_name = statement.server_name,
             "re-preparing statement on this server"
@@ -259,6 +265,7 @@ impl Loop {
             .prepared
             .insert(statement.clone(), self.s.max_prepared)
         {
+            self.s.pool.stats.prepared_eviction();
             tracing::debug!(
                 server_name = evicted.server_name,
                 "closing least recently used statement"

@@ -12,8 +12,8 @@ use toml::de::{DeTable, DeValue};
 use super::env::{self, OffsetMap};
 use super::report::{Place, Places, Report, join_key};
 use super::{
-    AuthMethod, AuthSection, Config, ConfigError, Database, PoolMode, PoolOverrides, Problem,
-    ServerSection, User, userlist, validate,
+    AdminSection, AuthMethod, AuthSection, Config, ConfigError, Database, PoolMode, PoolOverrides,
+    Problem, ServerSection, User, userlist, validate,
 };
 
 /// Parses `text` (named `origin`), resolving a relative `auth.userlist_file` against `base`.
@@ -89,7 +89,7 @@ impl Source<'_> {
     }
 }
 
-const SECTIONS: &[&str] = &["server", "auth", "pool", "databases", "users"];
+const SECTIONS: &[&str] = &["server", "auth", "admin", "pool", "databases", "users"];
 const SERVER_KEYS: &[&str] = &[
     "listen",
     "max_client_conn",
@@ -97,6 +97,7 @@ const SERVER_KEYS: &[&str] = &[
     "shutdown_timeout",
 ];
 const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
+const ADMIN_KEYS: &[&str] = &["listen", "token", "log_connections", "log_slow_waits"];
 /// The keys of `[pool]`, also accepted in `[databases.NAME]`.
 pub(super) const POOL_KEYS: &[&str] = &[
     "mode",
@@ -108,6 +109,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "connect_timeout",
     "idle_transaction_timeout",
     "server_reset_query",
+    "max_prepared_statements",
 ];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
 const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
@@ -145,6 +147,7 @@ impl Walker<'_> {
             match name {
                 "server" => self.server(table, &mut config.server),
                 "auth" => self.auth(table, &mut config.auth),
+                "admin" => self.admin(table, &mut config.admin),
                 "pool" => {
                     let mut overrides = PoolOverrides::default();
                     for (key, value) in table {
@@ -245,6 +248,21 @@ impl Walker<'_> {
         }
     }
 
+    fn admin(&mut self, table: &DeTable<'_>, admin: &mut AdminSection) {
+        for (key, value) in table {
+            let path = join_key("admin", key.get_ref());
+            match key.get_ref().as_ref() {
+                "listen" => admin.listen = self.string(&path, value),
+                "token" => admin.token = self.string(&path, value),
+                "log_connections" => {
+                    set(&mut admin.log_connections, self.boolean(&path, value));
+                }
+                "log_slow_waits" => set(&mut admin.log_slow_waits, self.duration(&path, value)),
+                _ => self.unknown("admin", key, ADMIN_KEYS),
+            }
+        }
+    }
+
     fn database(&mut self, path: &str, table: &DeTable<'_>) -> Database {
         let mut db = Database::default();
         for (key, value) in table {
@@ -306,6 +324,9 @@ impl Walker<'_> {
             "connect_timeout" => o.connect_timeout = self.duration(&p, value),
             "idle_transaction_timeout" => o.idle_transaction_timeout = self.duration(&p, value),
             "server_reset_query" => o.server_reset_query = self.string(&p, value),
+            "max_prepared_statements" => {
+                o.max_prepared_statements = as_u32(self.unsigned(&p, value, u32_max))
+            }
             _ => return false,
         }
         true

@@ -39,6 +39,17 @@ pub(super) fn render(config: &Config) -> String {
     let admins: Vec<String> = auth.admin_users.iter().map(|u| quote(u)).collect();
     line(&mut out, "admin_users", &format!("[{}]", admins.join(", ")));
 
+    let admin = &config.admin;
+    out.push_str("\n[admin]\n");
+    optional(&mut out, "listen", admin.listen.as_deref());
+    optional(&mut out, "token", admin.token.as_ref().map(|_| MASK));
+    line(
+        &mut out,
+        "log_connections",
+        &admin.log_connections.to_string(),
+    );
+    line(&mut out, "log_slow_waits", &duration(admin.log_slow_waits));
+
     out.push_str("\n[pool]\n");
     pool(&mut out, &full(&config.pool));
 
@@ -79,6 +90,7 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         connect_timeout: Some(s.connect_timeout),
         idle_transaction_timeout: Some(s.idle_transaction_timeout),
         server_reset_query: Some(s.server_reset_query.clone()),
+        max_prepared_statements: Some(s.max_prepared_statements),
     }
 }
 
@@ -92,6 +104,7 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     };
     number("size", o.size);
     number("min_size", o.min_size);
+    number("max_prepared_statements", o.max_prepared_statements);
     let durations = [
         ("wait_timeout", o.wait_timeout),
         ("idle_timeout", o.idle_timeout),

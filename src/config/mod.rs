@@ -33,6 +33,8 @@ pub struct Config {
     pub server: ServerSection,
     /// `[auth]`: how clients prove who they are.
     pub auth: AuthSection,
+    /// `[admin]`: the HTTP admin port and what pgmux logs about its clients and pools.
+    pub admin: AdminSection,
     /// `[pool]`: pool settings for every database that does not override them.
     pub pool: PoolSettings,
     /// `[databases.NAME]`: the databases clients may ask for, by the name they ask for.
@@ -62,6 +64,42 @@ impl Default for ServerSection {
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
         }
+    }
+}
+
+/// `[admin]`: the HTTP admin port (metrics, health, views, reload) and logging knobs.
+#[derive(Clone, PartialEq)]
+pub struct AdminSection {
+    /// `host:port` of the admin HTTP port; `None` = no admin port.
+    pub listen: Option<String>,
+    /// When set, every admin endpoint but `/health` and `/ready` needs
+    /// `Authorization: Bearer <token>`. A secret: masked in `Debug` and [`Config::masked`].
+    pub token: Option<String>,
+    /// Log one line per client connect and disconnect (with duration and bytes).
+    pub log_connections: bool,
+    /// Log a warning when a client waited longer than this for a server; 0 = never.
+    pub log_slow_waits: Duration,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            token: None,
+            log_connections: true,
+            log_slow_waits: Duration::from_secs(1),
+        }
+    }
+}
+
+impl fmt::Debug for AdminSection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AdminSection")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| MASK))
+            .field("log_connections", &self.log_connections)
+            .field("log_slow_waits", &self.log_slow_waits)
+            .finish()
     }
 }
 
@@ -145,6 +183,9 @@ pub struct PoolSettings {
     pub idle_transaction_timeout: Duration,
     /// Run before a session-mode server connection is reused; `""` = none.
     pub server_reset_query: String,
+    /// Named prepared statements kept per server connection (least recently used are
+    /// closed beyond it); 0 = do not track prepared statements (they pass through as sent).
+    pub max_prepared_statements: u32,
 }
 
 impl Default for PoolSettings {
@@ -159,6 +200,7 @@ impl Default for PoolSettings {
             connect_timeout: Duration::from_secs(5),
             idle_transaction_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
+            max_prepared_statements: 200,
         }
     }
 }
@@ -179,6 +221,9 @@ impl PoolSettings {
         if let Some(query) = &o.server_reset_query {
             self.server_reset_query.clone_from(query);
         }
+        self.max_prepared_statements = o
+            .max_prepared_statements
+            .unwrap_or(self.max_prepared_statements);
     }
 }
 
@@ -203,6 +248,8 @@ pub struct PoolOverrides {
     pub idle_transaction_timeout: Option<Duration>,
     /// See [`PoolSettings::server_reset_query`].
     pub server_reset_query: Option<String>,
+    /// See [`PoolSettings::max_prepared_statements`].
+    pub max_prepared_statements: Option<u32>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

@@ -62,6 +62,15 @@ impl Walker<'_> {
         s.map(str::to_owned)
     }
 
+    pub(super) fn boolean(&mut self, path: &str, value: &Value<'_>) -> Option<bool> {
+        self.mark(path, value.span());
+        let b = value.get_ref().as_bool();
+        if b.is_none() {
+            self.wrong_type(path, value, "a boolean");
+        }
+        b
+    }
+
     /// A non-negative integer up to `max`.
     pub(super) fn unsigned(&mut self, path: &str, value: &Value<'_>, max: u64) -> Option<u64> {
         self.mark(path, value.span());

@@ -154,16 +154,16 @@ fn listen_accepts_a_single_string() {
 
 #[test]
 fn unknown_keys_are_placed() {
-    let text = "[pool]\nwait_timout = \"5s\"\n\n[admin]\nlisten = \"x\"\n[databases.app]\n  sise = 3\n  flavour = 1\n";
+    let text = "[pool]\nwait_timout = \"5s\"\n\n[metrics]\nlisten = \"x\"\n[databases.app]\n  sise = 3\n  flavour = 1\n";
     assert_eq!(
         problems(text),
         [
             "t.toml:2:1: pool.wait_timout: unknown key (did you mean `wait_timeout`?)",
-            "t.toml:4:2: admin: unknown key; expected one of: server, auth, pool, databases, users",
+            "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, pool, databases, users",
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
-             connect_timeout, idle_transaction_timeout, server_reset_query",
+             connect_timeout, idle_transaction_timeout, server_reset_query, max_prepared_statements",
         ]
     );
 }
@@ -373,6 +373,11 @@ fn masked_hides_secrets_and_parses_back() {
 listen = ["127.0.0.1:6432", "localhost:7000"]
 [auth]
 admin_users = ["root"]
+[admin]
+listen = "127.0.0.1:9930"
+token = "admin-secret"
+log_connections = false
+log_slow_waits = "250ms"
 [pool]
 mode = "session"
 wait_timeout = "1m 30s"
@@ -395,12 +400,22 @@ password = "{}"
     );
     let c = parse_ok(&text);
     let masked = c.masked();
-    for secret in ["db-secret", "alice-secret", "upstream-secret", STORED] {
+    for secret in [
+        "db-secret",
+        "alice-secret",
+        "upstream-secret",
+        "admin-secret",
+        STORED,
+    ] {
         assert!(!masked.contains(secret), "{secret} leaked:\n{masked}");
     }
     let again = parse(&masked).unwrap_or_else(|e| panic!("{e}\n{masked}"));
     assert_eq!(again.server, c.server);
     assert_eq!(again.auth, c.auth);
+    assert_eq!(again.admin.listen, c.admin.listen);
+    assert_eq!(again.admin.token.as_deref(), Some(MASK));
+    assert!(!again.admin.log_connections);
+    assert_eq!(again.admin.log_slow_waits, Duration::from_millis(250));
     assert_eq!(again.pool, c.pool);
     assert_eq!(again.pool.server_reset_query, "SELECT '${x}'");
     let mut expected = c.clone();
@@ -534,4 +549,30 @@ fn example_config_loads() {
     assert_eq!(c.databases["app"].upstream_dbname("app"), "app");
     assert_eq!(c.databases["postgres"].port, 5432);
     assert!(c.users["postgres"].password.is_some());
+}
+
+#[test]
+fn admin_section() {
+    let c = parse_ok("");
+    assert_eq!(c.admin, AdminSection::default());
+    assert_eq!(c.admin.listen, None);
+    assert!(c.admin.log_connections);
+    let c = parse_ok(
+        "[admin]\nlisten = \"127.0.0.1:9930\"\ntoken = \"t0ken\"\nlog_slow_waits = \"0\"\n",
+    );
+    assert_eq!(c.admin.listen.as_deref(), Some("127.0.0.1:9930"));
+    assert_eq!(c.admin.token.as_deref(), Some("t0ken"));
+    assert_eq!(c.admin.log_slow_waits, Duration::ZERO);
+    assert!(!format!("{c:?}").contains("t0ken"));
+    assert_eq!(
+        problems(
+            "[admin]\nlisten = \"nowhere\"\ntoken = \"\"\nlog_connections = \"yes\"\nport = 1\n"
+        ),
+        [
+            "t.toml:2:10: admin.listen: \"nowhere\" is not an address: expected host:port",
+            "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
+            "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
+            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits",
+        ]
+    );
 }

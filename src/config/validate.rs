@@ -92,6 +92,7 @@ pub(super) fn check(config: &Config, places: &Places, report: &mut Report) -> Ve
         warnings: Vec::new(),
     };
     c.server(config);
+    c.admin(config);
     c.pool("pool", &config.pool, &PoolOverrides::default(), true);
     if config.databases.is_empty() {
         c.warn(
@@ -144,6 +145,28 @@ impl Checker<'_> {
                 "trust: clients log in without a password"
             };
             self.warn("auth.method", msg);
+        }
+    }
+
+    fn admin(&mut self, config: &Config) {
+        let admin = &config.admin;
+        if let Some(addr) = &admin.listen {
+            if !is_listen_address(addr) {
+                let msg = format!("\"{addr}\" is not an address: expected host:port");
+                self.error("admin.listen", msg);
+            } else if admin.token.is_none() && !is_loopback(addr) {
+                self.warn(
+                    "admin.listen",
+                    "the admin port listens beyond localhost without admin.token: anyone who \
+                     reaches it can reload, pause and read client addresses",
+                );
+            }
+        }
+        if admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            self.error(
+                "admin.token",
+                "must not be empty (remove the key to disable the token)",
+            );
         }
     }
 

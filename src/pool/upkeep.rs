@@ -1,17 +1,33 @@
-//! The pool's background upkeep: warm up to `min_size`, close connections idle past
-//! `idle_timeout` (never below `min_size`) or alive past `max_lifetime`.
+//! The pool's background upkeep, twice a second: close idle connections that are dead,
+//! idle past `idle_timeout` (never below `min_size`) or alive past `max_lifetime`; probe an
+//! upstream that went away so that readiness and metrics notice without a client; warm up
+//! to `min_size`; ask the upstream its `max_connections` once; record the demand of quiet
+//! seconds; log changes of status.
 
+use std::sync::Arc;
 use std::sync::Weak;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tracing::debug;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::Decoder;
+use tracing::{debug, info, warn};
 
-use super::Pool;
+use super::view::Status;
+use super::{Lent, Pool};
+use crate::protocol::{read_i32, tag, write};
+use crate::server::ServerConn;
+use crate::stats::CloseReason;
 
 /// How often upkeep looks at the pool.
 const PERIOD: Duration = Duration::from_millis(500);
+/// How long the `SHOW max_connections` round trip may take.
+const ASK_LIMIT: Duration = Duration::from_secs(2);
+/// A DataRow from the server (the same letter as a client's Describe).
+const DATA_ROW: u8 = b'D';
 
-/// Runs until the pool is dropped.
+/// Runs until the pool is dropped or retired.
 pub(super) async fn run(pool: Weak<Pool>) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -20,12 +36,19 @@ pub(super) async fn run(pool: Weak<Pool>) {
         let Some(pool) = pool.upgrade() else {
             return;
         };
-        close_expired(&pool);
+        if pool.retired.is_cancelled() {
+            return;
+        }
+        let lost = close_expired(&pool);
+        probe(&pool, lost).await;
         warm_up(&pool).await;
+        ask_max_connections(&pool).await;
+        record(&pool);
     }
 }
 
-fn close_expired(pool: &Pool) {
+/// Closes idle connections that are dead or expired; returns whether dead ones were found.
+fn close_expired(pool: &Pool) -> bool {
     let settings = pool.settings();
     let now = Instant::now();
     let expired = {
@@ -36,31 +59,65 @@ fn close_expired(pool: &Pool) {
         let mut i = 0;
         while i < st.idle.len() {
             let conn = &st.idle[i];
-            let retired = conn.retire_at.is_some_and(|t| t <= now);
-            let idle_too_long = !settings.idle_timeout.is_zero()
+            let reason = if !conn.looks_alive() {
+                Some(CloseReason::ServerGone)
+            } else if conn.retire_at.is_some_and(|t| t <= now) {
+                Some(CloseReason::MaxLifetime)
+            } else if !settings.idle_timeout.is_zero()
                 && now.duration_since(conn.idle_since) >= settings.idle_timeout
-                && keep_open > settings.min_size;
-            if retired || idle_too_long {
-                expired.push(st.idle.remove(i));
-                keep_open -= 1;
+                && keep_open > settings.min_size
+            {
+                Some(CloseReason::IdleTimeout)
             } else {
-                i += 1;
+                None
+            };
+            match reason {
+                Some(reason) => {
+                    expired.push((st.idle.remove(i), reason));
+                    keep_open -= 1;
+                }
+                None => i += 1,
             }
         }
         expired
     };
-    for conn in expired {
-        debug!(pool = %pool.key, server = conn.id, "closing idle server connection (idle_timeout or max_lifetime)");
-        pool.release_slot(conn);
+    let mut lost = false;
+    for (conn, reason) in expired {
+        lost |= reason == CloseReason::ServerGone;
+        pool.close(conn, reason);
+    }
+    lost
+}
+
+/// Opens one connection when the upstream may have gone (idle connections died) or is
+/// known down and due for another attempt, so that health reflects the upstream even
+/// when no client asks. A success stays idle in the pool.
+async fn probe(pool: &Arc<Pool>, lost: bool) {
+    let due = {
+        let mut st = pool.state.lock();
+        let now = Instant::now();
+        let down = st.health.last_error().is_some();
+        let want = (lost && st.idle.is_empty()) || down;
+        let allowed = !st.paused && st.open < pool.settings().size;
+        if want && allowed && st.health.retry_wait(now).is_none() {
+            st.open += 1;
+            true
+        } else {
+            false
+        }
+    };
+    if due && let Ok(conn) = pool.open_reserved().await {
+        pool.checkin(conn);
     }
 }
 
-async fn warm_up(pool: &std::sync::Arc<Pool>) {
+async fn warm_up(pool: &Arc<Pool>) {
     let settings = pool.settings();
     loop {
         {
             let mut st = pool.state.lock();
-            if st.open >= settings.min_size
+            if st.paused
+                || st.open >= settings.min_size
                 || st.open >= settings.size
                 || st.health.retry_wait(Instant::now()).is_some()
             {
@@ -71,6 +128,120 @@ async fn warm_up(pool: &std::sync::Arc<Pool>) {
         match pool.open_reserved().await {
             Ok(conn) => pool.checkin(conn),
             Err(_) => return,
+        }
+    }
+}
+
+/// Asks the upstream its `max_connections` once, on an idle connection borrowed for one
+/// round trip (never on a client's path), for the sizing advice in `/pools`.
+async fn ask_max_connections(pool: &Arc<Pool>) {
+    if pool.asked_max_connections.load(Relaxed) {
+        return;
+    }
+    let conn = {
+        let mut st = pool.state.lock();
+        if st.paused {
+            return;
+        }
+        let Some(conn) = st.idle.pop() else {
+            return;
+        };
+        // Shown as lent while pgmux uses it, so that every open connection is accounted for.
+        let now = Instant::now();
+        st.lent.push(Lent {
+            id: conn.id,
+            pid: conn.key.process_id,
+            created: conn.created,
+            wanted: now,
+            since: now,
+        });
+        conn
+    };
+    pool.asked_max_connections.store(true, Relaxed);
+    let mut conn = conn;
+    let answer = tokio::time::timeout(ASK_LIMIT, show(&mut conn, "max_connections")).await;
+    match answer {
+        Ok(Some(value)) => match value.trim().parse::<u32>() {
+            Ok(n) => {
+                pool.upstream_max_connections.store(n, Relaxed);
+                debug!(pool = %pool.key, max_connections = n, "upstream max_connections");
+            }
+            Err(_) => debug!(pool = %pool.key, value, "unexpected max_connections"),
+        },
+        Ok(None) => conn.broken = true,
+        Err(_) => {
+            conn.broken = true;
+            debug!(pool = %pool.key, "SHOW max_connections did not answer in time");
+        }
+    }
+    // Not a client's transaction: keep it out of the hold time and transaction counts.
+    {
+        let mut st = pool.state.lock();
+        if let Some(at) = st.lent.iter().position(|l| l.id == conn.id) {
+            st.lent.swap_remove(at);
+        }
+    }
+    pool.checkin(conn);
+}
+
+/// Runs `SHOW name` and returns the value; `None` if the connection misbehaved (it is
+/// then closed). An ErrorResponse leaves the connection usable and returns an empty value.
+async fn show(conn: &mut ServerConn, name: &str) -> Option<String> {
+    let mut out = BytesMut::new();
+    write::query(&mut out, &format!("SHOW {name}"));
+    conn.stream.write_all(&out).await.ok()?;
+    let mut value = String::new();
+    loop {
+        while let Some(frame) = conn.codec.decode(&mut conn.read_buf).ok()? {
+            if !frame.is_whole() {
+                return None;
+            }
+            match frame.tag {
+                DATA_ROW => {
+                    // Int16 column count, then Int32 length and the bytes of column 1.
+                    let body = frame.body();
+                    let (len, rest) = read_i32(body.get(2..)?)?;
+                    let len = usize::try_from(len).ok()?;
+                    value = String::from_utf8_lossy(rest.get(..len)?).into_owned();
+                }
+                tag::READY_FOR_QUERY => {
+                    conn.tx_status = frame.body().first().copied()?;
+                    return Some(value);
+                }
+                _ => {}
+            }
+        }
+        if conn.stream.read_buf(&mut conn.read_buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+/// Records the demand of the moment (so quiet seconds count) and logs a change of status.
+fn record(pool: &Pool) {
+    let now = Instant::now();
+    {
+        let mut st = pool.state.lock();
+        let demand = st.demand();
+        st.demand.demand(now, demand);
+    }
+    let view = pool.view();
+    let status = view.status();
+    let before = Status::from_u8(pool.logged_status.swap(status as u8, Relaxed));
+    if status == before {
+        return;
+    }
+    let percent = view.utilization().round() as u64;
+    let (size, active, waiting) = (view.settings.size, view.active, view.waiting);
+    match status {
+        Status::Normal => {
+            info!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool load back to normal")
+        }
+        _ if status > before => {
+            warn!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool under pressure")
+        }
+        _ => {
+            info!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool load easing")
         }
     }
 }

@@ -192,7 +192,10 @@ mod tests {
         let mut codec = MessageCodec::new(16);
         let full = msg(b'D', &[7u8; 10_000]);
         let mut buf = BytesMut::from(&full[..40]);
-        assert!(codec.decode(&mut buf).unwrap().is_none(), "waits for a first part");
+        assert!(
+            codec.decode(&mut buf).unwrap().is_none(),
+            "waits for a first part"
+        );
         buf.extend_from_slice(&full[40..FIRST_PART + 100]);
         let first = codec.decode(&mut buf).unwrap().unwrap();
         assert!(first.starts && !first.ends && first.bytes.len() == FIRST_PART + 100);

@@ -36,6 +36,11 @@ impl SqlState {
     /// 54000: a limit of pgmux's was exceeded.
     pub const PROGRAM_LIMIT_EXCEEDED: SqlState = SqlState("54000");
 
+    /// 42601: a command the admin console does not know.
+    pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    /// F0000: a config reload found problems in the file (nothing changed).
+    pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
+
     /// The code as sent on the wire.
     pub fn code(&self) -> &'static str {
         self.0

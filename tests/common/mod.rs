@@ -7,6 +7,7 @@
 // would warn as dead code (or as unused re-exports) in that binary.
 #![allow(dead_code, unused_imports)]
 
+mod http;
 mod pgmux;
 mod postgres;
 mod watchdog;
@@ -15,6 +16,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub use http::{Http, request as http_request};
 pub use pgmux::{MuxOptions, TestPgmux};
 pub use postgres::{SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir};
 

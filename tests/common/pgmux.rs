@@ -33,10 +33,15 @@ pub struct MuxOptions {
     pub auth_method: &'static str,
     /// Raw TOML lines added to `[server]`, e.g. `shutdown_timeout = "1s"`.
     pub server_extra: String,
+    /// Raw TOML lines added to `[auth]`, e.g. `admin_users = ["other"]`.
+    pub auth_extra: String,
     /// Raw TOML lines added to `[pool]`, e.g. `idle_timeout = "1s"` (replacing the default line).
     pub pool_extra: String,
     /// Raw TOML appended at the end of the file, e.g. more `[databases.x]` tables.
     pub extra: String,
+    /// `Some(lines)`: start the admin HTTP port on a free port (`[admin] listen`), with
+    /// these raw TOML lines added to `[admin]` (e.g. `token = "t"`). `None`: no admin port.
+    pub admin: Option<String>,
 }
 
 impl Default for MuxOptions {
@@ -51,8 +56,10 @@ impl Default for MuxOptions {
             client_login_timeout: "15s",
             auth_method: "scram-sha-256",
             server_extra: String::new(),
+            auth_extra: String::new(),
             pool_extra: String::new(),
             extra: String::new(),
+            admin: None,
         }
     }
 }
@@ -79,6 +86,8 @@ pub struct TestPgmux {
     pub port: u16,
     /// The config file it was started with; rewrite it and `signal("HUP")` to reload.
     pub config_path: PathBuf,
+    /// The admin HTTP port on 127.0.0.1, when `MuxOptions::admin` asked for one.
+    pub admin_port: Option<u16>,
     process: Process,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -96,13 +105,16 @@ impl TestPgmux {
         let log_path = dir.path().join("pgmux.log");
         for _ in 0..5 {
             let port = free_port();
-            fs::write(&config_path, Self::config_toml(pg, &opts, port)).expect("config written");
+            let admin_port = opts.admin.as_ref().map(|_| free_port());
+            let text = Self::config_toml_with_admin(pg, &opts, port, admin_port);
+            fs::write(&config_path, text).expect("config written");
             let mut process = Process::spawn(&config_path, &log_path, dir.path());
             match process.wait_listening(port, &log_path).await {
                 Ready::Listening => {
                     return TestPgmux {
                         port,
                         config_path,
+                        admin_port,
                         process,
                         log_path,
                         _dir: dir,
@@ -118,7 +130,49 @@ impl TestPgmux {
         );
     }
 
-    /// The config `start` writes for `pg`, listening on `port`.
+    /// The config `start` writes for `pg`, listening on `port`, with the admin port on
+    /// `admin_port` (and `opts.admin`'s lines) if given.
+    pub fn config_toml_with_admin(
+        pg: &TestPostgres,
+        opts: &MuxOptions,
+        port: u16,
+        admin_port: Option<u16>,
+    ) -> String {
+        let mut text = Self::config_toml(pg, opts, port);
+        if let Some(admin_port) = admin_port {
+            let lines = opts.admin.as_deref().unwrap_or_default();
+            text.push_str(&format!(
+                "\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n{lines}\n"
+            ));
+        }
+        text
+    }
+
+    /// Rewrites the config file for `opts`, keeping the ports; follow with
+    /// `signal("HUP")` or `POST /reload`.
+    pub fn rewrite_config(&self, pg: &TestPostgres, opts: &MuxOptions) {
+        let text = Self::config_toml_with_admin(pg, opts, self.port, self.admin_port);
+        fs::write(&self.config_path, text).expect("config rewritten");
+    }
+
+    /// Sends an HTTP request to the admin port (with `Authorization: Bearer token` if
+    /// given); panics if pgmux has no admin port.
+    pub async fn admin(&self, method: &str, path: &str, token: Option<&str>) -> super::Http {
+        let port = self.admin_port.expect("started with MuxOptions::admin");
+        super::http::request(port, method, path, token).await
+    }
+
+    /// `GET path` on the admin port, without a token.
+    pub async fn admin_get(&self, path: &str) -> super::Http {
+        self.admin("GET", path, None).await
+    }
+
+    /// `POST path` on the admin port, without a token.
+    pub async fn admin_post(&self, path: &str) -> super::Http {
+        self.admin("POST", path, None).await
+    }
+
+    /// The config `start` writes for `pg`, listening on `port` (no admin port).
     pub fn config_toml(pg: &TestPostgres, opts: &MuxOptions, port: u16) -> String {
         // A key given in pool_extra/server_extra replaces the default line for it.
         let keep = |line: &&str, extra: &str| {
@@ -137,6 +191,7 @@ shutdown_timeout = "30s"
 {server_extra}
 [auth]
 method = "{auth_method}"
+{auth_extra}
 
 [pool]
 mode = "{mode}"
@@ -171,6 +226,7 @@ password = "other_pw"
             idle_transaction_timeout = opts.idle_transaction_timeout,
             pg_port = pg.port,
             server_extra = opts.server_extra,
+            auth_extra = opts.auth_extra,
             pool_extra = opts.pool_extra,
             extra = opts.extra,
         );

@@ -1,0 +1,514 @@
+//! `GET /metrics`: a Prometheus collector that reads the pools' atomics, the pools' state
+//! and the client registry at scrape time. Sessions never wait for a scrape: counters are
+//! atomics, and the pool's lock is taken once per pool for a copy of its counts.
+//!
+//! Names: `pgmux_` prefix, base units (seconds, bytes, ratios), `_total` counters,
+//! `_seconds` histograms. Labels: `database` and `user` (the pool), plus a bounded
+//! `state`, `class` or `reason` where a family says so; never a client address.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
+use prometheus::{Encoder, Registry, TextEncoder};
+
+use crate::clients::ClientState;
+use crate::pooler::Pooler;
+use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot};
+
+/// One family: name, help, type, labels.
+type Family = (
+    &'static str,
+    &'static str,
+    MetricType,
+    &'static [&'static str],
+);
+
+const POOL: &[&str] = &["database", "user"];
+const POOL_STATE: &[&str] = &["database", "user", "state"];
+const G: MetricType = MetricType::GAUGE;
+const C: MetricType = MetricType::COUNTER;
+const H: MetricType = MetricType::HISTOGRAM;
+
+/// Every family pgmux exports (besides the `process_*` ones).
+const FAMILIES: &[Family] = &[
+    (
+        "pgmux_build_info",
+        "pgmux version, always 1.",
+        G,
+        &["version"],
+    ),
+    (
+        "pgmux_client_connections",
+        "Client TCP connections open now, logging in or logged in.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_max_client_connections",
+        "server.max_client_conn.",
+        G,
+        &[],
+    ),
+    ("pgmux_pools", "Pools (database, user) in use.", G, &[]),
+    (
+        "pgmux_config_reloads_total",
+        "Config reloads, by result (success, failure).",
+        C,
+        &["result"],
+    ),
+    (
+        "pgmux_config_last_reload_success",
+        "1 if the last config reload was applied (or none was tried), 0 if it was refused.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_config_last_reload_timestamp_seconds",
+        "When the last config reload was tried, Unix time; 0 = never.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_clients",
+        "Logged-in clients by state: idle, active, waiting, idle_in_transaction.",
+        G,
+        POOL_STATE,
+    ),
+    (
+        "pgmux_pool_waiting_clients",
+        "Clients queued for a server connection.",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_pool_oldest_wait_seconds",
+        "How long the oldest queued client has waited; 0 when none waits.",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_servers",
+        "Server connections by state: active (lent to a client), idle, connecting.",
+        G,
+        POOL_STATE,
+    ),
+    (
+        "pgmux_pool_size",
+        "Most server connections the pool opens (size).",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_pool_min_size",
+        "Server connections kept open even when idle (min_size).",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_pool_utilization_ratio",
+        "Server connections in use (active + connecting) / size.",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_pool_paused",
+        "1 while an operator paused the pool.",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_upstream_up",
+        "1 if the pool can reach its upstream (last connect succeeded, or a connection is open).",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_upstream_max_connections",
+        "The upstream's max_connections, once pgmux asked.",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_wait_seconds",
+        "Time clients waited for a server connection (to a server, or to the wait_timeout error).",
+        H,
+        POOL,
+    ),
+    (
+        "pgmux_server_hold_seconds",
+        "Time clients held a server connection, lent to given back.",
+        H,
+        POOL,
+    ),
+    (
+        "pgmux_transaction_duration_seconds",
+        "Transactions in transaction and statement mode, from the first message needing a server (wait included) to the server's return.",
+        H,
+        POOL,
+    ),
+    (
+        "pgmux_queries_total",
+        "Query and Sync messages forwarded to servers.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_transactions_total",
+        "Server connections given back in transaction and statement mode: one per transaction.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_server_checkouts_total",
+        "Server connections lent to clients.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_client_received_bytes_total",
+        "Bytes received from clients.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_client_sent_bytes_total",
+        "Bytes sent to clients.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_server_errors_total",
+        "ErrorResponses from servers, by SQLSTATE class.",
+        C,
+        &["database", "user", "class"],
+    ),
+    (
+        "pgmux_wait_timeouts_total",
+        "Clients that got 53300 after wait_timeout.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_upstream_connect_attempts_total",
+        "Attempts to open a server connection.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_upstream_connect_failures_total",
+        "Attempts to open a server connection that failed.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_server_connections_closed_total",
+        "Server connections closed by pgmux, by reason.",
+        C,
+        &["database", "user", "reason"],
+    ),
+    (
+        "pgmux_prepared_statement_cache_hits_total",
+        "Named prepared statements already prepared on the server.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_prepared_statement_cache_misses_total",
+        "Named prepared statements that had to be prepared on the server.",
+        C,
+        POOL,
+    ),
+    (
+        "pgmux_prepared_statement_cache_evictions_total",
+        "Prepared statements closed on a server to stay under max_prepared_statements.",
+        C,
+        POOL,
+    ),
+];
+
+/// The registry `/metrics` encodes: pgmux's collector and the process collector
+/// (`process_cpu_seconds_total`, `process_resident_memory_bytes`, `process_open_fds`, ...).
+pub struct Metrics {
+    registry: Registry,
+    /// Scrapes served, and their total time in microseconds (for `bench/`).
+    pub scrapes: AtomicU64,
+}
+
+impl Metrics {
+    /// A registry reading `pooler`.
+    pub fn new(pooler: &Arc<Pooler>) -> Metrics {
+        let registry = Registry::new();
+        registry
+            .register(Box::new(PoolCollector::new(Arc::downgrade(pooler))))
+            .expect("pgmux metric names are valid and unique");
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("the process collector registers once");
+        Metrics {
+            registry,
+            scrapes: AtomicU64::new(0),
+        }
+    }
+
+    /// Every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        self.scrapes.fetch_add(1, Relaxed);
+        let families = self.registry.gather();
+        let mut out = Vec::with_capacity(64 * 1024);
+        TextEncoder::new()
+            .encode(&families, &mut out)
+            .expect("text encoding of gathered metrics cannot fail");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// Reads the pooler at scrape time.
+struct PoolCollector {
+    pooler: Weak<Pooler>,
+    descs: Vec<Desc>,
+}
+
+impl PoolCollector {
+    fn new(pooler: Weak<Pooler>) -> PoolCollector {
+        let descs = FAMILIES
+            .iter()
+            .map(|(name, help, _, labels)| {
+                let labels = labels.iter().map(|l| (*l).to_owned()).collect();
+                Desc::new(
+                    (*name).to_owned(),
+                    (*help).to_owned(),
+                    labels,
+                    Default::default(),
+                )
+                .expect("valid metric name")
+            })
+            .collect();
+        PoolCollector { pooler, descs }
+    }
+}
+
+impl Collector for PoolCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let Some(pooler) = self.pooler.upgrade() else {
+            return Vec::new();
+        };
+        let mut out = Families::default();
+        collect_global(&pooler, &mut out);
+        collect_pools(&pooler, &mut out);
+        out.finish()
+    }
+}
+
+fn collect_global(pooler: &Pooler, out: &mut Families) {
+    out.gauge("pgmux_build_info", &[env!("CARGO_PKG_VERSION")], 1.0);
+    out.gauge(
+        "pgmux_client_connections",
+        &[],
+        pooler.clients.load(Relaxed) as f64,
+    );
+    let config = &pooler.snapshot().config;
+    out.gauge(
+        "pgmux_max_client_connections",
+        &[],
+        config.server.max_client_conn as f64,
+    );
+    let r = &pooler.reloads;
+    out.counter(
+        "pgmux_config_reloads_total",
+        &["success"],
+        r.succeeded.load(Relaxed),
+    );
+    out.counter(
+        "pgmux_config_reloads_total",
+        &["failure"],
+        r.failed.load(Relaxed),
+    );
+    let ok = if r.last_failed.load(Relaxed) {
+        0.0
+    } else {
+        1.0
+    };
+    out.gauge("pgmux_config_last_reload_success", &[], ok);
+    out.gauge(
+        "pgmux_config_last_reload_timestamp_seconds",
+        &[],
+        r.last_at.load(Relaxed) as f64,
+    );
+}
+
+fn collect_pools(pooler: &Pooler, out: &mut Families) {
+    let pools = pooler.pools();
+    out.gauge("pgmux_pools", &[], pools.len() as f64);
+    for ((database, user), counts) in pooler.clients_registry.counts() {
+        for state in ClientState::ALL {
+            let n = counts[state as usize] as f64;
+            out.gauge("pgmux_clients", &[&database, &user, state.label()], n);
+        }
+    }
+    for pool in pools {
+        let v = pool.view();
+        let s = &pool.stats;
+        let l = [v.key.database.as_str(), v.key.user.as_str()];
+        let with = |x: &'static str| [l[0], l[1], x];
+        out.gauge("pgmux_pool_waiting_clients", &l, v.waiting as f64);
+        let oldest = v.oldest_wait.map_or(0.0, |d| d.as_secs_f64());
+        out.gauge("pgmux_pool_oldest_wait_seconds", &l, oldest);
+        out.gauge("pgmux_servers", &with("active"), v.active as f64);
+        out.gauge("pgmux_servers", &with("idle"), v.idle as f64);
+        out.gauge(
+            "pgmux_servers",
+            &with("connecting"),
+            f64::from(v.connecting),
+        );
+        out.gauge("pgmux_pool_size", &l, f64::from(v.settings.size));
+        out.gauge("pgmux_pool_min_size", &l, f64::from(v.settings.min_size));
+        out.gauge("pgmux_pool_utilization_ratio", &l, v.utilization() / 100.0);
+        out.gauge("pgmux_pool_paused", &l, if v.paused { 1.0 } else { 0.0 });
+        out.gauge(
+            "pgmux_upstream_up",
+            &l,
+            if v.reachable() { 1.0 } else { 0.0 },
+        );
+        if let Some(max) = v.upstream_max_connections {
+            out.gauge("pgmux_upstream_max_connections", &l, f64::from(max));
+        }
+        out.histogram("pgmux_wait_seconds", &l, s.wait.snapshot());
+        out.histogram("pgmux_server_hold_seconds", &l, s.hold.snapshot());
+        out.histogram(
+            "pgmux_transaction_duration_seconds",
+            &l,
+            s.transaction.snapshot(),
+        );
+        let counters: [(&'static str, &AtomicU64); 11] = [
+            ("pgmux_queries_total", &s.queries),
+            ("pgmux_transactions_total", &s.transactions),
+            ("pgmux_server_checkouts_total", &s.checkouts),
+            ("pgmux_client_received_bytes_total", &s.bytes_received),
+            ("pgmux_client_sent_bytes_total", &s.bytes_sent),
+            ("pgmux_wait_timeouts_total", &s.wait_timeouts),
+            ("pgmux_upstream_connect_attempts_total", &s.connect_attempts),
+            ("pgmux_upstream_connect_failures_total", &s.connect_failures),
+            (
+                "pgmux_prepared_statement_cache_hits_total",
+                &s.prepared_hits,
+            ),
+            (
+                "pgmux_prepared_statement_cache_misses_total",
+                &s.prepared_misses,
+            ),
+            (
+                "pgmux_prepared_statement_cache_evictions_total",
+                &s.prepared_evictions,
+            ),
+        ];
+        for (name, value) in counters {
+            out.counter(name, &l, value.load(Relaxed));
+        }
+        for (class, n) in s.server_errors.nonzero() {
+            out.counter("pgmux_server_errors_total", &with(class), n);
+        }
+        for reason in CloseReason::ALL {
+            let n = s.closed[reason as usize].load(Relaxed);
+            out.counter(
+                "pgmux_server_connections_closed_total",
+                &with(reason.as_str()),
+                n,
+            );
+        }
+    }
+}
+
+/// Metrics being gathered, by family name.
+#[derive(Default)]
+struct Families {
+    by_name: BTreeMap<&'static str, Vec<Metric>>,
+}
+
+impl Families {
+    fn push(&mut self, name: &'static str, values: &[&str], mut metric: Metric) {
+        let labels = family(name).3;
+        debug_assert_eq!(labels.len(), values.len(), "{name}");
+        let pairs = labels
+            .iter()
+            .zip(values)
+            .map(|(k, v)| {
+                let mut pair = LabelPair::default();
+                pair.set_name((*k).to_owned());
+                pair.set_value((*v).to_owned());
+                pair
+            })
+            .collect();
+        metric.set_label(pairs);
+        self.by_name.entry(name).or_default().push(metric);
+    }
+
+    fn gauge(&mut self, name: &'static str, labels: &[&str], value: f64) {
+        let mut gauge = Gauge::default();
+        gauge.set_value(value);
+        let mut metric = Metric::default();
+        metric.set_gauge(gauge);
+        self.push(name, labels, metric);
+    }
+
+    fn counter(&mut self, name: &'static str, labels: &[&str], value: u64) {
+        let mut counter = Counter::default();
+        counter.set_value(value as f64);
+        let mut metric = Metric::default();
+        metric.set_counter(counter);
+        self.push(name, labels, metric);
+    }
+
+    fn histogram(&mut self, name: &'static str, labels: &[&str], h: HistogramSnapshot) {
+        let buckets = BUCKETS
+            .iter()
+            .zip(h.cumulative)
+            .map(|(bound, count)| {
+                let mut bucket = Bucket::default();
+                bucket.set_upper_bound(*bound);
+                bucket.set_cumulative_count(count);
+                bucket
+            })
+            .collect();
+        let mut histogram = Histogram::default();
+        histogram.set_bucket(buckets);
+        histogram.set_sample_count(h.count);
+        histogram.set_sample_sum(h.sum_seconds);
+        let mut metric = Metric::default();
+        metric.set_histogram(histogram);
+        self.push(name, labels, metric);
+    }
+
+    fn finish(self) -> Vec<MetricFamily> {
+        self.by_name
+            .into_iter()
+            .map(|(name, metrics)| {
+                let (_, help, kind, _) = family(name);
+                let mut mf = MetricFamily::default();
+                mf.set_name(name.to_owned());
+                mf.set_help(help.to_owned());
+                mf.set_field_type(kind);
+                mf.set_metric(metrics);
+                mf
+            })
+            .collect()
+    }
+}
+
+fn family(name: &str) -> Family {
+    *FAMILIES
+        .iter()
+        .find(|f| f.0 == name)
+        .expect("every family pushed is in FAMILIES")
+}

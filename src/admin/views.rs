@@ -1,0 +1,337 @@
+//! What `/pools`, `/clients`, `/servers` and `/ready` show, built from the pools' views
+//! and the client registry. The console's SHOW commands use the same data.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::clients::ClientInfo;
+use crate::pool::{PoolView, ServerState, WINDOW_SECONDS};
+use crate::pooler::Pooler;
+
+/// One pool in `/pools`.
+#[derive(Serialize, Debug, Clone)]
+pub struct PoolJson {
+    pub database: String,
+    pub user: String,
+    pub mode: &'static str,
+    pub size: u32,
+    pub min_size: u32,
+    /// Server connections lent to clients.
+    pub active: usize,
+    pub idle: usize,
+    pub connecting: u32,
+    /// Clients waiting for a server.
+    pub waiting: usize,
+    pub oldest_wait_ms: u64,
+    pub utilization_percent: f64,
+    /// `normal` (< 70 %), `warning` (< 90 %), `critical` (or clients waiting).
+    pub status: &'static str,
+    pub paused: bool,
+    /// `host:port`.
+    pub upstream: String,
+    pub upstream_reachable: bool,
+    /// The last connect error while the upstream is unreachable.
+    pub upstream_error: Option<String>,
+    pub wait_timeouts_last_minute: u64,
+    pub wait_timeouts_total: u64,
+    pub advice: Advice,
+}
+
+/// Sizing advice from the last five minutes of demand.
+#[derive(Serialize, Debug, Clone)]
+pub struct Advice {
+    /// Seconds of history the advice is based on (at most 300).
+    pub window_seconds: u64,
+    /// Most servers wanted at once (held + waiting) in any second.
+    pub peak_demand: u32,
+    /// 95th percentile of the per-second peaks.
+    pub p95_demand: u32,
+    /// Servers lent per second.
+    pub arrival_rate_per_second: f64,
+    /// Mean time a server was held.
+    pub mean_hold_ms: f64,
+    /// Little's law: arrival rate x mean hold time = servers busy on average.
+    pub littles_law_servers: f64,
+    /// The size that would have avoided every wait in the window.
+    pub suggested_size: u32,
+    /// The upstream's `max_connections`, once known.
+    pub upstream_max_connections: Option<u32>,
+    /// Sum of the sizes of every pool on the same upstream (host:port).
+    pub upstream_pools_size: u32,
+    /// `max_connections` less that sum; negative when the pools may open more than allowed.
+    pub upstream_headroom: Option<i64>,
+    /// The advice in words.
+    pub summary: String,
+}
+
+/// Every pool, by database then user.
+pub fn pools(pooler: &Pooler) -> Vec<PoolJson> {
+    let mut views: Vec<PoolView> = pooler.pools().iter().map(|p| p.view()).collect();
+    views.sort_by(|a, b| a.key.cmp(&b.key));
+    // Sizes per upstream, for the headroom.
+    let mut per_upstream: HashMap<String, u32> = HashMap::new();
+    for v in &views {
+        *per_upstream.entry(v.upstream.to_string()).or_default() += v.settings.size;
+    }
+    views
+        .iter()
+        .map(|v| {
+            let upstream = v.upstream.to_string();
+            let pools_size = per_upstream.get(&upstream).copied().unwrap_or(0);
+            PoolJson {
+                database: v.key.database.clone(),
+                user: v.key.user.clone(),
+                mode: v.settings.mode.as_str(),
+                size: v.settings.size,
+                min_size: v.settings.min_size,
+                active: v.active,
+                idle: v.idle,
+                connecting: v.connecting,
+                waiting: v.waiting,
+                oldest_wait_ms: millis(v.oldest_wait.unwrap_or_default()),
+                utilization_percent: (v.utilization() * 10.0).round() / 10.0,
+                status: v.status().as_str(),
+                paused: v.paused,
+                upstream,
+                upstream_reachable: v.reachable(),
+                upstream_error: v.upstream_error.clone(),
+                wait_timeouts_last_minute: v.demand.timeouts_last_minute,
+                wait_timeouts_total: v.wait_timeouts_total,
+                advice: advice(v, pools_size),
+            }
+        })
+        .collect()
+}
+
+fn advice(v: &PoolView, pools_size: u32) -> Advice {
+    let d = &v.demand;
+    let size = v.settings.size;
+    let littles = d.littles_law();
+    let needed = d.peak.max(littles.ceil() as u32);
+    let suggested = needed.max(v.settings.min_size).max(1);
+    let headroom = v
+        .upstream_max_connections
+        .map(|max| i64::from(max) - i64::from(pools_size));
+    let window = humantime::format_duration(Duration::from_secs(d.seconds));
+    let mut summary = if d.seconds == 0 {
+        "no demand observed yet".to_owned()
+    } else if suggested > size {
+        format!(
+            "raise size from {size} to {suggested}: up to {} clients wanted a server at once in the last {window} (p95 {}), {} gave up waiting in the last minute",
+            d.peak, d.p95, d.timeouts_last_minute
+        )
+    } else if d.seconds >= 60 && suggested < size / 2 {
+        format!(
+            "size {size} is more than this load needs: at most {} servers were wanted at once in the last {window} (p95 {}); {suggested} would do",
+            d.peak, d.p95
+        )
+    } else {
+        format!(
+            "size {size} fits: at most {} servers were wanted at once in the last {window} (p95 {})",
+            d.peak, d.p95
+        )
+    };
+    if let (Some(max), Some(room)) = (v.upstream_max_connections, headroom) {
+        let more = i64::from(suggested) - i64::from(size);
+        if room < 0 {
+            summary.push_str(&format!(
+                "; the pools on {} may open {pools_size} connections but its max_connections is {max}",
+                v.upstream
+            ));
+        } else if more > room {
+            summary.push_str(&format!(
+                "; but {} has room for only {room} more connections (max_connections {max}, pools on it may open {pools_size}): raise max_connections or make transactions shorter",
+                v.upstream
+            ));
+        }
+    }
+    Advice {
+        window_seconds: d.seconds.min(WINDOW_SECONDS as u64),
+        peak_demand: d.peak,
+        p95_demand: d.p95,
+        arrival_rate_per_second: round3(d.arrival_rate),
+        mean_hold_ms: round3(d.mean_hold.as_secs_f64() * 1000.0),
+        littles_law_servers: round3(littles),
+        suggested_size: suggested,
+        upstream_max_connections: v.upstream_max_connections,
+        upstream_pools_size: pools_size,
+        upstream_headroom: headroom,
+        summary,
+    }
+}
+
+/// One client in `/clients`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ClientJson {
+    pub id: u64,
+    pub addr: String,
+    pub database: String,
+    pub user: String,
+    pub application_name: String,
+    /// idle, active, waiting, idle in transaction.
+    pub state: &'static str,
+    /// How long it has been in `state`.
+    pub state_ms: u64,
+    pub connected_ms: u64,
+    pub in_transaction: bool,
+    /// The server connection it holds.
+    pub server: Option<HeldServer>,
+    /// Its current (or last) query, at most 200 bytes.
+    pub query: Option<String>,
+}
+
+/// The server a client holds.
+#[derive(Serialize, Debug, Clone)]
+pub struct HeldServer {
+    pub id: u64,
+    pub pid: i32,
+    pub held_ms: u64,
+}
+
+/// Every client; those holding a server first, longest held first, then by time in state.
+pub fn clients(pooler: &Pooler) -> Vec<ClientJson> {
+    let mut all = pooler.clients_registry.snapshot();
+    all.sort_by(|a, b| {
+        let held = |c: &ClientInfo| c.server.map(|s| s.held);
+        held(b)
+            .cmp(&held(a))
+            .then_with(|| b.in_state.cmp(&a.in_state))
+    });
+    all.iter().map(client_json).collect()
+}
+
+fn client_json(c: &ClientInfo) -> ClientJson {
+    ClientJson {
+        id: c.id,
+        addr: c.peer.to_string(),
+        database: c.database.clone(),
+        user: c.user.clone(),
+        application_name: c.application_name.clone(),
+        state: c.state.as_str(),
+        state_ms: millis(c.in_state),
+        connected_ms: millis(c.connected),
+        in_transaction: c.in_transaction,
+        server: c.server.map(|s| HeldServer {
+            id: s.id,
+            pid: s.pid,
+            held_ms: millis(s.held),
+        }),
+        query: (!c.query.is_empty()).then(|| c.query.clone()),
+    }
+}
+
+/// One server connection in `/servers`.
+#[derive(Serialize, Debug, Clone)]
+pub struct ServerJson {
+    pub id: u64,
+    pub pid: i32,
+    pub database: String,
+    pub user: String,
+    /// `host:port`.
+    pub upstream: String,
+    /// active (lent to a client) or idle.
+    pub state: &'static str,
+    /// Time since it was opened.
+    pub age_ms: u64,
+    /// Active: how long its client has held it.
+    pub held_ms: Option<u64>,
+    /// Idle: how long it has been idle.
+    pub idle_ms: Option<u64>,
+    /// The client holding it.
+    pub client: Option<HoldingClient>,
+    /// The client's current query, at most 200 bytes, if it is running one or in a
+    /// transaction.
+    pub query: Option<String>,
+    pub in_transaction: bool,
+}
+
+/// The client holding a server.
+#[derive(Serialize, Debug, Clone)]
+pub struct HoldingClient {
+    pub id: u64,
+    pub addr: String,
+    pub application_name: String,
+    pub state: &'static str,
+}
+
+/// Every server connection of every pool; active ones first, longest held first.
+pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
+    let clients = pooler.clients_registry.snapshot();
+    let by_server: HashMap<u64, &ClientInfo> = clients
+        .iter()
+        .filter_map(|c| c.server.map(|s| (s.id, c)))
+        .collect();
+    let mut out = Vec::new();
+    for pool in pooler.pools() {
+        let upstream = pool.upstream().to_string();
+        for s in pool.servers() {
+            let client = by_server.get(&s.id).copied();
+            let active = s.state == ServerState::Active;
+            let busy = client.is_some_and(|c| {
+                c.in_transaction || c.state == crate::clients::ClientState::Active
+            });
+            out.push(ServerJson {
+                id: s.id,
+                pid: s.pid,
+                database: pool.key.database.clone(),
+                user: pool.key.user.clone(),
+                upstream: upstream.clone(),
+                state: s.state.as_str(),
+                age_ms: millis(s.age),
+                held_ms: active.then(|| millis(s.in_state)),
+                idle_ms: (!active).then(|| millis(s.in_state)),
+                client: client.map(|c| HoldingClient {
+                    id: c.id,
+                    addr: c.peer.to_string(),
+                    application_name: c.application_name.clone(),
+                    state: c.state.as_str(),
+                }),
+                query: client
+                    .filter(|c| busy && !c.query.is_empty())
+                    .map(|c| c.query.clone()),
+                in_transaction: client.is_some_and(|c| c.in_transaction),
+            });
+        }
+    }
+    out.sort_by_key(|s| std::cmp::Reverse(s.held_ms));
+    out
+}
+
+/// `Ok` when pgmux can serve: its listener accepts and every pool reaches its upstream
+/// or holds a live connection. Otherwise every reason.
+pub fn readiness(pooler: &Pooler) -> Result<(), Vec<String>> {
+    let mut reasons = Vec::new();
+    if pooler.stop.is_cancelled() {
+        reasons.push("pgmux is shutting down".to_owned());
+    } else if !pooler.listening.load(Relaxed) {
+        reasons.push("the client listener is not accepting connections".to_owned());
+    }
+    let mut views: Vec<PoolView> = pooler.pools().iter().map(|p| p.view()).collect();
+    views.sort_by(|a, b| a.key.cmp(&b.key));
+    for v in views {
+        if !v.reachable() {
+            reasons.push(format!(
+                "pool {}: upstream {} unreachable and no connection open: {}",
+                v.key,
+                v.upstream,
+                v.upstream_error.as_deref().unwrap_or("unknown error")
+            ));
+        }
+    }
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(reasons)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}

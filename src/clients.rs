@@ -1,0 +1,376 @@
+//! Who is connected and what they do: the live client registry behind `/clients`,
+//! `/servers`, `SHOW CLIENTS` and `SHOW SERVERS`.
+//!
+//! Each logged-in client session owns a [`ClientHandle`] and writes its state there as it
+//! changes: atomics, plus a tiny lock around the current query text that only the session
+//! and an admin read ever take. The admin port reads every entry when asked; the session
+//! never waits for it. Dropping the handle removes the client.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// The longest query text kept per client, in bytes.
+pub const QUERY_TEXT_MAX: usize = 200;
+/// Registry shards: registration and removal of unrelated clients rarely meet on a lock.
+const SHARDS: usize = 16;
+
+/// What a client is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ClientState {
+    /// Between transactions, holding no server (transaction mode), or an idle session.
+    Idle,
+    /// A query or transaction is running on a server.
+    Active,
+    /// Waiting for a server connection.
+    Waiting,
+    /// Holds a server inside a transaction and sends nothing.
+    IdleInTransaction,
+}
+
+impl ClientState {
+    /// Every state, in discriminant order.
+    pub const ALL: [ClientState; 4] = [
+        ClientState::Idle,
+        ClientState::Active,
+        ClientState::Waiting,
+        ClientState::IdleInTransaction,
+    ];
+
+    /// The name shown in views, as PostgreSQL's `pg_stat_activity.state` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Active => "active",
+            ClientState::Waiting => "waiting",
+            ClientState::IdleInTransaction => "idle in transaction",
+        }
+    }
+
+    /// A name usable as a Prometheus label value.
+    pub fn label(self) -> &'static str {
+        match self {
+            ClientState::IdleInTransaction => "idle_in_transaction",
+            other => other.as_str(),
+        }
+    }
+
+    fn from_u8(v: u8) -> ClientState {
+        ClientState::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(ClientState::Idle)
+    }
+}
+
+/// One client's entry. Written by its session through [`ClientHandle`], read by admins.
+struct Entry {
+    id: u64,
+    peer: SocketAddr,
+    database: String,
+    user: String,
+    connected: Instant,
+    application_name: Mutex<String>,
+    state: AtomicU8,
+    /// Nanoseconds after the registry's epoch when `state` last changed.
+    state_since: AtomicU64,
+    /// Set by IdleInTransaction, cleared by Idle: whether an Active client is inside a
+    /// transaction block.
+    in_transaction: AtomicBool,
+    /// The held server's id, 0 for none; its backend pid; since when (epoch nanoseconds).
+    server_id: AtomicU64,
+    server_pid: AtomicI32,
+    server_since: AtomicU64,
+    query: Mutex<QueryText>,
+}
+
+struct QueryText {
+    len: usize,
+    bytes: [u8; QUERY_TEXT_MAX],
+}
+
+/// Every logged-in client. Shared (`Arc`) by the pooler, the sessions and the admin port.
+pub struct ClientRegistry {
+    epoch: Instant,
+    next_id: AtomicU64,
+    shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
+}
+
+impl Default for ClientRegistry {
+    fn default() -> Self {
+        ClientRegistry {
+            epoch: Instant::now(),
+            next_id: AtomicU64::new(1),
+            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+        }
+    }
+}
+
+/// A session's entry in the registry; dropping it removes the client. Every method takes
+/// `&self`, touches only atomics (or the entry's own query lock) and never allocates,
+/// except [`ClientHandle::set_application_name`].
+pub struct ClientHandle {
+    entry: Arc<Entry>,
+    registry: Arc<ClientRegistry>,
+}
+
+impl ClientRegistry {
+    /// Adds a logged-in client, idle and holding no server.
+    pub fn register(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        database: &str,
+        user: &str,
+        application_name: &str,
+    ) -> ClientHandle {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let entry = Arc::new(Entry {
+            id,
+            peer,
+            database: database.to_owned(),
+            user: user.to_owned(),
+            connected: Instant::now(),
+            application_name: Mutex::new(application_name.to_owned()),
+            state: AtomicU8::new(ClientState::Idle as u8),
+            state_since: AtomicU64::new(self.now()),
+            in_transaction: AtomicBool::new(false),
+            server_id: AtomicU64::new(0),
+            server_pid: AtomicI32::new(0),
+            server_since: AtomicU64::new(0),
+            query: Mutex::new(QueryText {
+                len: 0,
+                bytes: [0; QUERY_TEXT_MAX],
+            }),
+        });
+        self.shard(id).lock().insert(id, entry.clone());
+        ClientHandle {
+            entry,
+            registry: self.clone(),
+        }
+    }
+
+    /// How many clients are registered.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().len()).sum()
+    }
+
+    /// Whether no client is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Clients per (database, user) and state, indexed by `ClientState as usize`.
+    pub fn counts(&self) -> HashMap<(String, String), [u64; 4]> {
+        let entries = self.entries();
+        let mut by_pool: HashMap<(&str, &str), [u64; 4]> = HashMap::new();
+        for e in &entries {
+            let state = usize::from(e.state.load(Relaxed)).min(3);
+            by_pool.entry((&e.database, &e.user)).or_default()[state] += 1;
+        }
+        by_pool
+            .into_iter()
+            .map(|((d, u), counts)| ((d.to_owned(), u.to_owned()), counts))
+            .collect()
+    }
+
+    /// Every entry; each shard is locked only while its entries are cloned (`Arc`s).
+    fn entries(&self) -> Vec<Arc<Entry>> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            out.extend(shard.lock().values().cloned());
+        }
+        out
+    }
+
+    /// A copy of every client's entry, as of now.
+    pub fn snapshot(&self) -> Vec<ClientInfo> {
+        let entries = self.entries();
+        let now = self.now();
+        entries.iter().map(|e| self.info(e, now)).collect()
+    }
+
+    fn info(&self, e: &Entry, now: u64) -> ClientInfo {
+        let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
+        let server_id = e.server_id.load(Relaxed);
+        let query = {
+            let q = e.query.lock();
+            String::from_utf8_lossy(&q.bytes[..q.len]).into_owned()
+        };
+        ClientInfo {
+            id: e.id,
+            peer: e.peer,
+            database: e.database.clone(),
+            user: e.user.clone(),
+            application_name: e.application_name.lock().clone(),
+            state: ClientState::from_u8(e.state.load(Relaxed)),
+            in_state: since(e.state_since.load(Relaxed)),
+            in_transaction: e.in_transaction.load(Relaxed),
+            connected: e.connected.elapsed(),
+            server: (server_id != 0).then(|| ServerLink {
+                id: server_id,
+                pid: e.server_pid.load(Relaxed),
+                held: since(e.server_since.load(Relaxed)),
+            }),
+            query,
+        }
+    }
+
+    fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
+        &self.shards[(id % SHARDS as u64) as usize]
+    }
+
+    /// Nanoseconds since the registry was created.
+    fn now(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl ClientHandle {
+    /// The client's id in the registry (as shown in the views).
+    pub fn id(&self) -> u64 {
+        self.entry.id
+    }
+
+    /// Records what the client does now. Setting the state it already has keeps the time
+    /// it entered that state.
+    pub fn set_state(&self, state: ClientState) {
+        let e = &self.entry;
+        match state {
+            ClientState::IdleInTransaction => e.in_transaction.store(true, Relaxed),
+            ClientState::Idle => e.in_transaction.store(false, Relaxed),
+            ClientState::Active | ClientState::Waiting => {}
+        }
+        if e.state.swap(state as u8, Relaxed) != state as u8 {
+            e.state_since.store(self.registry.now(), Relaxed);
+        }
+    }
+
+    /// Records the server the client holds: `(ServerConn.id, backend pid)`, or none.
+    pub fn set_server(&self, server: Option<(u64, i32)>) {
+        let e = &self.entry;
+        match server {
+            Some((id, pid)) => {
+                e.server_pid.store(pid, Relaxed);
+                e.server_since.store(self.registry.now(), Relaxed);
+                e.server_id.store(id, Relaxed);
+            }
+            None => e.server_id.store(0, Relaxed),
+        }
+    }
+
+    /// Records the text of the current Query or Parse; the first [`QUERY_TEXT_MAX`] bytes
+    /// are kept (a trailing NUL is dropped). Copies into a fixed buffer: no allocation.
+    pub fn set_query(&self, sql: &[u8]) {
+        let sql = sql.strip_suffix(&[0]).unwrap_or(sql);
+        let n = sql.len().min(QUERY_TEXT_MAX);
+        let mut q = self.entry.query.lock();
+        q.bytes[..n].copy_from_slice(&sql[..n]);
+        q.len = n;
+    }
+
+    /// Records a new `application_name` (the client ran `SET application_name`).
+    pub fn set_application_name(&self, name: &str) {
+        let mut current = self.entry.application_name.lock();
+        if *current != name {
+            name.clone_into(&mut current);
+        }
+    }
+}
+
+impl Drop for ClientHandle {
+    fn drop(&mut self) {
+        self.registry
+            .shard(self.entry.id)
+            .lock()
+            .remove(&self.entry.id);
+    }
+}
+
+/// A copy of one client's entry.
+#[derive(Clone, Debug)]
+pub struct ClientInfo {
+    /// Registry id.
+    pub id: u64,
+    /// The client's address.
+    pub peer: SocketAddr,
+    /// The database it asked for.
+    pub database: String,
+    /// The user it logged in as.
+    pub user: String,
+    /// Its `application_name`.
+    pub application_name: String,
+    /// What it does.
+    pub state: ClientState,
+    /// For how long it has been in `state`.
+    pub in_state: Duration,
+    /// Whether it is inside a transaction block (as far as its states tell).
+    pub in_transaction: bool,
+    /// For how long it has been connected.
+    pub connected: Duration,
+    /// The server it holds.
+    pub server: Option<ServerLink>,
+    /// The text of its current (or last) query, at most [`QUERY_TEXT_MAX`] bytes.
+    pub query: String,
+}
+
+/// The server connection a client holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerLink {
+    /// `ServerConn.id`.
+    pub id: u64,
+    /// The backend's process id.
+    pub pid: i32,
+    /// For how long the client has held it.
+    pub held: Duration,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> SocketAddr {
+        "127.0.0.1:5000".parse().expect("an address")
+    }
+
+    #[test]
+    fn register_update_and_drop() {
+        let registry = Arc::new(ClientRegistry::default());
+        let a = registry.register(peer(), "app", "alice", "psql");
+        let b = registry.register(peer(), "app", "bob", "");
+        assert_eq!(registry.len(), 2);
+        a.set_state(ClientState::Active);
+        a.set_server(Some((7, 4242)));
+        a.set_query(&[b'x'; 500]);
+        a.set_application_name("worker");
+        let all = registry.snapshot();
+        let info = all.iter().find(|c| c.id == a.id()).expect("alice is there");
+        assert_eq!(info.state, ClientState::Active);
+        assert_eq!(info.server.map(|s| (s.id, s.pid)), Some((7, 4242)));
+        assert_eq!(info.query.len(), QUERY_TEXT_MAX);
+        assert_eq!(info.application_name, "worker");
+        assert!(!info.in_transaction);
+        a.set_state(ClientState::IdleInTransaction);
+        a.set_state(ClientState::Active);
+        let counts = registry.counts();
+        assert_eq!(counts[&("app".into(), "alice".into())][1], 1);
+        assert_eq!(counts[&("app".into(), "bob".into())][0], 1);
+        let info = registry.snapshot().into_iter().find(|c| c.id == a.id());
+        assert!(info.expect("alice").in_transaction);
+        drop(b);
+        assert_eq!(registry.len(), 1);
+        drop(a);
+        assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn query_text_drops_the_trailing_nul() {
+        let registry = Arc::new(ClientRegistry::default());
+        let c = registry.register(peer(), "app", "alice", "");
+        c.set_query(b"SELECT 1\0");
+        assert_eq!(registry.snapshot()[0].query, "SELECT 1");
+    }
+}

@@ -1,0 +1,189 @@
+//! A sliding window of the pool's demand, one slot per second over the last five minutes:
+//! how many servers clients wanted at once (held + waiting), arrivals, hold times and
+//! wait timeouts. It lives in the pool's state and is updated under the pool's lock, on
+//! paths that take it anyway; the upkeep tick touches it twice a second so that quiet
+//! seconds are recorded too. `/pools` reads it for utilization history and sizing advice.
+
+use std::time::{Duration, Instant};
+
+/// Seconds the window covers.
+pub const WINDOW_SECONDS: usize = 300;
+
+#[derive(Clone, Copy, Default)]
+struct Slot {
+    /// Which second this slot holds (seconds since the window's epoch, plus one; 0 = empty).
+    second: u64,
+    /// Most servers wanted at once: held by clients plus clients waiting.
+    peak_demand: u32,
+    /// Servers lent to clients.
+    checkouts: u32,
+    /// Servers given back, and how long they had been held in total.
+    returns: u32,
+    hold_nanos: u64,
+    /// Clients that gave up waiting (53300).
+    timeouts: u32,
+}
+
+/// The last [`WINDOW_SECONDS`] seconds of demand.
+pub(super) struct Window {
+    epoch: Instant,
+    slots: Vec<Slot>,
+}
+
+/// What the window says about the pool's recent demand.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DemandSummary {
+    /// Seconds with data (up to [`WINDOW_SECONDS`]).
+    pub seconds: u64,
+    /// Most servers wanted at once (held + waiting) in any second of the window.
+    pub peak: u32,
+    /// The 95th percentile of the per-second peaks.
+    pub p95: u32,
+    /// Servers lent per second, on average.
+    pub arrival_rate: f64,
+    /// Mean time a server was held.
+    pub mean_hold: Duration,
+    /// Wait timeouts in the last 60 seconds.
+    pub timeouts_last_minute: u64,
+}
+
+impl DemandSummary {
+    /// Little's law: mean servers busy = arrival rate x mean hold time.
+    pub fn littles_law(&self) -> f64 {
+        self.arrival_rate * self.mean_hold.as_secs_f64()
+    }
+}
+
+impl Window {
+    pub(super) fn new() -> Window {
+        Window {
+            epoch: Instant::now(),
+            slots: vec![Slot::default(); WINDOW_SECONDS],
+        }
+    }
+
+    /// The slot of the second `now` falls in, emptied if it held an older second. A fresh
+    /// slot starts at the demand of the moment, so that a second in which nothing changed
+    /// still shows the servers held through it.
+    fn slot(&mut self, now: Instant, demand: u32) -> &mut Slot {
+        let second = now.saturating_duration_since(self.epoch).as_secs() + 1;
+        let slot = &mut self.slots[(second % WINDOW_SECONDS as u64) as usize];
+        if slot.second != second {
+            *slot = Slot {
+                second,
+                peak_demand: demand,
+                ..Slot::default()
+            };
+        }
+        slot.peak_demand = slot.peak_demand.max(demand);
+        slot
+    }
+
+    /// Records the current demand (servers held + clients waiting).
+    pub(super) fn demand(&mut self, now: Instant, demand: u32) {
+        self.slot(now, demand);
+    }
+
+    /// A server was lent; `demand` is the demand after it.
+    pub(super) fn checkout(&mut self, now: Instant, demand: u32) {
+        self.slot(now, demand).checkouts += 1;
+    }
+
+    /// A server held for `held` came back.
+    pub(super) fn returned(&mut self, now: Instant, demand: u32, held: Duration) {
+        let slot = self.slot(now, demand);
+        slot.returns += 1;
+        slot.hold_nanos = slot
+            .hold_nanos
+            .saturating_add(u64::try_from(held.as_nanos()).unwrap_or(u64::MAX));
+    }
+
+    /// A client gave up waiting.
+    pub(super) fn timeout(&mut self, now: Instant, demand: u32) {
+        self.slot(now, demand).timeouts += 1;
+    }
+
+    /// The window as of `now`.
+    pub(super) fn summary(&self, now: Instant) -> DemandSummary {
+        let current = now.saturating_duration_since(self.epoch).as_secs() + 1;
+        let oldest = current.saturating_sub(WINDOW_SECONDS as u64 - 1);
+        let live: Vec<&Slot> = self
+            .slots
+            .iter()
+            .filter(|s| s.second != 0 && s.second >= oldest && s.second <= current)
+            .collect();
+        if live.is_empty() {
+            return DemandSummary::default();
+        }
+        let mut peaks: Vec<u32> = live.iter().map(|s| s.peak_demand).collect();
+        peaks.sort_unstable();
+        // Nearest rank: the smallest value with at least 95 % of the seconds at or below it.
+        let rank = (peaks.len() * 95).div_ceil(100).max(1);
+        let checkouts: u64 = live.iter().map(|s| u64::from(s.checkouts)).sum();
+        let returns: u64 = live.iter().map(|s| u64::from(s.returns)).sum();
+        let hold: u64 = live.iter().map(|s| s.hold_nanos).sum();
+        let minute = current.saturating_sub(59);
+        let seconds = (current - live.iter().map(|s| s.second).min().unwrap_or(current)) + 1;
+        DemandSummary {
+            seconds,
+            peak: peaks.last().copied().unwrap_or(0),
+            p95: peaks[rank - 1],
+            arrival_rate: checkouts as f64 / seconds as f64,
+            mean_hold: Duration::from_nanos(hold.checked_div(returns).unwrap_or(0)),
+            timeouts_last_minute: live
+                .iter()
+                .filter(|s| s.second >= minute)
+                .map(|s| u64::from(s.timeouts))
+                .sum(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peaks_rates_and_old_seconds_fall_out() {
+        let mut w = Window::new();
+        let t0 = w.epoch;
+        for s in 0..100u64 {
+            let now = t0 + Duration::from_secs(s);
+            // 1 server busy every second, 10 wanted in five of them.
+            w.demand(now, 1);
+            if s % 20 == 0 {
+                w.demand(now, 10);
+            }
+            w.checkout(now, 1);
+            w.returned(now, 1, Duration::from_millis(200));
+        }
+        w.timeout(t0 + Duration::from_secs(99), 10);
+        let s = w.summary(t0 + Duration::from_secs(99));
+        assert_eq!(s.seconds, 100);
+        assert_eq!((s.peak, s.p95), (10, 10));
+        assert!((s.arrival_rate - 1.0).abs() < 1e-9);
+        assert_eq!(s.mean_hold, Duration::from_millis(200));
+        assert!((s.littles_law() - 0.2).abs() < 1e-9);
+        assert_eq!(s.timeouts_last_minute, 1);
+
+        // Ten minutes later with one quiet sample: the old seconds are gone.
+        let later = t0 + Duration::from_secs(700);
+        w.demand(later, 2);
+        let s = w.summary(later);
+        assert_eq!(
+            (s.seconds, s.peak, s.p95, s.timeouts_last_minute),
+            (1, 2, 2, 0)
+        );
+    }
+
+    #[test]
+    fn p95_ignores_rare_spikes() {
+        let mut w = Window::new();
+        let t0 = w.epoch;
+        for s in 0..200u64 {
+            w.demand(t0 + Duration::from_secs(s), if s < 4 { 50 } else { 3 });
+        }
+        let s = w.summary(t0 + Duration::from_secs(199));
+        assert_eq!((s.peak, s.p95), (50, 3));
+    }
+}
