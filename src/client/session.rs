@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::Interest;
+use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +36,9 @@ use crate::server::{ServerConn, SettingValue, parse_parameter_status};
 
 /// Stop reading a peer while this much waits to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
-/// Bytes reserved for one read from a client / a server.
+/// Bytes reserved for one read from a client (adapted between these bounds) / a server.
+const MIN_CLIENT_READ: usize = 1024;
+const MAX_CLIENT_READ: usize = 64 * 1024;
 const CLIENT_READ: usize = 8 * 1024;
 const SERVER_READ: usize = 32 * 1024;
 /// Client messages up to this size are held whole (a named Parse must be); larger ones stream.
@@ -64,8 +67,8 @@ enum End {
 }
 
 enum Event {
-    ServerReadable,
-    ClientReadable,
+    ServerRead(io::Result<usize>),
+    ClientRead(io::Result<usize>),
     Writable,
     IdleInTransaction,
     Stop,
@@ -111,6 +114,8 @@ pub(super) struct Loop {
     copy_in: bool,
     pub(super) skip: Skip,
     last_activity: Instant,
+    /// How much to reserve for the next client read.
+    client_read: usize,
 }
 
 impl Session {
@@ -132,6 +137,7 @@ impl Session {
             copy_in: false,
             skip: Skip::No,
             last_activity: Instant::now(),
+            client_read: MIN_CLIENT_READ,
         };
         let end = match l.on_client_bytes().await {
             Ok(()) => l.serve().await,
@@ -161,26 +167,42 @@ impl Loop {
             {
                 return self.server_lost(e.into());
             }
-            let server = self.server.as_ref().map(|s| &s.stream);
-            let read_server = server.is_some() && self.to_client.len() < HIGH_WATER;
+            let read_server = self.server.is_some() && self.to_client.len() < HIGH_WATER;
             let read_client = self.to_server.len() < HIGH_WATER;
-            let write_server = server.is_some() && !self.to_server.is_empty();
+            let write_server = self.server.is_some() && !self.to_server.is_empty();
+            let write_client = !self.to_client.is_empty();
             let idle_deadline = self.idle_transaction_deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
-            let event = tokio::select! {
-                biased;
-                _ = self.s.kill.cancelled() => Event::Kill,
-                _ = ready(server, Interest::READABLE), if read_server => Event::ServerReadable,
-                _ = self.client.ready(Interest::READABLE), if read_client => Event::ClientReadable,
-                _ = self.client.writable(), if !self.to_client.is_empty() => Event::Writable,
-                _ = ready(server, Interest::WRITABLE), if write_server => Event::Writable,
-                _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
-                _ = self.s.stop.cancelled(), if between_transactions => Event::Stop,
+            if read_client {
+                self.s.cbuf.reserve(self.client_read);
+            }
+            let event = {
+                // Reads go through AsyncRead: a short read marks the socket drained, so the
+                // next wait costs no extra read syscall.
+                let (mut client_r, client_w) = self.client.split();
+                let (mut server_r, server_w, server_buf) = match self.server.as_mut() {
+                    Some(s) => {
+                        s.read_buf.reserve(SERVER_READ);
+                        let (r, w) = s.stream.split();
+                        (Some(r), Some(w), Some(&mut s.read_buf))
+                    }
+                    None => (None, None, None),
+                };
+                tokio::select! {
+                    biased;
+                    _ = self.s.kill.cancelled() => Event::Kill,
+                    r = read_some(server_r.as_mut(), server_buf), if read_server => Event::ServerRead(r),
+                    r = client_r.read_buf(&mut self.s.cbuf), if read_client => Event::ClientRead(r),
+                    _ = client_w.writable(), if write_client => Event::Writable,
+                    _ = writable(server_w.as_ref()), if write_server => Event::Writable,
+                    _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
+                    _ = self.s.stop.cancelled(), if between_transactions => Event::Stop,
+                }
             };
             let result = match event {
-                Event::ServerReadable => self.read_server(),
-                Event::ClientReadable => self.read_client().await,
+                Event::ServerRead(read) => self.on_server_read(read),
+                Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
                 Event::IdleInTransaction => {
                     let limit = self.s.idle_transaction_timeout;
@@ -224,19 +246,14 @@ impl Loop {
         (idle_in_transaction && !limit.is_zero()).then(|| self.last_activity + limit)
     }
 
-    fn read_server(&mut self) -> Result<(), End> {
-        let Some(server) = self.server.as_mut() else {
-            return Ok(());
-        };
-        server.read_buf.reserve(SERVER_READ);
-        match server.stream.try_read_buf(&mut server.read_buf) {
+    fn on_server_read(&mut self, read: io::Result<usize>) -> Result<(), End> {
+        match read {
             Ok(0) => Err(self.server_lost(io::Error::from(io::ErrorKind::UnexpectedEof).into())),
             Ok(n) => {
                 self.s.pool.stats.bytes_to_client(n);
                 self.last_activity = Instant::now();
                 self.on_server_bytes()
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(self.server_lost(e.into())),
         }
     }
@@ -460,17 +477,20 @@ impl Loop {
         }
     }
 
-    async fn read_client(&mut self) -> Result<(), End> {
-        self.s.cbuf.reserve(CLIENT_READ);
-        match self.client.try_read_buf(&mut self.s.cbuf) {
-            Ok(0) => Err(End::ClientGone),
+    async fn on_client_read(&mut self, read: io::Result<usize>) -> Result<(), End> {
+        match read {
+            Ok(0) | Err(_) => Err(End::ClientGone),
             Ok(n) => {
+                // Read buffers grow for clients that send much and shrink back for idle ones.
+                self.client_read = if n * 2 >= self.client_read {
+                    (self.client_read * 2).min(MAX_CLIENT_READ)
+                } else {
+                    (self.client_read / 2).max(MIN_CLIENT_READ)
+                };
                 self.s.pool.stats.bytes_from_client(n);
                 self.last_activity = Instant::now();
                 self.on_client_bytes().await
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(()),
-            Err(_) => Err(End::ClientGone),
         }
     }
 
@@ -730,11 +750,19 @@ fn checkout_error(e: &CheckoutError) -> PgError {
     }
 }
 
-/// Waits until `stream` is ready for `interest`; never returns when there is no stream.
-async fn ready(stream: Option<&TcpStream>, interest: Interest) {
-    match stream {
-        Some(s) => {
-            let _ = s.ready(interest).await;
+/// Reads from the server into its buffer; never returns when there is no server.
+async fn read_some(half: Option<&mut ReadHalf<'_>>, buf: Option<&mut BytesMut>) -> io::Result<usize> {
+    match (half, buf) {
+        (Some(half), Some(buf)) => half.read_buf(buf).await,
+        _ => std::future::pending().await,
+    }
+}
+
+/// Waits until the server socket is writable; never returns when there is no server.
+async fn writable(half: Option<&WriteHalf<'_>>) {
+    match half {
+        Some(half) => {
+            let _ = half.writable().await;
         }
         None => std::future::pending().await,
     }
