@@ -6,6 +6,8 @@
 //! as `search_path` before PostgreSQL 18, or `statement_timeout`). On checkout, the session
 //! brings the server in line with one hidden query ([`ClientParams::sync_sql`]).
 
+use std::sync::Arc;
+
 use crate::server::{ServerConn, SettingValue as Value};
 
 /// Startup parameters that are not settings.
@@ -16,7 +18,9 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 pub struct ClientParams {
     /// (lowercase name, name as written, value) the client wants on its server.
     wants: Vec<(String, String, Value)>,
-    /// (name, value) as last reported to the client in ParameterStatus.
+    /// (name, value) as the client was greeted with: the pool's, shared by its clients.
+    greeted: Arc<Vec<(String, String)>>,
+    /// (name, value) reported to the client since, where it differs from `greeted`.
     seen: Vec<(String, String)>,
 }
 
@@ -63,17 +67,22 @@ impl ClientParams {
 
     /// The ParameterStatus set for the login greeting: the server's, with the client's own
     /// values over them. Remembered as what the client has seen.
-    pub fn greeting(&mut self, server_params: &[(String, String)]) -> Vec<(String, String)> {
+    pub fn greeting(&mut self, server_params: &Arc<Vec<(String, String)>>) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(server_params.len());
-        for (name, value) in server_params {
+        self.greeted = server_params.clone();
+        for (name, value) in server_params.iter() {
             let lower = name.to_ascii_lowercase();
             let value = match self.wants.iter().find(|(l, _, _)| *l == lower) {
-                Some((_, _, Value::Text(mine))) => mine.clone(),
+                Some((_, _, Value::Text(mine))) => {
+                    if mine != value {
+                        self.seen.push((name.clone(), mine.clone()));
+                    }
+                    mine.clone()
+                }
                 _ => value.clone(),
             };
             out.push((name.clone(), value));
         }
-        self.seen = out.clone();
         out
     }
 
@@ -87,17 +96,18 @@ impl ClientParams {
         if ours || wanted {
             self.want(name, Value::Text(value.to_owned()));
         }
-        match self.seen.iter_mut().find(|(n, _)| n == name) {
-            Some((_, seen)) if seen == value => false,
-            Some((_, seen)) => {
-                value.clone_into(seen);
-                true
+        if let Some((_, seen)) = self.seen.iter_mut().find(|(n, _)| n == name) {
+            if seen == value {
+                return false;
             }
-            None => {
-                self.seen.push((name.to_owned(), value.to_owned()));
-                true
-            }
+            value.clone_into(seen);
+            return true;
         }
+        if self.greeted.iter().any(|(n, v)| n == name && v == value) {
+            return false;
+        }
+        self.seen.push((name.to_owned(), value.to_owned()));
+        true
     }
 
     /// The hidden query that gives `server` this client's settings, if any differ; updates
@@ -385,10 +395,10 @@ mod tests {
             ("user".into(), "app".into()),
             ("application_name".into(), "alpha".into()),
         ]);
-        let shown = p.greeting(&[
+        let shown = p.greeting(&Arc::new(vec![
             ("application_name".into(), "pgmux".into()),
             ("TimeZone".into(), "UTC".into()),
-        ]);
+        ]));
         assert_eq!(shown[0].1, "alpha");
         assert!(!p.reported("application_name", "alpha", false));
         assert!(p.reported("TimeZone", "Asia/Tokyo", true));

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, Interest};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
@@ -68,7 +69,7 @@ enum End {
 
 enum Event {
     ServerRead(io::Result<usize>),
-    ClientRead(io::Result<usize>),
+    ClientReadable,
     Writable,
     IdleInTransaction,
     Stop,
@@ -174,13 +175,10 @@ impl Loop {
             let idle_deadline = self.idle_transaction_deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
-            if read_client {
-                self.s.cbuf.reserve(self.client_read);
-            }
             let event = {
                 // Reads go through AsyncRead: a short read marks the socket drained, so the
                 // next wait costs no extra read syscall.
-                let (mut client_r, client_w) = self.client.split();
+                let (client_r, client_w) = self.client.split();
                 let (mut server_r, server_w, server_buf) = match self.server.as_mut() {
                     Some(s) => {
                         s.read_buf.reserve(SERVER_READ);
@@ -193,7 +191,7 @@ impl Loop {
                     biased;
                     _ = self.s.kill.cancelled() => Event::Kill,
                     r = read_some(server_r.as_mut(), server_buf), if read_server => Event::ServerRead(r),
-                    r = client_r.read_buf(&mut self.s.cbuf), if read_client => Event::ClientRead(r),
+                    _ = client_r.readable(), if read_client => Event::ClientReadable,
                     _ = client_w.writable(), if write_client => Event::Writable,
                     _ = writable(server_w.as_ref()), if write_server => Event::Writable,
                     _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
@@ -202,7 +200,15 @@ impl Loop {
             };
             let result = match event {
                 Event::ServerRead(read) => self.on_server_read(read),
-                Event::ClientRead(read) => self.on_client_read(read).await,
+                Event::ClientReadable => {
+                    // The buffer is reserved only now: an idle client holds none.
+                    self.s.cbuf.reserve(self.client_read);
+                    let (mut client_r, _) = self.client.split();
+                    match client_r.read_buf(&mut self.s.cbuf).now_or_never() {
+                        Some(read) => self.on_client_read(read).await,
+                        None => Ok(()), // spurious readiness; now cleared
+                    }
+                }
                 Event::Writable => Ok(()),
                 Event::IdleInTransaction => {
                     let limit = self.s.idle_transaction_timeout;
@@ -489,7 +495,12 @@ impl Loop {
                 };
                 self.s.pool.stats.bytes_from_client(n);
                 self.last_activity = Instant::now();
-                self.on_client_bytes().await
+                self.on_client_bytes().await?;
+                if self.s.cbuf.is_empty() {
+                    // Frames keep what they need of the buffer; an idle client keeps none.
+                    self.s.cbuf = BytesMut::new();
+                }
+                Ok(())
             }
         }
     }

@@ -114,7 +114,7 @@ impl Pool {
     /// reload) and replaces the connections to the old one.
     pub fn set_upstream(&self, upstream: Upstream) {
         self.upstream.store(Arc::new(upstream));
-        self.server_params.lock().clear();
+        *self.server_params.lock() = Arc::default();
         self.upstream_max_connections.store(0, Relaxed);
         self.reconnect();
     }

@@ -158,7 +158,7 @@ pub struct Pool {
     settings: ArcSwap<PoolSettings>,
     state: Mutex<State>,
     /// The ParameterStatus set of the first server, shown to clients at login.
-    server_params: Mutex<Vec<(String, String)>>,
+    server_params: Mutex<Arc<Vec<(String, String)>>>,
     /// Connections being opened now.
     connecting: AtomicU32,
     /// Waits at least this long are logged (nanoseconds; 0 = never).
@@ -193,7 +193,7 @@ impl Pool {
                 replace_before: None,
                 demand: Window::new(),
             }),
-            server_params: Mutex::new(Vec::new()),
+            server_params: Mutex::new(Arc::new(Vec::new())),
             connecting: AtomicU32::new(0),
             slow_wait: AtomicU64::new(0),
             upstream_max_connections: AtomicU32::new(0),
@@ -214,7 +214,7 @@ impl Pool {
     }
 
     /// The server parameters clients are shown at login; empty until a server connected.
-    pub fn server_params(&self) -> Vec<(String, String)> {
+    pub fn server_params(&self) -> Arc<Vec<(String, String)>> {
         self.server_params.lock().clone()
     }
 
@@ -417,7 +417,8 @@ impl Pool {
         };
         self.connecting.fetch_add(1, Relaxed);
         self.stats.connect_attempts.fetch_add(1, Relaxed);
-        let result = server::connect(&upstream, settings.connect_timeout).await;
+        // Boxed: the login state machine is large and rare; kept out of every session future.
+        let result = Box::pin(server::connect(&upstream, settings.connect_timeout)).await;
         reserved.armed = false;
         self.connecting.fetch_sub(1, Relaxed);
         match result {
@@ -426,7 +427,7 @@ impl Pool {
                 {
                     let mut params = self.server_params.lock();
                     if params.is_empty() {
-                        params.clone_from(&conn.params);
+                        *params = Arc::new(conn.params.clone());
                     }
                 }
                 let was_down = self.state.lock().health.up();
