@@ -137,8 +137,7 @@ async fn only_admins_unknown_commands_and_extended_protocol() {
     let err = mux
         .try_connect("pgbouncer", "app", "app_pw")
         .await
-        .err()
-        .expect("app is no admin");
+        .expect_err("app is no admin");
     assert_eq!(
         err.code(),
         Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION),
@@ -148,8 +147,7 @@ async fn only_admins_unknown_commands_and_extended_protocol() {
     let err = mux
         .try_connect("pgbouncer", "other", "nope")
         .await
-        .err()
-        .expect("wrong password");
+        .expect_err("wrong password");
     assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD), "{err}");
 
     let console = mux.connect("pgbouncer", "other").await;

@@ -5,65 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::{Raw, first_error, read_messages, startup_packet};
 use common::{MuxOptions, TestPgmux, TestPostgres};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
-
-/// A StartupMessage for protocol 3.`minor` with these parameters.
-fn startup_packet(minor: u16, params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (((3u32) << 16) | minor as u32).to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
-}
-
-/// Reads tagged messages until EOF or the limit; returns (tag, body) pairs.
-async fn read_messages(stream: &mut TcpStream, limit: Duration) -> Vec<(u8, Vec<u8>)> {
-    let mut raw = Vec::new();
-    let _ = tokio::time::timeout(limit, async {
-        let mut buf = [0u8; 4096];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await;
-    let mut out = Vec::new();
-    let mut rest = &raw[..];
-    while rest.len() >= 5 {
-        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-        if rest.len() < 1 + len {
-            break;
-        }
-        out.push((rest[0], rest[5..1 + len].to_vec()));
-        rest = &rest[1 + len..];
-    }
-    out
-}
-
-/// The SQLSTATE and message of the first ErrorResponse.
-fn first_error(messages: &[(u8, Vec<u8>)]) -> Option<(String, String)> {
-    let (_, body) = messages.iter().find(|(t, _)| *t == b'E')?;
-    let (mut code, mut message) = (String::new(), String::new());
-    for field in body.split(|&b| b == 0) {
-        match field.first() {
-            Some(b'C') => code = String::from_utf8_lossy(&field[1..]).into_owned(),
-            Some(b'M') => message = String::from_utf8_lossy(&field[1..]).into_owned(),
-            _ => {}
-        }
-    }
-    Some((code, message))
-}
 
 async fn raw(mux: &TestPgmux) -> TcpStream {
     TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
@@ -195,20 +141,10 @@ async fn oversized_and_malformed_startup_packets() {
 async fn garbage_after_login_gets_08p01() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
-    let mut s = raw(&mux).await;
-    s.write_all(&startup_packet(0, &[("user", "app"), ("database", "app")]))
-        .await
-        .unwrap();
-    // Wait for ReadyForQuery, then send a message with an impossible length.
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before ReadyForQuery");
-        seen.extend_from_slice(&buf[..n]);
-    }
-    s.write_all(&[b'Q', 0, 0, 0, 1, b'x']).await.unwrap();
-    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
+    let mut c = Raw::login(&mux).await;
+    // A message with an impossible length.
+    c.s.write_all(&[b'Q', 0, 0, 0, 1, b'x']).await.unwrap();
+    let messages = read_messages(&mut c.s, Duration::from_secs(5)).await;
     let (code, message) = first_error(&messages).expect("an error");
     assert_eq!(code, "08P01", "{message}");
     still_serving(&mux).await;
@@ -232,13 +168,8 @@ async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
     ))
     .await
     .unwrap();
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !seen.windows(6).any(|w| w == b"Z\0\0\0\x05I") {
-        let n = s.read(&mut buf).await.unwrap();
-        assert!(n > 0, "closed before ReadyForQuery");
-        seen.extend_from_slice(&buf[..n]);
-    }
+    let mut c = Raw::from_stream(s);
+    let seen = c.read_until(b"Z\0\0\0\x05I").await;
     assert_eq!(seen[0], b'v', "NegotiateProtocolVersion comes first");
     assert_eq!(
         &seen[5..9],

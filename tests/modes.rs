@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::{Raw, bind, execute, msg, parse, sync};
 use common::{MuxOptions, TestPgmux, TestPostgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
@@ -125,43 +125,6 @@ async fn pipelined_queries_on_a_small_pool() {
     }
 }
 
-/// Logs in with trust on a raw socket and reads up to ReadyForQuery.
-async fn raw_login(mux: &TestPgmux) -> TcpStream {
-    let mut s = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
-    let mut body = (3u32 << 16).to_be_bytes().to_vec();
-    body.extend_from_slice(b"user\0app\0database\0app\0\0");
-    let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    s.write_all(&packet).await.unwrap();
-    read_until(&mut s, b"Z\0\0\0\x05I").await;
-    s
-}
-
-async fn read_until(s: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
-    let mut seen = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !seen.windows(needle.len()).any(|w| w == needle) {
-        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
-            .await
-            .expect("reply in time")
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed; got so far {:?}",
-            String::from_utf8_lossy(&seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
-    seen
-}
-
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
 #[tokio::test]
 async fn flush_without_sync_keeps_the_server() {
     let pg = TestPostgres::shared().await;
@@ -175,14 +138,16 @@ async fn flush_without_sync_keeps_the_server() {
         .with_auth_method("trust"),
     )
     .await;
-    let mut s = raw_login(&mux).await;
+    let mut c = Raw::login(&mux).await;
     // Parse, Bind, Execute, Flush: results come back, no Sync yet.
-    let mut batch = msg(b'P', b"\0SELECT 'flushed'\0\0\0");
-    batch.extend(msg(b'B', b"\0\0\0\0\0\0\0\0"));
-    batch.extend(msg(b'E', b"\0\0\0\0\0"));
-    batch.extend(msg(b'H', b""));
-    s.write_all(&batch).await.unwrap();
-    read_until(&mut s, b"flushed").await;
+    let batch = [
+        parse("", "SELECT 'flushed'"),
+        bind(""),
+        execute(),
+        msg(b'H', b""),
+    ];
+    c.s.write_all(&batch.concat()).await.unwrap();
+    c.read_until(b"flushed").await;
 
     // The server is still held: another client must wait (and time out).
     let other = mux.connect("app", "app").await;
@@ -190,8 +155,8 @@ async fn flush_without_sync_keeps_the_server() {
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
 
     // Sync ends it; the server goes back and the other client gets it.
-    s.write_all(&msg(b'S', b"")).await.unwrap();
-    read_until(&mut s, b"Z\0\0\0\x05I").await;
+    c.s.write_all(&sync()).await.unwrap();
+    c.read_until(b"Z\0\0\0\x05I").await;
     assert_eq!(
         other
             .query_one("SELECT 1", &[])

@@ -5,11 +5,9 @@
 mod common;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
+use common::raw::{Raw, bind, close, describe, execute, parse, query, sync};
 use common::{MuxOptions, TestPgmux, TestPostgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_postgres::error::SqlState;
 
 #[tokio::test]
@@ -241,106 +239,6 @@ async fn sql_level_prepare_is_refused_clearly() {
 
 // ---- raw protocol: exact reply order ----
 
-fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut v = vec![tag];
-    v.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    v.extend_from_slice(body);
-    v
-}
-
-fn parse(name: &str, sql: &str) -> Vec<u8> {
-    msg(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
-}
-
-fn bind(statement: &str) -> Vec<u8> {
-    msg(b'B', format!("\0{statement}\0\0\0\0\0\0\0").as_bytes())
-}
-
-fn execute() -> Vec<u8> {
-    msg(b'E', b"\0\0\0\0\0")
-}
-
-fn sync() -> Vec<u8> {
-    msg(b'S', b"")
-}
-
-fn describe(name: &str) -> Vec<u8> {
-    msg(b'D', format!("S{name}\0").as_bytes())
-}
-
-fn close(name: &str) -> Vec<u8> {
-    msg(b'C', format!("S{name}\0").as_bytes())
-}
-
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
-
-impl Raw {
-    async fn login(mux: &TestPgmux) -> Raw {
-        let mut s = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
-        let mut body = (3u32 << 16).to_be_bytes().to_vec();
-        body.extend_from_slice(b"user\0app\0database\0app\0\0");
-        let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        packet.extend_from_slice(&body);
-        s.write_all(&packet).await.unwrap();
-        let mut raw = Raw { s, buf: Vec::new() };
-        raw.until_ready().await;
-        raw
-    }
-
-    /// Sends `messages` and returns the replies up to ReadyForQuery as "tag" strings, with
-    /// an ErrorResponse shown as `E:<sqlstate>` and a DataRow as `D:<first column>`.
-    async fn run(&mut self, messages: &[Vec<u8>]) -> Vec<String> {
-        self.s.write_all(&messages.concat()).await.unwrap();
-        self.until_ready().await
-    }
-
-    async fn until_ready(&mut self) -> Vec<String> {
-        let mut out = Vec::new();
-        loop {
-            while self.buf.len() >= 5 {
-                let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
-                    as usize;
-                if self.buf.len() < 1 + len {
-                    break;
-                }
-                let message: Vec<u8> = self.buf.drain(..1 + len).collect();
-                let (tag, body) = (message[0], &message[5..]);
-                let shown = match tag {
-                    b'E' => {
-                        let code = body
-                            .split(|&b| b == 0)
-                            .find_map(|f| f.strip_prefix(b"C"))
-                            .map(|c| String::from_utf8_lossy(c).into_owned())
-                            .unwrap_or_default();
-                        format!("E:{code}")
-                    }
-                    b'D' => {
-                        let len = i32::from_be_bytes([body[2], body[3], body[4], body[5]]) as usize;
-                        format!("D:{}", String::from_utf8_lossy(&body[6..6 + len]))
-                    }
-                    other => char::from(other).to_string(),
-                };
-                if tag == b'Z' {
-                    return out;
-                }
-                if !matches!(tag, b'S' | b'K' | b'R' | b'N') {
-                    out.push(shown);
-                }
-            }
-            let mut chunk = [0u8; 8192];
-            let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
-                .await
-                .expect("a reply in time")
-                .unwrap();
-            assert!(n > 0, "connection closed; so far {out:?}");
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-}
-
 async fn raw_mux(pg: &TestPostgres, size: u32, extra_pool: &str) -> TestPgmux {
     TestPgmux::start(
         pg,
@@ -473,13 +371,13 @@ async fn discard_all_forgets_only_this_clients_statements() {
     let mut b = Raw::login(&mux).await;
     assert_eq!(a.run(&[parse("d", "SELECT 'a'"), sync()]).await, ["1"]);
     assert_eq!(b.run(&[parse("d", "SELECT 'b'"), sync()]).await, ["1"]);
-    assert_eq!(a.run(&[msg(b'Q', b"DISCARD ALL\0")]).await, ["C"]);
+    assert_eq!(a.run(&[query("DISCARD ALL")]).await, ["C"]);
     assert_eq!(a.run(&[bind("d"), execute(), sync()]).await, ["E:26000"]);
     // b's statement still works (re-prepared: the server's copy went with DISCARD ALL).
     assert_eq!(
         b.run(&[bind("d"), execute(), sync()]).await,
         ["2", "D:b", "C"]
     );
-    assert_eq!(b.run(&[msg(b'Q', b"DEALLOCATE ALL\0")]).await, ["C"]);
+    assert_eq!(b.run(&[query("DEALLOCATE ALL")]).await, ["C"]);
     assert_eq!(b.run(&[bind("d"), execute(), sync()]).await, ["E:26000"]);
 }

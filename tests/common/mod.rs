@@ -10,6 +10,7 @@
 mod http;
 mod pgmux;
 mod postgres;
+pub mod raw;
 mod watchdog;
 
 use std::net::TcpListener;
