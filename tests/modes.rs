@@ -93,15 +93,7 @@ async fn statement_mode_refuses_transaction_blocks() {
 #[tokio::test]
 async fn pipelined_queries_on_a_small_pool() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            wait_timeout: "30s",
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1).waiting("30s")).await;
     let mut tasks = Vec::new();
     for c in 0..10i32 {
         let client = mux.connect("app", "app").await;
@@ -130,12 +122,9 @@ async fn flush_without_sync_keeps_the_server() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(
         pg,
-        MuxOptions {
-            size: 1,
-            wait_timeout: "300ms",
-            ..MuxOptions::default()
-        }
-        .with_auth_method("trust"),
+        MuxOptions::sized(1)
+            .waiting("300ms")
+            .with_auth_method("trust"),
     )
     .await;
     let mut c = Raw::login(&mux).await;

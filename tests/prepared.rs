@@ -13,15 +13,7 @@ use tokio_postgres::error::SqlState;
 #[tokio::test]
 async fn tokio_postgres_statements_move_between_servers() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 3,
-            wait_timeout: "30s",
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(3).waiting("30s")).await;
     let mut tasks = Vec::new();
     for c in 0..20i32 {
         let client = mux.connect("app", "app").await;
@@ -108,15 +100,7 @@ async fn pgbench_prepared_50_clients_on_pool_of_5() {
 #[tokio::test]
 async fn settings_follow_each_client_across_a_pool_of_two() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 2,
-            wait_timeout: "30s",
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(2).waiting("30s")).await;
     let a = mux.connect("app", "app").await;
     let b = mux.connect("app", "app").await;
     a.batch_execute("SET application_name = 'alpha'; SET TimeZone = 'UTC'")
@@ -172,14 +156,7 @@ async fn check(c: &tokio_postgres::Client, app: &str, tz: &str, timeout: &str, p
 #[tokio::test]
 async fn startup_options_follow_the_client() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     let mut config = tokio_postgres::Config::new();
     config
         .host("127.0.0.1")

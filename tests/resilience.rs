@@ -63,14 +63,7 @@ async fn postgres_restart_under_pgmux_clients_recover() {
 #[tokio::test]
 async fn server_killed_mid_transaction_gives_08006_and_is_replaced() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     let victim = mux.connect("app", "app").await;
     victim.batch_execute("BEGIN").await.unwrap();
     let pid: i32 = victim

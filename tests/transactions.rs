@@ -46,15 +46,7 @@ async fn simple_and_extended_queries() {
 async fn two_hundred_clients_share_a_pool_of_two() {
     // Its own cluster, so that counting server connections sees only this test's.
     let pg = &TestPostgres::start().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 2,
-            wait_timeout: "60s",
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(2).waiting("60s")).await;
     let mut tasks = Vec::new();
     for i in 0..200i32 {
         let client = mux.connect("app", "app").await;
@@ -94,15 +86,7 @@ async fn two_hundred_clients_share_a_pool_of_two() {
 #[tokio::test]
 async fn wait_timeout_gives_53300_and_the_session_stays_usable() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            wait_timeout: "300ms",
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1).waiting("300ms")).await;
     let holder = mux.connect("app", "app").await;
     let waiter = mux.connect("app", "app").await;
 
@@ -141,14 +125,7 @@ async fn wait_timeout_gives_53300_and_the_session_stays_usable() {
 #[tokio::test]
 async fn session_state_inside_a_transaction_does_not_leak() {
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     let a = mux.connect("app", "app").await;
     let b = mux.connect("app", "app").await;
 
@@ -194,14 +171,7 @@ async fn client_killed_mid_transaction_commits_nothing() {
     )
     .await
     .unwrap();
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     {
         let (client, conn) = mux.try_connect("app", "app", "app_pw").await.unwrap();
         client
@@ -283,14 +253,7 @@ async fn cancel_reaches_the_running_query() {
 async fn copy_in_and_out_100k_rows() {
     use futures_util::{SinkExt, StreamExt, pin_mut};
     let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     let client = mux.connect("app", "app").await;
     client
         .batch_execute("DROP TABLE IF EXISTS copy_rows; CREATE TABLE copy_rows(id int, note text)")
@@ -368,14 +331,7 @@ async fn client_killed_mid_copy_leaves_no_dirty_server() {
     )
     .await
     .unwrap();
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 1,
-            ..MuxOptions::default()
-        },
-    )
-    .await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     {
         let (client, conn) = mux.try_connect("app", "app", "app_pw").await.unwrap();
         let sink = client.copy_in("COPY killed_copy FROM STDIN").await.unwrap();

@@ -65,6 +65,20 @@ impl Default for MuxOptions {
 }
 
 impl MuxOptions {
+    /// The defaults with a pool of `size` server connections.
+    pub fn sized(size: u32) -> Self {
+        MuxOptions {
+            size,
+            ..MuxOptions::default()
+        }
+    }
+
+    /// These options with `[pool] wait_timeout = timeout`.
+    pub fn waiting(mut self, timeout: &'static str) -> Self {
+        self.wait_timeout = timeout;
+        self
+    }
+
     /// These options with `[auth] method = method`.
     pub fn with_auth_method(mut self, method: &'static str) -> Self {
         self.auth_method = method;
