@@ -67,7 +67,10 @@ impl ClientParams {
 
     /// The ParameterStatus set for the login greeting: the server's, with the client's own
     /// values over them. Remembered as what the client has seen.
-    pub fn greeting(&mut self, server_params: &Arc<Vec<(String, String)>>) -> Vec<(String, String)> {
+    pub fn greeting(
+        &mut self,
+        server_params: &Arc<Vec<(String, String)>>,
+    ) -> Vec<(String, String)> {
         let mut out = Vec::with_capacity(server_params.len());
         self.greeted = server_params.clone();
         for (name, value) in server_params.iter() {

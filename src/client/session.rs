@@ -762,7 +762,10 @@ fn checkout_error(e: &CheckoutError) -> PgError {
 }
 
 /// Reads from the server into its buffer; never returns when there is no server.
-async fn read_some(half: Option<&mut ReadHalf<'_>>, buf: Option<&mut BytesMut>) -> io::Result<usize> {
+async fn read_some(
+    half: Option<&mut ReadHalf<'_>>,
+    buf: Option<&mut BytesMut>,
+) -> io::Result<usize> {
     match (half, buf) {
         (Some(half), Some(buf)) => half.read_buf(buf).await,
         _ => std::future::pending().await,
