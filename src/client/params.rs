@@ -116,13 +116,15 @@ impl ClientParams {
     /// The hidden query that gives `server` this client's settings, if any differ; updates
     /// the server's record of what was applied to it.
     pub fn sync_sql(&self, server: &mut ServerConn) -> Option<String> {
+        // Called at every checkout: compare without allocating; build SQL only on a change.
         let mut sql = String::new();
         for (lower, name, value) in &self.wants {
-            let current = match server.param_ci(lower) {
-                Some(reported) => Some(Value::Text(reported.to_owned())),
-                None => server.applied(lower).cloned(),
+            let same = match (server.param_ci(lower), value) {
+                (Some(reported), Value::Text(text)) => reported == text,
+                (Some(_), Value::Sql(_)) => false,
+                (None, _) => server.applied(lower) == Some(value),
             };
-            if current.as_ref() == Some(value) {
+            if same {
                 continue;
             }
             push_set(&mut sql, name, value);
@@ -131,17 +133,22 @@ impl ClientParams {
             }
         }
         // Settings a previous client left that this one does not want.
-        for lower in server.applied_names() {
-            if !self.wants.iter().any(|(l, _, _)| *l == lower) {
-                sql.push_str(&format!("RESET {};", quote_ident(&lower)));
-                server.set_applied(&lower, None);
+        if server
+            .applied
+            .iter()
+            .any(|(lower, _)| !self.wants.iter().any(|(l, _, _)| l == lower))
+        {
+            for lower in server.applied_names() {
+                if !self.wants.iter().any(|(l, _, _)| *l == lower) {
+                    sql.push_str(&format!("RESET {};", quote_ident(&lower)));
+                    server.set_applied(&lower, None);
+                }
             }
         }
-        for (name, initial) in server.initial_params.clone() {
-            let lower = name.to_ascii_lowercase();
-            let changed = server.param(&name).is_some_and(|now| now != initial);
-            if changed && !self.wants.iter().any(|(l, _, _)| *l == lower) {
-                push_set(&mut sql, &name, &Value::Text(initial));
+        for (name, initial) in &server.initial_params {
+            let changed = server.param(name).is_some_and(|now| now != initial);
+            if changed && !self.wants.iter().any(|(l, _, _)| l.eq_ignore_ascii_case(name)) {
+                push_set(&mut sql, name, &Value::Text(initial.clone()));
             }
         }
         (!sql.is_empty()).then_some(sql)

@@ -159,6 +159,10 @@ impl Session {
 
 impl Loop {
     async fn serve(&mut self) -> End {
+        // Made once, not per loop turn: each one registers with the token when polled.
+        let kill = self.s.kill.clone().cancelled_owned();
+        let stop = self.s.stop.clone().cancelled_owned();
+        tokio::pin!(kill, stop);
         loop {
             if self.to_client.write_now(&self.client).is_err() {
                 return End::ClientGone;
@@ -189,13 +193,13 @@ impl Loop {
                 };
                 tokio::select! {
                     biased;
-                    _ = self.s.kill.cancelled() => Event::Kill,
+                    _ = &mut kill => Event::Kill,
                     r = read_some(server_r.as_mut(), server_buf), if read_server => Event::ServerRead(r),
                     _ = client_r.readable(), if read_client => Event::ClientReadable,
                     _ = client_w.writable(), if write_client => Event::Writable,
                     _ = writable(server_w.as_ref()), if write_server => Event::Writable,
                     _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
-                    _ = self.s.stop.cancelled(), if between_transactions => Event::Stop,
+                    _ = &mut stop, if between_transactions => Event::Stop,
                 }
             };
             let result = match event {
@@ -653,6 +657,7 @@ impl Loop {
         let result = loop {
             let room = self.s.cbuf.len() < HIGH_WATER;
             tokio::select! {
+                biased;
                 result = &mut checkout => break result,
                 _ = self.s.kill.cancelled() => return Err(End::Fatal(PgError::fatal(
                     SqlState::ADMIN_SHUTDOWN,
