@@ -433,12 +433,16 @@ fn collect_pools(pooler: &Pooler, out: &mut Families) {
 /// Metrics being gathered, by family name.
 #[derive(Default)]
 struct Families {
-    by_name: BTreeMap<&'static str, Vec<Metric>>,
+    /// Each family's label names (looked up once) and its metrics.
+    by_name: BTreeMap<&'static str, (&'static [&'static str], Vec<Metric>)>,
 }
 
 impl Families {
     fn push(&mut self, name: &'static str, values: &[&str], mut metric: Metric) {
-        let labels = family(name).3;
+        let (labels, metrics) = self
+            .by_name
+            .entry(name)
+            .or_insert_with(|| (family(name).3, Vec::new()));
         debug_assert_eq!(labels.len(), values.len(), "{name}");
         let pairs = labels
             .iter()
@@ -451,7 +455,7 @@ impl Families {
             })
             .collect();
         metric.set_label(pairs);
-        self.by_name.entry(name).or_default().push(metric);
+        metrics.push(metric);
     }
 
     fn gauge(&mut self, name: &'static str, labels: &[&str], value: f64) {
@@ -493,7 +497,7 @@ impl Families {
     fn finish(self) -> Vec<MetricFamily> {
         self.by_name
             .into_iter()
-            .map(|(name, metrics)| {
+            .map(|(name, (_, metrics))| {
                 let (_, help, kind, _) = family(name);
                 let mut mf = MetricFamily::default();
                 mf.set_name(name.to_owned());

@@ -24,6 +24,8 @@ use crate::stats::CloseReason;
 const PERIOD: Duration = Duration::from_millis(500);
 /// How long the `SHOW max_connections` round trip may take.
 const ASK_LIMIT: Duration = Duration::from_secs(2);
+/// The logged status looks at the peak demand over this many seconds.
+const STATUS_SECONDS: u64 = 10;
 /// A DataRow from the server (the same letter as a client's Describe).
 const DATA_ROW: u8 = b'D';
 
@@ -218,30 +220,34 @@ async fn show(conn: &mut ServerConn, name: &str) -> Option<String> {
 }
 
 /// Records the demand of the moment (so quiet seconds count) and logs a change of status.
+/// The logged status follows the peak demand of the last [`STATUS_SECONDS`], so that a pool
+/// hovering around a threshold does not log twice a second.
 fn record(pool: &Pool) {
     let now = Instant::now();
-    {
+    let (peak, waiting) = {
         let mut st = pool.state.lock();
         let demand = st.demand();
         st.demand.demand(now, demand);
-    }
-    let view = pool.view();
-    let status = view.status();
+        (st.demand.recent_peak(now, STATUS_SECONDS), st.waiters.len())
+    };
+    let size = pool.settings().size.max(1);
+    let percent = f64::from(peak) * 100.0 / f64::from(size);
+    let status = Status::of(percent.min(100.0), waiting);
     let before = Status::from_u8(pool.logged_status.swap(status as u8, Relaxed));
     if status == before {
         return;
     }
-    let percent = view.utilization().round() as u64;
-    let (size, active, waiting) = (view.settings.size, view.active, view.waiting);
+    let percent = percent.round() as u64;
+    let s = status.as_str();
     match status {
         Status::Normal => {
-            info!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool load back to normal")
+            info!(pool = %pool.key, status = s, peak_demand = peak, size, waiting, "pool load back to normal")
         }
         _ if status > before => {
-            warn!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool under pressure")
+            warn!(pool = %pool.key, status = s, peak_demand = peak, demand_percent = percent, size, waiting, "pool under pressure")
         }
         _ => {
-            info!(pool = %pool.key, status = status.as_str(), utilization_percent = percent, size, active, waiting, "pool load easing")
+            info!(pool = %pool.key, status = s, peak_demand = peak, demand_percent = percent, size, waiting, "pool load easing")
         }
     }
 }

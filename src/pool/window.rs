@@ -103,6 +103,18 @@ impl Window {
         self.slot(now, demand).timeouts += 1;
     }
 
+    /// Most servers wanted at once over the last `seconds` seconds (this one included).
+    pub(super) fn recent_peak(&self, now: Instant, seconds: u64) -> u32 {
+        let current = now.saturating_duration_since(self.epoch).as_secs() + 1;
+        let oldest = current.saturating_sub(seconds.saturating_sub(1));
+        self.slots
+            .iter()
+            .filter(|s| s.second != 0 && s.second >= oldest && s.second <= current)
+            .map(|s| s.peak_demand)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The window as of `now`.
     pub(super) fn summary(&self, now: Instant) -> DemandSummary {
         let current = now.saturating_duration_since(self.epoch).as_secs() + 1;
@@ -157,6 +169,8 @@ mod tests {
             w.checkout(now, 1);
             w.returned(now, 1, Duration::from_millis(200));
         }
+        assert_eq!(w.recent_peak(t0 + Duration::from_secs(99), 20), 10); // second 80
+        assert_eq!(w.recent_peak(t0 + Duration::from_secs(99), 19), 1);
         w.timeout(t0 + Duration::from_secs(99), 10);
         let s = w.summary(t0 + Duration::from_secs(99));
         assert_eq!(s.seconds, 100);
@@ -165,6 +179,7 @@ mod tests {
         assert_eq!(s.mean_hold, Duration::from_millis(200));
         assert!((s.littles_law() - 0.2).abs() < 1e-9);
         assert_eq!(s.timeouts_last_minute, 1);
+
 
         // Ten minutes later with one quiet sample: the old seconds are gone.
         let later = t0 + Duration::from_secs(700);
