@@ -20,7 +20,9 @@ use pgmux::pooler::Pooler;
 
 #[tokio::main]
 async fn main() {
-    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>().expect("a number"));
+    let mut args = std::env::args()
+        .skip(1)
+        .map(|a| a.parse::<usize>().expect("a number"));
     let pools = args.next().unwrap_or(100);
     let clients = args.next().unwrap_or(5000);
     let scrapes = args.next().unwrap_or(200);
@@ -53,12 +55,10 @@ async fn main() {
     let addr: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let h = pooler.clients_registry.register(
-                addr,
-                &format!("db{}", c % pools),
-                "app",
-                "bench",
-            );
+            let h =
+                pooler
+                    .clients_registry
+                    .register(addr, &format!("db{}", c % pools), "app", "bench");
             h.set_state(ClientState::ALL[c % 4]);
             h.set_query(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1");
             h
@@ -92,15 +92,26 @@ async fn main() {
         times[scrapes - 1]
     );
     for (name, run) in [
-        ("/pools", &(|| serde_json::to_string(&views::pools(&pooler)).map(|s| s.len())) as &dyn Fn() -> serde_json::Result<usize>),
-        ("/clients", &|| serde_json::to_string(&views::clients(&pooler)).map(|s| s.len())),
-        ("/servers", &|| serde_json::to_string(&views::servers(&pooler)).map(|s| s.len())),
+        (
+            "/pools",
+            &(|| serde_json::to_string(&views::pools(&pooler)).map(|s| s.len()))
+                as &dyn Fn() -> serde_json::Result<usize>,
+        ),
+        ("/clients", &|| {
+            serde_json::to_string(&views::clients(&pooler)).map(|s| s.len())
+        }),
+        ("/servers", &|| {
+            serde_json::to_string(&views::servers(&pooler)).map(|s| s.len())
+        }),
     ] {
         let started = Instant::now();
         let mut size = 0;
         for _ in 0..20 {
             size = run().expect("JSON");
         }
-        println!("  {name}: {:?} per request, {size} bytes", started.elapsed() / 20);
+        println!(
+            "  {name}: {:?} per request, {size} bytes",
+            started.elapsed() / 20
+        );
     }
 }

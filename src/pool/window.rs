@@ -180,7 +180,6 @@ mod tests {
         assert!((s.littles_law() - 0.2).abs() < 1e-9);
         assert_eq!(s.timeouts_last_minute, 1);
 
-
         // Ten minutes later with one quiet sample: the old seconds are gone.
         let later = t0 + Duration::from_secs(700);
         w.demand(later, 2);
