@@ -595,3 +595,54 @@ async fn the_token_guards_everything_but_health_and_ready() {
     assert_eq!(mux.admin_get("/health").await.status, 200);
     assert_eq!(mux.admin_get("/ready").await.status, 200);
 }
+
+#[tokio::test]
+async fn a_removed_database_ends_its_sessions_between_transactions() {
+    let pg = TestPostgres::shared().await;
+    let extra = format!(
+        "[databases.gone]\nhost = \"127.0.0.1\"\nport = {}\ndbname = \"app\"\n",
+        pg.port
+    );
+    let opts = MuxOptions {
+        extra: extra.clone(),
+        ..MuxOptions::default()
+    };
+    let mux = TestPgmux::start(pg, opts.clone()).await;
+    let doomed = mux.connect("gone", "app").await;
+    let kept = mux.connect("app", "app").await;
+    doomed.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    mux.rewrite_config(
+        pg,
+        &MuxOptions {
+            extra: String::new(),
+            ..opts
+        },
+    );
+    mux.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // The running transaction finishes; then the session ends with 57P01.
+    doomed.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    let err = doomed.simple_query("SELECT 3").await.unwrap_err();
+    assert!(
+        err.code() == Some(&tokio_postgres::error::SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
+        "{err}"
+    );
+    // Other pools are untouched, and the removed database is refused to new clients.
+    assert_eq!(
+        kept.query_one("SELECT 4", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        4
+    );
+    let refused = mux
+        .try_connect("gone", "app", "app_pw")
+        .await
+        .expect_err("removed");
+    assert_eq!(
+        refused.code(),
+        Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
+    );
+}

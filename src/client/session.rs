@@ -74,6 +74,7 @@ enum Event {
     IdleInTransaction,
     Stop,
     Kill,
+    Retired,
 }
 
 /// Everything a logged-in client needs but its socket; built by login.
@@ -162,7 +163,9 @@ impl Loop {
         // Made once, not per loop turn: each one registers with the token when polled.
         let kill = self.s.kill.clone().cancelled_owned();
         let stop = self.s.stop.clone().cancelled_owned();
-        tokio::pin!(kill, stop);
+        // A reload that removes this pool ends its sessions between transactions too.
+        let retired = self.s.pool.retired().cancelled_owned();
+        tokio::pin!(kill, stop, retired);
         loop {
             if self.to_client.write_now(&self.client).is_err() {
                 return End::ClientGone;
@@ -200,6 +203,7 @@ impl Loop {
                     _ = writable(server_w.as_ref()), if write_server => Event::Writable,
                     _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
                     _ = &mut stop, if between_transactions => Event::Stop,
+                    _ = &mut retired, if between_transactions => Event::Retired,
                 }
             };
             let result = match event {
@@ -224,6 +228,13 @@ impl Loop {
                         .with_hint("commit or roll back sooner, or raise pool.idle_transaction_timeout"),
                     ))
                 }
+                Event::Retired => Err(End::Fatal(
+                    PgError::fatal(
+                        SqlState::ADMIN_SHUTDOWN,
+                        "terminating connection: its database or user was removed from the pgmux config",
+                    )
+                    .with_hint("reconnect; the pool no longer exists after the last reload"),
+                )),
                 Event::Stop | Event::Kill => Err(End::Fatal(PgError::fatal(
                     SqlState::ADMIN_SHUTDOWN,
                     "terminating connection: pgmux is shutting down",
