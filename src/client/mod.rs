@@ -54,15 +54,10 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
     if log {
         info!(%peer, %pool, "client connected");
     }
-    // A second descriptor for the socket, read for its byte counts once the session has
-    // dropped its own; closing it right after closes the connection.
-    let probe = std::os::fd::AsFd::as_fd(&socket).try_clone_to_owned().ok();
-    session.run(socket).await;
-    let traffic = probe
-        .as_ref()
-        .and_then(crate::stats::tcp_traffic)
-        .unwrap_or_default();
-    drop(probe);
+    // The session hands the socket back: its byte counts come from the kernel, then it closes.
+    let socket = session.run(socket).await;
+    let traffic = crate::stats::tcp_traffic(&socket).unwrap_or_default();
+    drop(socket);
     let duration_ms = started.elapsed().as_millis() as u64;
     if log {
         info!(%peer, %pool, duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");

@@ -147,7 +147,12 @@ impl ClientParams {
         }
         for (name, initial) in &server.initial_params {
             let changed = server.param(name).is_some_and(|now| now != initial);
-            if changed && !self.wants.iter().any(|(l, _, _)| l.eq_ignore_ascii_case(name)) {
+            if changed
+                && !self
+                    .wants
+                    .iter()
+                    .any(|(l, _, _)| l.eq_ignore_ascii_case(name))
+            {
                 push_set(&mut sql, name, &Value::Text(initial.clone()));
             }
         }

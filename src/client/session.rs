@@ -122,8 +122,8 @@ pub(super) struct Loop {
 
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
-    /// it held, if any.
-    pub async fn run(self, client: TcpStream) {
+    /// it held, if any. Returns the socket, for its byte counts.
+    pub async fn run(self, client: TcpStream) -> TcpStream {
         let mut l = Loop {
             s: self,
             client,
@@ -155,6 +155,7 @@ impl Session {
         let _ =
             tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
         l.finish_server().await;
+        l.client
     }
 }
 
