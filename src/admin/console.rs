@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::protocol::write::{cstr, message};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -768,21 +769,6 @@ fn notice(out: &mut BytesMut, text: &str) {
         }
         b.put_u8(0);
     });
-}
-
-/// Appends a tagged message whose body `body` writes; fills in the length.
-fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
-    buf.put_u8(tag);
-    let at = buf.len();
-    buf.put_i32(0);
-    body(buf);
-    let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-fn cstr(buf: &mut BytesMut, s: &str) {
-    buf.put_slice(s.replace('\0', "").as_bytes());
-    buf.put_u8(0);
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@ use bytes::{BufMut, BytesMut};
 use super::SqlState;
 
 /// Appends a tagged message whose body `body` writes; fills in the length.
-fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+pub fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_u8(tag);
     let at = buf.len();
     buf.put_i32(0);
@@ -15,7 +15,8 @@ fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
-fn cstr(buf: &mut BytesMut, s: &str) {
+/// Appends a NUL-terminated string (a NUL inside is dropped).
+pub fn cstr(buf: &mut BytesMut, s: &str) {
     // A NUL inside would end the field early; nothing we send contains one on purpose.
     buf.put_slice(s.replace('\0', "").as_bytes());
     buf.put_u8(0);
