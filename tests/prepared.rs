@@ -47,54 +47,7 @@ async fn tokio_postgres_statements_move_between_servers() {
 
 #[tokio::test]
 async fn pgbench_prepared_50_clients_on_pool_of_5() {
-    let pg = TestPostgres::shared().await;
-    let su = pg.superuser().await;
-    su.batch_execute("DROP DATABASE IF EXISTS bench_prepared")
-        .await
-        .unwrap();
-    su.batch_execute("CREATE DATABASE bench_prepared OWNER app")
-        .await
-        .unwrap();
-    let mux = TestPgmux::start(
-        pg,
-        MuxOptions {
-            size: 5,
-            wait_timeout: "60s",
-            extra: format!(
-                "[databases.bench_prepared]\nhost = \"127.0.0.1\"\nport = {}\n",
-                pg.port
-            ),
-            ..MuxOptions::default()
-        },
-    )
-    .await;
-    let url = mux.url("bench_prepared", "app");
-    let init = common::run_pgbench(pg.bin_dir(), &["-i", "-q", "-s", "1", &url]);
-    assert!(
-        init.status.success(),
-        "{}",
-        String::from_utf8_lossy(&init.stderr)
-    );
-    let run = common::run_pgbench(
-        pg.bin_dir(),
-        &[
-            "-c", "50", "-j", "2", "-t", "40", "-M", "prepared", "-n", &url,
-        ],
-    );
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(
-        run.status.success(),
-        "{}\n{stdout}",
-        String::from_utf8_lossy(&run.stderr)
-    );
-    assert!(
-        stdout.contains("number of transactions actually processed: 2000/2000"),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("number of failed transactions: 0"),
-        "{stdout}"
-    );
+    common::pgbench_through_pgmux("prepared").await;
 }
 
 #[tokio::test]

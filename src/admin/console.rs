@@ -144,6 +144,24 @@ struct Rows {
     rows: Vec<Vec<Option<String>>>,
 }
 
+/// The columns PgBouncer's SHOW CLIENTS and SHOW SERVERS share, in its order.
+const LINK_COLUMNS: &[(&str, Type)] = &[
+    ("type", Type::Text),
+    ("user", Type::Text),
+    ("database", Type::Text),
+    ("state", Type::Text),
+    ("addr", Type::Text),
+    ("port", Type::Int),
+    ("connect_time", Type::Text),
+    ("request_time", Type::Text),
+    ("wait", Type::Int),
+    ("wait_us", Type::Int),
+    ("link", Type::Text),
+    ("remote_pid", Type::Int),
+    ("application_name", Type::Text),
+    ("id", Type::Int),
+];
+
 #[derive(Clone, Copy)]
 enum Type {
     Text,
@@ -375,26 +393,13 @@ impl Console {
     }
 
     fn clients(&self) -> Rows {
-        let columns = vec![
-            ("type", Type::Text),
-            ("user", Type::Text),
-            ("database", Type::Text),
-            ("state", Type::Text),
-            ("addr", Type::Text),
-            ("port", Type::Int),
-            ("connect_time", Type::Text),
-            ("request_time", Type::Text),
-            ("wait", Type::Int),
-            ("wait_us", Type::Int),
-            ("link", Type::Text),
-            ("remote_pid", Type::Int),
-            ("application_name", Type::Text),
-            ("id", Type::Int),
+        let mut columns = LINK_COLUMNS.to_vec();
+        columns.extend([
             ("activity", Type::Text),
             ("activity_ms", Type::Int),
             ("in_transaction", Type::Text),
             ("query", Type::Text),
-        ];
+        ]);
         let rows = views::clients(&self.pooler)
             .into_iter()
             .map(|c| {
@@ -427,25 +432,12 @@ impl Console {
     }
 
     fn servers(&self) -> Rows {
-        let columns = vec![
-            ("type", Type::Text),
-            ("user", Type::Text),
-            ("database", Type::Text),
-            ("state", Type::Text),
-            ("addr", Type::Text),
-            ("port", Type::Int),
-            ("connect_time", Type::Text),
-            ("request_time", Type::Text),
-            ("wait", Type::Int),
-            ("wait_us", Type::Int),
-            ("link", Type::Text),
-            ("remote_pid", Type::Int),
-            ("application_name", Type::Text),
-            ("id", Type::Int),
+        let mut columns = LINK_COLUMNS.to_vec();
+        columns.extend([
             ("held_ms", Type::Int),
             ("in_transaction", Type::Text),
             ("query", Type::Text),
-        ];
+        ]);
         let rows = views::servers(&self.pooler)
             .into_iter()
             .map(|s| {
