@@ -58,7 +58,17 @@ fn main() -> ExitCode {
         eprintln!("pgmux: {} is valid", cli.config.display());
         return ExitCode::SUCCESS;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One thread by default: no cross-thread wakeups, work stealing or contended pool
+    // locks, and so the least CPU per transaction (bench/, docs/performance.md).
+    let mut builder = match config.server.worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        n => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .expect("the tokio runtime starts");

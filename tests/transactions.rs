@@ -46,7 +46,13 @@ async fn simple_and_extended_queries() {
 async fn two_hundred_clients_share_a_pool_of_two() {
     // Its own cluster, so that counting server connections sees only this test's.
     let pg = &TestPostgres::start().await;
-    let mux = TestPgmux::start(pg, MuxOptions::sized(2).waiting("60s")).await;
+    // Several worker threads (the default is one): sessions, the pool and its servers are
+    // shared between threads here.
+    let opts = MuxOptions {
+        server_extra: "worker_threads = 4".into(),
+        ..MuxOptions::sized(2).waiting("60s")
+    };
+    let mux = TestPgmux::start(pg, opts).await;
     let mut tasks = Vec::new();
     for i in 0..200i32 {
         let client = mux.connect("app", "app").await;
@@ -65,6 +71,14 @@ async fn two_hundred_clients_share_a_pool_of_two() {
             }
         }));
     }
+    let workers = std::fs::read_dir(format!("/proc/{}/task", mux.pid()))
+        .unwrap()
+        .filter(|t| {
+            let comm = t.as_ref().unwrap().path().join("comm");
+            std::fs::read_to_string(comm).is_ok_and(|c| c.starts_with("tokio-rt-worker"))
+        })
+        .count();
+    assert_eq!(workers, 4, "worker_threads = 4 runs four worker threads");
     for t in tasks {
         t.await.unwrap();
     }

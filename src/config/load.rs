@@ -95,6 +95,7 @@ const SERVER_KEYS: &[&str] = &[
     "max_client_conn",
     "client_login_timeout",
     "shutdown_timeout",
+    "worker_threads",
 ];
 const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
 const ADMIN_KEYS: &[&str] = &["listen", "token", "log_connections", "log_slow_waits"];
@@ -228,6 +229,17 @@ impl Walker<'_> {
                 "shutdown_timeout" => {
                     let d = self.duration(&path, value);
                     set(&mut server.shutdown_timeout, d);
+                }
+                "worker_threads" => {
+                    let n = self.unsigned(&path, value, 1024);
+                    let n = n.and_then(|n| match n {
+                        0 => {
+                            self.problem(&path, value.span(), "must be at least 1");
+                            None
+                        }
+                        n => n.try_into().ok(),
+                    });
+                    set(&mut server.worker_threads, n);
                 }
                 _ => self.unknown("server", key, SERVER_KEYS),
             }

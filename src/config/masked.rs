@@ -29,6 +29,11 @@ pub(super) fn render(config: &Config) -> String {
         "shutdown_timeout",
         &duration(server.shutdown_timeout),
     );
+    line(
+        &mut out,
+        "worker_threads",
+        &server.worker_threads.to_string(),
+    );
 
     let auth = &config.auth;
     out.push_str("\n[auth]\n");

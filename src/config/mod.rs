@@ -54,6 +54,10 @@ pub struct ServerSection {
     pub client_login_timeout: Duration,
     /// Time clients get to finish their transactions on shutdown.
     pub shutdown_timeout: Duration,
+    /// Threads that run client sessions. 1 (the default) runs everything on one thread,
+    /// which costs the least CPU per transaction; more spread sessions over that many
+    /// threads (for a pooler that saturates one core). Read at start only.
+    pub worker_threads: usize,
 }
 
 impl Default for ServerSection {
@@ -63,6 +67,7 @@ impl Default for ServerSection {
             max_client_conn: 10_000,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            worker_threads: 1,
         }
     }
 }

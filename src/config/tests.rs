@@ -38,6 +38,7 @@ fn empty_file_gives_the_defaults() {
     assert_eq!(c.server.max_client_conn, 10_000);
     assert_eq!(c.server.client_login_timeout, Duration::from_secs(15));
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.worker_threads, 1);
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
     assert_eq!(c.auth.userlist_file, None);
     assert!(c.auth.admin_users.is_empty());
@@ -62,6 +63,7 @@ listen = ["127.0.0.1:6432", "[::1]:6432"]
 max_client_conn = 500
 client_login_timeout = "3s"
 shutdown_timeout = "1m"
+worker_threads = 4
 
 [auth]
 method = "md5"
@@ -112,6 +114,7 @@ auth_method = "scram-sha-256"
     assert_eq!(c.server.listen, ["127.0.0.1:6432", "[::1]:6432"]);
     assert_eq!(c.server.max_client_conn, 500);
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.worker_threads, 4);
     assert_eq!(c.auth.method, AuthMethod::Md5);
     assert_eq!(c.auth.admin_users, ["admin"]);
     assert_eq!(c.pool.mode, PoolMode::Session);
@@ -175,6 +178,7 @@ listen = [6432]
 max_client_conn = -1
 client_login_timeout = 15
 shutdown_timeout = "-3s"
+worker_threads = 0
 [auth]
 method = "password"
 admin_users = "admin"
@@ -196,17 +200,18 @@ mode = 1
         "t.toml:3:19: server.max_client_conn: must not be negative",
         "t.toml:4:24: server.client_login_timeout: a duration needs a unit: write \"15s\" or \"15ms\"",
         "t.toml:5:20: server.shutdown_timeout: must not be negative",
-        "t.toml:7:10: auth.method: unknown value \"password\"; expected one of \"scram-sha-256\", \"md5\", \"trust\"",
-        "t.toml:8:15: auth.admin_users: expected an array of strings, found a string",
-        "t.toml:10:8: pool.size: expected an integer, found a string",
-        "t.toml:11:12: pool.min_size: expected an integer, found a float",
-        "t.toml:12:16: pool.wait_timeout: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", \
+        "t.toml:6:18: server.worker_threads: must be at least 1",
+        "t.toml:8:10: auth.method: unknown value \"password\"; expected one of \"scram-sha-256\", \"md5\", \"trust\"",
+        "t.toml:9:15: auth.admin_users: expected an array of strings, found a string",
+        "t.toml:11:8: pool.size: expected an integer, found a string",
+        "t.toml:12:12: pool.min_size: expected an integer, found a float",
+        "t.toml:13:16: pool.wait_timeout: invalid duration \"5 parsecs\": unknown time unit \"parsecs\", \
          supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few \
          variations); write e.g. \"250ms\", \"5s\", \"10m\", \"1h\" or \"0\"",
-        "t.toml:13:16: pool.idle_timeout: expected a duration string, found a boolean",
-        "t.toml:14:8: pool.mode: unknown value \"sessions\"; expected one of \"session\", \"transaction\", \"statement\"",
-        "t.toml:16:8: databases.app.port: is too large (at most 65535)",
-        "t.toml:18:8: users.alice.mode: expected a string, found an integer",
+        "t.toml:14:16: pool.idle_timeout: expected a duration string, found a boolean",
+        "t.toml:15:8: pool.mode: unknown value \"sessions\"; expected one of \"session\", \"transaction\", \"statement\"",
+        "t.toml:17:8: databases.app.port: is too large (at most 65535)",
+        "t.toml:19:8: users.alice.mode: expected a string, found an integer",
     ];
     assert_eq!(got, expected);
 }

@@ -160,6 +160,10 @@ fn config_changes(old: &Config, new: &Config) -> Vec<String> {
         out.push("admin.token changed".to_owned());
     }
     let s = (&old.server, &new.server);
+    if s.0.worker_threads != s.1.worker_threads {
+        let (a, b) = (s.0.worker_threads, s.1.worker_threads);
+        out.push(format!("server.worker_threads {a} -> {b}: {restart}"));
+    }
     if s.0.max_client_conn != s.1.max_client_conn {
         let (a, b) = (s.0.max_client_conn, s.1.max_client_conn);
         out.push(format!("server.max_client_conn {a} -> {b}"));
