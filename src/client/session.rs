@@ -10,17 +10,19 @@
 //! Named prepared statements and session settings follow the client across servers: see
 //! [`crate::prepared`] and [`super::params`]; [`super::statements`] rewrites the messages.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use futures_util::FutureExt;
-use tokio::io::{AsyncReadExt, Interest};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{ReadHalf, WriteHalf};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
+use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
@@ -69,7 +71,7 @@ enum End {
 
 enum Event {
     ServerRead(io::Result<usize>),
-    ClientReadable,
+    ClientRead(io::Result<usize>),
     Writable,
     IdleInTransaction,
     Stop,
@@ -103,7 +105,7 @@ pub(super) struct Loop {
     codec: MessageCodec,
     to_client: OutQueue,
     pub(super) to_server: OutQueue,
-    pub(super) server: Option<ServerConn>,
+    pub(super) server: Option<Box<ServerConn>>,
     pub(super) replies: Replies,
     pub(super) statements: ClientStatements,
     /// Extended-protocol messages forwarded since the last Sync.
@@ -118,6 +120,8 @@ pub(super) struct Loop {
     last_activity: Instant,
     /// How much to reserve for the next client read.
     client_read: usize,
+    /// Fires when an idle-in-transaction client has been idle too long; made on first need.
+    idle_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Session {
@@ -140,6 +144,7 @@ impl Session {
             skip: Skip::No,
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
+            idle_timer: None,
         };
         let end = match l.on_client_bytes().await {
             Ok(()) => l.serve().await,
@@ -154,7 +159,7 @@ impl Session {
         // Flush what the client is owed (the error above, or results), briefly.
         let _ =
             tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
-        l.finish_server().await;
+        Box::pin(l.finish_server()).await;
         l.client
     }
 }
@@ -183,41 +188,66 @@ impl Loop {
             let idle_deadline = self.idle_transaction_deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
-            let event = {
-                // Reads go through AsyncRead: a short read marks the socket drained, so the
-                // next wait costs no extra read syscall.
-                let (client_r, client_w) = self.client.split();
-                let (mut server_r, server_w, server_buf) = match self.server.as_mut() {
-                    Some(s) => {
-                        s.read_buf.reserve(SERVER_READ);
-                        let (r, w) = s.stream.split();
-                        (Some(r), Some(w), Some(&mut s.read_buf))
-                    }
-                    None => (None, None, None),
-                };
-                tokio::select! {
-                    biased;
-                    _ = &mut kill => Event::Kill,
-                    r = read_some(server_r.as_mut(), server_buf), if read_server => Event::ServerRead(r),
-                    _ = client_r.readable(), if read_client => Event::ClientReadable,
-                    _ = client_w.writable(), if write_client => Event::Writable,
-                    _ = writable(server_w.as_ref()), if write_server => Event::Writable,
-                    _ = sleep_until(idle_deadline), if idle_deadline.is_some() => Event::IdleInTransaction,
-                    _ = &mut stop, if between_transactions => Event::Stop,
-                    _ = &mut retired, if between_transactions => Event::Retired,
+            // One hand-written poll instead of `select!`: no futures to build and drop each
+            // turn, and an idle session stays small (memory per idle client).
+            let event = std::future::poll_fn(|cx| {
+                if kill.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Kill);
                 }
-            };
-            let result = match event {
-                Event::ServerRead(read) => self.on_server_read(read),
-                Event::ClientReadable => {
+                if read_server && let Some(s) = self.server.as_mut() {
+                    s.read_buf.reserve(SERVER_READ);
+                    // A short read through AsyncRead marks the socket drained, so the next
+                    // wait costs no extra read syscall.
+                    let read = poll_read_buf(Pin::new(&mut s.stream), cx, &mut s.read_buf);
+                    if let Poll::Ready(read) = read {
+                        return Poll::Ready(Event::ServerRead(read));
+                    }
+                }
+                if read_client && self.client.poll_read_ready(cx).is_ready() {
                     // The buffer is reserved only now: an idle client holds none.
                     self.s.cbuf.reserve(self.client_read);
-                    let (mut client_r, _) = self.client.split();
-                    match client_r.read_buf(&mut self.s.cbuf).now_or_never() {
-                        Some(read) => self.on_client_read(read).await,
-                        None => Ok(()), // spurious readiness; now cleared
+                    let read = poll_read_buf(Pin::new(&mut self.client), cx, &mut self.s.cbuf);
+                    if let Poll::Ready(read) = read {
+                        return Poll::Ready(Event::ClientRead(read));
                     }
                 }
+                if write_client && self.client.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Event::Writable);
+                }
+                if write_server
+                    && let Some(s) = self.server.as_ref()
+                    && s.stream.poll_write_ready(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Writable);
+                }
+                match idle_deadline {
+                    Some(deadline) => {
+                        let timer = self
+                            .idle_timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::IdleInTransaction);
+                        }
+                    }
+                    None => self.idle_timer = None,
+                }
+                if between_transactions {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Stop);
+                    }
+                    if retired.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Retired);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let result = match event {
+                Event::ServerRead(read) => self.on_server_read(read),
+                Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
                 Event::IdleInTransaction => {
                     let limit = self.s.idle_transaction_timeout;
@@ -584,7 +614,9 @@ impl Loop {
                 tag::PARSE if self.parse_without_server(&frame) => return Ok(()),
                 _ => {}
             }
-            if let Err(err) = self.checkout().await? {
+            // Boxed: a waiting checkout is large, and an idle session should not carry its
+            // room (memory per idle client).
+            if let Err(err) = Box::pin(self.checkout()).await? {
                 let mut buf = BytesMut::new();
                 err.write(&mut buf);
                 self.to_client.push(buf);
@@ -775,33 +807,5 @@ fn checkout_error(e: &CheckoutError) -> PgError {
         )),
         CheckoutError::Upstream { .. } => PgError::error(SqlState::CONNECTION_FAILURE, e.to_string())
             .with_hint("check that the PostgreSQL server is up and reachable; pgmux retries on the next query"),
-    }
-}
-
-/// Reads from the server into its buffer; never returns when there is no server.
-async fn read_some(
-    half: Option<&mut ReadHalf<'_>>,
-    buf: Option<&mut BytesMut>,
-) -> io::Result<usize> {
-    match (half, buf) {
-        (Some(half), Some(buf)) => half.read_buf(buf).await,
-        _ => std::future::pending().await,
-    }
-}
-
-/// Waits until the server socket is writable; never returns when there is no server.
-async fn writable(half: Option<&WriteHalf<'_>>) {
-    match half {
-        Some(half) => {
-            let _ = half.writable().await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }

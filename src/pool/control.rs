@@ -98,7 +98,7 @@ impl Pool {
         if new.size > old.size {
             self.grant_free_slots();
         } else if new.size < old.size {
-            let extra: Vec<ServerConn> = {
+            let extra: Vec<Box<ServerConn>> = {
                 let mut st = self.state.lock();
                 let over = (st.open.saturating_sub(new.size) as usize).min(st.idle.len());
                 // The oldest idle connections sit at the bottom of the stack.

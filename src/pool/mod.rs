@@ -79,7 +79,7 @@ pub enum CheckoutError {
 #[allow(clippy::large_enum_variant)] // moved once per wait; boxing would allocate per checkout
 enum Grant {
     /// A clean connection.
-    Conn(ServerConn),
+    Conn(Box<ServerConn>),
     /// A free slot, already counted in `open`: the waiter opens the connection itself.
     Slot,
 }
@@ -105,7 +105,7 @@ struct Lent {
 
 struct State {
     /// Idle connections; the last pushed is the first lent.
-    idle: Vec<ServerConn>,
+    idle: Vec<Box<ServerConn>>,
     /// Clients waiting, oldest first.
     waiters: VecDeque<Waiter>,
     /// Connections that exist or are being opened: idle + lent + connecting.
@@ -232,7 +232,7 @@ impl Pool {
 
     /// Borrows a server connection for one transaction (or session).
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
-    pub async fn checkout(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Box<ServerConn>, CheckoutError> {
         let wanted = Instant::now();
         let result = self.take(wanted).await;
         let now = Instant::now();
@@ -280,7 +280,7 @@ impl Pool {
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
-    async fn take(self: &Arc<Self>, started: Instant) -> Result<ServerConn, CheckoutError> {
+    async fn take(self: &Arc<Self>, started: Instant) -> Result<Box<ServerConn>, CheckoutError> {
         let settings = self.settings();
         let mut deadline = tokio::time::Instant::from_std(started + settings.wait_timeout);
         let mut stale = Vec::new();
@@ -407,7 +407,7 @@ impl Pool {
     }
 
     /// Opens a connection in a slot already counted in `open`. On failure the slot is freed.
-    async fn open_reserved(self: &Arc<Self>) -> Result<ServerConn, CheckoutError> {
+    async fn open_reserved(self: &Arc<Self>) -> Result<Box<ServerConn>, CheckoutError> {
         let settings = self.settings();
         let upstream = self.upstream();
         // If this future is dropped mid-connect (the client left), the slot comes back.
@@ -486,7 +486,7 @@ impl Pool {
     /// Returns a connection. A dirty one (in a transaction, half-read, broken), one past
     /// its lifetime, one to replace (reconnect) or one too many (the pool shrank, or is
     /// paused) is closed instead: a dirty connection never reaches another client.
-    pub fn checkin(&self, mut conn: ServerConn) {
+    pub fn checkin(&self, mut conn: Box<ServerConn>) {
         let settings = self.settings();
         let now = Instant::now();
         let mut st = self.state.lock();
@@ -527,12 +527,12 @@ impl Pool {
     }
 
     /// Closes a connection and frees its slot.
-    pub fn release_slot(&self, conn: ServerConn) {
+    pub fn release_slot(&self, conn: Box<ServerConn>) {
         self.close(conn, CloseReason::Dirty);
     }
 
     /// Closes a connection for `reason` (logged and counted) and frees its slot.
-    fn close(&self, conn: ServerConn, reason: CloseReason) {
+    fn close(&self, conn: Box<ServerConn>, reason: CloseReason) {
         let id = conn.id;
         self.log_close(&conn, reason);
         conn.close();
@@ -602,7 +602,7 @@ impl Drop for Pool {
 
 #[allow(clippy::large_enum_variant)] // lives on the stack for one checkout
 enum Step {
-    Ready(ServerConn),
+    Ready(Box<ServerConn>),
     Connect,
     Down(Duration),
     Wait(u64, oneshot::Receiver<Grant>),

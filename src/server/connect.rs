@@ -82,18 +82,21 @@ impl From<ProtocolError> for ConnectError {
 
 /// Opens and authenticates a connection to `upstream` within `limit`. Cancel-safe: a
 /// dropped future just drops the socket.
-pub async fn connect(upstream: &Upstream, limit: Duration) -> Result<ServerConn, ConnectError> {
+pub async fn connect(
+    upstream: &Upstream,
+    limit: Duration,
+) -> Result<Box<ServerConn>, ConnectError> {
     match tokio::time::timeout(limit, connect_inner(upstream)).await {
         Ok(result) => result,
         Err(_) => Err(ConnectError::Timeout(limit)),
     }
 }
 
-async fn connect_inner(upstream: &Upstream) -> Result<ServerConn, ConnectError> {
+async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectError> {
     let stream = TcpStream::connect((upstream.host.as_str(), upstream.port)).await?;
     stream.set_nodelay(true)?;
     let addr = stream.peer_addr()?;
-    let mut conn = ServerConn::new(stream, addr);
+    let mut conn = Box::new(ServerConn::new(stream, addr));
 
     let mut out = BytesMut::new();
     let params = [
