@@ -104,7 +104,10 @@ struct Lent {
 }
 
 struct State {
-    /// Idle connections; the last pushed is the first lent.
+    /// Idle connections; the last pushed is the first lent. Boxed, like everywhere: a
+    /// connection moves between the pool and sessions as a pointer, and a session holding
+    /// none stays small.
+    #[allow(clippy::vec_box)]
     idle: Vec<Box<ServerConn>>,
     /// Clients waiting, oldest first.
     waiters: VecDeque<Waiter>,
