@@ -95,7 +95,8 @@ struct QueryText {
 
 /// Every logged-in client. Shared (`Arc`) by the pooler, the sessions and the admin port.
 pub struct ClientRegistry {
-    epoch: Instant,
+    /// [`coarse_nanos`] when the registry was made.
+    epoch: u64,
     next_id: AtomicU64,
     shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
 }
@@ -103,7 +104,7 @@ pub struct ClientRegistry {
 impl Default for ClientRegistry {
     fn default() -> Self {
         ClientRegistry {
-            epoch: Instant::now(),
+            epoch: coarse_nanos(),
             next_id: AtomicU64::new(1),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
@@ -223,9 +224,10 @@ impl ClientRegistry {
         &self.shards[(id % SHARDS as u64) as usize]
     }
 
-    /// Nanoseconds since the registry was created.
+    /// Nanoseconds since the registry was created, from the coarse clock: state changes
+    /// happen several times per transaction, and the views show milliseconds at best.
     fn now(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        coarse_nanos().saturating_sub(self.epoch)
     }
 }
 
@@ -373,4 +375,18 @@ mod tests {
         c.set_query(b"SELECT 1\0");
         assert_eq!(registry.snapshot()[0].query, "SELECT 1");
     }
+}
+
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the time of the last tick (a few ms resolution),
+/// read from memory without touching the hardware clock.
+fn coarse_nanos() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
 }

@@ -145,7 +145,12 @@ impl ClientParams {
                 }
             }
         }
-        for (name, initial) in &server.initial_params {
+        let drifted = if server.drifted {
+            server.initial_params.as_slice()
+        } else {
+            &[]
+        };
+        for (name, initial) in drifted {
             let changed = server.param(name).is_some_and(|now| now != initial);
             if changed
                 && !self
@@ -256,6 +261,17 @@ pub enum SessionChange {
 
 /// Recognizes the few statements that change session state, when a Query holds one alone.
 pub fn session_change(query: &[u8]) -> Option<SessionChange> {
+    // Every Query passes here: most start with another word, and leave without allocating.
+    let start = query.iter().position(|b| !b.is_ascii_whitespace())?;
+    let word = &query[start..];
+    let word = &word[..word
+        .iter()
+        .position(|b| !b.is_ascii_alphabetic())
+        .unwrap_or(word.len())];
+    const FIRST_WORDS: [&[u8]; 5] = [b"SET", b"RESET", b"PREPARE", b"DISCARD", b"DEALLOCATE"];
+    if !FIRST_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
+        return None;
+    }
     let text = std::str::from_utf8(query).ok()?;
     let text = text
         .trim_end_matches('\0')
@@ -377,6 +393,12 @@ mod tests {
         assert_eq!(session_change(b"SET LOCAL x = 1\0"), None);
         assert_eq!(session_change(b"SET x = 1; SELECT 1\0"), None);
         assert_eq!(session_change(b"SELECT 1\0"), None);
+        assert_eq!(session_change(b"SETTINGS\0"), None);
+        assert_eq!(session_change(b"  \n\0"), None);
+        assert_eq!(
+            session_change(b" \n\tReSeT\tALL;\0"),
+            Some(SessionChange::ResetAll)
+        );
         assert_eq!(
             session_change(b"prepare p as select 1\0"),
             Some(SessionChange::Prepare)

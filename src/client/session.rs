@@ -289,6 +289,13 @@ impl Loop {
         })
     }
 
+    /// Notes activity, for idle_transaction_timeout (no clock read when it is off).
+    fn touch(&mut self) {
+        if !self.s.idle_transaction_timeout.is_zero() {
+            self.last_activity = Instant::now();
+        }
+    }
+
     /// When an idle-in-transaction client is cut off, if a limit is set and it applies now.
     fn idle_transaction_deadline(&self) -> Option<Instant> {
         let server = self.server.as_ref()?;
@@ -303,7 +310,7 @@ impl Loop {
             Ok(0) => Err(self.server_lost(io::Error::from(io::ErrorKind::UnexpectedEof).into())),
             Ok(n) => {
                 self.s.pool.stats.bytes_to_client(n);
-                self.last_activity = Instant::now();
+                self.touch();
                 self.on_server_bytes()
             }
             Err(e) => Err(self.server_lost(e.into())),
@@ -540,7 +547,7 @@ impl Loop {
                     (self.client_read / 2).max(MIN_CLIENT_READ)
                 };
                 self.s.pool.stats.bytes_from_client(n);
-                self.last_activity = Instant::now();
+                self.touch();
                 self.on_client_bytes().await?;
                 if self.s.cbuf.is_empty() {
                     // Frames keep what they need of the buffer; an idle client keeps none.

@@ -289,7 +289,7 @@ impl Pool {
         let mut stale = Vec::new();
         let step = {
             let mut st = self.state.lock();
-            let now = Instant::now();
+            let now = started;
             let mut found = None;
             while !st.paused
                 && let Some(conn) = st.idle.pop()

@@ -67,6 +67,8 @@ pub struct ServerConn {
     pub retire_at: Option<Instant>,
     /// ParameterStatus values as the server reported them right after login.
     pub initial_params: Vec<(String, String)>,
+    /// Whether some reported parameter differs from its value in `initial_params`.
+    pub drifted: bool,
     /// Settings the server does not report that clients had applied to it, by lowercase name.
     pub applied: Vec<(String, SettingValue)>,
     /// Named prepared statements it holds.
@@ -93,6 +95,7 @@ impl ServerConn {
             broken: false,
             retire_at: None,
             initial_params: Vec::new(),
+            drifted: false,
             applied: Vec::new(),
             prepared: ServerStatements::default(),
         }
@@ -109,9 +112,16 @@ impl ServerConn {
     /// Records a ParameterStatus the server sent.
     pub fn set_param(&mut self, name: &str, value: &str) {
         match self.params.iter_mut().find(|(k, _)| k == name) {
+            Some(slot) if slot.1 == value => return,
             Some(slot) => value.clone_into(&mut slot.1),
             None => self.params.push((name.to_owned(), value.to_owned())),
         }
+        // Rare (a SET of a reported parameter): recount, so checkouts need not.
+        self.drifted = self.params.iter().any(|(k, v)| {
+            self.initial_params
+                .iter()
+                .any(|(ik, iv)| ik == k && iv != v)
+        });
     }
 
     /// The value of a reported parameter, by name in any case.
