@@ -330,6 +330,20 @@ pub struct ServerLink {
     pub held: Duration,
 }
 
+/// CLOCK_MONOTONIC_COARSE in nanoseconds: the time of the last tick (a few ms resolution),
+/// read from memory without touching the hardware clock.
+fn coarse_nanos() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,18 +389,4 @@ mod tests {
         c.set_query(b"SELECT 1\0");
         assert_eq!(registry.snapshot()[0].query, "SELECT 1");
     }
-}
-
-/// CLOCK_MONOTONIC_COARSE in nanoseconds: the time of the last tick (a few ms resolution),
-/// read from memory without touching the hardware clock.
-fn coarse_nanos() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    (ts.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(ts.tv_nsec as u64)
 }
