@@ -372,7 +372,11 @@ async fn servers_and_clients_name_the_long_holder() {
     let top = &clients[0];
     assert_eq!(top["state"], "idle in transaction", "{clients:#}");
     assert_eq!(top["server"]["pid"], pid);
-    assert!(top["server"]["held_ms"].as_u64().unwrap_or(0) >= 3000);
+    // The client view keeps time with the coarse clock: within one kernel tick (<= 10 ms).
+    assert!(
+        top["server"]["held_ms"].as_u64().unwrap_or(0) >= 2990,
+        "{top}"
+    );
     assert_eq!(clients.as_array().unwrap().len(), 2);
     holder.batch_execute("COMMIT").await.unwrap();
 }

@@ -59,7 +59,13 @@ async fn wrong_password_unknown_user_and_unknown_database() {
 
     still_serving(&mux).await;
     // The password never shows up in pgmux's logs.
-    assert!(!mux.stderr_log().contains("app_pw"));
+    let log = mux.stderr_log();
+    assert!(!log.contains("app_pw"));
+    // A log file gets plain text: colours are for terminals only.
+    assert!(
+        log.contains("client connected") && !log.contains('\x1b'),
+        "{log}"
+    );
 }
 
 #[tokio::test]

@@ -46,7 +46,10 @@ pub(super) async fn login(
     pooler: &Arc<Pooler>,
     admitted: bool,
 ) -> Result<Session, Refusal> {
-    let startup = read_startup(socket, pooler).await?;
+    // Bytes read from the client and not yet used: the startup packets, the password
+    // messages, then whatever the session gets to read first.
+    let mut cbuf = BytesMut::new();
+    let startup = read_startup(socket, &mut cbuf, pooler).await?;
     if !admitted {
         let max = pooler.snapshot().config.server.max_client_conn;
         return Err(PgError::fatal(
@@ -114,7 +117,6 @@ pub(super) async fn login(
         .into());
     }
 
-    let mut cbuf = BytesMut::new();
     let method = snapshot.config.auth_method_for(&user);
     if method != AuthMethod::Trust {
         let Some(credential) = snapshot.credentials.get(&user) else {
@@ -124,7 +126,8 @@ pub(super) async fn login(
         socket.write_all(&out).await?;
         out.clear();
         if scram {
-            scram_login(socket, &mut cbuf, &user, credential).await?;
+            // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
+            scram_login(socket, &mut cbuf, &mut out, &user, credential).await?;
         } else {
             md5_login(socket, &mut cbuf, &user, credential).await?;
         }
@@ -193,9 +196,13 @@ pub(super) async fn login(
 
 /// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests
 /// with `N` and forwarding a CancelRequest.
-async fn read_startup(socket: &mut TcpStream, pooler: &Pooler) -> Result<Startup, Refusal> {
+async fn read_startup(
+    socket: &mut TcpStream,
+    cbuf: &mut BytesMut,
+    pooler: &Pooler,
+) -> Result<Startup, Refusal> {
     loop {
-        match startup::read_packet(socket).await {
+        match startup::read_packet(socket, cbuf).await {
             Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
                 socket.write_all(b"N").await?;
             }
@@ -225,13 +232,13 @@ async fn read_startup(socket: &mut TcpStream, pooler: &Pooler) -> Result<Startup
 async fn scram_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
+    out: &mut BytesMut,
     user: &str,
     credential: &Credential,
 ) -> Result<(), Refusal> {
     let verifier = credential.scram().expect("checked by the caller");
-    let mut out = BytesMut::new();
-    write::auth_sasl(&mut out, &[SCRAM_MECHANISM]);
-    socket.write_all(&out).await?;
+    write::auth_sasl(out, &[SCRAM_MECHANISM]);
+    socket.write_all(out).await?;
 
     let first = read_password_message(socket, cbuf).await?;
     let malformed = || {
@@ -259,16 +266,15 @@ async fn scram_login(
         .client_first(data)
         .map_err(|e| auth_refusal(user, e))?;
     out.clear();
-    write::auth_sasl_step(&mut out, 11, &server_first);
-    socket.write_all(&out).await?;
+    write::auth_sasl_step(out, 11, &server_first);
+    socket.write_all(out).await?;
 
     let last = read_password_message(socket, cbuf).await?;
     let server_final = exchange
         .client_final(&last)
         .map_err(|e| auth_refusal(user, e))?;
     out.clear();
-    write::auth_sasl_step(&mut out, 12, &server_final);
-    socket.write_all(&out).await?;
+    write::auth_sasl_step(out, 12, &server_final);
     Ok(())
 }
 
@@ -318,6 +324,8 @@ async fn read_password_message(
                 return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into());
             }
         }
+        // Room for a whole SCRAM message in one read.
+        cbuf.reserve(512);
         if socket.read_buf(cbuf).await? == 0 {
             return Err(Refusal::Gone);
         }

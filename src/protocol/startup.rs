@@ -1,6 +1,7 @@
 //! The untagged packets a client connection begins with: SSLRequest, GSSENCRequest,
 //! CancelRequest and StartupMessage.
 
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::{read_cstr, read_i32};
@@ -61,18 +62,36 @@ pub enum StartupError {
     Io(#[from] std::io::Error),
 }
 
-/// Reads one startup packet. Not cancel-safe (use it under a timeout that ends the session).
+/// Reads one startup packet through `buf`, which keeps whatever the client sent after it.
+/// Reads take what the socket has (one read for a whole packet, usually), never more than
+/// [`MAX_STARTUP_PACKET`] ahead. Not cancel-safe (use it under a timeout that ends the
+/// session).
 pub async fn read_packet<R: AsyncRead + Unpin>(
     reader: &mut R,
+    buf: &mut BytesMut,
 ) -> Result<StartupPacket, StartupError> {
-    let len = reader.read_i32().await? as usize;
-    if !(8..=MAX_STARTUP_PACKET).contains(&len) {
-        return Err(StartupError::BadLength(len));
+    loop {
+        if let Some(header) = buf.first_chunk::<4>() {
+            let len = u32::from_be_bytes(*header) as usize;
+            if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+                return Err(StartupError::BadLength(len));
+            }
+            if buf.len() >= len {
+                let packet = buf.split_to(len);
+                return parse_packet(&packet[4..]);
+            }
+            buf.reserve(len - buf.len());
+        } else {
+            buf.reserve(READ_AHEAD);
+        }
+        if reader.read_buf(buf).await? == 0 {
+            return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+        }
     }
-    let mut body = vec![0u8; len - 4];
-    reader.read_exact(&mut body).await?;
-    parse_packet(&body)
 }
+
+/// Room for a first read: a typical startup packet, whole.
+const READ_AHEAD: usize = 512;
 
 /// Parses a startup packet body (after its length).
 pub fn parse_packet(body: &[u8]) -> Result<StartupPacket, StartupError> {
