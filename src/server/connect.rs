@@ -153,18 +153,26 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                         scram = Some(exchange);
                     }
                     11 | 12 => {
-                        let exchange = scram
-                            .as_mut()
+                        let mut exchange = scram
+                            .take()
                             .ok_or(ConnectError::Protocol("SASL step before SASL start".into()))?;
+                        let scram_error =
+                            |e: std::io::Error| ConnectError::Auth(format!("SCRAM: {e}"));
                         if code == 11 {
-                            exchange
-                                .update(rest)
-                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                            // The salted password takes PBKDF2 (4096 rounds or more, about
+                            // a millisecond): off the thread that runs the sessions.
+                            let server_first = rest.to_vec();
+                            let step = tokio::task::spawn_blocking(move || {
+                                exchange.update(&server_first).map(|()| exchange)
+                            });
+                            let exchange = step
+                                .await
+                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?
+                                .map_err(scram_error)?;
                             frontend::sasl_response(exchange.message(), &mut out)?;
+                            scram = Some(exchange);
                         } else {
-                            exchange
-                                .finish(rest)
-                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?;
+                            exchange.finish(rest).map_err(scram_error)?;
                         }
                     }
                     other => {
