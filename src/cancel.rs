@@ -3,7 +3,6 @@
 //! server's real key. Unknown keys are ignored, as PostgreSQL does.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -12,13 +11,13 @@ use postgres_protocol::message::frontend;
 use tokio::io::AsyncWriteExt;
 use tracing::debug;
 
-use crate::server::BackendKey;
+use crate::server::{BackendKey, ServerAddr};
 
 /// The server a client holds, as a cancel request needs it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct CancelTarget {
     /// The server's address.
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// The server's own key.
     pub key: BackendKey,
 }
@@ -73,7 +72,7 @@ impl CancelRegistry {
         let target = {
             let clients = self.clients.lock();
             match clients.get(&process_id) {
-                Some(slot) if slot.secret == secret => *slot.target.lock(),
+                Some(slot) if slot.secret == secret => slot.target.lock().clone(),
                 _ => None,
             }
         };
@@ -91,7 +90,7 @@ pub async fn forward(target: CancelTarget) {
     let mut packet = BytesMut::new();
     frontend::cancel_request(target.key.process_id, target.key.secret, &mut packet);
     let sent = async {
-        let mut stream = tokio::net::TcpStream::connect(target.addr).await?;
+        let mut stream = target.addr.connect().await?;
         stream.write_all(&packet).await?;
         stream.shutdown().await
     };

@@ -369,3 +369,53 @@ async fn client_killed_mid_copy_leaves_no_dirty_server() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_directory_host_connects_over_the_unix_socket() {
+    let pg = TestPostgres::shared().await;
+    // As in libpq and PgBouncer: a host starting with '/' is the socket's directory.
+    let opts = MuxOptions {
+        extra: format!(
+            "[databases.viasocket]\nhost = \"{}\"\nport = {}\ndbname = \"app\"\n\
+             [databases.nosocket]\nhost = \"/nonexistent\"\nport = {}\ndbname = \"app\"\n",
+            pg.dir().display(),
+            pg.port,
+            pg.port
+        ),
+        ..MuxOptions::sized(1)
+    };
+    let mux = TestPgmux::start(pg, opts).await;
+    let client = mux.connect("viasocket", "app").await;
+    // PostgreSQL reports no client address for a Unix-socket connection.
+    let row = client
+        .query_one("SELECT inet_client_addr() IS NULL, current_database()", &[])
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0), "the server connection is not TCP");
+    assert_eq!(row.get::<_, String>(1), "app");
+
+    // Cancel requests reach the server over the socket too.
+    let token = client.cancel_token();
+    let sleeper = tokio::spawn(async move { client.simple_query("SELECT pg_sleep(30)").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let result = tokio::time::timeout(Duration::from_secs(10), sleeper)
+        .await
+        .expect("the cancel ended pg_sleep")
+        .unwrap();
+    assert_eq!(result.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
+
+    // A directory without the socket is an upstream failure that names the socket file.
+    let err = tokio_postgres::connect(&mux.url("nosocket", "app"), tokio_postgres::NoTls)
+        .await
+        .err()
+        .expect("no server behind /nonexistent");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+    assert!(
+        db.message()
+            .contains(&format!("/nonexistent/.s.PGSQL.{}", pg.port)),
+        "{}",
+        db.message()
+    );
+}

@@ -6,6 +6,8 @@ use std::io::{self, IoSlice};
 use bytes::{Buf, BytesMut};
 use tokio::net::TcpStream;
 
+use crate::server::TryWrite;
+
 /// How many buffers one `writev` takes.
 const MAX_SLICES: usize = 32;
 
@@ -53,7 +55,7 @@ impl OutQueue {
 
     /// Writes as much as the socket takes without waiting. Returns Ok when the queue is
     /// empty or the socket would block.
-    pub fn write_now(&mut self, socket: &TcpStream) -> io::Result<()> {
+    pub fn write_now(&mut self, socket: &impl TryWrite) -> io::Result<()> {
         while !self.is_empty() {
             let written = if self.chunks.len() == 1 {
                 // The usual case (adjacent messages merge): send(2) is cheaper than writev(2).

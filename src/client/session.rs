@@ -728,7 +728,7 @@ impl Loop {
         match result {
             Ok(mut conn) => {
                 self.s.cancel.set_target(Some(CancelTarget {
-                    addr: conn.addr,
+                    addr: conn.addr.clone(),
                     key: conn.key,
                 }));
                 self.s.view.set_server(Some((conn.id, conn.key.process_id)));
@@ -776,7 +776,7 @@ impl Loop {
             if !self.replies.is_empty() && !conn.broken {
                 // A query may still run: cancel it so the backend does not work for no one.
                 let target = CancelTarget {
-                    addr: conn.addr,
+                    addr: conn.addr.clone(),
                     key: conn.key,
                 };
                 tokio::spawn(cancel::forward(target));

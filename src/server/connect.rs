@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use super::ServerStream;
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
 use super::{BackendKey, ServerConn, parse_parameter_status};
@@ -16,9 +16,9 @@ use crate::protocol::{Frame, ProtocolError, read_i32, tag};
 /// Where and as whom a pool connects.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// Host name or address.
+    /// Host name or address, or the directory of PostgreSQL's Unix socket (`/...`).
     pub host: String,
-    /// TCP port.
+    /// TCP port, or the number in the Unix socket's name (`.s.PGSQL.<port>`).
     pub port: u16,
     /// The database on the server.
     pub dbname: String,
@@ -40,8 +40,12 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl std::fmt::Display for Upstream {
+    /// `host:port`, or the Unix socket's path when the host is a directory.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
+        match super::ServerAddr::unix_socket(&self.host, self.port) {
+            Some(path) => write!(f, "{}", path.display()),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
     }
 }
 
@@ -93,9 +97,7 @@ pub async fn connect(
 }
 
 async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectError> {
-    let stream = TcpStream::connect((upstream.host.as_str(), upstream.port)).await?;
-    stream.set_nodelay(true)?;
-    let addr = stream.peer_addr()?;
+    let (stream, addr) = ServerStream::connect(&upstream.host, upstream.port).await?;
     let mut conn = Box::new(ServerConn::new(stream, addr));
 
     let mut out = BytesMut::new();

@@ -2,16 +2,16 @@
 //! owned by the pool while idle or by one client session during a transaction.
 
 mod connect;
+mod stream;
 
 pub use connect::{ConnectError, Upstream, connect, error_fields};
+pub use stream::{ServerAddr, ServerStream, TryWrite};
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 
 use crate::prepared::ServerStatements;
@@ -41,7 +41,7 @@ static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug)]
 pub struct ServerConn {
     /// The socket. The client session reads and writes it directly while it holds the connection.
-    pub stream: TcpStream,
+    pub stream: ServerStream,
     /// Bytes read from the server and not yet handled.
     pub read_buf: BytesMut,
     /// Frames server messages; tracks a large message still streaming through.
@@ -51,7 +51,7 @@ pub struct ServerConn {
     /// Its cancel key.
     pub key: BackendKey,
     /// Where it is connected (cancel requests go there).
-    pub addr: SocketAddr,
+    pub addr: ServerAddr,
     /// A process-wide id, for logs.
     pub id: u64,
     /// When it was opened.
@@ -76,7 +76,7 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    fn new(stream: TcpStream, addr: SocketAddr) -> Self {
+    fn new(stream: ServerStream, addr: ServerAddr) -> Self {
         let now = Instant::now();
         ServerConn {
             stream,
