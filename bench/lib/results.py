@@ -420,7 +420,8 @@ def cmd_report(a):
         f"pgmux benchmark, {meta['date']}, {meta['cores']} cores ({meta['cpu']}), "
         f"PostgreSQL {meta['postgres_version']}, {meta['mode']} run: {meta['seconds']}s per scenario "
         f"after {meta['warmup']}s warm-up, pool size {meta['pool_size']}, pgbench -j {meta['pgbench_threads']}, "
-        f"scale {meta['scale']}, ulimit -n {meta.get('open_files_limit', '?')}"
+        f"scale {meta['scale']}, ulimit -n {meta.get('open_files_limit', '?')}, "
+        f"poolers to PostgreSQL over {meta.get('upstream', 'tcp')}"
     )
     print()
     print(table)
@@ -451,7 +452,7 @@ def cmd_report(a):
     md.write(
         f"pgmux benchmark, {meta['date']}, {meta['cores']} cores ({meta['cpu']}), PostgreSQL "
         f"{meta['postgres_version']}, {meta['mode']} run ({meta['seconds']}s per scenario), "
-        f"pgmux {meta.get('pgmux_commit', '?')}\n\n"
+        f"poolers to PostgreSQL over {meta.get('upstream', 'tcp')}, pgmux {meta.get('pgmux_commit', '?')}\n\n"
     )
     md.write(render_table(rows, targets, names, markdown=True) + "\n\n")
     for line in s8:
