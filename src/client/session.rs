@@ -44,6 +44,7 @@ const MIN_CLIENT_READ: usize = 1024;
 const MAX_CLIENT_READ: usize = 64 * 1024;
 const CLIENT_READ: usize = 8 * 1024;
 const SERVER_READ: usize = 32 * 1024;
+const MAX_SERVER_READ: usize = 256 * 1024;
 /// Client messages up to this size are held whole (a named Parse must be); larger ones stream.
 pub(super) const CLIENT_MAX_WHOLE: usize = 1024 * 1024;
 /// How long cleanup may take on a server whose client left (ROLLBACK, reset query).
@@ -118,8 +119,9 @@ pub(super) struct Loop {
     copy_in: bool,
     pub(super) skip: Skip,
     last_activity: Instant,
-    /// How much to reserve for the next client read.
+    /// How much to reserve for the next client read / server read.
     client_read: usize,
+    server_read: usize,
     /// Fires when an idle-in-transaction client has been idle too long; made on first need.
     idle_timer: Option<Pin<Box<Sleep>>>,
 }
@@ -144,6 +146,7 @@ impl Session {
             skip: Skip::No,
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
+            server_read: SERVER_READ,
             idle_timer: None,
         };
         let end = match l.on_client_bytes().await {
@@ -195,7 +198,7 @@ impl Loop {
                     return Poll::Ready(Event::Kill);
                 }
                 if read_server && let Some(s) = self.server.as_mut() {
-                    s.read_buf.reserve(SERVER_READ);
+                    s.read_buf.reserve(self.server_read);
                     // A short read through AsyncRead marks the socket drained, so the next
                     // wait costs no extra read syscall.
                     let read = poll_read_buf(Pin::new(&mut s.stream), cx, &mut s.read_buf);
@@ -309,6 +312,13 @@ impl Loop {
         match read {
             Ok(0) => Err(self.server_lost(io::Error::from(io::ErrorKind::UnexpectedEof).into())),
             Ok(n) => {
+                // Big results (large rows, COPY OUT) are read in bigger pieces: fewer
+                // system calls per megabyte. Small answers shrink the reads back.
+                self.server_read = if n * 2 >= self.server_read {
+                    (self.server_read * 2).min(MAX_SERVER_READ)
+                } else {
+                    (self.server_read / 2).max(SERVER_READ)
+                };
                 self.s.pool.stats.bytes_to_client(n);
                 self.touch();
                 self.on_server_bytes()
@@ -531,6 +541,10 @@ impl Loop {
                 // Bytes for a server we no longer hold: its state is unknown.
                 conn.broken = true;
                 self.to_server.clear();
+            }
+            if conn.read_buf.is_empty() && conn.read_buf.capacity() > 2 * SERVER_READ {
+                // A big result grew it: an idle connection keeps no large buffer.
+                conn.read_buf = BytesMut::new();
             }
             self.s.pool.checkin(conn);
         }
