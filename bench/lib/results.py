@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Numbers for bench/run: one pgbench run summarized, and the final table and files.
 
-    results.py run --scenario S1 --target pgmux --dir RUN_DIR --exit-status N \
+    results.py run --scenario S1 --target pgmux --dir RUN_DIR [--dir RUN_DIR ...] --exit-status N \
         [--cpu-ticks T --clk-tck 100] [--rss-peak-kib K] [--set key=value ...]
-        reads RUN_DIR/pgbench.out, RUN_DIR/pgbench.err and RUN_DIR/log.* (per-transaction
-        logs), prints one JSON object on one line
+        reads each round's RUN_DIR/pgbench.out, RUN_DIR/pgbench.err and RUN_DIR/log.*
+        (per-transaction logs), prints one JSON object on one line for all the rounds
 
     results.py skip --scenario S3 --target pgbouncer --reason "..."     an n/a cell
     results.py fail --scenario S8 --target pgmux --reason "..."         a run that could not run
@@ -54,11 +54,11 @@ def parse_pgbench_out(text):
     }
 
 
-def latencies(log_glob):
+def latencies(log_globs):
     """Mean and p99 (ms) of the per-transaction logs, and how many were not successes."""
     values = []
     not_ok = 0
-    for path in glob.glob(log_glob):
+    for path in (p for g in log_globs for p in glob.glob(g)):
         with open(path) as f:
             for line in f:
                 fields = line.split()
@@ -76,11 +76,28 @@ def latencies(log_glob):
     return mean, p99, len(values), not_ok
 
 
+def combine(parsed_rounds):
+    """One result from several rounds: transactions add up; TPS is all transactions over
+    all the measured time (each round's time is its transactions over its TPS)."""
+    done = [p for p in parsed_rounds if p["tps"] and p["transactions"]]
+    tx = sum(p["transactions"] or 0 for p in parsed_rounds)
+    busy = sum(p["transactions"] / p["tps"] for p in done)
+    return {
+        "tps": tx / busy if busy else None,
+        "transactions": tx,
+        "failed_transactions": sum(p["failed_transactions"] for p in parsed_rounds),
+        "clients": parsed_rounds[0]["clients"],
+        "rounds": len(parsed_rounds),
+    }
+
+
 def cmd_run(a):
-    out = open(os.path.join(a.dir, "pgbench.out"), errors="replace").read()
-    err = open(os.path.join(a.dir, "pgbench.err"), errors="replace").read()
-    parsed = parse_pgbench_out(out)
-    mean, p99, logged, log_not_ok = latencies(os.path.join(a.dir, "log.*"))
+    def read(d, name):
+        return open(os.path.join(d, name), errors="replace").read()
+
+    err = "".join(read(d, "pgbench.err") for d in a.dir)
+    parsed = combine([parse_pgbench_out(read(d, "pgbench.out")) for d in a.dir])
+    mean, p99, logged, log_not_ok = latencies([os.path.join(d, "log.*") for d in a.dir])
     aborted = len(re.findall(r"client \d+ aborted", err))
     error_lines = [
         line.strip()
@@ -418,7 +435,7 @@ def cmd_report(a):
     print()
     print(
         f"pgmux benchmark, {meta['date']}, {meta['cores']} cores ({meta['cpu']}), "
-        f"PostgreSQL {meta['postgres_version']}, {meta['mode']} run: {meta['seconds']}s per scenario "
+        f"PostgreSQL {meta['postgres_version']}, {meta['mode']} run: {meta.get('rounds', 1)} x {meta['seconds']}s per scenario "
         f"after {meta['warmup']}s warm-up, pool size {meta['pool_size']}, pgbench -j {meta['pgbench_threads']}, "
         f"scale {meta['scale']}, ulimit -n {meta.get('open_files_limit', '?')}, "
         f"poolers to PostgreSQL over {meta.get('upstream', 'tcp')}"
@@ -451,7 +468,7 @@ def cmd_report(a):
     md = io.StringIO()
     md.write(
         f"pgmux benchmark, {meta['date']}, {meta['cores']} cores ({meta['cpu']}), PostgreSQL "
-        f"{meta['postgres_version']}, {meta['mode']} run ({meta['seconds']}s per scenario), "
+        f"{meta['postgres_version']}, {meta['mode']} run ({meta.get('rounds', 1)} x {meta['seconds']}s per scenario, targets alternating), "
         f"poolers to PostgreSQL over {meta.get('upstream', 'tcp')}, pgmux {meta.get('pgmux_commit', '?')}\n\n"
     )
     md.write(render_table(rows, targets, names, markdown=True) + "\n\n")
@@ -503,7 +520,7 @@ def main():
     r = sub.add_parser("run")
     r.add_argument("--scenario", required=True)
     r.add_argument("--target", required=True)
-    r.add_argument("--dir", required=True)
+    r.add_argument("--dir", required=True, action="append", help="one per round")
     r.add_argument("--exit-status", type=int, required=True)
     r.add_argument("--cpu-ticks", type=int)
     r.add_argument("--clk-tck", type=int)
