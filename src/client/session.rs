@@ -542,10 +542,6 @@ impl Loop {
                 conn.broken = true;
                 self.to_server.clear();
             }
-            if conn.read_buf.is_empty() && conn.read_buf.capacity() > 2 * SERVER_READ {
-                // A big result grew it: an idle connection keeps no large buffer.
-                conn.read_buf = BytesMut::new();
-            }
             self.s.pool.checkin(conn);
         }
     }

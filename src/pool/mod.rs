@@ -76,7 +76,6 @@ pub enum CheckoutError {
 }
 
 /// What a waiter is handed.
-#[allow(clippy::large_enum_variant)] // moved once per wait; boxing would allocate per checkout
 enum Grant {
     /// A clean connection.
     Conn(Box<ServerConn>),
@@ -518,6 +517,7 @@ impl Pool {
             return self.close(conn, reason);
         }
         conn.idle_since = now;
+        conn.shrink_read_buffer();
         while let Some(waiter) = st.waiters.pop_front() {
             match waiter.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
@@ -603,7 +603,6 @@ impl Drop for Pool {
     }
 }
 
-#[allow(clippy::large_enum_variant)] // lives on the stack for one checkout
 enum Step {
     Ready(Box<ServerConn>),
     Connect,

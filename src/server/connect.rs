@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use super::ServerStream;
 use bytes::BytesMut;
 use postgres_protocol::authentication::{md5_hash, sasl};
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use super::{BackendKey, ServerConn, parse_parameter_status};
+use super::{BackendKey, ServerConn, ServerStream, parse_parameter_status};
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
 
 /// Where and as whom a pool connects.

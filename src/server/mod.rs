@@ -37,6 +37,9 @@ pub enum SettingValue {
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The most read buffer an idle connection keeps.
+const READ_BUF_KEPT: usize = 64 * 1024;
+
 /// An authenticated server connection. Owned by exactly one party at a time.
 #[derive(Debug)]
 pub struct ServerConn {
@@ -210,6 +213,14 @@ impl ServerConn {
         match tokio::time::timeout(limit, work).await {
             Ok(result) => result,
             Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+        }
+    }
+
+    /// Drops a read buffer that a big result grew (sessions read up to 256 KiB at a time):
+    /// an idle connection keeps no large buffer.
+    pub fn shrink_read_buffer(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > READ_BUF_KEPT {
+            self.read_buf = BytesMut::new();
         }
     }
 

@@ -70,13 +70,6 @@ impl ServerStream {
         }
     }
 
-    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self {
-            ServerStream::Tcp(s) => s.poll_read_ready(cx),
-            ServerStream::Unix(s) => s.poll_read_ready(cx),
-        }
-    }
-
     pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             ServerStream::Tcp(s) => s.poll_write_ready(cx),
