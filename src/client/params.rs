@@ -263,11 +263,8 @@ pub enum SessionChange {
 pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     // Every Query passes here: most start with another word, and leave without allocating.
     let start = query.iter().position(|b| !b.is_ascii_whitespace())?;
-    let word = &query[start..];
-    let word = &word[..word
-        .iter()
-        .position(|b| !b.is_ascii_alphabetic())
-        .unwrap_or(word.len())];
+    let word = query.get(start..)?;
+    let word = word.split(|b| !b.is_ascii_alphabetic()).next()?;
     const FIRST_WORDS: [&[u8]; 5] = [b"SET", b"RESET", b"PREPARE", b"DISCARD", b"DEALLOCATE"];
     if !FIRST_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
         return None;
@@ -316,16 +313,15 @@ fn unquote(name: &str) -> String {
 }
 
 /// `SET [SESSION] name {=|TO} value`; not SET LOCAL, TRANSACTION, ROLE, TIME ZONE...
+/// The text is the client's: every cut is made with `strip_prefix` or `split_at_checked`,
+/// never a byte index that could fall inside a character.
 fn parse_set(text: &str) -> Option<SessionChange> {
-    let rest = text[3..].trim_start();
-    let rest = match rest.get(..8) {
-        Some(w) if w.eq_ignore_ascii_case("session ") => rest[8..].trim_start(),
-        _ => rest,
-    };
+    let rest = strip_word(text, "set")?.trim_start();
+    let rest = strip_word(rest, "session").map_or(rest, str::trim_start);
     let name_end = rest
         .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '.'))
         .unwrap_or(rest.len());
-    let name = &rest[..name_end];
+    let (name, after) = rest.split_at_checked(name_end)?;
     let upper = name.to_ascii_uppercase();
     if name.is_empty()
         || [
@@ -340,22 +336,22 @@ fn parse_set(text: &str) -> Option<SessionChange> {
     {
         return None;
     }
-    let after = rest[name_end..].trim_start();
-    let value = if let Some(v) = after.strip_prefix('=') {
-        v
-    } else if after.len() > 2
-        && after[..2].eq_ignore_ascii_case("to")
-        && after[2..].starts_with(char::is_whitespace)
-    {
-        &after[2..]
-    } else {
-        return None;
+    let after = after.trim_start();
+    let value = match after.strip_prefix('=') {
+        Some(value) => value,
+        None => strip_word(after, "to")?,
     };
     let value = value.trim();
     (!value.is_empty()).then(|| SessionChange::Set {
         name: name.to_owned(),
         sql: value.to_owned(),
     })
+}
+
+/// `text` after its first word when that word is `word` (any case) followed by a space.
+fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
+    let (head, rest) = text.split_at_checked(word.len())?;
+    (head.eq_ignore_ascii_case(word) && rest.starts_with(char::is_whitespace)).then_some(rest)
 }
 
 #[cfg(test)]
@@ -418,6 +414,26 @@ mod tests {
         assert_eq!(
             session_change(b"RESET search_path\0"),
             Some(SessionChange::Reset("search_path".into()))
+        );
+    }
+
+    #[test]
+    fn text_from_a_document_is_not_a_panic() {
+        // Curly quotes and other multi-byte characters where ASCII is expected.
+        for query in [
+            "SET TimeZone \u{2018}UTC\u{2019}\0",
+            "SET x \u{20ac}\0",
+            "SET \u{e9}t\u{e9} = 1\0",
+            "SET session\u{a0}x = 1\0",
+            "SET x t\u{f6} 1\0",
+            "RESET \u{2018}x\0",
+            "DEALLOCATE \u{2018}\0",
+        ] {
+            let _ = session_change(query.as_bytes());
+        }
+        assert_eq!(
+            session_change("SET TimeZone \u{2018}UTC\u{2019}\0".as_bytes()),
+            None
         );
     }
 
