@@ -172,12 +172,14 @@ fn push_set(sql: &mut String, name: &str, value: &Value) {
             quote_literal(name),
             quote_literal(text)
         )),
-        Value::Sql(raw) => sql.push_str(&format!("SET {name} = {raw};")),
+        // The client's own text ran alone as `SET name = raw`; it may end in a `--`
+        // comment, which must not swallow the statements that follow it here.
+        Value::Sql(raw) => sql.push_str(&format!("SET {name} = {raw}\n;")),
     }
 }
 
 /// A string literal that reads the same whatever standard_conforming_strings says.
-fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 3);
     out.push_str("E'");
     for c in s.chars() {
@@ -191,18 +193,14 @@ fn quote_literal(s: &str) -> String {
     out
 }
 
-fn quote_ident(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
-    {
-        s.to_owned()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
+/// A setting name as a quoted identifier. Always quoted: a bare `all`, `select` or `1x`
+/// would read as a keyword or a syntax error (`RESET all` resets everything).
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// `-c name=value` and `--name=value` settings in a startup `options` string.
-fn parse_options(options: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut escaped = false;
@@ -233,7 +231,10 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
         } else {
             w.strip_prefix("-c").map(str::to_owned)
         };
-        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+        // `-c =x` names nothing (PostgreSQL refuses it); there is nothing to follow.
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('='))
+            && !name.is_empty()
+        {
             out.push((name.replace('-', "_"), value.to_owned()));
         }
     }
@@ -440,6 +441,29 @@ mod tests {
     #[test]
     fn literals_are_quoted_safely() {
         assert_eq!(quote_literal("it's a \\ b"), "E'it''s a \\\\ b'");
+        // The classify fuzz target found an empty name left bare; so are keywords (`RESET all`).
+        assert_eq!(quote_ident("all"), "\"all\"");
+        assert_eq!(quote_ident("a.b\"c"), "\"a.b\"\"c\"");
+    }
+
+    #[test]
+    fn a_replayed_set_ends_its_own_comment() {
+        let mut sql = String::new();
+        push_set(
+            &mut sql,
+            "statement_timeout",
+            &Value::Sql("5000 -- 5 s".into()),
+        );
+        push_set(&mut sql, "search_path", &Value::Sql("app".into()));
+        assert_eq!(
+            sql,
+            "SET statement_timeout = 5000 -- 5 s\n;SET search_path = app\n;"
+        );
+    }
+
+    #[test]
+    fn options_without_a_name_are_ignored() {
+        assert_eq!(parse_options("-c =x --=y"), vec![]);
     }
 
     #[test]
