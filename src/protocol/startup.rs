@@ -109,11 +109,14 @@ pub fn parse_packet(body: &[u8]) -> Result<StartupPacket, StartupError> {
             if major != 3 {
                 return Err(StartupError::UnsupportedProtocol(major, minor));
             }
+            // As PostgreSQL reads it: name/value pairs up to an empty name, which must be
+            // the last byte ("invalid startup packet layout" otherwise).
             let mut params = Vec::new();
             let mut rest = rest;
             loop {
                 match rest {
-                    [0] | [] => break,
+                    [0] => break,
+                    [] | [0, ..] => return Err(StartupError::Malformed),
                     _ => {
                         let (name, after) = read_cstr(rest).ok_or(StartupError::Malformed)?;
                         let (value, after) = read_cstr(after).ok_or(StartupError::Malformed)?;
@@ -159,5 +162,14 @@ mod tests {
             parse_packet(&[1, 2]),
             Err(StartupError::Malformed)
         ));
+        // Found by fuzzing: an empty name ends the parameters, and only at the last byte.
+        for layout in [&b"user\0app\0"[..], b"\0x\0y\0\0", b"user\0app\0\0\0", b""] {
+            let mut body = 196608i32.to_be_bytes().to_vec();
+            body.extend_from_slice(layout);
+            assert!(
+                matches!(parse_packet(&body), Err(StartupError::Malformed)),
+                "{layout:?}"
+            );
+        }
     }
 }
