@@ -2,7 +2,7 @@
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
 mod login;
-mod params;
+pub(crate) mod params;
 mod queue;
 mod replies;
 mod session;

@@ -83,17 +83,24 @@ pub type Close<'a> = Describe<'a>;
 /// A Bind (or its first part) naming `server_name` instead of the client's statement name.
 /// The length in the header accounts for the whole message, so a large Bind's other parts
 /// follow unchanged.
+///
+/// `bind` must have been read from `message`; the codec guarantees that the length in its
+/// header covers the names. Should either not hold, the result is still a message (with a
+/// length the server refuses), never a panic.
 pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> BytesMut {
-    let old_len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
-    let new_len = old_len - bind.statement.len() + server_name.len();
+    let old_len = message
+        .get(1..5)
+        .and_then(|h| <[u8; 4]>::try_from(h).ok())
+        .map_or(0, |h| u32::from_be_bytes(h) as usize);
+    let new_len = (old_len + server_name.len()).saturating_sub(bind.statement.len());
     let mut out = BytesMut::with_capacity(message.len() + server_name.len());
     out.put_u8(b'B');
-    out.put_u32(new_len as u32);
+    out.put_u32(u32::try_from(new_len).unwrap_or(u32::MAX));
     out.put_slice(bind.portal.as_bytes());
     out.put_u8(0);
     out.put_slice(server_name.as_bytes());
     out.put_u8(0);
-    out.put_slice(&message[bind.rest_at..]);
+    out.put_slice(message.get(bind.rest_at..).unwrap_or_default());
     out
 }
 
