@@ -480,4 +480,92 @@ mod tests {
         assert!(!p.reported("application_name", "alpha", false));
         assert!(p.reported("TimeZone", "Asia/Tokyo", true));
     }
+
+    /// Words `parse_set` refuses as setting names.
+    const NOT_NAMES: [&str; 6] = [
+        "local",
+        "transaction",
+        "role",
+        "time",
+        "session",
+        "constraints",
+    ];
+
+    proptest::proptest! {
+        /// No text, however broken, makes the classifier panic.
+        #[test]
+        fn session_change_never_panics(text in proptest::prelude::any::<String>(), set in proptest::prelude::any::<bool>()) {
+            let text = if set { format!("SET {text}") } else { text };
+            let _ = session_change(text.as_bytes());
+            let _ = session_change(format!("{text}\0").as_bytes());
+        }
+
+        /// `SET [SESSION] name {=|TO} value` in any case and spacing, with or without a
+        /// final `;`, is recognized with the client's exact value text; `RESET name` too.
+        #[test]
+        fn set_forms_are_recognised(
+            set in "[sS][eE][tT]",
+            session in proptest::option::of("[sS][eE][sS][sS][iI][oO][nN][ \t\n]{1,3}"),
+            name in "[a-zA-Z_][a-zA-Z0-9_]{0,15}(\\.[a-z_][a-z0-9_]{0,10})?",
+            to in proptest::prelude::any::<bool>(),
+            value in "'[^';\0]{0,20}'|[0-9]{1,6}(ms|s|MB)?|[a-z_]{1,10}|-?[0-9]+\\.[0-9]+",
+            spaces in proptest::collection::vec("[ \t\r\n]{0,3}", 4),
+            end in "(;[ \n]*)?",
+        ) {
+            proptest::prop_assume!(!NOT_NAMES.contains(&name.to_ascii_lowercase().as_str()));
+            let ws = |i: usize| if spaces[i].is_empty() { " " } else { spaces[i].as_str() };
+            let sep = if to { format!("{}TO{}", ws(1), ws(2)) } else { format!("{}={}", spaces[1], spaces[2]) };
+            let query = format!(
+                "{}{set}{}{}{name}{sep}{value}{}{end}\0",
+                spaces[0], ws(3), session.unwrap_or_default(), spaces[3]
+            );
+            proptest::prop_assert_eq!(
+                session_change(query.as_bytes()),
+                Some(SessionChange::Set { name: name.clone(), sql: value }),
+                "{:?}", query
+            );
+            if !name.eq_ignore_ascii_case("all") {
+                let reset = format!("{}reset {name}{end}\0", spaces[0]);
+                proptest::prop_assert_eq!(session_change(reset.as_bytes()), Some(SessionChange::Reset(name)));
+            }
+        }
+
+        /// A quoted literal reads back, by PostgreSQL's escape-string rules, as the text
+        /// (tests/fuzz_corpus.rs has PostgreSQL itself read them).
+        #[test]
+        fn quoted_literals_read_back(text in "[^\0]{0,40}") {
+            proptest::prop_assert_eq!(crate::fuzz::unquote_literal(&quote_literal(&text)), Some(text));
+        }
+
+        /// A quoted name reads back, by PostgreSQL's identifier rules, as the name.
+        #[test]
+        fn quoted_names_read_back(name in "[^\0]{1,40}") {
+            proptest::prop_assert_eq!(crate::fuzz::unquote_ident(&quote_ident(&name)), Some(name));
+        }
+
+        /// `-c name=value` and `--name=value`, with spaces and backslashes escaped as libpq
+        /// does, read back as the settings.
+        #[test]
+        fn options_read_back(
+            settings in proptest::collection::vec(("[a-z_][a-z0-9_.]{0,12}", "[^\0]{0,12}", proptest::prelude::any::<bool>()), 0..5),
+        ) {
+            let escape = |s: &str| {
+                let mut out = String::new();
+                for c in s.chars() {
+                    if c == '\\' || c.is_whitespace() {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out
+            };
+            let words: Vec<String> = settings
+                .iter()
+                .map(|(n, v, long)| if *long { format!("--{n}={}", escape(v)) } else { format!("-c {n}={}", escape(v)) })
+                .collect();
+            let expected: Vec<(String, String)> =
+                settings.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect();
+            proptest::prop_assert_eq!(parse_options(&words.join(" ")), expected);
+        }
+    }
 }

@@ -172,4 +172,42 @@ mod tests {
             );
         }
     }
+
+    proptest::proptest! {
+        /// A StartupMessage read in reads of any size gives back its parameters, and the
+        /// bytes after it stay in the buffer for the session.
+        #[test]
+        fn startup_packets_read_back(
+            minor in 0u16..8,
+            params in proptest::collection::vec(("[^\0]{1,12}", "[^\0]{0,12}"), 0..6),
+            after in proptest::collection::vec(0u8..=255, 0..40),
+            read in 1usize..64,
+        ) {
+            let mut body = ((3u32 << 16) | u32::from(minor)).to_be_bytes().to_vec();
+            for (name, value) in &params {
+                body.extend_from_slice(name.as_bytes());
+                body.push(0);
+                body.extend_from_slice(value.as_bytes());
+                body.push(0);
+            }
+            body.push(0);
+            let mut stream = (body.len() as u32 + 4).to_be_bytes().to_vec();
+            stream.extend_from_slice(&body);
+            stream.extend_from_slice(&after);
+            let chunks: Vec<std::io::Result<bytes::Bytes>> = stream
+                .chunks(read)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            let mut reader = tokio_util::io::StreamReader::new(futures_util::stream::iter(chunks));
+            let mut buf = BytesMut::new();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let packet = runtime.block_on(read_packet(&mut reader, &mut buf)).unwrap();
+            let StartupPacket::Startup(s) = packet else {
+                panic!("not a StartupMessage: {packet:?}");
+            };
+            proptest::prop_assert_eq!(s.minor, minor);
+            proptest::prop_assert_eq!(s.params, params);
+            proptest::prop_assert!(after.starts_with(&buf));
+        }
+    }
 }
