@@ -152,7 +152,7 @@ pub(super) async fn login(
     if params.is_empty() {
         // The first client of a pool: learn what the server reports from a real connection.
         match pool.checkout().await {
-            Ok(conn) => pool.checkin(conn),
+            Ok(lease) => lease.release(),
             Err(e) => {
                 return Err(PgError::fatal(SqlState::CONNECTION_FAILURE, e.to_string()).into());
             }

@@ -32,10 +32,10 @@ use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
 use crate::config::PoolMode;
-use crate::pool::{CheckoutError, Pool};
+use crate::pool::{CheckoutError, Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, PgError, ProtocolError, SqlState, tag, write};
-use crate::server::{ServerConn, SettingValue, parse_parameter_status};
+use crate::server::{SettingValue, parse_parameter_status};
 
 /// Stop reading a peer while this much waits to be written to the other side.
 const HIGH_WATER: usize = 256 * 1024;
@@ -100,13 +100,13 @@ pub struct Session {
     pub(super) cbuf: BytesMut,
 }
 
-pub(super) struct Loop {
+pub(super) struct Loop<'c> {
     pub(super) s: Session,
-    client: TcpStream,
+    client: &'c mut TcpStream,
     codec: MessageCodec,
     to_client: OutQueue,
     pub(super) to_server: OutQueue,
-    pub(super) server: Option<Box<ServerConn>>,
+    pub(super) server: Option<Lease>,
     pub(super) replies: Replies,
     pub(super) statements: ClientStatements,
     /// Extended-protocol messages forwarded since the last Sync.
@@ -128,8 +128,9 @@ pub(super) struct Loop {
 
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
-    /// it held, if any. Returns the socket, for its byte counts.
-    pub async fn run(self, client: TcpStream) -> TcpStream {
+    /// it held, if any. The socket stays the caller's: if the session panics, the caller
+    /// can still tell the client.
+    pub async fn run(self, client: &mut TcpStream) {
         let mut l = Loop {
             s: self,
             client,
@@ -160,14 +161,12 @@ impl Session {
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
-        let _ =
-            tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(&l.client)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(l.client)).await;
         Box::pin(l.finish_server()).await;
-        l.client
     }
 }
 
-impl Loop {
+impl Loop<'_> {
     async fn serve(&mut self) -> End {
         // Made once, not per loop turn: each one registers with the token when polled.
         let kill = self.s.kill.clone().cancelled_owned();
@@ -176,7 +175,7 @@ impl Loop {
         let retired = self.s.pool.retired().cancelled_owned();
         tokio::pin!(kill, stop, retired);
         loop {
-            if self.to_client.write_now(&self.client).is_err() {
+            if self.to_client.write_now(&*self.client).is_err() {
                 return End::ClientGone;
             }
             if let Some(server) = &self.server
@@ -197,7 +196,7 @@ impl Loop {
                 if kill.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Kill);
                 }
-                if read_server && let Some(s) = self.server.as_mut() {
+                if read_server && let Some(s) = self.server.as_deref_mut() {
                     s.read_buf.reserve(self.server_read);
                     // A short read through AsyncRead marks the socket drained, so the next
                     // wait costs no extra read syscall.
@@ -209,7 +208,7 @@ impl Loop {
                 if read_client && self.client.poll_read_ready(cx).is_ready() {
                     // The buffer is reserved only now: an idle client holds none.
                     self.s.cbuf.reserve(self.client_read);
-                    let read = poll_read_buf(Pin::new(&mut self.client), cx, &mut self.s.cbuf);
+                    let read = poll_read_buf(Pin::new(&mut *self.client), cx, &mut self.s.cbuf);
                     if let Poll::Ready(read) = read {
                         return Poll::Ready(Event::ClientRead(read));
                     }
@@ -329,7 +328,7 @@ impl Loop {
 
     fn on_server_bytes(&mut self) -> Result<(), End> {
         loop {
-            let Some(server) = self.server.as_mut() else {
+            let Some(server) = self.server.as_deref_mut() else {
                 return Ok(());
             };
             let frame = match server.codec.decode(&mut server.read_buf) {
@@ -533,16 +532,16 @@ impl Loop {
 
     /// Returns the server to the pool.
     fn release(&mut self) {
-        if let Some(mut conn) = self.server.take() {
+        if let Some(lease) = self.server.take() {
             self.s.cancel.set_target(None);
             self.s.view.set_server(None);
             self.s.view.set_state(ClientState::Idle);
             if !self.to_server.is_empty() {
                 // Bytes for a server we no longer hold: its state is unknown.
-                conn.broken = true;
                 self.to_server.clear();
+                return lease.close();
             }
-            self.s.pool.checkin(conn);
+            lease.release();
         }
     }
 
@@ -791,8 +790,7 @@ impl Loop {
                 };
                 tokio::spawn(cancel::forward(target));
             }
-            conn.broken = true;
-            return self.s.pool.checkin(conn);
+            return conn.close();
         }
         if conn.tx_status != b'I' && !conn.broken {
             debug!(pool = %self.s.pool.key, server = conn.id, "client left inside a transaction: rolling back");
@@ -811,7 +809,7 @@ impl Loop {
                 conn.broken = true;
             }
         }
-        self.s.pool.checkin(conn);
+        conn.release();
     }
 }
 

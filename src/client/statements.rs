@@ -19,7 +19,7 @@ const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
     MESSAGE = 'pgmux: SQL-level PREPARE is not supported in transaction pooling mode', \
     HINT = 'use your driver''s prepared statements (protocol-level, tracked by pgmux), or a pool with mode = \"session\"'; END $pgmux$";
 
-impl Loop {
+impl Loop<'_> {
     /// Whether named statements are mapped to pgmux's server-side names.
     fn tracks_statements(&self) -> bool {
         self.s.max_prepared > 0 && self.s.mode != PoolMode::Session

@@ -10,10 +10,12 @@
 
 mod control;
 mod health;
+mod lease;
 mod upkeep;
 mod view;
 mod window;
 
+pub use lease::Lease;
 pub use view::{PoolView, ServerState, ServerView, Status};
 pub use window::{DemandSummary, WINDOW_SECONDS};
 
@@ -234,7 +236,7 @@ impl Pool {
 
     /// Borrows a server connection for one transaction (or session).
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Box<ServerConn>, CheckoutError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
         let result = self.take(wanted).await;
         let now = Instant::now();
@@ -278,7 +280,7 @@ impl Pool {
                 "a client waited long for a server connection"
             );
         }
-        result
+        result.map(|conn| Lease::new(conn, self.clone()))
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
@@ -527,11 +529,6 @@ impl Pool {
             }
         }
         st.idle.push(conn);
-    }
-
-    /// Closes a connection and frees its slot.
-    pub fn release_slot(&self, conn: Box<ServerConn>) {
-        self.close(conn, CloseReason::Dirty);
     }
 
     /// Closes a connection for `reason` (logged and counted) and frees its slot.

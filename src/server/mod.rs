@@ -112,6 +112,11 @@ impl ServerConn {
             && !self.codec.in_message()
     }
 
+    /// Marks it unusable: whatever happens to it next, the pool closes it.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
     /// Records a ParameterStatus the server sent.
     pub fn set_param(&mut self, name: &str, value: &str) {
         match self.params.iter_mut().find(|(k, _)| k == name) {
