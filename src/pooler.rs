@@ -107,11 +107,12 @@ pub struct Pooler {
 impl Pooler {
     /// A pooler serving `config`.
     pub fn new(config: Config) -> Result<Arc<Pooler>, String> {
+        let statements = Registry::new(config.server.statement_registry_size);
         Ok(Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
-            statements: Arc::new(Registry::default()),
+            statements: Arc::new(statements),
             clients: AtomicUsize::new(0),
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),

@@ -37,8 +37,12 @@ use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, PgError, ProtocolError, SqlState, tag, write};
 use crate::server::{SettingValue, parse_parameter_status};
 
-/// Stop reading a peer while this much waits to be written to the other side.
+/// Stop reading a peer while this much waits to be written to either side: replies pgmux
+/// makes itself count like forwarded ones, so a client that does not read stops being read.
 const HIGH_WATER: usize = 256 * 1024;
+/// Stop reading the client while this many replies are expected from the server (pipelined
+/// messages are bounded by count too, not only by bytes).
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
 /// Bytes reserved for one read from a client (adapted between these bounds) / a server.
 const MIN_CLIENT_READ: usize = 1024;
 const MAX_CLIENT_READ: usize = 64 * 1024;
@@ -70,11 +74,36 @@ enum End {
     Fatal(PgError),
 }
 
+/// The time limits a session enforces, from the config at login. Zero = no limit.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    /// `pool.idle_transaction_timeout`: a server held while the client sends nothing.
+    pub idle_transaction: Duration,
+    /// `pool.query_timeout`: a server that sends nothing while the client waits for it.
+    pub query: Duration,
+    /// `server.partial_message_timeout`: a client silent in the middle of a message.
+    pub partial_message: Duration,
+}
+
+impl Limits {
+    fn any(&self) -> bool {
+        !(self.idle_transaction.is_zero() && self.query.is_zero() && self.partial_message.is_zero())
+    }
+}
+
+/// Which limit a deadline enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timeout {
+    IdleInTransaction,
+    Query,
+    PartialMessage,
+}
+
 enum Event {
     ServerRead(io::Result<usize>),
     ClientRead(io::Result<usize>),
     Writable,
-    IdleInTransaction,
+    Deadline(Timeout),
     Stop,
     Kill,
     Retired,
@@ -84,7 +113,9 @@ enum Event {
 pub struct Session {
     pub(super) pool: Arc<Pool>,
     pub(super) mode: PoolMode,
-    pub(super) idle_transaction_timeout: Duration,
+    pub(super) limits: Limits,
+    /// `server.max_message_size`.
+    pub(super) max_message_size: usize,
     pub(super) reset_query: String,
     pub(super) max_prepared: usize,
     pub(super) registry: Arc<Registry>,
@@ -118,12 +149,13 @@ pub(super) struct Loop<'c> {
     /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
     copy_in: bool,
     pub(super) skip: Skip,
+    /// When either peer last sent bytes; read only while a limit is set.
     last_activity: Instant,
     /// How much to reserve for the next client read / server read.
     client_read: usize,
     server_read: usize,
-    /// Fires when an idle-in-transaction client has been idle too long; made on first need.
-    idle_timer: Option<Pin<Box<Sleep>>>,
+    /// Fires when a time limit is reached; made on first need.
+    timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl Session {
@@ -131,10 +163,11 @@ impl Session {
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
     /// can still tell the client.
     pub async fn run(self, client: &mut TcpStream) {
+        let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
             client,
-            codec: MessageCodec::new(CLIENT_MAX_WHOLE),
+            codec,
             to_client: OutQueue::default(),
             to_server: OutQueue::default(),
             server: None,
@@ -148,7 +181,7 @@ impl Session {
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
             server_read: SERVER_READ,
-            idle_timer: None,
+            timer: None,
         };
         let end = match l.on_client_bytes().await {
             Ok(()) => l.serve().await,
@@ -184,10 +217,12 @@ impl Loop<'_> {
                 return self.server_lost(e.into());
             }
             let read_server = self.server.is_some() && self.to_client.len() < HIGH_WATER;
-            let read_client = self.to_server.len() < HIGH_WATER;
+            let read_client = self.to_server.len() < HIGH_WATER
+                && self.to_client.len() < HIGH_WATER
+                && self.replies.len() < MAX_PENDING_REPLIES;
             let write_server = self.server.is_some() && !self.to_server.is_empty();
             let write_client = !self.to_client.is_empty();
-            let idle_deadline = self.idle_transaction_deadline();
+            let deadline = self.deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
             // One hand-written poll instead of `select!`: no futures to build and drop each
@@ -222,19 +257,19 @@ impl Loop<'_> {
                 {
                     return Poll::Ready(Event::Writable);
                 }
-                match idle_deadline {
-                    Some(deadline) => {
+                match deadline {
+                    Some((deadline, which)) => {
                         let timer = self
-                            .idle_timer
+                            .timer
                             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                         if timer.deadline() != deadline {
                             timer.as_mut().reset(deadline);
                         }
                         if timer.as_mut().poll(cx).is_ready() {
-                            return Poll::Ready(Event::IdleInTransaction);
+                            return Poll::Ready(Event::Deadline(which));
                         }
                     }
-                    None => self.idle_timer = None,
+                    None => self.timer = None,
                 }
                 if between_transactions {
                     if stop.as_mut().poll(cx).is_ready() {
@@ -251,16 +286,7 @@ impl Loop<'_> {
                 Event::ServerRead(read) => self.on_server_read(read),
                 Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
-                Event::IdleInTransaction => {
-                    let limit = self.s.idle_transaction_timeout;
-                    Err(End::Fatal(
-                        PgError::fatal(
-                            SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
-                            format!("terminating connection: idle in transaction for longer than {limit:?} (idle_transaction_timeout)"),
-                        )
-                        .with_hint("commit or roll back sooner, or raise pool.idle_transaction_timeout"),
-                    ))
-                }
+                Event::Deadline(which) => Err(End::Fatal(self.timed_out(which))),
                 Event::Retired => Err(End::Fatal(
                     PgError::fatal(
                         SqlState::ADMIN_SHUTDOWN,
@@ -291,20 +317,72 @@ impl Loop<'_> {
         })
     }
 
-    /// Notes activity, for idle_transaction_timeout (no clock read when it is off).
+    /// Notes activity, for the time limits (no clock read when none is set).
     fn touch(&mut self) {
-        if !self.s.idle_transaction_timeout.is_zero() {
+        if self.s.limits.any() {
             self.last_activity = Instant::now();
         }
     }
 
-    /// When an idle-in-transaction client is cut off, if a limit is set and it applies now.
-    fn idle_transaction_deadline(&self) -> Option<Instant> {
+    /// The time limit that applies now, if one is set, and when it is reached:
+    /// - the client stopped in the middle of a message: `partial_message_timeout`;
+    /// - the client waits for the server's answer: `query_timeout` (not while pgmux itself
+    ///   stops reading the server because the client does not read its results);
+    /// - the client holds a server and owes it the next message (inside a transaction, or
+    ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
+    fn deadline(&self) -> Option<(Instant, Timeout)> {
+        let limits = &self.s.limits;
+        let mid_message =
+            self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty();
+        if mid_message && !limits.partial_message.is_zero() {
+            return Some((
+                self.last_activity + limits.partial_message,
+                Timeout::PartialMessage,
+            ));
+        }
         let server = self.server.as_ref()?;
-        let limit = self.s.idle_transaction_timeout;
-        let idle_in_transaction =
-            self.replies.is_empty() && server.tx_status != b'I' && !self.client_mid_message;
-        (idle_in_transaction && !limit.is_zero()).then(|| self.last_activity + limit)
+        if !self.replies.is_empty() || !self.to_server.is_empty() {
+            let waiting_on_server = self.to_client.len() < HIGH_WATER;
+            return (waiting_on_server && !limits.query.is_zero())
+                .then(|| (self.last_activity + limits.query, Timeout::Query));
+        }
+        let owes_server = server.tx_status != b'I' || self.unsynced;
+        (owes_server && !limits.idle_transaction.is_zero()).then(|| {
+            (
+                self.last_activity + limits.idle_transaction,
+                Timeout::IdleInTransaction,
+            )
+        })
+    }
+
+    /// What the client is told when a time limit ends its session.
+    fn timed_out(&self, which: Timeout) -> PgError {
+        let limits = &self.s.limits;
+        match which {
+            Timeout::IdleInTransaction => PgError::fatal(
+                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                format!(
+                    "terminating connection: idle in transaction for longer than {:?} (idle_transaction_timeout)",
+                    limits.idle_transaction
+                ),
+            )
+            .with_hint("commit or roll back sooner, or raise pool.idle_transaction_timeout"),
+            Timeout::Query => PgError::fatal(
+                SqlState::CONNECTION_FAILURE,
+                format!(
+                    "terminating connection: the server sent nothing for {:?} while the client waited for it (query_timeout); the query was cancelled and the server connection closed",
+                    limits.query
+                ),
+            )
+            .with_hint("the transaction did not complete; check the network to PostgreSQL, or raise pool.query_timeout above the longest query"),
+            Timeout::PartialMessage => PgError::fatal(
+                SqlState::PROTOCOL_VIOLATION,
+                format!(
+                    "terminating connection: the client sent nothing for {:?} in the middle of a message (partial_message_timeout)",
+                    limits.partial_message
+                ),
+            ),
+        }
     }
 
     fn on_server_read(&mut self, read: io::Result<usize>) -> Result<(), End> {
@@ -533,13 +611,23 @@ impl Loop<'_> {
     /// Returns the server to the pool.
     fn release(&mut self) {
         if let Some(lease) = self.server.take() {
-            self.s.cancel.set_target(None);
+            let cancel_on_the_way = self.s.cancel.set_target(None);
             self.s.view.set_server(None);
             self.s.view.set_state(ClientState::Idle);
             if !self.to_server.is_empty() {
                 // Bytes for a server we no longer hold: its state is unknown.
                 self.to_server.clear();
                 return lease.close();
+            }
+            if cancel_on_the_way {
+                // The cancel must hit this server while it is idle, not the next client's
+                // query: the server waits for it outside the pool.
+                let settled = self.s.cancel.settled();
+                tokio::spawn(async move {
+                    settled.await;
+                    lease.release();
+                });
+                return;
             }
             lease.release();
         }
@@ -602,8 +690,33 @@ impl Loop<'_> {
         }
         let t = frame.tag;
         tracing::trace!(tag = %char::from(t), "client message");
-        if t == tag::TERMINATE {
-            return Err(End::ClientGone);
+        match t {
+            tag::TERMINATE => return Err(End::ClientGone),
+            tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::SYNC
+            | tag::FLUSH
+            | tag::FUNCTION_CALL => {}
+            // Outside COPY, PostgreSQL ignores these: without a server there is no COPY.
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL if self.server.is_none() => {
+                if !frame.ends {
+                    self.skip = Skip::RestOfMessage;
+                }
+                return Ok(());
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
+            // Never forwarded: the server would end the connection with a FATAL that the
+            // next client of that server would read.
+            byte => {
+                return Err(End::Fatal(PgError::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    ProtocolError::UnknownType { byte }.to_string(),
+                )));
+            }
         }
         if matches!(self.skip, Skip::UntilSync | Skip::UntilSyncForwarded) {
             if t != tag::SYNC {
@@ -664,6 +777,8 @@ impl Loop<'_> {
         }
         match t {
             tag::QUERY => {
+                #[cfg(debug_assertions)]
+                injected_fault::panic_if_asked(frame.body());
                 self.unsynced = false;
                 self.s.pool.stats.query();
                 self.s.view.set_query(frame.body());
@@ -809,6 +924,7 @@ impl Loop<'_> {
                 conn.broken = true;
             }
         }
+        self.s.cancel.settled().await;
         conn.release();
     }
 }
@@ -822,5 +938,29 @@ fn checkout_error(e: &CheckoutError) -> PgError {
         )),
         CheckoutError::Upstream { .. } => PgError::error(SqlState::CONNECTION_FAILURE, e.to_string())
             .with_hint("check that the PostgreSQL server is up and reachable; pgmux retries on the next query"),
+    }
+}
+
+/// Debug builds only (tests): `PGMUX_TEST_PANIC_ON=<query text>` in pgmux's environment makes
+/// a session panic on a Query with exactly that text, so that tests can prove a panicking
+/// session is contained (XX000 to its client, its server and slot given back). Release
+/// builds have no such code.
+#[cfg(debug_assertions)]
+mod injected_fault {
+    use std::sync::OnceLock;
+
+    static TRIGGER: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+
+    pub(super) fn panic_if_asked(query: &[u8]) {
+        let trigger = TRIGGER.get_or_init(|| {
+            std::env::var("PGMUX_TEST_PANIC_ON").ok().map(|t| {
+                let mut t = t.into_bytes();
+                t.push(0);
+                t
+            })
+        });
+        if trigger.as_deref() == Some(query) {
+            panic!("injected by PGMUX_TEST_PANIC_ON");
+        }
     }
 }
