@@ -35,7 +35,7 @@ use crate::config::PoolMode;
 use crate::pool::{CheckoutError, Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, PgError, ProtocolError, SqlState, tag, write};
-use crate::server::{SettingValue, parse_parameter_status};
+use crate::server::{ServerEvent, SettingValue, TxStatus};
 
 /// Stop reading a peer while this much waits to be written to either side: replies pgmux
 /// makes itself count like forwarded ones, so a client that does not read stops being read.
@@ -212,7 +212,7 @@ impl Loop<'_> {
                 return End::ClientGone;
             }
             if let Some(server) = &self.server
-                && let Err(e) = self.to_server.write_now(&server.stream)
+                && let Err(e) = self.to_server.write_now(server.stream())
             {
                 return self.server_lost(e.into());
             }
@@ -224,21 +224,19 @@ impl Loop<'_> {
             let write_client = !self.to_client.is_empty();
             let deadline = self.deadline();
             // Session mode holds a server between transactions too: it may stop then.
-            let between_transactions = self.to_client.is_empty() && self.server_is_quiet(b'I');
+            let between_transactions =
+                self.to_client.is_empty() && self.settled() == Some(TxStatus::Idle);
             // One hand-written poll instead of `select!`: no futures to build and drop each
             // turn, and an idle session stays small (memory per idle client).
             let event = std::future::poll_fn(|cx| {
                 if kill.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Event::Kill);
                 }
-                if read_server && let Some(s) = self.server.as_deref_mut() {
-                    s.read_buf.reserve(self.server_read);
-                    // A short read through AsyncRead marks the socket drained, so the next
-                    // wait costs no extra read syscall.
-                    let read = poll_read_buf(Pin::new(&mut s.stream), cx, &mut s.read_buf);
-                    if let Poll::Ready(read) = read {
-                        return Poll::Ready(Event::ServerRead(read));
-                    }
+                if read_server
+                    && let Some(s) = self.server.as_deref_mut()
+                    && let Poll::Ready(read) = s.poll_read(cx, self.server_read)
+                {
+                    return Poll::Ready(Event::ServerRead(read));
                 }
                 if read_client && self.client.poll_read_ready(cx).is_ready() {
                     // The buffer is reserved only now: an idle client holds none.
@@ -253,7 +251,7 @@ impl Loop<'_> {
                 }
                 if write_server
                     && let Some(s) = self.server.as_ref()
-                    && s.stream.poll_write_ready(cx).is_ready()
+                    && s.stream().poll_write_ready(cx).is_ready()
                 {
                     return Poll::Ready(Event::Writable);
                 }
@@ -305,16 +303,19 @@ impl Loop<'_> {
         }
     }
 
-    /// No server held, or the one held has answered everything, nothing is half-sent or
-    /// unsynced, and its transaction status is `status`.
-    fn server_is_quiet(&self, status: u8) -> bool {
-        self.server.as_ref().is_none_or(|s| {
-            s.tx_status == status
-                && self.replies.is_empty()
-                && !self.unsynced
-                && !self.client_mid_message
-                && self.to_server.is_empty()
-        })
+    /// The transaction status once nothing is in flight between the client and its
+    /// server (every message answered, nothing half-sent, unsynced or left to write):
+    /// `Some(Idle)` means the transaction is over and the server may go back to the pool.
+    /// `None` while something is in flight; `Some(Idle)` when no server is held.
+    fn settled(&self) -> Option<TxStatus> {
+        let Some(server) = &self.server else {
+            return Some(TxStatus::Idle);
+        };
+        let quiet = self.replies.is_empty()
+            && !self.unsynced
+            && !self.client_mid_message
+            && self.to_server.is_empty();
+        quiet.then(|| server.tx_status())
     }
 
     /// Notes activity, for the time limits (no clock read when none is set).
@@ -346,7 +347,7 @@ impl Loop<'_> {
             return (waiting_on_server && !limits.query.is_zero())
                 .then(|| (self.last_activity + limits.query, Timeout::Query));
         }
-        let owes_server = server.tx_status != b'I' || self.unsynced;
+        let owes_server = server.tx_status() != TxStatus::Idle || self.unsynced;
         (owes_server && !limits.idle_transaction.is_zero()).then(|| {
             (
                 self.last_activity + limits.idle_transaction,
@@ -409,7 +410,7 @@ impl Loop<'_> {
             let Some(server) = self.server.as_deref_mut() else {
                 return Ok(());
             };
-            let frame = match server.codec.decode(&mut server.read_buf) {
+            let frame = match server.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.server_lost(e)),
@@ -430,21 +431,22 @@ impl Loop<'_> {
             let hidden = self.swallowing;
             let mut forward = !self.swallowing;
             let mut ready = None;
+            match server.observe(&frame) {
+                Ok(ServerEvent::Ready(status)) => ready = Some(status),
+                Ok(ServerEvent::Parameter { name, value }) => {
+                    forward = self.s.params.reported(name, value, !hidden);
+                    if name == "application_name" {
+                        self.s.view.set_application_name(value);
+                    }
+                }
+                Ok(ServerEvent::Other) => {}
+                Err(e) => return Err(self.server_lost(e)),
+            }
             if frame.is_whole() {
                 match frame.tag {
-                    tag::READY_FOR_QUERY => ready = frame.body().first().copied(),
                     tag::COPY_IN_RESPONSE => {
                         self.copy_in = true;
                         self.replies.copy_in_started();
-                    }
-                    tag::PARAMETER_STATUS => {
-                        if let Some((name, value)) = parse_parameter_status(frame.body()) {
-                            server.set_param(name, value);
-                            forward = self.s.params.reported(name, value, !hidden);
-                            if name == "application_name" {
-                                self.s.view.set_application_name(value);
-                            }
-                        }
                     }
                     tag::ERROR_RESPONSE if !hidden => {
                         let (code, _) = crate::server::error_fields(frame.body());
@@ -457,21 +459,20 @@ impl Loop<'_> {
                     _ => {}
                 }
             }
-            if let Some(status) = ready {
-                server.tx_status = status;
-                if status != b'I' && !hidden && self.s.mode == PoolMode::Statement {
-                    // The statement opened a transaction block: refuse it before the client
-                    // sees ReadyForQuery, so the statement itself reports the error.
-                    return Err(End::Fatal(
-                        PgError::fatal(
-                            SqlState::FEATURE_NOT_SUPPORTED,
-                            "transaction blocks are not allowed in statement pooling mode",
-                        )
-                        .with_hint(
-                            "use autocommit statements, or a pool with mode = \"transaction\"",
-                        ),
-                    ));
-                }
+            if let Some(status) = ready
+                && status != TxStatus::Idle
+                && !hidden
+                && self.s.mode == PoolMode::Statement
+            {
+                // The statement opened a transaction block: refuse it before the client
+                // sees ReadyForQuery, so the statement itself reports the error.
+                return Err(End::Fatal(
+                    PgError::fatal(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "transaction blocks are not allowed in statement pooling mode",
+                    )
+                    .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
+                ));
             }
             if forward {
                 self.to_client.push(frame.bytes);
@@ -481,23 +482,19 @@ impl Loop<'_> {
                 self.finished(done, ready);
             }
             self.take_due_replies();
-            match ready {
-                Some(b'I') if self.s.mode != PoolMode::Session && self.server_is_quiet(b'I') => {
-                    self.release()
+            if ready.is_some() {
+                match self.settled() {
+                    Some(TxStatus::Idle) if self.s.mode != PoolMode::Session => self.release(),
+                    Some(TxStatus::Idle) => self.s.view.set_state(ClientState::Idle),
+                    Some(_) => self.s.view.set_state(ClientState::IdleInTransaction),
+                    None => {}
                 }
-                Some(b'I') if self.server_is_quiet(b'I') => {
-                    self.s.view.set_state(ClientState::Idle)
-                }
-                Some(status) if self.server_is_quiet(status) => {
-                    self.s.view.set_state(ClientState::IdleInTransaction)
-                }
-                _ => {}
             }
         }
     }
 
     /// Bookkeeping for an entry whose replies are all in, and for those the server skipped.
-    fn finished(&mut self, done: Done, ready: Option<u8>) {
+    fn finished(&mut self, done: Done, ready: Option<TxStatus>) {
         let Done {
             entry,
             failed,
@@ -521,7 +518,7 @@ impl Loop<'_> {
                 effect: Effect::Session(change),
                 kind: Kind::Query,
                 failed: false,
-            } if ready == Some(b'I') => self.apply_session_change(change),
+            } if ready == Some(TxStatus::Idle) => self.apply_session_change(change),
             Expect::Client {
                 effect:
                     Effect::Deallocate {
@@ -531,7 +528,7 @@ impl Loop<'_> {
                 ..
             } => {
                 if let Some(server) = self.server.as_mut() {
-                    server.prepared.remove(statement.id);
+                    server.prepared().remove(statement.id);
                 }
                 self.statements.remove(&client_name, Some(statement.id));
             }
@@ -555,14 +552,14 @@ impl Loop<'_> {
                 statement,
                 client_name,
             } => {
-                server.prepared.remove(statement.id);
+                server.prepared().remove(statement.id);
                 if let Some(name) = client_name {
                     self.statements.remove(&name, Some(statement.id));
                 }
             }
             Effect::Evict(statement) => {
                 // Still on the server: keep knowing it (may exceed the bound by one).
-                server.prepared.insert(statement, usize::MAX);
+                server.prepared().insert(statement, usize::MAX);
             }
             Effect::Deallocate { .. } | Effect::Session(_) | Effect::None => {}
         }
@@ -590,18 +587,18 @@ impl Loop<'_> {
                 for name in server.applied_names() {
                     self.s.params.forget(&name);
                 }
-                server.applied.clear();
+                server.clear_applied();
             }
             SessionChange::DiscardAll => {
                 for name in server.applied_names() {
                     self.s.params.forget(&name);
                 }
-                server.applied.clear();
-                server.prepared.clear();
+                server.clear_applied();
+                server.prepared().clear();
                 self.statements.clear();
             }
             SessionChange::DeallocateAll => {
-                server.prepared.clear();
+                server.prepared().clear();
                 self.statements.clear();
             }
             SessionChange::Deallocate(_) | SessionChange::Prepare => {}
@@ -852,13 +849,15 @@ impl Loop<'_> {
         match result {
             Ok(mut conn) => {
                 self.s.cancel.set_target(Some(CancelTarget {
-                    addr: conn.addr.clone(),
-                    key: conn.key,
+                    addr: conn.addr().clone(),
+                    key: conn.key(),
                 }));
-                self.s.view.set_server(Some((conn.id, conn.key.process_id)));
+                self.s
+                    .view
+                    .set_server(Some((conn.id(), conn.key().process_id)));
                 self.s.view.set_state(ClientState::Active);
                 if let Some(sql) = self.s.params.sync_sql(&mut conn) {
-                    debug!(pool = %self.s.pool.key, server = conn.id, sql, "restoring the client's settings");
+                    debug!(pool = %self.s.pool.key, server = conn.id(), sql, "restoring the client's settings");
                     let mut query = BytesMut::new();
                     write::query(&mut query, &sql);
                     self.to_server.push(query);
@@ -876,7 +875,7 @@ impl Loop<'_> {
 
     fn server_lost(&mut self, error: ProtocolError) -> End {
         if let Some(server) = self.server.as_mut() {
-            server.broken = true;
+            server.mark_broken();
         }
         End::Fatal(
             PgError::fatal(
@@ -889,40 +888,38 @@ impl Loop<'_> {
 
     /// The client is gone: make the server clean for the next client, or close it.
     async fn finish_server(&mut self) {
-        let quiet =
-            self.server_is_quiet(b'I') || self.server_is_quiet(b'T') || self.server_is_quiet(b'E');
+        let settled = self.settled();
         let Some(mut conn) = self.server.take() else {
             return;
         };
         self.s.cancel.set_target(None);
         self.s.view.set_server(None);
-        if !quiet || !conn.read_buf.is_empty() || conn.codec.in_message() {
-            if !self.replies.is_empty() && !conn.broken {
+        if settled.is_none() || conn.has_unread() {
+            if !self.replies.is_empty() && !conn.is_broken() {
                 // A query may still run: cancel it so the backend does not work for no one.
                 let target = CancelTarget {
-                    addr: conn.addr.clone(),
-                    key: conn.key,
+                    addr: conn.addr().clone(),
+                    key: conn.key(),
                 };
                 tokio::spawn(cancel::forward(target));
             }
             return conn.close();
         }
-        if conn.tx_status != b'I' && !conn.broken {
-            debug!(pool = %self.s.pool.key, server = conn.id, "client left inside a transaction: rolling back");
-            if !matches!(conn.run_quietly("ROLLBACK", CLEANUP_LIMIT).await, Ok(b'I')) {
-                conn.broken = true;
+        if conn.tx_status() != TxStatus::Idle && !conn.is_broken() {
+            debug!(pool = %self.s.pool.key, server = conn.id(), "client left inside a transaction: rolling back");
+            if !conn.run_quietly("ROLLBACK", CLEANUP_LIMIT).await {
+                return conn.close();
             }
         }
-        if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.broken {
+        if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.is_broken() {
             let reset = self.s.reset_query.clone();
-            if matches!(conn.run_quietly(&reset, CLEANUP_LIMIT).await, Ok(b'I')) {
-                // DISCARD ALL drops prepared statements and settings; whatever the reset
-                // query was, assume the worst.
-                conn.prepared.clear();
-                conn.applied.clear();
-            } else {
-                conn.broken = true;
+            if !conn.run_quietly(&reset, CLEANUP_LIMIT).await {
+                return conn.close();
             }
+            // DISCARD ALL drops prepared statements and settings; whatever the reset query
+            // was, assume the worst.
+            conn.prepared().clear();
+            conn.clear_applied();
         }
         self.s.cancel.settled().await;
         conn.release();

@@ -201,7 +201,7 @@ impl Loop<'_> {
             .server
             .as_mut()
             .expect("a server is held for extended messages");
-        if server.prepared.touch(&statement) {
+        if server.prepared().touch(&statement) {
             self.s.pool.stats.prepared_hit();
             tracing::trace!(
                 client_name = name,
@@ -234,7 +234,7 @@ impl Loop<'_> {
             .server
             .as_mut()
             .expect("a server is held for extended messages");
-        if server.prepared.touch(statement) {
+        if server.prepared().touch(statement) {
             self.s.pool.stats.prepared_hit();
             return;
         }
@@ -262,7 +262,7 @@ impl Loop<'_> {
             .as_mut()
             .expect("a server is held for extended messages");
         if let Some(evicted) = server
-            .prepared
+            .prepared()
             .insert(statement.clone(), self.s.max_prepared)
         {
             self.s.pool.stats.prepared_eviction();

@@ -78,7 +78,7 @@ impl std::fmt::Debug for Lease {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Lease")
             .field("pool", &self.pool.key)
-            .field("conn", &self.conn.as_ref().map(|c| c.id))
+            .field("conn", &self.conn.as_ref().map(|c| c.id()))
             .finish()
     }
 }
