@@ -1,6 +1,7 @@
 //! One client connection, from its first byte to its last: [`login`] negotiates the
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
+mod error;
 mod login;
 mod params;
 mod queue;
@@ -8,6 +9,7 @@ mod replies;
 mod session;
 mod statements;
 
+pub use error::ClientError;
 pub use queue::OutQueue;
 
 use std::net::SocketAddr;
@@ -21,7 +23,7 @@ use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::pooler::Pooler;
-use crate::protocol::{PgError, SqlState};
+use crate::protocol::PgError;
 
 /// Serves one client connection to the end. `admitted` is false when max_client_conn was
 /// reached: the client is told so (53300) once it has sent its startup packet.
@@ -42,12 +44,7 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
         Err(_) => {
             // The panic hook has logged where; the client learns that it was pgmux's fault.
             warn!(%peer, "client session ended by an internal error");
-            let err = PgError::fatal(
-                SqlState::INTERNAL_ERROR,
-                "internal error in pgmux; the session was closed (any open transaction was rolled back)",
-            )
-            .with_hint("reconnect; please report this with pgmux's log");
-            refuse(socket, &err).await;
+            refuse(socket, &ClientError::Internal.fatal()).await;
         }
     }
 }
@@ -73,14 +70,8 @@ async fn serve_socket(
             return None;
         }
         Err(_) => {
-            let err = PgError::fatal(
-                SqlState::QUERY_CANCELED,
-                format!(
-                    "canceling authentication: no login within {limit:?} (client_login_timeout)"
-                ),
-            );
             debug!(%peer, "login timed out");
-            refuse_on(socket, &err).await;
+            refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
             return None;
         }
     };

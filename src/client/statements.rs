@@ -5,12 +5,13 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::error::ClientError;
 use super::params::{SessionChange, session_change};
 use super::replies::{Effect, Kind};
 use super::session::{Loop, Skip};
 use crate::config::PoolMode;
 use crate::prepared::{Bind, Close, Describe, Parse, Statement, rewrite_bind, rewrite_describe};
-use crate::protocol::{Frame, PgError, SqlState, read_cstr, tag, write};
+use crate::protocol::{Frame, read_cstr, tag, write};
 
 /// Replaces a SQL-level PREPARE in transaction mode: the server raises the error, so the
 /// transaction state the client sees is exactly what PostgreSQL would give.
@@ -169,13 +170,7 @@ impl Loop<'_> {
             if name == Some(false) {
                 self.client_mid_message = false;
                 self.skip = Skip::UntilSyncForwarded;
-                return self.local_error(
-                    PgError::error(
-                        SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        "a named prepared statement larger than 1 MB is not supported",
-                    )
-                    .with_hint("use the unnamed statement for very large queries"),
-                );
+                return self.local_error(ClientError::NamedStatementTooLarge);
             }
             return self.forward(frame, Kind::Parse);
         }
@@ -186,12 +181,8 @@ impl Loop<'_> {
             return self.forward(frame, Kind::Parse);
         }
         if self.statements.get(parse.name).is_some() {
-            let message = format!("prepared statement \"{}\" already exists", parse.name);
             self.skip = Skip::UntilSyncForwarded;
-            return self.local_error(PgError::error(
-                SqlState::DUPLICATE_PREPARED_STATEMENT,
-                message,
-            ));
+            return self.local_error(ClientError::DuplicateStatement(parse.name.to_owned()));
         }
         let statement = self.s.registry.statement(parse.query, &parse.param_types);
         let name = parse.name.to_owned();
@@ -282,9 +273,9 @@ impl Loop<'_> {
         self.take_due_replies();
     }
 
-    fn local_error(&mut self, error: PgError) {
+    fn local_error(&mut self, error: ClientError) {
         let mut buf = BytesMut::new();
-        error.write(&mut buf);
+        error.error().write(&mut buf);
         self.reply_locally(buf);
     }
 }

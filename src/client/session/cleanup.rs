@@ -8,13 +8,7 @@ impl Loop<'_> {
         if let Some(server) = self.server.as_mut() {
             server.mark_broken();
         }
-        End::Fatal(
-            PgError::fatal(
-                SqlState::CONNECTION_FAILURE,
-                format!("lost the server connection in the middle of a transaction: {error}"),
-            )
-            .with_hint("the transaction did not complete; reconnect and retry it"),
-        )
+        End::fatal(ClientError::ServerLost(error))
     }
 
     /// The client is gone: make the server clean for the next client, or close it.

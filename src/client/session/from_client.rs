@@ -32,12 +32,7 @@ impl Loop<'_> {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(ProtocolError::Io(_)) => return Err(End::ClientGone),
-                Err(e) => {
-                    return Err(End::Fatal(PgError::fatal(
-                        SqlState::PROTOCOL_VIOLATION,
-                        e.to_string(),
-                    )));
-                }
+                Err(e) => return Err(End::fatal(ClientError::Protocol(e))),
             };
             self.on_client_frame(frame).await?;
         }
@@ -83,9 +78,8 @@ impl Loop<'_> {
             // Never forwarded: the server would end the connection with a FATAL that the
             // next client of that server would read.
             byte => {
-                return Err(End::Fatal(PgError::fatal(
-                    SqlState::PROTOCOL_VIOLATION,
-                    ProtocolError::UnknownType { byte }.to_string(),
+                return Err(End::fatal(ClientError::Protocol(
+                    ProtocolError::UnknownType { byte },
                 )));
             }
         }
@@ -118,7 +112,7 @@ impl Loop<'_> {
             // room (memory per idle client).
             if let Err(err) = Box::pin(self.checkout()).await? {
                 let mut buf = BytesMut::new();
-                err.write(&mut buf);
+                err.error().write(&mut buf);
                 self.to_client.push(buf);
                 if matches!(t, tag::QUERY | tag::FUNCTION_CALL) {
                     self.answer_ready();
@@ -195,7 +189,7 @@ impl Loop<'_> {
     /// Checks a server out for this client and gives it the client's settings. While it
     /// waits, it notices a client that leaves (the wait is dropped: no hole in the queue).
     /// The outer error ends the session; the inner one is answered and the session goes on.
-    pub(super) async fn checkout(&mut self) -> Result<Result<(), PgError>, End> {
+    pub(super) async fn checkout(&mut self) -> Result<Result<(), ClientError>, End> {
         let pool = self.s.pool.clone();
         self.s.view.set_state(ClientState::Waiting);
         let checkout = pool.checkout();
@@ -205,10 +199,7 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 result = &mut checkout => break result,
-                _ = self.s.kill.cancelled() => return Err(End::Fatal(PgError::fatal(
-                    SqlState::ADMIN_SHUTDOWN,
-                    "terminating connection: pgmux is shutting down",
-                ))),
+                _ = self.s.kill.cancelled() => return Err(End::fatal(ClientError::ShuttingDown)),
                 _ = self.client.ready(Interest::READABLE), if room => {
                     self.s.cbuf.reserve(CLIENT_READ);
                     match self.client.try_read_buf(&mut self.s.cbuf) {
@@ -242,20 +233,8 @@ impl Loop<'_> {
             }
             Err(e) => {
                 self.s.view.set_state(ClientState::Idle);
-                Ok(Err(checkout_error(&e)))
+                Ok(Err(ClientError::Checkout(e)))
             }
         }
-    }
-}
-
-/// What the client is told when no server could be had. The session stays usable.
-fn checkout_error(e: &CheckoutError) -> PgError {
-    match e {
-        CheckoutError::Timeout { pool, .. } => PgError::error(SqlState::TOO_MANY_CONNECTIONS, e.to_string()).with_hint(format!(
-            "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
-            pool.database
-        )),
-        CheckoutError::Upstream { .. } => PgError::error(SqlState::CONNECTION_FAILURE, e.to_string())
-            .with_hint("check that the PostgreSQL server is up and reachable; pgmux retries on the next query"),
     }
 }

@@ -84,13 +84,7 @@ impl Loop<'_> {
             {
                 // The statement opened a transaction block: refuse it before the client
                 // sees ReadyForQuery, so the statement itself reports the error.
-                return Err(End::Fatal(
-                    PgError::fatal(
-                        SqlState::FEATURE_NOT_SUPPORTED,
-                        "transaction blocks are not allowed in statement pooling mode",
-                    )
-                    .with_hint("use autocommit statements, or a pool with mode = \"transaction\""),
-                ));
+                return Err(End::fatal(ClientError::TransactionInStatementMode));
             }
             if forward {
                 self.to_client.push(frame.bytes);

@@ -34,15 +34,16 @@ use tokio_util::io::poll_read_buf;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use super::error::ClientError;
 use super::params::{ClientParams, SessionChange};
 use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
 use crate::config::PoolMode;
-use crate::pool::{CheckoutError, Lease, Pool};
+use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
-use crate::protocol::{Frame, MessageCodec, PgError, ProtocolError, SqlState, tag, write};
+use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 use crate::server::{ServerEvent, SettingValue, TxStatus};
 
 /// Stop reading a peer while this much waits to be written to either side: replies pgmux
@@ -78,8 +79,14 @@ pub(super) enum Skip {
 enum End {
     /// The client left (EOF, reset, or Terminate).
     ClientGone,
-    /// Tell the client this, then close.
-    Fatal(PgError),
+    /// Tell the client this, then close. (Boxed: the loop returns it from every step.)
+    Fatal(Box<ClientError>),
+}
+
+impl End {
+    fn fatal(err: ClientError) -> End {
+        End::Fatal(Box::new(err))
+    }
 }
 
 /// The time limits a session enforces, from the config at login. Zero = no limit.
@@ -198,7 +205,7 @@ impl Session {
         if let End::Fatal(err) = &end {
             debug!(pool = %l.s.pool.key, %err, "closing client session");
             let mut buf = BytesMut::new();
-            err.write(&mut buf);
+            err.fatal().write(&mut buf);
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
@@ -292,18 +299,9 @@ impl Loop<'_> {
                 Event::ServerRead(read) => self.on_server_read(read),
                 Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
-                Event::Deadline(which) => Err(End::Fatal(self.timed_out(which))),
-                Event::Retired => Err(End::Fatal(
-                    PgError::fatal(
-                        SqlState::ADMIN_SHUTDOWN,
-                        "terminating connection: its database or user was removed from the pgmux config",
-                    )
-                    .with_hint("reconnect; the pool no longer exists after the last reload"),
-                )),
-                Event::Stop | Event::Kill => Err(End::Fatal(PgError::fatal(
-                    SqlState::ADMIN_SHUTDOWN,
-                    "terminating connection: pgmux is shutting down",
-                ))),
+                Event::Deadline(which) => Err(End::fatal(self.timed_out(which))),
+                Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
+                Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
             };
             if let Err(end) = result {
                 return end;
@@ -365,32 +363,12 @@ impl Loop<'_> {
     }
 
     /// What the client is told when a time limit ends its session.
-    fn timed_out(&self, which: Timeout) -> PgError {
+    fn timed_out(&self, which: Timeout) -> ClientError {
         let limits = &self.s.limits;
         match which {
-            Timeout::IdleInTransaction => PgError::fatal(
-                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
-                format!(
-                    "terminating connection: idle in transaction for longer than {:?} (idle_transaction_timeout)",
-                    limits.idle_transaction
-                ),
-            )
-            .with_hint("commit or roll back sooner, or raise pool.idle_transaction_timeout"),
-            Timeout::Query => PgError::fatal(
-                SqlState::CONNECTION_FAILURE,
-                format!(
-                    "terminating connection: the server sent nothing for {:?} while the client waited for it (query_timeout); the query was cancelled and the server connection closed",
-                    limits.query
-                ),
-            )
-            .with_hint("the transaction did not complete; check the network to PostgreSQL, or raise pool.query_timeout above the longest query"),
-            Timeout::PartialMessage => PgError::fatal(
-                SqlState::PROTOCOL_VIOLATION,
-                format!(
-                    "terminating connection: the client sent nothing for {:?} in the middle of a message (partial_message_timeout)",
-                    limits.partial_message
-                ),
-            ),
+            Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
+            Timeout::Query => ClientError::QueryTimeout(limits.query),
+            Timeout::PartialMessage => ClientError::PartialMessage(limits.partial_message),
         }
     }
 }
