@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
 use super::{BackendKey, ServerConn, ServerStream, parse_parameter_status};
+use crate::config::TcpOptions;
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
 
 /// Where and as whom a pool connects.
@@ -26,6 +27,8 @@ pub struct Upstream {
     pub user: String,
     /// Its password, when the server asks for one.
     pub password: Option<String>,
+    /// Keepalive and user timeout of the TCP socket (the pool's `tcp_*` settings).
+    pub tcp: TcpOptions,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -173,7 +176,8 @@ pub async fn connect(
 }
 
 async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectError> {
-    let (stream, addr) = ServerStream::connect(&upstream.host, upstream.port).await?;
+    let (stream, addr) =
+        ServerStream::connect(&upstream.host, upstream.port, &upstream.tcp).await?;
     let mut conn = Box::new(ServerConn::new(stream, addr));
 
     let mut out = BytesMut::new();
