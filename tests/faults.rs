@@ -1,7 +1,7 @@
 //! Faults between pgmux and a real PostgreSQL, injected by a proxy in the test process
 //! (`common::FaultProxy`): the link cut or reset in the middle of a transaction or while
 //! idle in the pool, PostgreSQL at `max_connections`, a slow link, an upstream that
-//! refuses connections. Each test checks what the client is told (SQLSTATE and message)
+//! refuses connections or stalls in the middle of a result. Each test checks what the client is told (SQLSTATE and message)
 //! and then that nothing was damaged: no partial transaction committed, no committed row
 //! lost, no server reused in a transaction or with a leftover setting, no server
 //! connection leaked, and pgmux's RSS back near where it started.
@@ -711,4 +711,59 @@ async fn upstream_refusing_connections_gives_08006_naming_it_then_recovers() {
     }
     commit_rows(&c, 26, 30).await;
     rig.assert_healthy("upstream_refusing", 30).await;
+}
+
+#[tokio::test]
+async fn upstream_stalled_mid_result_gives_08006_naming_query_timeout() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        pool_extra: "query_timeout = \"2s\"\n".to_owned(),
+        ..MuxOptions::sized(1)
+    };
+    let rig = Rig::start(pg, "faults_stall", opts).await;
+    let c = rig.client().await;
+    commit_rows(&c, 1, 30).await;
+    c.batch_execute(
+        "BEGIN; INSERT INTO ledger SELECT generate_series(31, 60); SET faults.marker = 'dirty'",
+    )
+    .await
+    .unwrap();
+    let pid = backend_pid(&c).await;
+    let links = rig.proxy.links();
+    assert_eq!(links.len(), 1, "the pool's only server");
+
+    // A result that keeps coming: a 16 KB row every 10 ms, each sent as it is made.
+    let before = rig.proxy.bytes_to_pgmux();
+    let streaming = tokio::spawn(async move {
+        let result = c
+            .simple_query(
+                "SELECT n, repeat('x', 16384), pg_sleep(0.01) FROM generate_series(1, 3000) n",
+            )
+            .await;
+        (c, result)
+    });
+    // Part of it has reached pgmux: then the upstream stops sending (and reading).
+    let deadline = Instant::now() + PATIENCE;
+    while rig.proxy.bytes_to_pgmux() < before + 256 * 1024 {
+        assert!(Instant::now() < deadline, "the result did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    rig.proxy.stall(Links::One(links[0]));
+
+    let (c, result) = streaming.await.unwrap();
+    let err = result.expect_err("the stalled query fails");
+    let db = db_error(&err);
+    eprintln!("stalled mid-result: {} {}", db.code().code(), db.message());
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+    assert!(db.message().contains("(query_timeout)"), "{}", db.message());
+    assert!(
+        c.simple_query("SELECT 1").await.is_err(),
+        "the session ended"
+    );
+
+    // The stalled link kept PostgreSQL's socket open; once it flows again the backend
+    // learns that pgmux closed its end, and goes.
+    rig.proxy.resume().await;
+    rig.backend_gone(pid).await;
+    rig.assert_healthy("upstream_stalled_mid_result", 30).await;
 }
