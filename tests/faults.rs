@@ -394,10 +394,38 @@ async fn link_reset_while_idle_in_transaction_gives_08006_and_commits_nothing() 
         .await;
 }
 
+/// The timers of the ESTABLISHED TCP sockets connected to 127.0.0.1:`port` (pgmux's server
+/// sockets, when `port` is the proxy's), per /proc/net/tcp: the kind (2 = keepalive) and
+/// the clock ticks (USER_HZ, 100 a second) until it fires.
+fn timers_of_sockets_to(port: u16) -> Vec<(u8, u64)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when ...
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields.get(2)?.rsplit_once(':')?.1;
+            if u16::from_str_radix(remote_port, 16).ok()? != port || *fields.get(3)? != "01" {
+                return None;
+            }
+            let (kind, when) = fields.get(5)?.split_once(':')?;
+            Some((
+                u8::from_str_radix(kind, 16).ok()?,
+                u64::from_str_radix(when, 16).ok()?,
+            ))
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn links_cut_and_reset_while_idle_in_the_pool_are_replaced_without_an_error() {
     let pg = TestPostgres::shared().await;
-    let rig = Rig::start(pg, "faults_idle_pool", MuxOptions::sized(2)).await;
+    let opts = MuxOptions {
+        pool_extra: "tcp_keepidle = \"7s\"\n".to_owned(),
+        ..MuxOptions::sized(2)
+    };
+    let rig = Rig::start(pg, "faults_idle_pool", opts).await;
     // Two servers in the pool: two clients in transactions at once, then both idle.
     let a = rig.client().await;
     let b = rig.client().await;
@@ -411,6 +439,16 @@ async fn links_cut_and_reset_while_idle_in_the_pool_are_replaced_without_an_erro
         .await
         .unwrap();
     assert_eq!(rig.proxy.carried(), 2);
+    // pgmux's idle server sockets run the keepalive timer, due within tcp_keepidle (the
+    // system's default would be 2 hours, pgmux's 60 s).
+    let timers = timers_of_sockets_to(rig.proxy.port);
+    assert_eq!(timers.len(), 2, "{timers:?}");
+    assert!(
+        timers
+            .iter()
+            .all(|&(kind, ticks)| kind == 2 && ticks <= 700),
+        "keepalive timers (kind 2) due within 7 s: {timers:?}"
+    );
 
     // One link ends with a FIN, the other with an RST, while both servers are idle.
     let links = rig.proxy.links();
