@@ -544,7 +544,12 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
     while queries < 60 {
         let err = rig_query_error(&waiter).await;
         let db = db_error(&err);
-        assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE, "{}", db.message());
+        assert_eq!(
+            db.code(),
+            &SqlState::TOO_MANY_CONNECTIONS,
+            "{}",
+            db.message()
+        );
         assert!(
             db.message().contains("sorry, too many clients already")
                 && db.message().contains("SQLSTATE 53300")
@@ -585,7 +590,7 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
                 break;
             }
             Err(e) => {
-                assert_eq!(e.code(), Some(&SqlState::CONNECTION_FAILURE), "{e}");
+                assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
                 assert!(Instant::now() < deadline, "pgmux did not recover: {e}");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
