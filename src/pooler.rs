@@ -63,6 +63,11 @@ impl Snapshot {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             user: login,
             password,
+            tcp: self
+                .config
+                .pool_settings(database, user)
+                .map(|s| s.tcp)
+                .unwrap_or_default(),
         })
     }
 

@@ -115,6 +115,11 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "query_timeout",
     "server_reset_query",
     "max_prepared_statements",
+    "tcp_keepalive",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_keepcnt",
+    "tcp_user_timeout",
 ];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
 const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
@@ -367,6 +372,12 @@ impl Walker<'_> {
             "max_prepared_statements" => {
                 o.max_prepared_statements = as_u32(self.unsigned(&p, value, u32_max))
             }
+            "tcp_keepalive" => o.tcp_keepalive = self.boolean(&p, value),
+            "tcp_keepidle" => o.tcp_keepidle = self.duration(&p, value),
+            "tcp_keepintvl" => o.tcp_keepintvl = self.duration(&p, value),
+            // The kernel's limit (MAX_TCP_KEEPCNT).
+            "tcp_keepcnt" => o.tcp_keepcnt = as_u32(self.unsigned(&p, value, 127)),
+            "tcp_user_timeout" => o.tcp_user_timeout = self.duration(&p, value),
             _ => return false,
         }
         true

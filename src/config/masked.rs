@@ -112,6 +112,11 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         query_timeout: Some(s.query_timeout),
         server_reset_query: Some(s.server_reset_query.clone()),
         max_prepared_statements: Some(s.max_prepared_statements),
+        tcp_keepalive: Some(s.tcp.keepalive),
+        tcp_keepidle: Some(s.tcp.keepidle),
+        tcp_keepintvl: Some(s.tcp.keepintvl),
+        tcp_keepcnt: Some(s.tcp.keepcnt),
+        tcp_user_timeout: Some(s.tcp.user_timeout),
     }
 }
 
@@ -140,6 +145,24 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         }
     }
     optional(out, "server_reset_query", o.server_reset_query.as_deref());
+    if let Some(on) = o.tcp_keepalive {
+        line(out, "tcp_keepalive", &on.to_string());
+    }
+    let tcp = [
+        ("tcp_keepidle", o.tcp_keepidle),
+        ("tcp_keepintvl", o.tcp_keepintvl),
+    ];
+    for (key, d) in tcp {
+        if let Some(d) = d {
+            line(out, key, &duration(d));
+        }
+    }
+    if let Some(n) = o.tcp_keepcnt {
+        line(out, "tcp_keepcnt", &n.to_string());
+    }
+    if let Some(d) = o.tcp_user_timeout {
+        line(out, "tcp_user_timeout", &duration(d));
+    }
 }
 
 fn line(out: &mut String, key: &str, value: &str) {

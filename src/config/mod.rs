@@ -207,6 +207,40 @@ pub struct PoolSettings {
     /// Named prepared statements kept per server connection (least recently used are
     /// closed beyond it); 0 = do not track prepared statements (they pass through as sent).
     pub max_prepared_statements: u32,
+    /// TCP options of the sockets to the server (`tcp_*` keys).
+    pub tcp: TcpOptions,
+}
+
+/// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
+/// Keepalive probes find a server that vanished while its connection was quiet (idle in
+/// the pool, or running a long query); the user timeout drops a connection whose sent
+/// data stays unacknowledged. A zero leaves the system's default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// `tcp_keepalive`: send keepalive probes on quiet connections.
+    pub keepalive: bool,
+    /// `tcp_keepidle`: quiet time before the first probe (whole seconds).
+    pub keepidle: Duration,
+    /// `tcp_keepintvl`: time between unanswered probes (whole seconds).
+    pub keepintvl: Duration,
+    /// `tcp_keepcnt`: unanswered probes after which the connection is dropped.
+    pub keepcnt: u32,
+    /// `tcp_user_timeout`: data sent and unacknowledged this long drops the connection.
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    /// Keepalive on, and a dead peer of a quiet connection noticed within two minutes
+    /// (60 s + 6 x 10 s) instead of the system's two hours and more.
+    fn default() -> Self {
+        Self {
+            keepalive: true,
+            keepidle: Duration::from_secs(60),
+            keepintvl: Duration::from_secs(10),
+            keepcnt: 6,
+            user_timeout: Duration::ZERO,
+        }
+    }
 }
 
 impl Default for PoolSettings {
@@ -223,6 +257,7 @@ impl Default for PoolSettings {
             query_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
+            tcp: TcpOptions::default(),
         }
     }
 }
@@ -247,6 +282,12 @@ impl PoolSettings {
         self.max_prepared_statements = o
             .max_prepared_statements
             .unwrap_or(self.max_prepared_statements);
+        let tcp = &mut self.tcp;
+        tcp.keepalive = o.tcp_keepalive.unwrap_or(tcp.keepalive);
+        tcp.keepidle = o.tcp_keepidle.unwrap_or(tcp.keepidle);
+        tcp.keepintvl = o.tcp_keepintvl.unwrap_or(tcp.keepintvl);
+        tcp.keepcnt = o.tcp_keepcnt.unwrap_or(tcp.keepcnt);
+        tcp.user_timeout = o.tcp_user_timeout.unwrap_or(tcp.user_timeout);
     }
 }
 
@@ -275,6 +316,16 @@ pub struct PoolOverrides {
     pub server_reset_query: Option<String>,
     /// See [`PoolSettings::max_prepared_statements`].
     pub max_prepared_statements: Option<u32>,
+    /// See [`TcpOptions::keepalive`].
+    pub tcp_keepalive: Option<bool>,
+    /// See [`TcpOptions::keepidle`].
+    pub tcp_keepidle: Option<Duration>,
+    /// See [`TcpOptions::keepintvl`].
+    pub tcp_keepintvl: Option<Duration>,
+    /// See [`TcpOptions::keepcnt`].
+    pub tcp_keepcnt: Option<u32>,
+    /// See [`TcpOptions::user_timeout`].
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

@@ -167,7 +167,8 @@ fn unknown_keys_are_placed() {
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
-             max_prepared_statements",
+             max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
+             tcp_user_timeout",
         ]
     );
 }
@@ -579,6 +580,52 @@ fn admin_section() {
             "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
             "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
             "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits",
+        ]
+    );
+}
+
+#[test]
+fn tcp_options_of_server_sockets() {
+    let c = parse_ok("[databases.app]\n");
+    assert_eq!(c.pool.tcp, TcpOptions::default());
+    assert!(c.pool.tcp.keepalive);
+
+    let c = parse_ok(
+        "[pool]\ntcp_keepalive = true\ntcp_keepidle = \"30s\"\ntcp_keepintvl = \"5s\"\n\
+         tcp_keepcnt = 3\ntcp_user_timeout = \"20s\"\n\
+         [databases.app]\n[databases.far]\ntcp_keepidle = \"2m\"\ntcp_user_timeout = \"1m\"\n\
+         [databases.plain]\ntcp_keepalive = false\n",
+    );
+    let app = c.pool_settings("app", "u").unwrap().tcp;
+    assert_eq!(
+        app,
+        TcpOptions {
+            keepalive: true,
+            keepidle: Duration::from_secs(30),
+            keepintvl: Duration::from_secs(5),
+            keepcnt: 3,
+            user_timeout: Duration::from_secs(20),
+        }
+    );
+    let far = c.pool_settings("far", "u").unwrap().tcp;
+    assert_eq!(far.keepidle, Duration::from_secs(120));
+    assert_eq!(far.user_timeout, Duration::from_secs(60));
+    assert_eq!(far.keepcnt, 3, "inherited from [pool]");
+    assert!(!c.pool_settings("plain", "u").unwrap().tcp.keepalive);
+    let again = parse_ok(&c.masked());
+    assert_eq!(again.pool_settings("far", "u").unwrap().tcp, far);
+
+    assert_eq!(
+        problems(
+            "[pool]\ntcp_keepidle = \"1500ms\"\ntcp_keepcnt = 128\n\
+             [databases.app]\ntcp_keepintvl = \"10h\"\ntcp_user_timeout = \"30d\"\ntcp_keepalive = 1\n"
+        ),
+        [
+            "t.toml:2:16: pool.tcp_keepidle: must be whole seconds, at most 32767s (\"0\" = the system's default)",
+            "t.toml:3:15: pool.tcp_keepcnt: is too large (at most 127)",
+            "t.toml:5:17: databases.app.tcp_keepintvl: must be whole seconds, at most 32767s (\"0\" = the system's default)",
+            "t.toml:6:20: databases.app.tcp_user_timeout: must be at most 2147483647ms (the kernel counts milliseconds in an int)",
+            "t.toml:7:17: databases.app.tcp_keepalive: expected a boolean, found an integer",
         ]
     );
 }

@@ -199,6 +199,23 @@ impl Checker<'_> {
             );
             self.warn(&key("size"), msg);
         }
+        // The kernel takes keepalive times in whole seconds, up to MAX_TCP_KEEPIDLE.
+        let keepalive_times = [
+            ("tcp_keepidle", s.tcp.keepidle, o.tcp_keepidle.is_some()),
+            ("tcp_keepintvl", s.tcp.keepintvl, o.tcp_keepintvl.is_some()),
+        ];
+        for (name, d, set) in keepalive_times {
+            if (all || set) && (d.subsec_nanos() != 0 || d.as_secs() > 32_767) {
+                let msg = "must be whole seconds, at most 32767s (\"0\" = the system's default)";
+                self.error(&key(name), msg);
+            }
+        }
+        if (all || o.tcp_user_timeout.is_some())
+            && s.tcp.user_timeout.as_millis() > i32::MAX as u128
+        {
+            let msg = "must be at most 2147483647ms (the kernel counts milliseconds in an int)";
+            self.error(&key("tcp_user_timeout"), msg);
+        }
         let reset_set = all || o.server_reset_query.is_some() || o.mode.is_some();
         if s.mode == PoolMode::Session && s.server_reset_query.trim().is_empty() && reset_set {
             let msg = "empty in session mode: one client's session state reaches the next";

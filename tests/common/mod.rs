@@ -1,5 +1,6 @@
 //! The integration test harness: a throwaway PostgreSQL (`TestPostgres`), the pgmux binary
-//! in front of it (`TestPgmux`), and helpers for psql, pgbench and memory checks.
+//! in front of it (`TestPgmux`), a fault-injecting proxy to put between them
+//! (`FaultProxy`), and helpers for psql, pgbench and memory checks.
 //!
 //! Each tests/*.rs is its own crate that includes this module with `mod common;`, and
 //! each uses a different part of it.
@@ -7,6 +8,7 @@
 // would warn as dead code (or as unused re-exports) in that binary.
 #![allow(dead_code, unused_imports)]
 
+mod faultproxy;
 mod http;
 mod pgmux;
 mod postgres;
@@ -17,6 +19,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub use faultproxy::{FaultProxy, Links};
 pub use http::{Http, request as http_request};
 pub use pgmux::{MuxOptions, TestPgmux};
 pub use postgres::{SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir};
