@@ -85,6 +85,16 @@ impl ClientError {
             | Self::PartialMessage(_) => SqlState::PROTOCOL_VIOLATION,
             Self::LoginTimeout(_) => SqlState::QUERY_CANCELED,
             Self::Checkout(CheckoutError::Timeout { .. }) => SqlState::TOO_MANY_CONNECTIONS,
+            // PostgreSQL itself refused pgmux's login: keep what it means.
+            Self::Checkout(CheckoutError::Upstream { error, .. })
+                if error.server_code().is_some() =>
+            {
+                match error.server_code() {
+                    Some("53300") => SqlState::TOO_MANY_CONNECTIONS,
+                    Some("57P03") => SqlState::CANNOT_CONNECT_NOW,
+                    _ => SqlState::CONNECTION_REJECTED,
+                }
+            }
             Self::Checkout(CheckoutError::Upstream { .. })
             | Self::QueryTimeout(_)
             | Self::ServerLost(_) => SqlState::CONNECTION_FAILURE,
@@ -122,9 +132,20 @@ impl ClientError {
                     pool.database
                 ));
             }
-            Self::Checkout(CheckoutError::Upstream { .. }) => {
-                "check that the PostgreSQL server is up and reachable; pgmux retries on the next query"
-            }
+            Self::Checkout(CheckoutError::Upstream { error, .. }) => match error.server_code() {
+                Some("53300") => {
+                    "PostgreSQL reached its max_connections: lower the pool sizes of pgmux (and of other clients of the server), or raise max_connections; pgmux retries on the next query"
+                }
+                Some("57P03") => {
+                    "PostgreSQL is starting up or shutting down; pgmux retries on the next query"
+                }
+                Some(_) => {
+                    "PostgreSQL refused pgmux's login: check the server credentials pgmux uses (users.NAME.server_password) and pg_hba.conf"
+                }
+                None => {
+                    "check that the PostgreSQL server is up and reachable; pgmux retries on the next query"
+                }
+            },
             Self::PoolRemoved => "reconnect; the pool no longer exists after the last reload",
             Self::IdleInTransaction(_) => {
                 "commit or roll back sooner, or raise pool.idle_transaction_timeout"

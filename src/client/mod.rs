@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use futures_util::FutureExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
@@ -81,6 +81,7 @@ async fn serve_socket(
         info!(%peer, %pool, "client connected");
     }
     session.run(socket).await;
+    close_gently(socket).await;
     // Byte counts come from the kernel.
     let traffic = crate::stats::tcp_traffic(&*socket).unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
@@ -101,9 +102,19 @@ async fn refuse(mut socket: TcpStream, err: &PgError) {
 async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&buf)).await;
+    close_gently(socket).await;
+}
+
+/// Shuts the sending side and reads what the client still sends (briefly) before the
+/// socket is dropped: closing with unread input makes the kernel send a reset, which may
+/// destroy the error pgmux just wrote before the client reads it.
+async fn close_gently(socket: &mut TcpStream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        socket.write_all(&buf).await?;
-        socket.shutdown().await
+        socket.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }

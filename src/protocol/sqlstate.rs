@@ -27,6 +27,8 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// 08004: the server refused the connection (its own error is in the message).
     pub const CONNECTION_REJECTED: SqlState = SqlState("08004");
+    /// 57P03: the server is starting up or shutting down and takes no logins now.
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
 
     /// 57014: login took longer than client_login_timeout.
     pub const QUERY_CANCELED: SqlState = SqlState("57014");

@@ -4,7 +4,7 @@
 mod connect;
 mod stream;
 
-pub use connect::{ConnectError, Upstream, connect, error_fields};
+pub use connect::{ConnectError, IoError, Upstream, connect, error_fields};
 pub use stream::{ServerAddr, ServerStream, TryWrite};
 
 use std::io;
