@@ -17,6 +17,7 @@ use prometheus::proto::{
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use crate::clients::ClientState;
+use crate::logging;
 use crate::pooler::Pooler;
 use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot};
 
@@ -71,6 +72,18 @@ const FAMILIES: &[Family] = &[
         "pgmux_config_last_reload_timestamp_seconds",
         "When the last config reload was tried, Unix time; 0 = never.",
         G,
+        &[],
+    ),
+    (
+        "pgmux_log_write_errors_total",
+        "Log lines dropped: stderr refused them (a broken pipe) or was too slow to take them.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_session_panics_total",
+        "Panics in pgmux (a client session or any other task), each logged with its location.",
+        C,
         &[],
     ),
     (
@@ -341,6 +354,8 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         1.0
     };
     out.gauge("pgmux_config_last_reload_success", &[], ok);
+    out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());
+    out.counter("pgmux_session_panics_total", &[], logging::panics());
     out.gauge(
         "pgmux_config_last_reload_timestamp_seconds",
         &[],
