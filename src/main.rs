@@ -96,9 +96,10 @@ fn run_cli(cli: Cli) -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
-    // The admin port first: once clients can connect, it answers too.
+    // The admin port first: once clients can connect, it answers too. Bound here, so
+    // that a port in use stops pgmux; served on a thread of its own (admin::start).
     let admin = match &config.admin.listen {
-        Some(addr) => match TcpListener::bind(addr).await {
+        Some(addr) => match std::net::TcpListener::bind(addr) {
             Ok(listener) => {
                 info!(%addr, "admin port listening (metrics, health, pools, reload)");
                 Some(listener)
@@ -110,8 +111,23 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         },
         None => None,
     };
+    let client_addrs = config.server.listen.clone();
+    let pooler = match Pooler::new(config) {
+        Ok(pooler) => pooler,
+        Err(e) => {
+            error!(error = %e, "invalid config");
+            return ExitCode::from(2);
+        }
+    };
+    pooler.set_config_path(path);
+    if let Some(listener) = admin
+        && let Err(e) = pgmux::admin::start(listener, pooler.clone())
+    {
+        error!(error = %e, "cannot start the admin port");
+        return ExitCode::FAILURE;
+    }
     let mut listeners = Vec::new();
-    for addr in &config.server.listen {
+    for addr in &client_addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => {
                 info!(%addr, "listening for clients");
@@ -122,17 +138,6 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-    }
-    let pooler = match Pooler::new(config) {
-        Ok(pooler) => pooler,
-        Err(e) => {
-            error!(error = %e, "invalid config");
-            return ExitCode::from(2);
-        }
-    };
-    pooler.set_config_path(path);
-    if let Some(listener) = admin {
-        tokio::spawn(pgmux::admin::serve(listener, pooler.clone()));
     }
     tokio::spawn(keep_watching_signals(pooler.clone()));
     pgmux::listener::run(pooler, listeners).await;
