@@ -114,11 +114,12 @@ impl Pooler {
     pub fn new(config: Config) -> Result<Arc<Pooler>, String> {
         let runtime = Handle::try_current()
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
+        let statements = Registry::new(config.server.statement_registry_size);
         Ok(Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
-            statements: Arc::new(Registry::default()),
+            statements: Arc::new(statements),
             clients: AtomicUsize::new(0),
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),

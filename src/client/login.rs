@@ -10,7 +10,7 @@ use tokio_util::codec::Decoder;
 use tracing::debug;
 
 use super::params::ClientParams;
-use super::session::Session;
+use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
 use crate::config::AuthMethod;
 use crate::logging::Escaped;
@@ -153,7 +153,7 @@ pub(super) async fn login(
     if params.is_empty() {
         // The first client of a pool: learn what the server reports from a real connection.
         match pool.checkout().await {
-            Ok(conn) => pool.checkin(conn),
+            Ok(lease) => lease.release(),
             Err(e) => {
                 return Err(PgError::fatal(SqlState::CONNECTION_FAILURE, e.to_string()).into());
             }
@@ -182,7 +182,12 @@ pub(super) async fn login(
     Ok(Session {
         view,
         mode: pool_settings.mode,
-        idle_transaction_timeout: pool_settings.idle_transaction_timeout,
+        limits: Limits {
+            idle_transaction: pool_settings.idle_transaction_timeout,
+            query: pool_settings.query_timeout,
+            partial_message: snapshot.config.server.partial_message_timeout,
+        },
+        max_message_size: snapshot.config.server.max_message_size,
         reset_query: pool_settings.server_reset_query.clone(),
         max_prepared: pool_settings.max_prepared_statements as usize,
         registry: pooler.statements.clone(),

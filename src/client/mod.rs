@@ -11,32 +11,66 @@ mod statements;
 pub use queue::OutQueue;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::BytesMut;
+use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::pooler::Pooler;
 use crate::protocol::{PgError, SqlState};
 
 /// Serves one client connection to the end. `admitted` is false when max_client_conn was
 /// reached: the client is told so (53300) once it has sent its startup packet.
+///
+/// A panic anywhere in the client's login or session is caught here: the client is told
+/// `XX000` before the close, the session's guards have already given back what it held
+/// (its server lease, its cancel key, its registry entry), and pgmux keeps serving.
 pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>, admitted: bool) {
     let _ = socket.set_nodelay(true);
+    let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
+        .catch_unwind()
+        .await;
+    match served {
+        Ok(Some(console)) => {
+            crate::admin::console::serve(socket, pooler, console.0, console.1).await
+        }
+        Ok(None) => {}
+        Err(_) => {
+            // The panic hook has logged where; the client learns that it was pgmux's fault.
+            warn!(%peer, "client session ended by an internal error");
+            let err = PgError::fatal(
+                SqlState::INTERNAL_ERROR,
+                "internal error in pgmux; the session was closed (any open transaction was rolled back)",
+            )
+            .with_hint("reconnect; please report this with pgmux's log");
+            refuse(socket, &err).await;
+        }
+    }
+}
+
+/// Login and session on a borrowed socket. Returns the user and buffered bytes when the
+/// client logged in to the admin console instead.
+async fn serve_socket(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Option<(String, BytesMut)> {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
-    let outcome = tokio::time::timeout(limit, login::login(&mut socket, &pooler, admitted)).await;
+    let outcome = tokio::time::timeout(limit, login::login(socket, pooler, admitted)).await;
     let session = match outcome {
         Ok(Ok(session)) => session,
-        Ok(Err(login::Refusal::Gone)) => return, // a cancel request, or a client that left
-        Ok(Err(login::Refusal::Console { user, cbuf })) => {
-            return crate::admin::console::serve(socket, pooler, user, cbuf).await;
-        }
+        Ok(Err(login::Refusal::Gone)) => return None, // a cancel request, or a client that left
+        Ok(Err(login::Refusal::Console { user, cbuf })) => return Some((user, cbuf)),
         Ok(Err(login::Refusal::Error(err))) => {
             debug!(%peer, %err, "login refused");
-            return refuse(socket, &err).await;
+            refuse_on(socket, &err).await;
+            return None;
         }
         Err(_) => {
             let err = PgError::fatal(
@@ -46,7 +80,8 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
                 ),
             );
             debug!(%peer, "login timed out");
-            return refuse(socket, &err).await;
+            refuse_on(socket, &err).await;
+            return None;
         }
     };
     let pool = session.pool.key.clone();
@@ -54,20 +89,25 @@ pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>,
     if log {
         info!(%peer, %pool, "client connected");
     }
-    // The session hands the socket back: its byte counts come from the kernel, then it closes.
-    let socket = session.run(socket).await;
-    let traffic = crate::stats::tcp_traffic(&socket).unwrap_or_default();
-    drop(socket);
+    session.run(socket).await;
+    // Byte counts come from the kernel.
+    let traffic = crate::stats::tcp_traffic(&*socket).unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
     if log {
         info!(%peer, %pool, duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
     } else {
         debug!(%peer, %pool, duration_ms, "client disconnected");
     }
+    None
 }
 
 /// Sends a fatal error and closes: never a bare reset.
 async fn refuse(mut socket: TcpStream, err: &PgError) {
+    refuse_on(&mut socket, err).await;
+}
+
+/// Sends a fatal error and shuts the socket down.
+async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {

@@ -98,6 +98,11 @@ pub struct Replies {
 }
 
 impl Replies {
+    /// How many entries are outstanding.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Whether nothing is outstanding.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()

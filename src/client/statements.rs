@@ -19,7 +19,7 @@ const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
     MESSAGE = 'pgmux: SQL-level PREPARE is not supported in transaction pooling mode', \
     HINT = 'use your driver''s prepared statements (protocol-level, tracked by pgmux), or a pool with mode = \"session\"'; END $pgmux$";
 
-impl Loop {
+impl Loop<'_> {
     /// Whether named statements are mapped to pgmux's server-side names.
     fn tracks_statements(&self) -> bool {
         self.s.max_prepared > 0 && self.s.mode != PoolMode::Session
@@ -201,7 +201,7 @@ impl Loop {
             .server
             .as_mut()
             .expect("a server is held for extended messages");
-        if server.prepared.touch(&statement) {
+        if server.prepared().touch(&statement) {
             self.s.pool.stats.prepared_hit();
             tracing::trace!(
                 client_name = name,
@@ -234,7 +234,7 @@ impl Loop {
             .server
             .as_mut()
             .expect("a server is held for extended messages");
-        if server.prepared.touch(statement) {
+        if server.prepared().touch(statement) {
             self.s.pool.stats.prepared_hit();
             return;
         }
@@ -262,7 +262,7 @@ impl Loop {
             .as_mut()
             .expect("a server is held for extended messages");
         if let Some(evicted) = server
-            .prepared
+            .prepared()
             .insert(statement.clone(), self.s.max_prepared)
         {
             self.s.pool.stats.prepared_eviction();

@@ -95,6 +95,9 @@ const SERVER_KEYS: &[&str] = &[
     "max_client_conn",
     "client_login_timeout",
     "shutdown_timeout",
+    "max_message_size",
+    "partial_message_timeout",
+    "statement_registry_size",
     "worker_threads",
 ];
 const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
@@ -117,6 +120,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "max_lifetime",
     "connect_timeout",
     "idle_transaction_timeout",
+    "query_timeout",
     "server_reset_query",
     "max_prepared_statements",
 ];
@@ -238,6 +242,29 @@ impl Walker<'_> {
                     let d = self.duration(&path, value);
                     set(&mut server.shutdown_timeout, d);
                 }
+                "max_message_size" => {
+                    let max = crate::protocol::codec::MAX_MESSAGE_LEN as u64;
+                    let n = self.unsigned(&path, value, max);
+                    let n = n.and_then(|n| match n {
+                        0..1024 => {
+                            self.problem(&path, value.span(), "must be at least 1024 bytes");
+                            None
+                        }
+                        n => n.try_into().ok(),
+                    });
+                    set(&mut server.max_message_size, n);
+                }
+                "partial_message_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.partial_message_timeout, d);
+                }
+                "statement_registry_size" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut server.statement_registry_size,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
                 "worker_threads" => {
                     let n = self.unsigned(&path, value, 1024);
                     let n = n.and_then(|n| match n {
@@ -352,6 +379,7 @@ impl Walker<'_> {
             "max_lifetime" => o.max_lifetime = self.duration(&p, value),
             "connect_timeout" => o.connect_timeout = self.duration(&p, value),
             "idle_transaction_timeout" => o.idle_transaction_timeout = self.duration(&p, value),
+            "query_timeout" => o.query_timeout = self.duration(&p, value),
             "server_reset_query" => o.server_reset_query = self.string(&p, value),
             "max_prepared_statements" => {
                 o.max_prepared_statements = as_u32(self.unsigned(&p, value, u32_max))

@@ -31,6 +31,21 @@ pub(super) fn render(config: &Config) -> String {
     );
     line(
         &mut out,
+        "max_message_size",
+        &server.max_message_size.to_string(),
+    );
+    line(
+        &mut out,
+        "partial_message_timeout",
+        &duration(server.partial_message_timeout),
+    );
+    line(
+        &mut out,
+        "statement_registry_size",
+        &server.statement_registry_size.to_string(),
+    );
+    line(
+        &mut out,
         "worker_threads",
         &server.worker_threads.to_string(),
     );
@@ -101,6 +116,7 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         max_lifetime: Some(s.max_lifetime),
         connect_timeout: Some(s.connect_timeout),
         idle_transaction_timeout: Some(s.idle_transaction_timeout),
+        query_timeout: Some(s.query_timeout),
         server_reset_query: Some(s.server_reset_query.clone()),
         max_prepared_statements: Some(s.max_prepared_statements),
     }
@@ -123,6 +139,7 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         ("max_lifetime", o.max_lifetime),
         ("connect_timeout", o.connect_timeout),
         ("idle_transaction_timeout", o.idle_transaction_timeout),
+        ("query_timeout", o.query_timeout),
     ];
     for (key, d) in durations {
         if let Some(d) = d {

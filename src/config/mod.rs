@@ -54,6 +54,15 @@ pub struct ServerSection {
     pub client_login_timeout: Duration,
     /// Time clients get to finish their transactions on shutdown.
     pub shutdown_timeout: Duration,
+    /// Largest client message accepted, in bytes (PostgreSQL's own limit is 1 GB); a
+    /// larger one gets `08P01` and the connection is closed.
+    pub max_message_size: usize,
+    /// A client that stops sending in the middle of a message for this long gets `08P01`
+    /// and is disconnected (a half-sent message holds memory, and perhaps a server).
+    pub partial_message_timeout: Duration,
+    /// Distinct named statements pgmux remembers across all clients; beyond it, those no
+    /// client and no server connection holds are forgotten.
+    pub statement_registry_size: usize,
     /// Threads that run client sessions. 1 (the default) runs everything on one thread,
     /// which costs the least CPU per transaction; more spread sessions over that many
     /// threads (for a pooler that saturates one core). Read at start only.
@@ -67,6 +76,9 @@ impl Default for ServerSection {
             max_client_conn: 10_000,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
+            partial_message_timeout: Duration::from_secs(30),
+            statement_registry_size: 10_000,
             worker_threads: 1,
         }
     }
@@ -200,6 +212,10 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// A client idle inside a transaction this long is disconnected; 0 = disabled.
     pub idle_transaction_timeout: Duration,
+    /// A server that sends nothing for this long while a client waits for its answer is
+    /// cancelled and closed, and the client gets `08006`; 0 = disabled (PgBouncer's
+    /// `query_timeout`; set it a little above the server's `statement_timeout`).
+    pub query_timeout: Duration,
     /// Run before a session-mode server connection is reused; `""` = none.
     pub server_reset_query: String,
     /// Named prepared statements kept per server connection (least recently used are
@@ -218,6 +234,7 @@ impl Default for PoolSettings {
             max_lifetime: Duration::from_secs(60 * 60),
             connect_timeout: Duration::from_secs(5),
             idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
         }
@@ -237,6 +254,7 @@ impl PoolSettings {
         self.idle_transaction_timeout = o
             .idle_transaction_timeout
             .unwrap_or(self.idle_transaction_timeout);
+        self.query_timeout = o.query_timeout.unwrap_or(self.query_timeout);
         if let Some(query) = &o.server_reset_query {
             self.server_reset_query.clone_from(query);
         }
@@ -265,6 +283,8 @@ pub struct PoolOverrides {
     pub connect_timeout: Option<Duration>,
     /// See [`PoolSettings::idle_transaction_timeout`].
     pub idle_transaction_timeout: Option<Duration>,
+    /// See [`PoolSettings::query_timeout`].
+    pub query_timeout: Option<Duration>,
     /// See [`PoolSettings::server_reset_query`].
     pub server_reset_query: Option<String>,
     /// See [`PoolSettings::max_prepared_statements`].

@@ -166,7 +166,8 @@ fn unknown_keys_are_placed() {
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
-             connect_timeout, idle_transaction_timeout, server_reset_query, max_prepared_statements",
+             connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
+             max_prepared_statements",
         ]
     );
 }

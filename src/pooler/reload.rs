@@ -105,6 +105,8 @@ impl Pooler {
         let mut changes = config_changes(&old.config, &snapshot.config);
         // Under the pools lock, so that no pool is created from the old snapshot meanwhile.
         let mut pools = self.pools.lock();
+        self.statements
+            .set_capacity(snapshot.config.server.statement_registry_size);
         self.snapshot.store(Arc::new(snapshot));
         let new = self.snapshot();
         let slow_wait = new.config.admin.log_slow_waits;

@@ -41,6 +41,9 @@ impl SqlState {
     /// F0000: a config reload found problems in the file (nothing changed).
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 
+    /// XX000: a bug in pgmux ended the session (the panic is logged with its location).
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
+
     /// The code as sent on the wire.
     pub fn code(&self) -> &'static str {
         self.0

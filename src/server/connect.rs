@@ -203,7 +203,11 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                 return Err(ConnectError::Server { code, message });
             }
             tag::READY_FOR_QUERY => {
-                conn.tx_status = body.first().copied().unwrap_or(b'I');
+                conn.tx_status = body
+                    .first()
+                    .copied()
+                    .and_then(super::TxStatus::from_byte)
+                    .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
                 conn.initial_params = conn.params.clone();
                 return Ok(conn);
             }
