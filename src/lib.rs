@@ -11,6 +11,7 @@ pub mod client;
 pub mod clients;
 pub mod config;
 pub mod listener;
+pub mod logging;
 pub mod pool;
 pub mod pooler;
 pub mod prepared;

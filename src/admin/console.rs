@@ -21,6 +21,7 @@ use tracing::{debug, info};
 use super::views;
 use crate::clients::ClientState;
 use crate::config::Config;
+use crate::logging::Escaped;
 use crate::pool::Pool;
 use crate::pooler::Pooler;
 use crate::protocol::{MessageCodec, PgError, SqlState, read_cstr, tag, write};
@@ -51,7 +52,7 @@ pub fn admit(config: &Config, user: &str) -> Result<(), PgError> {
 pub async fn serve(mut socket: TcpStream, pooler: Arc<Pooler>, user: String, mut cbuf: BytesMut) {
     let _ = socket.set_nodelay(true);
     let peer = socket.peer_addr().ok();
-    info!(?peer, user, "admin console connected");
+    info!(?peer, user = %Escaped(&user), "admin console connected");
     let mut out = BytesMut::new();
     greet(&mut out);
     if socket.write_all(&out).await.is_err() {
@@ -109,7 +110,7 @@ pub async fn serve(mut socket: TcpStream, pooler: Arc<Pooler>, user: String, mut
         }
     }
     let _ = socket.shutdown().await;
-    info!(?peer, user, "admin console disconnected");
+    info!(?peer, user = %Escaped(&user), "admin console disconnected");
 }
 
 /// The ParameterStatus set, a BackendKeyData and ReadyForQuery.
@@ -221,7 +222,7 @@ impl Console {
             return;
         }
         for command in commands {
-            debug!(command, "admin console command");
+            debug!(command = %Escaped(command), "admin console command");
             if let Err(e) = self.command(command, out).await {
                 e.write(out);
                 return; // like a server: an error ends the rest of the Query
@@ -309,7 +310,7 @@ impl Console {
                     "RESUME" => pools.iter().for_each(|p| p.resume()),
                     _ => pools.iter().for_each(|p| p.reconnect()),
                 }
-                info!(command, pools = pools.len(), "admin console action");
+                info!(command = %Escaped(command), pools = pools.len(), "admin console action");
                 complete(out, &verb);
             }
             _ => return Err(unknown(command)),

@@ -14,6 +14,7 @@ use super::params::ClientParams;
 use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
 use crate::config::AuthMethod;
+use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
 use crate::protocol::{MessageCodec, PgError, read_cstr, read_i32, tag, write};
@@ -145,7 +146,7 @@ pub(super) async fn login(
     write::backend_key_data(&mut out, process_id, secret);
     write::ready_for_query(&mut out, b'I');
     socket.write_all(&out).await?;
-    debug!(user, database, "client logged in");
+    debug!(user = %Escaped(&user), database = %Escaped(&database), "client logged in");
 
     let pool_settings = pool.settings();
     let peer = socket.peer_addr()?;

@@ -101,7 +101,15 @@ const SERVER_KEYS: &[&str] = &[
     "worker_threads",
 ];
 const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
-const ADMIN_KEYS: &[&str] = &["listen", "token", "log_connections", "log_slow_waits"];
+const ADMIN_KEYS: &[&str] = &[
+    "listen",
+    "token",
+    "log_connections",
+    "log_slow_waits",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
+];
 /// The keys of `[pool]`, also accepted in `[databases.NAME]`.
 pub(super) const POOL_KEYS: &[&str] = &[
     "mode",
@@ -302,6 +310,15 @@ impl Walker<'_> {
                     set(&mut admin.log_connections, self.boolean(&path, value));
                 }
                 "log_slow_waits" => set(&mut admin.log_slow_waits, self.duration(&path, value)),
+                "header_timeout" => set(&mut admin.header_timeout, self.duration(&path, value)),
+                "idle_timeout" => set(&mut admin.idle_timeout, self.duration(&path, value)),
+                "max_connections" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut admin.max_connections,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
                 _ => self.unknown("admin", key, ADMIN_KEYS),
             }
         }

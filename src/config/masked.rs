@@ -69,6 +69,13 @@ pub(super) fn render(config: &Config) -> String {
         &admin.log_connections.to_string(),
     );
     line(&mut out, "log_slow_waits", &duration(admin.log_slow_waits));
+    line(&mut out, "header_timeout", &duration(admin.header_timeout));
+    line(&mut out, "idle_timeout", &duration(admin.idle_timeout));
+    line(
+        &mut out,
+        "max_connections",
+        &admin.max_connections.to_string(),
+    );
 
     out.push_str("\n[pool]\n");
     pool(&mut out, &full(&config.pool));

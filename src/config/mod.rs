@@ -96,6 +96,12 @@ pub struct AdminSection {
     pub log_connections: bool,
     /// Log a warning when a client waited longer than this for a server; 0 = never.
     pub log_slow_waits: Duration,
+    /// An admin connection that started a request gets this long to send its headers.
+    pub header_timeout: Duration,
+    /// An admin connection with no request being answered for this long is closed.
+    pub idle_timeout: Duration,
+    /// Admin connections open at once; more are answered 503 and closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for AdminSection {
@@ -105,6 +111,11 @@ impl Default for AdminSection {
             token: None,
             log_connections: true,
             log_slow_waits: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(10),
+            // Longer than Prometheus' default scrape interval (1 min): a scraper keeps its
+            // connection between scrapes.
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 64,
         }
     }
 }
@@ -116,6 +127,9 @@ impl fmt::Debug for AdminSection {
             .field("token", &self.token.as_ref().map(|_| MASK))
             .field("log_connections", &self.log_connections)
             .field("log_slow_waits", &self.log_slow_waits)
+            .field("header_timeout", &self.header_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }

@@ -579,7 +579,31 @@ fn admin_section() {
             "t.toml:2:10: admin.listen: \"nowhere\" is not an address: expected host:port",
             "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
             "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
-            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits",
+            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
+        ]
+    );
+}
+
+#[test]
+fn admin_port_limits() {
+    let c = parse_ok("");
+    assert_eq!(c.admin.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.admin.idle_timeout, Duration::from_secs(75));
+    assert_eq!(c.admin.max_connections, 64);
+    let c =
+        parse_ok("[admin]\nheader_timeout = \"2s\"\nidle_timeout = \"30s\"\nmax_connections = 8\n");
+    assert_eq!(c.admin.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.admin.idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.admin.max_connections, 8);
+    let shown = c.masked();
+    assert!(shown.contains("header_timeout = \"2s\""), "{shown}");
+    assert!(shown.contains("max_connections = 8"), "{shown}");
+    assert_eq!(
+        problems("[admin]\nheader_timeout = \"0\"\nidle_timeout = \"0s\"\nmax_connections = 0\n"),
+        [
+            "t.toml:2:18: admin.header_timeout: must be above 0",
+            "t.toml:3:16: admin.idle_timeout: must be above 0",
+            "t.toml:4:19: admin.max_connections: must be at least 1",
         ]
     );
 }

@@ -168,6 +168,17 @@ impl Checker<'_> {
                 "must not be empty (remove the key to disable the token)",
             );
         }
+        // Each of these is what keeps the admin port from being held open by idle or slow
+        // connections: none can be switched off.
+        if admin.header_timeout.is_zero() {
+            self.error("admin.header_timeout", "must be above 0");
+        }
+        if admin.idle_timeout.is_zero() {
+            self.error("admin.idle_timeout", "must be above 0");
+        }
+        if admin.max_connections == 0 {
+            self.error("admin.max_connections", "must be at least 1");
+        }
     }
 
     /// Checks `settings` at `path`; for a database (`all` false) only what it overrides,

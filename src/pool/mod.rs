@@ -583,9 +583,10 @@ impl Pool {
     }
 
     /// Starts the background task that warms the pool up to `min_size` and closes
-    /// connections idle or alive for too long. It ends when the pool is dropped.
-    pub fn start_upkeep(self: &Arc<Self>) {
-        tokio::spawn(upkeep::run(Arc::downgrade(self)));
+    /// connections idle or alive for too long, on `runtime` (the one serving clients, even
+    /// when the pool is created from another thread). It ends when the pool is dropped.
+    pub fn start_upkeep(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        runtime.spawn(upkeep::run(Arc::downgrade(self)));
     }
 }
 

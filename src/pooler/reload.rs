@@ -194,6 +194,17 @@ fn config_changes(old: &Config, new: &Config) -> Vec<String> {
     {
         out.push("[admin] logging settings changed".to_owned());
     }
+    if (
+        old.admin.header_timeout,
+        old.admin.idle_timeout,
+        old.admin.max_connections,
+    ) != (
+        new.admin.header_timeout,
+        new.admin.idle_timeout,
+        new.admin.max_connections,
+    ) {
+        out.push("[admin] connection limits changed: apply to new admin connections".to_owned());
+    }
     if old.pool != new.pool {
         let what = settings_changes(&old.pool, &new.pool).join(", ");
         out.push(format!("[pool] {what}"));

@@ -13,7 +13,7 @@ mod http;
 mod pgmux;
 mod postgres;
 pub mod raw;
-mod watchdog;
+pub mod watchdog;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
