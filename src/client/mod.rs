@@ -22,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
+use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::PgError;
 
@@ -65,7 +66,7 @@ async fn serve_socket(
         Ok(Err(login::Refusal::Gone)) => return None, // a cancel request, or a client that left
         Ok(Err(login::Refusal::Console { user, cbuf })) => return Some((user, cbuf)),
         Ok(Err(login::Refusal::Error(err))) => {
-            debug!(%peer, %err, "login refused");
+            debug!(%peer, err = %Escaped(&err), "login refused");
             refuse_on(socket, &err).await;
             return None;
         }
@@ -78,7 +79,7 @@ async fn serve_socket(
     let pool = session.pool.key.clone();
     let log = pooler.snapshot().config.admin.log_connections;
     if log {
-        info!(%peer, %pool, "client connected");
+        info!(%peer, pool = %Escaped(&pool), "client connected");
     }
     session.run(socket).await;
     close_gently(socket).await;
@@ -86,9 +87,9 @@ async fn serve_socket(
     let traffic = crate::stats::tcp_traffic(&*socket).unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
     if log {
-        info!(%peer, %pool, duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
+        info!(%peer, pool = %Escaped(&pool), duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
     } else {
-        debug!(%peer, %pool, duration_ms, "client disconnected");
+        debug!(%peer, pool = %Escaped(&pool), duration_ms, "client disconnected");
     }
     None
 }

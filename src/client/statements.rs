@@ -10,6 +10,7 @@ use super::params::{SessionChange, session_change};
 use super::replies::{Effect, Kind};
 use super::session::{Loop, Skip};
 use crate::config::PoolMode;
+use crate::logging::Escaped;
 use crate::prepared::{Bind, Close, Describe, Parse, Statement, rewrite_bind, rewrite_describe};
 use crate::protocol::{Frame, read_cstr, tag, write};
 
@@ -195,7 +196,7 @@ impl Loop<'_> {
         if server.prepared().touch(&statement) {
             self.s.pool.stats.prepared_hit();
             tracing::trace!(
-                client_name = name,
+                client_name = %Escaped(&name),
                 server_name = statement.server_name,
                 "prepared statement already on this server"
             );
@@ -204,7 +205,7 @@ impl Loop<'_> {
         self.s.pool.stats.prepared_miss();
         self.make_room(&statement);
         tracing::debug!(
-            client_name = name,
+            client_name = %Escaped(&name),
             server_name = statement.server_name,
             "preparing statement"
         );

@@ -55,7 +55,7 @@ impl Loop<'_> {
             self.skip = Skip::No;
         }
         let t = frame.tag;
-        tracing::trace!(tag = %char::from(t), "client message");
+        tracing::trace!(tag = ?char::from(t), "client message");
         match t {
             tag::TERMINATE => return Err(End::ClientGone),
             tag::QUERY
@@ -222,7 +222,7 @@ impl Loop<'_> {
                     .set_server(Some((conn.id(), conn.key().process_id)));
                 self.s.view.set_state(ClientState::Active);
                 if let Some(sql) = self.s.params.sync_sql(&mut conn) {
-                    debug!(pool = %self.s.pool.key, server = conn.id(), sql, "restoring the client's settings");
+                    debug!(pool = %Escaped(&self.s.pool.key), server = conn.id(), sql = %Escaped(&sql), "restoring the client's settings");
                     let mut query = BytesMut::new();
                     write::query(&mut query, &sql);
                     self.to_server.push(query);

@@ -44,7 +44,7 @@ impl Loop<'_> {
                 self.copy_in = false;
             }
             let (route, done) = self.replies.route(frame.tag);
-            tracing::trace!(tag = %char::from(frame.tag), swallowed = matches!(route, Route::Swallow), ends = done.is_some(), "server message");
+            tracing::trace!(tag = ?char::from(frame.tag), swallowed = matches!(route, Route::Swallow), ends = done.is_some(), "server message");
             self.swallowing = matches!(route, Route::Swallow);
             let hidden = self.swallowing;
             let mut forward = !self.swallowing;
@@ -72,7 +72,7 @@ impl Loop<'_> {
                     }
                     tag::ERROR_RESPONSE if done.is_none() => {
                         let (code, message) = crate::server::error_fields(frame.body());
-                        warn!(pool = %self.s.pool.key, code, message, "restoring a client's settings failed");
+                        warn!(pool = %Escaped(&self.s.pool.key), code = %Escaped(&code), error = %Escaped(&message), "restoring a client's settings failed");
                     }
                     _ => {}
                 }

@@ -41,6 +41,7 @@ use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
 use crate::config::PoolMode;
+use crate::logging::Escaped;
 use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
@@ -203,7 +204,7 @@ impl Session {
             Err(end) => end,
         };
         if let End::Fatal(err) = &end {
-            debug!(pool = %l.s.pool.key, %err, "closing client session");
+            debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
             let mut buf = BytesMut::new();
             err.fatal().write(&mut buf);
             l.to_client.push(buf);
