@@ -232,11 +232,17 @@ impl Console {
 
     async fn command(&mut self, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
         let words: Vec<&str> = command.split_whitespace().collect();
-        let verb = words[0].to_ascii_uppercase();
+        let verb = words
+            .first()
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default();
         let arg = words.get(1).map(|w| w.trim_matches('"'));
         match (verb.as_str(), words.len()) {
             ("SHOW", 2) => {
-                let what = words[1].to_ascii_uppercase();
+                let what = words
+                    .get(1)
+                    .map(|w| w.to_ascii_uppercase())
+                    .unwrap_or_default();
                 let rows = match what.as_str() {
                     "POOLS" => self.pools(),
                     "CLIENTS" => self.clients(),
@@ -364,7 +370,11 @@ impl Console {
                 let key = (p.database.clone(), p.user.clone());
                 let counts = clients.get(&key).copied().unwrap_or_default();
                 let logged_in: u64 = counts.iter().sum();
-                let waiting = counts[ClientState::Waiting as usize].max(p.waiting as u64);
+                let waiting = counts
+                    .get(ClientState::Waiting as usize)
+                    .copied()
+                    .unwrap_or_default()
+                    .max(p.waiting as u64);
                 let wait = Duration::from_millis(p.oldest_wait_ms);
                 vec![
                     Some(p.database),

@@ -6,6 +6,10 @@
 //! `_seconds` histograms. Labels: `database` and `user` (the pool), plus a bounded
 //! `state`, `class` or `reason` where a family says so; never a client address.
 
+// Metric descriptors are static (their `expect`s fail only on a programming error, in
+// every test run); indexes are into arrays of a fixed length.
+#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};

@@ -207,7 +207,9 @@ async fn scram_login(
     user: &str,
     credential: &Credential,
 ) -> Result<(), Refusal> {
-    let verifier = credential.scram().expect("checked by the caller");
+    let Some(verifier) = credential.scram() else {
+        return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
+    };
     write::auth_sasl(out, &[SCRAM_MECHANISM]);
     socket.write_all(out).await?;
 

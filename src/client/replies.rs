@@ -189,7 +189,9 @@ impl Replies {
         if !ends {
             return (route, None);
         }
-        let entry = self.queue.pop_front().expect("front exists");
+        let Some(entry) = self.queue.pop_front() else {
+            return (route, None);
+        };
         let mut skipped = Vec::new();
         if is_error && kind.ends_on_error() {
             // The server ignores everything up to the next Sync.
@@ -207,7 +209,7 @@ impl Replies {
                 if is_sync {
                     break;
                 }
-                skipped.push(self.queue.pop_front().expect("front exists"));
+                skipped.extend(self.queue.pop_front());
             }
         }
         (

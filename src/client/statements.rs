@@ -189,10 +189,10 @@ impl Loop<'_> {
         let name = parse.name.to_owned();
         self.s.view.set_query(parse.query.as_bytes());
         self.statements.insert(&name, statement.clone());
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if server.prepared().touch(&statement) {
             self.s.pool.stats.prepared_hit();
             tracing::trace!(
@@ -222,10 +222,10 @@ impl Loop<'_> {
     /// Makes sure the server holds `statement` before a message that names it: if it does
     /// not, pgmux prepares it there first and swallows the ParseComplete.
     fn ensure_on_server(&mut self, statement: &Arc<Statement>) {
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if server.prepared().touch(statement) {
             self.s.pool.stats.prepared_hit();
             return;
@@ -249,10 +249,10 @@ impl Loop<'_> {
     /// Records that the server will hold `statement`; closes the least recently used one
     /// when that makes too many.
     fn make_room(&mut self, statement: &Arc<Statement>) {
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if let Some(evicted) = server
             .prepared()
             .insert(statement.clone(), self.s.max_prepared)

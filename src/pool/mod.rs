@@ -342,10 +342,9 @@ impl Pool {
                     rx: Some(rx),
                 };
                 let granted = loop {
-                    let rx = guard
-                        .rx
-                        .as_mut()
-                        .expect("receiver is set until the wait ends");
+                    let Some(rx) = guard.rx.as_mut() else {
+                        break None; // set until the wait ends: unreachable
+                    };
                     match tokio::time::timeout_at(deadline, rx).await {
                         Ok(received) => break received.ok(),
                         Err(_) => match self.held_until(settings.wait_timeout) {

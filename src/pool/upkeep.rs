@@ -52,8 +52,7 @@ fn close_expired(pool: &Pool) -> bool {
         let mut expired = Vec::new();
         // Oldest idle first: they sit at the bottom of the LIFO stack.
         let mut i = 0;
-        while i < st.idle.len() {
-            let conn = &st.idle[i];
+        while let Some(conn) = st.idle.get(i) {
             let reason = if !conn.looks_alive() {
                 Some(CloseReason::ServerGone)
             } else if conn.retire_at().is_some_and(|t| t <= now) {

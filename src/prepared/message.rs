@@ -84,8 +84,11 @@ pub type Close<'a> = Describe<'a>;
 /// The length in the header accounts for the whole message, so a large Bind's other parts
 /// follow unchanged.
 pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> BytesMut {
-    let old_len = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
-    let new_len = old_len - bind.statement.len() + server_name.len();
+    let old_len = message
+        .get(1..5)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| u32::from_be_bytes(b) as usize);
+    let new_len = (old_len + server_name.len()).saturating_sub(bind.statement.len());
     let mut out = BytesMut::with_capacity(message.len() + server_name.len());
     out.put_u8(b'B');
     out.put_u32(new_len as u32);
@@ -93,7 +96,7 @@ pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> Bytes
     out.put_u8(0);
     out.put_slice(server_name.as_bytes());
     out.put_u8(0);
-    out.put_slice(&message[bind.rest_at..]);
+    out.put_slice(message.get(bind.rest_at..).unwrap_or_default());
     out
 }
 

@@ -131,7 +131,9 @@ fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
         buf.put_u32(*oid);
     }
     let len = (buf.len() - 1) as i32;
-    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    if let Some(header) = buf.get_mut(1..5) {
+        header.copy_from_slice(&len.to_be_bytes());
+    }
     buf.freeze()
 }
 

@@ -59,7 +59,7 @@ impl Frame {
     /// The body of a whole message (after the 5-byte header). Empty for parts.
     pub fn body(&self) -> &[u8] {
         if self.is_whole() {
-            &self.bytes[5..]
+            self.bytes.get(5..).unwrap_or_default()
         } else {
             &[]
         }

@@ -48,8 +48,9 @@ pub mod tag {
 /// Reads a NUL-terminated string at the start of `buf`; returns it and the rest.
 pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
     let end = buf.iter().position(|&b| b == 0)?;
-    let s = std::str::from_utf8(&buf[..end]).ok()?;
-    Some((s, &buf[end + 1..]))
+    let (s, rest) = buf.split_at_checked(end)?;
+    let s = std::str::from_utf8(s).ok()?;
+    Some((s, rest.get(1..)?))
 }
 
 /// Reads a big-endian i32 at the start of `buf`; returns it and the rest.
