@@ -68,7 +68,12 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
         let counted = ClientCount::new(pooler.clone());
         let admitted = counted.before < max;
         clients.spawn(async move {
-            client::serve(socket, peer, counted.pooler.clone(), admitted).await;
+            // A client session, or the admin console for an admin who asked for it.
+            let pooler = counted.pooler.clone();
+            if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
+                crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf)
+                    .await;
+            }
             drop(counted);
         });
     }

@@ -26,26 +26,42 @@ use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::PgError;
 
-/// Serves one client connection to the end. `admitted` is false when max_client_conn was
-/// reached: the client is told so (53300) once it has sent its startup packet.
+/// A client that logged in to the admin console instead of a database: the listener hands
+/// it to [`crate::admin::console`], so the data path never runs admin code.
+pub struct ConsoleLogin {
+    /// The socket, after AuthenticationOk.
+    pub socket: TcpStream,
+    /// The user who logged in.
+    pub user: String,
+    /// What the client sent after its login, not yet read by anyone.
+    pub cbuf: BytesMut,
+}
+
+/// Serves one client connection to the end, unless it asked for the admin console (then
+/// it is returned). `admitted` is false when max_client_conn was reached: the client is
+/// told so (53300) once it has sent its startup packet.
 ///
 /// A panic anywhere in the client's login or session is caught here: the client is told
 /// `XX000` before the close, the session's guards have already given back what it held
 /// (its server lease, its cancel key, its registry entry), and pgmux keeps serving.
-pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>, admitted: bool) {
+pub async fn serve(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    pooler: Arc<Pooler>,
+    admitted: bool,
+) -> Option<ConsoleLogin> {
     let _ = socket.set_nodelay(true);
     let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
         .catch_unwind()
         .await;
     match served {
-        Ok(Some(console)) => {
-            crate::admin::console::serve(socket, pooler, console.0, console.1).await
-        }
-        Ok(None) => {}
+        Ok(Some((user, cbuf))) => Some(ConsoleLogin { socket, user, cbuf }),
+        Ok(None) => None,
         Err(_) => {
             // The panic hook has logged where; the client learns that it was pgmux's fault.
             warn!(%peer, "client session ended by an internal error");
             refuse(socket, &ClientError::Internal.fatal()).await;
+            None
         }
     }
 }
