@@ -5,6 +5,7 @@
 //! [`sqlstate`] names the error codes clients see.
 
 pub mod codec;
+pub mod read;
 pub mod sqlstate;
 pub mod startup;
 pub mod write;

@@ -10,8 +10,9 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use super::{BackendKey, ServerConn, ServerStream, parse_parameter_status};
+use super::{BackendKey, ServerConn, ServerStream};
 use crate::config::TcpOptions;
+use crate::protocol::read::{fields, parse_parameter_status};
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
 
 /// Where and as whom a pool connects.
@@ -331,31 +332,4 @@ fn refusal(body: &[u8]) -> ConnectError {
         detail,
         hint,
     }
-}
-
-/// The fields of an ErrorResponse or NoticeResponse body, up to the first malformed one.
-fn fields(body: &[u8]) -> impl Iterator<Item = (u8, &str)> {
-    let mut rest = body;
-    std::iter::from_fn(move || {
-        let (&field, after) = rest.split_first()?;
-        if field == 0 {
-            return None;
-        }
-        let (value, after) = crate::protocol::read_cstr(after)?;
-        rest = after;
-        Some((field, value))
-    })
-}
-
-/// The SQLSTATE and message of an ErrorResponse body.
-pub fn error_fields(body: &[u8]) -> (String, String) {
-    let (mut code, mut message) = (String::new(), String::new());
-    for (field, value) in fields(body) {
-        match field {
-            b'C' => code = value.to_owned(),
-            b'M' => message = value.to_owned(),
-            _ => {}
-        }
-    }
-    (code, message)
 }

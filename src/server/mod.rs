@@ -4,7 +4,7 @@
 mod connect;
 mod stream;
 
-pub use connect::{ConnectError, IoError, Upstream, connect, error_fields};
+pub use connect::{ConnectError, IoError, Upstream, connect};
 pub use stream::{ServerAddr, ServerStream, TryWrite};
 
 use std::io;
@@ -19,6 +19,7 @@ use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
 
 use crate::prepared::ServerStatements;
+use crate::protocol::read::parse_parameter_status;
 use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 
 /// The key PostgreSQL gave this connection, needed to cancel its queries.
@@ -433,11 +434,4 @@ fn first_column(body: &[u8]) -> Option<String> {
     let (len, rest) = crate::protocol::read_i32(body.get(2..)?)?;
     let len = usize::try_from(len).ok()?;
     Some(String::from_utf8_lossy(rest.get(..len)?).into_owned())
-}
-
-/// Splits a ParameterStatus body into name and value.
-pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
-    let (name, rest) = crate::protocol::read_cstr(body)?;
-    let (value, _) = crate::protocol::read_cstr(rest)?;
-    Some((name, value))
 }

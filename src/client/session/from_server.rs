@@ -67,11 +67,11 @@ impl Loop<'_> {
                         self.replies.copy_in_started();
                     }
                     tag::ERROR_RESPONSE if !hidden => {
-                        let (code, _) = crate::server::error_fields(frame.body());
+                        let (code, _) = crate::protocol::read::error_fields(frame.body());
                         self.s.pool.stats.server_error(code.as_bytes());
                     }
                     tag::ERROR_RESPONSE if done.is_none() => {
-                        let (code, message) = crate::server::error_fields(frame.body());
+                        let (code, message) = crate::protocol::read::error_fields(frame.body());
                         warn!(pool = %Escaped(&self.s.pool.key), code = %Escaped(&code), error = %Escaped(&message), "restoring a client's settings failed");
                     }
                     _ => {}
