@@ -147,7 +147,8 @@ impl Loop<'_> {
                 self.unsynced = false;
                 self.s.pool.stats.query();
                 self.s.view.set_query(frame.body());
-                self.query(frame);
+                let rewrite = self.rewrite_query(&frame);
+                self.apply(frame, rewrite);
             }
             tag::SYNC => {
                 self.unsynced = false;
@@ -160,7 +161,8 @@ impl Loop<'_> {
             }
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
                 self.unsynced = true;
-                self.extended(frame);
+                let rewrite = self.rewrite_extended(&frame);
+                self.apply(frame, rewrite);
             }
             _ => self.to_server.push(frame.bytes),
         }
