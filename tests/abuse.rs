@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{Raw, error_fields, msg, parse, query, sync};
-use common::{MuxOptions, TestPgmux, TestPostgres, rss_kib};
+use common::{MuxOptions, TestPgmux, TestPostgres, eventually, rss_kib};
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::error::SqlState;
 
@@ -106,7 +106,7 @@ async fn a_panicking_session_tells_its_client_and_frees_everything() {
     mux.expect_panics = true;
     // Each panics while holding the only server, inside a transaction, with a client slot.
     for _ in 0..4 {
-        let client = mux.connect("app", "app").await;
+        let client = connect_when_a_slot_is_free(&mux).await;
         client
             .batch_execute("BEGIN; CREATE TEMP TABLE t (x int)")
             .await
@@ -119,8 +119,8 @@ async fn a_panicking_session_tells_its_client_and_frees_everything() {
         assert!(db.message().contains("internal error"), "{}", db.message());
     }
     // Slots and the server came back; the server that was mid-transaction was closed.
-    let a = mux.connect("app", "app").await;
-    let b = mux.connect("app", "app").await;
+    let a = connect_when_a_slot_is_free(&mux).await;
+    let b = connect_when_a_slot_is_free(&mux).await;
     for client in [&a, &b] {
         let row = client
             .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 't'", &[])
@@ -130,6 +130,20 @@ async fn a_panicking_session_tells_its_client_and_frees_everything() {
     }
     drop((a, b));
     assert!(mux.stderr_log().contains("injected by PGMUX_TEST_PANIC_ON"));
+}
+
+/// Connects once a client slot is free: a closed session gives its slot back as soon as its
+/// task ends, which may be a moment after the client saw the error. A slot that never comes
+/// back fails the test.
+async fn connect_when_a_slot_is_free(mux: &TestPgmux) -> tokio_postgres::Client {
+    for _ in 0..50 {
+        match mux.try_connect("app", "app", "app_pw").await {
+            Ok((client, _)) => return client,
+            Err(e) => assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("a client slot was never given back");
 }
 
 #[tokio::test]
@@ -268,8 +282,7 @@ async fn query_timeout_cancels_a_silent_server() {
     assert!(db.message().contains("query_timeout"), "{}", db.message());
     // The backend was cancelled, not left sleeping for 30 s.
     let su = pg.superuser().await;
-    let mut gone = false;
-    for _ in 0..50 {
+    let gone = eventually(Duration::from_secs(5), || async {
         let row = su
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%abuse: silent server%' AND pid <> pg_backend_pid()",
@@ -277,12 +290,9 @@ async fn query_timeout_cancels_a_silent_server() {
             )
             .await
             .unwrap();
-        if row.get::<_, i64>(0) == 0 {
-            gone = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        row.get::<_, i64>(0) == 0
+    })
+    .await;
     assert!(
         gone,
         "the silent query was cancelled and its backend closed"

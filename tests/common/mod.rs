@@ -182,3 +182,23 @@ pub async fn pgbench_through_pgmux(protocol: &str) {
         "{stdout}"
     );
 }
+
+/// Polls `check` every 100 ms until it says true or `limit` passes; returns whether it did.
+/// For outcomes that take effect asynchronously (a backend that exits, a connection that
+/// closes), asserted by what is observed, never by how long it took.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
