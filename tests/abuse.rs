@@ -429,4 +429,22 @@ async fn the_statement_registry_is_bounded() {
     bytes.extend(common::raw::execute());
     bytes.extend(sync());
     assert_eq!(raw.run(&[bytes]).await, ["1", "2", "D:42", "C"]);
+    // A client that keeps every name is bounded too: past the cap, 54000, and it goes on.
+    let mut keeper = Raw::login(&mux).await;
+    let mut bytes = Vec::new();
+    for i in 0..100 {
+        bytes.extend(parse(&format!("k{i}"), &format!("SELECT {i}")));
+    }
+    bytes.extend(sync());
+    assert_eq!(
+        keeper.run(&[bytes]).await,
+        vec!["1"; 99].into_iter().chain(["1"]).collect::<Vec<_>>()
+    );
+    let mut bytes = parse("one_too_many", "SELECT 'x'");
+    bytes.extend(sync());
+    assert_eq!(keeper.run(&[bytes]).await, ["E:54000"]);
+    let mut bytes = common::raw::close("k0");
+    bytes.extend(parse("one_too_many", "SELECT 'x'"));
+    bytes.extend(sync());
+    assert_eq!(keeper.run(&[bytes]).await, ["3", "1"]);
 }

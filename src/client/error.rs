@@ -64,6 +64,10 @@ pub enum ClientError {
     #[error("prepared statement \"{0}\" already exists")]
     DuplicateStatement(String),
     #[error(
+        "this client already holds {0} named prepared statements (server.statement_registry_size)"
+    )]
+    TooManyStatements(usize),
+    #[error(
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
     Internal,
@@ -100,7 +104,9 @@ impl ClientError {
             | Self::ServerLost(_) => SqlState::CONNECTION_FAILURE,
             Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
-            Self::NamedStatementTooLarge => SqlState::PROGRAM_LIMIT_EXCEEDED,
+            Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
+                SqlState::PROGRAM_LIMIT_EXCEEDED
+            }
             Self::DuplicateStatement(_) => SqlState::DUPLICATE_PREPARED_STATEMENT,
             Self::Internal => SqlState::INTERNAL_ERROR,
         }
@@ -158,6 +164,9 @@ impl ClientError {
                 "use autocommit statements, or a pool with mode = \"transaction\""
             }
             Self::NamedStatementTooLarge => "use the unnamed statement for very large queries",
+            Self::TooManyStatements(_) => {
+                "close (deallocate) statements the client no longer uses, or raise server.statement_registry_size"
+            }
             Self::Internal => "reconnect; please report this with pgmux's log",
             _ => return None,
         };

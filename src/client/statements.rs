@@ -156,6 +156,11 @@ impl Loop<'_> {
                 if self.statements.get(parse.name).is_some() {
                     return Rewrite::Refuse(ClientError::DuplicateStatement(parse.name.to_owned()));
                 }
+                // Each name holds its statement in pgmux's memory: bounded per client.
+                let most = self.s.registry.capacity();
+                if self.statements.len() >= most {
+                    return Rewrite::Refuse(ClientError::TooManyStatements(most));
+                }
                 Rewrite::Parse {
                     name: parse.name.to_owned(),
                     statement: self.s.registry.statement(parse.query, &parse.param_types),
@@ -219,7 +224,10 @@ impl Loop<'_> {
         let Some(parse) = Parse::read(frame.body()) else {
             return false;
         };
-        if parse.name.is_empty() || self.statements.get(parse.name).is_some() {
+        if parse.name.is_empty()
+            || self.statements.get(parse.name).is_some()
+            || self.statements.len() >= self.s.registry.capacity()
+        {
             return false;
         }
         let statement = self.s.registry.statement(parse.query, &parse.param_types);

@@ -73,6 +73,12 @@ impl Registry {
         }
     }
 
+    /// How many unused statements it keeps at most; also the most named statements one
+    /// client may hold at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
     /// A new capacity (config reload); applies from the next registration.
     pub fn set_capacity(&self, capacity: usize) {
         self.capacity.store(capacity, Ordering::Relaxed);
@@ -164,6 +170,16 @@ impl ClientStatements {
     /// Forgets everything (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.by_name.clear();
+    }
+
+    /// How many names the client holds.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
     }
 }
 
