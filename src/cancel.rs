@@ -1,6 +1,11 @@
 //! Cancel requests. Every client gets a pgmux-made key; a CancelRequest with that key is
 //! forwarded, on a fresh connection, to the server that client holds right now, with that
 //! server's real key. Unknown keys are ignored, as PostgreSQL does.
+//!
+//! A cancel must never reach a server after it went to another client. So the session
+//! gives a server back only once no cancel of its client is on the way
+//! ([`CancelHandle::set_target`] says so, [`CancelHandle::settled`] waits): a cancel that
+//! arrives when the server is idle is dropped by PostgreSQL itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +13,8 @@ use std::sync::Arc;
 use bytes::BytesMut;
 use parking_lot::Mutex;
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Notify;
 use tracing::debug;
 
 use crate::server::{BackendKey, ServerAddr};
@@ -27,7 +33,16 @@ pub struct CancelTarget {
 #[derive(Default)]
 struct Slot {
     secret: i32,
-    target: Mutex<Option<CancelTarget>>,
+    target: Mutex<Target>,
+    /// Woken when the last cancel on the way is delivered.
+    settled: Notify,
+}
+
+#[derive(Default)]
+struct Target {
+    server: Option<CancelTarget>,
+    /// Cancel requests for `server` (or the one before it) still being delivered.
+    in_flight: u32,
 }
 
 /// Every live client's cancel key. Shared by the listener and the client tasks.
@@ -57,7 +72,7 @@ impl CancelRegistry {
         };
         let slot = Arc::new(Slot {
             secret,
-            target: Mutex::new(None),
+            ..Slot::default()
         });
         clients.insert(process_id, slot.clone());
         CancelHandle {
@@ -69,22 +84,40 @@ impl CancelRegistry {
 
     /// Forwards a cancel request for a pgmux key to the server that client holds, if any.
     pub async fn cancel(&self, process_id: i32, secret: i32) {
-        let target = {
+        let slot = {
             let clients = self.clients.lock();
             match clients.get(&process_id) {
-                Some(slot) if slot.secret == secret => slot.target.lock().clone(),
+                Some(slot) if slot.secret == secret => Some(slot.clone()),
                 _ => None,
             }
+        };
+        let Some(slot) = slot else {
+            debug!(process_id, "cancel request with an unknown key; ignored");
+            return;
+        };
+        let target = {
+            let mut t = slot.target.lock();
+            let server = t.server.clone();
+            if server.is_some() {
+                t.in_flight += 1;
+            }
+            server
         };
         let Some(target) = target else {
             debug!(process_id, "cancel request for no running query; ignored");
             return;
         };
         forward(target).await;
+        let mut t = slot.target.lock();
+        t.in_flight -= 1;
+        if t.in_flight == 0 {
+            slot.settled.notify_waiters();
+        }
     }
 }
 
-/// Sends a CancelRequest for `target` on a fresh connection to its server. Best effort:
+/// Sends a CancelRequest for `target` on a fresh connection to its server, and waits until
+/// the server closes that connection (it has then signalled the backend). Best effort:
 /// failures are logged at debug level, never reported to anyone.
 pub async fn forward(target: CancelTarget) {
     let mut packet = BytesMut::new();
@@ -92,7 +125,10 @@ pub async fn forward(target: CancelTarget) {
     let sent = async {
         let mut stream = target.addr.connect().await?;
         stream.write_all(&packet).await?;
-        stream.shutdown().await
+        stream.shutdown().await?;
+        let mut rest = [0u8; 64];
+        while stream.read(&mut rest).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     };
     match tokio::time::timeout(std::time::Duration::from_secs(5), sent).await {
         Ok(Ok(())) => {
@@ -109,9 +145,28 @@ impl CancelHandle {
         (self.process_id, self.slot.secret)
     }
 
-    /// Records which server the client holds now (None when it holds none).
-    pub fn set_target(&self, target: Option<CancelTarget>) {
-        *self.slot.target.lock() = target;
+    /// Records which server the client holds now (None when it holds none). Returns whether
+    /// a cancel for the server held until now is still on the way: then that server must
+    /// not go to another client before [`CancelHandle::settled`].
+    pub fn set_target(&self, target: Option<CancelTarget>) -> bool {
+        let mut t = self.slot.target.lock();
+        t.server = target;
+        t.in_flight > 0
+    }
+
+    /// Resolves once no cancel request of this client is on the way.
+    pub fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
+        let slot = self.slot.clone();
+        async move {
+            loop {
+                // Registered before the check: a wakeup in between is not lost.
+                let woken = slot.settled.notified();
+                if slot.target.lock().in_flight == 0 {
+                    return;
+                }
+                woken.await;
+            }
+        }
     }
 }
 

@@ -731,7 +731,12 @@ pub fn messages(data: &[u8]) {
     assert_eq!(messages, reference, "the frames join into the messages");
     assert_eq!(error.is_some(), reference_error, "{error:?}");
     if let Some(e) = error {
-        assert!(matches!(e, ProtocolError::BadLength { .. }) && open.is_none());
+        let refused = match e {
+            ProtocolError::BadLength { len, .. } => len < 4,
+            ProtocolError::TooLarge { len, max, .. } => len > max && max == MAX_MESSAGE_LEN,
+            _ => false,
+        };
+        assert!(refused && open.is_none(), "{e}");
         assert_eq!(
             &buf[..],
             &stream[reference_end..fed],

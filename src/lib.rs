@@ -4,6 +4,19 @@
 //! server connection for the transaction, [`server`] owns that connection, and
 //! [`protocol`] frames every message on the way.
 
+// Nothing from a client, a server or a config file may panic pgmux: no indexing, slicing,
+// unwrap or expect outside tests. Where an index is bounded by construction, the `allow`
+// next to it says why.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::indexing_slicing,
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::string_slice
+    )
+)]
+
 pub mod admin;
 pub mod auth;
 pub mod cancel;
@@ -13,6 +26,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod listener;
+pub mod logging;
 pub mod pool;
 pub mod pooler;
 pub mod prepared;

@@ -65,11 +65,37 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
             },
         };
         let max = pooler.snapshot().config.server.max_client_conn;
-        let admitted = pooler.clients.fetch_add(1, Ordering::Relaxed) < max;
-        let pooler = pooler.clone();
+        let counted = ClientCount::new(pooler.clone());
+        let admitted = counted.before < max;
         clients.spawn(async move {
-            client::serve(socket, peer, pooler.clone(), admitted).await;
-            pooler.clients.fetch_sub(1, Ordering::Relaxed);
+            // A client session, or the admin console for an admin who asked for it.
+            let pooler = counted.pooler.clone();
+            if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
+                crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf)
+                    .await;
+            }
+            drop(counted);
         });
+    }
+}
+
+/// One client counted against `max_client_conn`, for as long as its task lives: dropping
+/// it (however the task ends, a panic included) uncounts the client.
+struct ClientCount {
+    pooler: Arc<Pooler>,
+    /// Clients counted before this one.
+    before: usize,
+}
+
+impl ClientCount {
+    fn new(pooler: Arc<Pooler>) -> Self {
+        let before = pooler.clients.fetch_add(1, Ordering::Relaxed);
+        ClientCount { pooler, before }
+    }
+}
+
+impl Drop for ClientCount {
+    fn drop(&mut self) {
+        self.pooler.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }

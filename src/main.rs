@@ -1,8 +1,10 @@
 //! The pgmux daemon: command line, logging, signals and wiring. Nothing else.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
@@ -10,7 +12,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use pgmux::config::Config;
+use pgmux::logging::{self, LogWriter};
 use pgmux::pooler::Pooler;
+
+/// How long the last log lines get to reach stderr when pgmux exits.
+const LOG_FLUSH: Duration = Duration::from_secs(1);
+/// How long the signal watcher waits before it starts again after a panic.
+const SIGNAL_RESTART: Duration = Duration::from_millis(100);
 
 /// A PostgreSQL connection pooler: many client sessions on a few server connections.
 #[derive(Parser)]
@@ -46,17 +54,28 @@ enum LogFormat {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    let log = init_logging(cli.log_format);
+    logging::install_panic_hook();
+    let code = run_cli(cli);
+    log.flush(LOG_FLUSH);
+    code
+}
+
+fn run_cli(cli: Cli) -> ExitCode {
+    // What pgmux prints itself goes through write!, not (e)println!: those panic when the
+    // terminal or pipe is gone (`pgmux check | head -1`).
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
-            eprintln!("pgmux: invalid config {}:\n{e}", cli.config.display());
+            let path = cli.config.display();
+            let _ = writeln!(std::io::stderr(), "pgmux: invalid config {path}:\n{e}");
             return ExitCode::from(2);
         }
     };
     if let Some(Command::Check) = cli.command {
-        println!("{}", config.masked());
-        eprintln!("pgmux: {} is valid", cli.config.display());
+        let _ = writeln!(std::io::stdout(), "{}", config.masked());
+        let path = cli.config.display();
+        let _ = writeln!(std::io::stderr(), "pgmux: {path} is valid");
         return ExitCode::SUCCESS;
     }
     // One thread by default: no cross-thread wakeups, work stealing or contended pool
@@ -77,9 +96,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
-    // The admin port first: once clients can connect, it answers too.
+    // The admin port first: once clients can connect, it answers too. Bound here, so
+    // that a port in use stops pgmux; served on a thread of its own (admin::start).
     let admin = match &config.admin.listen {
-        Some(addr) => match TcpListener::bind(addr).await {
+        Some(addr) => match std::net::TcpListener::bind(addr) {
             Ok(listener) => {
                 info!(%addr, "admin port listening (metrics, health, pools, reload)");
                 Some(listener)
@@ -91,8 +111,23 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         },
         None => None,
     };
+    let client_addrs = config.server.listen.clone();
+    let pooler = match Pooler::new(config) {
+        Ok(pooler) => pooler,
+        Err(e) => {
+            error!(error = %e, "invalid config");
+            return ExitCode::from(2);
+        }
+    };
+    pooler.set_config_path(path);
+    if let Some(listener) = admin
+        && let Err(e) = pgmux::admin::start(listener, pooler.clone())
+    {
+        error!(error = %e, "cannot start the admin port");
+        return ExitCode::FAILURE;
+    }
     let mut listeners = Vec::new();
-    for addr in &config.server.listen {
+    for addr in &client_addrs {
         match TcpListener::bind(addr).await {
             Ok(listener) => {
                 info!(%addr, "listening for clients");
@@ -104,23 +139,26 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
             }
         }
     }
-    let pooler = match Pooler::new(config) {
-        Ok(pooler) => pooler,
-        Err(e) => {
-            error!(error = %e, "invalid config");
-            return ExitCode::from(2);
-        }
-    };
-    pooler.set_config_path(path);
-    if let Some(listener) = admin {
-        tokio::spawn(pgmux::admin::serve(listener, pooler.clone()));
-    }
-    tokio::spawn(watch_signals(pooler.clone()));
+    tokio::spawn(keep_watching_signals(pooler.clone()));
     pgmux::listener::run(pooler, listeners).await;
     ExitCode::SUCCESS
 }
 
-async fn watch_signals(pooler: std::sync::Arc<Pooler>) {
+/// Runs the signal watcher, and starts it again should it ever panic: whatever else goes
+/// wrong, SIGTERM and SIGINT must still stop pgmux. (The panic is logged by the hook.)
+async fn keep_watching_signals(pooler: Arc<Pooler>) {
+    loop {
+        match tokio::spawn(watch_signals(pooler.clone())).await {
+            Err(e) if e.is_panic() => {
+                error!("the signal watcher panicked: starting it again");
+                tokio::time::sleep(SIGNAL_RESTART).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+async fn watch_signals(pooler: Arc<Pooler>) {
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -149,16 +187,21 @@ async fn watch_signals(pooler: std::sync::Arc<Pooler>) {
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr through [`LogWriter`] (queued, never blocking, never panicking);
+/// returns the writer so that `main` can flush it before exiting.
+fn init_logging(format: LogFormat) -> LogWriter {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Colours only on a terminal: a log file or journal gets plain text.
+    let colours = std::io::stderr().is_terminal();
+    let log = LogWriter::stderr(colours);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
+        .with_ansi(colours)
+        .with_writer(log.clone());
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    log
 }

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize};
 
 use arc_swap::ArcSwap;
 use parking_lot::Mutex;
+use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Credential, Secret};
@@ -63,6 +64,11 @@ impl Snapshot {
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             user: login,
             password,
+            tcp: self
+                .config
+                .pool_settings(database, user)
+                .map(|s| s.tcp)
+                .unwrap_or_default(),
         })
     }
 
@@ -102,16 +108,23 @@ pub struct Pooler {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
     pub kill: CancellationToken,
+    /// The runtime that serves clients. Pools start their upkeep there, and the admin
+    /// port (on a thread and runtime of its own) runs what changes the pools there too.
+    runtime: Handle,
 }
 
 impl Pooler {
-    /// A pooler serving `config`.
+    /// A pooler serving `config`. Call it inside the runtime that serves clients: that is
+    /// where every pool's background work runs, whichever thread later asks for a pool.
     pub fn new(config: Config) -> Result<Arc<Pooler>, String> {
+        let runtime = Handle::try_current()
+            .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
+        let statements = Registry::new(config.server.statement_registry_size);
         Ok(Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
-            statements: Arc::new(Registry::default()),
+            statements: Arc::new(statements),
             clients: AtomicUsize::new(0),
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),
@@ -120,7 +133,13 @@ impl Pooler {
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
+            runtime,
         }))
+    }
+
+    /// The runtime that serves clients (see the field).
+    pub fn runtime(&self) -> &Handle {
+        &self.runtime
     }
 
     /// The config snapshot in force.
@@ -143,7 +162,7 @@ impl Pooler {
         let upstream = snapshot.upstream(database, user)?;
         let pool = Pool::new(key.clone(), upstream, settings);
         pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
-        pool.start_upkeep();
+        pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)
     }

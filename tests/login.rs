@@ -252,12 +252,13 @@ async fn client_login_timeout_closes_silent_clients() {
             extra: String::new(),
             ..MuxOptions::default()
         }
-        .with_login_timeout("500ms"),
+        // Long enough for the SCRAM login of `still_serving` on a loaded machine.
+        .with_login_timeout("2s"),
     )
     .await;
     let mut s = raw(&mux).await;
     // Say nothing: pgmux must close us with an error, not hang.
-    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
+    let messages = read_messages(&mut s, Duration::from_secs(10)).await;
     let (code, message) = first_error(&messages).expect("an error before close");
     assert_eq!(code, "57014", "{message}");
     still_serving(&mux).await;

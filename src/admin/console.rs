@@ -21,6 +21,7 @@ use tracing::{debug, info};
 use super::views;
 use crate::clients::ClientState;
 use crate::config::Config;
+use crate::logging::Escaped;
 use crate::pool::Pool;
 use crate::pooler::Pooler;
 use crate::protocol::{MessageCodec, PgError, SqlState, read_cstr, tag, write};
@@ -51,7 +52,7 @@ pub fn admit(config: &Config, user: &str) -> Result<(), PgError> {
 pub async fn serve(mut socket: TcpStream, pooler: Arc<Pooler>, user: String, mut cbuf: BytesMut) {
     let _ = socket.set_nodelay(true);
     let peer = socket.peer_addr().ok();
-    info!(?peer, user, "admin console connected");
+    info!(?peer, user = %Escaped(&user), "admin console connected");
     let mut out = BytesMut::new();
     greet(&mut out);
     if socket.write_all(&out).await.is_err() {
@@ -109,7 +110,7 @@ pub async fn serve(mut socket: TcpStream, pooler: Arc<Pooler>, user: String, mut
         }
     }
     let _ = socket.shutdown().await;
-    info!(?peer, user, "admin console disconnected");
+    info!(?peer, user = %Escaped(&user), "admin console disconnected");
 }
 
 /// The ParameterStatus set, a BackendKeyData and ReadyForQuery.
@@ -221,7 +222,7 @@ impl Console {
             return;
         }
         for command in commands {
-            debug!(command, "admin console command");
+            debug!(command = %Escaped(command), "admin console command");
             if let Err(e) = self.command(command, out).await {
                 e.write(out);
                 return; // like a server: an error ends the rest of the Query
@@ -231,11 +232,17 @@ impl Console {
 
     async fn command(&mut self, command: &str, out: &mut BytesMut) -> Result<(), PgError> {
         let words: Vec<&str> = command.split_whitespace().collect();
-        let verb = words[0].to_ascii_uppercase();
+        let verb = words
+            .first()
+            .map(|w| w.to_ascii_uppercase())
+            .unwrap_or_default();
         let arg = words.get(1).map(|w| w.trim_matches('"'));
         match (verb.as_str(), words.len()) {
             ("SHOW", 2) => {
-                let what = words[1].to_ascii_uppercase();
+                let what = words
+                    .get(1)
+                    .map(|w| w.to_ascii_uppercase())
+                    .unwrap_or_default();
                 let rows = match what.as_str() {
                     "POOLS" => self.pools(),
                     "CLIENTS" => self.clients(),
@@ -309,7 +316,7 @@ impl Console {
                     "RESUME" => pools.iter().for_each(|p| p.resume()),
                     _ => pools.iter().for_each(|p| p.reconnect()),
                 }
-                info!(command, pools = pools.len(), "admin console action");
+                info!(command = %Escaped(command), pools = pools.len(), "admin console action");
                 complete(out, &verb);
             }
             _ => return Err(unknown(command)),
@@ -363,7 +370,11 @@ impl Console {
                 let key = (p.database.clone(), p.user.clone());
                 let counts = clients.get(&key).copied().unwrap_or_default();
                 let logged_in: u64 = counts.iter().sum();
-                let waiting = counts[ClientState::Waiting as usize].max(p.waiting as u64);
+                let waiting = counts
+                    .get(ClientState::Waiting as usize)
+                    .copied()
+                    .unwrap_or_default()
+                    .max(p.waiting as u64);
                 let wait = Duration::from_millis(p.oldest_wait_ms);
                 vec![
                     Some(p.database),

@@ -6,6 +6,10 @@
 //! `_seconds` histograms. Labels: `database` and `user` (the pool), plus a bounded
 //! `state`, `class` or `reason` where a family says so; never a client address.
 
+// Metric descriptors are static (their `expect`s fail only on a programming error, in
+// every test run); indexes are into arrays of a fixed length.
+#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Weak};
@@ -16,7 +20,9 @@ use prometheus::proto::{
 };
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use super::PortStats;
 use crate::clients::ClientState;
+use crate::logging;
 use crate::pooler::Pooler;
 use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot};
 
@@ -72,6 +78,42 @@ const FAMILIES: &[Family] = &[
         "When the last config reload was tried, Unix time; 0 = never.",
         G,
         &[],
+    ),
+    (
+        "pgmux_log_write_errors_total",
+        "Log lines dropped: stderr refused them (a broken pipe) or was too slow to take them.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_session_panics_total",
+        "Panics in pgmux (a client session or any other task), each logged with its location.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_admin_connections",
+        "Connections to the admin HTTP port open now.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_admin_max_connections",
+        "admin.max_connections.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_admin_connections_refused_total",
+        "Admin connections answered 503 and closed because admin.max_connections were open.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_admin_connections_timed_out_total",
+        "Admin connections closed by a limit, by reason (header_timeout, idle_timeout).",
+        C,
+        &["reason"],
     ),
     (
         "pgmux_clients",
@@ -240,11 +282,16 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// A registry reading `pooler`.
+    /// A registry reading `pooler` (the admin port's own counters stay at 0).
     pub fn new(pooler: &Arc<Pooler>) -> Metrics {
+        Metrics::with_port(pooler, Arc::default())
+    }
+
+    /// A registry reading `pooler` and the admin port's counters.
+    pub fn with_port(pooler: &Arc<Pooler>, port: Arc<PortStats>) -> Metrics {
         let registry = Registry::new();
         registry
-            .register(Box::new(PoolCollector::new(Arc::downgrade(pooler))))
+            .register(Box::new(PoolCollector::new(Arc::downgrade(pooler), port)))
             .expect("pgmux metric names are valid and unique");
         #[cfg(target_os = "linux")]
         registry
@@ -273,11 +320,12 @@ impl Metrics {
 /// Reads the pooler at scrape time.
 struct PoolCollector {
     pooler: Weak<Pooler>,
+    port: Arc<PortStats>,
     descs: Vec<Desc>,
 }
 
 impl PoolCollector {
-    fn new(pooler: Weak<Pooler>) -> PoolCollector {
+    fn new(pooler: Weak<Pooler>, port: Arc<PortStats>) -> PoolCollector {
         let descs = FAMILIES
             .iter()
             .map(|(name, help, _, labels)| {
@@ -291,7 +339,11 @@ impl PoolCollector {
                 .expect("valid metric name")
             })
             .collect();
-        PoolCollector { pooler, descs }
+        PoolCollector {
+            pooler,
+            port,
+            descs,
+        }
     }
 }
 
@@ -306,6 +358,7 @@ impl Collector for PoolCollector {
         };
         let mut out = Families::default();
         collect_global(&pooler, &mut out);
+        collect_port(&self.port, &pooler, &mut out);
         collect_pools(&pooler, &mut out);
         out.finish()
     }
@@ -341,11 +394,43 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         1.0
     };
     out.gauge("pgmux_config_last_reload_success", &[], ok);
+    out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());
+    out.counter("pgmux_session_panics_total", &[], logging::panics());
     out.gauge(
         "pgmux_config_last_reload_timestamp_seconds",
         &[],
         r.last_at.load(Relaxed) as f64,
     );
+}
+
+/// What the admin port counts about its own connections.
+fn collect_port(port: &PortStats, pooler: &Pooler, out: &mut Families) {
+    out.gauge(
+        "pgmux_admin_connections",
+        &[],
+        port.open.load(Relaxed) as f64,
+    );
+    out.gauge(
+        "pgmux_admin_max_connections",
+        &[],
+        pooler.snapshot().config.admin.max_connections as f64,
+    );
+    out.counter(
+        "pgmux_admin_connections_refused_total",
+        &[],
+        port.refused.load(Relaxed),
+    );
+    let timeouts = [
+        ("header_timeout", &port.header_timeouts),
+        ("idle_timeout", &port.idle_timeouts),
+    ];
+    for (reason, n) in timeouts {
+        out.counter(
+            "pgmux_admin_connections_timed_out_total",
+            &[reason],
+            n.load(Relaxed),
+        );
+    }
 }
 
 fn collect_pools(pooler: &Pooler, out: &mut Families) {

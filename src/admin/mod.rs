@@ -4,16 +4,22 @@
 //!   `/health` and `/ready` for probes, `/pools`, `/clients` and `/servers` as JSON
 //!   (`views.rs`), `POST /reload`, and pause / resume / reconnect per pool. With
 //!   `[admin] token` set, every endpoint but `/health` and `/ready` needs
-//!   `Authorization: Bearer <token>`.
+//!   `Authorization: Bearer <token>`. It runs on a thread of its own, with limits on its
+//!   connections (`port.rs`).
 //! - The PgBouncer-style console on the client port (`console.rs`):
 //!   `psql -p 6432 -U admin pgbouncer`.
 //!
-//! Handlers read atomics and take each pool's lock briefly; none waits on a client.
+//! Handlers that read (metrics, views) run on the admin thread: they read atomics and
+//! take each pool's lock briefly; none waits on a client. Handlers that change something
+//! (reload, pool actions) run on the runtime that serves clients
+//! ([`Pooler::runtime`]), so that whatever they start lives there.
 
 pub mod console;
 pub mod metrics;
+mod port;
 pub mod views;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,12 +30,13 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::info;
 
+use crate::logging::Escaped;
 use crate::pool::Pool;
 use crate::pooler::Pooler;
 use metrics::Metrics;
+pub use port::{PortStats, serve, start};
 
 /// How long `pause` waits for running transactions before it answers.
 const PAUSE_WAIT: Duration = Duration::from_secs(10);
@@ -40,18 +47,10 @@ struct Admin {
     metrics: Arc<Metrics>,
 }
 
-/// Serves the admin HTTP port on `listener` until the process ends.
-pub async fn serve(listener: TcpListener, pooler: Arc<Pooler>) {
-    let app = router(pooler);
-    if let Err(e) = axum::serve(listener, app).await {
-        warn!(error = %e, "the admin port stopped");
-    }
-}
-
-/// The admin routes, for `serve` and tests.
-pub fn router(pooler: Arc<Pooler>) -> Router {
+/// The admin routes; `port` is what the admin port counts about its connections.
+pub fn router(pooler: Arc<Pooler>, port: Arc<PortStats>) -> Router {
     let state = Admin {
-        metrics: Arc::new(Metrics::new(&pooler)),
+        metrics: Arc::new(Metrics::with_port(&pooler, port)),
         pooler,
     };
     let guarded = Router::new()
@@ -155,8 +154,13 @@ async fn servers(State(admin): State<Admin>) -> axum::Json<Vec<views::ServerJson
 
 async fn reload(State(admin): State<Admin>) -> Response {
     let pooler = admin.pooler.clone();
-    // Reading and checking the file is blocking work (and SCRAM keys are derived).
-    let result = tokio::task::spawn_blocking(move || pooler.reload()).await;
+    // Reading and checking the file is blocking work (and SCRAM keys are derived). It runs
+    // in the client runtime's blocking pool: what a reload starts belongs to that runtime.
+    let result = admin
+        .pooler
+        .runtime()
+        .spawn_blocking(move || pooler.reload())
+        .await;
     match result {
         Ok(Ok(changes)) => (
             StatusCode::OK,
@@ -180,7 +184,32 @@ async fn pool_action(
     State(admin): State<Admin>,
     Path((database, user, action)): Path<(String, String, String)>,
 ) -> Response {
-    let Some(pool) = find_pool(&admin.pooler, &database, &user) else {
+    let pooler = admin.pooler.clone();
+    on_client_runtime(&admin.pooler, act_on_pool(pooler, database, user, action)).await
+}
+
+/// Runs `work` on the runtime that serves clients and waits for its answer.
+async fn on_client_runtime<F>(pooler: &Pooler, work: F) -> Response
+where
+    F: Future<Output = Response> + Send + 'static,
+{
+    match pooler.runtime().spawn(work).await {
+        Ok(response) => response,
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            axum::Json(json!({"error": e.to_string()})),
+        )
+            .into_response(),
+    }
+}
+
+async fn act_on_pool(
+    pooler: Arc<Pooler>,
+    database: String,
+    user: String,
+    action: String,
+) -> Response {
+    let Some(pool) = find_pool(&pooler, &database, &user) else {
         return (
             StatusCode::NOT_FOUND,
             axum::Json(json!({"error": format!("no pool {database}/{user} (pools exist once a client used them)")})),
@@ -208,7 +237,7 @@ async fn pool_action(
                 .into_response();
         }
     };
-    info!(pool = %pool.key, action, "admin action");
+    info!(pool = %Escaped(&pool.key), action = %Escaped(&action), "admin action");
     (StatusCode::OK, axum::Json(body)).into_response()
 }
 

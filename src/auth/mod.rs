@@ -50,6 +50,7 @@ impl AuthError {
 
 /// HMAC-SHA-256 of the concatenation of `parts`.
 fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+    #[allow(clippy::expect_used)] // HMAC takes keys of any length: this cannot fail
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
     for part in parts {
         mac.update(part);

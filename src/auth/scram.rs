@@ -192,7 +192,10 @@ fn split_gs2_header(message: &str) -> Result<(&str, &str), AuthError> {
     let bare = rest
         .strip_prefix(',')
         .ok_or_else(|| AuthError::malformed("expected ',' after the SCRAM GS2 header"))?;
-    let header = &message[..message.len() - bare.len()];
+    // The header keeps its trailing ',' (the channel binding check compares it whole).
+    let header = message
+        .strip_suffix(bare)
+        .ok_or_else(|| AuthError::malformed("SCRAM GS2 header"))?;
     Ok((header, bare))
 }
 
@@ -247,7 +250,10 @@ fn parse_client_final(message: &str) -> Result<ClientFinal<'_>, AuthError> {
             "garbage after the proof in SCRAM client-final-message",
         ));
     }
-    let without_proof = &message[..message.len() - proof.len() - ",p=".len()];
+    let without_proof = message
+        .strip_suffix(proof)
+        .and_then(|m| m.strip_suffix(",p="))
+        .ok_or_else(|| AuthError::malformed("SCRAM client-final-message"))?;
     let proof = STANDARD
         .decode(proof)
         .ok()

@@ -153,6 +153,7 @@ impl ScramVerifier {
         // SASLprep needs Unicode tables that postgres-protocol has (via `stringprep`) and pgmux
         // does not; its verifier generator applies SASLprep exactly as PostgreSQL does.
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
+        #[allow(clippy::expect_used)] // our own verifier, not outside input
         Self::parse(&verifier).expect("postgres-protocol writes well-formed SCRAM verifiers")
     }
 

@@ -9,13 +9,15 @@ use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::debug;
 
+use super::error::ClientError;
 use super::params::ClientParams;
-use super::session::Session;
+use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
 use crate::config::AuthMethod;
+use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
-use crate::protocol::{MessageCodec, PgError, SqlState, read_cstr, read_i32, tag, write};
+use crate::protocol::{MessageCodec, PgError, read_cstr, read_i32, tag, write};
 
 /// How a login ends early.
 pub(super) enum Refusal {
@@ -40,6 +42,12 @@ impl From<PgError> for Refusal {
     }
 }
 
+impl From<ClientError> for Refusal {
+    fn from(e: ClientError) -> Self {
+        Refusal::Error(e.fatal())
+    }
+}
+
 /// Runs the startup and authentication of one client. Returns the session to run.
 pub(super) async fn login(
     socket: &mut TcpStream,
@@ -52,23 +60,13 @@ pub(super) async fn login(
     let startup = read_startup(socket, &mut cbuf, pooler).await?;
     if !admitted {
         let max = pooler.snapshot().config.server.max_client_conn;
-        return Err(PgError::fatal(
-            SqlState::TOO_MANY_CONNECTIONS,
-            format!("too many clients: max_client_conn ({max}) reached"),
-        )
-        .with_hint("raise server.max_client_conn, or use fewer client connections")
-        .into());
+        return Err(ClientError::TooManyClients { max }.into());
     }
     if startup
         .get("replication")
         .is_some_and(|v| !matches!(v, "false" | "off" | "no" | "0"))
     {
-        return Err(PgError::fatal(
-            SqlState::FEATURE_NOT_SUPPORTED,
-            "replication connections are not supported through pgmux",
-        )
-        .with_hint("connect to PostgreSQL directly for replication")
-        .into());
+        return Err(ClientError::Replication.into());
     }
     let mut out = BytesMut::new();
     let unknown: Vec<String> = startup
@@ -83,11 +81,7 @@ pub(super) async fn login(
 
     let user = startup.get("user").unwrap_or_default().to_owned();
     if user.is_empty() {
-        return Err(PgError::fatal(
-            SqlState::INVALID_AUTHORIZATION,
-            "no user name in the startup packet",
-        )
-        .into());
+        return Err(ClientError::NoUser.into());
     }
     let database = startup
         .get("database")
@@ -99,22 +93,10 @@ pub(super) async fn login(
     if !snapshot.config.databases.contains_key(&database)
         && !crate::admin::console::is_console_database(&database)
     {
-        return Err(PgError::fatal(
-            SqlState::INVALID_CATALOG_NAME,
-            format!("no such database \"{database}\""),
-        )
-        .with_hint(format!("add [databases.{database}] to the pgmux config"))
-        .into());
+        return Err(ClientError::UnknownDatabase(database).into());
     }
     if !snapshot.config.users.contains_key(&user) {
-        return Err(PgError::fatal(
-            SqlState::INVALID_AUTHORIZATION,
-            format!("no such user \"{user}\""),
-        )
-        .with_hint(format!(
-            "add [users.{user}] to the pgmux config or its userlist file"
-        ))
-        .into());
+        return Err(ClientError::UnknownUser(user).into());
     }
 
     let method = snapshot.config.auth_method_for(&user);
@@ -142,19 +124,15 @@ pub(super) async fn login(
     write::auth_ok(&mut out);
 
     let Some(pool) = pooler.pool(&database, &user) else {
-        return Err(PgError::fatal(
-            SqlState::INVALID_CATALOG_NAME,
-            format!("no such database \"{database}\""),
-        )
-        .into());
+        return Err(ClientError::UnknownDatabase(database).into());
     };
     let mut params = pool.server_params();
     if params.is_empty() {
         // The first client of a pool: learn what the server reports from a real connection.
         match pool.checkout().await {
-            Ok(conn) => pool.checkin(conn),
+            Ok(lease) => lease.release(),
             Err(e) => {
-                return Err(PgError::fatal(SqlState::CONNECTION_FAILURE, e.to_string()).into());
+                return Err(ClientError::Checkout(e).into());
             }
         }
         params = pool.server_params();
@@ -168,7 +146,7 @@ pub(super) async fn login(
     write::backend_key_data(&mut out, process_id, secret);
     write::ready_for_query(&mut out, b'I');
     socket.write_all(&out).await?;
-    debug!(user, database, "client logged in");
+    debug!(user = %Escaped(&user), database = %Escaped(&database), "client logged in");
 
     let pool_settings = pool.settings();
     let peer = socket.peer_addr()?;
@@ -181,7 +159,12 @@ pub(super) async fn login(
     Ok(Session {
         view,
         mode: pool_settings.mode,
-        idle_transaction_timeout: pool_settings.idle_transaction_timeout,
+        limits: Limits {
+            idle_transaction: pool_settings.idle_transaction_timeout,
+            query: pool_settings.query_timeout,
+            partial_message: snapshot.config.server.partial_message_timeout,
+        },
+        max_message_size: snapshot.config.server.max_message_size,
         reset_query: pool_settings.server_reset_query.clone(),
         max_prepared: pool_settings.max_prepared_statements as usize,
         registry: pooler.statements.clone(),
@@ -212,19 +195,7 @@ async fn read_startup(
             }
             Ok(StartupPacket::Startup(startup)) => return Ok(startup),
             Err(StartupError::Io(_)) => return Err(Refusal::Gone),
-            Err(e @ StartupError::UnsupportedProtocol(..)) => {
-                return Err(PgError::fatal(SqlState::FEATURE_NOT_SUPPORTED, e.to_string()).into());
-            }
-            Err(e @ StartupError::BadLength(_)) => {
-                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())
-                    .with_hint(format!(
-                        "a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"
-                    ))
-                    .into());
-            }
-            Err(e @ StartupError::Malformed) => {
-                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into());
-            }
+            Err(e) => return Err(ClientError::Startup(e).into()),
         }
     }
 }
@@ -236,23 +207,19 @@ async fn scram_login(
     user: &str,
     credential: &Credential,
 ) -> Result<(), Refusal> {
-    let verifier = credential.scram().expect("checked by the caller");
+    let Some(verifier) = credential.scram() else {
+        return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
+    };
     write::auth_sasl(out, &[SCRAM_MECHANISM]);
     socket.write_all(out).await?;
 
     let first = read_password_message(socket, cbuf).await?;
-    let malformed = || {
-        PgError::fatal(
-            SqlState::PROTOCOL_VIOLATION,
-            "malformed SASLInitialResponse",
-        )
-    };
+    let malformed = || ClientError::Authentication("malformed SASLInitialResponse".into());
     let (mechanism, rest) = read_cstr(&first).ok_or_else(malformed)?;
     if mechanism != SCRAM_MECHANISM {
-        return Err(PgError::fatal(
-            SqlState::PROTOCOL_VIOLATION,
-            format!("client selected an invalid SASL mechanism \"{mechanism}\""),
-        )
+        return Err(ClientError::Authentication(format!(
+            "client selected an invalid SASL mechanism \"{mechanism}\""
+        ))
         .into());
     }
     let (len, data) = read_i32(rest).ok_or_else(malformed)?;
@@ -310,19 +277,14 @@ async fn read_password_message(
                 return Ok(bytes.split_off(5));
             }
             Ok(Some(frame)) => {
-                return Err(PgError::fatal(
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "expected a password response, got message type '{}'",
-                        char::from(frame.tag)
-                    ),
-                )
+                return Err(ClientError::Authentication(format!(
+                    "expected a password response, got message type '{}'",
+                    char::from(frame.tag).escape_default()
+                ))
                 .into());
             }
             Ok(None) => {}
-            Err(e) => {
-                return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).into());
-            }
+            Err(e) => return Err(ClientError::Protocol(e).into()),
         }
         // Room for a whole SCRAM message in one read.
         cbuf.reserve(512);
@@ -332,16 +294,13 @@ async fn read_password_message(
     }
 }
 
-fn bad_password(user: &str) -> PgError {
-    PgError::fatal(
-        SqlState::INVALID_PASSWORD,
-        format!("password authentication failed for user \"{user}\""),
-    )
+fn bad_password(user: &str) -> ClientError {
+    ClientError::BadPassword(user.to_owned())
 }
 
 fn auth_refusal(user: &str, e: crate::auth::AuthError) -> Refusal {
     match e {
         crate::auth::AuthError::BadPassword => bad_password(user).into(),
-        other => PgError::fatal(SqlState::PROTOCOL_VIOLATION, other.to_string()).into(),
+        other => ClientError::Authentication(other.to_string()).into(),
     }
 }

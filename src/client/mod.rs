@@ -1,6 +1,7 @@
 //! One client connection, from its first byte to its last: [`login`] negotiates the
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
+mod error;
 mod login;
 pub(crate) mod params;
 mod queue;
@@ -8,71 +9,129 @@ mod replies;
 mod session;
 mod statements;
 
+pub use error::ClientError;
 pub use queue::OutQueue;
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use futures_util::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use crate::logging::Escaped;
 use crate::pooler::Pooler;
-use crate::protocol::{PgError, SqlState};
+use crate::protocol::PgError;
 
-/// Serves one client connection to the end. `admitted` is false when max_client_conn was
-/// reached: the client is told so (53300) once it has sent its startup packet.
-pub async fn serve(mut socket: TcpStream, peer: SocketAddr, pooler: Arc<Pooler>, admitted: bool) {
+/// A client that logged in to the admin console instead of a database: the listener hands
+/// it to [`crate::admin::console`], so the data path never runs admin code.
+pub struct ConsoleLogin {
+    /// The socket, after AuthenticationOk.
+    pub socket: TcpStream,
+    /// The user who logged in.
+    pub user: String,
+    /// What the client sent after its login, not yet read by anyone.
+    pub cbuf: BytesMut,
+}
+
+/// Serves one client connection to the end, unless it asked for the admin console (then
+/// it is returned). `admitted` is false when max_client_conn was reached: the client is
+/// told so (53300) once it has sent its startup packet.
+///
+/// A panic anywhere in the client's login or session is caught here: the client is told
+/// `XX000` before the close, the session's guards have already given back what it held
+/// (its server lease, its cancel key, its registry entry), and pgmux keeps serving.
+pub async fn serve(
+    mut socket: TcpStream,
+    peer: SocketAddr,
+    pooler: Arc<Pooler>,
+    admitted: bool,
+) -> Option<ConsoleLogin> {
     let _ = socket.set_nodelay(true);
+    let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
+        .catch_unwind()
+        .await;
+    match served {
+        Ok(Some((user, cbuf))) => Some(ConsoleLogin { socket, user, cbuf }),
+        Ok(None) => None,
+        Err(_) => {
+            // The panic hook has logged where; the client learns that it was pgmux's fault.
+            warn!(%peer, "client session ended by an internal error");
+            refuse(socket, &ClientError::Internal.fatal()).await;
+            None
+        }
+    }
+}
+
+/// Login and session on a borrowed socket. Returns the user and buffered bytes when the
+/// client logged in to the admin console instead.
+async fn serve_socket(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Option<(String, BytesMut)> {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
-    let outcome = tokio::time::timeout(limit, login::login(&mut socket, &pooler, admitted)).await;
+    let outcome = tokio::time::timeout(limit, login::login(socket, pooler, admitted)).await;
     let session = match outcome {
         Ok(Ok(session)) => session,
-        Ok(Err(login::Refusal::Gone)) => return, // a cancel request, or a client that left
-        Ok(Err(login::Refusal::Console { user, cbuf })) => {
-            return crate::admin::console::serve(socket, pooler, user, cbuf).await;
-        }
+        Ok(Err(login::Refusal::Gone)) => return None, // a cancel request, or a client that left
+        Ok(Err(login::Refusal::Console { user, cbuf })) => return Some((user, cbuf)),
         Ok(Err(login::Refusal::Error(err))) => {
-            debug!(%peer, %err, "login refused");
-            return refuse(socket, &err).await;
+            debug!(%peer, err = %Escaped(&err), "login refused");
+            refuse_on(socket, &err).await;
+            return None;
         }
         Err(_) => {
-            let err = PgError::fatal(
-                SqlState::QUERY_CANCELED,
-                format!(
-                    "canceling authentication: no login within {limit:?} (client_login_timeout)"
-                ),
-            );
             debug!(%peer, "login timed out");
-            return refuse(socket, &err).await;
+            refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
+            return None;
         }
     };
     let pool = session.pool.key.clone();
     let log = pooler.snapshot().config.admin.log_connections;
     if log {
-        info!(%peer, %pool, "client connected");
+        info!(%peer, pool = %Escaped(&pool), "client connected");
     }
-    // The session hands the socket back: its byte counts come from the kernel, then it closes.
-    let socket = session.run(socket).await;
-    let traffic = crate::stats::tcp_traffic(&socket).unwrap_or_default();
-    drop(socket);
+    session.run(socket).await;
+    close_gently(socket).await;
+    // Byte counts come from the kernel.
+    let traffic = crate::stats::tcp_traffic(&*socket).unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
     if log {
-        info!(%peer, %pool, duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
+        info!(%peer, pool = %Escaped(&pool), duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
     } else {
-        debug!(%peer, %pool, duration_ms, "client disconnected");
+        debug!(%peer, pool = %Escaped(&pool), duration_ms, "client disconnected");
     }
+    None
 }
 
 /// Sends a fatal error and closes: never a bare reset.
 async fn refuse(mut socket: TcpStream, err: &PgError) {
+    refuse_on(&mut socket, err).await;
+}
+
+/// Sends a fatal error and shuts the socket down.
+async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&buf)).await;
+    close_gently(socket).await;
+}
+
+/// Shuts the sending side and reads what the client still sends (briefly) before the
+/// socket is dropped: closing with unread input makes the kernel send a reset, which may
+/// destroy the error pgmux just wrote before the client reads it.
+async fn close_gently(socket: &mut TcpStream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        socket.write_all(&buf).await?;
-        socket.shutdown().await
+        socket.shutdown().await?;
+        let mut sink = [0u8; 4096];
+        while socket.read(&mut sink).await? > 0 {}
+        Ok::<(), std::io::Error>(())
     })
     .await;
 }

@@ -134,9 +134,8 @@ impl ClientParams {
         }
         // Settings a previous client left that this one does not want.
         if server
-            .applied
-            .iter()
-            .any(|(lower, _)| !self.wants.iter().any(|(l, _, _)| l == lower))
+            .applied_settings()
+            .any(|lower| !self.wants.iter().any(|(l, _, _)| l == lower))
         {
             for lower in server.applied_names() {
                 if !self.wants.iter().any(|(l, _, _)| *l == lower) {
@@ -145,21 +144,18 @@ impl ClientParams {
                 }
             }
         }
-        let drifted = if server.drifted {
-            server.initial_params.as_slice()
-        } else {
-            &[]
-        };
-        for (name, initial) in drifted {
-            let changed = server.param(name).is_some_and(|now| now != initial);
-            if changed
-                && !self
-                    .wants
-                    .iter()
-                    .any(|(l, _, _)| l.eq_ignore_ascii_case(name))
+        let mut restore = Vec::new();
+        for (name, initial) in server.drifted_params() {
+            if !self
+                .wants
+                .iter()
+                .any(|(l, _, _)| l.eq_ignore_ascii_case(name))
             {
-                push_set(&mut sql, name, &Value::Text(initial.clone()));
+                restore.push((name.to_owned(), Value::Text(initial.to_owned())));
             }
+        }
+        for (name, value) in restore {
+            push_set(&mut sql, &name, &value);
         }
         (!sql.is_empty()).then_some(sql)
     }

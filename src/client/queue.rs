@@ -57,16 +57,18 @@ impl OutQueue {
     /// empty or the socket would block.
     pub fn write_now(&mut self, socket: &impl TryWrite) -> io::Result<()> {
         while !self.is_empty() {
-            let written = if self.chunks.len() == 1 {
+            let written = if let [only] = self.chunks.as_slices().0
+                && self.chunks.len() == 1
+            {
                 // The usual case (adjacent messages merge): send(2) is cheaper than writev(2).
-                socket.try_write(&self.chunks[0])
+                socket.try_write(only)
             } else {
                 let mut slices = [IoSlice::new(&[]); MAX_SLICES];
                 let n = self.chunks.len().min(MAX_SLICES);
                 for (slice, chunk) in slices.iter_mut().zip(self.chunks.iter()) {
                     *slice = IoSlice::new(chunk);
                 }
-                socket.try_write_vectored(&slices[..n])
+                socket.try_write_vectored(slices.get(..n).unwrap_or_default())
             };
             match written {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -96,7 +98,9 @@ impl OutQueue {
     fn advance(&mut self, mut n: usize) {
         self.len -= n;
         while n > 0 {
-            let front = self.chunks.front_mut().expect("written bytes were queued");
+            let Some(front) = self.chunks.front_mut() else {
+                return; // the socket cannot have taken more than was queued
+            };
             if n >= front.len() {
                 n -= front.len();
                 self.chunks.pop_front();

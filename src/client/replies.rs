@@ -98,6 +98,11 @@ pub struct Replies {
 }
 
 impl Replies {
+    /// How many entries are outstanding.
+    pub fn len(&self) -> usize {
+        self.queue.len()
+    }
+
     /// Whether nothing is outstanding.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
@@ -184,7 +189,9 @@ impl Replies {
         if !ends {
             return (route, None);
         }
-        let entry = self.queue.pop_front().expect("front exists");
+        let Some(entry) = self.queue.pop_front() else {
+            return (route, None);
+        };
         let mut skipped = Vec::new();
         if is_error && kind.ends_on_error() {
             // The server ignores everything up to the next Sync.
@@ -202,7 +209,7 @@ impl Replies {
                 if is_sync {
                     break;
                 }
-                skipped.push(self.queue.pop_front().expect("front exists"));
+                skipped.extend(self.queue.pop_front());
             }
         }
         (

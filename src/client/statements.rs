@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::error::ClientError;
 use super::params::{SessionChange, session_change};
 use super::replies::{Effect, Kind};
 use super::session::{Loop, Skip};
 use crate::config::PoolMode;
+use crate::logging::Escaped;
 use crate::prepared::{Bind, Close, Describe, Parse, Statement, rewrite_bind, rewrite_describe};
-use crate::protocol::{Frame, PgError, SqlState, read_cstr, tag, write};
+use crate::protocol::{Frame, read_cstr, tag, write};
 
 /// Replaces a SQL-level PREPARE in transaction mode: the server raises the error, so the
 /// transaction state the client sees is exactly what PostgreSQL would give.
@@ -19,118 +21,197 @@ const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
     MESSAGE = 'pgmux: SQL-level PREPARE is not supported in transaction pooling mode', \
     HINT = 'use your driver''s prepared statements (protocol-level, tracked by pgmux), or a pool with mode = \"session\"'; END $pgmux$";
 
-impl Loop {
+/// What the session does with one client message that may name a prepared statement or
+/// change session state. Decided from the message and the client's names alone
+/// ([`Loop::rewrite_query`], [`Loop::rewrite_extended`]); carried out by [`Loop::apply`],
+/// the one place that changes the session's queues and maps.
+pub(super) enum Rewrite {
+    /// Send it as it came, expecting the replies of `Kind` (`None`: it has none, Flush).
+    Forward(Option<Kind>),
+    /// Send it as it came: a Query that changes session state if it succeeds outside a
+    /// transaction.
+    Watch(SessionChange),
+    /// SQL-level PREPARE in transaction mode: the server raises pgmux's error.
+    RefusePrepare,
+    /// Send `message` in its place, expecting `kind`'s replies with `effect`; the server
+    /// must hold `statement` first.
+    Renamed {
+        message: BytesMut,
+        kind: Kind,
+        effect: Effect,
+        statement: Arc<Statement>,
+    },
+    /// The client's Parse of `statement` as `name`: prepared on the server, or answered
+    /// here when the server already holds it.
+    Parse {
+        name: String,
+        statement: Arc<Statement>,
+    },
+    /// The client's Close of its statement `name`: only its name goes; answered here.
+    Close(String),
+    /// Refused here: the error in its turn, then everything up to the next Sync is skipped.
+    Refuse(ClientError),
+}
+
+impl Loop<'_> {
     /// Whether named statements are mapped to pgmux's server-side names.
     fn tracks_statements(&self) -> bool {
         self.s.max_prepared > 0 && self.s.mode != PoolMode::Session
     }
 
     /// A simple Query, watched for the few statements that change session state.
-    pub(super) fn query(&mut self, frame: Frame) {
+    pub(super) fn rewrite_query(&self, frame: &Frame) -> Rewrite {
         let change = if frame.is_whole() && self.s.mode != PoolMode::Session {
             session_change(frame.body())
         } else {
             None
         };
         match change {
-            Some(SessionChange::Prepare) => {
-                let mut refuse = BytesMut::new();
-                write::query(&mut refuse, REFUSE_PREPARE);
-                self.replies.client(Kind::Query, Effect::None);
-                self.to_server.push(refuse);
-            }
+            Some(SessionChange::Prepare) => Rewrite::RefusePrepare,
             Some(SessionChange::Deallocate(name)) if self.tracks_statements() => {
                 match self.statements.get(&name).cloned() {
                     Some(statement) => {
                         // Deallocate pgmux's copy on this server; the command tag is the real one.
-                        self.ensure_on_server(&statement);
-                        let mut sql = BytesMut::new();
-                        write::query(&mut sql, &format!("DEALLOCATE {}", statement.server_name));
-                        self.replies.client(
-                            Kind::Query,
-                            Effect::Deallocate {
-                                client_name: name,
-                                statement,
-                            },
+                        let mut message = BytesMut::new();
+                        write::query(
+                            &mut message,
+                            &format!("DEALLOCATE {}", statement.server_name),
                         );
-                        self.to_server.push(sql);
+                        Rewrite::Renamed {
+                            message,
+                            kind: Kind::Query,
+                            effect: Effect::Deallocate {
+                                client_name: name,
+                                statement: statement.clone(),
+                            },
+                            statement,
+                        }
                     }
-                    None => self.forward(frame, Kind::Query),
+                    None => Rewrite::Forward(Some(Kind::Query)),
                 }
             }
-            Some(change) => {
-                self.replies.client(Kind::Query, Effect::Session(change));
-                self.to_server.push(frame.bytes);
-            }
-            None => self.forward(frame, Kind::Query),
+            Some(change) => Rewrite::Watch(change),
+            None => Rewrite::Forward(Some(Kind::Query)),
         }
     }
 
     /// Parse, Bind, Describe, Execute, Close and Flush.
-    pub(super) fn extended(&mut self, frame: Frame) {
+    pub(super) fn rewrite_extended(&self, frame: &Frame) -> Rewrite {
         let kind = match frame.tag {
             tag::PARSE => Kind::Parse,
             tag::BIND => Kind::Bind,
             tag::DESCRIBE => Kind::Describe,
             tag::EXECUTE => Kind::Execute,
             tag::CLOSE => Kind::Close,
-            _ => {
-                // Flush: no reply of its own.
-                self.to_server.push(frame.bytes);
-                return;
-            }
+            _ => return Rewrite::Forward(None), // Flush: no reply of its own
         };
         if !self.tracks_statements() {
-            return self.forward(frame, kind);
+            return Rewrite::Forward(Some(kind));
         }
-        match kind {
-            Kind::Parse => self.parse(frame),
-            Kind::Bind => {
-                let rewritten = Bind::read(&frame.bytes).and_then(|bind| {
-                    let statement = self.statements.get(bind.statement)?.clone();
-                    Some((
-                        rewrite_bind(&frame.bytes, &bind, &statement.server_name),
-                        statement,
-                    ))
-                });
-                match rewritten {
-                    Some((message, statement)) => {
-                        self.ensure_on_server(&statement);
-                        self.replies.client(Kind::Bind, Effect::None);
-                        self.to_server.push(message);
-                    }
-                    None => self.forward(frame, kind),
+        let renamed = match kind {
+            Kind::Parse => return self.rewrite_parse(frame),
+            Kind::Bind => Bind::read(&frame.bytes).and_then(|bind| {
+                let statement = self.statements.get(bind.statement)?.clone();
+                Some(Rewrite::Renamed {
+                    message: rewrite_bind(&frame.bytes, &bind, &statement.server_name),
+                    kind,
+                    effect: Effect::None,
+                    statement,
+                })
+            }),
+            Kind::Describe => Describe::read(frame.body())
+                .filter(|d| d.kind == b'S' && !d.name.is_empty())
+                .and_then(|d| self.statements.get(d.name).cloned())
+                .map(|statement| Rewrite::Renamed {
+                    message: rewrite_describe(tag::DESCRIBE, &statement.server_name),
+                    kind,
+                    effect: Effect::None,
+                    statement,
+                }),
+            // Other clients may use the server's copy: only this client's name goes.
+            Kind::Close => Close::read(frame.body())
+                .filter(|c| c.kind == b'S' && !c.name.is_empty())
+                .map(|c| Rewrite::Close(c.name.to_owned())),
+            _ => None,
+        };
+        renamed.unwrap_or(Rewrite::Forward(Some(kind)))
+    }
+
+    fn rewrite_parse(&self, frame: &Frame) -> Rewrite {
+        if !frame.is_whole() {
+            let named = frame
+                .bytes
+                .get(5..)
+                .and_then(read_cstr)
+                .is_some_and(|(n, _)| !n.is_empty());
+            return if named {
+                Rewrite::Refuse(ClientError::NamedStatementTooLarge)
+            } else {
+                Rewrite::Forward(Some(Kind::Parse))
+            };
+        }
+        // A malformed Parse goes to the server, which reports it.
+        match Parse::read(frame.body()) {
+            Some(parse) if !parse.name.is_empty() => {
+                if self.statements.get(parse.name).is_some() {
+                    return Rewrite::Refuse(ClientError::DuplicateStatement(parse.name.to_owned()));
+                }
+                // Each name holds its statement in pgmux's memory: bounded per client.
+                let most = self.s.registry.capacity();
+                if self.statements.len() >= most {
+                    return Rewrite::Refuse(ClientError::TooManyStatements(most));
+                }
+                Rewrite::Parse {
+                    name: parse.name.to_owned(),
+                    statement: self.s.registry.statement(parse.query, &parse.param_types),
                 }
             }
-            Kind::Describe => {
-                let statement = Describe::read(frame.body())
-                    .filter(|d| d.kind == b'S' && !d.name.is_empty())
-                    .and_then(|d| self.statements.get(d.name).cloned());
-                match statement {
-                    Some(statement) => {
-                        self.ensure_on_server(&statement);
-                        self.replies.client(Kind::Describe, Effect::None);
-                        self.to_server
-                            .push(rewrite_describe(tag::DESCRIBE, &statement.server_name));
-                    }
-                    None => self.forward(frame, kind),
-                }
+            _ => Rewrite::Forward(Some(Kind::Parse)),
+        }
+    }
+
+    /// Carries out what was decided for `frame`.
+    pub(super) fn apply(&mut self, frame: Frame, rewrite: Rewrite) {
+        match rewrite {
+            Rewrite::Forward(Some(kind)) => self.forward(frame, kind),
+            Rewrite::Forward(None) => self.to_server.push(frame.bytes),
+            Rewrite::Watch(change) => {
+                self.replies.client(Kind::Query, Effect::Session(change));
+                self.to_server.push(frame.bytes);
             }
-            Kind::Close => {
-                let named =
-                    Close::read(frame.body()).filter(|c| c.kind == b'S' && !c.name.is_empty());
-                match named {
-                    Some(close) => {
-                        // Other clients may use the server's copy: only this client's name goes.
-                        // PostgreSQL answers CloseComplete for unknown names too.
-                        let name = close.name.to_owned();
-                        self.statements.remove(&name, None);
-                        self.reply_locally(BytesMut::from(&[b'3', 0, 0, 0, 4][..]));
-                    }
-                    None => self.forward(frame, kind),
-                }
+            Rewrite::RefusePrepare => {
+                let mut refuse = BytesMut::new();
+                write::query(&mut refuse, REFUSE_PREPARE);
+                self.replies.client(Kind::Query, Effect::None);
+                self.to_server.push(refuse);
             }
-            _ => self.forward(frame, kind),
+            Rewrite::Renamed {
+                message,
+                kind,
+                effect,
+                statement,
+            } => {
+                self.ensure_on_server(&statement);
+                self.replies.client(kind, effect);
+                self.to_server.push(message);
+            }
+            Rewrite::Parse { name, statement } => {
+                if let Some(parse) = Parse::read(frame.body()) {
+                    self.s.view.set_query(parse.query.as_bytes());
+                }
+                self.prepare(name, statement);
+            }
+            Rewrite::Close(name) => {
+                // PostgreSQL answers CloseComplete for unknown names too.
+                self.statements.remove(&name, None);
+                self.reply_locally(BytesMut::from(&[b'3', 0, 0, 0, 4][..]));
+            }
+            Rewrite::Refuse(error) => {
+                // Nothing of this message went to the server; its other parts are dropped.
+                self.client_mid_message = false;
+                self.skip = Skip::UntilSyncForwarded;
+                self.local_error(error);
+            }
         }
     }
 
@@ -143,7 +224,10 @@ impl Loop {
         let Some(parse) = Parse::read(frame.body()) else {
             return false;
         };
-        if parse.name.is_empty() || self.statements.get(parse.name).is_some() {
+        if parse.name.is_empty()
+            || self.statements.get(parse.name).is_some()
+            || self.statements.len() >= self.s.registry.capacity()
+        {
             return false;
         }
         let statement = self.s.registry.statement(parse.query, &parse.param_types);
@@ -159,52 +243,18 @@ impl Loop {
         true
     }
 
-    fn parse(&mut self, frame: Frame) {
-        if !frame.is_whole() {
-            let name = frame
-                .bytes
-                .get(5..)
-                .and_then(read_cstr)
-                .map(|(n, _)| n.is_empty());
-            if name == Some(false) {
-                self.client_mid_message = false;
-                self.skip = Skip::UntilSyncForwarded;
-                return self.local_error(
-                    PgError::error(
-                        SqlState::PROGRAM_LIMIT_EXCEEDED,
-                        "a named prepared statement larger than 1 MB is not supported",
-                    )
-                    .with_hint("use the unnamed statement for very large queries"),
-                );
-            }
-            return self.forward(frame, Kind::Parse);
-        }
-        let Some(parse) = Parse::read(frame.body()) else {
-            return self.forward(frame, Kind::Parse); // the server reports the malformed message
-        };
-        if parse.name.is_empty() {
-            return self.forward(frame, Kind::Parse);
-        }
-        if self.statements.get(parse.name).is_some() {
-            let message = format!("prepared statement \"{}\" already exists", parse.name);
-            self.skip = Skip::UntilSyncForwarded;
-            return self.local_error(PgError::error(
-                SqlState::DUPLICATE_PREPARED_STATEMENT,
-                message,
-            ));
-        }
-        let statement = self.s.registry.statement(parse.query, &parse.param_types);
-        let name = parse.name.to_owned();
-        self.s.view.set_query(parse.query.as_bytes());
+    /// The client's Parse of `statement` as `name`: answered here when the server holds it,
+    /// else prepared there (its ParseComplete is the client's).
+    fn prepare(&mut self, name: String, statement: Arc<Statement>) {
         self.statements.insert(&name, statement.clone());
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
-        if server.prepared.touch(&statement) {
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if server.prepared().touch(&statement) {
             self.s.pool.stats.prepared_hit();
             tracing::trace!(
-                client_name = name,
+                client_name = %Escaped(&name),
                 server_name = statement.server_name,
                 "prepared statement already on this server"
             );
@@ -213,7 +263,7 @@ impl Loop {
         self.s.pool.stats.prepared_miss();
         self.make_room(&statement);
         tracing::debug!(
-            client_name = name,
+            client_name = %Escaped(&name),
             server_name = statement.server_name,
             "preparing statement"
         );
@@ -230,11 +280,11 @@ impl Loop {
     /// Makes sure the server holds `statement` before a message that names it: if it does
     /// not, pgmux prepares it there first and swallows the ParseComplete.
     fn ensure_on_server(&mut self, statement: &Arc<Statement>) {
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
-        if server.prepared.touch(statement) {
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if server.prepared().touch(statement) {
             self.s.pool.stats.prepared_hit();
             return;
         }
@@ -257,12 +307,12 @@ impl Loop {
     /// Records that the server will hold `statement`; closes the least recently used one
     /// when that makes too many.
     fn make_room(&mut self, statement: &Arc<Statement>) {
-        let server = self
-            .server
-            .as_mut()
-            .expect("a server is held for extended messages");
+        // Extended messages reach here only with a server held (checked out first).
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
         if let Some(evicted) = server
-            .prepared
+            .prepared()
             .insert(statement.clone(), self.s.max_prepared)
         {
             self.s.pool.stats.prepared_eviction();
@@ -282,9 +332,9 @@ impl Loop {
         self.take_due_replies();
     }
 
-    fn local_error(&mut self, error: PgError) {
+    fn local_error(&mut self, error: ClientError) {
         let mut buf = BytesMut::new();
-        error.write(&mut buf);
+        error.error().write(&mut buf);
         self.reply_locally(buf);
     }
 }

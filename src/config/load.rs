@@ -95,10 +95,21 @@ const SERVER_KEYS: &[&str] = &[
     "max_client_conn",
     "client_login_timeout",
     "shutdown_timeout",
+    "max_message_size",
+    "partial_message_timeout",
+    "statement_registry_size",
     "worker_threads",
 ];
 const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
-const ADMIN_KEYS: &[&str] = &["listen", "token", "log_connections", "log_slow_waits"];
+const ADMIN_KEYS: &[&str] = &[
+    "listen",
+    "token",
+    "log_connections",
+    "log_slow_waits",
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
+];
 /// The keys of `[pool]`, also accepted in `[databases.NAME]`.
 pub(super) const POOL_KEYS: &[&str] = &[
     "mode",
@@ -109,8 +120,14 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "max_lifetime",
     "connect_timeout",
     "idle_transaction_timeout",
+    "query_timeout",
     "server_reset_query",
     "max_prepared_statements",
+    "tcp_keepalive",
+    "tcp_keepidle",
+    "tcp_keepintvl",
+    "tcp_keepcnt",
+    "tcp_user_timeout",
 ];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
 const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
@@ -230,6 +247,29 @@ impl Walker<'_> {
                     let d = self.duration(&path, value);
                     set(&mut server.shutdown_timeout, d);
                 }
+                "max_message_size" => {
+                    let max = crate::protocol::codec::MAX_MESSAGE_LEN as u64;
+                    let n = self.unsigned(&path, value, max);
+                    let n = n.and_then(|n| match n {
+                        0..1024 => {
+                            self.problem(&path, value.span(), "must be at least 1024 bytes");
+                            None
+                        }
+                        n => n.try_into().ok(),
+                    });
+                    set(&mut server.max_message_size, n);
+                }
+                "partial_message_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.partial_message_timeout, d);
+                }
+                "statement_registry_size" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut server.statement_registry_size,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
                 "worker_threads" => {
                     let n = self.unsigned(&path, value, 1024);
                     let n = n.and_then(|n| match n {
@@ -270,6 +310,15 @@ impl Walker<'_> {
                     set(&mut admin.log_connections, self.boolean(&path, value));
                 }
                 "log_slow_waits" => set(&mut admin.log_slow_waits, self.duration(&path, value)),
+                "header_timeout" => set(&mut admin.header_timeout, self.duration(&path, value)),
+                "idle_timeout" => set(&mut admin.idle_timeout, self.duration(&path, value)),
+                "max_connections" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut admin.max_connections,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
                 _ => self.unknown("admin", key, ADMIN_KEYS),
             }
         }
@@ -335,10 +384,17 @@ impl Walker<'_> {
             "max_lifetime" => o.max_lifetime = self.duration(&p, value),
             "connect_timeout" => o.connect_timeout = self.duration(&p, value),
             "idle_transaction_timeout" => o.idle_transaction_timeout = self.duration(&p, value),
+            "query_timeout" => o.query_timeout = self.duration(&p, value),
             "server_reset_query" => o.server_reset_query = self.string(&p, value),
             "max_prepared_statements" => {
                 o.max_prepared_statements = as_u32(self.unsigned(&p, value, u32_max))
             }
+            "tcp_keepalive" => o.tcp_keepalive = self.boolean(&p, value),
+            "tcp_keepidle" => o.tcp_keepidle = self.duration(&p, value),
+            "tcp_keepintvl" => o.tcp_keepintvl = self.duration(&p, value),
+            // The kernel's limit (MAX_TCP_KEEPCNT).
+            "tcp_keepcnt" => o.tcp_keepcnt = as_u32(self.unsigned(&p, value, 127)),
+            "tcp_user_timeout" => o.tcp_user_timeout = self.duration(&p, value),
             _ => return false,
         }
         true

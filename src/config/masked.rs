@@ -31,6 +31,21 @@ pub(super) fn render(config: &Config) -> String {
     );
     line(
         &mut out,
+        "max_message_size",
+        &server.max_message_size.to_string(),
+    );
+    line(
+        &mut out,
+        "partial_message_timeout",
+        &duration(server.partial_message_timeout),
+    );
+    line(
+        &mut out,
+        "statement_registry_size",
+        &server.statement_registry_size.to_string(),
+    );
+    line(
+        &mut out,
         "worker_threads",
         &server.worker_threads.to_string(),
     );
@@ -54,6 +69,13 @@ pub(super) fn render(config: &Config) -> String {
         &admin.log_connections.to_string(),
     );
     line(&mut out, "log_slow_waits", &duration(admin.log_slow_waits));
+    line(&mut out, "header_timeout", &duration(admin.header_timeout));
+    line(&mut out, "idle_timeout", &duration(admin.idle_timeout));
+    line(
+        &mut out,
+        "max_connections",
+        &admin.max_connections.to_string(),
+    );
 
     out.push_str("\n[pool]\n");
     pool(&mut out, &full(&config.pool));
@@ -94,8 +116,14 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         max_lifetime: Some(s.max_lifetime),
         connect_timeout: Some(s.connect_timeout),
         idle_transaction_timeout: Some(s.idle_transaction_timeout),
+        query_timeout: Some(s.query_timeout),
         server_reset_query: Some(s.server_reset_query.clone()),
         max_prepared_statements: Some(s.max_prepared_statements),
+        tcp_keepalive: Some(s.tcp.keepalive),
+        tcp_keepidle: Some(s.tcp.keepidle),
+        tcp_keepintvl: Some(s.tcp.keepintvl),
+        tcp_keepcnt: Some(s.tcp.keepcnt),
+        tcp_user_timeout: Some(s.tcp.user_timeout),
     }
 }
 
@@ -116,6 +144,7 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         ("max_lifetime", o.max_lifetime),
         ("connect_timeout", o.connect_timeout),
         ("idle_transaction_timeout", o.idle_transaction_timeout),
+        ("query_timeout", o.query_timeout),
     ];
     for (key, d) in durations {
         if let Some(d) = d {
@@ -123,6 +152,24 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         }
     }
     optional(out, "server_reset_query", o.server_reset_query.as_deref());
+    if let Some(on) = o.tcp_keepalive {
+        line(out, "tcp_keepalive", &on.to_string());
+    }
+    let tcp = [
+        ("tcp_keepidle", o.tcp_keepidle),
+        ("tcp_keepintvl", o.tcp_keepintvl),
+    ];
+    for (key, d) in tcp {
+        if let Some(d) = d {
+            line(out, key, &duration(d));
+        }
+    }
+    if let Some(n) = o.tcp_keepcnt {
+        line(out, "tcp_keepcnt", &n.to_string());
+    }
+    if let Some(d) = o.tcp_user_timeout {
+        line(out, "tcp_user_timeout", &duration(d));
+    }
 }
 
 fn line(out: &mut String, key: &str, value: &str) {

@@ -10,6 +10,10 @@
 //! A `Config` is plain data, owned by whoever loaded it; a reload builds a new one and a
 //! reload that fails changes nothing.
 
+// Offsets into the config text come from `find` of ASCII characters and from the TOML
+// parser's spans, so they fall on character boundaries; the loader is fuzzed (fuzz/config).
+#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
+
 mod env;
 mod load;
 mod masked;
@@ -54,6 +58,15 @@ pub struct ServerSection {
     pub client_login_timeout: Duration,
     /// Time clients get to finish their transactions on shutdown.
     pub shutdown_timeout: Duration,
+    /// Largest client message accepted, in bytes (PostgreSQL's own limit is 1 GB); a
+    /// larger one gets `08P01` and the connection is closed.
+    pub max_message_size: usize,
+    /// A client that stops sending in the middle of a message for this long gets `08P01`
+    /// and is disconnected (a half-sent message holds memory, and perhaps a server).
+    pub partial_message_timeout: Duration,
+    /// Distinct named statements pgmux remembers across all clients; beyond it, those no
+    /// client and no server connection holds are forgotten.
+    pub statement_registry_size: usize,
     /// Threads that run client sessions. 1 (the default) runs everything on one thread,
     /// which costs the least CPU per transaction; more spread sessions over that many
     /// threads (for a pooler that saturates one core). Read at start only.
@@ -67,6 +80,9 @@ impl Default for ServerSection {
             max_client_conn: 10_000,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
+            partial_message_timeout: Duration::from_secs(30),
+            statement_registry_size: 10_000,
             worker_threads: 1,
         }
     }
@@ -84,6 +100,12 @@ pub struct AdminSection {
     pub log_connections: bool,
     /// Log a warning when a client waited longer than this for a server; 0 = never.
     pub log_slow_waits: Duration,
+    /// An admin connection that started a request gets this long to send its headers.
+    pub header_timeout: Duration,
+    /// An admin connection with no request being answered for this long is closed.
+    pub idle_timeout: Duration,
+    /// Admin connections open at once; more are answered 503 and closed at once.
+    pub max_connections: usize,
 }
 
 impl Default for AdminSection {
@@ -93,6 +115,11 @@ impl Default for AdminSection {
             token: None,
             log_connections: true,
             log_slow_waits: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(10),
+            // Longer than Prometheus' default scrape interval (1 min): a scraper keeps its
+            // connection between scrapes.
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 64,
         }
     }
 }
@@ -104,6 +131,9 @@ impl fmt::Debug for AdminSection {
             .field("token", &self.token.as_ref().map(|_| MASK))
             .field("log_connections", &self.log_connections)
             .field("log_slow_waits", &self.log_slow_waits)
+            .field("header_timeout", &self.header_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_connections", &self.max_connections)
             .finish()
     }
 }
@@ -186,11 +216,49 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     /// A client idle inside a transaction this long is disconnected; 0 = disabled.
     pub idle_transaction_timeout: Duration,
+    /// A server that sends nothing for this long while a client waits for its answer is
+    /// cancelled and closed, and the client gets `08006`; 0 = disabled (PgBouncer's
+    /// `query_timeout`; set it a little above the server's `statement_timeout`).
+    pub query_timeout: Duration,
     /// Run before a session-mode server connection is reused; `""` = none.
     pub server_reset_query: String,
     /// Named prepared statements kept per server connection (least recently used are
     /// closed beyond it); 0 = do not track prepared statements (they pass through as sent).
     pub max_prepared_statements: u32,
+    /// TCP options of the sockets to the server (`tcp_*` keys).
+    pub tcp: TcpOptions,
+}
+
+/// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
+/// Keepalive probes find a server that vanished while its connection was quiet (idle in
+/// the pool, or running a long query); the user timeout drops a connection whose sent
+/// data stays unacknowledged. A zero leaves the system's default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpOptions {
+    /// `tcp_keepalive`: send keepalive probes on quiet connections.
+    pub keepalive: bool,
+    /// `tcp_keepidle`: quiet time before the first probe (whole seconds).
+    pub keepidle: Duration,
+    /// `tcp_keepintvl`: time between unanswered probes (whole seconds).
+    pub keepintvl: Duration,
+    /// `tcp_keepcnt`: unanswered probes after which the connection is dropped.
+    pub keepcnt: u32,
+    /// `tcp_user_timeout`: data sent and unacknowledged this long drops the connection.
+    pub user_timeout: Duration,
+}
+
+impl Default for TcpOptions {
+    /// Keepalive on, and a dead peer of a quiet connection noticed within two minutes
+    /// (60 s + 6 x 10 s) instead of the system's two hours and more.
+    fn default() -> Self {
+        Self {
+            keepalive: true,
+            keepidle: Duration::from_secs(60),
+            keepintvl: Duration::from_secs(10),
+            keepcnt: 6,
+            user_timeout: Duration::ZERO,
+        }
+    }
 }
 
 impl Default for PoolSettings {
@@ -204,8 +272,10 @@ impl Default for PoolSettings {
             max_lifetime: Duration::from_secs(60 * 60),
             connect_timeout: Duration::from_secs(5),
             idle_transaction_timeout: Duration::ZERO,
+            query_timeout: Duration::ZERO,
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
+            tcp: TcpOptions::default(),
         }
     }
 }
@@ -223,12 +293,19 @@ impl PoolSettings {
         self.idle_transaction_timeout = o
             .idle_transaction_timeout
             .unwrap_or(self.idle_transaction_timeout);
+        self.query_timeout = o.query_timeout.unwrap_or(self.query_timeout);
         if let Some(query) = &o.server_reset_query {
             self.server_reset_query.clone_from(query);
         }
         self.max_prepared_statements = o
             .max_prepared_statements
             .unwrap_or(self.max_prepared_statements);
+        let tcp = &mut self.tcp;
+        tcp.keepalive = o.tcp_keepalive.unwrap_or(tcp.keepalive);
+        tcp.keepidle = o.tcp_keepidle.unwrap_or(tcp.keepidle);
+        tcp.keepintvl = o.tcp_keepintvl.unwrap_or(tcp.keepintvl);
+        tcp.keepcnt = o.tcp_keepcnt.unwrap_or(tcp.keepcnt);
+        tcp.user_timeout = o.tcp_user_timeout.unwrap_or(tcp.user_timeout);
     }
 }
 
@@ -251,10 +328,22 @@ pub struct PoolOverrides {
     pub connect_timeout: Option<Duration>,
     /// See [`PoolSettings::idle_transaction_timeout`].
     pub idle_transaction_timeout: Option<Duration>,
+    /// See [`PoolSettings::query_timeout`].
+    pub query_timeout: Option<Duration>,
     /// See [`PoolSettings::server_reset_query`].
     pub server_reset_query: Option<String>,
     /// See [`PoolSettings::max_prepared_statements`].
     pub max_prepared_statements: Option<u32>,
+    /// See [`TcpOptions::keepalive`].
+    pub tcp_keepalive: Option<bool>,
+    /// See [`TcpOptions::keepidle`].
+    pub tcp_keepidle: Option<Duration>,
+    /// See [`TcpOptions::keepintvl`].
+    pub tcp_keepintvl: Option<Duration>,
+    /// See [`TcpOptions::keepcnt`].
+    pub tcp_keepcnt: Option<u32>,
+    /// See [`TcpOptions::user_timeout`].
+    pub tcp_user_timeout: Option<Duration>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

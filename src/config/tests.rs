@@ -166,7 +166,9 @@ fn unknown_keys_are_placed() {
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
-             connect_timeout, idle_transaction_timeout, server_reset_query, max_prepared_statements",
+             connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
+             max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
+             tcp_user_timeout",
         ]
     );
 }
@@ -577,7 +579,77 @@ fn admin_section() {
             "t.toml:2:10: admin.listen: \"nowhere\" is not an address: expected host:port",
             "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
             "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
-            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits",
+            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
+        ]
+    );
+}
+
+#[test]
+fn admin_port_limits() {
+    let c = parse_ok("");
+    assert_eq!(c.admin.header_timeout, Duration::from_secs(10));
+    assert_eq!(c.admin.idle_timeout, Duration::from_secs(75));
+    assert_eq!(c.admin.max_connections, 64);
+    let c =
+        parse_ok("[admin]\nheader_timeout = \"2s\"\nidle_timeout = \"30s\"\nmax_connections = 8\n");
+    assert_eq!(c.admin.header_timeout, Duration::from_secs(2));
+    assert_eq!(c.admin.idle_timeout, Duration::from_secs(30));
+    assert_eq!(c.admin.max_connections, 8);
+    let shown = c.masked();
+    assert!(shown.contains("header_timeout = \"2s\""), "{shown}");
+    assert!(shown.contains("max_connections = 8"), "{shown}");
+    assert_eq!(
+        problems("[admin]\nheader_timeout = \"0\"\nidle_timeout = \"0s\"\nmax_connections = 0\n"),
+        [
+            "t.toml:2:18: admin.header_timeout: must be above 0",
+            "t.toml:3:16: admin.idle_timeout: must be above 0",
+            "t.toml:4:19: admin.max_connections: must be at least 1",
+        ]
+    );
+}
+
+#[test]
+fn tcp_options_of_server_sockets() {
+    let c = parse_ok("[databases.app]\n");
+    assert_eq!(c.pool.tcp, TcpOptions::default());
+    assert!(c.pool.tcp.keepalive);
+
+    let c = parse_ok(
+        "[pool]\ntcp_keepalive = true\ntcp_keepidle = \"30s\"\ntcp_keepintvl = \"5s\"\n\
+         tcp_keepcnt = 3\ntcp_user_timeout = \"20s\"\n\
+         [databases.app]\n[databases.far]\ntcp_keepidle = \"2m\"\ntcp_user_timeout = \"1m\"\n\
+         [databases.plain]\ntcp_keepalive = false\n",
+    );
+    let app = c.pool_settings("app", "u").unwrap().tcp;
+    assert_eq!(
+        app,
+        TcpOptions {
+            keepalive: true,
+            keepidle: Duration::from_secs(30),
+            keepintvl: Duration::from_secs(5),
+            keepcnt: 3,
+            user_timeout: Duration::from_secs(20),
+        }
+    );
+    let far = c.pool_settings("far", "u").unwrap().tcp;
+    assert_eq!(far.keepidle, Duration::from_secs(120));
+    assert_eq!(far.user_timeout, Duration::from_secs(60));
+    assert_eq!(far.keepcnt, 3, "inherited from [pool]");
+    assert!(!c.pool_settings("plain", "u").unwrap().tcp.keepalive);
+    let again = parse_ok(&c.masked());
+    assert_eq!(again.pool_settings("far", "u").unwrap().tcp, far);
+
+    assert_eq!(
+        problems(
+            "[pool]\ntcp_keepidle = \"1500ms\"\ntcp_keepcnt = 128\n\
+             [databases.app]\ntcp_keepintvl = \"10h\"\ntcp_user_timeout = \"30d\"\ntcp_keepalive = 1\n"
+        ),
+        [
+            "t.toml:2:16: pool.tcp_keepidle: must be whole seconds, at most 32767s (\"0\" = the system's default)",
+            "t.toml:3:15: pool.tcp_keepcnt: is too large (at most 127)",
+            "t.toml:5:17: databases.app.tcp_keepintvl: must be whole seconds, at most 32767s (\"0\" = the system's default)",
+            "t.toml:6:20: databases.app.tcp_user_timeout: must be at most 2147483647ms (the kernel counts milliseconds in an int)",
+            "t.toml:7:17: databases.app.tcp_keepalive: expected a boolean, found an integer",
         ]
     );
 }

@@ -168,6 +168,17 @@ impl Checker<'_> {
                 "must not be empty (remove the key to disable the token)",
             );
         }
+        // Each of these is what keeps the admin port from being held open by idle or slow
+        // connections: none can be switched off.
+        if admin.header_timeout.is_zero() {
+            self.error("admin.header_timeout", "must be above 0");
+        }
+        if admin.idle_timeout.is_zero() {
+            self.error("admin.idle_timeout", "must be above 0");
+        }
+        if admin.max_connections == 0 {
+            self.error("admin.max_connections", "must be at least 1");
+        }
     }
 
     /// Checks `settings` at `path`; for a database (`all` false) only what it overrides,
@@ -198,6 +209,23 @@ impl Checker<'_> {
                 s.size
             );
             self.warn(&key("size"), msg);
+        }
+        // The kernel takes keepalive times in whole seconds, up to MAX_TCP_KEEPIDLE.
+        let keepalive_times = [
+            ("tcp_keepidle", s.tcp.keepidle, o.tcp_keepidle.is_some()),
+            ("tcp_keepintvl", s.tcp.keepintvl, o.tcp_keepintvl.is_some()),
+        ];
+        for (name, d, set) in keepalive_times {
+            if (all || set) && (d.subsec_nanos() != 0 || d.as_secs() > 32_767) {
+                let msg = "must be whole seconds, at most 32767s (\"0\" = the system's default)";
+                self.error(&key(name), msg);
+            }
+        }
+        if (all || o.tcp_user_timeout.is_some())
+            && s.tcp.user_timeout.as_millis() > i32::MAX as u128
+        {
+            let msg = "must be at most 2147483647ms (the kernel counts milliseconds in an int)";
+            self.error(&key("tcp_user_timeout"), msg);
         }
         let reset_set = all || o.server_reset_query.is_some() || o.mode.is_some();
         if s.mode == PoolMode::Session && s.server_reset_query.trim().is_empty() && reset_set {

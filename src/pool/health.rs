@@ -1,4 +1,11 @@
 //! Whether a pool's upstream answers, and when to try again after it did not.
+//!
+//! Every failed connect counts, whatever its cause: nothing listening, a timeout, or
+//! PostgreSQL refusing the login with its own error (53300 at `max_connections`, 57P03
+//! while it starts). While down, the pool tries again after 100 ms, doubling up to 5 s
+//! (+-25 % jitter); a checkout meanwhile gets the last error at once instead of adding an
+//! attempt, so a full or dead server sees about one attempt per period from each pool (a
+//! client and the pool's upkeep may both take a due one).
 
 use std::time::{Duration, Instant};
 
@@ -69,5 +76,51 @@ impl Health {
     #[allow(dead_code)] // read by the admin views
     pub(super) fn is_down(&self) -> bool {
         matches!(self, Health::Down { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused() -> ConnectError {
+        ConnectError::Server {
+            code: "53300".into(),
+            message: "sorry, too many clients already".into(),
+            detail: None,
+            hint: None,
+        }
+    }
+
+    #[test]
+    fn failures_back_off_exponentially_up_to_the_cap() {
+        let now = Instant::now();
+        let mut health = Health::default();
+        assert_eq!(health.retry_wait(now), None);
+        assert!(
+            health.failed(&refused(), now),
+            "the first failure changes the state"
+        );
+        for failures in 1..=12u32 {
+            let wait = health.retry_wait(now).expect("waits after a failure");
+            let nominal = FIRST_BACKOFF
+                .saturating_mul(1 << (failures - 1).min(10))
+                .min(MAX_BACKOFF);
+            assert!(
+                wait >= nominal.mul_f64(0.75) && wait <= nominal.mul_f64(1.25),
+                "failure {failures}: waits {wait:?}, nominal {nominal:?}"
+            );
+            assert!(!health.failed(&refused(), now));
+        }
+        assert_eq!(
+            health.last_error().and_then(ConnectError::server_code),
+            Some("53300")
+        );
+        // Once the wait is over an attempt may go; a success forgets the failures.
+        assert_eq!(health.retry_wait(now + MAX_BACKOFF * 2), None);
+        assert!(health.up());
+        assert!(!health.is_down());
+        assert!(health.failed(&refused(), now));
+        assert!(health.retry_wait(now).expect("waits") <= FIRST_BACKOFF.mul_f64(1.25));
     }
 }

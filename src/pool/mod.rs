@@ -10,10 +10,12 @@
 
 mod control;
 mod health;
+mod lease;
 mod upkeep;
 mod view;
 mod window;
 
+pub use lease::Lease;
 pub use view::{PoolView, ServerState, ServerView, Status};
 pub use window::{DemandSummary, WINDOW_SECONDS};
 
@@ -136,11 +138,11 @@ impl State {
     fn must_close(&self, conn: &ServerConn, now: Instant, size: u32) -> Option<CloseReason> {
         if !conn.is_clean() {
             Some(CloseReason::Dirty)
-        } else if conn.retire_at.is_some_and(|t| t <= now) {
+        } else if conn.retire_at().is_some_and(|t| t <= now) {
             Some(CloseReason::MaxLifetime)
         } else if self.paused {
             Some(CloseReason::Pause)
-        } else if self.replace_before.is_some_and(|t| conn.created < t) {
+        } else if self.replace_before.is_some_and(|t| conn.created() < t) {
             Some(CloseReason::Reconnect)
         } else if self.open > size {
             Some(CloseReason::Resize)
@@ -234,7 +236,7 @@ impl Pool {
 
     /// Borrows a server connection for one transaction (or session).
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
-    pub async fn checkout(self: &Arc<Self>) -> Result<Box<ServerConn>, CheckoutError> {
+    pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
         let result = self.take(wanted).await;
         let now = Instant::now();
@@ -245,9 +247,9 @@ impl Pool {
                 self.stats.wait.observe(waited);
                 let mut st = self.state.lock();
                 st.lent.push(Lent {
-                    id: conn.id,
-                    pid: conn.key.process_id,
-                    created: conn.created,
+                    id: conn.id(),
+                    pid: conn.key().process_id,
+                    created: conn.created(),
                     wanted,
                     since: now,
                 });
@@ -278,7 +280,7 @@ impl Pool {
                 "a client waited long for a server connection"
             );
         }
-        result
+        result.map(|conn| Lease::new(conn, self.clone()))
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
@@ -293,8 +295,8 @@ impl Pool {
             while !st.paused
                 && let Some(conn) = st.idle.pop()
             {
-                if conn.retire_at.is_some_and(|t| t <= now)
-                    || st.replace_before.is_some_and(|t| conn.created < t)
+                if conn.retire_at().is_some_and(|t| t <= now)
+                    || st.replace_before.is_some_and(|t| conn.created() < t)
                     || !conn.looks_alive()
                 {
                     st.open -= 1;
@@ -340,10 +342,9 @@ impl Pool {
                     rx: Some(rx),
                 };
                 let granted = loop {
-                    let rx = guard
-                        .rx
-                        .as_mut()
-                        .expect("receiver is set until the wait ends");
+                    let Some(rx) = guard.rx.as_mut() else {
+                        break None; // set until the wait ends: unreachable
+                    };
                     match tokio::time::timeout_at(deadline, rx).await {
                         Ok(received) => break received.ok(),
                         Err(_) => match self.held_until(settings.wait_timeout) {
@@ -425,11 +426,11 @@ impl Pool {
         self.connecting.fetch_sub(1, Relaxed);
         match result {
             Ok(mut conn) => {
-                conn.retire_at = retire_at(settings.max_lifetime);
+                conn.set_retire_at(retire_at(settings.max_lifetime));
                 {
                     let mut params = self.server_params.lock();
                     if params.is_empty() {
-                        *params = Arc::new(conn.params.clone());
+                        *params = Arc::new(conn.params().to_vec());
                     }
                 }
                 let was_down = self.state.lock().health.up();
@@ -438,8 +439,8 @@ impl Pool {
                 }
                 info!(
                     pool = %self.key,
-                    server = conn.id,
-                    pid = conn.key.process_id,
+                    server = conn.id(),
+                    pid = conn.key().process_id,
                     upstream = %upstream,
                     "server connection opened"
                 );
@@ -492,7 +493,7 @@ impl Pool {
         let settings = self.settings();
         let now = Instant::now();
         let mut st = self.state.lock();
-        let lent = match st.lent.iter().position(|l| l.id == conn.id) {
+        let lent = match st.lent.iter().position(|l| l.id == conn.id()) {
             Some(at) => {
                 let lent = st.lent.swap_remove(at);
                 let demand = st.demand();
@@ -512,12 +513,11 @@ impl Pool {
         if let Some(reason) = st.must_close(&conn, now, settings.size) {
             drop(st);
             if reason == CloseReason::Dirty {
-                debug!(pool = %self.key, server = conn.id, status = %char::from(conn.tx_status), broken = conn.broken, "server connection given back not clean");
+                debug!(pool = %self.key, server = conn.id(), status = ?conn.tx_status(), broken = conn.is_broken(), "server connection given back not clean");
             }
             return self.close(conn, reason);
         }
-        conn.idle_since = now;
-        conn.shrink_read_buffer();
+        conn.went_idle(now);
         while let Some(waiter) = st.waiters.pop_front() {
             match waiter.tx.send(Grant::Conn(conn)) {
                 Ok(()) => return,
@@ -529,14 +529,9 @@ impl Pool {
         st.idle.push(conn);
     }
 
-    /// Closes a connection and frees its slot.
-    pub fn release_slot(&self, conn: Box<ServerConn>) {
-        self.close(conn, CloseReason::Dirty);
-    }
-
     /// Closes a connection for `reason` (logged and counted) and frees its slot.
     fn close(&self, conn: Box<ServerConn>, reason: CloseReason) {
-        let id = conn.id;
+        let id = conn.id();
         self.log_close(&conn, reason);
         conn.close();
         let mut st = self.state.lock();
@@ -551,10 +546,10 @@ impl Pool {
         self.stats.closed(reason);
         info!(
             pool = %self.key,
-            server = conn.id,
-            pid = conn.key.process_id,
+            server = conn.id(),
+            pid = conn.key().process_id,
             reason = reason.as_str(),
-            age_s = conn.created.elapsed().as_secs(),
+            age_s = conn.created().elapsed().as_secs(),
             "server connection closed"
         );
     }
@@ -587,9 +582,10 @@ impl Pool {
     }
 
     /// Starts the background task that warms the pool up to `min_size` and closes
-    /// connections idle or alive for too long. It ends when the pool is dropped.
-    pub fn start_upkeep(self: &Arc<Self>) {
-        tokio::spawn(upkeep::run(Arc::downgrade(self)));
+    /// connections idle or alive for too long, on `runtime` (the one serving clients, even
+    /// when the pool is created from another thread). It ends when the pool is dropped.
+    pub fn start_upkeep(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        runtime.spawn(upkeep::run(Arc::downgrade(self)));
     }
 }
 

@@ -9,14 +9,10 @@ use std::sync::Weak;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::codec::Decoder;
 use tracing::{debug, info, warn};
 
 use super::view::Status;
 use super::{Lent, Pool};
-use crate::protocol::{read_i32, tag, write};
 use crate::server::ServerConn;
 use crate::stats::CloseReason;
 
@@ -26,9 +22,6 @@ const PERIOD: Duration = Duration::from_millis(500);
 const ASK_LIMIT: Duration = Duration::from_secs(2);
 /// The logged status looks at the peak demand over this many seconds.
 const STATUS_SECONDS: u64 = 10;
-/// A DataRow from the server (the same letter as a client's Describe).
-const DATA_ROW: u8 = b'D';
-
 /// Runs until the pool is dropped or retired.
 pub(super) async fn run(pool: Weak<Pool>) {
     let mut tick = tokio::time::interval(PERIOD);
@@ -59,14 +52,13 @@ fn close_expired(pool: &Pool) -> bool {
         let mut expired = Vec::new();
         // Oldest idle first: they sit at the bottom of the LIFO stack.
         let mut i = 0;
-        while i < st.idle.len() {
-            let conn = &st.idle[i];
+        while let Some(conn) = st.idle.get(i) {
             let reason = if !conn.looks_alive() {
                 Some(CloseReason::ServerGone)
-            } else if conn.retire_at.is_some_and(|t| t <= now) {
+            } else if conn.retire_at().is_some_and(|t| t <= now) {
                 Some(CloseReason::MaxLifetime)
             } else if !settings.idle_timeout.is_zero()
-                && now.duration_since(conn.idle_since) >= settings.idle_timeout
+                && now.duration_since(conn.idle_since()) >= settings.idle_timeout
                 && keep_open > settings.min_size
             {
                 Some(CloseReason::IdleTimeout)
@@ -151,9 +143,9 @@ async fn ask_max_connections(pool: &Arc<Pool>) {
         // Shown as lent while pgmux uses it, so that every open connection is accounted for.
         let now = Instant::now();
         st.lent.push(Lent {
-            id: conn.id,
-            pid: conn.key.process_id,
-            created: conn.created,
+            id: conn.id(),
+            pid: conn.key().process_id,
+            created: conn.created(),
             wanted: now,
             since: now,
         });
@@ -170,16 +162,16 @@ async fn ask_max_connections(pool: &Arc<Pool>) {
             }
             Err(_) => debug!(pool = %pool.key, value, "unexpected max_connections"),
         },
-        Ok(None) => conn.broken = true,
+        Ok(None) => conn.mark_broken(),
         Err(_) => {
-            conn.broken = true;
+            conn.mark_broken();
             debug!(pool = %pool.key, "SHOW max_connections did not answer in time");
         }
     }
     // Not a client's transaction: keep it out of the hold time and transaction counts.
     {
         let mut st = pool.state.lock();
-        if let Some(at) = st.lent.iter().position(|l| l.id == conn.id) {
+        if let Some(at) = st.lent.iter().position(|l| l.id == conn.id()) {
             st.lent.swap_remove(at);
         }
     }
@@ -189,34 +181,12 @@ async fn ask_max_connections(pool: &Arc<Pool>) {
 /// Runs `SHOW name` and returns the value; `None` if the connection misbehaved (it is
 /// then closed). An ErrorResponse leaves the connection usable and returns an empty value.
 async fn show(conn: &mut ServerConn, name: &str) -> Option<String> {
-    let mut out = BytesMut::new();
-    write::query(&mut out, &format!("SHOW {name}"));
-    conn.stream.write_all(&out).await.ok()?;
-    let mut value = String::new();
-    loop {
-        while let Some(frame) = conn.codec.decode(&mut conn.read_buf).ok()? {
-            if !frame.is_whole() {
-                return None;
-            }
-            match frame.tag {
-                DATA_ROW => {
-                    // Int16 column count, then Int32 length and the bytes of column 1.
-                    let body = frame.body();
-                    let (len, rest) = read_i32(body.get(2..)?)?;
-                    let len = usize::try_from(len).ok()?;
-                    value = String::from_utf8_lossy(rest.get(..len)?).into_owned();
-                }
-                tag::READY_FOR_QUERY => {
-                    conn.tx_status = frame.body().first().copied()?;
-                    return Some(value);
-                }
-                _ => {}
-            }
-        }
-        if conn.stream.read_buf(&mut conn.read_buf).await.ok()? == 0 {
-            return None;
-        }
-    }
+    let quiet = conn
+        .query_quietly(&format!("SHOW {name}"), ASK_LIMIT)
+        .await
+        .ok()?;
+    quiet.status?;
+    Some(quiet.value.unwrap_or_default())
 }
 
 /// Records the demand of the moment (so quiet seconds count) and logs a change of status.

@@ -184,11 +184,11 @@ impl Pool {
             .collect();
         out.sort_by_key(|s| std::cmp::Reverse(s.in_state));
         out.extend(st.idle.iter().rev().map(|c| ServerView {
-            id: c.id,
-            pid: c.key.process_id,
+            id: c.id(),
+            pid: c.key().process_id,
             state: ServerState::Idle,
-            age: now - c.created,
-            in_state: now.saturating_duration_since(c.idle_since),
+            age: now - c.created(),
+            in_state: now.saturating_duration_since(c.idle_since()),
         }));
         out
     }

@@ -67,7 +67,9 @@ impl Window {
     /// still shows the servers held through it.
     fn slot(&mut self, now: Instant, demand: u32) -> &mut Slot {
         let second = now.saturating_duration_since(self.epoch).as_secs() + 1;
-        let slot = &mut self.slots[(second % WINDOW_SECONDS as u64) as usize];
+        let at = (second % WINDOW_SECONDS as u64) as usize;
+        #[allow(clippy::indexing_slicing)] // `at` < WINDOW_SECONDS, the array's length
+        let slot = &mut self.slots[at];
         if slot.second != second {
             *slot = Slot {
                 second,
@@ -139,7 +141,7 @@ impl Window {
         DemandSummary {
             seconds,
             peak: peaks.last().copied().unwrap_or(0),
-            p95: peaks[rank - 1],
+            p95: peaks.get(rank - 1).copied().unwrap_or(0),
             arrival_rate: checkouts as f64 / seconds as f64,
             mean_hold: Duration::from_nanos(hold.checked_div(returns).unwrap_or(0)),
             timeouts_last_minute: live

@@ -105,6 +105,8 @@ impl Pooler {
         let mut changes = config_changes(&old.config, &snapshot.config);
         // Under the pools lock, so that no pool is created from the old snapshot meanwhile.
         let mut pools = self.pools.lock();
+        self.statements
+            .set_capacity(snapshot.config.server.statement_registry_size);
         self.snapshot.store(Arc::new(snapshot));
         let new = self.snapshot();
         let slow_wait = new.config.admin.log_slow_waits;
@@ -191,6 +193,17 @@ fn config_changes(old: &Config, new: &Config) -> Vec<String> {
         || old.admin.log_slow_waits != new.admin.log_slow_waits
     {
         out.push("[admin] logging settings changed".to_owned());
+    }
+    if (
+        old.admin.header_timeout,
+        old.admin.idle_timeout,
+        old.admin.max_connections,
+    ) != (
+        new.admin.header_timeout,
+        new.admin.idle_timeout,
+        new.admin.max_connections,
+    ) {
+        out.push("[admin] connection limits changed: apply to new admin connections".to_owned());
     }
     if old.pool != new.pool {
         let what = settings_changes(&old.pool, &new.pool).join(", ");

@@ -90,8 +90,8 @@ pub type Close<'a> = Describe<'a>;
 pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> BytesMut {
     let old_len = message
         .get(1..5)
-        .and_then(|h| <[u8; 4]>::try_from(h).ok())
-        .map_or(0, |h| u32::from_be_bytes(h) as usize);
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, |b| u32::from_be_bytes(b) as usize);
     let new_len = (old_len + server_name.len()).saturating_sub(bind.statement.len());
     let mut out = BytesMut::with_capacity(message.len() + server_name.len());
     out.put_u8(b'B');

@@ -13,7 +13,7 @@ pub use message::{Bind, Close, Describe, Parse, rewrite_bind, rewrite_describe};
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -35,20 +35,69 @@ pub struct Statement {
 /// Query text and parameter type OIDs.
 type StatementKey = (Box<str>, Box<[u32]>);
 
-/// Every statement any client prepared, by (query, parameter types). Shared by all pools;
-/// touched only when a client sends a named Parse.
+/// Statements registered; what a client, a server connection or a reply in flight holds
+/// keeps its entry alive.
 #[derive(Default)]
+struct Entries {
+    by_key: HashMap<StatementKey, Arc<Statement>>,
+    /// Above this many entries, the next registration sweeps out unused ones.
+    sweep_above: usize,
+}
+
+/// Every statement clients prepared, by (query, parameter types). Shared by all pools;
+/// touched only when a client sends a named Parse. Bounded: beyond `capacity`, statements
+/// that no client, no server connection and no reply in flight holds are forgotten (a
+/// client that prepares a million distinct texts does not grow pgmux for ever).
 pub struct Registry {
-    statements: Mutex<HashMap<StatementKey, Arc<Statement>>>,
+    entries: Mutex<Entries>,
+    capacity: AtomicUsize,
     next_id: AtomicU64,
 }
 
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new(10_000)
+    }
+}
+
 impl Registry {
+    /// A registry that keeps about `capacity` unused statements at most.
+    pub fn new(capacity: usize) -> Self {
+        Registry {
+            entries: Mutex::new(Entries {
+                by_key: HashMap::new(),
+                sweep_above: capacity,
+            }),
+            capacity: AtomicUsize::new(capacity),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// How many unused statements it keeps at most; also the most named statements one
+    /// client may hold at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Relaxed)
+    }
+
+    /// A new capacity (config reload); applies from the next registration.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity, Ordering::Relaxed);
+        self.entries.lock().sweep_above = capacity;
+    }
+
     /// The statement for this query and these parameter types, registered on first use.
     pub fn statement(&self, query: &str, param_types: &[u32]) -> Arc<Statement> {
-        let mut statements = self.statements.lock();
-        if let Some(found) = statements.get(&(query.into(), param_types.into())) {
+        let mut entries = self.entries.lock();
+        if let Some(found) = entries.by_key.get(&(query.into(), param_types.into())) {
             return found.clone();
+        }
+        if entries.by_key.len() >= entries.sweep_above {
+            // Only the registry's own reference left: nobody can name it any more.
+            entries.by_key.retain(|_, s| Arc::strong_count(s) > 1);
+            // Sweep again only after a quarter of the capacity more: when everything is in
+            // use, registrations stay cheap instead of sweeping every time.
+            let capacity = self.capacity.load(Ordering::Relaxed);
+            entries.sweep_above = capacity.max(entries.by_key.len() + capacity / 4 + 1);
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let server_name = format!("pgmux_s{id}");
@@ -58,13 +107,15 @@ impl Registry {
             server_name,
             verified: AtomicBool::new(false),
         });
-        statements.insert((query.into(), param_types.into()), statement.clone());
+        entries
+            .by_key
+            .insert((query.into(), param_types.into()), statement.clone());
         statement
     }
 
     /// How many distinct statements are registered.
     pub fn len(&self) -> usize {
-        self.statements.lock().len()
+        self.entries.lock().by_key.len()
     }
 
     /// Whether none is.
@@ -86,7 +137,9 @@ fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
         buf.put_u32(*oid);
     }
     let len = (buf.len() - 1) as i32;
-    buf[1..5].copy_from_slice(&len.to_be_bytes());
+    if let Some(header) = buf.get_mut(1..5) {
+        header.copy_from_slice(&len.to_be_bytes());
+    }
     buf.freeze()
 }
 
@@ -117,6 +170,16 @@ impl ClientStatements {
     /// Forgets everything (DISCARD ALL, DEALLOCATE ALL).
     pub fn clear(&mut self) {
         self.by_name.clear();
+    }
+
+    /// How many names the client holds.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
     }
 }
 
@@ -192,6 +255,25 @@ mod tests {
         assert_ne!(a.id, c.id);
         assert_eq!(&a.parse[..1], b"P");
         assert!(a.server_name.starts_with("pgmux_s"));
+    }
+
+    #[test]
+    fn unused_statements_are_forgotten_beyond_the_capacity() {
+        let registry = Registry::new(100);
+        let kept = registry.statement("SELECT 'kept'", &[]);
+        for i in 0..10_000 {
+            registry.statement(&format!("SELECT {i}"), &[]);
+        }
+        assert!(registry.len() <= 126, "bounded: {}", registry.len());
+        let again = registry.statement("SELECT 'kept'", &[]);
+        assert!(
+            Arc::ptr_eq(&kept, &again),
+            "a statement in use is never forgotten"
+        );
+        let held: Vec<_> = (0..1_000)
+            .map(|i| registry.statement(&format!("SELECT 'held' || {i}"), &[]))
+            .collect();
+        assert!(registry.len() >= held.len(), "statements in use stay");
     }
 
     #[test]

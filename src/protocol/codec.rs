@@ -23,6 +23,12 @@ pub enum ProtocolError {
     /// The length in a message header is impossible.
     #[error("invalid message length {len} for message type '{tag}'", tag = char::from(*.tag))]
     BadLength { tag: u8, len: usize },
+    /// The length in a message header is above the configured limit.
+    #[error("message type '{tag}' of {len} bytes is larger than max_message_size ({max} bytes)", tag = char::from(*.tag))]
+    TooLarge { tag: u8, len: usize, max: usize },
+    /// A message type that is not allowed here.
+    #[error("invalid message type '{tag}' (byte {byte})", tag = char::from(*.byte).escape_default(), byte = *.byte)]
+    UnknownType { byte: u8 },
     /// A message body did not have the fields its type requires.
     #[error("malformed {0} message")]
     Malformed(&'static str),
@@ -53,7 +59,7 @@ impl Frame {
     /// The body of a whole message (after the 5-byte header). Empty for parts.
     pub fn body(&self) -> &[u8] {
         if self.is_whole() {
-            &self.bytes[5..]
+            self.bytes.get(5..).unwrap_or_default()
         } else {
             &[]
         }
@@ -64,6 +70,8 @@ impl Frame {
 #[derive(Debug)]
 pub struct MessageCodec {
     max_whole: usize,
+    /// Largest message accepted (length field + tag).
+    max_len: usize,
     /// Tag and bytes still to come of a message being streamed in parts.
     streaming: Option<(u8, usize)>,
 }
@@ -73,8 +81,15 @@ impl MessageCodec {
     pub fn new(max_whole: usize) -> Self {
         MessageCodec {
             max_whole: max_whole.max(FIRST_PART),
+            max_len: MAX_MESSAGE_LEN,
             streaming: None,
         }
+    }
+
+    /// Refuses messages larger than `max_len` bytes (at most [`MAX_MESSAGE_LEN`]).
+    pub fn with_max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len.min(MAX_MESSAGE_LEN);
+        self
     }
 
     /// Whether a message is only partly through (its header went by, its end did not).
@@ -117,8 +132,15 @@ impl Decoder for MessageCodec {
         };
         let tag = header[0];
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-        if !(4..=MAX_MESSAGE_LEN).contains(&len) {
+        if len < 4 {
             return Err(ProtocolError::BadLength { tag, len });
+        }
+        if len > self.max_len {
+            return Err(ProtocolError::TooLarge {
+                tag,
+                len,
+                max: self.max_len,
+            });
         }
         let total = 1 + len;
         if src.len() >= total {

@@ -5,6 +5,7 @@
 //! [`sqlstate`] names the error codes clients see.
 
 pub mod codec;
+pub mod read;
 pub mod sqlstate;
 pub mod startup;
 pub mod write;
@@ -38,6 +39,7 @@ pub mod tag {
     pub const READY_FOR_QUERY: u8 = b'Z';
     pub const ERROR_RESPONSE: u8 = b'E';
     pub const NOTICE_RESPONSE: u8 = b'N';
+    pub const DATA_ROW: u8 = b'D';
     pub const COPY_IN_RESPONSE: u8 = b'G';
     pub const COPY_OUT_RESPONSE: u8 = b'H';
     pub const COPY_BOTH_RESPONSE: u8 = b'W';
@@ -47,8 +49,9 @@ pub mod tag {
 /// Reads a NUL-terminated string at the start of `buf`; returns it and the rest.
 pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
     let end = buf.iter().position(|&b| b == 0)?;
-    let s = std::str::from_utf8(&buf[..end]).ok()?;
-    Some((s, &buf[end + 1..]))
+    let (s, rest) = buf.split_at_checked(end)?;
+    let s = std::str::from_utf8(s).ok()?;
+    Some((s, rest.get(1..)?))
 }
 
 /// Reads a big-endian i32 at the start of `buf`; returns it and the rest.

@@ -27,6 +27,8 @@ impl SqlState {
     pub const ADMIN_SHUTDOWN: SqlState = SqlState("57P01");
     /// 08004: the server refused the connection (its own error is in the message).
     pub const CONNECTION_REJECTED: SqlState = SqlState("08004");
+    /// 57P03: the server is starting up or shutting down and takes no logins now.
+    pub const CANNOT_CONNECT_NOW: SqlState = SqlState("57P03");
 
     /// 57014: login took longer than client_login_timeout.
     pub const QUERY_CANCELED: SqlState = SqlState("57014");
@@ -40,6 +42,9 @@ impl SqlState {
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
     /// F0000: a config reload found problems in the file (nothing changed).
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
+
+    /// XX000: a bug in pgmux ended the session (the panic is logged with its location).
+    pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 
     /// The code as sent on the wire.
     pub fn code(&self) -> &'static str {

@@ -78,7 +78,7 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
             }
             if buf.len() >= len {
                 let packet = buf.split_to(len);
-                return parse_packet(&packet[4..]);
+                return parse_packet(packet.get(4..).unwrap_or_default());
             }
             buf.reserve(len - buf.len());
         } else {

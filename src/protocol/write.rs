@@ -12,7 +12,9 @@ pub fn message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
     buf.put_i32(0);
     body(buf);
     let len = (buf.len() - at) as i32;
-    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    if let Some(header) = buf.get_mut(at..at + 4) {
+        header.copy_from_slice(&len.to_be_bytes());
+    }
 }
 
 /// Appends a NUL-terminated string (a NUL inside is dropped).

@@ -1,6 +1,7 @@
 //! Opening a server connection: TCP connect, StartupMessage, authentication with whatever
 //! the server asks for, then ParameterStatus and BackendKeyData up to ReadyForQuery.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -9,7 +10,9 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use super::{BackendKey, ServerConn, ServerStream, parse_parameter_status};
+use super::{BackendKey, ServerConn, ServerStream};
+use crate::config::TcpOptions;
+use crate::protocol::read::{fields, parse_parameter_status};
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
 
 /// Where and as whom a pool connects.
@@ -25,6 +28,8 @@ pub struct Upstream {
     pub user: String,
     /// Its password, when the server asks for one.
     pub password: Option<String>,
+    /// Keepalive and user timeout of the TCP socket (the pool's `tcp_*` settings).
+    pub tcp: TcpOptions,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -48,29 +53,105 @@ impl std::fmt::Display for Upstream {
     }
 }
 
-/// Why a server connection could not be opened.
+/// Why a server connection could not be opened. The pool keeps a clone of the last one
+/// while the upstream is down (its health), so every cause is cheap to clone.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ConnectError {
-    /// TCP connect or I/O failed.
+    /// The socket failed: connection refused, host unreachable, reset during login.
     #[error("{0}")]
-    Io(String),
+    Io(IoError),
+    /// The server closed the connection during login without an ErrorResponse.
+    #[error("the server closed the connection during login")]
+    Closed,
     /// No answer within connect_timeout.
     #[error("no answer within {0:?} (connect_timeout)")]
     Timeout(Duration),
-    /// The server refused the login with an ErrorResponse.
-    #[error("server said: {message} (SQLSTATE {code})")]
-    Server { code: String, message: String },
-    /// The server asked for something pgmux cannot give.
-    #[error("{0}")]
-    Auth(String),
-    /// The server broke the protocol.
+    /// PostgreSQL refused the login with an ErrorResponse: 53300 when it reached
+    /// `max_connections`, 57P03 while it starts or stops, 28P01 for a wrong password,
+    /// 3D000 for a missing database. Its SQLSTATE and text are kept for the client.
+    #[error("PostgreSQL refused the login: {message} (SQLSTATE {code})")]
+    Server {
+        /// The SQLSTATE, five characters as PostgreSQL sent it.
+        code: String,
+        /// Its primary message.
+        message: String,
+        /// Its DETAIL, if any.
+        detail: Option<String>,
+        /// Its HINT, if any.
+        hint: Option<String>,
+    },
+    /// The server asks for a password and none is configured for the user.
+    #[error(
+        "server asks for a password for user \"{user}\" and none is configured (users.{user}.password or server_password)"
+    )]
+    NoPassword {
+        /// The user pgmux logs in as.
+        user: String,
+    },
+    /// The server asks for an authentication method pgmux does not implement (the code of
+    /// its Authentication message).
+    #[error("server asks for authentication method {0}, which pgmux does not support")]
+    UnsupportedAuth(i32),
+    /// The server offers SASL without SCRAM-SHA-256.
+    #[error("server offers no SASL mechanism pgmux supports (it speaks SCRAM-SHA-256)")]
+    NoScram,
+    /// The SCRAM exchange failed (a wrong server proof, a malformed server message).
+    #[error("SCRAM: {0}")]
+    Scram(IoError),
+    /// The server broke the protocol during login.
     #[error("protocol error: {0}")]
-    Protocol(String),
+    Protocol(Arc<ProtocolError>),
+}
+
+impl ConnectError {
+    /// The SQLSTATE PostgreSQL refused the login with, when it did.
+    pub fn server_code(&self) -> Option<&str> {
+        match self {
+            ConnectError::Server { code, .. } => Some(code),
+            _ => None,
+        }
+    }
+}
+
+/// An I/O error that can be cloned (shared), keeping its kind and OS error.
+#[derive(Debug, Clone)]
+pub struct IoError(Arc<std::io::Error>);
+
+impl IoError {
+    /// What kind of failure it was (`ConnectionRefused`, `ConnectionReset`, ...).
+    pub fn kind(&self) -> std::io::ErrorKind {
+        self.0.kind()
+    }
+}
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for IoError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
+    }
+}
+
+impl From<std::io::Error> for IoError {
+    fn from(e: std::io::Error) -> Self {
+        IoError(Arc::new(e))
+    }
+}
+
+impl From<&str> for IoError {
+    /// A failure pgmux describes itself (kind `Other`).
+    fn from(message: &str) -> Self {
+        std::io::Error::other(message.to_owned()).into()
+    }
 }
 
 impl From<std::io::Error> for ConnectError {
     fn from(e: std::io::Error) -> Self {
-        ConnectError::Io(e.to_string())
+        ConnectError::Io(e.into())
     }
 }
 
@@ -78,7 +159,7 @@ impl From<ProtocolError> for ConnectError {
     fn from(e: ProtocolError) -> Self {
         match e {
             ProtocolError::Io(e) => e.into(),
-            other => ConnectError::Protocol(other.to_string()),
+            other => ConnectError::Protocol(Arc::new(other)),
         }
     }
 }
@@ -96,7 +177,8 @@ pub async fn connect(
 }
 
 async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectError> {
-    let (stream, addr) = ServerStream::connect(&upstream.host, upstream.port).await?;
+    let (stream, addr) =
+        ServerStream::connect(&upstream.host, upstream.port, &upstream.tcp).await?;
     let mut conn = Box::new(ServerConn::new(stream, addr));
 
     let mut out = BytesMut::new();
@@ -138,9 +220,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                             .split(|&b| b == 0)
                             .any(|m| m == sasl::SCRAM_SHA_256.as_bytes());
                         if !offers_scram {
-                            return Err(ConnectError::Auth(
-                                "server offers no SASL mechanism pgmux supports".into(),
-                            ));
+                            return Err(ConnectError::NoScram);
                         }
                         let exchange = sasl::ScramSha256::new(
                             password(upstream)?.as_bytes(),
@@ -156,9 +236,8 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                     11 | 12 => {
                         let mut exchange = scram
                             .take()
-                            .ok_or(ConnectError::Protocol("SASL step before SASL start".into()))?;
-                        let scram_error =
-                            |e: std::io::Error| ConnectError::Auth(format!("SCRAM: {e}"));
+                            .ok_or(ProtocolError::Malformed("SASL step before SASL start"))?;
+                        let scram_error = |e: std::io::Error| ConnectError::Scram(e.into());
                         if code == 11 {
                             // The salted password takes PBKDF2 (4096 rounds or more, about
                             // a millisecond): off the thread that runs the sessions.
@@ -168,7 +247,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                             });
                             let exchange = step
                                 .await
-                                .map_err(|e| ConnectError::Auth(format!("SCRAM: {e}")))?
+                                .map_err(|e| scram_error(std::io::Error::other(e)))?
                                 .map_err(scram_error)?;
                             frontend::sasl_response(exchange.message(), &mut out)?;
                             scram = Some(exchange);
@@ -176,11 +255,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                             exchange.finish(rest).map_err(scram_error)?;
                         }
                     }
-                    other => {
-                        return Err(ConnectError::Auth(format!(
-                            "server asks for authentication method {other}, which pgmux does not support"
-                        )));
-                    }
+                    other => return Err(ConnectError::UnsupportedAuth(other)),
                 }
                 if !out.is_empty() {
                     conn.stream.write_all(&out).await?;
@@ -198,12 +273,13 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                     read_i32(rest).ok_or(ProtocolError::Malformed("BackendKeyData"))?;
                 conn.key = BackendKey { process_id, secret };
             }
-            tag::ERROR_RESPONSE => {
-                let (code, message) = error_fields(body);
-                return Err(ConnectError::Server { code, message });
-            }
+            tag::ERROR_RESPONSE => return Err(refusal(body)),
             tag::READY_FOR_QUERY => {
-                conn.tx_status = body.first().copied().unwrap_or(b'I');
+                conn.tx_status = body
+                    .first()
+                    .copied()
+                    .and_then(super::TxStatus::from_byte)
+                    .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
                 conn.initial_params = conn.params.clone();
                 return Ok(conn);
             }
@@ -214,12 +290,12 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
 }
 
 fn password(upstream: &Upstream) -> Result<&str, ConnectError> {
-    upstream.password.as_deref().ok_or_else(|| {
-        ConnectError::Auth(format!(
-            "server asks for a password for user \"{}\" and none is configured (users.{}.password or server_password)",
-            upstream.user, upstream.user
-        ))
-    })
+    upstream
+        .password
+        .as_deref()
+        .ok_or_else(|| ConnectError::NoPassword {
+            user: upstream.user.clone(),
+        })
 }
 
 /// Reads one whole message during login, when messages are small.
@@ -227,37 +303,33 @@ async fn next_message(conn: &mut ServerConn) -> Result<Frame, ConnectError> {
     loop {
         if let Some(frame) = conn.codec.decode(&mut conn.read_buf)? {
             if !frame.is_whole() {
-                return Err(ConnectError::Protocol(
-                    "oversized message during login".into(),
-                ));
+                return Err(ProtocolError::Malformed("oversized login").into());
             }
             return Ok(frame);
         }
         if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(ConnectError::Io(
-                "server closed the connection during login".into(),
-            ));
+            return Err(ConnectError::Closed);
         }
     }
 }
 
-/// The SQLSTATE and message of an ErrorResponse body.
-pub fn error_fields(body: &[u8]) -> (String, String) {
+/// The ErrorResponse PostgreSQL refused a login with, as a [`ConnectError::Server`].
+fn refusal(body: &[u8]) -> ConnectError {
     let (mut code, mut message) = (String::new(), String::new());
-    let mut rest = body;
-    while let Some((&field, after)) = rest.split_first() {
-        if field == 0 {
-            break;
-        }
-        let Some((value, after)) = crate::protocol::read_cstr(after) else {
-            break;
-        };
+    let (mut detail, mut hint) = (None, None);
+    for (field, value) in fields(body) {
         match field {
             b'C' => code = value.to_owned(),
             b'M' => message = value.to_owned(),
+            b'D' => detail = Some(value.to_owned()),
+            b'H' => hint = Some(value.to_owned()),
             _ => {}
         }
-        rest = after;
     }
-    (code, message)
+    ConnectError::Server {
+        code,
+        message,
+        detail,
+        hint,
+    }
 }

@@ -4,18 +4,23 @@
 mod connect;
 mod stream;
 
-pub use connect::{ConnectError, Upstream, connect, error_fields};
+pub use connect::{ConnectError, IoError, Upstream, connect};
 pub use stream::{ServerAddr, ServerStream, TryWrite};
 
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
+use tokio_util::io::poll_read_buf;
 
 use crate::prepared::ServerStatements;
-use crate::protocol::{MessageCodec, ProtocolError, tag, write};
+use crate::protocol::read::parse_parameter_status;
+use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 
 /// The key PostgreSQL gave this connection, needed to cancel its queries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,47 +40,95 @@ pub enum SettingValue {
     Sql(String),
 }
 
+/// A server's transaction status, as its last ReadyForQuery said.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InTransaction,
+    /// `E`: in a failed transaction block (queries are refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    /// The status a ReadyForQuery body starts with; `None` for any other byte.
+    pub fn from_byte(byte: u8) -> Option<TxStatus> {
+        match byte {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
+    }
+
+    /// The byte on the wire.
+    pub fn as_byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+/// What a whole server message means, once [`ServerConn::observe`] has noted it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ServerEvent<'f> {
+    /// ReadyForQuery: the server finished a Query, Sync or FunctionCall.
+    Ready(TxStatus),
+    /// ParameterStatus: a reported setting has this value now.
+    Parameter { name: &'f str, value: &'f str },
+    /// Anything else: the connection has nothing to note.
+    Other,
+}
+
+/// What a query pgmux ran for itself left behind ([`ServerConn::query_quietly`]).
+#[derive(Debug, Default)]
+pub struct Quiet {
+    /// The transaction status after it, if it finished.
+    pub status: Option<TxStatus>,
+    /// The first column of the last row, as text.
+    pub value: Option<String>,
+    /// It answered with an ErrorResponse.
+    pub failed: bool,
+}
+
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// The most read buffer an idle connection keeps.
 const READ_BUF_KEPT: usize = 64 * 1024;
 
-/// An authenticated server connection. Owned by exactly one party at a time.
+/// An authenticated server connection. Owned by exactly one party at a time: the pool
+/// while it is idle, or the client session that holds its [`crate::pool::Lease`]. It reads
+/// and interprets its own messages ([`ServerConn::next_frame`], [`ServerConn::observe`]);
+/// the holder writes through [`ServerConn::stream`].
 #[derive(Debug)]
 pub struct ServerConn {
-    /// The socket. The client session reads and writes it directly while it holds the connection.
-    pub stream: ServerStream,
-    /// Bytes read from the server and not yet handled.
-    pub read_buf: BytesMut,
+    stream: ServerStream,
+    /// Bytes read from the server and not yet framed.
+    read_buf: BytesMut,
     /// Frames server messages; tracks a large message still streaming through.
-    pub codec: MessageCodec,
+    codec: MessageCodec,
     /// ParameterStatus values the server reported, in the order first seen.
-    pub params: Vec<(String, String)>,
-    /// Its cancel key.
-    pub key: BackendKey,
-    /// Where it is connected (cancel requests go there).
-    pub addr: ServerAddr,
-    /// A process-wide id, for logs.
-    pub id: u64,
-    /// When it was opened.
-    pub created: Instant,
-    /// When it last went idle.
-    pub idle_since: Instant,
-    /// The transaction status of the last ReadyForQuery: `I`, `T` or `E`.
-    pub tx_status: u8,
-    /// Set when its state is unknown (an error mid-message, a client gone mid-query):
-    /// such a connection is closed, never reused.
-    pub broken: bool,
-    /// When the pool retires it (max_lifetime with jitter), if ever.
-    pub retire_at: Option<Instant>,
+    params: Vec<(String, String)>,
+    key: BackendKey,
+    addr: ServerAddr,
+    id: u64,
+    created: Instant,
+    idle_since: Instant,
+    tx_status: TxStatus,
+    /// Its state is unknown (an error mid-message, a client gone mid-query): never reused.
+    broken: bool,
+    retire_at: Option<Instant>,
     /// ParameterStatus values as the server reported them right after login.
-    pub initial_params: Vec<(String, String)>,
+    initial_params: Vec<(String, String)>,
     /// Whether some reported parameter differs from its value in `initial_params`.
-    pub drifted: bool,
+    drifted: bool,
     /// Settings the server does not report that clients had applied to it, by lowercase name.
-    pub applied: Vec<(String, SettingValue)>,
+    applied: Vec<(String, SettingValue)>,
     /// Named prepared statements it holds.
-    pub prepared: ServerStatements,
+    prepared: ServerStatements,
 }
 
 impl ServerConn {
@@ -94,7 +147,7 @@ impl ServerConn {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             created: now,
             idle_since: now,
-            tx_status: b'I',
+            tx_status: TxStatus::Idle,
             broken: false,
             retire_at: None,
             initial_params: Vec::new(),
@@ -104,16 +157,132 @@ impl ServerConn {
         }
     }
 
+    /// A process-wide id, for logs and the admin views.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The key PostgreSQL gave it (its backend process id and cancel secret).
+    pub fn key(&self) -> BackendKey {
+        self.key
+    }
+
+    /// Where it is connected (cancel requests go there).
+    pub fn addr(&self) -> &ServerAddr {
+        &self.addr
+    }
+
+    /// When it was opened.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// When it last went back to the pool.
+    pub fn idle_since(&self) -> Instant {
+        self.idle_since
+    }
+
+    /// Notes that it went idle now, and drops a read buffer that a big result grew
+    /// (sessions read up to 256 KiB at a time): an idle connection keeps no large buffer.
+    pub fn went_idle(&mut self, now: Instant) {
+        self.idle_since = now;
+        if self.read_buf.is_empty() && self.read_buf.capacity() > READ_BUF_KEPT {
+            self.read_buf = BytesMut::new();
+        }
+    }
+
+    /// When the pool retires it (max_lifetime with jitter), if ever.
+    pub fn retire_at(&self) -> Option<Instant> {
+        self.retire_at
+    }
+
+    /// Sets when the pool retires it.
+    pub fn set_retire_at(&mut self, at: Option<Instant>) {
+        self.retire_at = at;
+    }
+
+    /// The transaction status its last ReadyForQuery reported.
+    pub fn tx_status(&self) -> TxStatus {
+        self.tx_status
+    }
+
+    /// Whether it was marked unusable.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Marks it unusable: whatever happens to it next, the pool closes it.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
     /// Whether it can go back to the pool: idle, outside a transaction, nothing half-read.
     pub fn is_clean(&self) -> bool {
-        !self.broken
-            && self.tx_status == b'I'
-            && self.read_buf.is_empty()
-            && !self.codec.in_message()
+        !self.broken && self.tx_status == TxStatus::Idle && !self.has_unread()
+    }
+
+    /// Whether bytes were read that no one has handled yet (or a message is half through).
+    pub fn has_unread(&self) -> bool {
+        !self.read_buf.is_empty() || self.codec.in_message()
+    }
+
+    /// The socket, for the holder's writes.
+    pub fn stream(&self) -> &ServerStream {
+        &self.stream
+    }
+
+    /// Reads what the server sent into the connection's buffer, reserving `reserve` bytes
+    /// first. A short read marks the socket drained, so the next wait costs no syscall.
+    pub fn poll_read(&mut self, cx: &mut Context<'_>, reserve: usize) -> Poll<io::Result<usize>> {
+        self.read_buf.reserve(reserve);
+        poll_read_buf(Pin::new(&mut self.stream), cx, &mut self.read_buf)
+    }
+
+    /// The next message (or part of a large one) read so far, if any.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        self.codec.decode(&mut self.read_buf)
+    }
+
+    /// Notes what a server message changes about the connection (its transaction status,
+    /// its reported settings) and says what it was.
+    pub fn observe<'f>(&mut self, frame: &'f Frame) -> Result<ServerEvent<'f>, ProtocolError> {
+        if !frame.is_whole() {
+            return Ok(ServerEvent::Other);
+        }
+        match frame.tag {
+            tag::READY_FOR_QUERY => {
+                let status = frame
+                    .body()
+                    .first()
+                    .copied()
+                    .and_then(TxStatus::from_byte)
+                    .ok_or(ProtocolError::Malformed("ReadyForQuery"))?;
+                self.tx_status = status;
+                Ok(ServerEvent::Ready(status))
+            }
+            tag::PARAMETER_STATUS => match parse_parameter_status(frame.body()) {
+                Some((name, value)) => {
+                    self.set_param(name, value);
+                    Ok(ServerEvent::Parameter { name, value })
+                }
+                None => Err(ProtocolError::Malformed("ParameterStatus")),
+            },
+            _ => Ok(ServerEvent::Other),
+        }
+    }
+
+    /// The named prepared statements it holds.
+    pub fn prepared(&mut self) -> &mut ServerStatements {
+        &mut self.prepared
+    }
+
+    /// The ParameterStatus values it reported, in the order first seen.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
     }
 
     /// Records a ParameterStatus the server sent.
-    pub fn set_param(&mut self, name: &str, value: &str) {
+    fn set_param(&mut self, name: &str, value: &str) {
         match self.params.iter_mut().find(|(k, _)| k == name) {
             Some(slot) if slot.1 == value => return,
             Some(slot) => value.clone_into(&mut slot.1),
@@ -135,6 +304,27 @@ impl ServerConn {
             .map(|(_, v)| v.as_str())
     }
 
+    /// The value of a parameter the server reported.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Reported parameters whose value changed since login: (name, value at login).
+    pub fn drifted_params(&self) -> impl Iterator<Item = (&str, &str)> {
+        let drifted = if self.drifted {
+            self.initial_params.as_slice()
+        } else {
+            &[]
+        };
+        drifted
+            .iter()
+            .filter(|(name, initial)| self.param(name).is_some_and(|now| now != initial))
+            .map(|(name, initial)| (name.as_str(), initial.as_str()))
+    }
+
     /// A setting applied to it that the server does not report.
     pub fn applied(&self, lower_name: &str) -> Option<&SettingValue> {
         self.applied
@@ -151,17 +341,19 @@ impl ServerConn {
         }
     }
 
+    /// The lowercase names of the settings applied to it, without allocating.
+    pub fn applied_settings(&self) -> impl Iterator<Item = &str> {
+        self.applied.iter().map(|(k, _)| k.as_str())
+    }
+
     /// Names of the settings applied to it.
     pub fn applied_names(&self) -> Vec<String> {
         self.applied.iter().map(|(k, _)| k.clone()).collect()
     }
 
-    /// The value of a parameter the server reported.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+    /// Forgets every applied setting (RESET ALL, DISCARD ALL).
+    pub fn clear_applied(&mut self) {
+        self.applied.clear();
     }
 
     /// Whether the idle socket still looks usable: no EOF and no unexpected bytes (such as
@@ -174,35 +366,35 @@ impl ServerConn {
         }
     }
 
-    /// Runs `sql` with the simple protocol and reads up to its ReadyForQuery, dropping the
-    /// replies. Returns the final transaction status; an ErrorResponse counts as failure.
-    /// Used for ROLLBACK and reset queries on a connection no client is using.
-    pub async fn run_quietly(&mut self, sql: &str, limit: Duration) -> Result<u8, ProtocolError> {
+    /// Runs `sql`, a query of pgmux's own (ROLLBACK, a reset query, `SHOW`), with the simple
+    /// protocol on a connection no client is using, and reads up to its ReadyForQuery within
+    /// `limit`, keeping only what [`Quiet`] says. An I/O or protocol failure or the time
+    /// limit is an error; the connection must then be closed.
+    pub async fn query_quietly(
+        &mut self,
+        sql: &str,
+        limit: Duration,
+    ) -> Result<Quiet, ProtocolError> {
         let mut out = BytesMut::new();
         write::query(&mut out, sql);
         let work = async {
             self.stream.write_all(&out).await?;
-            let mut failed = false;
+            let mut quiet = Quiet::default();
             loop {
-                while let Some(frame) = self.codec.decode(&mut self.read_buf)? {
+                while let Some(frame) = self.next_frame()? {
+                    if !frame.is_whole() {
+                        return Err(ProtocolError::Malformed(
+                            "oversized reply to pgmux's own query",
+                        ));
+                    }
                     match frame.tag {
-                        tag::ERROR_RESPONSE => failed = true,
-                        tag::PARAMETER_STATUS if frame.is_whole() => {
-                            if let Some((k, v)) = parse_parameter_status(frame.body()) {
-                                self.set_param(k, v);
-                            }
-                        }
-                        tag::READY_FOR_QUERY if frame.is_whole() => {
-                            let status = frame.body().first().copied().unwrap_or(b'E');
-                            self.tx_status = status;
-                            if failed {
-                                return Err(ProtocolError::Malformed(
-                                    "error reply to a reset query",
-                                ));
-                            }
-                            return Ok(status);
-                        }
+                        tag::ERROR_RESPONSE => quiet.failed = true,
+                        tag::DATA_ROW => quiet.value = first_column(frame.body()),
                         _ => {}
+                    }
+                    if let ServerEvent::Ready(status) = self.observe(&frame)? {
+                        quiet.status = Some(status);
+                        return Ok(quiet);
                     }
                 }
                 if self.stream.read_buf(&mut self.read_buf).await? == 0 {
@@ -216,12 +408,17 @@ impl ServerConn {
         }
     }
 
-    /// Drops a read buffer that a big result grew (sessions read up to 256 KiB at a time):
-    /// an idle connection keeps no large buffer.
-    pub fn shrink_read_buffer(&mut self) {
-        if self.read_buf.is_empty() && self.read_buf.capacity() > READ_BUF_KEPT {
-            self.read_buf = BytesMut::new();
-        }
+    /// Runs a query of pgmux's own for cleanup; true when it succeeded and left the server
+    /// idle outside a transaction (otherwise the connection must be closed).
+    pub async fn run_quietly(&mut self, sql: &str, limit: Duration) -> bool {
+        matches!(
+            self.query_quietly(sql, limit).await,
+            Ok(Quiet {
+                status: Some(TxStatus::Idle),
+                failed: false,
+                ..
+            })
+        )
     }
 
     /// Says goodbye to the server and drops the socket. Never blocks.
@@ -232,9 +429,9 @@ impl ServerConn {
     }
 }
 
-/// Splits a ParameterStatus body into name and value.
-pub fn parse_parameter_status(body: &[u8]) -> Option<(&str, &str)> {
-    let (name, rest) = crate::protocol::read_cstr(body)?;
-    let (value, _) = crate::protocol::read_cstr(rest)?;
-    Some((name, value))
+/// The first column of a DataRow body, as text (NULL and binary values are `None`).
+fn first_column(body: &[u8]) -> Option<String> {
+    let (len, rest) = crate::protocol::read_i32(body.get(2..)?)?;
+    let len = usize::try_from(len).ok()?;
+    Some(String::from_utf8_lossy(rest.get(..len)?).into_owned())
 }

@@ -1,5 +1,6 @@
 //! The socket to a PostgreSQL server: TCP, or a Unix-domain socket when the upstream's
-//! host is a directory (as libpq and PgBouncer read `host=/var/run/postgresql`).
+//! host is a directory (as libpq and PgBouncer read `host=/var/run/postgresql`). A TCP
+//! socket gets the pool's keepalive and user-timeout options as soon as it is connected.
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -8,8 +9,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::os::fd::{AsRawFd, RawFd};
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
+
+use crate::config::TcpOptions;
 
 /// Where a server listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,8 +59,13 @@ pub enum ServerStream {
 }
 
 impl ServerStream {
-    /// Connects to `host:port`, or to the Unix socket in directory `host`.
-    pub async fn connect(host: &str, port: u16) -> io::Result<(ServerStream, ServerAddr)> {
+    /// Connects to `host:port` and sets `tcp` on the socket, or connects to the Unix socket
+    /// in directory `host` (where TCP options mean nothing).
+    pub async fn connect(
+        host: &str,
+        port: u16,
+        tcp: &TcpOptions,
+    ) -> io::Result<(ServerStream, ServerAddr)> {
         match ServerAddr::unix_socket(host, port) {
             Some(path) => {
                 let stream = UnixStream::connect(&path).await?;
@@ -64,6 +74,7 @@ impl ServerStream {
             None => {
                 let stream = TcpStream::connect((host, port)).await?;
                 stream.set_nodelay(true)?;
+                set_tcp_options(stream.as_raw_fd(), tcp)?;
                 let addr = stream.peer_addr()?;
                 Ok((ServerStream::Tcp(stream), ServerAddr::Tcp(addr)))
             }
@@ -82,6 +93,56 @@ impl ServerStream {
             ServerStream::Tcp(s) => s.try_read(buf),
             ServerStream::Unix(s) => s.try_read(buf),
         }
+    }
+}
+
+/// Sets keepalive (and its timings) and the user timeout on a TCP socket. Zero values
+/// leave the system's defaults. Outside Linux only `SO_KEEPALIVE` itself is set.
+fn set_tcp_options(fd: RawFd, tcp: &TcpOptions) -> io::Result<()> {
+    setsockopt(
+        fd,
+        libc::SOL_SOCKET,
+        libc::SO_KEEPALIVE,
+        i32::from(tcp.keepalive),
+    )?;
+    #[cfg(target_os = "linux")]
+    {
+        // Validated as whole seconds up to 32767 and milliseconds up to i32::MAX; clamped
+        // again here so that no value can wrap.
+        let secs = |d: std::time::Duration| i32::try_from(d.as_secs()).unwrap_or(i32::MAX);
+        let tcp_option = |name, value| setsockopt(fd, libc::IPPROTO_TCP, name, value);
+        if tcp.keepalive {
+            if !tcp.keepidle.is_zero() {
+                tcp_option(libc::TCP_KEEPIDLE, secs(tcp.keepidle))?;
+            }
+            if !tcp.keepintvl.is_zero() {
+                tcp_option(libc::TCP_KEEPINTVL, secs(tcp.keepintvl))?;
+            }
+            if tcp.keepcnt > 0 {
+                tcp_option(
+                    libc::TCP_KEEPCNT,
+                    tcp.keepcnt.try_into().unwrap_or(i32::MAX),
+                )?;
+            }
+        }
+        if !tcp.user_timeout.is_zero() {
+            let millis = i32::try_from(tcp.user_timeout.as_millis()).unwrap_or(i32::MAX);
+            tcp_option(libc::TCP_USER_TIMEOUT, millis)?;
+        }
+    }
+    Ok(())
+}
+
+/// `setsockopt(2)` with an `int` value.
+fn setsockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is an open socket owned by the caller for the duration of the call, and
+    // the option value points at a live c_int of the length given.
+    let rc = unsafe { libc::setsockopt(fd, level, name, std::ptr::from_ref(&value).cast(), len) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -169,5 +230,73 @@ mod tests {
         );
         assert_eq!(ServerAddr::unix_socket("127.0.0.1", 5432), None);
         assert_eq!(ServerAddr::unix_socket("db.internal", 5432), None);
+    }
+
+    #[cfg(target_os = "linux")]
+    fn getsockopt(stream: &ServerStream, level: i32, name: i32) -> i32 {
+        let ServerStream::Tcp(s) = stream else {
+            panic!("a TCP stream");
+        };
+        let mut value: libc::c_int = -1;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a live socket, and a c_int with its length.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                level,
+                name,
+                std::ptr::from_mut(&mut value).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        value
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn tcp_options_reach_the_socket() {
+        use std::time::Duration;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tcp = TcpOptions {
+            keepalive: true,
+            keepidle: Duration::from_secs(7),
+            keepintvl: Duration::from_secs(3),
+            keepcnt: 4,
+            user_timeout: Duration::from_millis(2500),
+        };
+        let (stream, _) = ServerStream::connect("127.0.0.1", port, &tcp)
+            .await
+            .unwrap();
+        assert_eq!(getsockopt(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 1);
+        assert_eq!(
+            getsockopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
+            7
+        );
+        assert_eq!(
+            getsockopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
+            3
+        );
+        assert_eq!(getsockopt(&stream, libc::IPPROTO_TCP, libc::TCP_KEEPCNT), 4);
+        assert_eq!(
+            getsockopt(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            2500
+        );
+
+        // Off: no keepalive, and the user timeout stays the system's (0).
+        let off = TcpOptions {
+            keepalive: false,
+            user_timeout: Duration::ZERO,
+            ..tcp
+        };
+        let (stream, _) = ServerStream::connect("127.0.0.1", port, &off)
+            .await
+            .unwrap();
+        assert_eq!(getsockopt(&stream, libc::SOL_SOCKET, libc::SO_KEEPALIVE), 0);
+        assert_eq!(
+            getsockopt(&stream, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
+            0
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! The integration test harness: a throwaway PostgreSQL (`TestPostgres`), the pgmux binary
-//! in front of it (`TestPgmux`), and helpers for psql, pgbench and memory checks.
+//! in front of it (`TestPgmux`), a fault-injecting proxy to put between them
+//! (`FaultProxy`), and helpers for psql, pgbench and memory checks.
 //!
 //! Each tests/*.rs is its own crate that includes this module with `mod common;`, and
 //! each uses a different part of it.
@@ -7,16 +8,18 @@
 // would warn as dead code (or as unused re-exports) in that binary.
 #![allow(dead_code, unused_imports)]
 
+mod faultproxy;
 mod http;
 mod pgmux;
 mod postgres;
 pub mod raw;
-mod watchdog;
+pub mod watchdog;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+pub use faultproxy::{FaultProxy, Links};
 pub use http::{Http, request as http_request};
 pub use pgmux::{MuxOptions, TestPgmux};
 pub use postgres::{SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir};
@@ -178,4 +181,24 @@ pub async fn pgbench_through_pgmux(protocol: &str) {
         stdout.contains("number of failed transactions: 0"),
         "{stdout}"
     );
+}
+
+/// Polls `check` every 100 ms until it says true or `limit` passes; returns whether it did.
+/// For outcomes that take effect asynchronously (a backend that exits, a connection that
+/// closes), asserted by what is observed, never by how long it took.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

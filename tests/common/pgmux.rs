@@ -42,6 +42,8 @@ pub struct MuxOptions {
     /// `Some(lines)`: start the admin HTTP port on a free port (`[admin] listen`), with
     /// these raw TOML lines added to `[admin]` (e.g. `token = "t"`). `None`: no admin port.
     pub admin: Option<String>,
+    /// Environment variables for the pgmux process (e.g. `PGMUX_TEST_PANIC_ON`).
+    pub env: Vec<(&'static str, String)>,
 }
 
 impl Default for MuxOptions {
@@ -60,6 +62,7 @@ impl Default for MuxOptions {
             pool_extra: String::new(),
             extra: String::new(),
             admin: None,
+            env: Vec::new(),
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct TestPgmux {
     pub config_path: PathBuf,
     /// The admin HTTP port on 127.0.0.1, when `MuxOptions::admin` asked for one.
     pub admin_port: Option<u16>,
+    /// Set by a test that makes pgmux panic on purpose: its log may then say so.
+    pub expect_panics: bool,
     process: Process,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
@@ -122,13 +127,14 @@ impl TestPgmux {
             let admin_port = opts.admin.as_ref().map(|_| free_port());
             let text = Self::config_toml_with_admin(pg, &opts, port, admin_port);
             fs::write(&config_path, text).expect("config written");
-            let mut process = Process::spawn(&config_path, &log_path, dir.path());
+            let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
             match process.wait_listening(port, &log_path).await {
                 Ready::Listening => {
                     return TestPgmux {
                         port,
                         config_path,
                         admin_port,
+                        expect_panics: false,
                         process,
                         log_path,
                         _dir: dir,
@@ -339,7 +345,7 @@ password = "other_pw"
 impl Drop for TestPgmux {
     fn drop(&mut self) {
         let log = self.stderr_log();
-        if !std::thread::panicking() && log.contains("panicked at") {
+        if !std::thread::panicking() && !self.expect_panics && log.contains("panicked at") {
             panic!("pgmux panicked during the test:\n{}", log_tail(&log, 60));
         }
         if std::thread::panicking() {
@@ -365,7 +371,7 @@ struct Process {
 }
 
 impl Process {
-    fn spawn(config: &Path, log_path: &Path, dir: &Path) -> Process {
+    fn spawn(config: &Path, log_path: &Path, dir: &Path, env: &[(&str, String)]) -> Process {
         let log = File::create(log_path).expect("pgmux log file");
         // Cargo sets this for integration tests only; the fuzz crate, which includes this
         // harness too, runs pgmux in its own process and never gets here.
@@ -378,6 +384,7 @@ impl Process {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
             .stderr(log);
+        cmd.envs(env.iter().map(|(k, v)| (k, v)));
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "pgmux=debug");
         }

@@ -1,0 +1,208 @@
+//! Every error pgmux itself tells a client, in one place: its SQLSTATE, its message (the
+//! `Display`, after `pgmux: `) and the hint that names what to change. Callers choose the
+//! severity: [`ClientError::fatal`] when pgmux closes the connection after it,
+//! [`ClientError::error`] when the session goes on.
+
+use std::time::Duration;
+
+use crate::pool::CheckoutError;
+use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
+use crate::protocol::{PgError, ProtocolError, SqlState};
+
+/// What pgmux tells a client, when it is pgmux's own word and not the server's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    // Login.
+    #[error("too many clients: max_client_conn ({max}) reached")]
+    TooManyClients { max: usize },
+    #[error("replication connections are not supported through pgmux")]
+    Replication,
+    #[error("no user name in the startup packet")]
+    NoUser,
+    #[error("no such database \"{0}\"")]
+    UnknownDatabase(String),
+    #[error("no such user \"{0}\"")]
+    UnknownUser(String),
+    #[error("password authentication failed for user \"{0}\"")]
+    BadPassword(String),
+    #[error("{0}")]
+    Startup(StartupError),
+    #[error("canceling authentication: no login within {0:?} (client_login_timeout)")]
+    LoginTimeout(Duration),
+    #[error("{0}")]
+    Authentication(String),
+
+    // No server to be had.
+    #[error("{0}")]
+    Checkout(CheckoutError),
+
+    // The session.
+    #[error("{0}")]
+    Protocol(ProtocolError),
+    #[error("terminating connection: pgmux is shutting down")]
+    ShuttingDown,
+    #[error("terminating connection: its database or user was removed from the pgmux config")]
+    PoolRemoved,
+    #[error(
+        "terminating connection: idle in transaction for longer than {0:?} (idle_transaction_timeout)"
+    )]
+    IdleInTransaction(Duration),
+    #[error(
+        "terminating connection: the server sent nothing for {0:?} while the client waited for it (query_timeout); the query was cancelled and the server connection closed"
+    )]
+    QueryTimeout(Duration),
+    #[error(
+        "terminating connection: the client sent nothing for {0:?} in the middle of a message (partial_message_timeout)"
+    )]
+    PartialMessage(Duration),
+    #[error("lost the server connection in the middle of a transaction: {0}")]
+    ServerLost(ProtocolError),
+    #[error("transaction blocks are not allowed in statement pooling mode")]
+    TransactionInStatementMode,
+    #[error("a named prepared statement larger than 1 MB is not supported")]
+    NamedStatementTooLarge,
+    #[error("prepared statement \"{0}\" already exists")]
+    DuplicateStatement(String),
+    #[error(
+        "this client already holds {0} named prepared statements (server.statement_registry_size)"
+    )]
+    TooManyStatements(usize),
+    #[error(
+        "internal error in pgmux; the session was closed (any open transaction was rolled back)"
+    )]
+    Internal,
+}
+
+impl ClientError {
+    /// The SQLSTATE the client reads.
+    pub fn sqlstate(&self) -> SqlState {
+        match self {
+            Self::TooManyClients { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
+            Self::NoUser | Self::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION,
+            Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
+            Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
+            Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
+            Self::Startup(_)
+            | Self::Authentication(_)
+            | Self::Protocol(_)
+            | Self::PartialMessage(_) => SqlState::PROTOCOL_VIOLATION,
+            Self::LoginTimeout(_) => SqlState::QUERY_CANCELED,
+            Self::Checkout(CheckoutError::Timeout { .. }) => SqlState::TOO_MANY_CONNECTIONS,
+            // PostgreSQL itself refused pgmux's login: keep what it means.
+            Self::Checkout(CheckoutError::Upstream { error, .. })
+                if error.server_code().is_some() =>
+            {
+                match error.server_code() {
+                    Some("53300") => SqlState::TOO_MANY_CONNECTIONS,
+                    Some("57P03") => SqlState::CANNOT_CONNECT_NOW,
+                    _ => SqlState::CONNECTION_REJECTED,
+                }
+            }
+            Self::Checkout(CheckoutError::Upstream { .. })
+            | Self::QueryTimeout(_)
+            | Self::ServerLost(_) => SqlState::CONNECTION_FAILURE,
+            Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
+            Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+            Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
+                SqlState::PROGRAM_LIMIT_EXCEEDED
+            }
+            Self::DuplicateStatement(_) => SqlState::DUPLICATE_PREPARED_STATEMENT,
+            Self::Internal => SqlState::INTERNAL_ERROR,
+        }
+    }
+
+    /// What to change, when pgmux can say.
+    pub fn hint(&self) -> Option<String> {
+        let hint = match self {
+            Self::TooManyClients { .. } => {
+                "raise server.max_client_conn, or use fewer client connections"
+            }
+            Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::UnknownDatabase(db) => {
+                return Some(format!("add [databases.{db}] to the pgmux config"));
+            }
+            Self::UnknownUser(user) => {
+                return Some(format!(
+                    "add [users.{user}] to the pgmux config or its userlist file"
+                ));
+            }
+            Self::Startup(StartupError::BadLength(_)) => {
+                return Some(format!(
+                    "a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"
+                ));
+            }
+            Self::Checkout(CheckoutError::Timeout { pool, .. }) => {
+                return Some(format!(
+                    "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
+                    pool.database
+                ));
+            }
+            Self::Checkout(CheckoutError::Upstream { error, .. }) => match error.server_code() {
+                Some("53300") => {
+                    "PostgreSQL reached its max_connections: lower the pool sizes of pgmux (and of other clients of the server), or raise max_connections; pgmux retries on the next query"
+                }
+                Some("57P03") => {
+                    "PostgreSQL is starting up or shutting down; pgmux retries on the next query"
+                }
+                Some(_) => {
+                    "PostgreSQL refused pgmux's login: check the server credentials pgmux uses (users.NAME.server_password) and pg_hba.conf"
+                }
+                None => {
+                    "check that the PostgreSQL server is up and reachable; pgmux retries on the next query"
+                }
+            },
+            Self::PoolRemoved => "reconnect; the pool no longer exists after the last reload",
+            Self::IdleInTransaction(_) => {
+                "commit or roll back sooner, or raise pool.idle_transaction_timeout"
+            }
+            Self::QueryTimeout(_) => {
+                "the transaction did not complete; check the network to PostgreSQL, or raise pool.query_timeout above the longest query"
+            }
+            Self::ServerLost(_) => "the transaction did not complete; reconnect and retry it",
+            Self::TransactionInStatementMode => {
+                "use autocommit statements, or a pool with mode = \"transaction\""
+            }
+            Self::NamedStatementTooLarge => "use the unnamed statement for very large queries",
+            Self::TooManyStatements(_) => {
+                "close (deallocate) statements the client no longer uses, or raise server.statement_registry_size"
+            }
+            Self::Internal => "reconnect; please report this with pgmux's log",
+            _ => return None,
+        };
+        Some(hint.to_owned())
+    }
+
+    /// The ErrorResponse for a client whose session goes on.
+    pub fn error(&self) -> PgError {
+        self.with_hint(PgError::error(self.sqlstate(), self.to_string()))
+    }
+
+    /// The ErrorResponse for a client pgmux disconnects after it.
+    pub fn fatal(&self) -> PgError {
+        self.with_hint(PgError::fatal(self.sqlstate(), self.to_string()))
+    }
+
+    fn with_hint(&self, err: PgError) -> PgError {
+        match self.hint() {
+            Some(hint) => err.with_hint(hint),
+            None => err,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_own_code_and_says_what_to_change() {
+        let e = ClientError::IdleInTransaction(Duration::from_secs(5));
+        assert_eq!(e.sqlstate(), SqlState::IDLE_IN_TRANSACTION_TIMEOUT);
+        assert!(e.to_string().contains("idle_transaction_timeout"));
+        assert!(e.hint().unwrap().contains("pool.idle_transaction_timeout"));
+        let e = ClientError::Startup(StartupError::UnsupportedProtocol(2, 0));
+        assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
+        assert_eq!(ClientError::Internal.sqlstate(), SqlState::INTERNAL_ERROR);
+    }
+}

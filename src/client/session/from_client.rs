@@ -1,0 +1,242 @@
+//! What the client sends: framing, refusing what a server must never see, answering what
+//! needs no server, checking one out for the rest, and forwarding.
+
+use super::*;
+
+impl Loop<'_> {
+    pub(super) async fn on_client_read(&mut self, read: io::Result<usize>) -> Result<(), End> {
+        match read {
+            Ok(0) | Err(_) => Err(End::ClientGone),
+            Ok(n) => {
+                // Read buffers grow for clients that send much and shrink back for idle ones.
+                self.client_read = if n * 2 >= self.client_read {
+                    (self.client_read * 2).min(MAX_CLIENT_READ)
+                } else {
+                    (self.client_read / 2).max(MIN_CLIENT_READ)
+                };
+                self.s.pool.stats.bytes_from_client(n);
+                self.touch();
+                self.on_client_bytes().await?;
+                if self.s.cbuf.is_empty() {
+                    // Frames keep what they need of the buffer; an idle client keeps none.
+                    self.s.cbuf = BytesMut::new();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) async fn on_client_bytes(&mut self) -> Result<(), End> {
+        loop {
+            let frame = match self.codec.decode(&mut self.s.cbuf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(ProtocolError::Io(_)) => return Err(End::ClientGone),
+                Err(e) => return Err(End::fatal(ClientError::Protocol(e))),
+            };
+            self.on_client_frame(frame).await?;
+        }
+    }
+
+    pub(super) async fn on_client_frame(&mut self, frame: Frame) -> Result<(), End> {
+        if !frame.starts {
+            // The rest of a large message.
+            if self.skip != Skip::No {
+                if frame.ends && self.skip == Skip::RestOfMessage {
+                    self.skip = Skip::No;
+                }
+                return Ok(());
+            }
+            self.client_mid_message = !frame.ends;
+            self.to_server.push(frame.bytes);
+            return Ok(());
+        }
+        if self.skip == Skip::RestOfMessage {
+            self.skip = Skip::No;
+        }
+        let t = frame.tag;
+        tracing::trace!(tag = ?char::from(t), "client message");
+        match t {
+            tag::TERMINATE => return Err(End::ClientGone),
+            tag::QUERY
+            | tag::PARSE
+            | tag::BIND
+            | tag::DESCRIBE
+            | tag::EXECUTE
+            | tag::CLOSE
+            | tag::SYNC
+            | tag::FLUSH
+            | tag::FUNCTION_CALL => {}
+            // Outside COPY, PostgreSQL ignores these: without a server there is no COPY.
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL if self.server.is_none() => {
+                if !frame.ends {
+                    self.skip = Skip::RestOfMessage;
+                }
+                return Ok(());
+            }
+            tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL => {}
+            // Never forwarded: the server would end the connection with a FATAL that the
+            // next client of that server would read.
+            byte => {
+                return Err(End::fatal(ClientError::Protocol(
+                    ProtocolError::UnknownType { byte },
+                )));
+            }
+        }
+        if matches!(self.skip, Skip::UntilSync | Skip::UntilSyncForwarded) {
+            if t != tag::SYNC {
+                return Ok(());
+            }
+            let answer_here = self.skip == Skip::UntilSync;
+            self.skip = Skip::No;
+            if answer_here {
+                self.answer_ready();
+                return Ok(());
+            }
+        }
+        if self.server.is_none() {
+            match t {
+                // Nothing is pending without a server: answer locally, no checkout.
+                tag::SYNC => {
+                    self.answer_ready();
+                    return Ok(());
+                }
+                tag::FLUSH => return Ok(()),
+                // A statement some server already accepted needs no server to be prepared:
+                // it is prepared on whichever server runs it. This keeps a client that
+                // prepares synchronously (libpq's PQprepare) from waiting on the pool.
+                tag::PARSE if self.parse_without_server(&frame) => return Ok(()),
+                _ => {}
+            }
+            // Boxed: a waiting checkout is large, and an idle session should not carry its
+            // room (memory per idle client).
+            if let Err(err) = Box::pin(self.checkout()).await? {
+                let mut buf = BytesMut::new();
+                err.error().write(&mut buf);
+                self.to_client.push(buf);
+                if matches!(t, tag::QUERY | tag::FUNCTION_CALL) {
+                    self.answer_ready();
+                    if !frame.ends {
+                        self.skip = Skip::RestOfMessage;
+                    }
+                } else {
+                    self.skip = Skip::UntilSync;
+                }
+                return Ok(());
+            }
+        }
+        self.client_mid_message = !frame.ends;
+        self.s.view.set_state(ClientState::Active);
+        if self.copy_in {
+            // The server answers none of these until COPY ends.
+            if matches!(t, tag::COPY_DONE | tag::COPY_FAIL) {
+                self.copy_in = false;
+            }
+            if matches!(
+                t,
+                tag::COPY_DATA | tag::COPY_DONE | tag::COPY_FAIL | tag::SYNC | tag::FLUSH
+            ) {
+                self.to_server.push(frame.bytes);
+                return Ok(());
+            }
+        }
+        match t {
+            tag::QUERY => {
+                #[cfg(debug_assertions)]
+                injected_fault::panic_if_asked(frame.body());
+                self.unsynced = false;
+                self.s.pool.stats.query();
+                self.s.view.set_query(frame.body());
+                let rewrite = self.rewrite_query(&frame);
+                self.apply(frame, rewrite);
+            }
+            tag::SYNC => {
+                self.unsynced = false;
+                self.s.pool.stats.query();
+                self.forward(frame, Kind::Sync);
+            }
+            tag::FUNCTION_CALL => {
+                self.unsynced = false;
+                self.forward(frame, Kind::FunctionCall);
+            }
+            tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
+                self.unsynced = true;
+                let rewrite = self.rewrite_extended(&frame);
+                self.apply(frame, rewrite);
+            }
+            _ => self.to_server.push(frame.bytes),
+        }
+        Ok(())
+    }
+
+    /// Forwards a client message as is, expecting its replies.
+    pub(in crate::client) fn forward(&mut self, frame: Frame, kind: Kind) {
+        self.replies.client(kind, Effect::None);
+        self.to_server.push(frame.bytes);
+    }
+
+    /// Sends the replies pgmux gives itself that are now due.
+    pub(in crate::client) fn take_due_replies(&mut self) {
+        let to_client = &mut self.to_client;
+        self.replies.take_due(|reply| to_client.push(reply));
+    }
+
+    /// ReadyForQuery(I) from pgmux itself, for a client that holds no server.
+    pub(super) fn answer_ready(&mut self) {
+        let mut buf = BytesMut::new();
+        write::ready_for_query(&mut buf, b'I');
+        self.to_client.push(buf);
+    }
+
+    /// Checks a server out for this client and gives it the client's settings. While it
+    /// waits, it notices a client that leaves (the wait is dropped: no hole in the queue).
+    /// The outer error ends the session; the inner one is answered and the session goes on.
+    pub(super) async fn checkout(&mut self) -> Result<Result<(), ClientError>, End> {
+        let pool = self.s.pool.clone();
+        self.s.view.set_state(ClientState::Waiting);
+        let checkout = pool.checkout();
+        tokio::pin!(checkout);
+        let result = loop {
+            let room = self.s.cbuf.len() < HIGH_WATER;
+            tokio::select! {
+                biased;
+                result = &mut checkout => break result,
+                _ = self.s.kill.cancelled() => return Err(End::fatal(ClientError::ShuttingDown)),
+                _ = self.client.ready(Interest::READABLE), if room => {
+                    self.s.cbuf.reserve(CLIENT_READ);
+                    match self.client.try_read_buf(&mut self.s.cbuf) {
+                        Ok(0) => return Err(End::ClientGone),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(End::ClientGone),
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(mut conn) => {
+                self.s.cancel.set_target(Some(CancelTarget {
+                    addr: conn.addr().clone(),
+                    key: conn.key(),
+                }));
+                self.s
+                    .view
+                    .set_server(Some((conn.id(), conn.key().process_id)));
+                self.s.view.set_state(ClientState::Active);
+                if let Some(sql) = self.s.params.sync_sql(&mut conn) {
+                    debug!(pool = %Escaped(&self.s.pool.key), server = conn.id(), sql = %Escaped(&sql), "restoring the client's settings");
+                    let mut query = BytesMut::new();
+                    write::query(&mut query, &sql);
+                    self.to_server.push(query);
+                    self.replies.hidden(Kind::Query, Effect::None);
+                }
+                self.server = Some(conn);
+                Ok(Ok(()))
+            }
+            Err(e) => {
+                self.s.view.set_state(ClientState::Idle);
+                Ok(Err(ClientError::Checkout(e)))
+            }
+        }
+    }
+}

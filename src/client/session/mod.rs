@@ -1,0 +1,399 @@
+//! One logged-in client: the transaction loop.
+//!
+//! The session reads client messages, checks a server out of the pool on the first
+//! message of a transaction, forwards both directions, and gives the server back when
+//! every message it sent has been answered ([`Replies`] is empty), nothing is left
+//! unsynced, and the last ReadyForQuery said `I` (transaction mode). Reads and writes are
+//! non-blocking on both sockets from one task, so neither direction can stall the other,
+//! and per-direction buffers are bounded: a large message streams through in pieces.
+//!
+//! Named prepared statements and session settings follow the client across servers: see
+//! [`crate::prepared`] and [`super::params`]; [`super::statements`] rewrites the messages.
+//!
+//! This file holds the loop and its limits; `from_server.rs` handles what the server
+//! sends, `from_client.rs` what the client sends (and checkout), `cleanup.rs` what happens
+//! to the server when the session ends.
+
+mod cleanup;
+mod from_client;
+mod from_server;
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
+use tokio_util::codec::Decoder;
+use tokio_util::io::poll_read_buf;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::error::ClientError;
+use super::params::{ClientParams, SessionChange};
+use super::queue::OutQueue;
+use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
+use crate::cancel::{self, CancelHandle, CancelTarget};
+use crate::clients::{ClientHandle, ClientState};
+use crate::config::PoolMode;
+use crate::logging::Escaped;
+use crate::pool::{Lease, Pool};
+use crate::prepared::{ClientStatements, Registry};
+use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
+use crate::server::{ServerEvent, SettingValue, TxStatus};
+
+/// Stop reading a peer while this much waits to be written to either side: replies pgmux
+/// makes itself count like forwarded ones, so a client that does not read stops being read.
+const HIGH_WATER: usize = 256 * 1024;
+/// Stop reading the client while this many replies are expected from the server (pipelined
+/// messages are bounded by count too, not only by bytes).
+const MAX_PENDING_REPLIES: usize = 16 * 1024;
+/// Bytes reserved for one read from a client (adapted between these bounds) / a server.
+const MIN_CLIENT_READ: usize = 1024;
+const MAX_CLIENT_READ: usize = 64 * 1024;
+const CLIENT_READ: usize = 8 * 1024;
+const SERVER_READ: usize = 32 * 1024;
+const MAX_SERVER_READ: usize = 256 * 1024;
+/// Client messages up to this size are held whole (a named Parse must be); larger ones stream.
+pub(super) const CLIENT_MAX_WHOLE: usize = 1024 * 1024;
+/// How long cleanup may take on a server whose client left (ROLLBACK, reset query).
+const CLEANUP_LIMIT: Duration = Duration::from_secs(5);
+
+/// Client messages dropped after an error pgmux answered itself.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Skip {
+    No,
+    /// The rest of a large message whose start was refused.
+    RestOfMessage,
+    /// Extended-protocol messages up to the next Sync, which pgmux answers (no server held).
+    UntilSync,
+    /// Extended-protocol messages up to the next Sync, which goes to the server held.
+    UntilSyncForwarded,
+}
+
+/// Why the loop ended.
+enum End {
+    /// The client left (EOF, reset, or Terminate).
+    ClientGone,
+    /// Tell the client this, then close. (Boxed: the loop returns it from every step.)
+    Fatal(Box<ClientError>),
+}
+
+impl End {
+    fn fatal(err: ClientError) -> End {
+        End::Fatal(Box::new(err))
+    }
+}
+
+/// The time limits a session enforces, from the config at login. Zero = no limit.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Limits {
+    /// `pool.idle_transaction_timeout`: a server held while the client sends nothing.
+    pub idle_transaction: Duration,
+    /// `pool.query_timeout`: a server that sends nothing while the client waits for it.
+    pub query: Duration,
+    /// `server.partial_message_timeout`: a client silent in the middle of a message.
+    pub partial_message: Duration,
+}
+
+impl Limits {
+    fn any(&self) -> bool {
+        !(self.idle_transaction.is_zero() && self.query.is_zero() && self.partial_message.is_zero())
+    }
+}
+
+/// Which limit a deadline enforces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Timeout {
+    IdleInTransaction,
+    Query,
+    PartialMessage,
+}
+
+enum Event {
+    ServerRead(io::Result<usize>),
+    ClientRead(io::Result<usize>),
+    Writable,
+    Deadline(Timeout),
+    Stop,
+    Kill,
+    Retired,
+}
+
+/// Everything a logged-in client needs but its socket; built by login.
+pub struct Session {
+    pub(super) pool: Arc<Pool>,
+    pub(super) mode: PoolMode,
+    pub(super) limits: Limits,
+    /// `server.max_message_size`.
+    pub(super) max_message_size: usize,
+    pub(super) reset_query: String,
+    pub(super) max_prepared: usize,
+    pub(super) registry: Arc<Registry>,
+    pub(super) params: ClientParams,
+    pub(super) cancel: CancelHandle,
+    /// What the admin views show of this client.
+    pub(super) view: ClientHandle,
+    /// Stop between transactions (graceful shutdown).
+    pub(super) stop: CancellationToken,
+    /// Stop now (the grace period is over).
+    pub(super) kill: CancellationToken,
+    /// Bytes read from the client and not yet framed.
+    pub(super) cbuf: BytesMut,
+}
+
+pub(super) struct Loop<'c> {
+    pub(super) s: Session,
+    client: &'c mut TcpStream,
+    codec: MessageCodec,
+    to_client: OutQueue,
+    pub(super) to_server: OutQueue,
+    pub(super) server: Option<Lease>,
+    pub(super) replies: Replies,
+    pub(super) statements: ClientStatements,
+    /// Extended-protocol messages forwarded since the last Sync.
+    unsynced: bool,
+    /// The start of a client message went to the server, its end not yet.
+    pub(super) client_mid_message: bool,
+    /// The server message streaming through now is swallowed (pgmux's own query).
+    swallowing: bool,
+    /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
+    copy_in: bool,
+    pub(super) skip: Skip,
+    /// When either peer last sent bytes; read only while a limit is set.
+    last_activity: Instant,
+    /// How much to reserve for the next client read / server read.
+    client_read: usize,
+    server_read: usize,
+    /// Fires when a time limit is reached; made on first need.
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Session {
+    /// Serves the client until it leaves or the pooler stops; then cleans up the server
+    /// it held, if any. The socket stays the caller's: if the session panics, the caller
+    /// can still tell the client.
+    pub async fn run(self, client: &mut TcpStream) {
+        let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
+        let mut l = Loop {
+            s: self,
+            client,
+            codec,
+            to_client: OutQueue::default(),
+            to_server: OutQueue::default(),
+            server: None,
+            replies: Replies::default(),
+            statements: ClientStatements::default(),
+            unsynced: false,
+            client_mid_message: false,
+            swallowing: false,
+            copy_in: false,
+            skip: Skip::No,
+            last_activity: Instant::now(),
+            client_read: MIN_CLIENT_READ,
+            server_read: SERVER_READ,
+            timer: None,
+        };
+        let end = match l.on_client_bytes().await {
+            Ok(()) => l.serve().await,
+            Err(end) => end,
+        };
+        if let End::Fatal(err) = &end {
+            debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
+            let mut buf = BytesMut::new();
+            err.fatal().write(&mut buf);
+            l.to_client.push(buf);
+        }
+        // Flush what the client is owed (the error above, or results), briefly.
+        let _ = tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(l.client)).await;
+        Box::pin(l.finish_server()).await;
+    }
+}
+
+impl Loop<'_> {
+    async fn serve(&mut self) -> End {
+        // Made once, not per loop turn: each one registers with the token when polled.
+        let kill = self.s.kill.clone().cancelled_owned();
+        let stop = self.s.stop.clone().cancelled_owned();
+        // A reload that removes this pool ends its sessions between transactions too.
+        let retired = self.s.pool.retired().cancelled_owned();
+        tokio::pin!(kill, stop, retired);
+        loop {
+            if self.to_client.write_now(&*self.client).is_err() {
+                return End::ClientGone;
+            }
+            if let Some(server) = &self.server
+                && let Err(e) = self.to_server.write_now(server.stream())
+            {
+                return self.server_lost(e.into());
+            }
+            let read_server = self.server.is_some() && self.to_client.len() < HIGH_WATER;
+            let read_client = self.to_server.len() < HIGH_WATER
+                && self.to_client.len() < HIGH_WATER
+                && self.replies.len() < MAX_PENDING_REPLIES;
+            let write_server = self.server.is_some() && !self.to_server.is_empty();
+            let write_client = !self.to_client.is_empty();
+            let deadline = self.deadline();
+            // Session mode holds a server between transactions too: it may stop then.
+            let between_transactions =
+                self.to_client.is_empty() && self.settled() == Some(TxStatus::Idle);
+            // One hand-written poll instead of `select!`: no futures to build and drop each
+            // turn, and an idle session stays small (memory per idle client).
+            let event = std::future::poll_fn(|cx| {
+                if kill.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::Kill);
+                }
+                if read_server
+                    && let Some(s) = self.server.as_deref_mut()
+                    && let Poll::Ready(read) = s.poll_read(cx, self.server_read)
+                {
+                    return Poll::Ready(Event::ServerRead(read));
+                }
+                if read_client && self.client.poll_read_ready(cx).is_ready() {
+                    // The buffer is reserved only now: an idle client holds none.
+                    self.s.cbuf.reserve(self.client_read);
+                    let read = poll_read_buf(Pin::new(&mut *self.client), cx, &mut self.s.cbuf);
+                    if let Poll::Ready(read) = read {
+                        return Poll::Ready(Event::ClientRead(read));
+                    }
+                }
+                if write_client && self.client.poll_write_ready(cx).is_ready() {
+                    return Poll::Ready(Event::Writable);
+                }
+                if write_server
+                    && let Some(s) = self.server.as_ref()
+                    && s.stream().poll_write_ready(cx).is_ready()
+                {
+                    return Poll::Ready(Event::Writable);
+                }
+                match deadline {
+                    Some((deadline, which)) => {
+                        let timer = self
+                            .timer
+                            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                        if timer.deadline() != deadline {
+                            timer.as_mut().reset(deadline);
+                        }
+                        if timer.as_mut().poll(cx).is_ready() {
+                            return Poll::Ready(Event::Deadline(which));
+                        }
+                    }
+                    None => self.timer = None,
+                }
+                if between_transactions {
+                    if stop.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Stop);
+                    }
+                    if retired.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(Event::Retired);
+                    }
+                }
+                Poll::Pending
+            })
+            .await;
+            let result = match event {
+                Event::ServerRead(read) => self.on_server_read(read),
+                Event::ClientRead(read) => self.on_client_read(read).await,
+                Event::Writable => Ok(()),
+                Event::Deadline(which) => Err(End::fatal(self.timed_out(which))),
+                Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
+                Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
+            };
+            if let Err(end) = result {
+                return end;
+            }
+        }
+    }
+
+    /// The transaction status once nothing is in flight between the client and its
+    /// server (every message answered, nothing half-sent, unsynced or left to write):
+    /// `Some(Idle)` means the transaction is over and the server may go back to the pool.
+    /// `None` while something is in flight; `Some(Idle)` when no server is held.
+    fn settled(&self) -> Option<TxStatus> {
+        let Some(server) = &self.server else {
+            return Some(TxStatus::Idle);
+        };
+        let quiet = self.replies.is_empty()
+            && !self.unsynced
+            && !self.client_mid_message
+            && self.to_server.is_empty();
+        quiet.then(|| server.tx_status())
+    }
+
+    /// Notes activity, for the time limits (no clock read when none is set).
+    fn touch(&mut self) {
+        if self.s.limits.any() {
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// The time limit that applies now, if one is set, and when it is reached:
+    /// - the client stopped in the middle of a message: `partial_message_timeout`;
+    /// - the client waits for the server's answer: `query_timeout` (not while pgmux itself
+    ///   stops reading the server because the client does not read its results);
+    /// - the client holds a server and owes it the next message (inside a transaction, or
+    ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
+    fn deadline(&self) -> Option<(Instant, Timeout)> {
+        let limits = &self.s.limits;
+        let mid_message =
+            self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty();
+        if mid_message && !limits.partial_message.is_zero() {
+            return Some((
+                self.last_activity + limits.partial_message,
+                Timeout::PartialMessage,
+            ));
+        }
+        let server = self.server.as_ref()?;
+        if !self.replies.is_empty() || !self.to_server.is_empty() {
+            let waiting_on_server = self.to_client.len() < HIGH_WATER;
+            return (waiting_on_server && !limits.query.is_zero())
+                .then(|| (self.last_activity + limits.query, Timeout::Query));
+        }
+        let owes_server = server.tx_status() != TxStatus::Idle || self.unsynced;
+        (owes_server && !limits.idle_transaction.is_zero()).then(|| {
+            (
+                self.last_activity + limits.idle_transaction,
+                Timeout::IdleInTransaction,
+            )
+        })
+    }
+
+    /// What the client is told when a time limit ends its session.
+    fn timed_out(&self, which: Timeout) -> ClientError {
+        let limits = &self.s.limits;
+        match which {
+            Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
+            Timeout::Query => ClientError::QueryTimeout(limits.query),
+            Timeout::PartialMessage => ClientError::PartialMessage(limits.partial_message),
+        }
+    }
+}
+
+/// Debug builds only (tests): `PGMUX_TEST_PANIC_ON=<query text>` in pgmux's environment makes
+/// a session panic on a Query with exactly that text, so that tests can prove a panicking
+/// session is contained (XX000 to its client, its server and slot given back). Release
+/// builds have no such code.
+#[cfg(debug_assertions)]
+mod injected_fault {
+    use std::sync::OnceLock;
+
+    static TRIGGER: OnceLock<Option<Vec<u8>>> = OnceLock::new();
+
+    pub(super) fn panic_if_asked(query: &[u8]) {
+        let trigger = TRIGGER.get_or_init(|| {
+            std::env::var("PGMUX_TEST_PANIC_ON").ok().map(|t| {
+                let mut t = t.into_bytes();
+                t.push(0);
+                t
+            })
+        });
+        if trigger.as_deref() == Some(query) {
+            panic!("injected by PGMUX_TEST_PANIC_ON");
+        }
+    }
+}
