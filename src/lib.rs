@@ -23,6 +23,8 @@ pub mod cancel;
 pub mod client;
 pub mod clients;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod listener;
 pub mod logging;
 pub mod pool;

@@ -59,7 +59,8 @@ async fn settings_follow_each_client_across_a_pool_of_two() {
     a.batch_execute("SET application_name = 'alpha'; SET TimeZone = 'UTC'")
         .await
         .unwrap();
-    a.batch_execute("SET statement_timeout = '11s'")
+    // A comment ends the line: replayed on another server, it must not swallow b's RESET.
+    a.batch_execute("SET statement_timeout = '11s' -- as in the runbook")
         .await
         .unwrap();
     b.batch_execute("SET application_name = 'beta'")

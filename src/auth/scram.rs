@@ -71,7 +71,11 @@ impl ScramExchange {
         exchange
     }
 
-    fn with_server_nonce(verifier: ScramVerifier, server_nonce: String, doomed: bool) -> Self {
+    pub(crate) fn with_server_nonce(
+        verifier: ScramVerifier,
+        server_nonce: String,
+        doomed: bool,
+    ) -> Self {
         ScramExchange {
             verifier,
             doomed,

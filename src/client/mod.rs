@@ -3,7 +3,7 @@
 
 mod error;
 mod login;
-mod params;
+pub(crate) mod params;
 mod queue;
 mod replies;
 mod session;

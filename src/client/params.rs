@@ -168,12 +168,14 @@ fn push_set(sql: &mut String, name: &str, value: &Value) {
             quote_literal(name),
             quote_literal(text)
         )),
-        Value::Sql(raw) => sql.push_str(&format!("SET {name} = {raw};")),
+        // The client's own text ran alone as `SET name = raw`; it may end in a `--`
+        // comment, which must not swallow the statements that follow it here.
+        Value::Sql(raw) => sql.push_str(&format!("SET {name} = {raw}\n;")),
     }
 }
 
 /// A string literal that reads the same whatever standard_conforming_strings says.
-fn quote_literal(s: &str) -> String {
+pub(crate) fn quote_literal(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 3);
     out.push_str("E'");
     for c in s.chars() {
@@ -187,18 +189,14 @@ fn quote_literal(s: &str) -> String {
     out
 }
 
-fn quote_ident(s: &str) -> String {
-    if s.chars()
-        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
-    {
-        s.to_owned()
-    } else {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    }
+/// A setting name as a quoted identifier. Always quoted: a bare `all`, `select` or `1x`
+/// would read as a keyword or a syntax error (`RESET all` resets everything).
+pub(crate) fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 /// `-c name=value` and `--name=value` settings in a startup `options` string.
-fn parse_options(options: &str) -> Vec<(String, String)> {
+pub(crate) fn parse_options(options: &str) -> Vec<(String, String)> {
     let mut words = Vec::new();
     let mut word = String::new();
     let mut escaped = false;
@@ -229,7 +227,10 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
         } else {
             w.strip_prefix("-c").map(str::to_owned)
         };
-        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('=')) {
+        // `-c =x` names nothing (PostgreSQL refuses it); there is nothing to follow.
+        if let Some((name, value)) = setting.as_deref().and_then(|s| s.split_once('='))
+            && !name.is_empty()
+        {
             out.push((name.replace('-', "_"), value.to_owned()));
         }
     }
@@ -436,6 +437,29 @@ mod tests {
     #[test]
     fn literals_are_quoted_safely() {
         assert_eq!(quote_literal("it's a \\ b"), "E'it''s a \\\\ b'");
+        // The classify fuzz target found an empty name left bare; so are keywords (`RESET all`).
+        assert_eq!(quote_ident("all"), "\"all\"");
+        assert_eq!(quote_ident("a.b\"c"), "\"a.b\"\"c\"");
+    }
+
+    #[test]
+    fn a_replayed_set_ends_its_own_comment() {
+        let mut sql = String::new();
+        push_set(
+            &mut sql,
+            "statement_timeout",
+            &Value::Sql("5000 -- 5 s".into()),
+        );
+        push_set(&mut sql, "search_path", &Value::Sql("app".into()));
+        assert_eq!(
+            sql,
+            "SET statement_timeout = 5000 -- 5 s\n;SET search_path = app\n;"
+        );
+    }
+
+    #[test]
+    fn options_without_a_name_are_ignored() {
+        assert_eq!(parse_options("-c =x --=y"), vec![]);
     }
 
     #[test]
@@ -451,5 +475,93 @@ mod tests {
         assert_eq!(shown[0].1, "alpha");
         assert!(!p.reported("application_name", "alpha", false));
         assert!(p.reported("TimeZone", "Asia/Tokyo", true));
+    }
+
+    /// Words `parse_set` refuses as setting names.
+    const NOT_NAMES: [&str; 6] = [
+        "local",
+        "transaction",
+        "role",
+        "time",
+        "session",
+        "constraints",
+    ];
+
+    proptest::proptest! {
+        /// No text, however broken, makes the classifier panic.
+        #[test]
+        fn session_change_never_panics(text in proptest::prelude::any::<String>(), set in proptest::prelude::any::<bool>()) {
+            let text = if set { format!("SET {text}") } else { text };
+            let _ = session_change(text.as_bytes());
+            let _ = session_change(format!("{text}\0").as_bytes());
+        }
+
+        /// `SET [SESSION] name {=|TO} value` in any case and spacing, with or without a
+        /// final `;`, is recognized with the client's exact value text; `RESET name` too.
+        #[test]
+        fn set_forms_are_recognised(
+            set in "[sS][eE][tT]",
+            session in proptest::option::of("[sS][eE][sS][sS][iI][oO][nN][ \t\n]{1,3}"),
+            name in "[a-zA-Z_][a-zA-Z0-9_]{0,15}(\\.[a-z_][a-z0-9_]{0,10})?",
+            to in proptest::prelude::any::<bool>(),
+            value in "'[^';\0]{0,20}'|[0-9]{1,6}(ms|s|MB)?|[a-z_]{1,10}|-?[0-9]+\\.[0-9]+",
+            spaces in proptest::collection::vec("[ \t\r\n]{0,3}", 4),
+            end in "(;[ \n]*)?",
+        ) {
+            proptest::prop_assume!(!NOT_NAMES.contains(&name.to_ascii_lowercase().as_str()));
+            let ws = |i: usize| if spaces[i].is_empty() { " " } else { spaces[i].as_str() };
+            let sep = if to { format!("{}TO{}", ws(1), ws(2)) } else { format!("{}={}", spaces[1], spaces[2]) };
+            let query = format!(
+                "{}{set}{}{}{name}{sep}{value}{}{end}\0",
+                spaces[0], ws(3), session.unwrap_or_default(), spaces[3]
+            );
+            proptest::prop_assert_eq!(
+                session_change(query.as_bytes()),
+                Some(SessionChange::Set { name: name.clone(), sql: value }),
+                "{:?}", query
+            );
+            if !name.eq_ignore_ascii_case("all") {
+                let reset = format!("{}reset {name}{end}\0", spaces[0]);
+                proptest::prop_assert_eq!(session_change(reset.as_bytes()), Some(SessionChange::Reset(name)));
+            }
+        }
+
+        /// A quoted literal reads back, by PostgreSQL's escape-string rules, as the text
+        /// (tests/fuzz_corpus.rs has PostgreSQL itself read them).
+        #[test]
+        fn quoted_literals_read_back(text in "[^\0]{0,40}") {
+            proptest::prop_assert_eq!(crate::fuzz::unquote_literal(&quote_literal(&text)), Some(text));
+        }
+
+        /// A quoted name reads back, by PostgreSQL's identifier rules, as the name.
+        #[test]
+        fn quoted_names_read_back(name in "[^\0]{1,40}") {
+            proptest::prop_assert_eq!(crate::fuzz::unquote_ident(&quote_ident(&name)), Some(name));
+        }
+
+        /// `-c name=value` and `--name=value`, with spaces and backslashes escaped as libpq
+        /// does, read back as the settings.
+        #[test]
+        fn options_read_back(
+            settings in proptest::collection::vec(("[a-z_][a-z0-9_.]{0,12}", "[^\0]{0,12}", proptest::prelude::any::<bool>()), 0..5),
+        ) {
+            let escape = |s: &str| {
+                let mut out = String::new();
+                for c in s.chars() {
+                    if c == '\\' || c.is_whitespace() {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out
+            };
+            let words: Vec<String> = settings
+                .iter()
+                .map(|(n, v, long)| if *long { format!("--{n}={}", escape(v)) } else { format!("-c {n}={}", escape(v)) })
+                .collect();
+            let expected: Vec<(String, String)> =
+                settings.iter().map(|(n, v, _)| (n.clone(), v.clone())).collect();
+            proptest::prop_assert_eq!(parse_options(&words.join(" ")), expected);
+        }
     }
 }

@@ -482,6 +482,21 @@ impl Config {
     }
 }
 
+/// The `(user, secret, line)` entries of a userlist file's text (`auth.userlist_file`) and its
+/// problems, `origin` naming it in them. For the fuzz targets and tests; loading a config
+/// merges the userlist itself.
+pub(crate) fn parse_userlist(
+    text: &str,
+    origin: &str,
+) -> (Vec<(String, String, usize)>, Vec<Problem>) {
+    let (entries, problems) = userlist::parse(text, origin);
+    let entries = entries
+        .into_iter()
+        .map(|e| (e.name, e.secret, e.place.line))
+        .collect();
+    (entries, problems)
+}
+
 fn env_var(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }

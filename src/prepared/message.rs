@@ -83,6 +83,10 @@ pub type Close<'a> = Describe<'a>;
 /// A Bind (or its first part) naming `server_name` instead of the client's statement name.
 /// The length in the header accounts for the whole message, so a large Bind's other parts
 /// follow unchanged.
+///
+/// `bind` must have been read from `message`; the codec guarantees that the length in its
+/// header covers the names. Should either not hold, the result is still a message (with a
+/// length the server refuses), never a panic.
 pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> BytesMut {
     let old_len = message
         .get(1..5)
@@ -91,7 +95,7 @@ pub fn rewrite_bind(message: &[u8], bind: &Bind<'_>, server_name: &str) -> Bytes
     let new_len = (old_len + server_name.len()).saturating_sub(bind.statement.len());
     let mut out = BytesMut::with_capacity(message.len() + server_name.len());
     out.put_u8(b'B');
-    out.put_u32(new_len as u32);
+    out.put_u32(u32::try_from(new_len).unwrap_or(u32::MAX));
     out.put_slice(bind.portal.as_bytes());
     out.put_u8(0);
     out.put_slice(server_name.as_bytes());
@@ -139,5 +143,70 @@ mod tests {
             ("name", "SELECT $1", vec![23])
         );
         assert!(Parse::read(b"name\0SELECT").is_none());
+    }
+
+    fn bind_message(portal: &str, statement: &str, rest: &[u8]) -> Vec<u8> {
+        let mut body = format!("{portal}\0{statement}\0").into_bytes();
+        body.extend_from_slice(rest);
+        let mut msg = vec![b'B'];
+        msg.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        msg.extend_from_slice(&body);
+        msg
+    }
+
+    proptest::proptest! {
+        /// Parse's fields read back as written.
+        #[test]
+        fn parse_reads_back(
+            name in "[^\0]{0,20}",
+            query in "[^\0]{0,100}",
+            oids in proptest::collection::vec(proptest::prelude::any::<u32>(), 0..10),
+        ) {
+            let mut body = format!("{name}\0{query}\0").into_bytes();
+            body.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+            for oid in &oids {
+                body.extend_from_slice(&oid.to_be_bytes());
+            }
+            let p = Parse::read(&body).unwrap();
+            proptest::prop_assert_eq!((p.name, p.query, p.param_types), (name.as_str(), query.as_str(), oids));
+        }
+
+        /// A rewritten Bind names the server's statement, keeps the portal and every byte
+        /// after the names, and its length counts every byte; a first part of a large Bind
+        /// grows its length by the same amount as its bytes.
+        #[test]
+        fn bind_rewrite_reads_back(
+            portal in "[^\0]{0,12}",
+            statement in "[^\0]{0,30}",
+            rest in proptest::collection::vec(0u8..=255, 0..200),
+            server_name in "[a-z0-9_]{0,30}",
+            cut in 0usize..200,
+        ) {
+            let msg = bind_message(&portal, &statement, &rest);
+            let bind = Bind::read(&msg).unwrap();
+            let out = rewrite_bind(&msg, &bind, &server_name);
+            let again = Bind::read(&out).unwrap();
+            proptest::prop_assert_eq!((again.portal, again.statement), (portal.as_str(), server_name.as_str()));
+            proptest::prop_assert_eq!(&out[again.rest_at..], &rest[..]);
+            let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+            proptest::prop_assert_eq!(len + 1, out.len());
+
+            // A first part: the header still counts the whole message, rewritten.
+            let part = &msg[..bind.rest_at + cut.min(rest.len())];
+            let bind = Bind::read(part).unwrap();
+            let first = rewrite_bind(part, &bind, &server_name);
+            proptest::prop_assert_eq!(&first[..], &out[..first.len()]);
+        }
+
+        /// A rewritten Describe or Close reads back as a statement of the new name.
+        #[test]
+        fn describe_rewrite_reads_back(name in "[^\0]{0,40}", close in proptest::prelude::any::<bool>()) {
+            let tag = if close { b'C' } else { b'D' };
+            let out = rewrite_describe(tag, &name);
+            let len = u32::from_be_bytes([out[1], out[2], out[3], out[4]]) as usize;
+            proptest::prop_assert_eq!((out[0], len + 1), (tag, out.len()));
+            let d = Describe::read(&out[5..]).unwrap();
+            proptest::prop_assert_eq!((d.kind, d.name), (b'S', name.as_str()));
+        }
     }
 }

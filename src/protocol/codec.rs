@@ -242,4 +242,45 @@ mod tests {
         let mut buf = BytesMut::from(&[b'Q', 0xff, 0xff, 0xff, 0xff][..]);
         assert!(codec.decode(&mut buf).is_err());
     }
+
+    proptest::proptest! {
+        /// However the bytes arrive and whatever the limit, the frames join into exactly
+        /// the messages sent, and nothing is left over.
+        #[test]
+        fn frames_join_into_the_messages_whatever_the_reads(
+            messages in proptest::collection::vec(
+                (proptest::prelude::any::<u8>(), proptest::collection::vec(0u8..=255, 0..9000)),
+                0..8,
+            ),
+            max_whole in 0usize..20_000,
+            reads in proptest::collection::vec(1usize..5000, 1..20),
+        ) {
+            let sent: Vec<Vec<u8>> = messages.iter().map(|(t, b)| msg(*t, b)).collect();
+            let stream = sent.concat();
+            let mut codec = MessageCodec::new(max_whole);
+            let mut buf = BytesMut::new();
+            let mut got: Vec<Vec<u8>> = Vec::new();
+            let mut open: Option<Vec<u8>> = None;
+            let mut fed = 0;
+            for n in reads.iter().cycle() {
+                if fed == stream.len() {
+                    break;
+                }
+                let n = (*n).min(stream.len() - fed);
+                buf.extend_from_slice(&stream[fed..fed + n]);
+                fed += n;
+                while let Some(frame) = codec.decode(&mut buf).unwrap() {
+                    let mut message = if frame.starts { Vec::new() } else { open.take().unwrap() };
+                    message.extend_from_slice(&frame.bytes);
+                    if frame.ends {
+                        got.push(message);
+                    } else {
+                        open = Some(message);
+                    }
+                }
+            }
+            proptest::prop_assert_eq!(got, sent);
+            proptest::prop_assert!(buf.is_empty() && open.is_none() && !codec.in_message());
+        }
+    }
 }

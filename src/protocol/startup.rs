@@ -109,11 +109,14 @@ pub fn parse_packet(body: &[u8]) -> Result<StartupPacket, StartupError> {
             if major != 3 {
                 return Err(StartupError::UnsupportedProtocol(major, minor));
             }
+            // As PostgreSQL reads it: name/value pairs up to an empty name, which must be
+            // the last byte ("invalid startup packet layout" otherwise).
             let mut params = Vec::new();
             let mut rest = rest;
             loop {
                 match rest {
-                    [0] | [] => break,
+                    [0] => break,
+                    [] | [0, ..] => return Err(StartupError::Malformed),
                     _ => {
                         let (name, after) = read_cstr(rest).ok_or(StartupError::Malformed)?;
                         let (value, after) = read_cstr(after).ok_or(StartupError::Malformed)?;
@@ -159,5 +162,52 @@ mod tests {
             parse_packet(&[1, 2]),
             Err(StartupError::Malformed)
         ));
+        // Found by fuzzing: an empty name ends the parameters, and only at the last byte.
+        for layout in [&b"user\0app\0"[..], b"\0x\0y\0\0", b"user\0app\0\0\0", b""] {
+            let mut body = 196608i32.to_be_bytes().to_vec();
+            body.extend_from_slice(layout);
+            assert!(
+                matches!(parse_packet(&body), Err(StartupError::Malformed)),
+                "{layout:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// A StartupMessage read in reads of any size gives back its parameters, and the
+        /// bytes after it stay in the buffer for the session.
+        #[test]
+        fn startup_packets_read_back(
+            minor in 0u16..8,
+            params in proptest::collection::vec(("[^\0]{1,12}", "[^\0]{0,12}"), 0..6),
+            after in proptest::collection::vec(0u8..=255, 0..40),
+            read in 1usize..64,
+        ) {
+            let mut body = ((3u32 << 16) | u32::from(minor)).to_be_bytes().to_vec();
+            for (name, value) in &params {
+                body.extend_from_slice(name.as_bytes());
+                body.push(0);
+                body.extend_from_slice(value.as_bytes());
+                body.push(0);
+            }
+            body.push(0);
+            let mut stream = (body.len() as u32 + 4).to_be_bytes().to_vec();
+            stream.extend_from_slice(&body);
+            stream.extend_from_slice(&after);
+            let chunks: Vec<std::io::Result<bytes::Bytes>> = stream
+                .chunks(read)
+                .map(|c| Ok(bytes::Bytes::copy_from_slice(c)))
+                .collect();
+            let mut reader = tokio_util::io::StreamReader::new(futures_util::stream::iter(chunks));
+            let mut buf = BytesMut::new();
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let packet = runtime.block_on(read_packet(&mut reader, &mut buf)).unwrap();
+            let StartupPacket::Startup(s) = packet else {
+                panic!("not a StartupMessage: {packet:?}");
+            };
+            proptest::prop_assert_eq!(s.minor, minor);
+            proptest::prop_assert_eq!(s.params, params);
+            proptest::prop_assert!(after.starts_with(&buf));
+        }
     }
 }

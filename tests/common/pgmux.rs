@@ -373,7 +373,12 @@ struct Process {
 impl Process {
     fn spawn(config: &Path, log_path: &Path, dir: &Path, env: &[(&str, String)]) -> Process {
         let log = File::create(log_path).expect("pgmux log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgmux"));
+        // Cargo sets this for integration tests only; the fuzz crate, which includes this
+        // harness too, runs pgmux in its own process and never gets here.
+        let Some(exe) = option_env!("CARGO_BIN_EXE_pgmux") else {
+            panic!("no pgmux binary: cargo builds it for integration tests only");
+        };
+        let mut cmd = Command::new(exe);
         cmd.arg("--config")
             .arg(config)
             .stdin(Stdio::null())
