@@ -164,6 +164,12 @@ impl Loop<'_> {
                 let rewrite = self.rewrite_extended(&frame);
                 self.apply(frame, rewrite);
             }
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                // Sent before pgmux saw the server start the COPY (pipelined): the Syncs
+                // before this point will be ignored by the server, those after answered.
+                self.replies.copy_end();
+                self.to_server.push(frame.bytes);
+            }
             _ => self.to_server.push(frame.bytes),
         }
         Ok(())
