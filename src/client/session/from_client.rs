@@ -106,6 +106,10 @@ impl Loop<'_> {
                 // it is prepared on whichever server runs it. This keeps a client that
                 // prepares synchronously (libpq's PQprepare) from waiting on the pool.
                 tag::PARSE if self.parse_without_server(&frame) => return Ok(()),
+                // Closing one of its statements only forgets the client's name: drivers
+                // close statements in the background (tokio-postgres on drop), and that must
+                // not take a server from the pool.
+                tag::CLOSE if self.close_without_server(&frame) => return Ok(()),
                 _ => {}
             }
             // Boxed: a waiting checkout is large, and an idle session should not carry its
