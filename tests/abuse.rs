@@ -448,3 +448,21 @@ async fn the_statement_registry_is_bounded() {
     bytes.extend(sync());
     assert_eq!(keeper.run(&[bytes]).await, ["3", "1"]);
 }
+
+#[tokio::test]
+async fn closing_a_statement_takes_no_server() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, one_server().waiting("1s")).await;
+    let mut raw = Raw::login(&mux).await;
+    let mut bytes = parse("s1", "SELECT 1");
+    bytes.extend(sync());
+    assert_eq!(raw.run(&[bytes]).await, ["1"]);
+    // The only server is held by another client's transaction.
+    let holder = mux.connect("app", "app").await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    // Drivers close statements in the background (tokio-postgres on drop): no wait, no 53300.
+    let mut bytes = common::raw::close("s1");
+    bytes.extend(sync());
+    assert_eq!(raw.run(&[bytes]).await, ["3"]);
+    holder.batch_execute("COMMIT").await.unwrap();
+}

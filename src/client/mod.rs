@@ -129,7 +129,8 @@ async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
 async fn close_gently(socket: &mut TcpStream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         socket.shutdown().await?;
-        let mut sink = [0u8; 4096];
+        // Small: this buffer is part of every client task's future (memory per idle client).
+        let mut sink = [0u8; 64];
         while socket.read(&mut sink).await? > 0 {}
         Ok::<(), std::io::Error>(())
     })

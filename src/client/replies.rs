@@ -83,6 +83,10 @@ pub enum Expect {
     Hidden { kind: Kind, effect: Effect },
     /// A reply pgmux gives itself at this point in the stream.
     Local(BytesMut),
+    /// No reply: the client ended a COPY IN here (CopyDone or CopyFail) before pgmux saw
+    /// the server start it. Syncs before this mark reach the server during COPY IN and are
+    /// ignored; those after it are answered.
+    CopyEnd,
 }
 
 /// What to do with one server message.
@@ -127,29 +131,56 @@ impl Replies {
         self.queue.push_back(Expect::Local(reply));
     }
 
-    /// The server entered COPY IN mode, in which it ignores Sync: Syncs sent after the
-    /// COPY's own message get no ReadyForQuery.
-    pub fn copy_in_started(&mut self) {
-        let mut first = true;
-        self.queue.retain(|e| {
-            let keep = first
-                || !matches!(
-                    e,
-                    Expect::Client {
-                        kind: Kind::Sync,
-                        ..
-                    }
-                );
-            first = false;
-            keep
-        });
+    /// The client sent CopyDone or CopyFail before pgmux knew the server was in COPY IN.
+    pub fn copy_end(&mut self) {
+        // With nothing outstanding, no COPY can be starting: a stray message, ignored by
+        // the server as by PostgreSQL.
+        if !self.queue.is_empty() {
+            self.queue.push_back(Expect::CopyEnd);
+        }
     }
 
-    /// Local replies now at the front: they are due.
+    /// The server entered COPY IN mode, in which it ignores Sync until the client's
+    /// CopyDone or CopyFail: the Syncs queued behind the COPY's own message up to that
+    /// point get no ReadyForQuery. Returns whether the client already ended the COPY
+    /// (then the server reads Syncs again once it reaches the end).
+    pub fn copy_in_started(&mut self) -> bool {
+        let Some(end) = self
+            .queue
+            .iter()
+            .skip(1)
+            .position(|e| matches!(e, Expect::CopyEnd))
+            .map(|at| at + 1)
+        else {
+            // Every Sync queued so far arrives during COPY IN.
+            let mut first = true;
+            self.queue
+                .retain(|e| std::mem::take(&mut first) || !is_client_sync(e));
+            return false;
+        };
+        let mut at = 0;
+        self.queue.retain(|e| {
+            let keep = at == 0 || (at > end) || (at < end && !is_client_sync(e));
+            at += 1;
+            keep
+        });
+        true
+    }
+
+    /// Local replies now at the front: they are due. Copy ends that reach the front are
+    /// dropped: the COPY they ended never started (or already ended).
     pub fn take_due(&mut self, mut emit: impl FnMut(BytesMut)) {
-        while let Some(Expect::Local(_)) = self.queue.front() {
-            if let Some(Expect::Local(reply)) = self.queue.pop_front() {
-                emit(reply);
+        loop {
+            match self.queue.front() {
+                Some(Expect::Local(_)) => {
+                    if let Some(Expect::Local(reply)) = self.queue.pop_front() {
+                        emit(reply);
+                    }
+                }
+                Some(Expect::CopyEnd) => {
+                    self.queue.pop_front();
+                }
+                _ => return,
             }
         }
     }
@@ -159,6 +190,9 @@ impl Replies {
     /// and the entries the server will skip because of an error.
     pub fn route(&mut self, tag: u8) -> (Route, Option<Done>) {
         let is_error = tag == b'E';
+        while matches!(self.queue.front(), Some(Expect::CopyEnd)) {
+            self.queue.pop_front();
+        }
         let Some(front) = self.queue.front_mut() else {
             // Nothing expected (an asynchronous message): the client's.
             return (Route::Forward, None);
@@ -178,7 +212,9 @@ impl Replies {
                 };
                 (*kind, route)
             }
-            Expect::Local(_) => unreachable!("local replies are taken as soon as they are due"),
+            // Local replies and copy ends are taken off the front as soon as they reach it
+            // (take_due, below): never seen here.
+            Expect::Local(_) | Expect::CopyEnd => (Kind::Sync, Route::Forward),
         };
         // Asynchronous messages belong to no entry. (The session decides itself whether a
         // ParameterStatus reaches the client.)
@@ -221,6 +257,16 @@ impl Replies {
             }),
         )
     }
+}
+
+fn is_client_sync(e: &Expect) -> bool {
+    matches!(
+        e,
+        Expect::Client {
+            kind: Kind::Sync,
+            ..
+        }
+    )
 }
 
 /// An entry whose replies are all in.

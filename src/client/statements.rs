@@ -201,17 +201,29 @@ impl Loop<'_> {
                 }
                 self.prepare(name, statement);
             }
-            Rewrite::Close(name) => {
-                // PostgreSQL answers CloseComplete for unknown names too.
-                self.statements.remove(&name, None);
-                self.reply_locally(BytesMut::from(&[b'3', 0, 0, 0, 4][..]));
-            }
+            Rewrite::Close(name) => self.apply_close(&name),
             Rewrite::Refuse(error) => {
                 // Nothing of this message went to the server; its other parts are dropped.
                 self.client_mid_message = false;
                 self.skip = Skip::UntilSyncForwarded;
                 self.local_error(error);
             }
+        }
+    }
+
+    /// Answers a Close of a named statement without a server (only the client's name goes).
+    /// Returns false when the message needs a server (a portal, the unnamed statement).
+    pub(super) fn close_without_server(&mut self, frame: &Frame) -> bool {
+        if !self.tracks_statements() || !frame.is_whole() {
+            return false;
+        }
+        match Close::read(frame.body()).filter(|c| c.kind == b'S' && !c.name.is_empty()) {
+            Some(close) => {
+                let name = close.name.to_owned();
+                self.apply_close(&name);
+                true
+            }
+            None => false,
         }
     }
 
@@ -241,6 +253,13 @@ impl Loop<'_> {
         self.s.pool.stats.prepared_hit();
         self.reply_locally(BytesMut::from(&[b'1', 0, 0, 0, 4][..]));
         true
+    }
+
+    /// The client's Close of its statement `name`: the name goes, the server's copy stays
+    /// (other clients may use it). PostgreSQL answers CloseComplete for unknown names too.
+    fn apply_close(&mut self, name: &str) {
+        self.statements.remove(name, None);
+        self.reply_locally(BytesMut::from(&[b'3', 0, 0, 0, 4][..]));
     }
 
     /// The client's Parse of `statement` as `name`: answered here when the server holds it,

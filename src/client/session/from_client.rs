@@ -106,6 +106,10 @@ impl Loop<'_> {
                 // it is prepared on whichever server runs it. This keeps a client that
                 // prepares synchronously (libpq's PQprepare) from waiting on the pool.
                 tag::PARSE if self.parse_without_server(&frame) => return Ok(()),
+                // Closing one of its statements only forgets the client's name: drivers
+                // close statements in the background (tokio-postgres on drop), and that must
+                // not take a server from the pool.
+                tag::CLOSE if self.close_without_server(&frame) => return Ok(()),
                 _ => {}
             }
             // Boxed: a waiting checkout is large, and an idle session should not carry its
@@ -163,6 +167,12 @@ impl Loop<'_> {
                 self.unsynced = true;
                 let rewrite = self.rewrite_extended(&frame);
                 self.apply(frame, rewrite);
+            }
+            tag::COPY_DONE | tag::COPY_FAIL => {
+                // Sent before pgmux saw the server start the COPY (pipelined): the Syncs
+                // before this point will be ignored by the server, those after answered.
+                self.replies.copy_end();
+                self.to_server.push(frame.bytes);
             }
             _ => self.to_server.push(frame.bytes),
         }

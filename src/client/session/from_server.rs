@@ -63,8 +63,8 @@ impl Loop<'_> {
             if frame.is_whole() {
                 match frame.tag {
                     tag::COPY_IN_RESPONSE => {
-                        self.copy_in = true;
-                        self.replies.copy_in_started();
+                        // Unless the client already sent CopyDone/CopyFail (pipelined).
+                        self.copy_in = !self.replies.copy_in_started();
                     }
                     tag::ERROR_RESPONSE if !hidden => {
                         let (code, _) = crate::protocol::read::error_fields(frame.body());
@@ -149,7 +149,7 @@ impl Loop<'_> {
         for entry in skipped {
             match entry {
                 Expect::Client { effect, .. } | Expect::Hidden { effect, .. } => self.undo(effect),
-                Expect::Local(_) => {} // the server would have skipped it too
+                Expect::Local(_) | Expect::CopyEnd => {} // the server would have skipped it too
             }
         }
     }
