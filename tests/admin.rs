@@ -116,7 +116,9 @@ async fn metrics_parse_and_move_under_load() {
     let mux = TestPgmux::start(
         pg,
         MuxOptions {
-            wait_timeout: "700ms",
+            // Long enough that the 18 waiters are still waiting when a loaded machine
+            // gets to scrape them.
+            wait_timeout: "3s",
             ..with_admin(2)
         },
     )
@@ -161,16 +163,19 @@ async fn metrics_parse_and_move_under_load() {
             client
         }));
     }
+    let waiting = [("database", "app"), ("user", "app"), ("state", "waiting")];
     let loaded = eventually(Duration::from_secs(5), "18 waiting clients", || async {
         let m = Metrics::scrape(&mux).await;
-        (m.get("pgmux_pool_waiting_clients", &APP) >= 18.0).then_some(m)
+        // The pool's queue and the sessions' own state (in the registry), in one scrape.
+        (m.get("pgmux_pool_waiting_clients", &APP) >= 18.0
+            && m.get("pgmux_clients", &waiting) >= 18.0)
+            .then_some(m)
     })
     .await;
     let active = [("database", "app"), ("user", "app"), ("state", "active")];
     assert_eq!(loaded.get("pgmux_servers", &active), 2.0);
     assert_eq!(loaded.get("pgmux_pool_utilization_ratio", &APP), 1.0);
     assert!(loaded.get("pgmux_pool_oldest_wait_seconds", &APP) > 0.0);
-    let waiting = [("database", "app"), ("user", "app"), ("state", "waiting")];
     // The session reports its state to the registry.
     assert!(loaded.get("pgmux_clients", &waiting) >= 18.0);
 
