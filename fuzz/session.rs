@@ -39,6 +39,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::TestPostgres;
+use crate::common::raw::msg;
 
 /// The pgmux databases, one per pool mode, each with one server connection.
 const DATABASES: [&str; 3] = ["fuzz_tx", "fuzz_session", "fuzz_statement"];
@@ -116,7 +117,7 @@ fn send_framed(port: u16, database: &str, bytes: &[u8]) {
         };
         let (body, after) = after.split_at(len.min(after.len()));
         terminates |= tag == b'X';
-        out.extend_from_slice(&message(tag, body));
+        out.extend_from_slice(&msg(tag, body));
         rest = after;
     }
     // A ends whatever extended-protocol error or COPY the input left; B also a failed
@@ -125,8 +126,8 @@ fn send_framed(port: u16, database: &str, bytes: &[u8]) {
         format!("SELECT '{PROBE_A}'"),
         format!("ROLLBACK; SELECT '{PROBE_B}'"),
     ] {
-        out.extend_from_slice(&message(b'S', b""));
-        out.extend_from_slice(&message(b'Q', format!("{sql}\0").as_bytes()));
+        out.extend_from_slice(&msg(b'S', b""));
+        out.extend_from_slice(&msg(b'Q', format!("{sql}\0").as_bytes()));
     }
     let mentions_probe = contains(bytes, b"pgmux-fuzz-probe");
     let reply = conn.exchange(&out, false, |messages| answered(messages).is_some());
@@ -146,7 +147,7 @@ fn send_framed(port: u16, database: &str, bytes: &[u8]) {
                 );
             }
             // Leave as a client does; pgmux closes.
-            let bye = conn.exchange(&message(b'X', b""), true, |_| false);
+            let bye = conn.exchange(&msg(b'X', b""), true, |_| false);
             assert!(bye.end != End::Limit, "pgmux did not close after Terminate");
         }
         None => match reply.end {
@@ -183,7 +184,7 @@ fn check_clean(port: u16, database: &str) {
         current_setting('DateStyle'), current_setting('IntervalStyle'), \
         current_setting('TimeZone'), current_setting('client_encoding'), \
         current_setting('standard_conforming_strings')";
-    let query = message(b'Q', format!("{sql}\0").as_bytes());
+    let query = msg(b'Q', format!("{sql}\0").as_bytes());
     let reply = conn.exchange(&query, false, |m| m.last().is_some_and(|(t, _)| *t == b'Z'));
     let messages = frames(&reply.bytes).unwrap_or_else(|e| panic!("pgmux sent {e}"));
     if let Some((_, error)) = messages.iter().find(|(t, _)| *t == b'E') {
@@ -245,7 +246,7 @@ fn check_clean(port: u16, database: &str) {
             );
         }
     }
-    let _ = conn.exchange(&message(b'X', b""), true, |_| false);
+    let _ = conn.exchange(&msg(b'X', b""), true, |_| false);
 }
 
 /// How an exchange ended.
@@ -284,11 +285,14 @@ impl Conn {
     /// Logs in as `other` (trust) and returns the greeting's parameters.
     fn login(port: u16, database: &str, app: &str) -> (Conn, Vec<(String, String)>) {
         let mut conn = Conn::connect(port);
-        let startup = startup_packet(&[
-            ("user", "other"),
-            ("database", database),
-            ("application_name", app),
-        ]);
+        let startup = crate::common::raw::startup_packet(
+            0,
+            &[
+                ("user", "other"),
+                ("database", database),
+                ("application_name", app),
+            ],
+        );
         let reply = conn.exchange(&startup, false, |m| {
             m.last().is_some_and(|(t, _)| matches!(t, b'Z' | b'E'))
         });
@@ -452,29 +456,6 @@ fn data_row(body: &[u8]) -> Vec<String> {
         rest = after.get(n..).unwrap_or_default();
     }
     out
-}
-
-/// A tagged message.
-pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    out.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-    out.extend_from_slice(body);
-    out
-}
-
-/// A protocol 3.0 StartupMessage.
-pub fn startup_packet(params: &[(&str, &str)]) -> Vec<u8> {
-    let mut body = (3u32 << 16).to_be_bytes().to_vec();
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut packet = (body.len() as u32 + 4).to_be_bytes().to_vec();
-    packet.extend_from_slice(&body);
-    packet
 }
 
 /// The port of this process's pgmux, started (with its PostgreSQL) on the first call.

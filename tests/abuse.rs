@@ -300,6 +300,23 @@ async fn query_timeout_cancels_a_silent_server() {
     pool_is_healthy(&mux).await;
 }
 
+/// What a client that never reads would send: 100 MB.
+const UNREAD: usize = 100 << 20;
+
+/// Sends Syncs without reading anything until pgmux stops taking them (a write waits 2 s)
+/// or `UNREAD` bytes went; returns how many bytes went.
+async fn syncs_taken(raw: &mut Raw) -> usize {
+    let chunk: Vec<u8> = std::iter::repeat_n(sync(), 20_000).flatten().collect();
+    let mut sent = 0;
+    while sent < UNREAD {
+        match tokio::time::timeout(Duration::from_secs(2), raw.s.write_all(&chunk)).await {
+            Ok(Ok(())) => sent += chunk.len(),
+            _ => break, // pgmux stopped reading: the kernel buffers are full
+        }
+    }
+    sent
+}
+
 #[tokio::test]
 async fn a_client_that_does_not_read_stops_being_read() {
     let pg = TestPostgres::shared().await;
@@ -308,17 +325,10 @@ async fn a_client_that_does_not_read_stops_being_read() {
     let before = rss_kib(mux.pid());
     // Syncs, answered by pgmux itself, never read: 100 MB if pgmux kept taking them.
     let mut raw = Raw::login(&mux).await;
-    let chunk: Vec<u8> = std::iter::repeat_n(sync(), 20_000).flatten().collect();
-    let mut sent = 0usize;
-    while sent < 100 << 20 {
-        match tokio::time::timeout(Duration::from_secs(2), raw.s.write_all(&chunk)).await {
-            Ok(Ok(())) => sent += chunk.len(),
-            _ => break, // pgmux stopped reading: the kernel buffers are full
-        }
-    }
+    let sent = syncs_taken(&mut raw).await;
     let during = rss_kib(mux.pid());
     assert!(
-        sent < 100 << 20,
+        sent < UNREAD,
         "pgmux kept reading a client that does not read"
     );
     assert!(
@@ -328,13 +338,11 @@ async fn a_client_that_does_not_read_stops_being_read() {
     // Pipelined Syncs with a server held, never read, are bounded too.
     let mut raw2 = Raw::login(&mux).await;
     raw2.s.write_all(&query("BEGIN")).await.unwrap();
-    let mut sent2 = 0usize;
-    while sent2 < 100 << 20 {
-        match tokio::time::timeout(Duration::from_secs(2), raw2.s.write_all(&chunk)).await {
-            Ok(Ok(())) => sent2 += chunk.len(),
-            _ => break,
-        }
-    }
+    let sent2 = syncs_taken(&mut raw2).await;
+    assert!(
+        sent2 < UNREAD,
+        "pgmux kept reading a client that holds a server and does not read"
+    );
     let held = rss_kib(mux.pid());
     eprintln!(
         "unread Syncs: {sent} bytes taken without a server, {sent2} with one; RSS {before} -> {during} -> {held} KiB"
