@@ -15,8 +15,8 @@ impl Loop<'_> {
                     (self.client_read / 2).max(MIN_CLIENT_READ)
                 };
                 self.s.pool.stats.bytes_from_client(n);
-                self.touch();
                 self.on_client_bytes().await?;
+                self.touch();
                 if self.s.cbuf.is_empty() {
                     // Frames keep what they need of the buffer; an idle client keeps none.
                     self.s.cbuf = BytesMut::new();

@@ -16,8 +16,9 @@ impl Loop<'_> {
                     (self.server_read / 2).max(SERVER_READ)
                 };
                 self.s.pool.stats.bytes_to_client(n);
+                let handled = self.on_server_bytes();
                 self.touch();
-                self.on_server_bytes()
+                handled
             }
             Err(e) => Err(self.server_lost(e.into())),
         }

@@ -101,12 +101,6 @@ pub(super) struct Limits {
     pub partial_message: Duration,
 }
 
-impl Limits {
-    fn any(&self) -> bool {
-        !(self.idle_transaction.is_zero() && self.query.is_zero() && self.partial_message.is_zero())
-    }
-}
-
 /// Which limit a deadline enforces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Timeout {
@@ -326,8 +320,16 @@ impl Loop<'_> {
     }
 
     /// Notes activity, for the time limits (no clock read when none is set).
+    /// Called after bytes were handled, so that the clock is read only when a limit can
+    /// apply now (a client mid-message, or a server held with a limit set): with the
+    /// default config, a transaction reads no clock.
     fn touch(&mut self) {
-        if self.s.limits.any() {
+        let limits = &self.s.limits;
+        let holding =
+            self.server.is_some() && !(limits.query.is_zero() && limits.idle_transaction.is_zero());
+        let mid_message = !limits.partial_message.is_zero()
+            && (self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty());
+        if holding || mid_message {
             self.last_activity = Instant::now();
         }
     }
