@@ -1,6 +1,7 @@
 //! A client's way in: startup negotiation, password check by pgmux itself, and the
 //! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -51,13 +52,14 @@ impl From<ClientError> for Refusal {
 /// Runs the startup and authentication of one client. Returns the session to run.
 pub(super) async fn login(
     socket: &mut TcpStream,
+    peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
 ) -> Result<Session, Refusal> {
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
-    let startup = read_startup(socket, &mut cbuf, pooler).await?;
+    let startup = read_startup(socket, peer, &mut cbuf, pooler).await?;
     if !admitted {
         let max = pooler.snapshot().config.server.max_client_conn;
         return Err(ClientError::TooManyClients { max }.into());
@@ -149,7 +151,6 @@ pub(super) async fn login(
     debug!(user = %Escaped(&user), database = %Escaped(&database), "client logged in");
 
     let pool_settings = pool.settings();
-    let peer = socket.peer_addr()?;
     let view = pooler.clients_registry.register(
         peer,
         &database,
@@ -178,9 +179,11 @@ pub(super) async fn login(
 }
 
 /// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests
-/// with `N` and forwarding a CancelRequest.
+/// with `N` and forwarding a CancelRequest. A client that leaves before its StartupMessage
+/// (a close, a Terminate, half a packet) is let go quietly.
 async fn read_startup(
     socket: &mut TcpStream,
+    peer: SocketAddr,
     cbuf: &mut BytesMut,
     pooler: &Pooler,
 ) -> Result<Startup, Refusal> {
@@ -194,7 +197,21 @@ async fn read_startup(
                 return Err(Refusal::Gone);
             }
             Ok(StartupPacket::Startup(startup)) => return Ok(startup),
-            Err(StartupError::Io(_)) => return Err(Refusal::Gone),
+            Ok(StartupPacket::Terminate) => {
+                // As PostgreSQL and PgBouncer do: no answer, just the close.
+                debug!(%peer, "client sent Terminate before its startup packet");
+                return Err(Refusal::Gone);
+            }
+            Err(StartupError::Io(_)) if cbuf.is_empty() => {
+                // Monitors and port scanners do this; PostgreSQL does not log it either.
+                debug!(%peer, "client closed the connection before its startup packet");
+                return Err(Refusal::Gone);
+            }
+            Err(StartupError::Io(e)) => {
+                // PostgreSQL logs "incomplete startup packet" (LOG); not worth a warning.
+                debug!(%peer, received = cbuf.len(), error = %e, "incomplete startup packet");
+                return Err(Refusal::Gone);
+            }
             Err(e) => return Err(ClientError::Startup(e).into()),
         }
     }

@@ -76,7 +76,7 @@ async fn serve_socket(
 ) -> Option<(String, BytesMut)> {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
-    let outcome = tokio::time::timeout(limit, login::login(socket, pooler, admitted)).await;
+    let outcome = tokio::time::timeout(limit, login::login(socket, peer, pooler, admitted)).await;
     let session = match outcome {
         Ok(Ok(session)) => session,
         Ok(Err(login::Refusal::Gone)) => return None, // a cancel request, or a client that left
