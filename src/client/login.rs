@@ -4,21 +4,25 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::debug;
 
 use super::error::ClientError;
-use super::params::ClientParams;
+use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
 use crate::config::AuthMethod;
 use crate::logging::Escaped;
+use crate::pool::{Greetings, Pool, Reported};
 use crate::pooler::Pooler;
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
-use crate::protocol::{MessageCodec, PgError, read_cstr, read_i32, tag, write};
+use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, read_i32, tag, write};
+use crate::server::ServerConn;
 
 /// How a login ends early.
 pub(super) enum Refusal {
@@ -26,6 +30,8 @@ pub(super) enum Refusal {
     Gone,
     /// Tell the client this, then close.
     Error(PgError),
+    /// Send the client this ErrorResponse of the server's, then close.
+    Server(BytesMut),
     /// Not a refusal: an admin asked for the admin console (`crate::admin::console`),
     /// which takes the socket after AuthenticationOk, with the bytes read so far.
     Console { user: String, cbuf: BytesMut },
@@ -128,18 +134,14 @@ pub(super) async fn login(
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(ClientError::UnknownDatabase(database).into());
     };
-    let mut params = pool.server_params();
-    if params.is_empty() {
-        // The first client of a pool: learn what the server reports from a real connection.
-        match pool.checkout().await {
-            Ok(lease) => lease.release(),
-            Err(e) => {
-                return Err(ClientError::Checkout(e).into());
-            }
-        }
-        params = pool.server_params();
-    }
     let mut settings = ClientParams::from_startup(&startup.params);
+    let params = match server_greeting(&pool, &settings).await? {
+        Some(reported) => {
+            settings.adopt(&reported);
+            reported
+        }
+        None => pool.server_params(),
+    };
     for (name, value) in settings.greeting(&params) {
         write::parameter_status(&mut out, &name, &value);
     }
@@ -176,6 +178,113 @@ pub(super) async fn login(
         kill: pooler.kill.clone(),
         cbuf,
     })
+}
+
+/// How long pgmux's own queries on a server may take during a login.
+const LOGIN_QUERY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The ParameterStatus set a server of `pool` reports with the client's startup settings
+/// applied: what PostgreSQL itself would greet the client with, in its own spelling
+/// (`UTF8` for `utf8`). Learnt once per set of settings and kept in `pool.greetings`, so
+/// a login whose settings are known costs no round trip. A setting the server refuses
+/// refuses the login, with the server's own error made FATAL, as PostgreSQL does.
+/// `None` when no server could be had (the client is greeted with its own spelling then).
+async fn server_greeting(
+    pool: &Arc<Pool>,
+    settings: &ClientParams,
+) -> Result<Option<Reported>, Refusal> {
+    let key = Greetings::key(settings.startup_settings());
+    if let Some(known) = pool.greetings.get(&key) {
+        return Ok(Some(known));
+    }
+    let mut lease = match pool.checkout().await {
+        Ok(lease) => lease,
+        // The first client of a pool: there is nothing at all to greet it with.
+        Err(e) if pool.server_params().is_empty() => {
+            return Err(ClientError::Checkout(e).into());
+        }
+        Err(e) => {
+            debug!(pool = %Escaped(&pool.key), error = %e, "no server to learn how it reports the client's settings; greeting with the client's own values");
+            return Ok(None);
+        }
+    };
+    match try_settings(&mut lease, settings).await {
+        Tried::Reported(reported) => {
+            lease.release();
+            pool.greetings.insert(key, reported.clone());
+            Ok(Some(reported))
+        }
+        Tried::Refused(body) => {
+            lease.release();
+            let (code, message) = crate::protocol::read::error_fields(&body);
+            debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
+            Err(Refusal::Server(as_fatal(&body)))
+        }
+        Tried::Failed(e) => {
+            lease.close();
+            debug!(pool = %Escaped(&pool.key), error = %e, "could not try the client's settings on a server; greeting with the client's own values");
+            Ok(None)
+        }
+    }
+}
+
+/// What a server made of a client's settings.
+enum Tried {
+    /// The ParameterStatus set it reported with them.
+    Reported(Reported),
+    /// The body of the ErrorResponse it refused one with.
+    Refused(Vec<u8>),
+    /// The connection failed: close it.
+    Failed(ProtocolError),
+}
+
+/// Applies `settings` to `server` as a new backend would have them (after `RESET ALL`:
+/// nothing a previous client left counts) inside a transaction that is rolled back, and
+/// reads what the server reported meanwhile. The server is left exactly as it was.
+async fn try_settings(server: &mut ServerConn, settings: &ClientParams) -> Tried {
+    let mut sql = String::from("BEGIN;RESET ALL;");
+    for (name, value) in settings.startup_settings() {
+        sql.push_str(&format!(
+            "SELECT pg_catalog.set_config({}, {}, false);",
+            quote_literal(name),
+            quote_literal(value)
+        ));
+    }
+    let tried = match server.query_quietly(&sql, LOGIN_QUERY_LIMIT).await {
+        Ok(tried) => tried,
+        Err(e) => return Tried::Failed(e),
+    };
+    // PostgreSQL reports changed values before this ReadyForQuery (14 and later) or as
+    // they are set (before 14): either way they are in.
+    let reported = Arc::new(server.params().to_vec());
+    if !server.run_quietly("ROLLBACK", LOGIN_QUERY_LIMIT).await {
+        return Tried::Failed(ProtocolError::Malformed("reply to ROLLBACK"));
+    }
+    match tried.error {
+        Some(body) => Tried::Refused(body),
+        None => Tried::Reported(reported),
+    }
+}
+
+/// A server's ErrorResponse, made FATAL (every other field kept): what PostgreSQL says when
+/// it refuses a startup setting.
+fn as_fatal(body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    write::message(&mut out, tag::ERROR_RESPONSE, |b| {
+        for (field, value) in crate::protocol::read::fields(body) {
+            b.put_u8(field);
+            write::cstr(
+                b,
+                if matches!(field, b'S' | b'V') {
+                    "FATAL"
+                } else {
+                    value
+                },
+            );
+        }
+        b.put_u8(0);
+    });
+    out
 }
 
 /// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests

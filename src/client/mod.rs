@@ -86,6 +86,11 @@ async fn serve_socket(
             refuse_on(socket, &err).await;
             return None;
         }
+        Ok(Err(login::Refusal::Server(err))) => {
+            debug!(%peer, "login refused with the server's error");
+            send_and_close(socket, &err).await;
+            return None;
+        }
         Err(_) => {
             debug!(%peer, "login timed out");
             refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
@@ -119,7 +124,12 @@ async fn refuse(mut socket: TcpStream, err: &PgError) {
 async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&buf)).await;
+    send_and_close(socket, &buf).await;
+}
+
+/// Sends these bytes (a fatal ErrorResponse) and shuts the socket down.
+async fn send_and_close(socket: &mut TcpStream, bytes: &[u8]) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(bytes)).await;
     close_gently(socket).await;
 }
 

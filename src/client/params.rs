@@ -65,6 +65,32 @@ impl ClientParams {
         self.want(name, Value::Sql(sql.to_owned()));
     }
 
+    /// The settings the client asked for as text (its startup packet, `options`), as
+    /// (lowercase name, value): what a server is asked to check and spell at login.
+    pub fn startup_settings(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.wants
+            .iter()
+            .filter_map(|(lower, _, value)| match value {
+                Value::Text(text) => Some((lower.as_str(), text.as_str())),
+                Value::Sql(_) => None,
+            })
+    }
+
+    /// Takes the server's spelling of the values the client asked for (`UTF8` for
+    /// `utf8`) from the ParameterStatus set a server reported with them applied.
+    pub fn adopt(&mut self, reported: &[(String, String)]) {
+        for (name, value) in reported {
+            if let Some(slot) = self
+                .wants
+                .iter_mut()
+                .find(|(lower, _, _)| lower.eq_ignore_ascii_case(name))
+                && matches!(slot.2, Value::Text(_))
+            {
+                slot.2 = Value::Text(value.clone());
+            }
+        }
+    }
+
     /// The ParameterStatus set for the login greeting: the server's, with the client's own
     /// values over them. Remembered as what the client has seen.
     pub fn greeting(
