@@ -7,10 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::raw::{read_messages, startup_packet};
+use common::raw::{Raw, query, read_messages, startup_packet};
 use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
+use tokio_postgres::error::SqlState;
 
 async fn raw(mux: &TestPgmux) -> TcpStream {
     TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
@@ -373,4 +374,187 @@ async fn known_settings_need_no_server_at_login_and_unknown_ones_wait_for_one() 
         .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
         .collect();
     assert_eq!(told, ["client_encoding\0EUC_JP\0"]);
+}
+
+/// The whole messages in `raw`, as (tag, body).
+fn messages(raw: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while raw.len() - at >= 5 {
+        let len = u32::from_be_bytes(raw[at + 1..at + 5].try_into().unwrap()) as usize;
+        if raw.len() - at < 1 + len {
+            break;
+        }
+        out.push((raw[at], raw[at + 5..at + 1 + len].to_vec()));
+        at += 1 + len;
+    }
+    out
+}
+
+/// The first letter of an ErrorResponse's severity (`F` for FATAL, `E` for ERROR).
+fn severity(body: &[u8]) -> u8 {
+    body.split(|&b| b == 0)
+        .find_map(|field| field.strip_prefix(b"V"))
+        .and_then(|v| v.first().copied())
+        .unwrap_or(0)
+}
+
+/// The process id a greeting's BackendKeyData carries.
+fn backend_pid(greeting: &[(u8, Vec<u8>)]) -> i32 {
+    let (_, body) = greeting
+        .iter()
+        .find(|(tag, _)| *tag == b'K')
+        .expect("a BackendKeyData");
+    i32::from_be_bytes(body[..4].try_into().unwrap())
+}
+
+fn session_mode(size: u32) -> MuxOptions {
+    MuxOptions {
+        mode: "session",
+        size,
+        wait_timeout: "300ms",
+        ..MuxOptions::default().with_auth_method("trust")
+    }
+}
+
+#[tokio::test]
+async fn session_mode_tells_the_client_its_real_backend_pid() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, session_mode(1)).await;
+    let (mut c, greeted) = Raw::login_with(&mux, 0, &[("user", "app"), ("database", "app")]).await;
+    let pid = backend_pid(&greeted);
+    assert_eq!(
+        c.run(&[query("SELECT pg_backend_pid()")]).await,
+        ["T", &format!("D:{pid}"), "C"]
+    );
+
+    // A notification's sender is the same process, as the client's own id says.
+    c.s.write_all(&query("LISTEN faithful; NOTIFY faithful, 'hi'"))
+        .await
+        .unwrap();
+    let replies = c.messages_until_ready().await;
+    let (_, notification) = replies
+        .iter()
+        .find(|(tag, _)| *tag == b'A')
+        .expect("a NotificationResponse");
+    assert_eq!(
+        i32::from_be_bytes(notification[..4].try_into().unwrap()),
+        pid
+    );
+    assert!(notification[4..].starts_with(b"faithful\0hi\0"));
+
+    // The only server is this client's until it leaves: another login is refused with
+    // the checkout's error, FATAL, as PgBouncer does.
+    match mux_greeting(&mux, &[]).await {
+        Greeting::Refused(severity, code, _) => {
+            assert_eq!((&*severity, &*code), ("FATAL", "53300"))
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(c);
+
+    // A session-mode login is greeted by its own server, exactly as PostgreSQL greets it,
+    // and refused as PostgreSQL refuses it.
+    for settings in [
+        &[("client_encoding", "euc-jp"), ("TimeZone", "utc")][..],
+        &[("DateStyle", "nonsense")],
+    ] {
+        let direct = direct_greeting(pg, settings).await;
+        let mut through = mux_greeting(&mux, settings).await;
+        for _ in 0..50 {
+            // The previous session's server may still be on its way back.
+            if !matches!(&through, Greeting::Refused(_, code, _) if code == "53300") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            through = mux_greeting(&mux, settings).await;
+        }
+        assert_eq!(through, direct, "{settings:?}");
+    }
+}
+
+async fn pid_of(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn session_mode_terminate_and_cancel_reach_the_clients_backend() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            mode: "session",
+            size: 2,
+            ..MuxOptions::default().with_auth_method("trust")
+        },
+    )
+    .await;
+    let su = pg.superuser().await;
+
+    // Cancel: the key the client holds (the real process id, pgmux's secret) stops its
+    // query, and the session goes on on the same backend.
+    let client = mux.connect("app", "app").await;
+    let pid = pid_of(&client).await;
+    let token = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        let slept = client.simple_query("SELECT pg_sleep(60)").await;
+        (client, slept)
+    });
+    let running = || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE pid = $1 AND query = 'SELECT pg_sleep(60)' AND state = 'active'",
+            &[&pid],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    };
+    assert!(eventually(Duration::from_secs(10), running).await);
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let (client, slept) = sleeping.await.unwrap();
+    assert_eq!(slept.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
+    assert_eq!(pid_of(&client).await, pid);
+
+    // pg_terminate_backend of the id the client knows ends its session with PostgreSQL's
+    // own 57P01, as it would directly. PostgreSQL itself sometimes closes without sending
+    // it (seen directly too, about one time in ten): then pgmux says it lost the server.
+    let mut told_57p01 = 0;
+    let mut victim_pids = Vec::new();
+    for _ in 0..10 {
+        let (mut victim, greeted) =
+            Raw::login_with(&mux, 0, &[("user", "app"), ("database", "app")]).await;
+        let victim_pid = backend_pid(&greeted);
+        victim_pids.push(victim_pid);
+        let terminated: bool = su
+            .query_one("SELECT pg_terminate_backend($1)", &[&victim_pid])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(terminated);
+        let rest = read_to_close(&mut victim.s).await;
+        let codes: Vec<(u8, String)> = messages(&rest)
+            .into_iter()
+            .filter(|(tag, _)| *tag == b'E')
+            .map(|(_, body)| (severity(&body), common::raw::error_fields(&body).0))
+            .collect();
+        match codes.first() {
+            Some((b'F', code)) if code == "57P01" => told_57p01 += 1,
+            Some((b'F', code)) if code == "08006" => {}
+            _ => panic!("{codes:?}"),
+        }
+        if told_57p01 == 3 {
+            break;
+        }
+    }
+    assert!(told_57p01 > 0, "PostgreSQL's 57P01 reached the client");
+    // The other session never noticed; its server's slot was given to the next login.
+    assert_eq!(pid_of(&client).await, pid);
+    let next = mux.connect("app", "app").await;
+    assert!(!victim_pids.contains(&pid_of(&next).await));
 }

@@ -16,13 +16,15 @@ use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
+use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
+use crate::config::PoolMode;
 use crate::logging::Escaped;
-use crate::pool::{Greetings, Pool, Reported};
-use crate::pooler::Pooler;
+use crate::pool::{Greetings, Lease, Pool, Reported};
+use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
 use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, read_i32, tag, write};
-use crate::server::ServerConn;
+use crate::server::{Quiet, ServerConn, TxStatus};
 
 /// How a login ends early.
 pub(super) enum Refusal {
@@ -55,13 +57,27 @@ impl From<ClientError> for Refusal {
     }
 }
 
-/// Runs the startup and authentication of one client. Returns the session to run.
-pub(super) async fn login(
+/// A client that passed authentication (its AuthenticationOk is in `out`, unsent), to be
+/// greeted by [`greet`].
+pub(super) struct Authenticated {
+    startup: Startup,
+    user: String,
+    database: String,
+    snapshot: Arc<Snapshot>,
+    /// What to send the client next.
+    out: BytesMut,
+    /// Bytes read from the client and not yet used.
+    cbuf: BytesMut,
+}
+
+/// Runs the startup and authentication of one client: what the client must do within
+/// `client_login_timeout`.
+pub(super) async fn authenticate(
     socket: &mut TcpStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
-) -> Result<Session, Refusal> {
+) -> Result<Authenticated, Refusal> {
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
@@ -130,12 +146,50 @@ pub(super) async fn login(
         return Err(Refusal::Console { user, cbuf });
     }
     write::auth_ok(&mut out);
+    Ok(Authenticated {
+        startup,
+        user,
+        database,
+        snapshot,
+        out,
+        cbuf,
+    })
+}
 
+/// Greets an authenticated client as PostgreSQL would (ParameterStatus, BackendKeyData,
+/// ReadyForQuery) and returns its session. Not under `client_login_timeout`: what it waits
+/// for is a server (bounded by `wait_timeout`), not the client.
+pub(super) async fn greet(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    client: Authenticated,
+) -> Result<Session, Refusal> {
+    let Authenticated {
+        startup,
+        user,
+        database,
+        snapshot,
+        mut out,
+        cbuf,
+    } = client;
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(ClientError::UnknownDatabase(database).into());
     };
+    let pool_settings = pool.settings();
     let mut settings = ClientParams::from_startup(&startup.params);
-    let params = match server_greeting(&pool, &settings).await? {
+    // Session mode: the client keeps one server from login to the end, as with PostgreSQL
+    // itself; it is greeted by that server and told its real process id.
+    let held = if pool_settings.mode == PoolMode::Session {
+        Some(hold_server(&pool, &settings).await?)
+    } else {
+        None
+    };
+    let params = match &held {
+        Some(server) => Some(Arc::new(server.params().to_vec())),
+        None => server_greeting(&pool, &settings).await?,
+    };
+    let params = match params {
         Some(reported) => {
             settings.adopt(&reported);
             reported
@@ -145,21 +199,32 @@ pub(super) async fn login(
     for (name, value) in settings.greeting(&params) {
         write::parameter_status(&mut out, &name, &value);
     }
-    let cancel = pooler.cancels.register();
+    let cancel = pooler
+        .cancels
+        .register(held.as_ref().map(|server| server.key().process_id));
+    if let Some(server) = &held {
+        cancel.set_target(Some(CancelTarget {
+            addr: server.addr().clone(),
+            key: server.key(),
+        }));
+    }
     let (process_id, secret) = cancel.key();
     write::backend_key_data(&mut out, process_id, secret);
     write::ready_for_query(&mut out, b'I');
     socket.write_all(&out).await?;
     debug!(user = %Escaped(&user), database = %Escaped(&database), "client logged in");
 
-    let pool_settings = pool.settings();
     let view = pooler.clients_registry.register(
         peer,
         &database,
         &user,
         startup.get("application_name").unwrap_or_default(),
     );
+    if let Some(server) = &held {
+        view.set_server(Some((server.id(), server.key().process_id)));
+    }
     Ok(Session {
+        server: held,
         view,
         mode: pool_settings.mode,
         limits: Limits {
@@ -178,6 +243,45 @@ pub(super) async fn login(
         kill: pooler.kill.clone(),
         cbuf,
     })
+}
+
+/// Session mode: checks out the server the client keeps for its whole session (a login
+/// that cannot get one is refused with the checkout's error, as PgBouncer does) and gives
+/// it the client's settings, which it may refuse as PostgreSQL refuses them at login.
+async fn hold_server(pool: &Arc<Pool>, settings: &ClientParams) -> Result<Lease, Refusal> {
+    let mut lease = pool.checkout().await.map_err(ClientError::Checkout)?;
+    let Some(sql) = settings.sync_sql(&mut lease) else {
+        return Ok(lease);
+    };
+    let applied = lease.query_quietly(&sql, LOGIN_QUERY_LIMIT).await;
+    match applied {
+        Ok(Quiet {
+            status: Some(TxStatus::Idle),
+            error: None,
+            ..
+        }) => Ok(lease),
+        Ok(Quiet {
+            error: Some(body), ..
+        }) => {
+            // The query was rolled back, so the server's record of what was applied to it
+            // is wrong now: close it rather than lend it again.
+            lease.close();
+            let (code, message) = crate::protocol::read::error_fields(&body);
+            debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
+            Err(Refusal::Server(as_fatal(&body)))
+        }
+        Ok(_) => {
+            lease.close();
+            Err(ClientError::LoginServerLost(ProtocolError::Malformed(
+                "reply to the settings query",
+            ))
+            .into())
+        }
+        Err(e) => {
+            lease.close();
+            Err(ClientError::LoginServerLost(e).into())
+        }
+    }
 }
 
 /// How long pgmux's own queries on a server may take during a login.

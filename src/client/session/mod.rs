@@ -122,6 +122,8 @@ enum Event {
 /// Everything a logged-in client needs but its socket; built by login.
 pub struct Session {
     pub(super) pool: Arc<Pool>,
+    /// The server held from login (session mode), if any.
+    pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
     pub(super) limits: Limits,
     /// `server.max_message_size`.
@@ -172,7 +174,8 @@ impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
     /// can still tell the client.
-    pub async fn run(self, client: &mut TcpStream) {
+    pub async fn run(mut self, client: &mut TcpStream) {
+        let server = self.server.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -180,7 +183,7 @@ impl Session {
             codec,
             to_client: OutQueue::default(),
             to_server: OutQueue::default(),
-            server: None,
+            server,
             replies: Replies::default(),
             statements: ClientStatements::default(),
             unsynced: false,
