@@ -170,7 +170,46 @@ pub fn text_may_change_state(text: &[u8]) -> bool {
                 }
             }
             b'a' if lower_at(i, b"advisory") => return true,
-            b's' if lower_at(i, b"set_config") => return true,
+            b's' if lower_at(i, b"set_config") && !is_local_set_config(text.get(i + 10..)) => {
+                return true;
+            }
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Whether a `set_config` call (`after` starts right after the name) says `true` as its
+/// last argument, literally: a setting for the transaction only (PostgREST and row-level
+/// security setups make one in every transaction), which needs no verification. Anything
+/// else, or anything this cannot read, is not.
+fn is_local_set_config(after: Option<&[u8]>) -> bool {
+    let Some(after) = after else {
+        return false;
+    };
+    let mut rest = after.trim_ascii_start();
+    let Some(args) = rest.strip_prefix(b"(") else {
+        return false;
+    };
+    rest = args;
+    let mut depth = 0usize;
+    let mut quoted = false;
+    for (i, &b) in rest.iter().enumerate() {
+        match b {
+            b'\'' => quoted = !quoted,
+            _ if quoted => {}
+            b'(' => depth += 1,
+            b')' if depth > 0 => depth -= 1,
+            b')' => {
+                let last = rest.get(..i).unwrap_or_default().trim_ascii_end();
+                let token_start = last
+                    .iter()
+                    .rposition(|c| !c.is_ascii_alphabetic())
+                    .map_or(0, |p| p + 1);
+                let token = last.get(token_start..).unwrap_or_default();
+                let before = last.get(..token_start).unwrap_or_default().trim_ascii_end();
+                return token.eq_ignore_ascii_case(b"true") && before.ends_with(b",");
+            }
             _ => {}
         }
     }
@@ -228,6 +267,11 @@ mod tests {
             "SELECT pg_advisory_lock(1)",
             "select PG_TRY_ADVISORY_LOCK(1)",
             "SELECT set_config('work_mem', '64MB', false)",
+            "SELECT set_config('work_mem', '64MB', $3)",
+            "SELECT set_config('a.b', 'true', is_local)",
+            "SELECT set_config('a.b', x, true), set_config('c.d', y, false)",
+            "SELECT set_config('a.b', 'x', true",
+            "SELECT set_config",
             "CREATE\tTEMP\nTABLE x(y int)",
             "temp",
         ] {
@@ -241,6 +285,9 @@ mod tests {
             "SELECT 1",
             "",
             "SELECT 'tempé'",
+            "select set_config('search_path', $1, true), set_config('role', $2, TRUE)",
+            "SELECT set_config('request.jwt.claims', '{\"a\": \"(x\"}', true)",
+            "SELECT pg_catalog.set_config ( 'x.y', lower('A'),true )",
         ] {
             assert!(!text_may_change_state(text.as_bytes()), "{text}");
         }
