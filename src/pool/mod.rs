@@ -12,12 +12,14 @@ mod control;
 mod greetings;
 mod health;
 mod lease;
+mod pinned;
 mod upkeep;
 mod view;
 mod window;
 
 pub use greetings::{Greetings, Reported};
 pub use lease::Lease;
+pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
 pub use window::{DemandSummary, WINDOW_SECONDS};
 
@@ -169,6 +171,8 @@ pub struct Pool {
     pub greetings: Greetings,
     /// Connections being opened now.
     connecting: AtomicU32,
+    /// Servers held by pinned clients (`pinned.rs`).
+    pinned: AtomicU32,
     /// Waits at least this long are logged (nanoseconds; 0 = never).
     slow_wait: AtomicU64,
     /// The upstream's `max_connections` (0 = not known yet) and whether it was asked.
@@ -209,6 +213,7 @@ impl Pool {
             asked_max_connections: AtomicBool::new(false),
             logged_status: std::sync::atomic::AtomicU8::new(Status::Normal as u8),
             retired: CancellationToken::new(),
+            pinned: AtomicU32::new(0),
         })
     }
 
