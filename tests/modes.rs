@@ -189,8 +189,10 @@ async fn idle_in_transaction_timeout_gives_25p03_and_frees_the_server() {
         .await
         .expect("connection ended");
     drop(ended);
+    // Lines reach the file through pgmux's log thread: wait for it.
+    let logged = || async { mux.stderr_log().contains("idle in transaction") };
     assert!(
-        mux.stderr_log().contains("idle in transaction"),
+        common::eventually(Duration::from_secs(5), logged).await,
         "pgmux logged why"
     );
 }
