@@ -544,7 +544,11 @@ async fn session_mode_terminate_and_cancel_reach_the_clients_backend() {
             .map(|(_, body)| (severity(&body), common::raw::error_fields(&body).0))
             .collect();
         match codes.first() {
-            Some((b'F', code)) if code == "57P01" => told_57p01 += 1,
+            Some((b'F', code)) if code == "57P01" => {
+                // The server's FATAL is the last word, as directly: none of pgmux's after it.
+                assert_eq!(codes.len(), 1, "{codes:?}");
+                told_57p01 += 1;
+            }
             Some((b'F', code)) if code == "08006" => {}
             _ => panic!("{codes:?}"),
         }

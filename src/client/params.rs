@@ -10,6 +10,15 @@ use std::sync::Arc;
 
 use crate::server::{ServerConn, SettingValue as Value};
 
+/// Parameters the server reports that no `SET` can change.
+const READ_ONLY_REPORTED: &[&str] = &[
+    "is_superuser",
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "in_hot_standby",
+];
+
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
@@ -211,6 +220,13 @@ impl ClientParams {
         }
         let mut restore = Vec::new();
         for (name, initial) in server.drifted_params() {
+            // Read-only: it follows others (is_superuser follows role) and cannot be set.
+            if READ_ONLY_REPORTED
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
             if !self
                 .wants
                 .iter()

@@ -168,6 +168,8 @@ pub(super) struct Loop<'c> {
     swallowing: bool,
     /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
     copy_in: bool,
+    /// The server sent the client a FATAL error: its close is expected.
+    pub(super) server_ended: bool,
     pub(super) skip: Skip,
     /// When either peer last sent bytes; read only while a limit is set.
     last_activity: Instant,
@@ -199,6 +201,7 @@ impl Session {
             client_mid_message: false,
             swallowing: false,
             copy_in: false,
+            server_ended: false,
             skip: Skip::No,
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
