@@ -57,6 +57,8 @@ pub enum ClientError {
     PartialMessage(Duration),
     #[error("lost the server connection in the middle of a transaction: {0}")]
     ServerLost(ProtocolError),
+    #[error("lost the server connection while logging in: {0}")]
+    LoginServerLost(ProtocolError),
     #[error("transaction blocks are not allowed in statement pooling mode")]
     TransactionInStatementMode,
     #[error("a named prepared statement larger than 1 MB is not supported")]
@@ -67,6 +69,14 @@ pub enum ClientError {
         "this client already holds {0} named prepared statements (server.statement_registry_size)"
     )]
     TooManyStatements(usize),
+    #[error(
+        "{kinds} would pin this client's server connection, but {limit} servers of this pool are pinned already (max_pinned); it was discarded"
+    )]
+    PinLimit { kinds: String, limit: u32 },
+    #[error(
+        "terminating connection: idle for longer than {0:?} while its session state pins a server connection (pinned_idle_timeout)"
+    )]
+    PinnedIdle(Duration),
     #[error(
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
@@ -101,13 +111,16 @@ impl ClientError {
             }
             Self::Checkout(CheckoutError::Upstream { .. })
             | Self::QueryTimeout(_)
-            | Self::ServerLost(_) => SqlState::CONNECTION_FAILURE,
+            | Self::ServerLost(_)
+            | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
             Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
                 SqlState::PROGRAM_LIMIT_EXCEEDED
             }
             Self::DuplicateStatement(_) => SqlState::DUPLICATE_PREPARED_STATEMENT,
+            Self::PinLimit { .. } => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+            Self::PinnedIdle(_) => SqlState::IDLE_SESSION_TIMEOUT,
             Self::Internal => SqlState::INTERNAL_ERROR,
         }
     }
@@ -160,12 +173,19 @@ impl ClientError {
                 "the transaction did not complete; check the network to PostgreSQL, or raise pool.query_timeout above the longest query"
             }
             Self::ServerLost(_) => "the transaction did not complete; reconnect and retry it",
+            Self::LoginServerLost(_) => "reconnect",
             Self::TransactionInStatementMode => {
                 "use autocommit statements, or a pool with mode = \"transaction\""
             }
             Self::NamedStatementTooLarge => "use the unnamed statement for very large queries",
             Self::TooManyStatements(_) => {
                 "close (deallocate) statements the client no longer uses, or raise server.statement_registry_size"
+            }
+            Self::PinLimit { .. } => {
+                "keep session state inside the transaction (SET LOCAL, ON COMMIT DROP, pg_advisory_xact_lock), raise pool.max_pinned, or use session_state = \"reset\" or mode = \"session\""
+            }
+            Self::PinnedIdle(_) => {
+                "drop the session state when done with it (DISCARD ALL), or raise pool.pinned_idle_timeout"
             }
             Self::Internal => "reconnect; please report this with pgmux's log",
             _ => return None,

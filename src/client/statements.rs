@@ -14,13 +14,6 @@ use crate::logging::Escaped;
 use crate::prepared::{Bind, Close, Describe, Parse, Statement, rewrite_bind, rewrite_describe};
 use crate::protocol::{Frame, read_cstr, tag, write};
 
-/// Replaces a SQL-level PREPARE in transaction mode: the server raises the error, so the
-/// transaction state the client sees is exactly what PostgreSQL would give.
-const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
-    ERRCODE = 'feature_not_supported', \
-    MESSAGE = 'pgmux: SQL-level PREPARE is not supported in transaction pooling mode', \
-    HINT = 'use your driver''s prepared statements (protocol-level, tracked by pgmux), or a pool with mode = \"session\"'; END $pgmux$";
-
 /// What the session does with one client message that may name a prepared statement or
 /// change session state. Decided from the message and the client's names alone
 /// ([`Loop::rewrite_query`], [`Loop::rewrite_extended`]); carried out by [`Loop::apply`],
@@ -31,8 +24,6 @@ pub(super) enum Rewrite {
     /// Send it as it came: a Query that changes session state if it succeeds outside a
     /// transaction.
     Watch(SessionChange),
-    /// SQL-level PREPARE in transaction mode: the server raises pgmux's error.
-    RefusePrepare,
     /// Send `message` in its place, expecting `kind`'s replies with `effect`; the server
     /// must hold `statement` first.
     Renamed {
@@ -67,7 +58,6 @@ impl Loop<'_> {
             None
         };
         match change {
-            Some(SessionChange::Prepare) => Rewrite::RefusePrepare,
             Some(SessionChange::Deallocate(name)) if self.tracks_statements() => {
                 match self.statements.get(&name).cloned() {
                     Some(statement) => {
@@ -173,17 +163,23 @@ impl Loop<'_> {
     /// Carries out what was decided for `frame`.
     pub(super) fn apply(&mut self, frame: Frame, rewrite: Rewrite) {
         match rewrite {
-            Rewrite::Forward(Some(kind)) => self.forward(frame, kind),
+            Rewrite::Forward(Some(kind)) => {
+                if kind == Kind::Bind {
+                    // The unnamed statement (or one pgmux does not track).
+                    self.watch_bind(None);
+                }
+                self.forward(frame, kind)
+            }
             Rewrite::Forward(None) => self.to_server.push(frame.bytes),
             Rewrite::Watch(change) => {
+                if matches!(
+                    change,
+                    SessionChange::Set { .. } | SessionChange::Reset(_) | SessionChange::ResetAll
+                ) {
+                    self.state.followed = true;
+                }
                 self.replies.client(Kind::Query, Effect::Session(change));
                 self.to_server.push(frame.bytes);
-            }
-            Rewrite::RefusePrepare => {
-                let mut refuse = BytesMut::new();
-                write::query(&mut refuse, REFUSE_PREPARE);
-                self.replies.client(Kind::Query, Effect::None);
-                self.to_server.push(refuse);
             }
             Rewrite::Renamed {
                 message,
@@ -191,6 +187,9 @@ impl Loop<'_> {
                 effect,
                 statement,
             } => {
+                if kind == Kind::Bind {
+                    self.watch_bind(Some(statement.may_change_state));
+                }
                 self.ensure_on_server(&statement);
                 self.replies.client(kind, effect);
                 self.to_server.push(message);

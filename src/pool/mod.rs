@@ -9,13 +9,17 @@
 //! on reload) and read it through `view.rs`; `window.rs` keeps its recent demand.
 
 mod control;
+mod greetings;
 mod health;
 mod lease;
+mod pinned;
 mod upkeep;
 mod view;
 mod window;
 
+pub use greetings::{Greetings, Reported};
 pub use lease::Lease;
+pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
 pub use window::{DemandSummary, WINDOW_SECONDS};
 
@@ -163,8 +167,12 @@ pub struct Pool {
     state: Mutex<State>,
     /// The ParameterStatus set of the first server, shown to clients at login.
     server_params: Mutex<Arc<Vec<(String, String)>>>,
+    /// What a server reports for each set of client settings, learnt at login.
+    pub greetings: Greetings,
     /// Connections being opened now.
     connecting: AtomicU32,
+    /// Servers held by pinned clients (`pinned.rs`).
+    pinned: AtomicU32,
     /// Waits at least this long are logged (nanoseconds; 0 = never).
     slow_wait: AtomicU64,
     /// The upstream's `max_connections` (0 = not known yet) and whether it was asked.
@@ -198,12 +206,14 @@ impl Pool {
                 demand: Window::new(),
             }),
             server_params: Mutex::new(Arc::new(Vec::new())),
+            greetings: Greetings::default(),
             connecting: AtomicU32::new(0),
             slow_wait: AtomicU64::new(0),
             upstream_max_connections: AtomicU32::new(0),
             asked_max_connections: AtomicBool::new(false),
             logged_status: std::sync::atomic::AtomicU8::new(Status::Normal as u8),
             retired: CancellationToken::new(),
+            pinned: AtomicU32::new(0),
         })
     }
 

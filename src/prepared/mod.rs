@@ -30,6 +30,9 @@ pub struct Statement {
     pub parse: Bytes,
     /// Some server accepted it: a client's Parse of it may be answered without a server.
     pub verified: AtomicBool,
+    /// Its text may make session state no command tag shows (`client/state.rs`): each
+    /// execution is a trigger.
+    pub may_change_state: bool,
 }
 
 /// Query text and parameter type OIDs.
@@ -106,6 +109,7 @@ impl Registry {
             parse: parse_message(&server_name, query, param_types),
             server_name,
             verified: AtomicBool::new(false),
+            may_change_state: crate::client::state::text_may_change_state(query.as_bytes()),
         });
         entries
             .by_key

@@ -8,6 +8,10 @@ impl Loop<'_> {
         if let Some(server) = self.server.as_mut() {
             server.mark_broken();
         }
+        if self.server_ended {
+            // The client read the server's own FATAL: the close follows, as directly.
+            return End::ClientGone;
+        }
         End::fatal(ClientError::ServerLost(error))
     }
 
@@ -34,6 +38,17 @@ impl Loop<'_> {
             debug!(pool = %self.s.pool.key, server = conn.id(), "client left inside a transaction: rolling back");
             if !conn.run_quietly("ROLLBACK", CLEANUP_LIMIT).await {
                 return conn.close();
+            }
+        }
+        if let Some((reset, statements_gone)) = self.pinned_reset_sql()
+            && !conn.is_broken()
+        {
+            // A pinned client left: its state goes with it, not to the next client.
+            if !conn.run_quietly(&reset, CLEANUP_LIMIT).await {
+                return conn.close();
+            }
+            if statements_gone {
+                conn.prepared().clear();
             }
         }
         if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.is_broken() {

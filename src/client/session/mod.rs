@@ -17,6 +17,7 @@
 mod cleanup;
 mod from_client;
 mod from_server;
+mod state;
 
 use std::future::Future;
 use std::io;
@@ -40,7 +41,7 @@ use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, SessionStatePolicy};
 use crate::logging::Escaped;
 use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
@@ -99,6 +100,8 @@ pub(super) struct Limits {
     pub query: Duration,
     /// `server.partial_message_timeout`: a client silent in the middle of a message.
     pub partial_message: Duration,
+    /// `pool.pinned_idle_timeout`: a pinned client that sends nothing between transactions.
+    pub pinned_idle: Duration,
 }
 
 /// Which limit a deadline enforces.
@@ -107,6 +110,7 @@ enum Timeout {
     IdleInTransaction,
     Query,
     PartialMessage,
+    PinnedIdle,
 }
 
 enum Event {
@@ -122,12 +126,16 @@ enum Event {
 /// Everything a logged-in client needs but its socket; built by login.
 pub struct Session {
     pub(super) pool: Arc<Pool>,
+    /// The server held from login (session mode), if any.
+    pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
     pub(super) limits: Limits,
     /// `server.max_message_size`.
     pub(super) max_message_size: usize,
     pub(super) reset_query: String,
     pub(super) max_prepared: usize,
+    /// `pool.session_state`: what to do with session state a transaction leaves.
+    pub(super) state_policy: SessionStatePolicy,
     pub(super) registry: Arc<Registry>,
     pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
@@ -150,6 +158,8 @@ pub(super) struct Loop<'c> {
     pub(super) server: Option<Lease>,
     pub(super) replies: Replies,
     pub(super) statements: ClientStatements,
+    /// Session state the client may have left on its server (`state.rs`).
+    pub(super) state: state::StateWatch,
     /// Extended-protocol messages forwarded since the last Sync.
     unsynced: bool,
     /// The start of a client message went to the server, its end not yet.
@@ -158,6 +168,8 @@ pub(super) struct Loop<'c> {
     swallowing: bool,
     /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
     copy_in: bool,
+    /// The server sent the client a FATAL error: its close is expected.
+    pub(super) server_ended: bool,
     pub(super) skip: Skip,
     /// When either peer last sent bytes; read only while a limit is set.
     last_activity: Instant,
@@ -172,7 +184,8 @@ impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
     /// can still tell the client.
-    pub async fn run(self, client: &mut TcpStream) {
+    pub async fn run(mut self, client: &mut TcpStream) {
+        let server = self.server.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -180,13 +193,15 @@ impl Session {
             codec,
             to_client: OutQueue::default(),
             to_server: OutQueue::default(),
-            server: None,
+            server,
             replies: Replies::default(),
             statements: ClientStatements::default(),
+            state: state::StateWatch::default(),
             unsynced: false,
             client_mid_message: false,
             swallowing: false,
             copy_in: false,
+            server_ended: false,
             skip: Skip::No,
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
@@ -325,8 +340,10 @@ impl Loop<'_> {
     /// default config, a transaction reads no clock.
     fn touch(&mut self) {
         let limits = &self.s.limits;
-        let holding =
-            self.server.is_some() && !(limits.query.is_zero() && limits.idle_transaction.is_zero());
+        let holding = self.server.is_some()
+            && !(limits.query.is_zero()
+                && limits.idle_transaction.is_zero()
+                && limits.pinned_idle.is_zero());
         let mid_message = !limits.partial_message.is_zero()
             && (self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty());
         if holding || mid_message {
@@ -357,12 +374,16 @@ impl Loop<'_> {
                 .then(|| (self.last_activity + limits.query, Timeout::Query));
         }
         let owes_server = server.tx_status() != TxStatus::Idle || self.unsynced;
-        (owes_server && !limits.idle_transaction.is_zero()).then(|| {
-            (
-                self.last_activity + limits.idle_transaction,
-                Timeout::IdleInTransaction,
-            )
-        })
+        if owes_server {
+            return (!limits.idle_transaction.is_zero()).then(|| {
+                (
+                    self.last_activity + limits.idle_transaction,
+                    Timeout::IdleInTransaction,
+                )
+            });
+        }
+        (self.pinned() && !limits.pinned_idle.is_zero())
+            .then(|| (self.last_activity + limits.pinned_idle, Timeout::PinnedIdle))
     }
 
     /// What the client is told when a time limit ends its session.
@@ -372,6 +393,7 @@ impl Loop<'_> {
             Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
             Timeout::Query => ClientError::QueryTimeout(limits.query),
             Timeout::PartialMessage => ClientError::PartialMessage(limits.partial_message),
+            Timeout::PinnedIdle => ClientError::PinnedIdle(limits.pinned_idle),
         }
     }
 }
