@@ -1,16 +1,22 @@
 """Compares a driver test suite's junit XML results: direct to PostgreSQL against pgmux.
 
-    python suite_report.py DIR TARGET...
+    python suite_report.py [--expected FILE] DIR TARGET...
 
 Reads DIR/TARGET.xml for each TARGET (direct, session, transaction) and, when it exists,
 DIR/direct.xml as the baseline even if `direct` is not among the TARGETs. Prints each
 target's passed/failed/errors/skipped counts, then, for every pgmux target, the tests that
 pass directly and fail (or are skipped) through pgmux, with the first line of their error.
+FILE lists the differences that are known and explained, one `TARGET TEST-PATTERN` a line
+(fnmatch patterns, `#` comments): they are marked `expected`, and a listed one that no
+longer differs is reported so that the list can shrink.
 The last line is `N passed, M failed`: over the pgmux targets, tests that behave as they do
-directly, and tests that do not (without a direct baseline: that pass, and that fail).
-Exit status: 0 without differences, 1 with, 2 when a result file is missing or unreadable.
+directly or differ as expected, and tests that differ unexpectedly (without a direct
+baseline: that pass, and that fail).
+Exit status: 0 without unexpected differences, 1 with, 2 when a result file is missing or
+unreadable.
 """
 
+import fnmatch
 import os
 import sys
 import xml.etree.ElementTree as ET
@@ -57,11 +63,37 @@ def counts(results):
     return out
 
 
+def matches(test, patterns):
+    return any(fnmatch.fnmatchcase(test, pattern) for pattern in patterns)
+
+
+def load_expected(path):
+    """[(target, pattern)] of the expected-differences file."""
+    expected = []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            words = line.split("#", 1)[0].split()
+            if words:
+                if len(words) != 2:
+                    raise ValueError(f"{path}: want `TARGET TEST-PATTERN`, got {line.strip()!r}")
+                expected.append((words[0], words[1]))
+    return expected
+
+
 def main():
-    if len(sys.argv) < 3:
+    args = sys.argv[1:]
+    expected = []
+    if args[:1] == ["--expected"] and len(args) >= 2:
+        try:
+            expected = load_expected(args[1])
+        except (OSError, ValueError) as exc:
+            print(f"suite: {exc}", file=sys.stderr)
+            return 2
+        args = args[2:]
+    if len(args) < 2:
         print(__doc__, file=sys.stderr)
         return 2
-    directory, targets = sys.argv[1], sys.argv[2:]
+    directory, targets = args[0], args[1:]
     results = {}
     for target in sorted(set(targets) | {"direct"}):
         path = os.path.join(directory, target + ".xml")
@@ -86,6 +118,8 @@ def main():
 
     same = differ = 0
     for target in targets:
+        patterns = [p for t, p in expected if t == target]
+
         if target == "direct":
             continue
         got = results[target]
@@ -110,18 +144,24 @@ def main():
             elif status == "passed" and now == "skipped":
                 skipped.append((test, message))
         extra = [t for t in got if t not in baseline and got[t][0] in ("failed", "error")]
-        differences = len(broken) + len(skipped) + len(missing) + len(extra)
-        differ += differences
-        same += len(got) - len(broken) - len(skipped) - len(extra)
-        print(f"\n{target}: {differences} tests pass directly and not through pgmux")
-        for test, now, message in broken:
-            print(f"  {test}  [{now}] {message}")
-        for test, message in skipped:
-            print(f"  {test}  [skipped] {message}")
-        for test in missing:
-            print(f"  {test}  [not run]")
-        for test in extra:
-            print(f"  {test}  [{got[test][0]}, not run directly] {got[test][1]}")
+        lines = [(t, f"[{now}] {message}") for t, now, message in broken]
+        lines += [(t, f"[skipped] {message}") for t, message in skipped]
+        lines += [(t, "[not run]") for t in missing]
+        lines += [(t, f"[{got[t][0]}, not run directly] {got[t][1]}") for t in extra]
+        known = sum(1 for test, _ in lines if matches(test, patterns))
+        differ += len(lines) - known
+        same += len(got) - len(broken) - len(skipped) - len(extra) + known
+        print(
+            f"\n{target}: {len(lines)} tests pass directly and not through pgmux"
+            f" ({known} expected, {len(lines) - known} unexpected)"
+        )
+        for test, text in lines:
+            print(f"  {test}  {'expected ' if matches(test, patterns) else ''}{text}")
+        differing = [test for test, _ in lines]
+        for pattern in patterns:
+            ran = any(matches(test, [pattern]) for test in got)
+            if ran and not any(matches(test, [pattern]) for test in differing):
+                print(f"  no longer differs (remove it from the expected list): {pattern}")
 
     print(f"\n{same} passed, {differ} failed")
     return 1 if differ else 0
