@@ -124,7 +124,8 @@ impl Registry {
     }
 }
 
-fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
+/// A complete Parse message.
+pub fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
     let mut buf = BytesMut::with_capacity(query.len() + name.len() + 16);
     buf.put_u8(b'P');
     buf.put_i32(0);
@@ -185,14 +186,22 @@ impl ClientStatements {
 
 /// The statements one server connection holds, bounded, least recently used first out.
 /// Owned by the server connection.
+///
+/// What it records is surely on the server. It can also be *unsure*: a client deallocated
+/// statements pgmux cannot name (a `DEALLOCATE` in a multi-statement Query or by the
+/// extended protocol), so the server may lack some it recorded, which were forgotten, and
+/// may still hold others it no longer records. Then a statement not recorded is closed
+/// before it is prepared (Close of an unknown name succeeds, so that is right either way),
+/// and the next checkout deallocates them all and starts over ([`ServerStatements::clear`]).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
     held: HashMap<u64, (u64, Arc<Statement>)>,
     tick: u64,
+    unsure: bool,
 }
 
 impl ServerStatements {
-    /// Whether the server holds it; marks it used.
+    /// Whether the server surely holds it; marks it used.
     pub fn touch(&mut self, statement: &Statement) -> bool {
         self.tick += 1;
         match self.held.get_mut(&statement.id) {
@@ -225,9 +234,26 @@ impl ServerStatements {
         self.held.remove(&id);
     }
 
-    /// Forgets everything (the server ran DISCARD ALL or DEALLOCATE ALL).
+    /// The server holds none of pgmux's statements (it ran DISCARD ALL or DEALLOCATE ALL
+    /// and nothing was sent after it): the record is empty and sure again.
     pub fn clear(&mut self) {
         self.held.clear();
+        self.unsure = false;
+    }
+
+    /// The server may have lost any of the statements recorded, and may still hold any
+    /// of them: none is recorded, and the record is unsure until the next [`clear`].
+    ///
+    /// [`clear`]: ServerStatements::clear
+    pub fn distrust(&mut self) {
+        self.held.clear();
+        self.unsure = true;
+    }
+
+    /// Whether the server may hold statements that are not recorded: one must be closed
+    /// before it is prepared.
+    pub fn is_unsure(&self) -> bool {
+        self.unsure
     }
 
     /// How many it holds.
@@ -274,6 +300,21 @@ mod tests {
             .map(|i| registry.statement(&format!("SELECT 'held' || {i}"), &[]))
             .collect();
         assert!(registry.len() >= held.len(), "statements in use stay");
+    }
+
+    #[test]
+    fn an_unsure_record_is_empty_until_cleared() {
+        let registry = Registry::default();
+        let s = registry.statement("SELECT 1", &[]);
+        let mut held = ServerStatements::default();
+        held.insert(s.clone(), 10);
+        held.distrust();
+        assert!(held.is_unsure() && held.is_empty());
+        assert!(!held.touch(&s), "not surely held any more");
+        held.insert(s.clone(), 10);
+        assert!(held.touch(&s) && held.is_unsure(), "prepared again: held");
+        held.clear();
+        assert!(!held.is_unsure() && held.is_empty());
     }
 
     #[test]

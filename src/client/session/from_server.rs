@@ -29,7 +29,7 @@ impl Loop<'_> {
             let Some(server) = self.server.as_deref_mut() else {
                 return Ok(());
             };
-            let frame = match server.next_frame() {
+            let mut frame = match server.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.server_lost(e)),
@@ -61,6 +61,7 @@ impl Loop<'_> {
                 Ok(ServerEvent::Other) => {}
                 Err(e) => return Err(self.server_lost(e)),
             }
+            self.on_statement_reply(&mut frame, done.as_ref());
             if frame.is_whole() {
                 match frame.tag {
                     tag::COPY_IN_RESPONSE => {
@@ -138,13 +139,9 @@ impl Loop<'_> {
                         client_name,
                         statement,
                     },
+                failed: false,
                 ..
-            } => {
-                if let Some(server) = self.server.as_mut() {
-                    server.prepared().remove(statement.id);
-                }
-                self.statements.remove(&client_name, Some(statement.id));
-            }
+            } => self.statements.remove(&client_name, Some(statement.id)),
             _ => {}
         }
         for entry in skipped {
@@ -174,7 +171,11 @@ impl Loop<'_> {
                 // Still on the server: keep knowing it (may exceed the bound by one).
                 server.prepared().insert(statement, usize::MAX);
             }
-            Effect::Deallocate { .. } | Effect::Session(_) | Effect::None => {}
+            Effect::Deallocate { .. }
+            | Effect::Uses(_)
+            | Effect::DeallocateAll
+            | Effect::Session(_)
+            | Effect::None => {}
         }
     }
 
@@ -207,14 +208,11 @@ impl Loop<'_> {
                     self.s.params.forget(&name);
                 }
                 server.clear_applied();
-                server.prepared().clear();
-                self.statements.clear();
             }
-            SessionChange::DeallocateAll => {
-                server.prepared().clear();
-                self.statements.clear();
-            }
-            SessionChange::Deallocate(_) | SessionChange::Prepare => {}
+            // Statements: their command tags said it (on_statement_reply).
+            SessionChange::DeallocateAll
+            | SessionChange::Deallocate(_)
+            | SessionChange::Prepare => {}
         }
     }
 
