@@ -1,15 +1,20 @@
 //! Named prepared statements stay consistent whatever clients do, in transaction mode:
 //! a client's DEALLOCATE or DISCARD ALL, by any protocol, in or out of a transaction, takes
 //! only that client's own statements and never a server-side statement another client
-//! relies on.
+//! relies on; after DDL that changes a statement's result type, the client gets
+//! PostgreSQL's error exactly as directly until it prepares again, and then it works on
+//! every server.
 //!
 //! The replies expected below are what PostgreSQL 15 answers on a direct connection.
 
 mod common;
 
-use common::raw::{Raw, bind, execute, first_error, parse, query, sync};
+use std::collections::HashSet;
+
+use common::raw::{Raw, bind, describe, execute, first_error, parse, query, sync};
 use common::{MuxOptions, TestPgmux, TestPostgres};
 use tokio::io::AsyncWriteExt;
+use tokio_postgres::Client;
 
 async fn mux_of(pg: &TestPostgres, size: u32) -> TestPgmux {
     TestPgmux::start(
@@ -409,4 +414,223 @@ async fn statements_pipelined_behind_deallocate_all() {
     assert_eq!(replies, ["C"]);
     assert_eq!(a.run(&[]).await, ["1", "2", "D:b1", "C"]);
     check_after("pipelined", &mut a, &mut b, false).await;
+}
+
+// ---- DDL that changes a statement's result type ----
+
+/// What a client sees: a row count and column count, or the error's SQLSTATE and message.
+async fn outcome(c: &Client, statement: &tokio_postgres::Statement) -> String {
+    match c.query(statement, &[]).await {
+        Ok(rows) => format!(
+            "{} rows of {} columns",
+            rows.len(),
+            statement.columns().len()
+        ),
+        Err(e) => {
+            let db = e.as_db_error().expect("an ErrorResponse");
+            format!("{}: {}", db.code().code(), db.message())
+        }
+    }
+}
+
+/// Prepares, changes the table under the statement, and tries again, in and out of a
+/// transaction; then prepares again. Returns what the client saw at each step.
+async fn result_type_story(c: &Client, su: &Client, table: &str) -> Vec<String> {
+    su.batch_execute(&format!(
+        "DROP TABLE IF EXISTS {table}; CREATE TABLE {table}(a int); \
+         INSERT INTO {table} VALUES (1); GRANT ALL ON {table} TO app"
+    ))
+    .await
+    .unwrap();
+    let sql = format!("SELECT * FROM {table}");
+    let mut seen = Vec::new();
+    let old = c.prepare(&sql).await.unwrap();
+    seen.push(outcome(c, &old).await);
+    su.batch_execute(&format!("ALTER TABLE {table} ADD COLUMN b int"))
+        .await
+        .unwrap();
+    seen.push(outcome(c, &old).await);
+    seen.push(outcome(c, &old).await);
+    c.batch_execute("BEGIN").await.unwrap();
+    seen.push(outcome(c, &old).await);
+    let after = c.batch_execute("SELECT 1").await.unwrap_err();
+    seen.push(format!("then {:?}", after.code().map(|c| c.code())));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let new = c.prepare(&sql).await.unwrap();
+    seen.push(outcome(c, &new).await);
+    seen.push(outcome(c, &new).await);
+    seen.push(outcome(c, &old).await);
+    seen
+}
+
+#[tokio::test]
+async fn result_type_change_is_reported_as_directly_then_recovers() {
+    let pg = TestPostgres::shared().await;
+    let su = pg.superuser().await;
+    let (direct, conn) = tokio_postgres::connect(&pg.url("app", "app"), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let expected = result_type_story(&direct, &su, "rt_direct").await;
+    assert_eq!(
+        expected,
+        [
+            "1 rows of 1 columns",
+            "0A000: cached plan must not change result type",
+            "0A000: cached plan must not change result type",
+            "0A000: cached plan must not change result type",
+            "then Some(\"25P02\")",
+            "1 rows of 2 columns",
+            "1 rows of 2 columns",
+            "0A000: cached plan must not change result type",
+        ],
+        "PostgreSQL itself"
+    );
+    let mux = TestPgmux::start(pg, MuxOptions::sized(1).waiting("30s")).await;
+    let c = mux.connect("app", "app").await;
+    assert_eq!(result_type_story(&c, &su, "rt_one").await, expected);
+}
+
+/// Holds both servers of a pool of two (each client in a transaction, the first to begin
+/// gets the server given back last) and runs `statement` as `c` on the one `c` holds.
+/// Returns the outcome, the statement that followed it in the transaction, and the server.
+async fn on_the_server_of(
+    c: &Client,
+    other: &Client,
+    c_first: bool,
+    statement: &tokio_postgres::Statement,
+) -> (String, String, i32) {
+    let (first, second) = if c_first { (c, other) } else { (other, c) };
+    first.batch_execute("BEGIN").await.unwrap();
+    second.batch_execute("BEGIN").await.unwrap();
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let seen = outcome(c, statement).await;
+    let then = match c.simple_query("SELECT 1").await {
+        Ok(_) => "ok".to_owned(),
+        Err(e) => e.code().map_or("?", |c| c.code()).to_owned(),
+    };
+    // Given back in the order that makes the other one first next time.
+    second.batch_execute("ROLLBACK").await.unwrap();
+    first.batch_execute("ROLLBACK").await.unwrap();
+    (seen, then, pid)
+}
+
+#[tokio::test]
+async fn result_type_change_on_a_pool_of_two() {
+    let pg = TestPostgres::shared().await;
+    let su = pg.superuser().await;
+    su.batch_execute(
+        "DROP TABLE IF EXISTS rt_two; CREATE TABLE rt_two(a int); \
+         INSERT INTO rt_two VALUES (1); GRANT ALL ON rt_two TO app",
+    )
+    .await
+    .unwrap();
+    let mux = TestPgmux::start(pg, MuxOptions::sized(2).waiting("30s")).await;
+    let a = mux.connect("app", "app").await;
+    let hog = mux.connect("app", "app").await;
+    // Prepared before the DDL by a client that never runs it until after.
+    let late = mux.connect("app", "app").await;
+    let sql = "SELECT * FROM rt_two";
+    let old = a.prepare(sql).await.unwrap();
+    let late_old = late.prepare(sql).await.unwrap();
+
+    let mut servers = HashSet::new();
+    for c_first in [true, false] {
+        let (seen, then, pid) = on_the_server_of(&a, &hog, c_first, &old).await;
+        assert_eq!(
+            (seen.as_str(), then.as_str()),
+            ("1 rows of 1 columns", "ok")
+        );
+        servers.insert(pid);
+    }
+    assert_eq!(servers.len(), 2, "the statement ran on both servers");
+
+    su.batch_execute("ALTER TABLE rt_two ADD COLUMN b int")
+        .await
+        .unwrap();
+    // On both servers, as on a direct connection: the error, and the transaction failed.
+    for c_first in [true, false, true] {
+        let (seen, then, _) = on_the_server_of(&a, &hog, c_first, &old).await;
+        assert_eq!(
+            (seen.as_str(), then.as_str()),
+            ("0A000: cached plan must not change result type", "25P02")
+        );
+    }
+    assert_eq!(
+        outcome(&late, &late_old).await,
+        "0A000: cached plan must not change result type"
+    );
+
+    // Prepared again, it works on both servers, for every client.
+    let new = a.prepare(sql).await.unwrap();
+    let late_new = late.prepare(sql).await.unwrap();
+    let mut servers = HashSet::new();
+    for c_first in [true, false, true, false] {
+        let (seen, then, pid) = on_the_server_of(&a, &hog, c_first, &new).await;
+        assert_eq!(
+            (seen.as_str(), then.as_str()),
+            ("1 rows of 2 columns", "ok")
+        );
+        servers.insert(pid);
+    }
+    assert_eq!(servers.len(), 2, "the new statement ran on both servers");
+    assert_eq!(outcome(&late, &late_new).await, "1 rows of 2 columns");
+    let fresh = mux.connect("app", "app").await;
+    let st = fresh.prepare(sql).await.unwrap();
+    assert_eq!(outcome(&fresh, &st).await, "1 rows of 2 columns");
+}
+
+/// The raw protocol: which message carries the error, and a Close and Parse of the same
+/// name recovers, as directly.
+#[tokio::test]
+async fn result_type_change_raw_protocol() {
+    let pg = TestPostgres::shared().await;
+    let su = pg.superuser().await;
+    su.batch_execute(
+        "DROP TABLE IF EXISTS rt_raw; CREATE TABLE rt_raw(a int); GRANT ALL ON rt_raw TO app",
+    )
+    .await
+    .unwrap();
+    let mux = mux_of(pg, 1).await;
+    let mut c = Raw::login(&mux).await;
+    assert_eq!(
+        c.run(&[
+            parse("s", "SELECT * FROM rt_raw"),
+            bind("s"),
+            execute(),
+            sync()
+        ])
+        .await,
+        ["1", "2", "C"]
+    );
+    su.batch_execute("ALTER TABLE rt_raw ADD COLUMN b int")
+        .await
+        .unwrap();
+    // PostgreSQL sends the parameter description, then the error; pgmux, when it
+    // answers for the server later, only the error.
+    assert_eq!(c.run(&[describe("s"), sync()]).await, ["t", "E:0A000"]);
+    assert_eq!(c.run(&[bind("s"), execute(), sync()]).await, ["E:0A000"]);
+    assert_eq!(c.run(&[bind("s"), execute(), sync()]).await, ["E:0A000"]);
+    assert_eq!(c.run(&[describe("s"), sync()]).await, ["E:0A000"]);
+    // In a transaction block the error fails it; in a failed one, 25P02 comes first.
+    assert_eq!(c.run(&[query("BEGIN")]).await, ["C"]);
+    assert_eq!(c.run(&[bind("s"), execute(), sync()]).await, ["E:0A000"]);
+    assert_eq!(c.run(&[query("SELECT 1")]).await, ["E:25P02"]);
+    assert_eq!(c.run(&[bind("s"), execute(), sync()]).await, ["E:25P02"]);
+    assert_eq!(c.run(&[query("ROLLBACK")]).await, ["C"]);
+    assert_eq!(
+        c.run(&[
+            common::raw::close("s"),
+            parse("s", "SELECT * FROM rt_raw"),
+            bind("s"),
+            execute(),
+            sync()
+        ])
+        .await,
+        ["3", "1", "2", "C"]
+    );
 }

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::error::ClientError;
 use super::params::{SessionChange, session_change};
@@ -16,6 +16,7 @@ use crate::prepared::{
     Bind, Close, Describe, Parse, Statement, parse_message, rewrite_bind, rewrite_describe,
 };
 use crate::protocol::{Frame, read_cstr, tag, write};
+use crate::server::TxStatus;
 
 mod from_server;
 
@@ -29,6 +30,12 @@ const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
 /// Sent in place of a client's `DEALLOCATE name` of one of its statements: it does nothing,
 /// and fails only where DEALLOCATE would (in a failed transaction).
 const DEALLOCATE_IN_PLACE: &str = "DO $pgmux$ BEGIN END $pgmux$";
+
+/// A Bind that fails on any server: it names the unnamed statement and ends before its
+/// parameter formats (`26000` without an unnamed statement, `08P01` with one). Sent where a
+/// client's Bind must fail as PostgreSQL would fail it, so that the server skips to the
+/// next Sync and a transaction block fails, exactly as on a direct connection.
+const FAILING_BIND: [u8; 7] = [b'B', 0, 0, 0, 6, 0, 0];
 
 /// Whether `name` has the form of pgmux's own server-side statement names (`pgmux_s42`).
 fn is_server_name(name: &str) -> bool {
@@ -92,6 +99,10 @@ pub(super) enum Rewrite {
         client_name: String,
         statement: Arc<Statement>,
     },
+    /// A Bind or Describe of a statement whose result type changed: the client gets the
+    /// server's error (`ErrorResponse`, whole) in its place, and the server a Bind that
+    /// fails, so that it skips to Sync as PostgreSQL does after that error.
+    ResultTypeChanged(Bytes),
     /// Refused here: the error in its turn, then everything up to the next Sync is skipped.
     Refuse(ClientError),
 }
@@ -162,25 +173,38 @@ impl Loop<'_> {
         if !self.tracks_statements() {
             return Rewrite::Forward(Some(kind));
         }
+        // In a failed transaction PostgreSQL refuses the Bind with 25P02 first: the server
+        // says so.
+        let failed = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.tx_status() == TxStatus::Failed);
+        let result_changed = |s: &Statement| s.result_changed.get().filter(|_| !failed).cloned();
         let renamed = match kind {
             Kind::Parse => return self.rewrite_parse(frame),
             Kind::Bind => Bind::read(&frame.bytes).and_then(|bind| {
                 let statement = self.statements.get(bind.statement)?.clone();
-                Some(Rewrite::Renamed {
-                    message: rewrite_bind(&frame.bytes, &bind, &statement.server_name),
-                    kind,
-                    effect: Effect::Uses(statement.clone()),
-                    statement,
+                Some(match result_changed(&statement) {
+                    Some(error) => Rewrite::ResultTypeChanged(error),
+                    None => Rewrite::Renamed {
+                        message: rewrite_bind(&frame.bytes, &bind, &statement.server_name),
+                        kind,
+                        effect: Effect::Uses(statement.clone()),
+                        statement,
+                    },
                 })
             }),
             Kind::Describe => Describe::read(frame.body())
                 .filter(|d| d.kind == b'S' && !d.name.is_empty())
                 .and_then(|d| self.statements.get(d.name).cloned())
-                .map(|statement| Rewrite::Renamed {
-                    message: rewrite_describe(tag::DESCRIBE, &statement.server_name),
-                    kind,
-                    effect: Effect::Uses(statement.clone()),
-                    statement,
+                .map(|statement| match result_changed(&statement) {
+                    Some(error) => Rewrite::ResultTypeChanged(error),
+                    None => Rewrite::Renamed {
+                        message: rewrite_describe(tag::DESCRIBE, &statement.server_name),
+                        kind,
+                        effect: Effect::Uses(statement.clone()),
+                        statement,
+                    },
                 }),
             // Other clients may use the server's copy: only this client's name goes.
             Kind::Close => Close::read(frame.body())
@@ -310,6 +334,17 @@ impl Loop<'_> {
                 self.ensure_on_server(&statement);
                 self.replies.client(Kind::Parse, Effect::None);
                 self.to_server.push(message);
+            }
+            Rewrite::ResultTypeChanged(error) => {
+                // Nothing of the client's message goes to the server: the rest of a large
+                // Bind is dropped.
+                self.client_mid_message = false;
+                if !frame.ends {
+                    self.skip = Skip::RestOfMessage;
+                }
+                self.reply_locally(BytesMut::from(&error[..]));
+                self.replies.hidden(Kind::Bind, Effect::None);
+                self.to_server.push(BytesMut::from(&FAILING_BIND[..]));
             }
             Rewrite::Refuse(error) => {
                 // Nothing of this message went to the server; its other parts are dropped.

@@ -12,8 +12,8 @@ mod message;
 pub use message::{Bind, Close, Describe, Parse, rewrite_bind, rewrite_describe};
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -30,6 +30,12 @@ pub struct Statement {
     pub parse: Bytes,
     /// Some server accepted it: a client's Parse of it may be answered without a server.
     pub verified: AtomicBool,
+    /// A server refused to run it because DDL changed its result type (PostgreSQL's
+    /// `0A000 cached plan must not change result type`): that ErrorResponse, whole. Set
+    /// once; the registry forgot the statement then, so a new Parse of its text gets a new
+    /// statement, and every later use of this one gets this error, as on a direct
+    /// connection until the client prepares again.
+    pub result_changed: OnceLock<Bytes>,
 }
 
 /// Query text and parameter type OIDs.
@@ -106,11 +112,30 @@ impl Registry {
             parse: parse_message(&server_name, query, param_types),
             server_name,
             verified: AtomicBool::new(false),
+            result_changed: OnceLock::new(),
         });
         entries
             .by_key
             .insert((query.into(), param_types.into()), statement.clone());
         statement
+    }
+
+    /// Forgets `statement` (its result type changed), so that the next Parse of its text
+    /// and parameter types registers a new statement under a new server-side name. Those
+    /// who hold it keep it.
+    pub fn forget(&self, statement: &Statement) {
+        let Some(parse) = statement.parse.get(5..).and_then(message::Parse::read) else {
+            return;
+        };
+        let key: StatementKey = (parse.query.into(), parse.param_types.into());
+        let mut entries = self.entries.lock();
+        if entries
+            .by_key
+            .get(&key)
+            .is_some_and(|found| found.id == statement.id)
+        {
+            entries.by_key.remove(&key);
+        }
     }
 
     /// How many distinct statements are registered.
@@ -300,6 +325,19 @@ mod tests {
             .map(|i| registry.statement(&format!("SELECT 'held' || {i}"), &[]))
             .collect();
         assert!(registry.len() >= held.len(), "statements in use stay");
+    }
+
+    #[test]
+    fn a_forgotten_statement_is_registered_again_under_a_new_name() {
+        let registry = Registry::default();
+        let old = registry.statement("SELECT * FROM t", &[23]);
+        registry.forget(&old);
+        let new = registry.statement("SELECT * FROM t", &[23]);
+        assert_ne!(old.server_name, new.server_name);
+        // Forgetting the old one again leaves the new one registered.
+        registry.forget(&old);
+        let again = registry.statement("SELECT * FROM t", &[23]);
+        assert!(Arc::ptr_eq(&new, &again));
     }
 
     #[test]

@@ -1,17 +1,25 @@
 //! What the server's replies say about the statements it holds: the command tags of
 //! DEALLOCATE and DISCARD ALL, whoever sent them and however, and the errors that reveal a
-//! wrong record. Also the checkout of a server whose record became unsure.
+//! wrong record or a statement whose result type DDL changed. Also the checkout of a
+//! server whose record became unsure.
 
-use bytes::BytesMut;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
 
 use crate::client::params::SessionChange;
 use crate::client::replies::{Done, Effect, Expect, Kind};
 use crate::client::session::Loop;
 use crate::pool::Lease;
+use crate::prepared::Statement;
 use crate::protocol::{Frame, read, tag, write};
 
 /// CommandComplete, from a server (the same byte as a client's Close).
 const COMMAND_COMPLETE: u8 = b'C';
+
+/// PostgreSQL's message when DDL changed the result type of a prepared statement (SQLSTATE
+/// 0A000, from `RevalidateCachedQuery`), on the Bind or the Describe of that statement.
+const RESULT_TYPE_CHANGED: &str = "cached plan must not change result type";
 
 /// What a server's reply says about the statements it holds.
 enum News {
@@ -21,6 +29,8 @@ enum News {
     /// The record is wrong or may be: a DEALLOCATE pgmux cannot name, a Bind of a
     /// statement the server lacks, a Parse of one it already holds.
     Unsure,
+    /// DDL changed this statement's result type.
+    ResultTypeChanged(Arc<Statement>),
 }
 
 impl Loop<'_> {
@@ -120,6 +130,16 @@ impl Loop<'_> {
                     server.prepared().distrust();
                 }
             }
+            Some(News::ResultTypeChanged(statement)) => {
+                tracing::debug!(
+                    server_name = statement.server_name,
+                    "result type changed: the statement is forgotten"
+                );
+                let _ = statement
+                    .result_changed
+                    .set(Bytes::copy_from_slice(&frame.bytes));
+                self.s.registry.forget(&statement);
+            }
         }
     }
 }
@@ -152,15 +172,25 @@ fn deallocation(body: &[u8], owner: &Expect) -> Option<News> {
 
 /// What an ErrorResponse (its body) says, for the entry it belongs to.
 fn statement_error(body: &[u8], owner: &Expect) -> Option<News> {
-    let code = read::fields(body)
-        .find(|(field, _)| *field == b'C')
-        .map_or("", |(_, value)| value);
+    let (mut code, mut message, mut routine) = ("", "", "");
+    for (field, value) in read::fields(body) {
+        match field {
+            b'C' => code = value,
+            b'M' => message = value,
+            b'R' => routine = value,
+            _ => {}
+        }
+    }
     match owner {
         Expect::Client {
             kind: Kind::Bind | Kind::Describe,
             effect: Effect::Uses(statement),
             ..
         } => match code {
+            // The routine too: the message is translated when lc_messages is not English.
+            "0A000" if message == RESULT_TYPE_CHANGED || routine == "RevalidateCachedQuery" => {
+                Some(News::ResultTypeChanged(statement.clone()))
+            }
             // pgmux prepared it there or recorded it there: someone deallocated it.
             "26000" => {
                 tracing::debug!(
@@ -259,6 +289,33 @@ mod tests {
         let registry = Registry::default();
         let statement = registry.statement("SELECT * FROM t", &[]);
         let bind = client(Kind::Bind, Effect::Uses(statement.clone()));
+        let changed = |body: &[u8], owner: &Expect| {
+            matches!(
+                statement_error(body, owner),
+                Some(News::ResultTypeChanged(_))
+            )
+        };
+        assert!(changed(
+            &error("0A000", RESULT_TYPE_CHANGED, "RevalidateCachedQuery"),
+            &bind
+        ));
+        // Translated messages: the routine says it.
+        assert!(changed(
+            &error(
+                "0A000",
+                "le plan en cache ne doit pas modifier le type en résultat",
+                "RevalidateCachedQuery"
+            ),
+            &client(Kind::Describe, Effect::Uses(statement.clone()))
+        ));
+        assert!(!changed(
+            &error("0A000", "something else", "elsewhere"),
+            &bind
+        ));
+        assert!(!changed(
+            &error("0A000", RESULT_TYPE_CHANGED, "RevalidateCachedQuery"),
+            &client(Kind::Bind, Effect::None)
+        ));
         assert!(matches!(
             statement_error(&error("26000", "gone", "FetchPreparedStatement"), &bind),
             Some(News::Unsure)
