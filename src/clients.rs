@@ -89,6 +89,9 @@ struct Entry {
     server_pid: AtomicI32,
     server_since: AtomicU64,
     query: Mutex<QueryText>,
+    /// The last time pgmux found session state this client left on its server: `None`
+    /// until then. Written only on those events.
+    session_state: Mutex<Option<StateEvent>>,
 }
 
 struct QueryText {
@@ -149,6 +152,7 @@ impl ClientRegistry {
                 len: 0,
                 bytes: [0; QUERY_TEXT_MAX],
             }),
+            session_state: Mutex::new(None),
         });
         self.shard(id).lock().insert(id, entry.clone());
         ClientHandle {
@@ -214,6 +218,7 @@ impl ClientRegistry {
             in_state: since(e.state_since.load(Relaxed)),
             in_transaction: e.in_transaction.load(Relaxed),
             connected: e.connected.elapsed(),
+            session_state: e.session_state.lock().clone(),
             server: (server_id != 0).then(|| ServerLink {
                 id: server_id,
                 pid: e.server_pid.load(Relaxed),
@@ -277,6 +282,27 @@ impl ClientHandle {
         q.len = n;
     }
 
+    /// The client's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.entry.peer
+    }
+
+    /// The client's `application_name` now.
+    pub fn application_name(&self) -> String {
+        self.entry.application_name.lock().clone()
+    }
+
+    /// The current query text (as [`ClientHandle::set_query`] kept it).
+    pub fn query(&self) -> String {
+        let q = self.entry.query.lock();
+        String::from_utf8_lossy(&q.bytes[..q.len]).into_owned()
+    }
+
+    /// Records what pgmux did about session state this client left on its server.
+    pub fn set_session_state(&self, event: Option<StateEvent>) {
+        *self.entry.session_state.lock() = event;
+    }
+
     /// Records a new `application_name` (the client ran `SET application_name`).
     pub fn set_application_name(&self, name: &str) {
         let mut current = self.entry.application_name.lock();
@@ -320,6 +346,23 @@ pub struct ClientInfo {
     pub server: Option<ServerLink>,
     /// The text of its current (or last) query, at most [`QUERY_TEXT_MAX`] bytes.
     pub query: String,
+    /// What pgmux last did about session state it left on its server, if anything.
+    pub session_state: Option<StateEvent>,
+}
+
+/// Session state pgmux found on a client's server, and what it did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    /// `pin`, `reset` or `refuse` ([`crate::stats::StateAction`]).
+    pub action: &'static str,
+    /// Whether the client still holds its server for it (pinned now).
+    pub pinned: bool,
+    /// The kinds of state, comma-separated (`temp_table,listen`).
+    pub kinds: String,
+    /// The statement that made it, at most [`QUERY_TEXT_MAX`] bytes.
+    pub statement: String,
+    /// When, as Unix time in seconds.
+    pub at: u64,
 }
 
 /// The server connection a client holds.

@@ -42,6 +42,9 @@ pub struct PoolStats {
     pub prepared_evictions: AtomicU64,
     /// ErrorResponses from servers, by SQLSTATE class.
     pub server_errors: ErrorClasses,
+    /// Session state found on a server at the end of a transaction, by kind and what
+    /// pgmux did about it.
+    pub session_state: [[AtomicU64; StateAction::ALL.len()]; StateKind::ALL.len()],
     /// How long clients waited for a server connection (checkout start to a server, or
     /// to the 53300 timeout).
     pub wait: Histogram,
@@ -87,6 +90,11 @@ impl PoolStats {
     /// A prepared statement closed on a server to make room.
     pub fn prepared_eviction(&self) {
         self.prepared_evictions.fetch_add(1, Relaxed);
+    }
+
+    /// Session state of `kind` found, and `action` taken.
+    pub fn session_state(&self, kind: StateKind, action: StateAction) {
+        self.session_state[kind as usize][action as usize].fetch_add(1, Relaxed);
     }
 
     /// A server connection closed for `reason`.
@@ -140,6 +148,93 @@ impl CloseReason {
             CloseReason::Pause => "pause",
             CloseReason::Resize => "resize",
             CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Kinds of session state a client can leave on a server (transaction and statement mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateKind {
+    /// A temporary table, view, sequence or function (`pg_my_temp_schema()`).
+    TempTable,
+    /// A session-level advisory lock (`pg_locks`).
+    AdvisoryLock,
+    /// A cursor declared `WITH HOLD` (`pg_cursors`).
+    Cursor,
+    /// `LISTEN` on a channel (`pg_listening_channels()`).
+    Listen,
+    /// A SQL-level `PREPARE` (`pg_prepared_statements`).
+    PreparedStatement,
+    /// A setting changed inside a transaction or with `set_config` (it follows the client).
+    Setting,
+}
+
+impl StateKind {
+    /// Every kind, in discriminant order.
+    pub const ALL: [StateKind; 6] = [
+        StateKind::TempTable,
+        StateKind::AdvisoryLock,
+        StateKind::Cursor,
+        StateKind::Listen,
+        StateKind::PreparedStatement,
+        StateKind::Setting,
+    ];
+
+    /// The label value, and the name shown in views and errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateKind::TempTable => "temp_table",
+            StateKind::AdvisoryLock => "advisory_lock",
+            StateKind::Cursor => "cursor",
+            StateKind::Listen => "listen",
+            StateKind::PreparedStatement => "prepared_statement",
+            StateKind::Setting => "setting",
+        }
+    }
+
+    /// Words for people: "a temporary table".
+    pub fn describe(self) -> &'static str {
+        match self {
+            StateKind::TempTable => "a temporary table",
+            StateKind::AdvisoryLock => "a session advisory lock",
+            StateKind::Cursor => "a cursor WITH HOLD",
+            StateKind::Listen => "LISTEN",
+            StateKind::PreparedStatement => "a SQL-level prepared statement",
+            StateKind::Setting => "a setting",
+        }
+    }
+}
+
+/// What pgmux did about session state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateAction {
+    /// The client keeps its server (`session_state = "pin"`).
+    Pin,
+    /// The state was discarded and the client told (`session_state = "reset"`).
+    Reset,
+    /// `max_pinned` servers were pinned already: the state was discarded and the statement
+    /// got an error.
+    Refuse,
+    /// A setting now follows the client from server to server.
+    Follow,
+}
+
+impl StateAction {
+    /// Every action, in discriminant order.
+    pub const ALL: [StateAction; 4] = [
+        StateAction::Pin,
+        StateAction::Reset,
+        StateAction::Refuse,
+        StateAction::Follow,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StateAction::Pin => "pin",
+            StateAction::Reset => "reset",
+            StateAction::Refuse => "refuse",
+            StateAction::Follow => "follow",
         }
     }
 }

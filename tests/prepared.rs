@@ -8,7 +8,6 @@ use std::collections::HashSet;
 
 use common::raw::{Raw, bind, close, describe, execute, parse, query, sync};
 use common::{MuxOptions, TestPgmux, TestPostgres};
-use tokio_postgres::error::SqlState;
 
 #[tokio::test]
 async fn tokio_postgres_statements_move_between_servers() {
@@ -138,34 +137,6 @@ async fn startup_options_follow_the_client() {
     assert_eq!(row.get::<_, String>(0), "startup-app");
     assert_eq!(row.get::<_, String>(1), "4321ms");
     assert_eq!(row.get::<_, String>(2), "pg_catalog");
-}
-
-#[tokio::test]
-async fn sql_level_prepare_is_refused_clearly() {
-    let pg = TestPostgres::shared().await;
-    let mux = TestPgmux::start(pg, MuxOptions::default()).await;
-    let client = mux.connect("app", "app").await;
-    let err = client
-        .batch_execute("PREPARE p AS SELECT 1")
-        .await
-        .unwrap_err();
-    let db = err.as_db_error().expect("an ErrorResponse");
-    assert_eq!(db.code(), &SqlState::FEATURE_NOT_SUPPORTED);
-    assert!(db.message().contains("PREPARE"), "{}", db.message());
-    // Inside a transaction the error aborts it, as PostgreSQL would.
-    client.batch_execute("BEGIN").await.unwrap();
-    assert!(client.batch_execute("PREPARE p AS SELECT 1").await.is_err());
-    let err = client.batch_execute("SELECT 1").await.unwrap_err();
-    assert_eq!(err.code(), Some(&SqlState::IN_FAILED_SQL_TRANSACTION));
-    client.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(
-        client
-            .query_one("SELECT 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
 }
 
 // ---- raw protocol: exact reply order ----

@@ -410,6 +410,8 @@ impl Console {
             ("activity_ms", Type::Int),
             ("in_transaction", Type::Text),
             ("query", Type::Text),
+            ("session_state", Type::Text),
+            ("session_state_statement", Type::Text),
         ]);
         let rows = views::clients(&self.pooler)
             .into_iter()
@@ -436,6 +438,11 @@ impl Console {
                     int(c.state_ms),
                     Some(c.in_transaction.to_string()),
                     c.query,
+                    c.session_state.as_ref().map(|e| {
+                        let now = if e.pinned { " (pinned)" } else { "" };
+                        format!("{} {}{now}", e.action, e.kinds.join(","))
+                    }),
+                    c.session_state.map(|e| e.statement),
                 ]
             })
             .collect();

@@ -24,7 +24,7 @@ use super::PortStats;
 use crate::clients::ClientState;
 use crate::logging;
 use crate::pooler::Pooler;
-use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot};
+use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot, StateAction, StateKind};
 
 /// One family: name, help, type, labels.
 type Family = (
@@ -174,6 +174,18 @@ const FAMILIES: &[Family] = &[
         "The upstream's max_connections, once pgmux asked.",
         G,
         POOL,
+    ),
+    (
+        "pgmux_pinned_clients",
+        "Clients that keep their server connection between transactions because of the session state they left on it (session_state = \"pin\").",
+        G,
+        POOL,
+    ),
+    (
+        "pgmux_session_state_events_total",
+        "Session state found on a server at the end of a transaction, by kind and what pgmux did (pin, reset, refuse at max_pinned, follow for settings).",
+        C,
+        &["database", "user", "kind", "action"],
     ),
     (
         "pgmux_wait_seconds",
@@ -468,6 +480,16 @@ fn collect_pools(pooler: &Pooler, out: &mut Families) {
         );
         if let Some(max) = v.upstream_max_connections {
             out.gauge("pgmux_upstream_max_connections", &l, f64::from(max));
+        }
+        out.gauge("pgmux_pinned_clients", &l, f64::from(v.pinned));
+        for kind in StateKind::ALL {
+            for action in StateAction::ALL {
+                let n = s.session_state[kind as usize][action as usize].load(Relaxed);
+                if n > 0 {
+                    let labels = [l[0], l[1], kind.as_str(), action.as_str()];
+                    out.counter("pgmux_session_state_events_total", &labels, n);
+                }
+            }
         }
         out.histogram("pgmux_wait_seconds", &l, s.wait.snapshot());
         out.histogram("pgmux_server_hold_seconds", &l, s.hold.snapshot());

@@ -37,6 +37,9 @@ pub struct PoolJson {
     pub upstream_error: Option<String>,
     pub wait_timeouts_last_minute: u64,
     pub wait_timeouts_total: u64,
+    /// Servers held by clients pinned by their session state, and the most allowed.
+    pub pinned: u32,
+    pub max_pinned: u32,
     pub advice: Advice,
 }
 
@@ -100,6 +103,8 @@ pub fn pools(pooler: &Pooler) -> Vec<PoolJson> {
                 upstream_error: v.upstream_error.clone(),
                 wait_timeouts_last_minute: v.demand.timeouts_last_minute,
                 wait_timeouts_total: v.wait_timeouts_total,
+                pinned: v.pinned,
+                max_pinned: v.settings.pinned_limit(),
                 advice: advice(v, pools_size),
             }
         })
@@ -181,6 +186,23 @@ pub struct ClientJson {
     pub server: Option<HeldServer>,
     /// Its current (or last) query, at most 200 bytes.
     pub query: Option<String>,
+    /// What pgmux last did about session state it left on its server.
+    pub session_state: Option<SessionStateJson>,
+}
+
+/// Session state a client left on its server (transaction and statement mode).
+#[derive(Serialize, Debug, Clone)]
+pub struct SessionStateJson {
+    /// `pin`, `reset` or `refuse`.
+    pub action: &'static str,
+    /// Whether the client holds its server for it now.
+    pub pinned: bool,
+    /// `temp_table`, `advisory_lock`, `cursor`, `listen`, `prepared_statement`.
+    pub kinds: Vec<String>,
+    /// The statement that made it, at most 200 bytes.
+    pub statement: String,
+    /// When, as Unix time in seconds.
+    pub at: u64,
 }
 
 /// The server a client holds.
@@ -220,6 +242,13 @@ fn client_json(c: &ClientInfo) -> ClientJson {
             held_ms: millis(s.held),
         }),
         query: (!c.query.is_empty()).then(|| c.query.clone()),
+        session_state: c.session_state.as_ref().map(|e| SessionStateJson {
+            action: e.action,
+            pinned: e.pinned,
+            kinds: e.kinds.split(',').map(str::to_owned).collect(),
+            statement: e.statement.clone(),
+            at: e.at,
+        }),
     }
 }
 

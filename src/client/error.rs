@@ -68,6 +68,14 @@ pub enum ClientError {
     )]
     TooManyStatements(usize),
     #[error(
+        "{kinds} would pin this client's server connection, but {limit} servers of this pool are pinned already (max_pinned); it was discarded"
+    )]
+    PinLimit { kinds: String, limit: u32 },
+    #[error(
+        "terminating connection: idle for longer than {0:?} while its session state pins a server connection (pinned_idle_timeout)"
+    )]
+    PinnedIdle(Duration),
+    #[error(
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
     Internal,
@@ -108,6 +116,8 @@ impl ClientError {
                 SqlState::PROGRAM_LIMIT_EXCEEDED
             }
             Self::DuplicateStatement(_) => SqlState::DUPLICATE_PREPARED_STATEMENT,
+            Self::PinLimit { .. } => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
+            Self::PinnedIdle(_) => SqlState::IDLE_SESSION_TIMEOUT,
             Self::Internal => SqlState::INTERNAL_ERROR,
         }
     }
@@ -166,6 +176,12 @@ impl ClientError {
             Self::NamedStatementTooLarge => "use the unnamed statement for very large queries",
             Self::TooManyStatements(_) => {
                 "close (deallocate) statements the client no longer uses, or raise server.statement_registry_size"
+            }
+            Self::PinLimit { .. } => {
+                "keep session state inside the transaction (SET LOCAL, ON COMMIT DROP, pg_advisory_xact_lock), raise pool.max_pinned, or use session_state = \"reset\" or mode = \"session\""
+            }
+            Self::PinnedIdle(_) => {
+                "drop the session state when done with it (DISCARD ALL), or raise pool.pinned_idle_timeout"
             }
             Self::Internal => "reconnect; please report this with pgmux's log",
             _ => return None,

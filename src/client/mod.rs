@@ -7,6 +7,7 @@ pub(crate) mod params;
 mod queue;
 mod replies;
 mod session;
+pub(crate) mod state;
 mod statements;
 
 pub use error::ClientError;

@@ -65,6 +65,45 @@ impl ClientParams {
         self.want(name, Value::Sql(sql.to_owned()));
     }
 
+    /// Follows the settings a verification found the session changed on `server` (name,
+    /// value as `current_setting` shows it), for parameters the server does not report:
+    /// they become the client's, as a standalone `SET` does, and those the client wanted
+    /// that the session no longer has are forgotten. Returns whether anything changed.
+    pub fn follow(&mut self, found: &[(String, String)], server: &mut ServerConn) -> bool {
+        let mut changed = false;
+        for (name, value) in found {
+            if server.param_ci(name).is_some() {
+                continue; // reported: ParameterStatus keeps it exact
+            }
+            let lower = name.to_ascii_lowercase();
+            let value = Value::Text(value.clone());
+            let known = self
+                .wants
+                .iter()
+                .any(|(l, _, v)| *l == lower && *v == value);
+            if !known {
+                changed = true;
+                self.want(name, value.clone());
+            }
+            server.set_applied(&lower, Some(value));
+        }
+        let gone: Vec<String> = self
+            .wants
+            .iter()
+            .filter(|(lower, _, _)| {
+                server.param_ci(lower).is_none()
+                    && !found.iter().any(|(n, _)| n.eq_ignore_ascii_case(lower))
+            })
+            .map(|(lower, _, _)| lower.clone())
+            .collect();
+        for lower in gone {
+            changed = true;
+            self.forget(&lower);
+            server.set_applied(&lower, None);
+        }
+        changed
+    }
+
     /// The ParameterStatus set for the login greeting: the server's, with the client's own
     /// values over them. Remembered as what the client has seen.
     pub fn greeting(
@@ -252,8 +291,6 @@ pub enum SessionChange {
     DeallocateAll,
     /// `DEALLOCATE [PREPARE] name`.
     Deallocate(String),
-    /// `PREPARE name ...`: refused in transaction mode.
-    Prepare,
 }
 
 /// Recognizes the few statements that change session state, when a Query holds one alone.
@@ -262,7 +299,7 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     let start = query.iter().position(|b| !b.is_ascii_whitespace())?;
     let word = query.get(start..)?;
     let word = word.split(|b| !b.is_ascii_alphabetic()).next()?;
-    const FIRST_WORDS: [&[u8]; 5] = [b"SET", b"RESET", b"PREPARE", b"DISCARD", b"DEALLOCATE"];
+    const FIRST_WORDS: [&[u8]; 4] = [b"SET", b"RESET", b"DISCARD", b"DEALLOCATE"];
     if !FIRST_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
         return None;
     }
@@ -276,7 +313,6 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     let first = words.next()?.to_ascii_uppercase();
     let second = words.next().map(str::to_ascii_uppercase);
     match first.as_str() {
-        "PREPARE" => return Some(SessionChange::Prepare),
         "DISCARD" if second.as_deref() == Some("ALL") => return Some(SessionChange::DiscardAll),
         _ => {}
     }
@@ -395,10 +431,8 @@ mod tests {
             session_change(b" \n\tReSeT\tALL;\0"),
             Some(SessionChange::ResetAll)
         );
-        assert_eq!(
-            session_change(b"prepare p as select 1\0"),
-            Some(SessionChange::Prepare)
-        );
+        // SQL-level PREPARE (and PREPARE TRANSACTION) pass: the verification judges them.
+        assert_eq!(session_change(b"prepare p as select 1\0"), None);
         assert_eq!(
             session_change(b"DISCARD ALL\0"),
             Some(SessionChange::DiscardAll)

@@ -61,6 +61,11 @@ pub enum Effect {
     Evict(Arc<Statement>),
     /// A client Query that changes session state if it succeeds outside a transaction.
     Session(SessionChange),
+    /// pgmux's query of the session state the server holds (`client/state.rs`).
+    VerifyState,
+    /// pgmux's query that discards a client's session state: if it fails, the server's
+    /// state is unknown and it must not be lent again.
+    ResetState,
     /// A client's SQL-level DEALLOCATE of its statement `client_name`: the server runs a
     /// statement that does nothing in its place (its copy stays for other clients), whose
     /// command tag the client reads as DEALLOCATE.

@@ -20,13 +20,6 @@ use crate::server::TxStatus;
 
 mod from_server;
 
-/// Replaces a SQL-level PREPARE in transaction mode: the server raises the error, so the
-/// transaction state the client sees is exactly what PostgreSQL would give.
-const REFUSE_PREPARE: &str = "DO $pgmux$ BEGIN RAISE EXCEPTION USING \
-    ERRCODE = 'feature_not_supported', \
-    MESSAGE = 'pgmux: SQL-level PREPARE is not supported in transaction pooling mode', \
-    HINT = 'use your driver''s prepared statements (protocol-level, tracked by pgmux), or a pool with mode = \"session\"'; END $pgmux$";
-
 /// Sent in place of a client's `DEALLOCATE name` of one of its statements: it does nothing,
 /// and fails only where DEALLOCATE would (in a failed transaction).
 const DEALLOCATE_IN_PLACE: &str = "DO $pgmux$ BEGIN END $pgmux$";
@@ -67,8 +60,6 @@ pub(super) enum Rewrite {
     /// Send it as it came: a Query that changes session state if it succeeds outside a
     /// transaction.
     Watch(SessionChange),
-    /// SQL-level PREPARE in transaction mode: the server raises pgmux's error.
-    RefusePrepare,
     /// Send `message` in its place, expecting `kind`'s replies with `effect`; it names no
     /// statement.
     Replaced {
@@ -121,7 +112,6 @@ impl Loop<'_> {
             None
         };
         match change {
-            Some(SessionChange::Prepare) => Rewrite::RefusePrepare,
             Some(SessionChange::Deallocate(name)) if self.tracks_statements() => {
                 match self.statements.get(&name).cloned() {
                     // Only the client's name goes, as for a Close: the server's copy stays
@@ -276,9 +266,21 @@ impl Loop<'_> {
     /// Carries out what was decided for `frame`.
     pub(super) fn apply(&mut self, frame: Frame, rewrite: Rewrite) {
         match rewrite {
-            Rewrite::Forward(Some(kind)) => self.forward(frame, kind),
+            Rewrite::Forward(Some(kind)) => {
+                if kind == Kind::Bind {
+                    // The unnamed statement (or one pgmux does not track).
+                    self.watch_bind(None);
+                }
+                self.forward(frame, kind)
+            }
             Rewrite::Forward(None) => self.to_server.push(frame.bytes),
             Rewrite::Watch(change) => {
+                if matches!(
+                    change,
+                    SessionChange::Set { .. } | SessionChange::Reset(_) | SessionChange::ResetAll
+                ) {
+                    self.state.followed = true;
+                }
                 if matches!(
                     change,
                     SessionChange::DeallocateAll | SessionChange::DiscardAll
@@ -291,12 +293,6 @@ impl Loop<'_> {
                 }
                 self.replies.client(Kind::Query, Effect::Session(change));
                 self.to_server.push(frame.bytes);
-            }
-            Rewrite::RefusePrepare => {
-                let mut refuse = BytesMut::new();
-                write::query(&mut refuse, REFUSE_PREPARE);
-                self.replies.client(Kind::Query, Effect::None);
-                self.to_server.push(refuse);
             }
             Rewrite::Replaced {
                 message,
@@ -312,6 +308,9 @@ impl Loop<'_> {
                 effect,
                 statement,
             } => {
+                if kind == Kind::Bind {
+                    self.watch_bind(Some(statement.may_change_state));
+                }
                 self.ensure_on_server(&statement);
                 self.replies.client(kind, effect);
                 self.to_server.push(message);

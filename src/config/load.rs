@@ -13,7 +13,7 @@ use super::env::{self, OffsetMap};
 use super::report::{Place, Places, Report, join_key};
 use super::{
     AdminSection, AuthMethod, AuthSection, Config, ConfigError, Database, PoolMode, PoolOverrides,
-    Problem, ServerSection, User, userlist, validate,
+    Problem, ServerSection, SessionStatePolicy, User, userlist, validate,
 };
 
 /// Parses `text` (named `origin`), resolving a relative `auth.userlist_file` against `base`.
@@ -128,6 +128,9 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "tcp_keepintvl",
     "tcp_keepcnt",
     "tcp_user_timeout",
+    "session_state",
+    "max_pinned",
+    "pinned_idle_timeout",
 ];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
 const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
@@ -135,6 +138,10 @@ const AUTH_METHODS: &[(&str, AuthMethod)] = &[
     ("scram-sha-256", AuthMethod::ScramSha256),
     ("md5", AuthMethod::Md5),
     ("trust", AuthMethod::Trust),
+];
+const SESSION_STATE_POLICIES: &[(&str, SessionStatePolicy)] = &[
+    ("pin", SessionStatePolicy::Pin),
+    ("reset", SessionStatePolicy::Reset),
 ];
 const POOL_MODES: &[(&str, PoolMode)] = &[
     ("session", PoolMode::Session),
@@ -395,6 +402,9 @@ impl Walker<'_> {
             // The kernel's limit (MAX_TCP_KEEPCNT).
             "tcp_keepcnt" => o.tcp_keepcnt = as_u32(self.unsigned(&p, value, 127)),
             "tcp_user_timeout" => o.tcp_user_timeout = self.duration(&p, value),
+            "session_state" => o.session_state = self.choice(&p, value, SESSION_STATE_POLICIES),
+            "max_pinned" => o.max_pinned = as_u32(self.unsigned(&p, value, u32_max)),
+            "pinned_idle_timeout" => o.pinned_idle_timeout = self.duration(&p, value),
             _ => return false,
         }
         true

@@ -124,6 +124,10 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         tcp_keepintvl: Some(s.tcp.keepintvl),
         tcp_keepcnt: Some(s.tcp.keepcnt),
         tcp_user_timeout: Some(s.tcp.user_timeout),
+        session_state: Some(s.session_state),
+        // Unset means half of each pool's own size: shown only when set.
+        max_pinned: s.max_pinned,
+        pinned_idle_timeout: Some(s.pinned_idle_timeout),
     }
 }
 
@@ -169,6 +173,13 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     }
     if let Some(d) = o.tcp_user_timeout {
         line(out, "tcp_user_timeout", &duration(d));
+    }
+    optional(out, "session_state", o.session_state.map(|p| p.as_str()));
+    if let Some(n) = o.max_pinned {
+        line(out, "max_pinned", &n.to_string());
+    }
+    if let Some(d) = o.pinned_idle_timeout {
+        line(out, "pinned_idle_timeout", &duration(d));
     }
 }
 

@@ -174,6 +174,28 @@ impl AuthMethod {
     }
 }
 
+/// What pgmux does when a client leaves session state on its server in transaction or
+/// statement mode (a temporary table, an advisory lock, a holdable cursor, LISTEN, a
+/// SQL-level prepared statement). TOML: `"pin" | "reset"`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub enum SessionStatePolicy {
+    /// The client keeps that server until the state is gone or it disconnects.
+    #[default]
+    Pin,
+    /// The state is discarded before the server goes back, and the client told so.
+    Reset,
+}
+
+impl SessionStatePolicy {
+    /// The spelling used in the TOML file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pin => "pin",
+            Self::Reset => "reset",
+        }
+    }
+}
+
 /// When a server connection goes back to the pool. TOML: `"session" | "transaction" | "statement"`.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
 pub enum PoolMode {
@@ -227,6 +249,13 @@ pub struct PoolSettings {
     pub max_prepared_statements: u32,
     /// TCP options of the sockets to the server (`tcp_*` keys).
     pub tcp: TcpOptions,
+    /// What to do with session state a client leaves on its server (transaction and
+    /// statement mode).
+    pub session_state: SessionStatePolicy,
+    /// Most servers that pinned clients may hold; `None` = half of `size`, rounded down.
+    pub max_pinned: Option<u32>,
+    /// A pinned client idle this long is disconnected; 0 = never.
+    pub pinned_idle_timeout: Duration,
 }
 
 /// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
@@ -276,6 +305,9 @@ impl Default for PoolSettings {
             server_reset_query: "DISCARD ALL".to_owned(),
             max_prepared_statements: 200,
             tcp: TcpOptions::default(),
+            session_state: SessionStatePolicy::Pin,
+            max_pinned: None,
+            pinned_idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -306,6 +338,16 @@ impl PoolSettings {
         tcp.keepintvl = o.tcp_keepintvl.unwrap_or(tcp.keepintvl);
         tcp.keepcnt = o.tcp_keepcnt.unwrap_or(tcp.keepcnt);
         tcp.user_timeout = o.tcp_user_timeout.unwrap_or(tcp.user_timeout);
+        self.session_state = o.session_state.unwrap_or(self.session_state);
+        if o.max_pinned.is_some() {
+            self.max_pinned = o.max_pinned;
+        }
+        self.pinned_idle_timeout = o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout);
+    }
+
+    /// How many servers pinned clients may hold: `max_pinned`, or half the pool.
+    pub fn pinned_limit(&self) -> u32 {
+        self.max_pinned.unwrap_or(self.size / 2)
     }
 }
 
@@ -344,6 +386,12 @@ pub struct PoolOverrides {
     pub tcp_keepcnt: Option<u32>,
     /// See [`TcpOptions::user_timeout`].
     pub tcp_user_timeout: Option<Duration>,
+    /// See [`PoolSettings::session_state`].
+    pub session_state: Option<SessionStatePolicy>,
+    /// See [`PoolSettings::max_pinned`].
+    pub max_pinned: Option<u32>,
+    /// See [`PoolSettings::pinned_idle_timeout`].
+    pub pinned_idle_timeout: Option<Duration>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

@@ -195,6 +195,16 @@ impl Checker<'_> {
             let msg = format!("must not be below min_size ({})", s.min_size);
             self.error(&key("size"), msg);
         }
+        if let Some(most) = s.max_pinned
+            && most > s.size
+            && (all || o.max_pinned.is_some() || o.size.is_some())
+        {
+            let msg = format!(
+                "must not exceed size ({}): pins would starve the pool",
+                s.size
+            );
+            self.error(&key("max_pinned"), msg);
+        }
         if s.wait_timeout.is_zero() && (all || o.wait_timeout.is_some()) {
             let msg = "must be above 0 (clients would fail without waiting)";
             self.error(&key("wait_timeout"), msg);

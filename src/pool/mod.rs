@@ -11,11 +11,13 @@
 mod control;
 mod health;
 mod lease;
+mod pinned;
 mod upkeep;
 mod view;
 mod window;
 
 pub use lease::Lease;
+pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
 pub use window::{DemandSummary, WINDOW_SECONDS};
 
@@ -165,6 +167,8 @@ pub struct Pool {
     server_params: Mutex<Arc<Vec<(String, String)>>>,
     /// Connections being opened now.
     connecting: AtomicU32,
+    /// Servers held by pinned clients (`pinned.rs`).
+    pinned: AtomicU32,
     /// Waits at least this long are logged (nanoseconds; 0 = never).
     slow_wait: AtomicU64,
     /// The upstream's `max_connections` (0 = not known yet) and whether it was asked.
@@ -204,6 +208,7 @@ impl Pool {
             asked_max_connections: AtomicBool::new(false),
             logged_status: std::sync::atomic::AtomicU8::new(Status::Normal as u8),
             retired: CancellationToken::new(),
+            pinned: AtomicU32::new(0),
         })
     }
 

@@ -88,6 +88,8 @@ pub struct PoolView {
     pub demand: DemandSummary,
     /// Counted since the pool was created.
     pub wait_timeouts_total: u64,
+    /// Servers held by pinned clients.
+    pub pinned: u32,
 }
 
 impl PoolView {
@@ -164,6 +166,7 @@ impl Pool {
             upstream_max_connections: (max > 0).then_some(max),
             demand: st.demand.summary(now),
             wait_timeouts_total: self.stats.wait_timeouts.load(Relaxed),
+            pinned: self.pinned(),
         }
     }
 

@@ -253,6 +253,13 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
         old.max_prepared_statements,
         new.max_prepared_statements,
     );
+    if old.max_pinned != new.max_pinned {
+        num("max_pinned", old.pinned_limit(), new.pinned_limit());
+    }
+    if old.session_state != new.session_state {
+        let (a, b) = (old.session_state.as_str(), new.session_state.as_str());
+        out.push(format!("session_state {a} -> {b} (for new clients)"));
+    }
     if old.mode != new.mode {
         let (a, b) = (old.mode.as_str(), new.mode.as_str());
         out.push(format!("mode {a} -> {b} (for new clients)"));
@@ -266,6 +273,11 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
             "idle_transaction_timeout",
             old.idle_transaction_timeout,
             new.idle_transaction_timeout,
+        ),
+        (
+            "pinned_idle_timeout",
+            old.pinned_idle_timeout,
+            new.pinned_idle_timeout,
         ),
     ];
     for (key, a, b) in durations {

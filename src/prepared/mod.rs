@@ -36,6 +36,9 @@ pub struct Statement {
     /// statement, and every later use of this one gets this error, as on a direct
     /// connection until the client prepares again.
     pub result_changed: OnceLock<Bytes>,
+    /// Its text may make session state no command tag shows (`client/state.rs`): each
+    /// execution is a trigger.
+    pub may_change_state: bool,
 }
 
 /// Query text and parameter type OIDs.
@@ -113,6 +116,7 @@ impl Registry {
             server_name,
             verified: AtomicBool::new(false),
             result_changed: OnceLock::new(),
+            may_change_state: crate::client::state::text_may_change_state(query.as_bytes()),
         });
         entries
             .by_key

@@ -34,3 +34,36 @@ pub fn error_fields(body: &[u8]) -> (String, String) {
     }
     (code, message)
 }
+
+/// The columns of a DataRow body: `Some(bytes)`, or `None` for NULL; ends early at the
+/// first malformed column.
+pub fn data_row(body: &[u8]) -> impl Iterator<Item = Option<&[u8]>> {
+    let (count, mut rest) = match body.split_first_chunk::<2>() {
+        Some((count, rest)) => (u16::from_be_bytes(*count), rest),
+        None => (0, &[][..]),
+    };
+    (0..count).map_while(move |_| {
+        let (len, after) = super::read_i32(rest)?;
+        if len < 0 {
+            rest = after;
+            return Some(None);
+        }
+        let (value, after) = after.split_at_checked(usize::try_from(len).ok()?)?;
+        rest = after;
+        Some(Some(value))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn data_rows_read_values_and_nulls() {
+        let body = [0, 2, 0, 0, 0, 2, b'h', b'i', 0xff, 0xff, 0xff, 0xff];
+        let columns: Vec<_> = super::data_row(&body).collect();
+        assert_eq!(columns, vec![Some(&b"hi"[..]), None]);
+        // Claims three columns, holds one and a half.
+        let short = [0, 3, 0, 0, 0, 1, b'x', 0, 0, 0, 9, b'y'];
+        assert_eq!(super::data_row(&short).count(), 1);
+        assert_eq!(super::data_row(&[]).count(), 0);
+    }
+}

@@ -7,6 +7,12 @@ use std::fmt;
 pub struct SqlState(&'static str);
 
 impl SqlState {
+    /// 00000: a notice that reports no problem.
+    pub const SUCCESSFUL_COMPLETION: SqlState = SqlState("00000");
+    /// 53400: a configured limit was reached (`max_pinned`).
+    pub const CONFIGURATION_LIMIT_EXCEEDED: SqlState = SqlState("53400");
+    /// 57P05: idle longer than a session limit (`pinned_idle_timeout`).
+    pub const IDLE_SESSION_TIMEOUT: SqlState = SqlState("57P05");
     /// 08P01: malformed or oversized message.
     pub const PROTOCOL_VIOLATION: SqlState = SqlState("08P01");
     /// 08006: upstream unreachable, or lost in the middle of a transaction.

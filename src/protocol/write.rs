@@ -31,6 +31,8 @@ pub enum Severity {
     Error,
     /// The session ends after this message.
     Fatal,
+    /// Not an error: a NoticeResponse the session goes on after.
+    Notice,
 }
 
 /// An error pgmux reports to a client, with what it should change.
@@ -65,6 +67,14 @@ impl PgError {
         }
     }
 
+    /// A notice: information, not an error.
+    pub fn notice(message: impl Into<String>) -> Self {
+        PgError {
+            severity: Severity::Notice,
+            ..PgError::error(SqlState::SUCCESSFUL_COMPLETION, message)
+        }
+    }
+
     /// Adds a hint.
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
         self.hint = Some(hint.into());
@@ -73,11 +83,12 @@ impl PgError {
 
     /// Appends this error as an ErrorResponse.
     pub fn write(&self, buf: &mut BytesMut) {
-        let severity = match self.severity {
-            Severity::Error => "ERROR",
-            Severity::Fatal => "FATAL",
+        let (tag, severity) = match self.severity {
+            Severity::Error => (b'E', "ERROR"),
+            Severity::Fatal => (b'E', "FATAL"),
+            Severity::Notice => (b'N', "NOTICE"),
         };
-        message(buf, b'E', |b| {
+        message(buf, tag, |b| {
             for field in [b'S', b'V'] {
                 b.put_u8(field);
                 cstr(b, severity);

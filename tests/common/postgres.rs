@@ -292,6 +292,7 @@ impl Cluster {
              listen_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{}'\n\
              max_connections = 200\n\
+             max_prepared_transactions = 10\n\
              password_encryption = 'scram-sha-256'\n\
              fsync = off\n\
              synchronous_commit = off\n\

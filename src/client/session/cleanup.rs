@@ -36,6 +36,17 @@ impl Loop<'_> {
                 return conn.close();
             }
         }
+        if let Some((reset, statements_gone)) = self.pinned_reset_sql()
+            && !conn.is_broken()
+        {
+            // A pinned client left: its state goes with it, not to the next client.
+            if !conn.run_quietly(&reset, CLEANUP_LIMIT).await {
+                return conn.close();
+            }
+            if statements_gone {
+                conn.prepared().clear();
+            }
+        }
         if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.is_broken() {
             let reset = self.s.reset_query.clone();
             if !conn.run_quietly(&reset, CLEANUP_LIMIT).await {

@@ -151,6 +151,7 @@ impl Loop<'_> {
                 self.unsynced = false;
                 self.s.pool.stats.query();
                 self.s.view.set_query(frame.body());
+                self.watch_query(&frame);
                 let rewrite = self.rewrite_query(&frame);
                 self.apply(frame, rewrite);
             }
@@ -165,6 +166,9 @@ impl Loop<'_> {
             }
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
                 self.unsynced = true;
+                if t == tag::PARSE {
+                    self.watch_parse(&frame);
+                }
                 let rewrite = self.rewrite_extended(&frame);
                 self.apply(frame, rewrite);
             }

@@ -64,6 +64,8 @@ impl Loop<'_> {
             self.on_statement_reply(&mut frame, done.as_ref());
             if frame.is_whole() {
                 match frame.tag {
+                    tag::COMMAND_COMPLETE if !hidden => self.watch_tag(frame.body()),
+                    tag::DATA_ROW if hidden => self.verification_row(frame.body()),
                     tag::COPY_IN_RESPONSE => {
                         // Unless the client already sent CopyDone/CopyFail (pipelined).
                         self.copy_in = !self.replies.copy_in_started();
@@ -74,7 +76,7 @@ impl Loop<'_> {
                     }
                     tag::ERROR_RESPONSE if done.is_none() => {
                         let (code, message) = crate::protocol::read::error_fields(frame.body());
-                        warn!(pool = %Escaped(&self.s.pool.key), code = %Escaped(&code), error = %Escaped(&message), "restoring a client's settings failed");
+                        warn!(pool = %Escaped(&self.s.pool.key), code = %Escaped(&code), error = %Escaped(&message), "a hidden query of pgmux's (settings, session state) failed");
                     }
                     _ => {}
                 }
@@ -88,17 +90,27 @@ impl Loop<'_> {
                 // sees ReadyForQuery, so the statement itself reports the error.
                 return Err(End::fatal(ClientError::TransactionInStatementMode));
             }
-            if forward {
-                self.to_client.push(frame.bytes);
-            }
+            let ends_client_entry = done.is_some() && !hidden;
             if let Some(done) = done {
                 self.swallowing = false;
                 self.finished(done, ready);
             }
+            if forward {
+                let bytes = match ready {
+                    // The transaction is over: verify its session state first if need be.
+                    Some(TxStatus::Idle) if ends_client_entry => self.ready_or_verify(frame.bytes),
+                    _ => Some(frame.bytes),
+                };
+                if let Some(bytes) = bytes {
+                    self.to_client.push(bytes);
+                }
+            }
             self.take_due_replies();
             if ready.is_some() {
                 match self.settled() {
-                    Some(TxStatus::Idle) if self.s.mode != PoolMode::Session => self.release(),
+                    Some(TxStatus::Idle) if self.s.mode != PoolMode::Session && !self.pinned() => {
+                        self.release()
+                    }
                     Some(TxStatus::Idle) => self.s.view.set_state(ClientState::Idle),
                     Some(_) => self.s.view.set_state(ClientState::IdleInTransaction),
                     None => {}
@@ -115,7 +127,14 @@ impl Loop<'_> {
             skipped,
         } = done;
         match entry {
+            Expect::Hidden {
+                effect: Effect::VerifyState,
+                ..
+            } => self.verified(failed),
             Expect::Client { effect, .. } | Expect::Hidden { effect, .. } if failed => {
+                if matches!(effect, Effect::Session(_)) {
+                    self.state.followed = false;
+                }
                 self.undo(effect)
             }
             Expect::Client {
@@ -132,7 +151,10 @@ impl Loop<'_> {
                 effect: Effect::Session(change),
                 kind: Kind::Query,
                 failed: false,
-            } if ready == Some(TxStatus::Idle) => self.apply_session_change(change),
+            } if ready == Some(TxStatus::Idle) => {
+                self.state.followed = false;
+                self.apply_session_change(change)
+            }
             Expect::Client {
                 effect:
                     Effect::Deallocate {
@@ -171,7 +193,13 @@ impl Loop<'_> {
                 // Still on the server: keep knowing it (may exceed the bound by one).
                 server.prepared().insert(statement, usize::MAX);
             }
-            Effect::Deallocate { .. }
+            Effect::ResetState => {
+                // Whatever is left on it is unknown: it is closed when given back.
+                warn!(pool = %Escaped(&self.s.pool.key), "discarding a client's session state failed; the server will be closed");
+                server.mark_broken();
+            }
+            Effect::VerifyState
+            | Effect::Deallocate { .. }
             | Effect::Uses(_)
             | Effect::DeallocateAll
             | Effect::Session(_)
@@ -210,9 +238,7 @@ impl Loop<'_> {
                 server.clear_applied();
             }
             // Statements: their command tags said it (on_statement_reply).
-            SessionChange::DeallocateAll
-            | SessionChange::Deallocate(_)
-            | SessionChange::Prepare => {}
+            SessionChange::DeallocateAll | SessionChange::Deallocate(_) => {}
         }
     }
 

@@ -17,6 +17,7 @@
 mod cleanup;
 mod from_client;
 mod from_server;
+mod state;
 
 use std::future::Future;
 use std::io;
@@ -40,7 +41,7 @@ use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
-use crate::config::PoolMode;
+use crate::config::{PoolMode, SessionStatePolicy};
 use crate::logging::Escaped;
 use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
@@ -99,6 +100,8 @@ pub(super) struct Limits {
     pub query: Duration,
     /// `server.partial_message_timeout`: a client silent in the middle of a message.
     pub partial_message: Duration,
+    /// `pool.pinned_idle_timeout`: a pinned client that sends nothing between transactions.
+    pub pinned_idle: Duration,
 }
 
 /// Which limit a deadline enforces.
@@ -107,6 +110,7 @@ enum Timeout {
     IdleInTransaction,
     Query,
     PartialMessage,
+    PinnedIdle,
 }
 
 enum Event {
@@ -128,6 +132,8 @@ pub struct Session {
     pub(super) max_message_size: usize,
     pub(super) reset_query: String,
     pub(super) max_prepared: usize,
+    /// `pool.session_state`: what to do with session state a transaction leaves.
+    pub(super) state_policy: SessionStatePolicy,
     pub(super) registry: Arc<Registry>,
     pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
@@ -150,6 +156,8 @@ pub(super) struct Loop<'c> {
     pub(super) server: Option<Lease>,
     pub(super) replies: Replies,
     pub(super) statements: ClientStatements,
+    /// Session state the client may have left on its server (`state.rs`).
+    pub(super) state: state::StateWatch,
     /// Extended-protocol messages forwarded since the last Sync.
     unsynced: bool,
     /// The start of a client message went to the server, its end not yet.
@@ -183,6 +191,7 @@ impl Session {
             server: None,
             replies: Replies::default(),
             statements: ClientStatements::default(),
+            state: state::StateWatch::default(),
             unsynced: false,
             client_mid_message: false,
             swallowing: false,
@@ -325,8 +334,10 @@ impl Loop<'_> {
     /// default config, a transaction reads no clock.
     fn touch(&mut self) {
         let limits = &self.s.limits;
-        let holding =
-            self.server.is_some() && !(limits.query.is_zero() && limits.idle_transaction.is_zero());
+        let holding = self.server.is_some()
+            && !(limits.query.is_zero()
+                && limits.idle_transaction.is_zero()
+                && limits.pinned_idle.is_zero());
         let mid_message = !limits.partial_message.is_zero()
             && (self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty());
         if holding || mid_message {
@@ -357,12 +368,16 @@ impl Loop<'_> {
                 .then(|| (self.last_activity + limits.query, Timeout::Query));
         }
         let owes_server = server.tx_status() != TxStatus::Idle || self.unsynced;
-        (owes_server && !limits.idle_transaction.is_zero()).then(|| {
-            (
-                self.last_activity + limits.idle_transaction,
-                Timeout::IdleInTransaction,
-            )
-        })
+        if owes_server {
+            return (!limits.idle_transaction.is_zero()).then(|| {
+                (
+                    self.last_activity + limits.idle_transaction,
+                    Timeout::IdleInTransaction,
+                )
+            });
+        }
+        (self.pinned() && !limits.pinned_idle.is_zero())
+            .then(|| (self.last_activity + limits.pinned_idle, Timeout::PinnedIdle))
     }
 
     /// What the client is told when a time limit ends its session.
@@ -372,6 +387,7 @@ impl Loop<'_> {
             Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
             Timeout::Query => ClientError::QueryTimeout(limits.query),
             Timeout::PartialMessage => ClientError::PartialMessage(limits.partial_message),
+            Timeout::PinnedIdle => ClientError::PinnedIdle(limits.pinned_idle),
         }
     }
 }
