@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::raw::{Raw, bind, describe, execute, first_error, parse, query, sync};
+use common::raw::{Raw, bind, close, describe, execute, first_error, parse, query, sync};
 use common::{MuxOptions, TestPgmux, TestPostgres};
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::Client;
@@ -33,8 +33,13 @@ async fn mux_of(pg: &TestPostgres, size: u32) -> TestPgmux {
 /// holds both, B's as `pgmux_s1`.
 async fn two_clients(pg: &TestPostgres) -> (TestPgmux, Raw, Raw) {
     let mux = mux_of(pg, 1).await;
-    let mut b = Raw::login(&mux).await;
-    let mut a = Raw::login(&mux).await;
+    let (a, b) = two_clients_of(&mux).await;
+    (mux, a, b)
+}
+
+async fn two_clients_of(mux: &TestPgmux) -> (Raw, Raw) {
+    let mut b = Raw::login(mux).await;
+    let mut a = Raw::login(mux).await;
     assert_eq!(
         b.run(&[parse("b1", "SELECT 'b1'"), bind("b1"), execute(), sync()])
             .await,
@@ -51,7 +56,7 @@ async fn two_clients(pg: &TestPostgres) -> (TestPgmux, Raw, Raw) {
         ["T", "D:pgmux_s1", "C"],
         "B's statement is on the one server as pgmux_s1"
     );
-    (mux, a, b)
+    (a, b)
 }
 
 /// What A still has after its statements: `a1` (true) or nothing.
@@ -99,6 +104,9 @@ async fn check_after(label: &str, a: &mut Raw, b: &mut Raw, a_keeps: bool) {
         ["2", "D:b1", "C", "2", "D:b2", "C"],
         "{label}: B's statements, again"
     );
+    // For the next check.
+    assert_eq!(a.run(&[close("a2"), sync()]).await, ["3"]);
+    assert_eq!(b.run(&[close("b2"), sync()]).await, ["3"]);
 }
 
 /// One thing client A does: messages sent in one write, and the replies up to the next
@@ -374,6 +382,48 @@ async fn deallocate_that_reaches_the_server_never_breaks_another_client() {
     }
 }
 
+/// SQL-level statements live on the server the client is pinned to: their names reach it.
+#[tokio::test]
+async fn deallocate_of_sql_level_statements_reaches_the_server() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            size: 1,
+            wait_timeout: "30s",
+            pool_extra: "max_pinned = 1".to_owned(),
+            ..MuxOptions::default()
+        }
+        .with_auth_method("trust"),
+    )
+    .await;
+    let (mut a, mut b) = two_clients_of(&mux).await;
+    assert_eq!(a.run(&[query("PREPARE p AS SELECT 'p'")]).await, ["C"]);
+    assert_eq!(a.run(&[query("EXECUTE p")]).await, ["T", "D:p", "C"]);
+    assert_eq!(a.run(&[query("DEALLOCATE p")]).await, ["C"]);
+    assert_eq!(a.run(&[query("EXECUTE p")]).await, ["E:26000"]);
+    check_after("DEALLOCATE p", &mut a, &mut b, true).await;
+
+    assert_eq!(a.run(&[query("PREPARE q AS SELECT 'q'")]).await, ["C"]);
+    assert_eq!(
+        a.run(&[
+            parse("", "DEALLOCATE PREPARE q"),
+            bind(""),
+            execute(),
+            sync()
+        ])
+        .await,
+        ["1", "2", "C"]
+    );
+    assert_eq!(a.run(&[query("EXECUTE q")]).await, ["E:26000"]);
+    check_after("extended DEALLOCATE q", &mut a, &mut b, true).await;
+
+    assert_eq!(a.run(&[query("PREPARE r AS SELECT 'r'")]).await, ["C"]);
+    assert_eq!(a.run(&[query("DEALLOCATE ALL")]).await, ["C"]);
+    assert_eq!(a.run(&[query("EXECUTE r")]).await, ["E:26000"]);
+    check_after("DEALLOCATE ALL after PREPARE", &mut a, &mut b, false).await;
+}
+
 /// A DEALLOCATE pgmux cannot see (inside a function or DO block) costs the next client of
 /// that server one error, after which pgmux prepares its statements again.
 #[tokio::test]
@@ -624,7 +674,7 @@ async fn result_type_change_raw_protocol() {
     assert_eq!(c.run(&[query("ROLLBACK")]).await, ["C"]);
     assert_eq!(
         c.run(&[
-            common::raw::close("s"),
+            close("s"),
             parse("s", "SELECT * FROM rt_raw"),
             bind("s"),
             execute(),
