@@ -1,6 +1,11 @@
-//! Cancel requests. Every client gets a pgmux-made key; a CancelRequest with that key is
-//! forwarded, on a fresh connection, to the server that client holds right now, with that
-//! server's real key. Unknown keys are ignored, as PostgreSQL does.
+//! Cancel requests. Every client gets a key with a pgmux-made secret; a CancelRequest with
+//! that key is forwarded, on a fresh connection, to the server that client holds right
+//! now, with that server's real key. Unknown keys are ignored, as PostgreSQL does.
+//!
+//! The process id in the key is made up too in transaction and statement mode, where a
+//! client has no server of its own; in session mode it is the real one of the server the
+//! client keeps, as PostgreSQL gives it. Real ids repeat across upstream servers, so a key
+//! is the pair (process id, secret).
 //!
 //! A cancel must never reach a server after it went to another client. So the session
 //! gives a server back only once no cancel of its client is on the way
@@ -32,7 +37,6 @@ pub struct CancelTarget {
 /// checkout and release, read by cancel requests.
 #[derive(Default)]
 struct Slot {
-    secret: i32,
     target: Mutex<Target>,
     /// Woken when the last cancel on the way is delivered.
     settled: Notify,
@@ -45,52 +49,47 @@ struct Target {
     in_flight: u32,
 }
 
+/// A cancel key as a client holds it: (process id, secret).
+type Key = (i32, i32);
+
 /// Every live client's cancel key. Shared by the listener and the client tasks.
 #[derive(Default)]
 pub struct CancelRegistry {
-    clients: Mutex<HashMap<i32, Arc<Slot>>>,
+    clients: Mutex<HashMap<Key, Arc<Slot>>>,
 }
 
 /// A client's registration; dropping it forgets the key.
 pub struct CancelHandle {
     registry: Arc<CancelRegistry>,
     slot: Arc<Slot>,
-    process_id: i32,
+    key: Key,
 }
 
 impl CancelRegistry {
-    /// Issues a fresh key for a new client.
-    pub fn register(self: &Arc<Self>) -> CancelHandle {
-        let secret = rand::random::<i32>();
+    /// Issues a fresh key for a new client: with `process_id` (the real one of the server
+    /// a session-mode client keeps) or a made-up one, and a random secret.
+    pub fn register(self: &Arc<Self>, process_id: Option<i32>) -> CancelHandle {
         let mut clients = self.clients.lock();
-        let process_id = loop {
-            // Positive, like real process ids; never 0.
-            let id = (rand::random::<u32>() >> 1) as i32;
-            if id != 0 && !clients.contains_key(&id) {
-                break id;
+        let key = loop {
+            // Made-up ids are positive, like real process ids, and never 0.
+            let id = process_id.unwrap_or_else(|| (rand::random::<u32>() >> 1) as i32);
+            let key = (id, rand::random::<i32>());
+            if (process_id.is_some() || id != 0) && !clients.contains_key(&key) {
+                break key;
             }
         };
-        let slot = Arc::new(Slot {
-            secret,
-            ..Slot::default()
-        });
-        clients.insert(process_id, slot.clone());
+        let slot = Arc::new(Slot::default());
+        clients.insert(key, slot.clone());
         CancelHandle {
             registry: self.clone(),
             slot,
-            process_id,
+            key,
         }
     }
 
     /// Forwards a cancel request for a pgmux key to the server that client holds, if any.
     pub async fn cancel(&self, process_id: i32, secret: i32) {
-        let slot = {
-            let clients = self.clients.lock();
-            match clients.get(&process_id) {
-                Some(slot) if slot.secret == secret => Some(slot.clone()),
-                _ => None,
-            }
-        };
+        let slot = self.clients.lock().get(&(process_id, secret)).cloned();
         let Some(slot) = slot else {
             debug!(process_id, "cancel request with an unknown key; ignored");
             return;
@@ -142,7 +141,7 @@ pub async fn forward(target: CancelTarget) {
 impl CancelHandle {
     /// The key the client was given: (process id, secret).
     pub fn key(&self) -> (i32, i32) {
-        (self.process_id, self.slot.secret)
+        self.key
     }
 
     /// Records which server the client holds now (None when it holds none). Returns whether
@@ -172,6 +171,27 @@ impl CancelHandle {
 
 impl Drop for CancelHandle {
     fn drop(&mut self) {
-        self.registry.clients.lock().remove(&self.process_id);
+        self.registry.clients.lock().remove(&self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_of_servers_with_the_same_process_id_keep_keys_of_their_own() {
+        let registry = Arc::new(CancelRegistry::default());
+        // Two upstream servers may both have a backend 4242.
+        let a = registry.register(Some(4242));
+        let b = registry.register(Some(4242));
+        assert_eq!((a.key().0, b.key().0), (4242, 4242));
+        assert_ne!(a.key(), b.key());
+        let made_up = registry.register(None);
+        assert!(made_up.key().0 > 0);
+        drop(a);
+        let clients = registry.clients.lock();
+        assert_eq!(clients.len(), 2);
+        assert!(clients.contains_key(&b.key()));
     }
 }

@@ -77,6 +77,10 @@ pub fn startup(data: &[u8]) {
         let end = reader.pos - buf.len();
         let packet = &stream[consumed..end];
         match result {
+            Ok(StartupPacket::Terminate) => {
+                assert_eq!(packet, b"X\0\0\0\x04", "a Terminate is exactly its 5 bytes");
+                return;
+            }
             Ok(parsed) => {
                 let len = u32::from_be_bytes(packet[..4].try_into().unwrap()) as usize;
                 assert_eq!(len, packet.len(), "a packet is exactly its length");
@@ -85,7 +89,7 @@ pub fn startup(data: &[u8]) {
                 match parsed {
                     // Bytes after the code are ignored, as PostgreSQL does.
                     StartupPacket::SslRequest | StartupPacket::GssEncRequest => {}
-                    StartupPacket::Cancel { .. } => return,
+                    StartupPacket::Cancel { .. } | StartupPacket::Terminate => return,
                     StartupPacket::Startup(s) => {
                         assert_eq!(build_startup_body(&s), &packet[4..], "round trip");
                         login_settings(&s);

@@ -58,6 +58,9 @@ async fn wrong_password_unknown_user_and_unknown_database() {
     assert!(err.as_db_error().unwrap().message().contains("nodb"));
 
     still_serving(&mux).await;
+    // Lines reach the file through pgmux's log thread: wait for the last one.
+    let connected = || async { mux.stderr_log().contains("client connected") };
+    assert!(common::eventually(Duration::from_secs(5), connected).await);
     // The password never shows up in pgmux's logs.
     let log = mux.stderr_log();
     assert!(!log.contains("app_pw"));

@@ -34,15 +34,19 @@ async fn session_mode_keeps_the_server_and_resets_it() {
         .get(0);
     assert_eq!(t, "77s", "a session-level SET sticks in session mode");
 
-    // The only server is held for a's whole session.
-    let b = mux.connect("app", "app").await;
-    let err = b.simple_query("SELECT 1").await.unwrap_err();
+    // The only server is held for a's whole session, from its login: another login
+    // waits for it and is refused when none comes.
+    let err = mux
+        .try_connect("app", "app", "app_pw")
+        .await
+        .expect_err("no server for a second session");
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
 
     drop(a);
     let mut got = None;
     for _ in 0..50 {
-        if let Ok(row) = b.query_one("SHOW statement_timeout", &[]).await {
+        if let Ok((b, _conn)) = mux.try_connect("app", "app", "app_pw").await {
+            let row = b.query_one("SHOW statement_timeout", &[]).await.unwrap();
             got = Some(row.get::<_, String>(0));
             break;
         }
@@ -185,8 +189,10 @@ async fn idle_in_transaction_timeout_gives_25p03_and_frees_the_server() {
         .await
         .expect("connection ended");
     drop(ended);
+    // Lines reach the file through pgmux's log thread: wait for it.
+    let logged = || async { mux.stderr_log().contains("idle in transaction") };
     assert!(
-        mux.stderr_log().contains("idle in transaction"),
+        common::eventually(Duration::from_secs(5), logged).await,
         "pgmux logged why"
     );
 }

@@ -57,6 +57,8 @@ pub enum ClientError {
     PartialMessage(Duration),
     #[error("lost the server connection in the middle of a transaction: {0}")]
     ServerLost(ProtocolError),
+    #[error("lost the server connection while logging in: {0}")]
+    LoginServerLost(ProtocolError),
     #[error("transaction blocks are not allowed in statement pooling mode")]
     TransactionInStatementMode,
     #[error("a named prepared statement larger than 1 MB is not supported")]
@@ -109,7 +111,8 @@ impl ClientError {
             }
             Self::Checkout(CheckoutError::Upstream { .. })
             | Self::QueryTimeout(_)
-            | Self::ServerLost(_) => SqlState::CONNECTION_FAILURE,
+            | Self::ServerLost(_)
+            | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
             Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
@@ -170,6 +173,7 @@ impl ClientError {
                 "the transaction did not complete; check the network to PostgreSQL, or raise pool.query_timeout above the longest query"
             }
             Self::ServerLost(_) => "the transaction did not complete; reconnect and retry it",
+            Self::LoginServerLost(_) => "reconnect",
             Self::TransactionInStatementMode => {
                 "use autocommit statements, or a pool with mode = \"transaction\""
             }

@@ -1,23 +1,30 @@
 //! A client's way in: startup negotiation, password check by pgmux itself, and the
 //! greeting (ParameterStatus, BackendKeyData, ReadyForQuery).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::debug;
 
 use super::error::ClientError;
-use super::params::ClientParams;
+use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
 use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
+use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
+use crate::config::PoolMode;
 use crate::logging::Escaped;
-use crate::pooler::Pooler;
+use crate::pool::{Greetings, Lease, Pool, Reported};
+use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
-use crate::protocol::{MessageCodec, PgError, read_cstr, read_i32, tag, write};
+use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, read_i32, tag, write};
+use crate::server::{Quiet, ServerConn, TxStatus};
 
 /// How a login ends early.
 pub(super) enum Refusal {
@@ -25,6 +32,8 @@ pub(super) enum Refusal {
     Gone,
     /// Tell the client this, then close.
     Error(PgError),
+    /// Send the client this ErrorResponse of the server's, then close.
+    Server(BytesMut),
     /// Not a refusal: an admin asked for the admin console (`crate::admin::console`),
     /// which takes the socket after AuthenticationOk, with the bytes read so far.
     Console { user: String, cbuf: BytesMut },
@@ -48,16 +57,31 @@ impl From<ClientError> for Refusal {
     }
 }
 
-/// Runs the startup and authentication of one client. Returns the session to run.
-pub(super) async fn login(
+/// A client that passed authentication (its AuthenticationOk is in `out`, unsent), to be
+/// greeted by [`greet`].
+pub(super) struct Authenticated {
+    startup: Startup,
+    user: String,
+    database: String,
+    snapshot: Arc<Snapshot>,
+    /// What to send the client next.
+    out: BytesMut,
+    /// Bytes read from the client and not yet used.
+    cbuf: BytesMut,
+}
+
+/// Runs the startup and authentication of one client: what the client must do within
+/// `client_login_timeout`.
+pub(super) async fn authenticate(
     socket: &mut TcpStream,
+    peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
-) -> Result<Session, Refusal> {
+) -> Result<Authenticated, Refusal> {
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
-    let startup = read_startup(socket, &mut cbuf, pooler).await?;
+    let startup = read_startup(socket, peer, &mut cbuf, pooler).await?;
     if !admitted {
         let max = pooler.snapshot().config.server.max_client_conn;
         return Err(ClientError::TooManyClients { max }.into());
@@ -122,41 +146,85 @@ pub(super) async fn login(
         return Err(Refusal::Console { user, cbuf });
     }
     write::auth_ok(&mut out);
+    Ok(Authenticated {
+        startup,
+        user,
+        database,
+        snapshot,
+        out,
+        cbuf,
+    })
+}
 
+/// Greets an authenticated client as PostgreSQL would (ParameterStatus, BackendKeyData,
+/// ReadyForQuery) and returns its session. Not under `client_login_timeout`: what it waits
+/// for is a server (bounded by `wait_timeout`), not the client.
+pub(super) async fn greet(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    client: Authenticated,
+) -> Result<Session, Refusal> {
+    let Authenticated {
+        startup,
+        user,
+        database,
+        snapshot,
+        mut out,
+        cbuf,
+    } = client;
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(ClientError::UnknownDatabase(database).into());
     };
-    let mut params = pool.server_params();
-    if params.is_empty() {
-        // The first client of a pool: learn what the server reports from a real connection.
-        match pool.checkout().await {
-            Ok(lease) => lease.release(),
-            Err(e) => {
-                return Err(ClientError::Checkout(e).into());
-            }
-        }
-        params = pool.server_params();
-    }
+    let pool_settings = pool.settings();
     let mut settings = ClientParams::from_startup(&startup.params);
+    // Session mode: the client keeps one server from login to the end, as with PostgreSQL
+    // itself; it is greeted by that server and told its real process id.
+    let held = if pool_settings.mode == PoolMode::Session {
+        Some(hold_server(&pool, &settings).await?)
+    } else {
+        None
+    };
+    let params = match &held {
+        Some(server) => Some(Arc::new(server.params().to_vec())),
+        None => server_greeting(&pool, &settings).await?,
+    };
+    let params = match params {
+        Some(reported) => {
+            settings.adopt(&reported);
+            reported
+        }
+        None => pool.server_params(),
+    };
     for (name, value) in settings.greeting(&params) {
         write::parameter_status(&mut out, &name, &value);
     }
-    let cancel = pooler.cancels.register();
+    let cancel = pooler
+        .cancels
+        .register(held.as_ref().map(|server| server.key().process_id));
+    if let Some(server) = &held {
+        cancel.set_target(Some(CancelTarget {
+            addr: server.addr().clone(),
+            key: server.key(),
+        }));
+    }
     let (process_id, secret) = cancel.key();
     write::backend_key_data(&mut out, process_id, secret);
     write::ready_for_query(&mut out, b'I');
     socket.write_all(&out).await?;
     debug!(user = %Escaped(&user), database = %Escaped(&database), "client logged in");
 
-    let pool_settings = pool.settings();
-    let peer = socket.peer_addr()?;
     let view = pooler.clients_registry.register(
         peer,
         &database,
         &user,
         startup.get("application_name").unwrap_or_default(),
     );
+    if let Some(server) = &held {
+        view.set_server(Some((server.id(), server.key().process_id)));
+    }
     Ok(Session {
+        server: held,
         view,
         mode: pool_settings.mode,
         limits: Limits {
@@ -179,10 +247,158 @@ pub(super) async fn login(
     })
 }
 
+/// Session mode: checks out the server the client keeps for its whole session (a login
+/// that cannot get one is refused with the checkout's error, as PgBouncer does) and gives
+/// it the client's settings, which it may refuse as PostgreSQL refuses them at login.
+async fn hold_server(pool: &Arc<Pool>, settings: &ClientParams) -> Result<Lease, Refusal> {
+    let mut lease = pool.checkout().await.map_err(ClientError::Checkout)?;
+    let Some(sql) = settings.sync_sql(&mut lease) else {
+        return Ok(lease);
+    };
+    let applied = lease.query_quietly(&sql, LOGIN_QUERY_LIMIT).await;
+    match applied {
+        Ok(Quiet {
+            status: Some(TxStatus::Idle),
+            error: None,
+            ..
+        }) => Ok(lease),
+        Ok(Quiet {
+            error: Some(body), ..
+        }) => {
+            // The query was rolled back, so the server's record of what was applied to it
+            // is wrong now: close it rather than lend it again.
+            lease.close();
+            let (code, message) = crate::protocol::read::error_fields(&body);
+            debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
+            Err(Refusal::Server(as_fatal(&body)))
+        }
+        Ok(_) => {
+            lease.close();
+            Err(ClientError::LoginServerLost(ProtocolError::Malformed(
+                "reply to the settings query",
+            ))
+            .into())
+        }
+        Err(e) => {
+            lease.close();
+            Err(ClientError::LoginServerLost(e).into())
+        }
+    }
+}
+
+/// How long pgmux's own queries on a server may take during a login.
+const LOGIN_QUERY_LIMIT: Duration = Duration::from_secs(5);
+
+/// The ParameterStatus set a server of `pool` reports with the client's startup settings
+/// applied: what PostgreSQL itself would greet the client with, in its own spelling
+/// (`UTF8` for `utf8`). Learnt once per set of settings and kept in `pool.greetings`, so
+/// a login whose settings are known costs no round trip. A setting the server refuses
+/// refuses the login, with the server's own error made FATAL, as PostgreSQL does.
+/// `None` when no server could be had (the client is greeted with its own spelling then).
+async fn server_greeting(
+    pool: &Arc<Pool>,
+    settings: &ClientParams,
+) -> Result<Option<Reported>, Refusal> {
+    let key = Greetings::key(settings.startup_settings());
+    if let Some(known) = pool.greetings.get(&key) {
+        return Ok(Some(known));
+    }
+    let mut lease = match pool.checkout().await {
+        Ok(lease) => lease,
+        // The first client of a pool: there is nothing at all to greet it with.
+        Err(e) if pool.server_params().is_empty() => {
+            return Err(ClientError::Checkout(e).into());
+        }
+        Err(e) => {
+            debug!(pool = %Escaped(&pool.key), error = %e, "no server to learn how it reports the client's settings; greeting with the client's own values");
+            return Ok(None);
+        }
+    };
+    match try_settings(&mut lease, settings).await {
+        Tried::Reported(reported) => {
+            lease.release();
+            pool.greetings.insert(key, reported.clone());
+            Ok(Some(reported))
+        }
+        Tried::Refused(body) => {
+            lease.release();
+            let (code, message) = crate::protocol::read::error_fields(&body);
+            debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
+            Err(Refusal::Server(as_fatal(&body)))
+        }
+        Tried::Failed(e) => {
+            lease.close();
+            debug!(pool = %Escaped(&pool.key), error = %e, "could not try the client's settings on a server; greeting with the client's own values");
+            Ok(None)
+        }
+    }
+}
+
+/// What a server made of a client's settings.
+enum Tried {
+    /// The ParameterStatus set it reported with them.
+    Reported(Reported),
+    /// The body of the ErrorResponse it refused one with.
+    Refused(Vec<u8>),
+    /// The connection failed: close it.
+    Failed(ProtocolError),
+}
+
+/// Applies `settings` to `server` as a new backend would have them (after `RESET ALL`:
+/// nothing a previous client left counts) inside a transaction that is rolled back, and
+/// reads what the server reported meanwhile. The server is left exactly as it was.
+async fn try_settings(server: &mut ServerConn, settings: &ClientParams) -> Tried {
+    let mut sql = String::from("BEGIN;RESET ALL;");
+    for (name, value) in settings.startup_settings() {
+        sql.push_str(&format!(
+            "SELECT pg_catalog.set_config({}, {}, false);",
+            quote_literal(name),
+            quote_literal(value)
+        ));
+    }
+    let tried = match server.query_quietly(&sql, LOGIN_QUERY_LIMIT).await {
+        Ok(tried) => tried,
+        Err(e) => return Tried::Failed(e),
+    };
+    // PostgreSQL reports changed values before this ReadyForQuery (14 and later) or as
+    // they are set (before 14): either way they are in.
+    let reported = Arc::new(server.params().to_vec());
+    if !server.run_quietly("ROLLBACK", LOGIN_QUERY_LIMIT).await {
+        return Tried::Failed(ProtocolError::Malformed("reply to ROLLBACK"));
+    }
+    match tried.error {
+        Some(body) => Tried::Refused(body),
+        None => Tried::Reported(reported),
+    }
+}
+
+/// A server's ErrorResponse, made FATAL (every other field kept): what PostgreSQL says when
+/// it refuses a startup setting.
+fn as_fatal(body: &[u8]) -> BytesMut {
+    let mut out = BytesMut::new();
+    write::message(&mut out, tag::ERROR_RESPONSE, |b| {
+        for (field, value) in crate::protocol::read::fields(body) {
+            b.put_u8(field);
+            write::cstr(
+                b,
+                if matches!(field, b'S' | b'V') {
+                    "FATAL"
+                } else {
+                    value
+                },
+            );
+        }
+        b.put_u8(0);
+    });
+    out
+}
+
 /// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests
-/// with `N` and forwarding a CancelRequest.
+/// with `N` and forwarding a CancelRequest. A client that leaves before its StartupMessage
+/// (a close, a Terminate, half a packet) is let go quietly.
 async fn read_startup(
     socket: &mut TcpStream,
+    peer: SocketAddr,
     cbuf: &mut BytesMut,
     pooler: &Pooler,
 ) -> Result<Startup, Refusal> {
@@ -196,7 +412,21 @@ async fn read_startup(
                 return Err(Refusal::Gone);
             }
             Ok(StartupPacket::Startup(startup)) => return Ok(startup),
-            Err(StartupError::Io(_)) => return Err(Refusal::Gone),
+            Ok(StartupPacket::Terminate) => {
+                // As PostgreSQL and PgBouncer do: no answer, just the close.
+                debug!(%peer, "client sent Terminate before its startup packet");
+                return Err(Refusal::Gone);
+            }
+            Err(StartupError::Io(_)) if cbuf.is_empty() => {
+                // Monitors and port scanners do this; PostgreSQL does not log it either.
+                debug!(%peer, "client closed the connection before its startup packet");
+                return Err(Refusal::Gone);
+            }
+            Err(StartupError::Io(e)) => {
+                // PostgreSQL logs "incomplete startup packet" (LOG); not worth a warning.
+                debug!(%peer, received = cbuf.len(), error = %e, "incomplete startup packet");
+                return Err(Refusal::Gone);
+            }
             Err(e) => return Err(ClientError::Startup(e).into()),
         }
     }

@@ -77,19 +77,28 @@ async fn serve_socket(
 ) -> Option<(String, BytesMut)> {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
-    let outcome = tokio::time::timeout(limit, login::login(socket, pooler, admitted)).await;
+    let authenticated = login::authenticate(socket, peer, pooler, admitted);
+    let outcome = match tokio::time::timeout(limit, authenticated).await {
+        Ok(Ok(client)) => login::greet(socket, peer, pooler, client).await,
+        Ok(Err(refusal)) => Err(refusal),
+        Err(_) => {
+            debug!(%peer, "login timed out");
+            refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
+            return None;
+        }
+    };
     let session = match outcome {
-        Ok(Ok(session)) => session,
-        Ok(Err(login::Refusal::Gone)) => return None, // a cancel request, or a client that left
-        Ok(Err(login::Refusal::Console { user, cbuf })) => return Some((user, cbuf)),
-        Ok(Err(login::Refusal::Error(err))) => {
+        Ok(session) => session,
+        Err(login::Refusal::Gone) => return None, // a cancel request, or a client that left
+        Err(login::Refusal::Console { user, cbuf }) => return Some((user, cbuf)),
+        Err(login::Refusal::Error(err)) => {
             debug!(%peer, err = %Escaped(&err), "login refused");
             refuse_on(socket, &err).await;
             return None;
         }
-        Err(_) => {
-            debug!(%peer, "login timed out");
-            refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
+        Err(login::Refusal::Server(err)) => {
+            debug!(%peer, "login refused with the server's error");
+            send_and_close(socket, &err).await;
             return None;
         }
     };
@@ -120,7 +129,12 @@ async fn refuse(mut socket: TcpStream, err: &PgError) {
 async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(&buf)).await;
+    send_and_close(socket, &buf).await;
+}
+
+/// Sends these bytes (a fatal ErrorResponse) and shuts the socket down.
+async fn send_and_close(socket: &mut TcpStream, bytes: &[u8]) {
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(bytes)).await;
     close_gently(socket).await;
 }
 

@@ -10,6 +10,15 @@ use std::sync::Arc;
 
 use crate::server::{ServerConn, SettingValue as Value};
 
+/// Parameters the server reports that no `SET` can change.
+const READ_ONLY_REPORTED: &[&str] = &[
+    "is_superuser",
+    "server_version",
+    "server_encoding",
+    "integer_datetimes",
+    "in_hot_standby",
+];
+
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 
@@ -63,6 +72,32 @@ impl ClientParams {
     /// Records a `SET name = sql` the client ran outside a transaction.
     pub fn set_sql(&mut self, name: &str, sql: &str) {
         self.want(name, Value::Sql(sql.to_owned()));
+    }
+
+    /// The settings the client asked for as text (its startup packet, `options`), as
+    /// (lowercase name, value): what a server is asked to check and spell at login.
+    pub fn startup_settings(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.wants
+            .iter()
+            .filter_map(|(lower, _, value)| match value {
+                Value::Text(text) => Some((lower.as_str(), text.as_str())),
+                Value::Sql(_) => None,
+            })
+    }
+
+    /// Takes the server's spelling of the values the client asked for (`UTF8` for
+    /// `utf8`) from the ParameterStatus set a server reported with them applied.
+    pub fn adopt(&mut self, reported: &[(String, String)]) {
+        for (name, value) in reported {
+            if let Some(slot) = self
+                .wants
+                .iter_mut()
+                .find(|(lower, _, _)| lower.eq_ignore_ascii_case(name))
+                && matches!(slot.2, Value::Text(_))
+            {
+                slot.2 = Value::Text(value.clone());
+            }
+        }
     }
 
     /// Follows the settings a verification found the session changed on `server` (name,
@@ -185,6 +220,13 @@ impl ClientParams {
         }
         let mut restore = Vec::new();
         for (name, initial) in server.drifted_params() {
+            // Read-only: it follows others (is_superuser follows role) and cannot be set.
+            if READ_ONLY_REPORTED
+                .iter()
+                .any(|r| r.eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
             if !self
                 .wants
                 .iter()

@@ -115,6 +115,7 @@ impl Pool {
     pub fn set_upstream(&self, upstream: Upstream) {
         self.upstream.store(Arc::new(upstream));
         *self.server_params.lock() = Arc::default();
+        self.greetings.clear();
         self.upstream_max_connections.store(0, Relaxed);
         self.reconnect();
     }

@@ -9,6 +9,7 @@
 //! on reload) and read it through `view.rs`; `window.rs` keeps its recent demand.
 
 mod control;
+mod greetings;
 mod health;
 mod lease;
 mod pinned;
@@ -16,6 +17,7 @@ mod upkeep;
 mod view;
 mod window;
 
+pub use greetings::{Greetings, Reported};
 pub use lease::Lease;
 pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
@@ -165,6 +167,8 @@ pub struct Pool {
     state: Mutex<State>,
     /// The ParameterStatus set of the first server, shown to clients at login.
     server_params: Mutex<Arc<Vec<(String, String)>>>,
+    /// What a server reports for each set of client settings, learnt at login.
+    pub greetings: Greetings,
     /// Connections being opened now.
     connecting: AtomicU32,
     /// Servers held by pinned clients (`pinned.rs`).
@@ -202,6 +206,7 @@ impl Pool {
                 demand: Window::new(),
             }),
             server_params: Mutex::new(Arc::new(Vec::new())),
+            greetings: Greetings::default(),
             connecting: AtomicU32::new(0),
             slow_wait: AtomicU64::new(0),
             upstream_max_connections: AtomicU32::new(0),

@@ -1,5 +1,5 @@
 //! The untagged packets a client connection begins with: SSLRequest, GSSENCRequest,
-//! CancelRequest and StartupMessage.
+//! CancelRequest and StartupMessage; and a Terminate message in their place.
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -13,6 +13,11 @@ const SSL_REQUEST: i32 = 80877103;
 const GSSENC_REQUEST: i32 = 80877104;
 const CANCEL_REQUEST: i32 = 80877102;
 
+/// The first four bytes of a Terminate message ('X', then its length 4). Read as a
+/// startup packet length it is 1476395008, far above [`MAX_STARTUP_PACKET`], so it
+/// cannot be the start of a real packet.
+const TERMINATE_START: [u8; 4] = [b'X', 0, 0, 0];
+
 /// The first packet a client sent.
 #[derive(Debug)]
 pub enum StartupPacket {
@@ -24,6 +29,10 @@ pub enum StartupPacket {
     Cancel { process_id: i32, secret: i32 },
     /// A protocol 3.x StartupMessage.
     Startup(Startup),
+    /// Not a packet: a Terminate message ('X', length 4) where a packet should be. A client
+    /// closed while it was still connecting (node-postgres does); PostgreSQL and PgBouncer
+    /// close without a word, and so does pgmux.
+    Terminate,
 }
 
 /// A StartupMessage: protocol minor version and parameters in the order sent.
@@ -73,14 +82,24 @@ pub async fn read_packet<R: AsyncRead + Unpin>(
     loop {
         if let Some(header) = buf.first_chunk::<4>() {
             let len = u32::from_be_bytes(*header) as usize;
-            if !(8..=MAX_STARTUP_PACKET).contains(&len) {
+            if *header == TERMINATE_START {
+                // One more byte tells a Terminate from a bad length.
+                match buf.get(4) {
+                    Some(4) => {
+                        let _ = buf.split_to(5);
+                        return Ok(StartupPacket::Terminate);
+                    }
+                    Some(_) => return Err(StartupError::BadLength(len)),
+                    None => buf.reserve(1),
+                }
+            } else if !(8..=MAX_STARTUP_PACKET).contains(&len) {
                 return Err(StartupError::BadLength(len));
-            }
-            if buf.len() >= len {
+            } else if buf.len() >= len {
                 let packet = buf.split_to(len);
                 return parse_packet(packet.get(4..).unwrap_or_default());
+            } else {
+                buf.reserve(len - buf.len());
             }
-            buf.reserve(len - buf.len());
         } else {
             buf.reserve(READ_AHEAD);
         }
@@ -171,6 +190,25 @@ mod tests {
                 "{layout:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_terminate_in_place_of_a_packet_is_told_apart_from_a_bad_length() {
+        let read = |bytes: &'static [u8]| {
+            let mut reader = bytes;
+            let mut buf = BytesMut::new();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            runtime.block_on(read_packet(&mut reader, &mut buf))
+        };
+        assert!(matches!(read(b"X\0\0\0\x04"), Ok(StartupPacket::Terminate)));
+        assert!(matches!(
+            read(b"X\0\0\0\x05\0"),
+            Err(StartupError::BadLength(1476395008))
+        ));
+        // The client closed after the first four bytes: it is gone, nothing to say.
+        assert!(matches!(read(b"X\0\0\0"), Err(StartupError::Io(_))));
     }
 
     proptest::proptest! {

@@ -92,6 +92,8 @@ pub struct Quiet {
     pub value: Option<String>,
     /// It answered with an ErrorResponse.
     pub failed: bool,
+    /// The body of the first ErrorResponse, if any.
+    pub error: Option<Vec<u8>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -388,7 +390,10 @@ impl ServerConn {
                         ));
                     }
                     match frame.tag {
-                        tag::ERROR_RESPONSE => quiet.failed = true,
+                        tag::ERROR_RESPONSE => {
+                            quiet.failed = true;
+                            quiet.error.get_or_insert_with(|| frame.body().to_vec());
+                        }
                         tag::DATA_ROW => quiet.value = first_column(frame.body()),
                         _ => {}
                     }

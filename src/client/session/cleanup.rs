@@ -8,6 +8,10 @@ impl Loop<'_> {
         if let Some(server) = self.server.as_mut() {
             server.mark_broken();
         }
+        if self.server_ended {
+            // The client read the server's own FATAL: the close follows, as directly.
+            return End::ClientGone;
+        }
         End::fatal(ClientError::ServerLost(error))
     }
 

@@ -73,6 +73,10 @@ impl Loop<'_> {
                     tag::ERROR_RESPONSE if !hidden => {
                         let (code, _) = crate::protocol::read::error_fields(frame.body());
                         self.s.pool.stats.server_error(code.as_bytes());
+                        // A FATAL (pg_terminate_backend, a server shutting down) is the
+                        // server's last word to the client: its close needs none of pgmux's.
+                        self.server_ended |= crate::protocol::read::fields(frame.body())
+                            .any(|(f, v)| f == b'V' && matches!(v, "FATAL" | "PANIC"));
                     }
                     tag::ERROR_RESPONSE if done.is_none() => {
                         let (code, message) = crate::protocol::read::error_fields(frame.body());

@@ -126,6 +126,8 @@ enum Event {
 /// Everything a logged-in client needs but its socket; built by login.
 pub struct Session {
     pub(super) pool: Arc<Pool>,
+    /// The server held from login (session mode), if any.
+    pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
     pub(super) limits: Limits,
     /// `server.max_message_size`.
@@ -166,6 +168,8 @@ pub(super) struct Loop<'c> {
     swallowing: bool,
     /// The server is in COPY IN mode: it ignores the client's Sync and Flush.
     copy_in: bool,
+    /// The server sent the client a FATAL error: its close is expected.
+    pub(super) server_ended: bool,
     pub(super) skip: Skip,
     /// When either peer last sent bytes; read only while a limit is set.
     last_activity: Instant,
@@ -180,7 +184,8 @@ impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
     /// can still tell the client.
-    pub async fn run(self, client: &mut TcpStream) {
+    pub async fn run(mut self, client: &mut TcpStream) {
+        let server = self.server.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -188,7 +193,7 @@ impl Session {
             codec,
             to_client: OutQueue::default(),
             to_server: OutQueue::default(),
-            server: None,
+            server,
             replies: Replies::default(),
             statements: ClientStatements::default(),
             state: state::StateWatch::default(),
@@ -196,6 +201,7 @@ impl Session {
             client_mid_message: false,
             swallowing: false,
             copy_in: false,
+            server_ended: false,
             skip: Skip::No,
             last_activity: Instant::now(),
             client_read: MIN_CLIENT_READ,
