@@ -363,9 +363,12 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     }
     match (first.as_str(), second.as_deref()) {
         ("DEALLOCATE", Some("ALL")) => Some(SessionChange::DeallocateAll),
-        ("DEALLOCATE", Some("PREPARE")) => {
-            words.next().map(|n| SessionChange::Deallocate(unquote(n)))
-        }
+        // `DEALLOCATE PREPARE ALL` is `DEALLOCATE ALL`; `DEALLOCATE prepare` names a statement.
+        ("DEALLOCATE", Some("PREPARE")) => match words.next() {
+            Some(n) if n.eq_ignore_ascii_case("ALL") => Some(SessionChange::DeallocateAll),
+            Some(n) => Some(SessionChange::Deallocate(unquote(n))),
+            None => Some(SessionChange::Deallocate("prepare".into())),
+        },
         ("DEALLOCATE", Some(_)) => text
             .split_whitespace()
             .nth(1)
@@ -483,6 +486,18 @@ mod tests {
         assert_eq!(
             session_change(b"deallocate all\0"),
             Some(SessionChange::DeallocateAll)
+        );
+        assert_eq!(
+            session_change(b"DEALLOCATE PREPARE all;\0"),
+            Some(SessionChange::DeallocateAll)
+        );
+        assert_eq!(
+            session_change(b"DEALLOCATE prepare\0"),
+            Some(SessionChange::Deallocate("prepare".into()))
+        );
+        assert_eq!(
+            session_change(b"DEALLOCATE PGMUX_S1\0"),
+            Some(SessionChange::Deallocate("pgmux_s1".into()))
         );
         assert_eq!(
             session_change(b"RESET search_path\0"),

@@ -66,12 +66,19 @@ pub enum Effect {
     /// pgmux's query that discards a client's session state: if it fails, the server's
     /// state is unknown and it must not be lent again.
     ResetState,
-    /// A client's SQL-level DEALLOCATE of its statement `client_name`, sent as a DEALLOCATE
-    /// of pgmux's copy on this server.
+    /// A client's SQL-level DEALLOCATE of its statement `client_name`: the server runs a
+    /// statement that does nothing in its place (its copy stays for other clients), whose
+    /// command tag the client reads as DEALLOCATE.
     Deallocate {
         client_name: String,
         statement: Arc<Statement>,
     },
+    /// A client's Bind or Describe of `statement`, renamed to pgmux's server-side name:
+    /// its error may say the server lost the statement, or that its result type changed.
+    Uses(Arc<Statement>),
+    /// pgmux's own `DEALLOCATE ALL` of a server whose record of statements was unsure;
+    /// the record was cleared when it was sent.
+    DeallocateAll,
 }
 
 /// One expected reply sequence.
@@ -115,6 +122,32 @@ impl Replies {
     /// Whether nothing is outstanding.
     pub fn is_empty(&self) -> bool {
         self.queue.is_empty()
+    }
+
+    /// The entry the next server message belongs to.
+    pub fn front(&self) -> Option<&Expect> {
+        self.queue.iter().find(|e| !matches!(e, Expect::CopyEnd))
+    }
+
+    /// Whether every entry behind the one the last server message belonged to is a Sync,
+    /// so that no message sent after it can name a statement. `ended`: that message ended
+    /// its entry, which is already off the queue.
+    pub fn only_syncs_behind(&self, ended: bool) -> bool {
+        let mut owner_seen = ended;
+        self.queue.iter().all(|e| match e {
+            Expect::CopyEnd => true,
+            _ if !owner_seen => {
+                owner_seen = true;
+                true
+            }
+            Expect::Client {
+                kind: Kind::Sync, ..
+            }
+            | Expect::Hidden {
+                kind: Kind::Sync, ..
+            } => true,
+            _ => false,
+        })
     }
 
     /// Expects the replies to a client message.
@@ -321,6 +354,36 @@ mod tests {
         let (_, done) = r.route(b'Z');
         assert!(done.is_some());
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn only_syncs_behind_the_entry_of_the_last_message() {
+        let mut r = Replies::default();
+        r.client(Kind::Query, Effect::None);
+        assert!(r.only_syncs_behind(false), "the Query itself is the owner");
+        r.client(Kind::Sync, Effect::None);
+        assert!(r.only_syncs_behind(false));
+        r.local(BytesMut::from(&b"1"[..]));
+        assert!(
+            !r.only_syncs_behind(false),
+            "a Parse answered by pgmux behind it"
+        );
+
+        let mut r = Replies::default();
+        r.client(Kind::Execute, Effect::None);
+        r.client(Kind::Sync, Effect::None);
+        assert!(matches!(
+            r.front(),
+            Some(Expect::Client {
+                kind: Kind::Execute,
+                ..
+            })
+        ));
+        let (_, done) = r.route(b'C');
+        assert!(done.is_some(), "CommandComplete ends an Execute");
+        assert!(r.only_syncs_behind(true));
+        r.client(Kind::Bind, Effect::None);
+        assert!(!r.only_syncs_behind(true));
     }
 
     #[test]

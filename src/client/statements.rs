@@ -1,9 +1,10 @@
 //! The client messages that name prepared statements, rewritten so that named statements
 //! work on whichever server connection the client holds (transaction and statement mode).
+//! What the server's replies say about the statements it holds is in `from_server.rs`.
 
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 
 use super::error::ClientError;
 use super::params::{SessionChange, session_change};
@@ -11,8 +12,43 @@ use super::replies::{Effect, Kind};
 use super::session::{Loop, Skip};
 use crate::config::PoolMode;
 use crate::logging::Escaped;
-use crate::prepared::{Bind, Close, Describe, Parse, Statement, rewrite_bind, rewrite_describe};
+use crate::prepared::{
+    Bind, Close, Describe, Parse, Statement, parse_message, rewrite_bind, rewrite_describe,
+};
 use crate::protocol::{Frame, read_cstr, tag, write};
+use crate::server::TxStatus;
+
+mod from_server;
+
+/// Sent in place of a client's `DEALLOCATE name` of one of its statements: it does nothing,
+/// and fails only where DEALLOCATE would (in a failed transaction).
+const DEALLOCATE_IN_PLACE: &str = "DO $pgmux$ BEGIN END $pgmux$";
+
+/// A Bind that fails on any server: it names the unnamed statement and ends before its
+/// parameter formats (`26000` without an unnamed statement, `08P01` with one). Sent where a
+/// client's Bind must fail as PostgreSQL would fail it, so that the server skips to the
+/// next Sync and a transaction block fails, exactly as on a direct connection.
+const FAILING_BIND: [u8; 7] = [b'B', 0, 0, 0, 6, 0, 0];
+
+/// Whether `name` has the form of pgmux's own server-side statement names (`pgmux_s42`).
+fn is_server_name(name: &str) -> bool {
+    name.strip_prefix("pgmux_s")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// A DEALLOCATE of `name`, a server-side name of pgmux's that this client does not have:
+/// PostgreSQL's own error for it, raised by the server (so that the transaction state is
+/// PostgreSQL's own) instead of deallocating a statement other clients use.
+fn refuse_deallocate(name: &str) -> String {
+    debug_assert!(
+        is_server_name(name),
+        "only digits after the prefix: safe to quote"
+    );
+    format!(
+        "DO $pgmux$ BEGIN RAISE EXCEPTION USING ERRCODE = 'invalid_sql_statement_name', \
+         MESSAGE = 'prepared statement \"{name}\" does not exist'; END $pgmux$"
+    )
+}
 
 /// What the session does with one client message that may name a prepared statement or
 /// change session state. Decided from the message and the client's names alone
@@ -24,6 +60,13 @@ pub(super) enum Rewrite {
     /// Send it as it came: a Query that changes session state if it succeeds outside a
     /// transaction.
     Watch(SessionChange),
+    /// Send `message` in its place, expecting `kind`'s replies with `effect`; it names no
+    /// statement.
+    Replaced {
+        message: BytesMut,
+        kind: Kind,
+        effect: Effect,
+    },
     /// Send `message` in its place, expecting `kind`'s replies with `effect`; the server
     /// must hold `statement` first.
     Renamed {
@@ -40,6 +83,17 @@ pub(super) enum Rewrite {
     },
     /// The client's Close of its statement `name`: only its name goes; answered here.
     Close(String),
+    /// An unnamed Parse of `DEALLOCATE client_name`, one of the client's statements: the
+    /// name goes, and `message` (a Parse of `DEALLOCATE` of pgmux's copy) in its place.
+    DeallocateByParse {
+        message: BytesMut,
+        client_name: String,
+        statement: Arc<Statement>,
+    },
+    /// A Bind or Describe of a statement whose result type changed: the client gets the
+    /// server's error (`ErrorResponse`, whole) in its place, and the server a Bind that
+    /// fails, so that it skips to Sync as PostgreSQL does after that error.
+    ResultTypeChanged(Bytes),
     /// Refused here: the error in its turn, then everything up to the next Sync is skipped.
     Refuse(ClientError),
 }
@@ -60,24 +114,35 @@ impl Loop<'_> {
         match change {
             Some(SessionChange::Deallocate(name)) if self.tracks_statements() => {
                 match self.statements.get(&name).cloned() {
+                    // Only the client's name goes, as for a Close: the server's copy stays
+                    // for other clients. The server runs a statement that does nothing
+                    // (so that the transaction state is PostgreSQL's own), whose command
+                    // tag becomes DEALLOCATE (on_statement_reply).
                     Some(statement) => {
-                        // Deallocate pgmux's copy on this server; the command tag is the real one.
                         let mut message = BytesMut::new();
-                        write::query(
-                            &mut message,
-                            &format!("DEALLOCATE {}", statement.server_name),
-                        );
-                        Rewrite::Renamed {
+                        write::query(&mut message, DEALLOCATE_IN_PLACE);
+                        Rewrite::Replaced {
                             message,
                             kind: Kind::Query,
                             effect: Effect::Deallocate {
                                 client_name: name,
-                                statement: statement.clone(),
+                                statement,
                             },
-                            statement,
                         }
                     }
-                    None => Rewrite::Forward(Some(Kind::Query)),
+                    // Another client's statement, on this server or not: the client gets
+                    // what PostgreSQL answers for a name it does not have.
+                    None if is_server_name(&name) => {
+                        let mut message = BytesMut::new();
+                        write::query(&mut message, &refuse_deallocate(&name));
+                        Rewrite::Replaced {
+                            message,
+                            kind: Kind::Query,
+                            effect: Effect::None,
+                        }
+                    }
+                    // A SQL-level statement's name, or none: the server answers.
+                    None => Rewrite::Watch(SessionChange::Deallocate(name)),
                 }
             }
             Some(change) => Rewrite::Watch(change),
@@ -98,25 +163,38 @@ impl Loop<'_> {
         if !self.tracks_statements() {
             return Rewrite::Forward(Some(kind));
         }
+        // In a failed transaction PostgreSQL refuses the Bind with 25P02 first: the server
+        // says so.
+        let failed = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.tx_status() == TxStatus::Failed);
+        let result_changed = |s: &Statement| s.result_changed.get().filter(|_| !failed).cloned();
         let renamed = match kind {
             Kind::Parse => return self.rewrite_parse(frame),
             Kind::Bind => Bind::read(&frame.bytes).and_then(|bind| {
                 let statement = self.statements.get(bind.statement)?.clone();
-                Some(Rewrite::Renamed {
-                    message: rewrite_bind(&frame.bytes, &bind, &statement.server_name),
-                    kind,
-                    effect: Effect::None,
-                    statement,
+                Some(match result_changed(&statement) {
+                    Some(error) => Rewrite::ResultTypeChanged(error),
+                    None => Rewrite::Renamed {
+                        message: rewrite_bind(&frame.bytes, &bind, &statement.server_name),
+                        kind,
+                        effect: Effect::Uses(statement.clone()),
+                        statement,
+                    },
                 })
             }),
             Kind::Describe => Describe::read(frame.body())
                 .filter(|d| d.kind == b'S' && !d.name.is_empty())
                 .and_then(|d| self.statements.get(d.name).cloned())
-                .map(|statement| Rewrite::Renamed {
-                    message: rewrite_describe(tag::DESCRIBE, &statement.server_name),
-                    kind,
-                    effect: Effect::None,
-                    statement,
+                .map(|statement| match result_changed(&statement) {
+                    Some(error) => Rewrite::ResultTypeChanged(error),
+                    None => Rewrite::Renamed {
+                        message: rewrite_describe(tag::DESCRIBE, &statement.server_name),
+                        kind,
+                        effect: Effect::Uses(statement.clone()),
+                        statement,
+                    },
                 }),
             // Other clients may use the server's copy: only this client's name goes.
             Kind::Close => Close::read(frame.body())
@@ -156,7 +234,32 @@ impl Loop<'_> {
                     statement: self.s.registry.statement(parse.query, &parse.param_types),
                 }
             }
-            _ => Rewrite::Forward(Some(Kind::Parse)),
+            Some(parse) => self.rewrite_unnamed_parse(&parse),
+            None => Rewrite::Forward(Some(Kind::Parse)),
+        }
+    }
+
+    /// An unnamed Parse: drivers send `DEALLOCATE name` this way (psycopg in pipeline
+    /// mode). A name of the client's is pgmux's; another client's goes no further.
+    /// (A named statement of that text, which no driver makes, reaches the server as it
+    /// came: its command tag then makes the server's record unsure.)
+    fn rewrite_unnamed_parse(&self, parse: &Parse<'_>) -> Rewrite {
+        let Some(SessionChange::Deallocate(name)) = session_change(parse.query.as_bytes()) else {
+            return Rewrite::Forward(Some(Kind::Parse));
+        };
+        let instead = |sql: &str| BytesMut::from(&parse_message("", sql, &parse.param_types)[..]);
+        match self.statements.get(&name) {
+            Some(statement) => Rewrite::DeallocateByParse {
+                message: instead(&format!("DEALLOCATE {}", statement.server_name)),
+                client_name: name,
+                statement: statement.clone(),
+            },
+            None if is_server_name(&name) => Rewrite::Replaced {
+                message: instead(&refuse_deallocate(&name)),
+                kind: Kind::Parse,
+                effect: Effect::None,
+            },
+            None => Rewrite::Forward(Some(Kind::Parse)),
         }
     }
 
@@ -178,8 +281,26 @@ impl Loop<'_> {
                 ) {
                     self.state.followed = true;
                 }
+                if matches!(
+                    change,
+                    SessionChange::DeallocateAll | SessionChange::DiscardAll
+                ) && self.tracks_statements()
+                    && let Some(server) = self.server.as_mut()
+                {
+                    // Until its command tag says it failed or ran (on_statement_reply),
+                    // statements used behind it in a pipeline are closed and prepared again.
+                    server.prepared().distrust();
+                }
                 self.replies.client(Kind::Query, Effect::Session(change));
                 self.to_server.push(frame.bytes);
+            }
+            Rewrite::Replaced {
+                message,
+                kind,
+                effect,
+            } => {
+                self.replies.client(kind, effect);
+                self.to_server.push(message);
             }
             Rewrite::Renamed {
                 message,
@@ -201,6 +322,29 @@ impl Loop<'_> {
                 self.prepare(name, statement);
             }
             Rewrite::Close(name) => self.apply_close(&name),
+            Rewrite::DeallocateByParse {
+                message,
+                client_name,
+                statement,
+            } => {
+                // PostgreSQL forgets the name when the statement runs; pgmux, now. Its
+                // command tag makes the server's record unsure (on_statement_reply).
+                self.statements.remove(&client_name, Some(statement.id));
+                self.ensure_on_server(&statement);
+                self.replies.client(Kind::Parse, Effect::None);
+                self.to_server.push(message);
+            }
+            Rewrite::ResultTypeChanged(error) => {
+                // Nothing of the client's message goes to the server: the rest of a large
+                // Bind is dropped.
+                self.client_mid_message = false;
+                if !frame.ends {
+                    self.skip = Skip::RestOfMessage;
+                }
+                self.reply_locally(BytesMut::from(&error[..]));
+                self.replies.hidden(Kind::Bind, Effect::None);
+                self.to_server.push(BytesMut::from(&FAILING_BIND[..]));
+            }
             Rewrite::Refuse(error) => {
                 // Nothing of this message went to the server; its other parts are dropped.
                 self.client_mid_message = false;
@@ -280,6 +424,7 @@ impl Loop<'_> {
         }
         self.s.pool.stats.prepared_miss();
         self.make_room(&statement);
+        self.close_if_unsure(&statement);
         tracing::debug!(
             client_name = %Escaped(&name),
             server_name = statement.server_name,
@@ -312,6 +457,7 @@ impl Loop<'_> {
             "re-preparing statement on this server"
         );
         self.make_room(statement);
+        self.close_if_unsure(statement);
         self.replies.hidden(
             Kind::Parse,
             Effect::Prepare {
@@ -344,6 +490,20 @@ impl Loop<'_> {
         }
     }
 
+    /// Before a Parse of `statement`: when the server's record is unsure, the server may
+    /// hold it without its being recorded, and the Parse would fail. Closing it first is
+    /// right either way (PostgreSQL closes unknown names quietly).
+    fn close_if_unsure(&mut self, statement: &Statement) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if server.prepared().is_unsure() {
+            self.to_server
+                .push(rewrite_describe(tag::CLOSE, &statement.server_name));
+            self.replies.hidden(Kind::Close, Effect::None);
+        }
+    }
+
     /// A reply pgmux gives itself, in its place in the stream.
     fn reply_locally(&mut self, reply: BytesMut) {
         self.replies.local(reply);
@@ -354,5 +514,29 @@ impl Loop<'_> {
         let mut buf = BytesMut::new();
         error.error().write(&mut buf);
         self.reply_locally(buf);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names() {
+        assert!(is_server_name("pgmux_s1") && is_server_name("pgmux_s42"));
+        for name in [
+            "pgmux_s",
+            "pgmux_sx",
+            "pgmux_s1'",
+            "PGMUX_S1",
+            "pgmux_1",
+            "s1",
+        ] {
+            assert!(!is_server_name(name), "{name}");
+        }
+        assert!(
+            refuse_deallocate("pgmux_s7")
+                .contains("prepared statement \"pgmux_s7\" does not exist")
+        );
     }
 }

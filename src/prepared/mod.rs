@@ -12,8 +12,8 @@ mod message;
 pub use message::{Bind, Close, Describe, Parse, rewrite_bind, rewrite_describe};
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::Mutex;
@@ -30,6 +30,12 @@ pub struct Statement {
     pub parse: Bytes,
     /// Some server accepted it: a client's Parse of it may be answered without a server.
     pub verified: AtomicBool,
+    /// A server refused to run it because DDL changed its result type (PostgreSQL's
+    /// `0A000 cached plan must not change result type`): that ErrorResponse, whole. Set
+    /// once; the registry forgot the statement then, so a new Parse of its text gets a new
+    /// statement, and every later use of this one gets this error, as on a direct
+    /// connection until the client prepares again.
+    pub result_changed: OnceLock<Bytes>,
     /// Its text may make session state no command tag shows (`client/state.rs`): each
     /// execution is a trigger.
     pub may_change_state: bool,
@@ -109,12 +115,31 @@ impl Registry {
             parse: parse_message(&server_name, query, param_types),
             server_name,
             verified: AtomicBool::new(false),
+            result_changed: OnceLock::new(),
             may_change_state: crate::client::state::text_may_change_state(query.as_bytes()),
         });
         entries
             .by_key
             .insert((query.into(), param_types.into()), statement.clone());
         statement
+    }
+
+    /// Forgets `statement` (its result type changed), so that the next Parse of its text
+    /// and parameter types registers a new statement under a new server-side name. Those
+    /// who hold it keep it.
+    pub fn forget(&self, statement: &Statement) {
+        let Some(parse) = statement.parse.get(5..).and_then(message::Parse::read) else {
+            return;
+        };
+        let key: StatementKey = (parse.query.into(), parse.param_types.into());
+        let mut entries = self.entries.lock();
+        if entries
+            .by_key
+            .get(&key)
+            .is_some_and(|found| found.id == statement.id)
+        {
+            entries.by_key.remove(&key);
+        }
     }
 
     /// How many distinct statements are registered.
@@ -128,7 +153,8 @@ impl Registry {
     }
 }
 
-fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
+/// A complete Parse message.
+pub fn parse_message(name: &str, query: &str, param_types: &[u32]) -> Bytes {
     let mut buf = BytesMut::with_capacity(query.len() + name.len() + 16);
     buf.put_u8(b'P');
     buf.put_i32(0);
@@ -189,14 +215,22 @@ impl ClientStatements {
 
 /// The statements one server connection holds, bounded, least recently used first out.
 /// Owned by the server connection.
+///
+/// What it records is surely on the server. It can also be *unsure*: a client deallocated
+/// statements pgmux cannot name (a `DEALLOCATE` in a multi-statement Query or by the
+/// extended protocol), so the server may lack some it recorded, which were forgotten, and
+/// may still hold others it no longer records. Then a statement not recorded is closed
+/// before it is prepared (Close of an unknown name succeeds, so that is right either way),
+/// and the next checkout deallocates them all and starts over ([`ServerStatements::clear`]).
 #[derive(Debug, Default)]
 pub struct ServerStatements {
     held: HashMap<u64, (u64, Arc<Statement>)>,
     tick: u64,
+    unsure: bool,
 }
 
 impl ServerStatements {
-    /// Whether the server holds it; marks it used.
+    /// Whether the server surely holds it; marks it used.
     pub fn touch(&mut self, statement: &Statement) -> bool {
         self.tick += 1;
         match self.held.get_mut(&statement.id) {
@@ -229,9 +263,26 @@ impl ServerStatements {
         self.held.remove(&id);
     }
 
-    /// Forgets everything (the server ran DISCARD ALL or DEALLOCATE ALL).
+    /// The server holds none of pgmux's statements (it ran DISCARD ALL or DEALLOCATE ALL
+    /// and nothing was sent after it): the record is empty and sure again.
     pub fn clear(&mut self) {
         self.held.clear();
+        self.unsure = false;
+    }
+
+    /// The server may have lost any of the statements recorded, and may still hold any
+    /// of them: none is recorded, and the record is unsure until the next [`clear`].
+    ///
+    /// [`clear`]: ServerStatements::clear
+    pub fn distrust(&mut self) {
+        self.held.clear();
+        self.unsure = true;
+    }
+
+    /// Whether the server may hold statements that are not recorded: one must be closed
+    /// before it is prepared.
+    pub fn is_unsure(&self) -> bool {
+        self.unsure
     }
 
     /// How many it holds.
@@ -278,6 +329,34 @@ mod tests {
             .map(|i| registry.statement(&format!("SELECT 'held' || {i}"), &[]))
             .collect();
         assert!(registry.len() >= held.len(), "statements in use stay");
+    }
+
+    #[test]
+    fn a_forgotten_statement_is_registered_again_under_a_new_name() {
+        let registry = Registry::default();
+        let old = registry.statement("SELECT * FROM t", &[23]);
+        registry.forget(&old);
+        let new = registry.statement("SELECT * FROM t", &[23]);
+        assert_ne!(old.server_name, new.server_name);
+        // Forgetting the old one again leaves the new one registered.
+        registry.forget(&old);
+        let again = registry.statement("SELECT * FROM t", &[23]);
+        assert!(Arc::ptr_eq(&new, &again));
+    }
+
+    #[test]
+    fn an_unsure_record_is_empty_until_cleared() {
+        let registry = Registry::default();
+        let s = registry.statement("SELECT 1", &[]);
+        let mut held = ServerStatements::default();
+        held.insert(s.clone(), 10);
+        held.distrust();
+        assert!(held.is_unsure() && held.is_empty());
+        assert!(!held.touch(&s), "not surely held any more");
+        held.insert(s.clone(), 10);
+        assert!(held.touch(&s) && held.is_unsure(), "prepared again: held");
+        held.clear();
+        assert!(!held.is_unsure() && held.is_empty());
     }
 
     #[test]

@@ -175,16 +175,19 @@ impl Raw {
     pub async fn messages_until_ready(&mut self) -> Vec<(u8, Vec<u8>)> {
         let mut out = Vec::new();
         loop {
-            let (messages, used) = split_messages(&self.buf);
-            self.buf.drain(..used);
+            let (messages, _) = split_messages(&self.buf);
+            let mut used = 0;
             for (tag, body) in messages {
+                used += 5 + body.len();
                 let ready = tag == b'Z';
                 out.push((tag, body));
                 if ready {
                     // Keep what came after it for the next call.
+                    self.buf.drain(..used);
                     return out;
                 }
             }
+            self.buf.drain(..used);
             let mut chunk = [0u8; 8192];
             let n = tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut chunk))
                 .await

@@ -244,6 +244,7 @@ impl Loop<'_> {
                     self.to_server.push(query);
                     self.replies.hidden(Kind::Query, Effect::None);
                 }
+                self.reset_unsure_statements(&mut conn);
                 self.server = Some(conn);
                 Ok(Ok(()))
             }

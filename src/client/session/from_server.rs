@@ -29,7 +29,7 @@ impl Loop<'_> {
             let Some(server) = self.server.as_deref_mut() else {
                 return Ok(());
             };
-            let frame = match server.next_frame() {
+            let mut frame = match server.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(self.server_lost(e)),
@@ -61,6 +61,7 @@ impl Loop<'_> {
                 Ok(ServerEvent::Other) => {}
                 Err(e) => return Err(self.server_lost(e)),
             }
+            self.on_statement_reply(&mut frame, done.as_ref());
             if frame.is_whole() {
                 match frame.tag {
                     tag::COMMAND_COMPLETE if !hidden => self.watch_tag(frame.body()),
@@ -164,13 +165,9 @@ impl Loop<'_> {
                         client_name,
                         statement,
                     },
+                failed: false,
                 ..
-            } => {
-                if let Some(server) = self.server.as_mut() {
-                    server.prepared().remove(statement.id);
-                }
-                self.statements.remove(&client_name, Some(statement.id));
-            }
+            } => self.statements.remove(&client_name, Some(statement.id)),
             _ => {}
         }
         for entry in skipped {
@@ -205,8 +202,12 @@ impl Loop<'_> {
                 warn!(pool = %Escaped(&self.s.pool.key), "discarding a client's session state failed; the server will be closed");
                 server.mark_broken();
             }
-            Effect::VerifyState | Effect::Deallocate { .. } | Effect::Session(_) | Effect::None => {
-            }
+            Effect::VerifyState
+            | Effect::Deallocate { .. }
+            | Effect::Uses(_)
+            | Effect::DeallocateAll
+            | Effect::Session(_)
+            | Effect::None => {}
         }
     }
 
@@ -239,14 +240,9 @@ impl Loop<'_> {
                     self.s.params.forget(&name);
                 }
                 server.clear_applied();
-                server.prepared().clear();
-                self.statements.clear();
             }
-            SessionChange::DeallocateAll => {
-                server.prepared().clear();
-                self.statements.clear();
-            }
-            SessionChange::Deallocate(_) => {}
+            // Statements: their command tags said it (on_statement_reply).
+            SessionChange::DeallocateAll | SessionChange::Deallocate(_) => {}
         }
     }
 
