@@ -365,6 +365,14 @@ async fn sql_level_prepare_and_two_phase_commit_work_in_transaction_mode() {
     let b = mux.connect("app", "app").await;
     assert_eq!(scalar(&b, STATE_COUNT).await, "0");
 
+    // pgmux's own statement names are reserved.
+    let err = a
+        .batch_execute("PREPARE pgmux_s1 AS SELECT 1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::RESERVED_NAME), "{err}");
+    assert_eq!(scalar(&a, "SELECT 1").await, "1");
+
     // Two-phase commit: PREPARE TRANSACTION ends the transaction, the server goes back.
     a.batch_execute(
         "CREATE TABLE IF NOT EXISTS tpc_rows(x int); \

@@ -333,6 +333,9 @@ pub enum SessionChange {
     DeallocateAll,
     /// `DEALLOCATE [PREPARE] name`.
     Deallocate(String),
+    /// SQL-level `PREPARE name ...` (not `PREPARE TRANSACTION`): it passes; only a name
+    /// of pgmux's own form is refused.
+    Prepare(String),
 }
 
 /// Recognizes the few statements that change session state, when a Query holds one alone.
@@ -341,7 +344,7 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     let start = query.iter().position(|b| !b.is_ascii_whitespace())?;
     let word = query.get(start..)?;
     let word = word.split(|b| !b.is_ascii_alphabetic()).next()?;
-    const FIRST_WORDS: [&[u8]; 4] = [b"SET", b"RESET", b"DISCARD", b"DEALLOCATE"];
+    const FIRST_WORDS: [&[u8]; 5] = [b"SET", b"RESET", b"DISCARD", b"DEALLOCATE", b"PREPARE"];
     if !FIRST_WORDS.iter().any(|w| word.eq_ignore_ascii_case(w)) {
         return None;
     }
@@ -356,6 +359,13 @@ pub fn session_change(query: &[u8]) -> Option<SessionChange> {
     let second = words.next().map(str::to_ascii_uppercase);
     match first.as_str() {
         "DISCARD" if second.as_deref() == Some("ALL") => return Some(SessionChange::DiscardAll),
+        "PREPARE" if second.as_deref() == Some("TRANSACTION") => return None,
+        "PREPARE" => {
+            // The name ends at a space, `(` or `AS`.
+            let name = text.split_whitespace().nth(1)?;
+            let name = name.split('(').next().unwrap_or(name);
+            return Some(SessionChange::Prepare(unquote(name)));
+        }
         _ => {}
     }
     if text.contains(';') {
@@ -473,8 +483,16 @@ mod tests {
             session_change(b" \n\tReSeT\tALL;\0"),
             Some(SessionChange::ResetAll)
         );
-        // SQL-level PREPARE (and PREPARE TRANSACTION) pass: the verification judges them.
-        assert_eq!(session_change(b"prepare p as select 1\0"), None);
+        // SQL-level PREPARE passes (the verification judges it), PREPARE TRANSACTION too.
+        assert_eq!(
+            session_change(b"prepare p(int) as select $1\0"),
+            Some(SessionChange::Prepare("p".into()))
+        );
+        assert_eq!(
+            session_change(b"PREPARE \"Pgmux_s1\" AS SELECT 1\0"),
+            Some(SessionChange::Prepare("Pgmux_s1".into()))
+        );
+        assert_eq!(session_change(b"PREPARE TRANSACTION 'x'\0"), None);
         assert_eq!(
             session_change(b"DISCARD ALL\0"),
             Some(SessionChange::DiscardAll)

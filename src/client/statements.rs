@@ -50,6 +50,20 @@ fn refuse_deallocate(name: &str) -> String {
     )
 }
 
+/// A SQL-level PREPARE of a name of pgmux's own form: refused by the server (the
+/// transaction state is PostgreSQL's own) with `42939 reserved_name`.
+fn refuse_reserved_name(name: &str) -> String {
+    debug_assert!(
+        is_server_name(name),
+        "only digits after the prefix: safe to quote"
+    );
+    format!(
+        "DO $pgmux$ BEGIN RAISE EXCEPTION USING ERRCODE = 'reserved_name', \
+         MESSAGE = 'pgmux: prepared statement name \"{name}\" is reserved for pgmux''s own statements', \
+         HINT = 'use another name'; END $pgmux$"
+    )
+}
+
 /// What the session does with one client message that may name a prepared statement or
 /// change session state. Decided from the message and the client's names alone
 /// ([`Loop::rewrite_query`], [`Loop::rewrite_extended`]); carried out by [`Loop::apply`],
@@ -145,6 +159,17 @@ impl Loop<'_> {
                     None => Rewrite::Watch(SessionChange::Deallocate(name)),
                 }
             }
+            // pgmux's own names are reserved: such a statement would collide with them.
+            Some(SessionChange::Prepare(name)) if is_server_name(&name) => {
+                let mut message = BytesMut::new();
+                write::query(&mut message, &refuse_reserved_name(&name));
+                Rewrite::Replaced {
+                    message,
+                    kind: Kind::Query,
+                    effect: Effect::None,
+                }
+            }
+            Some(SessionChange::Prepare(_)) => Rewrite::Forward(Some(Kind::Query)),
             Some(change) => Rewrite::Watch(change),
             None => Rewrite::Forward(Some(Kind::Query)),
         }

@@ -242,7 +242,9 @@ impl Loop<'_> {
                 server.clear_applied();
             }
             // Statements: their command tags said it (on_statement_reply).
-            SessionChange::DeallocateAll | SessionChange::Deallocate(_) => {}
+            SessionChange::DeallocateAll
+            | SessionChange::Deallocate(_)
+            | SessionChange::Prepare(_) => {}
         }
     }
 
