@@ -128,6 +128,10 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         // Unset means half of each pool's own size: shown only when set.
         max_pinned: s.max_pinned,
         pinned_idle_timeout: Some(s.pinned_idle_timeout),
+        server_tls: Some(s.server_tls.mode),
+        server_ca_file: s.server_tls.ca_file.clone(),
+        server_cert_file: s.server_tls.cert_file.clone(),
+        server_key_file: s.server_tls.key_file.clone(),
     }
 }
 
@@ -180,6 +184,16 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     }
     if let Some(d) = o.pinned_idle_timeout {
         line(out, "pinned_idle_timeout", &duration(d));
+    }
+    optional(out, "server_tls", o.server_tls.map(|m| m.as_str()));
+    let files = [
+        ("server_ca_file", &o.server_ca_file),
+        ("server_cert_file", &o.server_cert_file),
+        ("server_key_file", &o.server_key_file),
+    ];
+    for (key, file) in files {
+        let path = file.as_ref().map(|f| f.path.to_string_lossy());
+        optional(out, key, path.as_deref());
     }
 }
 

@@ -19,6 +19,7 @@ mod load;
 mod masked;
 mod read;
 mod report;
+mod server_tls;
 mod userlist;
 mod validate;
 
@@ -29,6 +30,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use server_tls::{PemFile, ServerTlsMode, ServerTlsSettings};
 
 /// The whole configuration, with every default filled in.
 #[derive(Clone, Debug, Default)]
@@ -256,6 +259,9 @@ pub struct PoolSettings {
     pub max_pinned: Option<u32>,
     /// A pinned client idle this long is disconnected; 0 = never.
     pub pinned_idle_timeout: Duration,
+    /// TLS to the servers (`server_tls`, `server_ca_file`, `server_cert_file`,
+    /// `server_key_file`).
+    pub server_tls: ServerTlsSettings,
 }
 
 /// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
@@ -308,6 +314,7 @@ impl Default for PoolSettings {
             session_state: SessionStatePolicy::Pin,
             max_pinned: None,
             pinned_idle_timeout: Duration::from_secs(60),
+            server_tls: ServerTlsSettings::default(),
         }
     }
 }
@@ -343,6 +350,7 @@ impl PoolSettings {
             self.max_pinned = o.max_pinned;
         }
         self.pinned_idle_timeout = o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout);
+        self.server_tls.apply(o);
     }
 
     /// How many servers pinned clients may hold: `max_pinned`, or half the pool.
@@ -392,6 +400,14 @@ pub struct PoolOverrides {
     pub max_pinned: Option<u32>,
     /// See [`PoolSettings::pinned_idle_timeout`].
     pub pinned_idle_timeout: Option<Duration>,
+    /// See [`ServerTlsSettings::mode`].
+    pub server_tls: Option<ServerTlsMode>,
+    /// See [`ServerTlsSettings::ca_file`].
+    pub server_ca_file: Option<PemFile>,
+    /// See [`ServerTlsSettings::cert_file`].
+    pub server_cert_file: Option<PemFile>,
+    /// See [`ServerTlsSettings::key_file`].
+    pub server_key_file: Option<PemFile>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

@@ -260,6 +260,12 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
         let (a, b) = (old.session_state.as_str(), new.session_state.as_str());
         out.push(format!("session_state {a} -> {b} (for new clients)"));
     }
+    if old.server_tls != new.server_tls {
+        let (a, b) = (old.server_tls.mode.as_str(), new.server_tls.mode.as_str());
+        out.push(format!(
+            "server_tls {a} -> {b} or its files changed (new server connections; idle ones are replaced)"
+        ));
+    }
     if old.mode != new.mode {
         let (a, b) = (old.mode.as_str(), new.mode.as_str());
         out.push(format!("mode {a} -> {b} (for new clients)"));
