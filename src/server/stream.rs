@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::tls::{Negotiated, ServerTlsIo, TlsConnector};
@@ -124,30 +124,32 @@ impl ServerStream {
         }
     }
 
-    /// Whether an idle connection received nothing and was not closed. Never blocks and
-    /// consumes nothing (the socket is peeked: TLS bytes must reach rustls in order).
+    /// Whether an idle connection received nothing and was not closed. Never blocks, and
+    /// costs no syscall while tokio knows the socket is not readable (it is called at
+    /// every checkout).
     pub fn is_quiet(&self) -> bool {
-        let fd = match self {
-            ServerStream::Tcp(s) => s.as_raw_fd(),
-            ServerStream::Unix(s) => s.as_raw_fd(),
-            ServerStream::Tls(s) => {
-                if !s.quiet() {
-                    return false;
-                }
-                s.socket().as_raw_fd()
-            }
+        let mut probe = [0u8; 1];
+        let probed = match self {
+            ServerStream::Tcp(s) => s.try_read(&mut probe),
+            ServerStream::Unix(s) => s.try_read(&mut probe),
+            // Peeked, not read: TLS bytes must reach rustls in order. Unread plaintext or a
+            // close_notify already in rustls count as "not quiet" too.
+            ServerStream::Tls(s) if !s.quiet() => return false,
+            ServerStream::Tls(s) => s.socket().try_io(Interest::READABLE, || {
+                let fd = s.socket().as_raw_fd();
+                // SAFETY: `fd` is the open socket `self` owns; the buffer is one live byte.
+                let rc = unsafe {
+                    libc::recv(
+                        fd,
+                        probe.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+            }),
         };
-        let mut probe = 0u8;
-        // SAFETY: `fd` is the open socket `self` owns, and the buffer is one live byte.
-        let rc = unsafe {
-            libc::recv(
-                fd,
-                std::ptr::from_mut(&mut probe).cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        rc < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        matches!(probed, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// Whether it is encrypted, and how (`TLSv1_3/TLS13_AES_256_GCM_SHA384`).

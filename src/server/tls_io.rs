@@ -269,3 +269,166 @@ where
         Pin::new(&mut this.socket).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{self, ClientConfig, RootCertStore, ServerConfig};
+
+    use super::*;
+    use crate::client::OutQueue;
+    use crate::server::ServerStream;
+
+    const TOTAL: usize = 8 * 1024 * 1024;
+
+    fn byte_at(i: usize) -> u8 {
+        (i % 251) as u8
+    }
+
+    /// A connected pair: our `ServerStream::Tls` and the peer's tokio-rustls stream.
+    async fn pair() -> (
+        ServerStream,
+        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    ) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let cert_der = CertificateDer::from(cert.der().to_vec());
+        let key_der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let server = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert_der.clone()], key_der)
+            .unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert_der).unwrap();
+        let client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accept = tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+            acceptor.accept(tcp).await.unwrap()
+        });
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+        let (tcp, conn) = connector.connect(name, tcp).await.unwrap().into_inner();
+        let ours = ServerStream::Tls(Box::new(TlsIo::new(tcp, conn)));
+        (ours, accept.await.unwrap())
+    }
+
+    /// Writes as the session does: `write_now` from the queue, then waits for write
+    /// readiness while bytes are queued or ciphertext waits. A peer that reads slowly
+    /// fills the socket, so every "accepted but not yet sent" path is taken; all
+    /// bytes must arrive, in order.
+    #[tokio::test]
+    async fn session_style_writes_never_stall() {
+        use std::os::fd::AsRawFd;
+        let (mut ours, mut peer) = pair().await;
+        // Small socket buffers, and a peer that reads only once the writer found the
+        // socket full: the paths where rustls holds ciphertext the socket refused run.
+        let small = |fd: i32, option: i32| {
+            let size: libc::c_int = 32 * 1024;
+            let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: an open socket, and a c_int with its length.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::SOL_SOCKET,
+                    option,
+                    std::ptr::from_ref(&size).cast(),
+                    len,
+                )
+            };
+            assert_eq!(rc, 0);
+        };
+        let ServerStream::Tls(io) = &ours else {
+            unreachable!("a TLS stream");
+        };
+        small(io.socket().as_raw_fd(), libc::SO_SNDBUF);
+        small(peer.get_ref().0.as_raw_fd(), libc::SO_RCVBUF);
+        let (full_tx, full_rx) = tokio::sync::oneshot::channel::<()>();
+        let mut full_tx = Some(full_tx);
+        let reader = tokio::spawn(async move {
+            full_rx.await.unwrap();
+            let mut got = Vec::with_capacity(TOTAL);
+            let mut buf = vec![0u8; 4096];
+            while got.len() < TOTAL {
+                let n = peer.read(&mut buf).await.unwrap();
+                assert!(n > 0, "EOF after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+                tokio::task::yield_now().await;
+            }
+            got
+        });
+        let mut queue = OutQueue::default();
+        for start in (0..TOTAL).step_by(100_000) {
+            let end = (start + 100_000).min(TOTAL);
+            let chunk: BytesMut = (start..end).map(byte_at).collect();
+            queue.push(chunk);
+        }
+        loop {
+            queue.write_now(&mut ours).unwrap();
+            if queue.is_empty() && !ours.wants_write() {
+                break;
+            }
+            std::future::poll_fn(|cx| {
+                let polled = ours.poll_write_ready(cx);
+                if polled.is_pending()
+                    && let Some(tx) = full_tx.take()
+                {
+                    tx.send(()).unwrap();
+                }
+                polled
+            })
+            .await
+            .unwrap();
+        }
+        assert!(full_tx.is_none(), "the socket never filled up");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(60), reader)
+            .await
+            .expect("the peer got every byte")
+            .unwrap();
+        assert!(got.iter().enumerate().all(|(i, &b)| b == byte_at(i)));
+    }
+
+    /// Reads with a buffer smaller than a TLS record: what rustls decrypted and the
+    /// caller had no room for comes out on the next read, without the socket being
+    /// readable again.
+    #[tokio::test]
+    async fn small_reads_drain_what_rustls_holds() {
+        let (mut ours, mut peer) = pair().await;
+        let data: Vec<u8> = (0..TOTAL).map(byte_at).collect();
+        let writer = tokio::spawn(async move {
+            peer.write_all(&data).await.unwrap();
+            peer.flush().await.unwrap();
+            // Stays open: the reader must not depend on EOF to see the last bytes.
+            peer
+        });
+        let mut got = Vec::with_capacity(TOTAL);
+        let mut buf = [0u8; 1000];
+        while got.len() < TOTAL {
+            let n = ours.read(&mut buf).await.unwrap();
+            assert!(n > 0, "EOF after {} bytes", got.len());
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.iter().enumerate().all(|(i, &b)| b == byte_at(i)));
+        let mut peer = writer.await.unwrap();
+        // An orderly close reads as end of stream.
+        peer.shutdown().await.unwrap();
+        assert_eq!(ours.read(&mut buf).await.unwrap(), 0);
+    }
+}
