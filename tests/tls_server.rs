@@ -361,6 +361,47 @@ async fn a_cancel_reaches_a_tls_server() {
 }
 
 #[tokio::test]
+async fn a_reload_reads_changed_files_and_replaces_the_connections() {
+    let pg = tls_cluster().await;
+    let certs = Certs::get();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        ca.display()
+    );
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            admin: Some(String::new()),
+            ..opts(&extra)
+        },
+    )
+    .await;
+    let client = mux.connect("app", "app").await;
+    assert!(ssl_in_use(&client).await);
+
+    // Same file name, another CA inside: the idle connection is replaced, and the new
+    // one is checked against the new file.
+    std::fs::copy(certs.dir.join("other_ca.crt"), &ca).unwrap();
+    let reload = mux.admin_post("/reload").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let changes = reload.json()["changes"].to_string();
+    assert!(changes.contains("server_tls"), "{changes}");
+    assert!(changes.contains("replacing its connections"), "{changes}");
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    assert!(message(&err).contains("UnknownIssuer"), "{err}");
+
+    // The right CA again: the same client goes on.
+    std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
+    let reload = mux.admin_post("/reload").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
 async fn bad_tls_settings_are_refused_at_load_with_their_place() {
     let certs = Certs::get();
     let dir = tempfile::tempdir().unwrap();
