@@ -141,34 +141,25 @@ pub fn tag_may_change_state(tag: &[u8]) -> bool {
     }
 }
 
-/// The first four bytes of each trigger word, each byte `| 0x20` (ASCII lowercase; `_`
-/// becomes 0x7f), as a big-endian u32: compared with a rolling window of the text.
-const TEMP: u32 = u32::from_be_bytes(*b"temp");
-const ADVI: u32 = u32::from_be_bytes(*b"advi");
-const SET_: u32 = u32::from_be_bytes([b's', b'e', b't', b'_' | 0x20]);
-
 /// Whether a Query or Parse text may make state that its tag does not show: the word `TEMP`
 /// or `TEMPORARY` or a `pg_temp` name (`CREATE TEMP TABLE .. AS` and `SELECT .. INTO TEMP`
 /// end with `SELECT n`), `advisory` (`pg_advisory_lock`) or `set_config` (unless it sets
-/// a value for the transaction only), in any case. Every Query passes here: one pass with
-/// a rolling four-byte window and three comparisons per byte; the words are checked whole
-/// only where a window matches.
+/// a value for the transaction only), in any case. Every Query passes here, so it does
+/// not look at every byte: a SIMD search finds the letters that are rare in SQL and
+/// anchor each word (the `p` of `temp`, the `v` of `advisory`, the `f` of `set_config`),
+/// in either case, and only there is the word checked.
 pub fn text_may_change_state(text: &[u8]) -> bool {
-    let mut window = 0u32;
-    for (i, &b) in text.iter().enumerate() {
-        window = (window << 8) | u32::from(b | 0x20);
-        if window != TEMP && window != ADVI && window != SET_ {
-            continue;
-        }
-        // The word starts three bytes back.
-        let Some(start) = i.checked_sub(3) else {
-            continue;
+    let at = |anchor: usize| {
+        let start = match text.get(anchor).map(|b| b | 0x20) {
+            Some(b'p') => anchor.checked_sub(3),
+            Some(b'v') => anchor.checked_sub(2),
+            Some(b'f') => anchor.checked_sub(7),
+            _ => None,
         };
-        if word_at(text, start) {
-            return true;
-        }
-    }
-    false
+        start.is_some_and(|start| word_at(text, start))
+    };
+    memchr::memchr3_iter(b'p', b'v', b'f', text).any(at)
+        || memchr::memchr3_iter(b'P', b'V', b'F', text).any(at)
 }
 
 /// Whether a trigger word starts at `i` (its first four bytes matched, case aside).
