@@ -132,6 +132,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "tcp_keepcnt",
     "tcp_user_timeout",
     "session_state",
+    "session_state_check",
     "max_pinned",
     "pinned_idle_timeout",
     "server_tls",
@@ -150,6 +151,8 @@ const SESSION_STATE_POLICIES: &[(&str, SessionStatePolicy)] = &[
     ("pin", SessionStatePolicy::Pin),
     ("reset", SessionStatePolicy::Reset),
 ];
+/// `session_state_check`: whether every transaction is verified.
+const SESSION_STATE_CHECKS: &[(&str, bool)] = &[("triggers", false), ("always", true)];
 const POOL_MODES: &[(&str, PoolMode)] = &[
     ("session", PoolMode::Session),
     ("transaction", PoolMode::Transaction),
@@ -410,6 +413,9 @@ impl Walker<'_> {
             "tcp_keepcnt" => o.tcp_keepcnt = as_u32(self.unsigned(&p, value, 127)),
             "tcp_user_timeout" => o.tcp_user_timeout = self.duration(&p, value),
             "session_state" => o.session_state = self.choice(&p, value, SESSION_STATE_POLICIES),
+            "session_state_check" => {
+                o.verify_every_transaction = self.choice(&p, value, SESSION_STATE_CHECKS)
+            }
             "max_pinned" => o.max_pinned = as_u32(self.unsigned(&p, value, u32_max)),
             "pinned_idle_timeout" => o.pinned_idle_timeout = self.duration(&p, value),
             "server_tls" => o.server_tls = self.choice(&p, value, server_tls::SERVER_TLS_MODES),

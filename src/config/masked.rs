@@ -125,6 +125,7 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         tcp_keepcnt: Some(s.tcp.keepcnt),
         tcp_user_timeout: Some(s.tcp.user_timeout),
         session_state: Some(s.session_state),
+        verify_every_transaction: Some(s.verify_every_transaction),
         // Unset means half of each pool's own size: shown only when set.
         max_pinned: s.max_pinned,
         pinned_idle_timeout: Some(s.pinned_idle_timeout),
@@ -179,6 +180,12 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         line(out, "tcp_user_timeout", &duration(d));
     }
     optional(out, "session_state", o.session_state.map(|p| p.as_str()));
+    optional(
+        out,
+        "session_state_check",
+        o.verify_every_transaction
+            .map(|always| if always { "always" } else { "triggers" }),
+    );
     if let Some(n) = o.max_pinned {
         line(out, "max_pinned", &n.to_string());
     }

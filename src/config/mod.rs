@@ -255,6 +255,9 @@ pub struct PoolSettings {
     /// What to do with session state a client leaves on its server (transaction and
     /// statement mode).
     pub session_state: SessionStatePolicy,
+    /// Verify the session state after every transaction, not only after a trigger:
+    /// for applications whose own functions make state (`session_state_check = "always"`).
+    pub verify_every_transaction: bool,
     /// Most servers that pinned clients may hold; `None` = half of `size`, rounded down.
     pub max_pinned: Option<u32>,
     /// A pinned client idle this long is disconnected; 0 = never.
@@ -312,6 +315,7 @@ impl Default for PoolSettings {
             max_prepared_statements: 200,
             tcp: TcpOptions::default(),
             session_state: SessionStatePolicy::Pin,
+            verify_every_transaction: false,
             max_pinned: None,
             pinned_idle_timeout: Duration::from_secs(60),
             server_tls: ServerTlsSettings::default(),
@@ -346,6 +350,9 @@ impl PoolSettings {
         tcp.keepcnt = o.tcp_keepcnt.unwrap_or(tcp.keepcnt);
         tcp.user_timeout = o.tcp_user_timeout.unwrap_or(tcp.user_timeout);
         self.session_state = o.session_state.unwrap_or(self.session_state);
+        self.verify_every_transaction = o
+            .verify_every_transaction
+            .unwrap_or(self.verify_every_transaction);
         if o.max_pinned.is_some() {
             self.max_pinned = o.max_pinned;
         }
@@ -396,6 +403,8 @@ pub struct PoolOverrides {
     pub tcp_user_timeout: Option<Duration>,
     /// See [`PoolSettings::session_state`].
     pub session_state: Option<SessionStatePolicy>,
+    /// See [`PoolSettings::verify_every_transaction`] (`session_state_check`).
+    pub verify_every_transaction: Option<bool>,
     /// See [`PoolSettings::max_pinned`].
     pub max_pinned: Option<u32>,
     /// See [`PoolSettings::pinned_idle_timeout`].

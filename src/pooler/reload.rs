@@ -256,6 +256,14 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
     if old.max_pinned != new.max_pinned {
         num("max_pinned", old.pinned_limit(), new.pinned_limit());
     }
+    if old.verify_every_transaction != new.verify_every_transaction {
+        let name = |always| if always { "always" } else { "triggers" };
+        let (a, b) = (
+            name(old.verify_every_transaction),
+            name(new.verify_every_transaction),
+        );
+        out.push(format!("session_state_check {a} -> {b} (for new clients)"));
+    }
     if old.session_state != new.session_state {
         let (a, b) = (old.session_state.as_str(), new.session_state.as_str());
         out.push(format!("session_state {a} -> {b} (for new clients)"));

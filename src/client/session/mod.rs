@@ -136,6 +136,8 @@ pub struct Session {
     pub(super) max_prepared: usize,
     /// `pool.session_state`: what to do with session state a transaction leaves.
     pub(super) state_policy: SessionStatePolicy,
+    /// `pool.session_state_check = "always"`: verify after every transaction.
+    pub(super) verify_always: bool,
     pub(super) registry: Arc<Registry>,
     pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
