@@ -100,6 +100,8 @@ pub struct Pooler {
     pub listening: AtomicBool,
     /// Outcomes of config reloads (metrics).
     pub reloads: ReloadStats,
+    /// `admin.listen` at start: the address main binds, which a reload cannot change.
+    admin_listen: Option<String>,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -120,6 +122,7 @@ impl Pooler {
         let runtime = Handle::try_current()
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
         let statements = Registry::new(config.server.statement_registry_size);
+        let admin_listen = config.admin.listen.clone();
         Ok(Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
@@ -129,6 +132,7 @@ impl Pooler {
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),
             reloads: ReloadStats::default(),
+            admin_listen,
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),

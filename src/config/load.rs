@@ -104,6 +104,7 @@ const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
     "token",
+    "allow_no_token",
     "log_connections",
     "log_slow_waits",
     "header_timeout",
@@ -313,6 +314,7 @@ impl Walker<'_> {
             match key.get_ref().as_ref() {
                 "listen" => admin.listen = self.string(&path, value),
                 "token" => admin.token = self.string(&path, value),
+                "allow_no_token" => set(&mut admin.allow_no_token, self.boolean(&path, value)),
                 "log_connections" => {
                     set(&mut admin.log_connections, self.boolean(&path, value));
                 }

@@ -65,6 +65,11 @@ pub(super) fn render(config: &Config) -> String {
     optional(&mut out, "token", admin.token.as_ref().map(|_| MASK));
     line(
         &mut out,
+        "allow_no_token",
+        &admin.allow_no_token.to_string(),
+    );
+    line(
+        &mut out,
         "log_connections",
         &admin.log_connections.to_string(),
     );

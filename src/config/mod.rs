@@ -96,6 +96,9 @@ pub struct AdminSection {
     /// When set, every admin endpoint but `/health` and `/ready` needs
     /// `Authorization: Bearer <token>`. A secret: masked in `Debug` and [`Config::masked`].
     pub token: Option<String>,
+    /// Lets `listen` be beyond loopback without `token` (a trusted network, or a proxy in
+    /// front that authenticates). Off by default: such a config is refused at load.
+    pub allow_no_token: bool,
     /// Log one line per client connect and disconnect (with duration and bytes).
     pub log_connections: bool,
     /// Log a warning when a client waited longer than this for a server; 0 = never.
@@ -113,6 +116,7 @@ impl Default for AdminSection {
         Self {
             listen: None,
             token: None,
+            allow_no_token: false,
             log_connections: true,
             log_slow_waits: Duration::from_secs(1),
             header_timeout: Duration::from_secs(10),
@@ -124,11 +128,21 @@ impl Default for AdminSection {
     }
 }
 
+impl AdminSection {
+    /// Whether an admin port on `listen` would answer anyone who reaches it: beyond
+    /// loopback, no token, and not explicitly allowed. Such a config is refused at load;
+    /// a reload checks it against the address bound at start, which it cannot change.
+    pub fn unprotected_on(&self, listen: &str) -> bool {
+        self.token.is_none() && !self.allow_no_token && !validate::is_loopback(listen)
+    }
+}
+
 impl fmt::Debug for AdminSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminSection")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| MASK))
+            .field("allow_no_token", &self.allow_no_token)
             .field("log_connections", &self.log_connections)
             .field("log_slow_waits", &self.log_slow_waits)
             .field("header_timeout", &self.header_timeout)

@@ -550,8 +550,16 @@ fn warnings_do_not_fail() {
 
 #[test]
 fn example_config_loads() {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml"));
-    let c = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml");
+    let text = std::fs::read_to_string(path).expect("the example config is readable");
+    // Its secrets have no default: without them it does not load.
+    let err = Config::parse_with_env(&text, path, &no_env).expect_err("secrets are required");
+    for var in ["PGMUX_ADMIN_TOKEN", "PGMUX_POSTGRES_PASSWORD"] {
+        assert!(err.to_string().contains(var), "{err}");
+    }
+    let env = |name: &str| name.ends_with("_TOKEN") || name.ends_with("_PASSWORD");
+    let env = |name: &str| env(name).then(|| "s3cret".to_owned());
+    let c = Config::parse_with_env(&text, path, &env).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.server.listen, ["127.0.0.1:6432"]);
     assert_eq!(c.databases["app"].upstream_dbname("app"), "app");
     assert_eq!(c.databases["postgres"].port, 5432);
@@ -579,9 +587,35 @@ fn admin_section() {
             "t.toml:2:10: admin.listen: \"nowhere\" is not an address: expected host:port",
             "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
             "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
-            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
+            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, allow_no_token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
         ]
     );
+}
+
+#[test]
+fn open_admin_port_needs_a_token_or_an_explicit_allow() {
+    let open = "[admin]\nlisten = \"0.0.0.0:9930\"\n";
+    let found = problems(open);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("t.toml:2:10: admin.listen: \"0.0.0.0:9930\" is beyond localhost")
+            && found[0].contains("admin.allow_no_token = true"),
+        "{found:?}"
+    );
+    assert!(parse(&format!("{open}token = \"t0ken\"\n")).is_ok());
+    let allowed = format!("{open}allow_no_token = true\n");
+    let (result, warnings) = load::analyze(&allowed, "t.toml", Path::new(""), &no_env);
+    assert!(result.expect("allowed explicitly").admin.allow_no_token);
+    assert!(
+        warnings[0]
+            .to_string()
+            .contains("admin.allow_no_token = true"),
+        "{warnings:?}"
+    );
+    for local in ["127.0.0.1:9930", "[::1]:9930", "localhost:9930"] {
+        let text = format!("[admin]\nlisten = \"{local}\"\n");
+        assert!(parse(&text).is_ok(), "{local}");
+    }
 }
 
 #[test]

@@ -95,6 +95,18 @@ impl Pooler {
         let config = Config::load(&path).map_err(|e| {
             ReloadError::Invalid(e.problems.iter().map(ToString::to_string).collect())
         })?;
+        // The admin port keeps the address it was bound to at start: a new file must
+        // still protect that one, whatever its own admin.listen says.
+        if let Some(bound) = &self.admin_listen
+            && config.admin.unprotected_on(bound)
+        {
+            return Err(ReloadError::Invalid(vec![format!(
+                "{}: admin.token: the admin port listens on \"{bound}\", beyond localhost: \
+                 removing admin.token needs admin.allow_no_token = true (or a restart with a \
+                 local admin.listen)",
+                path.display()
+            )]));
+        }
         let snapshot = Snapshot::new(config).map_err(|e| ReloadError::Invalid(vec![e]))?;
         Ok(self.apply(snapshot))
     }
