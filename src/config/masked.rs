@@ -106,6 +106,24 @@ pub(super) fn render(config: &Config) -> String {
             user.auth_method.map(|m| m.as_str()),
         );
         optional(&mut out, "mode", user.mode.map(|m| m.as_str()));
+        if let Some(n) = user.size {
+            line(&mut out, "size", &n.to_string());
+        }
+        if let Some(d) = user.wait_timeout {
+            line(&mut out, "wait_timeout", &duration(d));
+        }
+        let limits = [
+            ("max_user_connections", user.max_user_connections),
+            (
+                "max_user_client_connections",
+                user.max_user_client_connections,
+            ),
+        ];
+        for (key, n) in limits {
+            if let Some(n) = n {
+                line(&mut out, key, &n.to_string());
+            }
+        }
     }
     out
 }
@@ -133,6 +151,10 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         // Unset means half of each pool's own size: shown only when set.
         max_pinned: s.max_pinned,
         pinned_idle_timeout: Some(s.pinned_idle_timeout),
+        max_db_connections: Some(s.limits.max_db_connections),
+        max_db_client_connections: Some(s.limits.max_db_client_connections),
+        max_user_connections: Some(s.limits.max_user_connections),
+        max_user_client_connections: Some(s.limits.max_user_client_connections),
     }
 }
 
@@ -185,6 +207,17 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     }
     if let Some(d) = o.pinned_idle_timeout {
         line(out, "pinned_idle_timeout", &duration(d));
+    }
+    let limits = [
+        ("max_db_connections", o.max_db_connections),
+        ("max_db_client_connections", o.max_db_client_connections),
+        ("max_user_connections", o.max_user_connections),
+        ("max_user_client_connections", o.max_user_client_connections),
+    ];
+    for (key, n) in limits {
+        if let Some(n) = n {
+            line(out, key, &n.to_string());
+        }
     }
 }
 

@@ -168,7 +168,56 @@ fn unknown_keys_are_placed() {
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
-             tcp_user_timeout, session_state, max_pinned, pinned_idle_timeout",
+             tcp_user_timeout, session_state, max_pinned, pinned_idle_timeout, \
+             max_db_connections, max_db_client_connections",
+        ]
+    );
+}
+
+#[test]
+fn limits_across_pools_and_per_user_overrides() {
+    let text = "[pool]\nmax_db_connections = 10\nmax_user_connections = 4\n\
+                max_user_client_connections = 50\n\
+                [databases.app]\nmax_db_connections = 6\nmax_db_client_connections = 100\n\
+                [databases.other]\n\
+                [users.alice]\nsize = 3\nwait_timeout = \"250ms\"\nmax_user_connections = 2\n\
+                [users.bob]\n";
+    let c = parse_ok(text);
+    let alice = c.pool_settings("app", "alice").expect("app exists");
+    assert_eq!(alice.size, 3);
+    assert_eq!(alice.wait_timeout, Duration::from_millis(250));
+    assert_eq!(
+        alice.limits,
+        Limits {
+            max_db_connections: 6,
+            max_user_connections: 2,
+            max_db_client_connections: 100,
+            max_user_client_connections: 50,
+        }
+    );
+    let bob = c.pool_settings("other", "bob").expect("other exists");
+    assert_eq!(bob.size, 20);
+    assert_eq!(bob.limits.max_db_connections, 10);
+    assert_eq!(bob.limits.max_user_connections, 4);
+    assert_eq!(bob.limits.max_db_client_connections, 0);
+    // What `pgmux check` prints loads again to the same config.
+    assert_eq!(
+        parse_ok(&c.masked().replace("********", "x")).users["alice"].size,
+        Some(3)
+    );
+
+    let found = problems(
+        "[databases.app]\nmax_user_connections = 1\n[users.a]\nsize = 0\nwait_timeout = \"0\"\n",
+    );
+    assert!(
+        found[0].starts_with("t.toml:2:1: databases.app.max_user_connections: unknown key"),
+        "{found:?}"
+    );
+    assert_eq!(
+        found[1..],
+        [
+            "t.toml:4:8: users.a.size: must be at least 1",
+            "t.toml:5:16: users.a.wait_timeout: must be above 0 (clients would fail without waiting)",
         ]
     );
 }

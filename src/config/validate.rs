@@ -262,6 +262,13 @@ impl Checker<'_> {
     fn users(&mut self, config: &Config) {
         for (name, user) in &config.users {
             let path = join_key("users", name);
+            if user.size == Some(0) {
+                self.error(&join_key(&path, "size"), "must be at least 1");
+            }
+            if user.wait_timeout.is_some_and(|d| d.is_zero()) {
+                let msg = "must be above 0 (clients would fail without waiting)";
+                self.error(&join_key(&path, "wait_timeout"), msg);
+            }
             let method = config.auth_method_for(name);
             let password_key = join_key(&path, "password");
             let kind = match user.password.as_deref().map(SecretKind::of) {

@@ -141,6 +141,10 @@ impl Pooler {
                 ));
                 pool.set_upstream(upstream);
             }
+            let budgets = self.budgets_for(db, user, &settings);
+            if !budgets.is_empty() || !pool.budgets().is_empty() {
+                pool.set_budgets(budgets);
+            }
             let current = pool.settings();
             if *current != settings {
                 let what = settings_changes(&current, &settings).join(", ");
@@ -150,6 +154,11 @@ impl Pooler {
             pool.set_slow_wait(slow_wait);
             true
         });
+        drop(pools);
+        // Limits no pool counts in any more (set to 0, or their pools gone).
+        self.budgets
+            .lock()
+            .retain(|_, budget| Arc::strong_count(budget) > 1);
         changes
     }
 }
@@ -264,6 +273,27 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
         "max_prepared_statements",
         old.max_prepared_statements,
         new.max_prepared_statements,
+    );
+    let (a, b) = (old.limits, new.limits);
+    num(
+        "max_db_connections",
+        a.max_db_connections,
+        b.max_db_connections,
+    );
+    num(
+        "max_user_connections",
+        a.max_user_connections,
+        b.max_user_connections,
+    );
+    num(
+        "max_db_client_connections",
+        a.max_db_client_connections,
+        b.max_db_client_connections,
+    );
+    num(
+        "max_user_client_connections",
+        a.max_user_client_connections,
+        b.max_user_client_connections,
     );
     if old.max_pinned != new.max_pinned {
         num("max_pinned", old.pinned_limit(), new.pinned_limit());
