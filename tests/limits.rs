@@ -293,3 +293,65 @@ async fn per_user_size_and_wait_timeout_and_a_reloaded_limit() {
     let row = b.query_one("SELECT 8", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 8);
 }
+
+#[tokio::test]
+async fn many_clients_across_pools_all_finish_and_the_counts_add_up() {
+    let pg = TestPostgres::shared().await;
+    let limits = "max_db_connections = 3\nmax_user_connections = 2";
+    let mux = TestPgmux::start(pg, options(pg, limits, "30s")).await;
+    let mut tasks = Vec::new();
+    for i in 0..16 {
+        let database = if i % 2 == 0 { "app" } else { "app2" };
+        let user = if i % 4 < 2 { "app" } else { "other" };
+        let client = mux.connect(database, user).await;
+        tasks.push(tokio::spawn(async move {
+            for n in 0..20 {
+                let tx = format!("BEGIN; SELECT {n}; COMMIT");
+                client.batch_execute(&tx).await?;
+            }
+            Ok::<_, tokio_postgres::Error>(())
+        }));
+    }
+    for task in tasks {
+        let done = tokio::time::timeout(LIMIT, task)
+            .await
+            .expect("no deadlock");
+        done.unwrap().expect("every transaction served");
+    }
+    // Each budget counts exactly the connections its pools have open, within its limit.
+    let pools = mux.admin_get("/pools").await.json();
+    let open = |field: &str, name: &str| -> u64 {
+        pools
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p[field] == name)
+            .map(|p| {
+                ["active", "idle", "connecting"]
+                    .iter()
+                    .map(|k| p[*k].as_u64().unwrap())
+                    .sum::<u64>()
+            })
+            .sum()
+    };
+    for (setting, field, name, limit) in [
+        ("max_user_connections", "user", "app", 2),
+        ("max_user_connections", "user", "other", 2),
+        ("max_db_connections", "database", "app", 3),
+        ("max_db_connections", "database", "app2", 3),
+    ] {
+        let (database, user) = if field == "user" {
+            ("app", name)
+        } else {
+            (name, "app")
+        };
+        let shown = limit_of(&mux, database, user, setting).await;
+        assert_eq!(
+            shown["in_use"],
+            open(field, name),
+            "{setting} {name}: {shown}"
+        );
+        assert!(shown["in_use"].as_u64().unwrap() <= limit, "{shown}");
+        assert_eq!(shown["waiting"], 0, "{shown}");
+    }
+}
