@@ -1,8 +1,13 @@
 # syntax=docker/dockerfile:1
 # pgmux: build with the Rust toolchain, run on a slim Debian as a non-root user.
 #   docker build -t pgmux .
-#   docker run --rm -p 6432:6432 -v "$PWD/config/pgmux.toml:/etc/pgmux/pgmux.toml:ro" pgmux
-# docker-compose.yml runs it next to a PostgreSQL.
+#   docker run --rm -p 6432:6432 -p 127.0.0.1:9930:9930 --env-file pgmux.env \
+#       -v "$PWD/config/pgmux.toml:/etc/pgmux/pgmux.toml:ro" pgmux
+# The image has no secret in it and no default for one: pgmux.env (mode 600, never in the
+# image or version control) sets PGMUX_ADMIN_TOKEN and PGMUX_POSTGRES_PASSWORD, which
+# config/pgmux.toml requires. The admin port listens on every interface of the container,
+# so pgmux refuses to start without its token. docker-compose.yml runs it next to a
+# PostgreSQL, with the secrets from a .env file.
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -22,7 +27,7 @@ RUN apt-get update \
 COPY --from=build /usr/local/bin/pgmux /usr/local/bin/pgmux
 COPY config/pgmux.toml /etc/pgmux/pgmux.toml
 # In a container clients come from outside: listen on every interface (for a config that
-# reads these, as config/pgmux.toml does).
+# reads these, as config/pgmux.toml does). The admin port then needs admin.token.
 ENV PGMUX_LISTEN=0.0.0.0:6432 \
     PGMUX_ADMIN_LISTEN=0.0.0.0:9930
 USER pgmux

@@ -14,13 +14,15 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{Credential, Secret};
 use crate::cancel::CancelRegistry;
 use crate::clients::ClientRegistry;
-use crate::config::Config;
-use crate::pool::{Pool, PoolKey};
+use crate::config::{Config, PoolSettings};
+use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
 use crate::server::{TlsConnector, Upstream};
 
+mod client_caps;
 mod reload;
 
+pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
 
 /// A config and what is derived from it once (SCRAM keys of plain passwords).
@@ -115,6 +117,14 @@ pub struct Pooler {
     pub listening: AtomicBool,
     /// Outcomes of config reloads (metrics).
     pub reloads: ReloadStats,
+    /// Limits shared by pools (`max_db_connections`, `max_user_connections`), by what
+    /// they cap. Taken after `pools`, never while a pool's or a budget's lock is held.
+    budgets: Mutex<HashMap<(BudgetKind, String), Arc<Budget>>>,
+    /// Clients logged in per database and per user, counted only while
+    /// `max_db_client_connections` / `max_user_client_connections` apply to them.
+    client_caps: client_caps::ClientCaps,
+    /// `admin.listen` at start: the address main binds, which a reload cannot change.
+    admin_listen: Option<String>,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -135,6 +145,7 @@ impl Pooler {
         let runtime = Handle::try_current()
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
         let statements = Registry::new(config.server.statement_registry_size);
+        let admin_listen = config.admin.listen.clone();
         Ok(Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
@@ -144,6 +155,9 @@ impl Pooler {
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),
             reloads: ReloadStats::default(),
+            budgets: Mutex::new(HashMap::new()),
+            client_caps: client_caps::ClientCaps::default(),
+            admin_listen,
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),
@@ -175,11 +189,53 @@ impl Pooler {
         let snapshot = self.snapshot();
         let settings = snapshot.config.pool_settings(database, user)?;
         let upstream = snapshot.upstream(database, user)?;
+        let budgets = self.budgets_for(database, user, &settings);
         let pool = Pool::new(key.clone(), upstream, settings);
+        if !budgets.is_empty() {
+            pool.set_budgets(budgets);
+        }
         pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
         pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// The budgets a pool for (database, user) with `settings` counts in, created on
+    /// first use, their limits set from `settings`. Empty without limits.
+    fn budgets_for(&self, database: &str, user: &str, settings: &PoolSettings) -> Vec<Arc<Budget>> {
+        let limits = [
+            (
+                BudgetKind::Database,
+                database,
+                settings.limits.max_db_connections,
+            ),
+            (BudgetKind::User, user, settings.limits.max_user_connections),
+        ];
+        if limits.iter().all(|(_, _, limit)| *limit == 0) {
+            return Vec::new();
+        }
+        let mut all = self.budgets.lock();
+        let mut out = Vec::new();
+        for (kind, name, limit) in limits {
+            if limit == 0 {
+                continue;
+            }
+            let budget = all
+                .entry((kind, name.to_owned()))
+                .or_insert_with(|| Budget::new(kind, name, limit));
+            if budget.limit() != limit {
+                budget.set_limit(limit);
+            }
+            out.push(budget.clone());
+        }
+        out
+    }
+
+    /// Every limit across pools in force, for the views and metrics.
+    pub fn budgets(&self) -> Vec<Arc<Budget>> {
+        let mut all: Vec<_> = self.budgets.lock().values().cloned().collect();
+        all.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
+        all
     }
 
     /// Every pool, for shutdown and the admin views.

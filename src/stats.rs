@@ -122,11 +122,14 @@ pub enum CloseReason {
     Resize,
     /// pgmux is stopping, or the pool was removed.
     Shutdown,
+    /// Closed while idle to give its place to a waiter of another pool under the same
+    /// `max_db_connections` / `max_user_connections` (or a lowered limit).
+    Limit,
 }
 
 impl CloseReason {
     /// Every reason, in discriminant order.
-    pub const ALL: [CloseReason; 8] = [
+    pub const ALL: [CloseReason; 9] = [
         CloseReason::IdleTimeout,
         CloseReason::MaxLifetime,
         CloseReason::ServerGone,
@@ -135,6 +138,7 @@ impl CloseReason {
         CloseReason::Pause,
         CloseReason::Resize,
         CloseReason::Shutdown,
+        CloseReason::Limit,
     ];
 
     /// The label value and log field.
@@ -148,6 +152,7 @@ impl CloseReason {
             CloseReason::Pause => "pause",
             CloseReason::Resize => "resize",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::Limit => "limit",
         }
     }
 }

@@ -36,6 +36,7 @@ type Family = (
 
 const POOL: &[&str] = &["database", "user"];
 const POOL_STATE: &[&str] = &["database", "user", "state"];
+const LIMIT: &[&str] = &["limit", "name"];
 const G: MetricType = MetricType::GAUGE;
 const C: MetricType = MetricType::COUNTER;
 const H: MetricType = MetricType::HISTOGRAM;
@@ -114,6 +115,30 @@ const FAMILIES: &[Family] = &[
         "Admin connections closed by a limit, by reason (header_timeout, idle_timeout).",
         C,
         &["reason"],
+    ),
+    (
+        "pgmux_limit_in_use",
+        "Counted against a limit across pools now, by setting (limit) and database or user (name): server connections open for max_db_connections / max_user_connections, logged-in clients for max_db_client_connections / max_user_client_connections.",
+        G,
+        LIMIT,
+    ),
+    (
+        "pgmux_limit_max",
+        "The value of that limit (0 = unlimited).",
+        G,
+        LIMIT,
+    ),
+    (
+        "pgmux_limit_waiting_clients",
+        "Checkouts queued for a server connection limit across pools (fair FIFO per limit).",
+        G,
+        LIMIT,
+    ),
+    (
+        "pgmux_limit_refused_total",
+        "Checkouts (after wait_timeout) or logins refused with 53300 by that limit.",
+        C,
+        LIMIT,
     ),
     (
         "pgmux_clients",
@@ -372,6 +397,7 @@ impl Collector for PoolCollector {
         collect_global(&pooler, &mut out);
         collect_port(&self.port, &pooler, &mut out);
         collect_pools(&pooler, &mut out);
+        collect_limits(&pooler, &mut out);
         out.finish()
     }
 }
@@ -442,6 +468,18 @@ fn collect_port(port: &PortStats, pooler: &Pooler, out: &mut Families) {
             &[reason],
             n.load(Relaxed),
         );
+    }
+}
+
+fn collect_limits(pooler: &Pooler, out: &mut Families) {
+    for l in super::views::limits(pooler) {
+        let labels = [l.setting, l.name.as_str()];
+        out.gauge("pgmux_limit_in_use", &labels, f64::from(l.in_use));
+        out.gauge("pgmux_limit_max", &labels, f64::from(l.limit));
+        out.counter("pgmux_limit_refused_total", &labels, l.refused);
+        if l.setting.ends_with("_user_connections") || l.setting.ends_with("_db_connections") {
+            out.gauge("pgmux_limit_waiting_clients", &labels, l.waiting as f64);
+        }
     }
 }
 

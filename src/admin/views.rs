@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::clients::ClientInfo;
-use crate::pool::{PoolView, ServerState, WINDOW_SECONDS};
+use crate::pool::{BudgetKind, PoolView, ServerState, WINDOW_SECONDS};
 use crate::pooler::Pooler;
 
 /// One pool in `/pools`.
@@ -40,7 +40,54 @@ pub struct PoolJson {
     /// Servers held by clients pinned by their session state, and the most allowed.
     pub pinned: u32,
     pub max_pinned: u32,
+    /// The limits across pools this pool counts in (`max_db_connections`, ...); empty
+    /// when none is set.
+    pub limits: Vec<LimitJson>,
     pub advice: Advice,
+}
+
+/// A limit shared by every pool of a database or user, as `/pools` shows it.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct LimitJson {
+    /// The setting: `max_db_connections`, `max_user_connections`,
+    /// `max_db_client_connections` or `max_user_client_connections`.
+    pub setting: &'static str,
+    /// The database or user it counts.
+    pub name: String,
+    pub limit: u32,
+    /// Server connections open (or clients logged in) counted against it now.
+    pub in_use: u32,
+    /// Checkouts waiting for it now (server limits only).
+    pub waiting: usize,
+    /// Checkouts or logins refused with 53300 because of it, since start.
+    pub refused: u64,
+}
+
+/// Every limit across pools in force: server connection budgets, then client caps.
+pub fn limits(pooler: &Pooler) -> Vec<LimitJson> {
+    let budgets = pooler.budgets().into_iter().map(|b| {
+        let v = b.view();
+        LimitJson {
+            setting: v.kind.setting(),
+            name: v.name,
+            limit: v.limit,
+            in_use: v.used,
+            waiting: v.waiting,
+            refused: v.refused,
+        }
+    });
+    let caps = pooler.client_caps().into_iter().map(|c| LimitJson {
+        setting: match c.kind {
+            BudgetKind::Database => "max_db_client_connections",
+            BudgetKind::User => "max_user_client_connections",
+        },
+        name: c.name,
+        limit: c.limit,
+        in_use: c.connected,
+        waiting: 0,
+        refused: c.refused,
+    });
+    budgets.chain(caps).collect()
 }
 
 /// Sizing advice from the last five minutes of demand.
@@ -74,6 +121,31 @@ pub struct Advice {
 pub fn pools(pooler: &Pooler) -> Vec<PoolJson> {
     let mut views: Vec<PoolView> = pooler.pools().iter().map(|p| p.view()).collect();
     views.sort_by(|a, b| a.key.cmp(&b.key));
+    let all_limits = limits(pooler);
+    let limits_of = |v: &PoolView| -> Vec<LimitJson> {
+        let database = ["max_db_connections", "max_db_client_connections"];
+        all_limits
+            .iter()
+            .filter(|l| {
+                let name = if database.contains(&l.setting) {
+                    &v.key.database
+                } else {
+                    &v.key.user
+                };
+                l.name == *name
+            })
+            .filter(|l| {
+                let s = &v.settings.limits;
+                match l.setting {
+                    "max_db_connections" => s.max_db_connections > 0,
+                    "max_user_connections" => s.max_user_connections > 0,
+                    "max_db_client_connections" => s.max_db_client_connections > 0,
+                    _ => s.max_user_client_connections > 0,
+                }
+            })
+            .cloned()
+            .collect()
+    };
     // Sizes per upstream, for the headroom.
     let mut per_upstream: HashMap<String, u32> = HashMap::new();
     for v in &views {
@@ -105,6 +177,7 @@ pub fn pools(pooler: &Pooler) -> Vec<PoolJson> {
                 wait_timeouts_total: v.wait_timeouts_total,
                 pinned: v.pinned,
                 max_pinned: v.settings.pinned_limit(),
+                limits: limits_of(v),
                 advice: advice(v, pools_size),
             }
         })

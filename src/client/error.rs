@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use crate::pool::CheckoutError;
+use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
 
@@ -15,6 +15,15 @@ pub enum ClientError {
     // Login.
     #[error("too many clients: max_client_conn ({max}) reached")]
     TooManyClients { max: usize },
+    #[error(
+        "too many clients for {kind} \"{name}\": {setting} ({limit}) reached",
+        kind = kind.as_str(), setting = client_setting(*kind)
+    )]
+    ClientLimit {
+        kind: BudgetKind,
+        name: String,
+        limit: u32,
+    },
     #[error("replication connections are not supported through pgmux")]
     Replication,
     #[error("no user name in the startup packet")]
@@ -87,7 +96,9 @@ impl ClientError {
     /// The SQLSTATE the client reads.
     pub fn sqlstate(&self) -> SqlState {
         match self {
-            Self::TooManyClients { .. } => SqlState::TOO_MANY_CONNECTIONS,
+            Self::TooManyClients { .. } | Self::ClientLimit { .. } => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
             Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
             Self::NoUser | Self::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
@@ -98,7 +109,9 @@ impl ClientError {
             | Self::Protocol(_)
             | Self::PartialMessage(_) => SqlState::PROTOCOL_VIOLATION,
             Self::LoginTimeout(_) => SqlState::QUERY_CANCELED,
-            Self::Checkout(CheckoutError::Timeout { .. }) => SqlState::TOO_MANY_CONNECTIONS,
+            Self::Checkout(CheckoutError::Timeout { .. } | CheckoutError::Limit { .. }) => {
+                SqlState::TOO_MANY_CONNECTIONS
+            }
             // PostgreSQL itself refused pgmux's login: keep what it means.
             Self::Checkout(CheckoutError::Upstream { error, .. })
                 if error.server_code().is_some() =>
@@ -131,6 +144,16 @@ impl ClientError {
             Self::TooManyClients { .. } => {
                 "raise server.max_client_conn, or use fewer client connections"
             }
+            Self::ClientLimit { kind, name, .. } => {
+                let setting = client_setting(*kind);
+                let section = match kind {
+                    BudgetKind::Database => "databases",
+                    BudgetKind::User => "users",
+                };
+                return Some(format!(
+                    "raise {section}.{name}.{setting} or pool.{setting} (0 = unlimited), or use fewer client connections"
+                ));
+            }
             Self::Replication => "connect to PostgreSQL directly for replication",
             Self::UnknownDatabase(db) => {
                 return Some(format!("add [databases.{db}] to the pgmux config"));
@@ -149,6 +172,16 @@ impl ClientError {
                 return Some(format!(
                     "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
                     pool.database
+                ));
+            }
+            Self::Checkout(CheckoutError::Limit { kind, name, .. }) => {
+                let (setting, section) = match kind {
+                    BudgetKind::Database => ("max_db_connections", format!("databases.{name}")),
+                    BudgetKind::User => ("max_user_connections", format!("users.{name}")),
+                };
+                return Some(format!(
+                    "raise {setting} ({section}.{setting}, or pool.{setting}; 0 = unlimited), \
+                     or make transactions shorter"
                 ));
             }
             Self::Checkout(CheckoutError::Upstream { error, .. }) => match error.server_code() {
@@ -208,6 +241,14 @@ impl ClientError {
             Some(hint) => err.with_hint(hint),
             None => err,
         }
+    }
+}
+
+/// The setting that caps clients per database or per user.
+fn client_setting(kind: BudgetKind) -> &'static str {
+    match kind {
+        BudgetKind::Database => "max_db_client_connections",
+        BudgetKind::User => "max_user_client_connections",
     }
 }
 

@@ -177,6 +177,10 @@ pub(super) async fn greet(
         return Err(ClientError::UnknownDatabase(database).into());
     };
     let pool_settings = pool.settings();
+    // max_db_client_connections / max_user_client_connections (pooler/client_caps.rs).
+    let client_slot = pooler
+        .admit_client(&database, &user, &pool_settings)
+        .map_err(ClientError::from)?;
     let mut settings = ClientParams::from_startup(&startup.params);
     // Session mode: the client keeps one server from login to the end, as with PostgreSQL
     // itself; it is greeted by that server and told its real process id.
@@ -245,6 +249,7 @@ pub(super) async fn greet(
         stop: pooler.stop.clone(),
         kill: pooler.kill.clone(),
         cbuf,
+        _client_slot: client_slot,
     })
 }
 

@@ -107,6 +107,7 @@ const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
     "token",
+    "allow_no_token",
     "log_connections",
     "log_slow_waits",
     "header_timeout",
@@ -139,9 +140,22 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "server_ca_file",
     "server_cert_file",
     "server_key_file",
+    "max_db_connections",
+    "max_db_client_connections",
 ];
+/// Keys of `[pool]` only: defaults for `[users.NAME]`.
+const POOL_ONLY_KEYS: &[&str] = &["max_user_connections", "max_user_client_connections"];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
-const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
+const USER_KEYS: &[&str] = &[
+    "password",
+    "server_password",
+    "auth_method",
+    "mode",
+    "size",
+    "wait_timeout",
+    "max_user_connections",
+    "max_user_client_connections",
+];
 const AUTH_METHODS: &[(&str, AuthMethod)] = &[
     ("scram-sha-256", AuthMethod::ScramSha256),
     ("md5", AuthMethod::Md5),
@@ -186,8 +200,12 @@ impl Walker<'_> {
                 "pool" => {
                     let mut overrides = PoolOverrides::default();
                     for (key, value) in table {
-                        if !self.pool_key("pool", key, value, &mut overrides) {
-                            self.unknown("pool", key, POOL_KEYS);
+                        if !self.pool_key("pool", key, value, &mut overrides)
+                            && !self.user_default_key(key, value, &mut overrides)
+                        {
+                            let known: Vec<&str> =
+                                POOL_KEYS.iter().chain(POOL_ONLY_KEYS).copied().collect();
+                            self.unknown("pool", key, &known);
                         }
                     }
                     config.pool.apply(&overrides);
@@ -323,6 +341,7 @@ impl Walker<'_> {
             match key.get_ref().as_ref() {
                 "listen" => admin.listen = self.string(&path, value),
                 "token" => admin.token = self.string(&path, value),
+                "allow_no_token" => set(&mut admin.allow_no_token, self.boolean(&path, value)),
                 "log_connections" => {
                     set(&mut admin.log_connections, self.boolean(&path, value));
                 }
@@ -375,6 +394,15 @@ impl Walker<'_> {
                 "server_password" => user.server_password = self.string(&p, value),
                 "auth_method" => user.auth_method = self.choice(&p, value, AUTH_METHODS),
                 "mode" => user.mode = self.choice(&p, value, POOL_MODES),
+                "size" => user.size = as_u32(self.unsigned(&p, value, u32::MAX.into())),
+                "wait_timeout" => user.wait_timeout = self.duration(&p, value),
+                "max_user_connections" => {
+                    user.max_user_connections = as_u32(self.unsigned(&p, value, u32::MAX.into()));
+                }
+                "max_user_client_connections" => {
+                    user.max_user_client_connections =
+                        as_u32(self.unsigned(&p, value, u32::MAX.into()));
+                }
                 _ => self.unknown(path, key, USER_KEYS),
             }
         }
@@ -428,10 +456,42 @@ impl Walker<'_> {
             "server_key_file" => {
                 o.server_key_file = self.string(&p, value).map(|f| PemFile::named(&f))
             }
+            "max_db_connections" => {
+                o.max_db_connections = as_u32(self.unsigned(&p, value, u32_max))
+            }
+            "max_db_client_connections" => {
+                o.max_db_client_connections = as_u32(self.unsigned(&p, value, u32_max))
+            }
             _ => return false,
         }
         true
     }
+
+    /// Reads a `[pool]`-only key (a default of `[users.NAME]`) into `o`; false if it is not one.
+    fn user_default_key(
+        &mut self,
+        key: &Key<'_>,
+        value: &Value<'_>,
+        o: &mut PoolOverrides,
+    ) -> bool {
+        let p = join_key("pool", key.get_ref());
+        let n = match key.get_ref().as_ref() {
+            "max_user_connections" | "max_user_client_connections" => {
+                as_u32(self.unsigned(&p, value, u32::MAX.into()))
+            }
+            _ => return false,
+        };
+        match key.get_ref().as_ref() {
+            "max_user_connections" => o.max_user_connections = n,
+            _ => o.max_user_client_connections = n,
+        }
+        true
+    }
+}
+
+/// A number read as u64 that fits a u32.
+fn as_u32(n: Option<u64>) -> Option<u32> {
+    n.and_then(|n| u32::try_from(n).ok())
 }
 
 /// Overwrites `target` if the value was read.

@@ -65,6 +65,11 @@ pub(super) fn render(config: &Config) -> String {
     optional(&mut out, "token", admin.token.as_ref().map(|_| MASK));
     line(
         &mut out,
+        "allow_no_token",
+        &admin.allow_no_token.to_string(),
+    );
+    line(
+        &mut out,
         "log_connections",
         &admin.log_connections.to_string(),
     );
@@ -101,6 +106,24 @@ pub(super) fn render(config: &Config) -> String {
             user.auth_method.map(|m| m.as_str()),
         );
         optional(&mut out, "mode", user.mode.map(|m| m.as_str()));
+        if let Some(n) = user.size {
+            line(&mut out, "size", &n.to_string());
+        }
+        if let Some(d) = user.wait_timeout {
+            line(&mut out, "wait_timeout", &duration(d));
+        }
+        let limits = [
+            ("max_user_connections", user.max_user_connections),
+            (
+                "max_user_client_connections",
+                user.max_user_client_connections,
+            ),
+        ];
+        for (key, n) in limits {
+            if let Some(n) = n {
+                line(&mut out, key, &n.to_string());
+            }
+        }
     }
     out
 }
@@ -133,6 +156,10 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         server_ca_file: s.server_tls.ca_file.clone(),
         server_cert_file: s.server_tls.cert_file.clone(),
         server_key_file: s.server_tls.key_file.clone(),
+        max_db_connections: Some(s.limits.max_db_connections),
+        max_db_client_connections: Some(s.limits.max_db_client_connections),
+        max_user_connections: Some(s.limits.max_user_connections),
+        max_user_client_connections: Some(s.limits.max_user_client_connections),
     }
 }
 
@@ -201,6 +228,17 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     for (key, file) in files {
         let path = file.as_ref().map(|f| f.path.to_string_lossy());
         optional(out, key, path.as_deref());
+    }
+    let limits = [
+        ("max_db_connections", o.max_db_connections),
+        ("max_db_client_connections", o.max_db_client_connections),
+        ("max_user_connections", o.max_user_connections),
+        ("max_user_client_connections", o.max_user_client_connections),
+    ];
+    for (key, n) in limits {
+        if let Some(n) = n {
+            line(out, key, &n.to_string());
+        }
     }
 }
 

@@ -99,6 +99,9 @@ pub struct AdminSection {
     /// When set, every admin endpoint but `/health` and `/ready` needs
     /// `Authorization: Bearer <token>`. A secret: masked in `Debug` and [`Config::masked`].
     pub token: Option<String>,
+    /// Lets `listen` be beyond loopback without `token` (a trusted network, or a proxy in
+    /// front that authenticates). Off by default: such a config is refused at load.
+    pub allow_no_token: bool,
     /// Log one line per client connect and disconnect (with duration and bytes).
     pub log_connections: bool,
     /// Log a warning when a client waited longer than this for a server; 0 = never.
@@ -116,6 +119,7 @@ impl Default for AdminSection {
         Self {
             listen: None,
             token: None,
+            allow_no_token: false,
             log_connections: true,
             log_slow_waits: Duration::from_secs(1),
             header_timeout: Duration::from_secs(10),
@@ -127,11 +131,21 @@ impl Default for AdminSection {
     }
 }
 
+impl AdminSection {
+    /// Whether an admin port on `listen` would answer anyone who reaches it: beyond
+    /// loopback, no token, and not explicitly allowed. Such a config is refused at load;
+    /// a reload checks it against the address bound at start, which it cannot change.
+    pub fn unprotected_on(&self, listen: &str) -> bool {
+        self.token.is_none() && !self.allow_no_token && !validate::is_loopback(listen)
+    }
+}
+
 impl fmt::Debug for AdminSection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AdminSection")
             .field("listen", &self.listen)
             .field("token", &self.token.as_ref().map(|_| MASK))
+            .field("allow_no_token", &self.allow_no_token)
             .field("log_connections", &self.log_connections)
             .field("log_slow_waits", &self.log_slow_waits)
             .field("header_timeout", &self.header_timeout)
@@ -265,6 +279,23 @@ pub struct PoolSettings {
     /// TLS to the servers (`server_tls`, `server_ca_file`, `server_cert_file`,
     /// `server_key_file`).
     pub server_tls: ServerTlsSettings,
+    /// Limits across pools (`max_db_*`, `max_user_*`; 0 = unlimited).
+    pub limits: Limits,
+}
+
+/// Limits shared by several pools, under PgBouncer's names; 0 = unlimited. The `max_db_*`
+/// ones come from `[pool]` and `[databases.NAME]`, the `max_user_*` ones from `[pool]` and
+/// `[users.NAME]`. Counted across every pool of that database or user.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Server connections open to a database, all its pools together.
+    pub max_db_connections: u32,
+    /// Server connections open for a user, all their pools together.
+    pub max_user_connections: u32,
+    /// Clients logged in to a database.
+    pub max_db_client_connections: u32,
+    /// Clients logged in as a user.
+    pub max_user_client_connections: u32,
 }
 
 /// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
@@ -319,6 +350,7 @@ impl Default for PoolSettings {
             max_pinned: None,
             pinned_idle_timeout: Duration::from_secs(60),
             server_tls: ServerTlsSettings::default(),
+            limits: Limits::default(),
         }
     }
 }
@@ -358,6 +390,17 @@ impl PoolSettings {
         }
         self.pinned_idle_timeout = o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout);
         self.server_tls.apply(o);
+        let limits = &mut self.limits;
+        limits.max_db_connections = o.max_db_connections.unwrap_or(limits.max_db_connections);
+        limits.max_db_client_connections = o
+            .max_db_client_connections
+            .unwrap_or(limits.max_db_client_connections);
+        limits.max_user_connections = o
+            .max_user_connections
+            .unwrap_or(limits.max_user_connections);
+        limits.max_user_client_connections = o
+            .max_user_client_connections
+            .unwrap_or(limits.max_user_client_connections);
     }
 
     /// How many servers pinned clients may hold: `max_pinned`, or half the pool.
@@ -417,6 +460,14 @@ pub struct PoolOverrides {
     pub server_cert_file: Option<PemFile>,
     /// See [`ServerTlsSettings::key_file`].
     pub server_key_file: Option<PemFile>,
+    /// See [`Limits::max_db_connections`] (`[pool]` and databases).
+    pub max_db_connections: Option<u32>,
+    /// See [`Limits::max_db_client_connections`] (`[pool]` and databases).
+    pub max_db_client_connections: Option<u32>,
+    /// See [`Limits::max_user_connections`] (`[pool]` only; users have their own key).
+    pub max_user_connections: Option<u32>,
+    /// See [`Limits::max_user_client_connections`] (`[pool]` only).
+    pub max_user_client_connections: Option<u32>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.
@@ -481,6 +532,14 @@ pub struct User {
     pub auth_method: Option<AuthMethod>,
     /// This user's pool mode, over the database's and `[pool]`'s.
     pub mode: Option<PoolMode>,
+    /// This user's pool size (for each of their pools), over the database's and `[pool]`'s.
+    pub size: Option<u32>,
+    /// This user's wait_timeout, over the database's and `[pool]`'s.
+    pub wait_timeout: Option<Duration>,
+    /// Server connections across this user's pools, over `[pool] max_user_connections`.
+    pub max_user_connections: Option<u32>,
+    /// Clients logged in as this user, over `[pool] max_user_client_connections`.
+    pub max_user_client_connections: Option<u32>,
 }
 
 impl fmt::Debug for User {
@@ -493,6 +552,13 @@ impl fmt::Debug for User {
             )
             .field("auth_method", &self.auth_method)
             .field("mode", &self.mode)
+            .field("size", &self.size)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("max_user_connections", &self.max_user_connections)
+            .field(
+                "max_user_client_connections",
+                &self.max_user_client_connections,
+            )
             .finish()
     }
 }
@@ -529,13 +595,23 @@ impl Config {
     }
 
     /// The settings of the pool for `database` and `user`: `[pool]`, then the database's
-    /// overrides, then the user's `mode`. `None` if the database is not configured.
+    /// overrides, then the user's `mode`, `size`, `wait_timeout` and `max_user_*` limits.
+    /// `None` if the database is not configured.
     pub fn pool_settings(&self, database: &str, user: &str) -> Option<PoolSettings> {
         let db = self.databases.get(database)?;
         let mut settings = self.pool.clone();
         settings.apply(&db.overrides);
-        if let Some(mode) = self.users.get(user).and_then(|u| u.mode) {
-            settings.mode = mode;
+        if let Some(u) = self.users.get(user) {
+            settings.mode = u.mode.unwrap_or(settings.mode);
+            settings.size = u.size.unwrap_or(settings.size);
+            settings.wait_timeout = u.wait_timeout.unwrap_or(settings.wait_timeout);
+            let limits = &mut settings.limits;
+            limits.max_user_connections = u
+                .max_user_connections
+                .unwrap_or(limits.max_user_connections);
+            limits.max_user_client_connections = u
+                .max_user_client_connections
+                .unwrap_or(limits.max_user_client_connections);
         }
         Some(settings)
     }

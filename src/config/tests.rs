@@ -169,7 +169,56 @@ fn unknown_keys_are_placed() {
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
              tcp_user_timeout, session_state, session_state_check, max_pinned, \
-             pinned_idle_timeout, server_tls, server_ca_file, server_cert_file, server_key_file",
+             pinned_idle_timeout, server_tls, server_ca_file, server_cert_file, server_key_file, \
+             max_db_connections, max_db_client_connections",
+        ]
+    );
+}
+
+#[test]
+fn limits_across_pools_and_per_user_overrides() {
+    let text = "[pool]\nmax_db_connections = 10\nmax_user_connections = 4\n\
+                max_user_client_connections = 50\n\
+                [databases.app]\nmax_db_connections = 6\nmax_db_client_connections = 100\n\
+                [databases.other]\n\
+                [users.alice]\nsize = 3\nwait_timeout = \"250ms\"\nmax_user_connections = 2\n\
+                [users.bob]\n";
+    let c = parse_ok(text);
+    let alice = c.pool_settings("app", "alice").expect("app exists");
+    assert_eq!(alice.size, 3);
+    assert_eq!(alice.wait_timeout, Duration::from_millis(250));
+    assert_eq!(
+        alice.limits,
+        Limits {
+            max_db_connections: 6,
+            max_user_connections: 2,
+            max_db_client_connections: 100,
+            max_user_client_connections: 50,
+        }
+    );
+    let bob = c.pool_settings("other", "bob").expect("other exists");
+    assert_eq!(bob.size, 20);
+    assert_eq!(bob.limits.max_db_connections, 10);
+    assert_eq!(bob.limits.max_user_connections, 4);
+    assert_eq!(bob.limits.max_db_client_connections, 0);
+    // What `pgmux check` prints loads again to the same config.
+    assert_eq!(
+        parse_ok(&c.masked().replace("********", "x")).users["alice"].size,
+        Some(3)
+    );
+
+    let found = problems(
+        "[databases.app]\nmax_user_connections = 1\n[users.a]\nsize = 0\nwait_timeout = \"0\"\n",
+    );
+    assert!(
+        found[0].starts_with("t.toml:2:1: databases.app.max_user_connections: unknown key"),
+        "{found:?}"
+    );
+    assert_eq!(
+        found[1..],
+        [
+            "t.toml:4:8: users.a.size: must be at least 1",
+            "t.toml:5:16: users.a.wait_timeout: must be above 0 (clients would fail without waiting)",
         ]
     );
 }
@@ -551,8 +600,16 @@ fn warnings_do_not_fail() {
 
 #[test]
 fn example_config_loads() {
-    let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml"));
-    let c = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/config/pgmux.toml");
+    let text = std::fs::read_to_string(path).expect("the example config is readable");
+    // Its secrets have no default: without them it does not load.
+    let err = Config::parse_with_env(&text, path, &no_env).expect_err("secrets are required");
+    for var in ["PGMUX_ADMIN_TOKEN", "PGMUX_POSTGRES_PASSWORD"] {
+        assert!(err.to_string().contains(var), "{err}");
+    }
+    let env = |name: &str| name.ends_with("_TOKEN") || name.ends_with("_PASSWORD");
+    let env = |name: &str| env(name).then(|| "s3cret".to_owned());
+    let c = Config::parse_with_env(&text, path, &env).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(c.server.listen, ["127.0.0.1:6432"]);
     assert_eq!(c.databases["app"].upstream_dbname("app"), "app");
     assert_eq!(c.databases["postgres"].port, 5432);
@@ -580,9 +637,35 @@ fn admin_section() {
             "t.toml:2:10: admin.listen: \"nowhere\" is not an address: expected host:port",
             "t.toml:3:9: admin.token: must not be empty (remove the key to disable the token)",
             "t.toml:4:19: admin.log_connections: expected a boolean, found a string",
-            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
+            "t.toml:5:1: admin.port: unknown key; expected one of: listen, token, allow_no_token, log_connections, log_slow_waits, header_timeout, idle_timeout, max_connections",
         ]
     );
+}
+
+#[test]
+fn open_admin_port_needs_a_token_or_an_explicit_allow() {
+    let open = "[admin]\nlisten = \"0.0.0.0:9930\"\n";
+    let found = problems(open);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("t.toml:2:10: admin.listen: \"0.0.0.0:9930\" is beyond localhost")
+            && found[0].contains("admin.allow_no_token = true"),
+        "{found:?}"
+    );
+    assert!(parse(&format!("{open}token = \"t0ken\"\n")).is_ok());
+    let allowed = format!("{open}allow_no_token = true\n");
+    let (result, warnings) = load::analyze(&allowed, "t.toml", Path::new(""), &no_env);
+    assert!(result.expect("allowed explicitly").admin.allow_no_token);
+    assert!(
+        warnings[0]
+            .to_string()
+            .contains("admin.allow_no_token = true"),
+        "{warnings:?}"
+    );
+    for local in ["127.0.0.1:9930", "[::1]:9930", "localhost:9930"] {
+        let text = format!("[admin]\nlisten = \"{local}\"\n");
+        assert!(parse(&text).is_ok(), "{local}");
+    }
 }
 
 #[test]

@@ -155,11 +155,26 @@ impl Checker<'_> {
                 let msg = format!("\"{addr}\" is not an address: expected host:port");
                 self.error("admin.listen", msg);
             } else if admin.token.is_none() && !is_loopback(addr) {
-                self.warn(
-                    "admin.listen",
-                    "the admin port listens beyond localhost without admin.token: anyone who \
-                     reaches it can reload, pause and read client addresses",
-                );
+                // Anyone who reaches an open admin port can reload, pause, and read client
+                // addresses and query text: refused unless explicitly allowed.
+                if !admin.unprotected_on(addr) {
+                    self.warn(
+                        "admin.listen",
+                        "the admin port listens beyond localhost without admin.token \
+                         (admin.allow_no_token = true): anyone who reaches it can reload, \
+                         pause and read client addresses and queries",
+                    );
+                } else {
+                    self.error(
+                        "admin.listen",
+                        format!(
+                            "\"{addr}\" is beyond localhost and admin.token is not set: anyone \
+                             who reaches it could reload, pause and read client addresses and \
+                             queries. Set admin.token (e.g. token = \"${{PGMUX_ADMIN_TOKEN}}\"), \
+                             listen on 127.0.0.1, or set admin.allow_no_token = true"
+                        ),
+                    );
+                }
             }
         }
         if admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
@@ -247,6 +262,13 @@ impl Checker<'_> {
     fn users(&mut self, config: &Config) {
         for (name, user) in &config.users {
             let path = join_key("users", name);
+            if user.size == Some(0) {
+                self.error(&join_key(&path, "size"), "must be at least 1");
+            }
+            if user.wait_timeout.is_some_and(|d| d.is_zero()) {
+                let msg = "must be above 0 (clients would fail without waiting)";
+                self.error(&join_key(&path, "wait_timeout"), msg);
+            }
             let method = config.auth_method_for(name);
             let password_key = join_key(&path, "password");
             let kind = match user.password.as_deref().map(SecretKind::of) {
@@ -338,7 +360,7 @@ fn is_listen_address(addr: &str) -> bool {
     }
 }
 
-fn is_loopback(addr: &str) -> bool {
+pub(super) fn is_loopback(addr: &str) -> bool {
     match addr.parse::<SocketAddr>() {
         Ok(a) => a.ip().is_loopback(),
         Err(_) => addr.starts_with("localhost:"),

@@ -137,14 +137,17 @@ impl Pool {
     fn grant_free_slots(&self) {
         let size = self.settings.load().size;
         let mut st = self.state.lock();
-        while !st.paused && st.open < size {
+        while !st.paused && st.open < size && !st.waiters.is_empty() {
+            // A limit shared with other pools may be what stops it now.
+            if st.reserve(false).is_err() {
+                break;
+            }
             let Some(waiter) = st.waiters.pop_front() else {
                 break;
             };
-            st.open += 1;
             if waiter.tx.send(Grant::Slot).is_err() {
                 // It gave up meanwhile; the slot was never taken.
-                st.open -= 1;
+                st.unreserve();
             }
         }
     }

@@ -5,9 +5,15 @@
 //! Checkin hands the connection to the oldest waiter, or back to the idle stack. Only
 //! checkout and checkin take the pool's lock, never across an `.await`.
 //!
+//! With `max_db_connections` / `max_user_connections`, opening also takes a unit of a
+//! budget shared with other pools (`budget.rs`); a checkout that finds one spent waits in
+//! its pool's queue and in the budget's FIFO queue, whichever serves it first. Lock
+//! order: the pool's lock, then budgets; never one pool's lock under another's.
+//!
 //! Operators act on a pool through `control.rs` (pause, resume, reconnect, new settings
 //! on reload) and read it through `view.rs`; `window.rs` keeps its recent demand.
 
+mod budget;
 mod control;
 mod greetings;
 mod health;
@@ -17,6 +23,7 @@ mod upkeep;
 mod view;
 mod window;
 
+pub use budget::{Budget, BudgetKind, BudgetView};
 pub use greetings::{Greetings, Reported};
 pub use lease::Lease;
 pub use pinned::PinGuard;
@@ -68,6 +75,20 @@ pub enum CheckoutError {
         waited: Duration,
         size: u32,
         in_use: usize,
+        waiting: usize,
+    },
+    /// A limit shared with other pools (`max_db_connections`, `max_user_connections`)
+    /// stayed reached for `waited`.
+    #[error(
+        "pool {pool}: no server connection within {waited:?}: {setting} ({limit}) reached for {kind} \"{name}\" across its pools ({waiting} waiting)",
+        setting = kind.setting(), kind = kind.as_str()
+    )]
+    Limit {
+        pool: PoolKey,
+        waited: Duration,
+        kind: BudgetKind,
+        name: String,
+        limit: u32,
         waiting: usize,
     },
     /// The upstream cannot be reached.
@@ -129,9 +150,36 @@ struct State {
     /// Connections opened before this are replaced as soon as they are idle (reconnect).
     replace_before: Option<Instant>,
     demand: Window,
+    /// Limits shared with other pools (`budget.rs`); empty, and never locked, without
+    /// `max_db_connections` / `max_user_connections`.
+    budgets: Vec<Arc<Budget>>,
 }
 
 impl State {
+    /// Counts one more connection in `open`, with a unit of each budget; `Err` names a
+    /// spent budget (`woken`: a waiter whose turn came, see `Budget::take_all`).
+    fn reserve(&mut self, woken: bool) -> Result<(), Arc<Budget>> {
+        if !self.budgets.is_empty() {
+            Budget::take_all(&self.budgets, woken)?;
+        }
+        self.open += 1;
+        Ok(())
+    }
+
+    /// Counts one connection less in `open`, and gives its budget units back.
+    fn unreserve(&mut self) {
+        self.open -= 1;
+        if !self.budgets.is_empty() {
+            Budget::give_back_all(&self.budgets, 1);
+        }
+    }
+
+    /// Whether a connection coming back idle should close to serve another pool's
+    /// waiter (or to get under a lowered limit).
+    fn budget_wants(&self) -> bool {
+        !self.budgets.is_empty() && self.budgets.iter().any(|b| b.wanted())
+    }
+
     /// Servers wanted now: held by clients or being opened, plus clients waiting.
     fn demand(&self) -> u32 {
         let in_use = (self.open as usize).saturating_sub(self.idle.len());
@@ -204,6 +252,7 @@ impl Pool {
                 resumed_at: None,
                 replace_before: None,
                 demand: Window::new(),
+                budgets: Vec::new(),
             }),
             server_params: Mutex::new(Arc::new(Vec::new())),
             greetings: Greetings::default(),
@@ -273,6 +322,10 @@ impl Pool {
                 let demand = st.demand();
                 st.demand.timeout(now, demand);
             }
+            Err(CheckoutError::Limit { .. }) => {
+                self.stats.wait_timeouts.fetch_add(1, Relaxed);
+                self.stats.wait.observe(waited);
+            }
             Err(CheckoutError::Upstream { .. }) => {}
         }
         let slow = self.slow_wait.load(Relaxed);
@@ -309,7 +362,7 @@ impl Pool {
                     || st.replace_before.is_some_and(|t| conn.created() < t)
                     || !conn.looks_alive()
                 {
-                    st.open -= 1;
+                    st.unreserve();
                     stale.push(conn);
                     continue;
                 }
@@ -320,19 +373,18 @@ impl Pool {
                 Some(conn) => Step::Ready(conn),
                 None if !st.paused && st.open < settings.size => match st.health.retry_wait(now) {
                     Some(wait) => Step::Down(wait),
-                    None => {
-                        st.open += 1;
-                        Step::Connect
-                    }
+                    None => match st.reserve(false) {
+                        Ok(()) => Step::Connect,
+                        // A limit shared with other pools: wait for its turn too.
+                        Err(budget) => {
+                            let (id, rx) = Self::enqueue(&mut st, now);
+                            Step::Wait(id, rx, Some(BudgetWait::new(budget, false)))
+                        }
+                    },
                 },
                 None => {
-                    let id = st.next_waiter;
-                    st.next_waiter += 1;
-                    let (tx, rx) = oneshot::channel();
-                    st.waiters.push_back(Waiter { id, tx, since: now });
-                    let demand = st.demand();
-                    st.demand.demand(now, demand);
-                    Step::Wait(id, rx)
+                    let (id, rx) = Self::enqueue(&mut st, now);
+                    Step::Wait(id, rx, None)
                 }
             }
         };
@@ -345,7 +397,10 @@ impl Pool {
             Step::Ready(conn) => Ok(conn),
             Step::Connect => self.open_reserved().await,
             Step::Down(wait) => Err(self.upstream_error(wait)),
-            Step::Wait(id, rx) => {
+            Step::Wait(id, rx, mut blocked) => {
+                if let Some(b) = &blocked {
+                    self.free_budget_elsewhere(&b.budget);
+                }
                 let mut guard = WaitGuard {
                     pool: self,
                     id,
@@ -355,9 +410,27 @@ impl Pool {
                     let Some(rx) = guard.rx.as_mut() else {
                         break None; // set until the wait ends: unreachable
                     };
-                    match tokio::time::timeout_at(deadline, rx).await {
-                        Ok(received) => break received.ok(),
-                        Err(_) => match self.held_until(settings.wait_timeout) {
+                    let turn = async {
+                        match blocked.as_mut() {
+                            Some(b) => (&mut b.rx).await.is_ok(),
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let event = tokio::select! {
+                        received = rx => Event::Granted(received.ok()),
+                        turn = turn => Event::Turn(turn),
+                        () = tokio::time::sleep_until(deadline) => Event::Deadline,
+                    };
+                    match event {
+                        Event::Granted(grant) => break grant,
+                        Event::Turn(true) => {
+                            if self.take_turn(&mut guard, &mut blocked, &settings) {
+                                return self.open_reserved().await;
+                            }
+                        }
+                        // The budget was detached by a reload: an ordinary waiter now.
+                        Event::Turn(false) => blocked = None,
+                        Event::Deadline => match self.held_until(settings.wait_timeout) {
                             Some(until) => deadline = tokio::time::Instant::from_std(until),
                             None => break None,
                         },
@@ -393,6 +466,21 @@ impl Pool {
                             drop(st);
                             return Err(self.upstream_error(wait));
                         }
+                        if let Some(b) = blocked.take() {
+                            drop(st);
+                            let budget = b.budget.clone();
+                            drop(b); // out of its queue before it is counted
+                            budget.refused.fetch_add(1, Relaxed);
+                            let view = budget.view();
+                            return Err(CheckoutError::Limit {
+                                pool: self.key.clone(),
+                                waited: started.elapsed(),
+                                kind: view.kind,
+                                name: view.name,
+                                limit: view.limit,
+                                waiting: view.waiting,
+                            });
+                        }
                         Err(CheckoutError::Timeout {
                             pool: self.key.clone(),
                             waited: started.elapsed(),
@@ -417,6 +505,99 @@ impl Pool {
         st.resumed_at
             .map(|at| at + wait_timeout)
             .filter(|until| *until > now)
+    }
+
+    /// Queues a checkout in this pool (under its lock).
+    fn enqueue(st: &mut State, now: Instant) -> (u64, oneshot::Receiver<Grant>) {
+        let id = st.next_waiter;
+        st.next_waiter += 1;
+        let (tx, rx) = oneshot::channel();
+        st.waiters.push_back(Waiter { id, tx, since: now });
+        let demand = st.demand();
+        st.demand.demand(now, demand);
+        (id, rx)
+    }
+
+    /// A budget's turn came for the waiter `guard`: true if it took a slot (and left the
+    /// queue), to open its connection. Otherwise it waits on, in the queue of the budget
+    /// still spent (keeping its turn), or as an ordinary waiter of this pool, and a turn
+    /// it does not use passes to the next waiter of that budget.
+    fn take_turn(
+        &self,
+        guard: &mut WaitGuard<'_>,
+        blocked: &mut Option<BudgetWait>,
+        settings: &PoolSettings,
+    ) -> bool {
+        let Some(b) = blocked.take() else {
+            return false;
+        };
+        let mut st = self.state.lock();
+        let Some(at) = st.waiters.iter().position(|w| w.id == guard.id) else {
+            // The pool granted it meanwhile: the grant is in its channel.
+            drop(st);
+            b.pass_turn();
+            return false;
+        };
+        if st.paused || st.open >= settings.size {
+            drop(st);
+            b.pass_turn();
+            return false;
+        }
+        match st.reserve(true) {
+            Ok(()) => {
+                st.waiters.remove(at);
+                guard.rx = None;
+                true
+            }
+            Err(budget) => {
+                *blocked = Some(BudgetWait::new(budget, true));
+                drop(st);
+                // Its turn at a budget other than the spent one goes to the next there.
+                b.pass_turn();
+                false
+            }
+        }
+    }
+
+    /// Closes one idle connection of another pool under `budget`, so that its unit goes
+    /// to the oldest waiter of the budget (PgBouncer does the same).
+    fn free_budget_elsewhere(&self, budget: &Budget) {
+        for other in budget.others(self) {
+            let idle = {
+                let mut st = other.state.lock();
+                // The oldest idle connection sits at the bottom of the stack.
+                (!st.idle.is_empty()).then(|| st.idle.remove(0))
+            };
+            if let Some(conn) = idle {
+                other.close(conn, CloseReason::Limit);
+                return;
+            }
+        }
+    }
+
+    /// Attaches the budgets (limits across pools) this pool counts in, detaching the
+    /// ones it no longer does; the connections it has open are moved along.
+    pub fn set_budgets(self: &Arc<Self>, budgets: Vec<Arc<Budget>>) {
+        let me = Arc::downgrade(self);
+        let mut st = self.state.lock();
+        for old in &st.budgets {
+            if !budgets.iter().any(|b| Arc::ptr_eq(b, old)) {
+                Budget::give_back_all(std::slice::from_ref(old), st.open);
+                old.part(&me);
+            }
+        }
+        for new in &budgets {
+            if !st.budgets.iter().any(|b| Arc::ptr_eq(b, new)) {
+                new.add_used(st.open);
+                new.join(me.clone());
+            }
+        }
+        st.budgets = budgets;
+    }
+
+    /// The budgets this pool counts in, for the views.
+    pub fn budgets(&self) -> Vec<Arc<Budget>> {
+        self.state.lock().budgets.clone()
     }
 
     /// Opens a connection in a slot already counted in `open`. On failure the slot is freed.
@@ -527,6 +708,10 @@ impl Pool {
             }
             return self.close(conn, reason);
         }
+        if st.waiters.is_empty() && st.budget_wants() {
+            drop(st);
+            return self.close(conn, CloseReason::Limit);
+        }
         conn.went_idle(now);
         while let Some(waiter) = st.waiters.pop_front() {
             match waiter.tx.send(Grant::Conn(conn)) {
@@ -574,7 +759,7 @@ impl Pool {
                 }
             }
         }
-        st.open -= 1;
+        st.unreserve();
     }
 
     /// Counts for messages and the admin views: (open, idle, waiting).
@@ -603,8 +788,12 @@ impl Drop for Pool {
     /// A pool removed by a reload goes when its last client leaves: say goodbye to the
     /// servers it still keeps idle.
     fn drop(&mut self) {
-        for conn in self.state.get_mut().idle.drain(..) {
+        let st = self.state.get_mut();
+        for conn in st.idle.drain(..) {
             conn.close();
+        }
+        if !st.budgets.is_empty() {
+            Budget::give_back_all(&st.budgets, st.open);
         }
     }
 }
@@ -613,7 +802,41 @@ enum Step {
     Ready(Box<ServerConn>),
     Connect,
     Down(Duration),
-    Wait(u64, oneshot::Receiver<Grant>),
+    /// Queued in the pool; also in a budget's queue when that limit is what blocks it.
+    Wait(u64, oneshot::Receiver<Grant>, Option<BudgetWait>),
+}
+
+/// What ended one round of a wait.
+enum Event {
+    Granted(Option<Grant>),
+    /// A budget's turn came (true), or the budget went away (false).
+    Turn(bool),
+    Deadline,
+}
+
+/// A checkout's place in a budget's queue; leaves it when dropped.
+struct BudgetWait {
+    budget: Arc<Budget>,
+    id: u64,
+    rx: oneshot::Receiver<()>,
+}
+
+impl BudgetWait {
+    fn new(budget: Arc<Budget>, front: bool) -> BudgetWait {
+        let (id, rx) = budget.enqueue(front);
+        BudgetWait { budget, id, rx }
+    }
+
+    /// Gives a turn received and not used to the next waiter of the budget.
+    fn pass_turn(self) {
+        self.budget.pass_turn();
+    }
+}
+
+impl Drop for BudgetWait {
+    fn drop(&mut self) {
+        self.budget.leave(self.id, &mut self.rx);
+    }
 }
 
 /// A slot counted in `open` for a connection being opened; freed if the opening is abandoned.

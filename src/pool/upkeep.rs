@@ -93,12 +93,8 @@ async fn probe(pool: &Arc<Pool>, lost: bool) {
         let down = st.health.last_error().is_some();
         let want = (lost && st.idle.is_empty()) || down;
         let allowed = !st.paused && st.open < pool.settings().size;
-        if want && allowed && st.health.retry_wait(now).is_none() {
-            st.open += 1;
-            true
-        } else {
-            false
-        }
+        // A spent limit across pools leaves the probe to the pools that have the budget.
+        want && allowed && st.health.retry_wait(now).is_none() && st.reserve(false).is_ok()
     };
     if due && let Ok(conn) = pool.open_reserved().await {
         pool.checkin(conn);
@@ -117,7 +113,10 @@ async fn warm_up(pool: &Arc<Pool>) {
             {
                 return;
             }
-            st.open += 1;
+            // Warming up never waits for a limit shared with other pools.
+            if st.reserve(false).is_err() {
+                return;
+            }
         }
         match pool.open_reserved().await {
             Ok(conn) => pool.checkin(conn),

@@ -95,6 +95,18 @@ impl Pooler {
         let config = Config::load(&path).map_err(|e| {
             ReloadError::Invalid(e.problems.iter().map(ToString::to_string).collect())
         })?;
+        // The admin port keeps the address it was bound to at start: a new file must
+        // still protect that one, whatever its own admin.listen says.
+        if let Some(bound) = &self.admin_listen
+            && config.admin.unprotected_on(bound)
+        {
+            return Err(ReloadError::Invalid(vec![format!(
+                "{}: admin.token: the admin port listens on \"{bound}\", beyond localhost: \
+                 removing admin.token needs admin.allow_no_token = true (or a restart with a \
+                 local admin.listen)",
+                path.display()
+            )]));
+        }
         let snapshot = Snapshot::new(config).map_err(|e| ReloadError::Invalid(vec![e]))?;
         Ok(self.apply(snapshot))
     }
@@ -129,6 +141,10 @@ impl Pooler {
                 ));
                 pool.set_upstream(upstream);
             }
+            let budgets = self.budgets_for(db, user, &settings);
+            if !budgets.is_empty() || !pool.budgets().is_empty() {
+                pool.set_budgets(budgets);
+            }
             let current = pool.settings();
             if *current != settings {
                 let what = settings_changes(&current, &settings).join(", ");
@@ -138,6 +154,11 @@ impl Pooler {
             pool.set_slow_wait(slow_wait);
             true
         });
+        drop(pools);
+        // Limits no pool counts in any more (set to 0, or their pools gone).
+        self.budgets
+            .lock()
+            .retain(|_, budget| Arc::strong_count(budget) > 1);
         changes
     }
 }
@@ -252,6 +273,27 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
         "max_prepared_statements",
         old.max_prepared_statements,
         new.max_prepared_statements,
+    );
+    let (a, b) = (old.limits, new.limits);
+    num(
+        "max_db_connections",
+        a.max_db_connections,
+        b.max_db_connections,
+    );
+    num(
+        "max_user_connections",
+        a.max_user_connections,
+        b.max_user_connections,
+    );
+    num(
+        "max_db_client_connections",
+        a.max_db_client_connections,
+        b.max_db_client_connections,
+    );
+    num(
+        "max_user_client_connections",
+        a.max_user_client_connections,
+        b.max_user_client_connections,
     );
     if old.max_pinned != new.max_pinned {
         num("max_pinned", old.pinned_limit(), new.pinned_limit());

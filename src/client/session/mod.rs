@@ -149,6 +149,8 @@ pub struct Session {
     pub(super) kill: CancellationToken,
     /// Bytes read from the client and not yet framed.
     pub(super) cbuf: BytesMut,
+    /// Its place under the client caps, if any applies; given back with the session.
+    pub(super) _client_slot: Option<crate::pooler::ClientSlot>,
 }
 
 pub(super) struct Loop<'c> {
