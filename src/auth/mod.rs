@@ -14,11 +14,13 @@
 //! Secrets never appear in `Debug` output or in errors.
 
 mod credential;
+pub mod limiter;
 mod md5;
 mod scram;
 mod secret;
 
 pub use credential::Credential;
+pub use limiter::FailureReason;
 pub use md5::md5_hash;
 pub use scram::{SCRAM_MECHANISM, ScramExchange};
 pub use secret::{ScramVerifier, Secret};

@@ -10,12 +10,12 @@ use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
-use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
+use crate::auth::{Credential, FailureReason as Reason, SCRAM_MECHANISM, ScramExchange, Secret};
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
 use crate::config::PoolMode;
@@ -114,29 +114,60 @@ pub(super) async fn authenticate(
         .to_owned();
 
     let snapshot = pooler.snapshot();
-    if !snapshot.config.databases.contains_key(&database)
-        && !crate::admin::console::is_console_database(&database)
-    {
-        return Err(ClientError::UnknownDatabase(database).into());
-    }
-    if !snapshot.config.users.contains_key(&user) {
-        return Err(ClientError::UnknownUser(user).into());
-    }
-
+    let is_console = crate::admin::console::is_console_database(&database);
+    let known_database = is_console || snapshot.config.databases.contains_key(&database);
+    let known_user = snapshot.config.users.contains_key(&user);
     let method = snapshot.config.auth_method_for(&user);
-    if method != AuthMethod::Trust {
-        let Some(credential) = snapshot.credentials.get(&user) else {
-            return Err(bad_password(&user).into());
-        };
-        let scram = method == AuthMethod::ScramSha256 && credential.scram().is_some();
+    let who = Who {
+        peer,
+        user: &user,
+        database: &database,
+    };
+
+    if method == AuthMethod::Trust {
+        // Without a password there is nothing to guess: PostgreSQL, too, names what is
+        // missing right away when trust lets a client in.
+        if !known_user {
+            return Err(who.failed(Reason::UnknownUser, ClientError::UnknownUser(user.clone())));
+        }
+    } else {
         socket.write_all(&out).await?;
         out.clear();
-        if scram {
+        // An unknown user, or one without a password, runs the same exchange as a real
+        // one and fails with the same answer as a wrong password, so that neither the
+        // messages nor their timing tell a client which user names exist.
+        let credential = snapshot.credentials.get(&user).filter(|_| known_user);
+        let verified = match credential {
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
-            scram_login(socket, &mut cbuf, &mut out, &user, credential).await?;
-        } else {
-            md5_login(socket, &mut cbuf, &user, credential).await?;
+            Some(c) if method == AuthMethod::ScramSha256 && c.scram().is_some() => {
+                let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+            }
+            Some(c) => md5_login(socket, &mut cbuf, c).await?,
+            None if method == AuthMethod::ScramSha256 => {
+                let exchange = Some(ScramExchange::mock(&user));
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+            }
+            None => md5_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?,
+        };
+        if !verified || credential.is_none() {
+            // The real reason, for the operator: the most basic one that applies.
+            let reason = if !known_user {
+                Reason::UnknownUser
+            } else if !known_database {
+                Reason::UnknownDatabase
+            } else {
+                Reason::BadPassword
+            };
+            return Err(who.failed(reason, bad_password(&user)));
         }
+    }
+    // As PostgreSQL: an unknown database is named only to a client that authenticated.
+    if !known_database {
+        return Err(who.failed(
+            Reason::UnknownDatabase,
+            ClientError::UnknownDatabase(database.clone()),
+        ));
     }
     // Admin console hook: `pgbouncer` / `pgmux` open the console, for auth.admin_users only.
     if crate::admin::console::is_console_database(&database) {
@@ -432,14 +463,16 @@ async fn read_startup(
     }
 }
 
+/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(false)` for a wrong
+/// password; a broken message is an error.
 async fn scram_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
-    credential: &Credential,
-) -> Result<(), Refusal> {
-    let Some(verifier) = credential.scram() else {
+    exchange: Option<ScramExchange>,
+) -> Result<bool, Refusal> {
+    let Some(mut exchange) = exchange else {
         return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
     };
     write::auth_sasl(out, &[SCRAM_MECHANISM]);
@@ -460,40 +493,45 @@ async fn scram_login(
         .and_then(|n| data.get(..n))
         .ok_or_else(malformed)?;
 
-    let mut exchange = ScramExchange::new(verifier.clone());
-    let server_first = exchange
-        .client_first(data)
-        .map_err(|e| auth_refusal(user, e))?;
+    let server_first = match exchange.client_first(data) {
+        Ok(reply) => reply,
+        Err(e) => return auth_outcome(user, e),
+    };
     out.clear();
     write::auth_sasl_step(out, 11, &server_first);
     socket.write_all(out).await?;
 
     let last = read_password_message(socket, cbuf).await?;
-    let server_final = exchange
-        .client_final(&last)
-        .map_err(|e| auth_refusal(user, e))?;
+    let server_final = match exchange.client_final(&last) {
+        Ok(reply) => reply,
+        Err(e) => return auth_outcome(user, e),
+    };
     out.clear();
     write::auth_sasl_step(out, 12, &server_final);
-    Ok(())
+    Ok(true)
 }
 
+/// Runs one md5 challenge. `Ok(false)` for a wrong password.
 async fn md5_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
-    user: &str,
     credential: &Credential,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::new();
     write::auth_md5(&mut out, salt);
     socket.write_all(&out).await?;
     let body = read_password_message(socket, cbuf).await?;
     let response = body.strip_suffix(&[0]).unwrap_or(&body);
-    if credential.check_md5(salt, response) {
-        Ok(())
-    } else {
-        Err(bad_password(user).into())
-    }
+    Ok(credential.check_md5(salt, response))
+}
+
+/// What an md5 login of an unknown user is checked against: a hash no response matches
+/// (md5 of nothing is not 32 zero bytes), at the cost of a real one.
+fn mock_md5_credential(user: &str) -> Credential {
+    let hash = format!("md5{}", "0".repeat(32));
+    let secret = Secret::parse(&hash).unwrap_or(Secret::Md5(hash));
+    Credential::new(user, secret)
 }
 
 /// Reads one PasswordMessage-family message ('p') and returns its body.
@@ -530,9 +568,35 @@ fn bad_password(user: &str) -> ClientError {
     ClientError::BadPassword(user.to_owned())
 }
 
-fn auth_refusal(user: &str, e: crate::auth::AuthError) -> Refusal {
+/// A failed SCRAM step: a wrong proof is `Ok(false)`, a broken message an error.
+fn auth_outcome(user: &str, e: crate::auth::AuthError) -> Result<bool, Refusal> {
     match e {
-        crate::auth::AuthError::BadPassword => bad_password(user).into(),
-        other => ClientError::Authentication(other.to_string()).into(),
+        crate::auth::AuthError::BadPassword => Ok(false),
+        other => {
+            debug!(user = %Escaped(user), error = %other, "SCRAM exchange broken off");
+            Err(ClientError::Authentication(other.to_string()).into())
+        }
+    }
+}
+
+/// The client a login is about, for the log line of a failure.
+struct Who<'a> {
+    peer: SocketAddr,
+    user: &'a str,
+    database: &'a str,
+}
+
+impl Who<'_> {
+    /// Logs a failed login at info (the reason, never the password) and returns the
+    /// refusal the client gets.
+    fn failed(&self, reason: Reason, error: ClientError) -> Refusal {
+        info!(
+            peer = %self.peer,
+            user = %Escaped(self.user),
+            database = %Escaped(self.database),
+            reason = %reason.as_str(),
+            "login failed"
+        );
+        error.into()
     }
 }
