@@ -99,3 +99,20 @@ fn version_is_printed() {
     assert_eq!(code, 0);
     assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{stdout}");
 }
+
+#[test]
+fn check_refuses_an_empty_password_with_its_line() {
+    let (_dir, path) =
+        write_config("[databases.app]\n\n[users.app]\npassword = \"${PGMUX_TEST_EMPTY_PW}\"\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmux"))
+        .args(["check", "--config", &path])
+        .env("PGMUX_TEST_EMPTY_PW", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(":4:12: users.app.password: must not be empty"),
+        "{stderr}"
+    );
+}

@@ -653,3 +653,33 @@ fn tcp_options_of_server_sockets() {
         ]
     );
 }
+
+#[test]
+fn empty_passwords_are_refused_where_they_are() {
+    let env = |name: &str| (name == "EMPTY").then(String::new);
+    let text = "[users.a]\npassword = \"\"\n\n[users.b]\npassword = \"${EMPTY}\"\n\n\
+                [users.c]\npassword = \"pw\"\nserver_password = \"\"\n";
+    let err = Config::parse_with_env(text, "t.toml", &env).unwrap_err();
+    let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    let why = "must not be empty: PostgreSQL and PgBouncer refuse empty passwords (a ${VAR} \
+               that is set but empty counts); set a password, or remove the key";
+    assert_eq!(
+        shown,
+        [
+            format!("t.toml:2:12: users.a.password: {why}"),
+            format!("t.toml:5:12: users.b.password: {why}"),
+            format!("t.toml:9:19: users.c.server_password: {why}"),
+        ]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("userlist.txt");
+    std::fs::write(&list, "\"ok\" \"pw\"\n\"d\" \"\"\n").unwrap();
+    let text = format!("[auth]\nuserlist_file = {:?}\n", list.display().to_string());
+    let err = Config::parse(&text, "t.toml").unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        shown.contains("userlist.txt:2:5: users.d.password: must not be empty"),
+        "{shown}"
+    );
+}

@@ -14,6 +14,11 @@ use super::{AuthMethod, Config, PoolMode, PoolOverrides, PoolSettings, Problem};
 /// PostgreSQL's default `max_connections`; a bigger pool is likely to be refused upstream.
 const UPSTREAM_DEFAULT_MAX_CONNECTIONS: u32 = 100;
 
+/// Why an empty password is refused (in `[users]`, a userlist file, or a `${VAR}` that is
+/// set but empty): PostgreSQL never accepts one, and PgBouncer refuses it too.
+const EMPTY_PASSWORD: &str = "must not be empty: PostgreSQL and PgBouncer refuse empty \
+     passwords (a ${VAR} that is set but empty counts); set a password, or remove the key";
+
 /// The kinds of secret a user's `password` can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretKind {
@@ -249,6 +254,9 @@ impl Checker<'_> {
             let path = join_key("users", name);
             let method = config.auth_method_for(name);
             let password_key = join_key(&path, "password");
+            if user.password.as_deref() == Some("") {
+                self.error(&password_key, EMPTY_PASSWORD);
+            }
             let kind = match user.password.as_deref().map(SecretKind::of) {
                 Some(Ok(kind)) => Some(kind),
                 Some(Err(why)) => {
@@ -295,7 +303,9 @@ impl Checker<'_> {
                     "trust: logs in without a password",
                 );
             }
-            if let Some(server_password) = &user.server_password
+            if user.server_password.as_deref() == Some("") {
+                self.error(&join_key(&path, "server_password"), EMPTY_PASSWORD);
+            } else if let Some(server_password) = &user.server_password
                 && SecretKind::of(server_password) != Ok(SecretKind::Plain)
             {
                 let msg = "must be the plain password pgmux sends to the server, not a hash";
