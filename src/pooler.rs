@@ -100,6 +100,8 @@ pub struct Pooler {
     pub listening: AtomicBool,
     /// Outcomes of config reloads (metrics).
     pub reloads: ReloadStats,
+    /// Failed logins by reason, and the addresses locked out after too many.
+    pub logins: crate::auth::LoginGuard,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -129,6 +131,7 @@ impl Pooler {
             clients_registry: Arc::new(ClientRegistry::default()),
             listening: AtomicBool::new(false),
             reloads: ReloadStats::default(),
+            logins: crate::auth::LoginGuard::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),

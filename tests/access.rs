@@ -119,3 +119,72 @@ async fn trust_names_the_unknown_database_after_authentication() {
         "{err}"
     );
 }
+
+/// `pgmux_login_failures_total{reason}` from `/metrics`.
+async fn failures(mux: &TestPgmux, reason: &str) -> u64 {
+    let metrics = mux.admin_get("/metrics").await.body;
+    let series = format!("pgmux_login_failures_total{{reason=\"{reason}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_limiter_locks_an_address_out_once_and_lets_it_back() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        auth_extra: "max_login_failures = 3\nlogin_failure_window = \"1m\"\n\
+                     login_lockout = \"2s\"\n"
+            .to_owned(),
+        admin: Some(String::new()),
+        ..MuxOptions::default().with_login_timeout("2s")
+    };
+    let mux = TestPgmux::start(pg, opts).await;
+    for user in ["app", "nobody", "app"] {
+        let (code, _) = refused(&mux, "app", user, "guess").await;
+        assert_eq!(code, "28P01");
+    }
+    // Locked out: even the right password is refused, and told why.
+    for _ in 0..2 {
+        let (code, message) = refused(&mux, "app", "app", "app_pw").await;
+        assert_eq!(code, "28000");
+        assert!(
+            message.starts_with("pgmux: too many failed logins from this address; try again in "),
+            "{message}"
+        );
+    }
+    let bin = pg.bin_dir();
+    let (ok, _, stderr) = common::run_psql(bin, &mux.url("app", "app"), "SELECT 1");
+    assert!(!ok && stderr.contains("too many failed logins"), "{stderr}");
+
+    assert_eq!(failures(&mux, "bad_password").await, 2);
+    assert_eq!(failures(&mux, "unknown_user").await, 1);
+    assert_eq!(failures(&mux, "rate_limited").await, 3);
+
+    // Back after the lockout; the attempts in between did not extend it.
+    let back = || async { mux.try_connect("app", "app", "app_pw").await.is_ok() };
+    assert!(common::eventually(Duration::from_secs(15), back).await);
+    let log = mux.stderr_log();
+    let lockouts = log.matches("address locked out").count();
+    assert_eq!(lockouts, 1, "{log}");
+    assert_eq!(log.matches("reason=rate_limited").count(), 0, "{log}");
+
+    // A broken startup packet and a client that never logs in are counted too.
+    let mut s = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
+    s.write_all(&[0, 0, 0, 2, 0, 0, 0, 0]).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply).await;
+    assert_eq!(reply.first(), Some(&b'E'));
+    let mut idle = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
+    let mut reply = Vec::new();
+    let _ = idle.read_to_end(&mut reply).await;
+    assert_eq!(reply.first(), Some(&b'E'));
+    assert_eq!(failures(&mux, "protocol").await, 1);
+    assert_eq!(failures(&mux, "timeout").await, 1);
+    assert_eq!(failures(&mux, "rejected_by_rule").await, 0);
+    assert_eq!(failures(&mux, "unknown_database").await, 0);
+}

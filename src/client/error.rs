@@ -25,6 +25,8 @@ pub enum ClientError {
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
+    #[error("too many failed logins from this address; try again in {0} s")]
+    LockedOut(u64),
     #[error("{0}")]
     Startup(StartupError),
     #[error("canceling authentication: no login within {0:?} (client_login_timeout)")]
@@ -89,7 +91,9 @@ impl ClientError {
         match self {
             Self::TooManyClients { .. } => SqlState::TOO_MANY_CONNECTIONS,
             Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
-            Self::NoUser | Self::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION,
+            Self::NoUser | Self::UnknownUser(_) | Self::LockedOut(_) => {
+                SqlState::INVALID_AUTHORIZATION
+            }
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -132,6 +136,9 @@ impl ClientError {
                 "raise server.max_client_conn, or use fewer client connections"
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::LockedOut(_) => {
+                "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
+            }
             Self::UnknownDatabase(db) => {
                 return Some(format!("add [databases.{db}] to the pgmux config"));
             }

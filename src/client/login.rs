@@ -4,18 +4,21 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
-use crate::auth::{Credential, FailureReason as Reason, SCRAM_MECHANISM, ScramExchange, Secret};
+use crate::auth::{
+    Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM, ScramExchange,
+    Secret,
+};
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
 use crate::config::PoolMode;
@@ -23,7 +26,9 @@ use crate::logging::Escaped;
 use crate::pool::{Greetings, Lease, Pool, Reported};
 use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
-use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, read_i32, tag, write};
+use crate::protocol::{
+    MessageCodec, PgError, ProtocolError, SqlState, read_cstr, read_i32, tag, write,
+};
 use crate::server::{Quiet, ServerConn, TxStatus};
 
 /// How a login ends early.
@@ -78,6 +83,24 @@ pub(super) async fn authenticate(
     pooler: &Arc<Pooler>,
     admitted: bool,
 ) -> Result<Authenticated, Refusal> {
+    let result = login(socket, peer, pooler, admitted).await;
+    if let Err(Refusal::Error(e)) = &result
+        && e.code == SqlState::PROTOCOL_VIOLATION
+    {
+        info!(%peer, error = %Escaped(&e.message), reason = "protocol", "login failed");
+        let limits = pooler.snapshot().config.auth.login_limits();
+        count_failure(&pooler.logins, peer, Reason::Protocol, &limits);
+    }
+    result
+}
+
+/// [`authenticate`], whose protocol errors it counts.
+async fn login(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Result<Authenticated, Refusal> {
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
@@ -114,15 +137,26 @@ pub(super) async fn authenticate(
         .to_owned();
 
     let snapshot = pooler.snapshot();
-    let is_console = crate::admin::console::is_console_database(&database);
-    let known_database = is_console || snapshot.config.databases.contains_key(&database);
-    let known_user = snapshot.config.users.contains_key(&user);
-    let method = snapshot.config.auth_method_for(&user);
     let who = Who {
         peer,
         user: &user,
         database: &database,
+        guard: &pooler.logins,
+        limits: snapshot.config.auth.login_limits(),
     };
+    // A locked-out address is told so before anything is checked: its attempts are
+    // counted (rate_limited), never logged one by one, and extend nothing.
+    if let Some(left) = pooler.logins.locked(peer.ip(), &who.limits, Instant::now()) {
+        pooler
+            .logins
+            .failed(peer.ip(), Reason::RateLimited, &who.limits, Instant::now());
+        let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        return Err(ClientError::LockedOut(seconds).into());
+    }
+    let is_console = crate::admin::console::is_console_database(&database);
+    let known_database = is_console || snapshot.config.databases.contains_key(&database);
+    let known_user = snapshot.config.users.contains_key(&user);
+    let method = snapshot.config.auth_method_for(&user);
 
     if method == AuthMethod::Trust {
         // Without a password there is nothing to guess: PostgreSQL, too, names what is
@@ -579,16 +613,18 @@ fn auth_outcome(user: &str, e: crate::auth::AuthError) -> Result<bool, Refusal> 
     }
 }
 
-/// The client a login is about, for the log line of a failure.
+/// The client a login is about, and where its failures are counted.
 struct Who<'a> {
     peer: SocketAddr,
     user: &'a str,
     database: &'a str,
+    guard: &'a LoginGuard,
+    limits: LimitSettings,
 }
 
 impl Who<'_> {
-    /// Logs a failed login at info (the reason, never the password) and returns the
-    /// refusal the client gets.
+    /// Logs a failed login at info (the reason, never the password), counts it (which
+    /// may lock the address out: logged once) and returns the refusal the client gets.
     fn failed(&self, reason: Reason, error: ClientError) -> Refusal {
         info!(
             peer = %self.peer,
@@ -597,6 +633,24 @@ impl Who<'_> {
             reason = %reason.as_str(),
             "login failed"
         );
+        count_failure(self.guard, self.peer, reason, &self.limits);
         error.into()
+    }
+}
+
+/// Counts a failed login of `peer`, and logs the lockout it may begin (once per lockout).
+pub(super) fn count_failure(
+    guard: &LoginGuard,
+    peer: SocketAddr,
+    reason: Reason,
+    limits: &LimitSettings,
+) {
+    if let Some(lockout) = guard.failed(peer.ip(), reason, limits, Instant::now()) {
+        warn!(
+            address = %peer.ip(),
+            failures = lockout.failures,
+            lockout_secs = lockout.lasts.as_secs_f64(),
+            "too many failed logins: address locked out (auth.max_login_failures)"
+        );
     }
 }

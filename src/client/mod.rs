@@ -82,7 +82,14 @@ async fn serve_socket(
         Ok(Ok(client)) => login::greet(socket, peer, pooler, client).await,
         Ok(Err(refusal)) => Err(refusal),
         Err(_) => {
-            debug!(%peer, "login timed out");
+            info!(%peer, reason = "timeout", "login failed");
+            let limits = pooler.snapshot().config.auth.login_limits();
+            login::count_failure(
+                &pooler.logins,
+                peer,
+                crate::auth::FailureReason::Timeout,
+                &limits,
+            );
             refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
             return None;
         }

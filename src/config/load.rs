@@ -100,7 +100,14 @@ const SERVER_KEYS: &[&str] = &[
     "statement_registry_size",
     "worker_threads",
 ];
-const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
+const AUTH_KEYS: &[&str] = &[
+    "method",
+    "userlist_file",
+    "admin_users",
+    "max_login_failures",
+    "login_failure_window",
+    "login_lockout",
+];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
     "token",
@@ -302,6 +309,17 @@ impl Walker<'_> {
                     auth.userlist_file = self.string(&path, value).map(PathBuf::from);
                 }
                 "admin_users" => set(&mut auth.admin_users, self.strings(&path, value)),
+                "max_login_failures" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut auth.max_login_failures,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
+                "login_failure_window" => {
+                    set(&mut auth.login_failure_window, self.duration(&path, value));
+                }
+                "login_lockout" => set(&mut auth.login_lockout, self.duration(&path, value)),
                 _ => self.unknown("auth", key, AUTH_KEYS),
             }
         }

@@ -58,6 +58,17 @@ pub(super) fn render(config: &Config) -> String {
     }
     let admins: Vec<String> = auth.admin_users.iter().map(|u| quote(u)).collect();
     line(&mut out, "admin_users", &format!("[{}]", admins.join(", ")));
+    line(
+        &mut out,
+        "max_login_failures",
+        &auth.max_login_failures.to_string(),
+    );
+    line(
+        &mut out,
+        "login_failure_window",
+        &duration(auth.login_failure_window),
+    );
+    line(&mut out, "login_lockout", &duration(auth.login_lockout));
 
     let admin = &config.admin;
     out.push_str("\n[admin]\n");

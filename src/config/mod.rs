@@ -139,7 +139,7 @@ impl fmt::Debug for AdminSection {
 }
 
 /// `[auth]`: how clients log in to pgmux.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AuthSection {
     /// The login method for users without their own `auth_method`.
     pub method: AuthMethod,
@@ -149,6 +149,37 @@ pub struct AuthSection {
     pub userlist_file: Option<PathBuf>,
     /// Users allowed on the admin console.
     pub admin_users: Vec<String>,
+    /// Failed logins (password guesses) from one address within `login_failure_window`
+    /// that lock it out for `login_lockout`; 0 = no limit.
+    pub max_login_failures: u32,
+    /// The span over which an address's failed logins are counted.
+    pub login_failure_window: Duration,
+    /// How long a locked-out address is refused.
+    pub login_lockout: Duration,
+}
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            method: AuthMethod::default(),
+            userlist_file: None,
+            admin_users: Vec::new(),
+            max_login_failures: 10,
+            login_failure_window: Duration::from_secs(60),
+            login_lockout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl AuthSection {
+    /// The failed-login limiter's settings.
+    pub fn login_limits(&self) -> crate::auth::LimitSettings {
+        crate::auth::LimitSettings {
+            max_failures: self.max_login_failures,
+            window: self.login_failure_window,
+            lockout: self.login_lockout,
+        }
+    }
 }
 
 /// How a client proves its identity. TOML: `"scram-sha-256" | "md5" | "trust"`.

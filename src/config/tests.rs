@@ -683,3 +683,22 @@ fn empty_passwords_are_refused_where_they_are() {
         "{shown}"
     );
 }
+
+#[test]
+fn login_limit_keys() {
+    let c = parse_ok("");
+    assert_eq!(c.auth.max_login_failures, 10);
+    assert_eq!(c.auth.login_failure_window, Duration::from_secs(60));
+    assert_eq!(c.auth.login_lockout, Duration::from_secs(60));
+    let c = parse_ok("[auth]\nmax_login_failures = 0\nlogin_lockout = \"0\"\n");
+    assert_eq!(c.auth.max_login_failures, 0);
+    let shown = c.masked();
+    assert!(shown.contains("max_login_failures = 0"), "{shown}");
+    assert_eq!(parse_ok(&shown).auth, c.auth);
+    assert_eq!(
+        problems("[auth]\nlogin_lockout = \"0\"\n"),
+        [
+            "t.toml:2:17: auth.login_lockout: must be above 0 (set auth.max_login_failures = 0 to turn the limit off)"
+        ]
+    );
+}

@@ -97,6 +97,7 @@ pub(super) fn check(config: &Config, places: &Places, report: &mut Report) -> Ve
         warnings: Vec::new(),
     };
     c.server(config);
+    c.auth(config);
     c.admin(config);
     c.pool("pool", &config.pool, &PoolOverrides::default(), true);
     if config.databases.is_empty() {
@@ -150,6 +151,23 @@ impl Checker<'_> {
                 "trust: clients log in without a password"
             };
             self.warn("auth.method", msg);
+        }
+    }
+
+    fn auth(&mut self, config: &Config) {
+        let auth = &config.auth;
+        if auth.max_login_failures > 0 {
+            for (key, d) in [
+                ("auth.login_failure_window", auth.login_failure_window),
+                ("auth.login_lockout", auth.login_lockout),
+            ] {
+                if d.is_zero() {
+                    self.error(
+                        key,
+                        "must be above 0 (set auth.max_login_failures = 0 to turn the limit off)",
+                    );
+                }
+            }
         }
     }
 
