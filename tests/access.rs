@@ -188,3 +188,154 @@ async fn the_limiter_locks_an_address_out_once_and_lets_it_back() {
     assert_eq!(failures(&mux, "rejected_by_rule").await, 0);
     assert_eq!(failures(&mux, "unknown_database").await, 0);
 }
+
+/// Rules in the TOML: reject by address, no match, and a method chosen per rule.
+const RULES: &str = r#"
+[[auth.rules]]
+user = "other"
+address = "127.0.0.1"
+method = "reject"
+
+[[auth.rules]]
+type = "hostssl"
+method = "trust"
+
+[[auth.rules]]
+database = ["app", "x"]
+user = "app"
+address = "10.0.0.0/8"
+method = "trust"
+
+[[auth.rules]]
+type = "hostnossl"
+database = ["app", "x"]
+user = "app"
+address = "127.0.0.0/8"
+method = "md5"
+"#;
+
+/// After a reload: app by trust, other by SCRAM, both from anywhere on IPv4.
+const RULES_AFTER: &str = r#"
+[[auth.rules]]
+user = "app"
+address = "0.0.0.0/0"
+method = "trust"
+
+[[auth.rules]]
+type = "host"
+user = ["other"]
+address = "all"
+method = "scram-sha-256"
+"#;
+
+#[tokio::test]
+async fn access_rules_allow_reject_and_choose_the_method() {
+    let pg = TestPostgres::shared().await;
+    let mut opts = MuxOptions {
+        auth_extra: RULES.to_owned(),
+        admin: Some(String::new()),
+        ..MuxOptions::default()
+    };
+    let mux = TestPgmux::start(pg, opts.clone()).await;
+
+    // Rule 1 rejects other from 127.0.0.1, before any password is asked.
+    let (code, message) = refused(&mux, "app", "other", "other_pw").await;
+    assert_eq!(code, "28000");
+    assert_eq!(
+        message,
+        "pgmux: no access rule allows host \"127.0.0.1\", user \"other\", database \"app\" (rule 1 rejects it)"
+    );
+    assert_eq!(first_reply(&mux, "app", "other").await.0, b'E');
+    // hostssl never matches a plain connection, 10.0.0.0/8 not 127.0.0.1: rule 4 asks
+    // app for md5 although auth.method is scram-sha-256.
+    assert_eq!(first_reply(&mux, "app", "app").await, (b'R', 5));
+    let app = mux.connect("app", "app").await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let (code, _) = refused(&mux, "app", "app", "wrong").await;
+    assert_eq!(code, "28P01");
+    // No rule matches: named as such.
+    let (code, message) = refused(&mux, "app", "nobody", "x").await;
+    assert_eq!(code, "28000");
+    assert!(
+        message.ends_with("database \"app\" (no rule matches)"),
+        "{message}"
+    );
+    let bin = pg.bin_dir();
+    let (ok, _, stderr) = common::run_psql(bin, &mux.url("app", "other"), "SELECT 1");
+    assert!(!ok && stderr.contains("(rule 1 rejects it)"), "{stderr}");
+    assert_eq!(failures(&mux, "rejected_by_rule").await, 4);
+    let log = logged(&mux, "reason=rejected_by_rule").await;
+    assert!(!log.contains("other_pw"), "{log}");
+
+    // A reload applies new rules to new logins; the logged-in client stays.
+    opts.auth_extra = RULES_AFTER.to_owned();
+    mux.rewrite_config(pg, &opts);
+    mux.signal("HUP");
+    let trusted = || async { first_reply(&mux, "app", "app").await == (b'R', 0) };
+    assert!(common::eventually(Duration::from_secs(10), trusted).await);
+    let (client, _task) = mux.try_connect("app", "app", "anything").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(first_reply(&mux, "app", "other").await, (b'R', 10));
+    mux.connect("app", "other")
+        .await
+        .simple_query("SELECT 1")
+        .await
+        .unwrap();
+    app.simple_query("SELECT 2").await.unwrap();
+}
+
+#[tokio::test]
+async fn hba_file_lines_decide_as_pg_hba_conf() {
+    let pg = TestPostgres::shared().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hba = dir.path().join("pg_hba.conf");
+    std::fs::write(
+        &hba,
+        "# TYPE DATABASE USER ADDRESS METHOD\n\
+         local   all   all                    peer\n\
+         host    all   other  127.0.0.1  255.255.255.255  reject\n\
+         hostssl all   all    all                         trust\n\
+         host    app   app    127.0.0.0/8                 trust\n\
+         host    all   all    ::1/128                     md5\n",
+    )
+    .unwrap();
+    let opts = MuxOptions {
+        auth_extra: format!("hba_file = {:?}\n", hba.display().to_string()),
+        ..MuxOptions::default()
+    };
+    let mux = TestPgmux::start(pg, opts).await;
+    let (code, message) = refused(&mux, "app", "other", "other_pw").await;
+    assert_eq!(code, "28000");
+    assert!(
+        message.ends_with("(hba_file line 3 rejects it)"),
+        "{message}"
+    );
+    assert_eq!(first_reply(&mux, "app", "app").await, (b'R', 0));
+    let (client, _task) = mux.try_connect("app", "app", "").await.unwrap();
+    client.simple_query("SELECT 1").await.unwrap();
+    // ::1/128 does not match 127.0.0.1, and line 5 is for database app only.
+    let (code, message) = refused(&mux, "nodb", "app", "app_pw").await;
+    assert_eq!(code, "28000");
+    assert!(message.ends_with("(no rule matches)"), "{message}");
+
+    // pgmux check names the file, line and column of each problem.
+    std::fs::write(
+        &hba,
+        "host all all 10.0.0.0/8 md5\nhost all all db.example.com md5\nhost all all all cert\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgmux"))
+        .args(["check", "--config", &mux.config_path.to_string_lossy()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("pg_hba.conf:2:14: \"db.example.com\" is not an IP address"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("pg_hba.conf:3:18: \"cert\" needs client TLS"),
+        "{stderr}"
+    );
+}

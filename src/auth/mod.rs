@@ -14,8 +14,10 @@
 //! Secrets never appear in `Debug` output or in errors.
 
 mod credential;
+pub mod hba;
 pub mod limiter;
 mod md5;
+pub mod rules;
 mod scram;
 mod secret;
 

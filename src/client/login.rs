@@ -15,6 +15,7 @@ use tracing::{debug, info, warn};
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
+use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
     Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM, ScramExchange,
     Secret,
@@ -156,7 +157,33 @@ async fn login(
     let is_console = crate::admin::console::is_console_database(&database);
     let known_database = is_console || snapshot.config.databases.contains_key(&database);
     let known_user = snapshot.config.users.contains_key(&user);
-    let method = snapshot.config.auth_method_for(&user);
+    let mut method = snapshot.config.auth_method_for(&user);
+    let rules = &snapshot.config.auth.rules;
+    if !rules.is_empty() {
+        let request = Request {
+            addr: peer.ip().to_canonical(),
+            // Until pgmux offers client TLS, no connection is encrypted.
+            tls: false,
+            database: &database,
+            user: &user,
+        };
+        match decide(rules, &request) {
+            Verdict::Allow(_, chosen) => method = chosen,
+            Verdict::Reject(rule) => {
+                let why = match rule {
+                    Some(rule) => format!("{} rejects it", rule.source),
+                    None => "no rule matches".to_owned(),
+                };
+                let refused = ClientError::NoAccessRule {
+                    host: request.addr.to_string(),
+                    user: user.clone(),
+                    database: database.clone(),
+                    why,
+                };
+                return Err(who.failed(Reason::RejectedByRule, refused));
+            }
+        }
+    }
 
     if method == AuthMethod::Trust {
         // Without a password there is nothing to guess: PostgreSQL, too, names what is
@@ -173,7 +200,12 @@ async fn login(
         let credential = snapshot.credentials.get(&user).filter(|_| known_user);
         let verified = match credential {
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
-            Some(c) if method == AuthMethod::ScramSha256 && c.scram().is_some() => {
+            // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
+            Some(c)
+                if c.scram().is_some()
+                    && (method == AuthMethod::ScramSha256
+                        || matches!(c.secret(), Secret::Scram(_))) =>
+            {
                 let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
                 scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
             }

@@ -66,6 +66,7 @@ pub(super) fn analyze(
     let mut places = walker.places;
 
     userlist::merge(&mut config, base, &mut places, &mut report);
+    super::access::merge_hba(&mut config, base, &places, &mut report);
     validate::normalize(&mut config);
     let warnings = validate::check(&config, &places, &mut report);
     (report.finish(config), warnings)
@@ -107,6 +108,8 @@ const AUTH_KEYS: &[&str] = &[
     "max_login_failures",
     "login_failure_window",
     "login_lockout",
+    "rules",
+    "hba_file",
 ];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
@@ -320,6 +323,8 @@ impl Walker<'_> {
                     set(&mut auth.login_failure_window, self.duration(&path, value));
                 }
                 "login_lockout" => set(&mut auth.login_lockout, self.duration(&path, value)),
+                "rules" => auth.rules = self.access_rules(&path, value),
+                "hba_file" => auth.hba_file = self.string(&path, value).map(PathBuf::from),
                 _ => self.unknown("auth", key, AUTH_KEYS),
             }
         }

@@ -14,6 +14,7 @@
 // parser's spans, so they fall on character boundaries; the loader is fuzzed (fuzz/config).
 #![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
 
+mod access;
 mod env;
 mod load;
 mod masked;
@@ -156,7 +157,16 @@ pub struct AuthSection {
     pub login_failure_window: Duration,
     /// How long a locked-out address is refused.
     pub login_lockout: Duration,
+    /// Access rules, evaluated in order before authentication (first match wins, no match
+    /// rejects): the `[[auth.rules]]` tables, or the lines of `hba_file`. Empty = every
+    /// client may try to log in (no rules configured).
+    pub rules: Vec<AccessRule>,
+    /// A pg_hba.conf-format file the rules are read from (resolved like `userlist_file`);
+    /// read again at every reload.
+    pub hba_file: Option<PathBuf>,
 }
+
+pub use crate::auth::rules::AccessRule;
 
 impl Default for AuthSection {
     fn default() -> Self {
@@ -167,6 +177,8 @@ impl Default for AuthSection {
             max_login_failures: 10,
             login_failure_window: Duration::from_secs(60),
             login_lockout: Duration::from_secs(60),
+            rules: Vec::new(),
+            hba_file: None,
         }
     }
 }

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::report::{Places, Report, join_key};
 use super::{AuthMethod, Config, PoolMode, PoolOverrides, PoolSettings, Problem};
+use crate::auth::rules::RuleMethod;
 
 /// PostgreSQL's default `max_connections`; a bigger pool is likely to be refused upstream.
 const UPSTREAM_DEFAULT_MAX_CONNECTIONS: u32 = 100;
@@ -156,6 +157,20 @@ impl Checker<'_> {
 
     fn auth(&mut self, config: &Config) {
         let auth = &config.auth;
+        for rule in &auth.rules {
+            if rule.method == RuleMethod::Login(AuthMethod::Trust) {
+                let key = if auth.hba_file.is_some() {
+                    "auth.hba_file"
+                } else {
+                    "auth.rules"
+                };
+                let msg = format!(
+                    "{}: trust lets its clients log in without a password",
+                    rule.source
+                );
+                self.warn(key, msg);
+            }
+        }
         if auth.max_login_failures > 0 {
             for (key, d) in [
                 ("auth.login_failure_window", auth.login_failure_window),
