@@ -88,7 +88,9 @@ pub(super) async fn authenticate(
     if let Err(Refusal::Error(e)) = &result
         && e.code == SqlState::PROTOCOL_VIOLATION
     {
-        info!(%peer, error = %Escaped(&e.message), reason = "protocol", "login failed");
+        // What was broken is in the "login refused" line (debug): this one is for the
+        // operator's count.
+        info!(%peer, reason = %Reason::Protocol.as_str(), "login failed");
         let limits = pooler.snapshot().config.auth.login_limits();
         count_failure(&pooler.logins, peer, Reason::Protocol, &limits);
     }
