@@ -17,7 +17,7 @@ use crate::clients::ClientRegistry;
 use crate::config::Config;
 use crate::pool::{Pool, PoolKey};
 use crate::prepared::Registry;
-use crate::server::Upstream;
+use crate::server::{TlsConnector, Upstream};
 
 mod reload;
 
@@ -29,6 +29,9 @@ pub struct Snapshot {
     pub config: Config,
     /// Per user, what client logins are checked against.
     pub credentials: HashMap<String, Arc<Credential>>,
+    /// Per database, how its pools open TLS to the server (built from the files the
+    /// config read, once per load).
+    server_tls: HashMap<String, TlsConnector>,
 }
 
 impl Snapshot {
@@ -42,9 +45,20 @@ impl Snapshot {
                 credentials.insert(name.clone(), Arc::new(Credential::new(name, secret)));
             }
         }
+        let mut server_tls = HashMap::new();
+        for name in config.databases.keys() {
+            let mut settings = config.pool.server_tls.clone();
+            if let Some(db) = config.databases.get(name) {
+                settings.apply(&db.overrides);
+            }
+            let tls = TlsConnector::new(&settings)
+                .map_err(|(key, e)| format!("databases.{name}.{key}: {e}"))?;
+            server_tls.insert(name.clone(), tls);
+        }
         Ok(Snapshot {
             config,
             credentials,
+            server_tls,
         })
     }
 
@@ -69,6 +83,7 @@ impl Snapshot {
                 .pool_settings(database, user)
                 .map(|s| s.tcp)
                 .unwrap_or_default(),
+            tls: self.server_tls.get(database).cloned().unwrap_or_default(),
         })
     }
 

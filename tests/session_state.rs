@@ -400,3 +400,30 @@ async fn sql_level_prepare_and_two_phase_commit_work_in_transaction_mode() {
     assert_eq!(scalar(&b, "SELECT sum(x) FROM tpc_rows").await, "1");
     b.batch_execute("DROP TABLE tpc_rows").await.unwrap();
 }
+
+#[tokio::test]
+async fn state_made_by_a_plain_function_is_found_when_every_transaction_is_checked() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(
+        pg,
+        pool_of_one("pin", "max_pinned = 1\nsession_state_check = \"always\""),
+    )
+    .await;
+    let a = mux.connect("app", "app").await;
+    // No trigger word in the call: only the check after every transaction sees it.
+    a.batch_execute(
+        "CREATE OR REPLACE FUNCTION pgmux_hidden_state() RETURNS int LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_advisory_lock(3003); RETURN 1; END $$",
+    )
+    .await
+    .unwrap();
+    assert_eq!(scalar(&a, "SELECT pgmux_hidden_state()").await, "1");
+    let state = client_state(&mux).await.expect("a pinned client");
+    assert_eq!(state["kinds"][0], "advisory_lock");
+    assert_eq!(state["statement"], "SELECT pgmux_hidden_state()");
+    a.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let b = mux.connect("app", "app").await;
+    assert_eq!(scalar(&b, STATE_COUNT).await, "0");
+}

@@ -333,6 +333,7 @@ pub(super) async fn greet(
             pinned_idle: pool_settings.pinned_idle_timeout,
         },
         state_policy: pool_settings.session_state,
+        verify_always: pool_settings.verify_every_transaction,
         max_message_size: snapshot.config.server.max_message_size,
         reset_query: pool_settings.server_reset_query.clone(),
         max_prepared: pool_settings.max_prepared_statements as usize,

@@ -55,7 +55,7 @@ impl OutQueue {
 
     /// Writes as much as the socket takes without waiting. Returns Ok when the queue is
     /// empty or the socket would block.
-    pub fn write_now(&mut self, socket: &impl TryWrite) -> io::Result<()> {
+    pub fn write_now(&mut self, socket: &mut impl TryWrite) -> io::Result<()> {
         while !self.is_empty() {
             let written = if let [only] = self.chunks.as_slices().0
                 && self.chunks.len() == 1
@@ -85,7 +85,7 @@ impl OutQueue {
     }
 
     /// Writes everything, waiting as needed.
-    pub async fn write_all(&mut self, socket: &TcpStream) -> io::Result<()> {
+    pub async fn write_all(&mut self, socket: &mut TcpStream) -> io::Result<()> {
         loop {
             self.write_now(socket)?;
             if self.is_empty() {

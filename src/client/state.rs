@@ -120,63 +120,70 @@ impl Found {
 /// Whether a CommandComplete tag is of a command that can make or drop session state:
 /// `SET`, `RESET`, `CREATE`/`DROP` (a temporary object), `DECLARE`/`CLOSE` (a cursor),
 /// `LISTEN`/`UNLISTEN`, `PREPARE`/`DEALLOCATE`, `DISCARD`, `DO` and `CALL` (code that may
-/// do any of these). Every statement's tag passes here: a few byte comparisons.
+/// do any of these). Every statement's tag passes here: the first byte rules out most.
 pub fn tag_may_change_state(tag: &[u8]) -> bool {
-    let word = tag
-        .split(|b| *b == b' ' || *b == 0)
-        .next()
-        .unwrap_or_default();
-    matches!(
-        word,
-        b"SET"
-            | b"RESET"
-            | b"CREATE"
-            | b"DROP"
-            | b"DECLARE"
-            | b"CLOSE"
-            | b"LISTEN"
-            | b"UNLISTEN"
-            | b"PREPARE"
-            | b"DEALLOCATE"
-            | b"DISCARD"
-            | b"DO"
-            | b"CALL"
-    )
+    // The tag's first word, then a space or the terminating NUL (or the end).
+    let is = |word: &[u8]| {
+        tag.strip_prefix(word)
+            .is_some_and(|rest| matches!(rest.first(), None | Some(b' ' | 0)))
+    };
+    match tag.first() {
+        Some(b'S') => is(b"SET"),
+        Some(b'R') => is(b"RESET"),
+        Some(b'C') => is(b"CREATE") || is(b"CLOSE") || is(b"CALL"),
+        Some(b'D') => {
+            is(b"DROP") || is(b"DECLARE") || is(b"DEALLOCATE") || is(b"DISCARD") || is(b"DO")
+        }
+        Some(b'L') => is(b"LISTEN"),
+        Some(b'U') => is(b"UNLISTEN"),
+        Some(b'P') => is(b"PREPARE"),
+        _ => false,
+    }
 }
 
 /// Whether a Query or Parse text may make state that its tag does not show: the word `TEMP`
 /// or `TEMPORARY` or a `pg_temp` name (`CREATE TEMP TABLE .. AS` and `SELECT .. INTO TEMP`
-/// end with `SELECT n`), `advisory` (`pg_advisory_lock`) or `set_config`, in any case.
-/// One pass over the bytes, no allocation.
+/// end with `SELECT n`), `advisory` (`pg_advisory_lock`) or `set_config` (unless it sets
+/// a value for the transaction only), in any case. Every Query passes here, so it does
+/// not look at every byte: a SIMD search finds the letters that are rare in SQL and
+/// anchor each word (the `p` of `temp`, the `v` of `advisory`, the `f` of `set_config`),
+/// in either case, and only there is the word checked.
 pub fn text_may_change_state(text: &[u8]) -> bool {
+    let at = |anchor: usize| {
+        let start = match text.get(anchor).map(|b| b | 0x20) {
+            Some(b'p') => anchor.checked_sub(3),
+            Some(b'v') => anchor.checked_sub(2),
+            Some(b'f') => anchor.checked_sub(7),
+            _ => None,
+        };
+        start.is_some_and(|start| word_at(text, start))
+    };
+    memchr::memchr3_iter(b'p', b'v', b'f', text).any(at)
+        || memchr::memchr3_iter(b'P', b'V', b'F', text).any(at)
+}
+
+/// Whether a trigger word starts at `i` (its first four bytes matched, case aside).
+fn word_at(text: &[u8], i: usize) -> bool {
     let ident = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80;
     let lower_at = |i: usize, word: &[u8]| {
         text.get(i..i + word.len())
             .is_some_and(|s| s.eq_ignore_ascii_case(word))
     };
-    for (i, &b) in text.iter().enumerate() {
-        match b | 0x20 {
-            b't' if lower_at(i, b"temp") => {
-                let before = i.checked_sub(1).and_then(|j| text.get(j)).copied();
-                let word_start = before.is_none_or(|b| !ident(b))
-                    || (before == Some(b'_') && i >= 3 && lower_at(i - 3, b"pg_"));
-                let mut end = i + 4;
-                if lower_at(end, b"orary") {
-                    end += 5;
-                }
-                let word_end = text.get(end).is_none_or(|&b| !ident(b) || b == b'_');
-                if word_start && word_end {
-                    return true;
-                }
-            }
-            b'a' if lower_at(i, b"advisory") => return true,
-            b's' if lower_at(i, b"set_config") && !is_local_set_config(text.get(i + 10..)) => {
-                return true;
-            }
-            _ => {}
+    if lower_at(i, b"temp") {
+        let before = i.checked_sub(1).and_then(|j| text.get(j)).copied();
+        let word_start = before.is_none_or(|b| !ident(b))
+            || (before == Some(b'_') && i >= 3 && lower_at(i - 3, b"pg_"));
+        let mut end = i + 4;
+        if lower_at(end, b"orary") {
+            end += 5;
         }
+        let word_end = text.get(end).is_none_or(|&b| !ident(b) || b == b'_');
+        return word_start && word_end;
     }
-    false
+    if lower_at(i, b"advisory") {
+        return true;
+    }
+    lower_at(i, b"set_config") && !is_local_set_config(text.get(i + 10..))
 }
 
 /// Whether a `set_config` call (`after` starts right after the name) says `true` as its
@@ -310,6 +317,20 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// The rolling-window scan finds exactly what checking every position would.
+        #[test]
+        fn the_fast_scan_is_exact(
+            parts in proptest::collection::vec(
+                "temp|TEMPORARY|pg_temp|advisory|set_config\\('x', 'y', (true|false)\\)|[a-z_ ]{0,6}|[\\x00-\\xff]{0,3}",
+                0..8,
+            ),
+        ) {
+            let text = parts.concat();
+            let text = text.as_bytes();
+            let everywhere = (0..text.len()).any(|i| word_at(text, i));
+            proptest::prop_assert_eq!(text_may_change_state(text), everywhere);
+        }
+
         /// No text, however broken, makes the trigger scan panic.
         #[test]
         fn trigger_scans_never_panic(text in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {

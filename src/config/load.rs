@@ -12,8 +12,9 @@ use toml::de::{DeTable, DeValue};
 use super::env::{self, OffsetMap};
 use super::report::{Place, Places, Report, join_key};
 use super::{
-    AdminSection, AuthMethod, AuthSection, Config, ConfigError, Database, PoolMode, PoolOverrides,
-    Problem, ServerSection, SessionStatePolicy, User, userlist, validate,
+    AdminSection, AuthMethod, AuthSection, Config, ConfigError, Database, PemFile, PoolMode,
+    PoolOverrides, Problem, ServerSection, SessionStatePolicy, User, server_tls, userlist,
+    validate,
 };
 
 /// Parses `text` (named `origin`), resolving a relative `auth.userlist_file` against `base`.
@@ -67,8 +68,10 @@ pub(super) fn analyze(
 
     userlist::merge(&mut config, base, &mut places, &mut report);
     super::access::merge_hba(&mut config, base, &places, &mut report);
+    server_tls::load_files(&mut config, base, &places, &mut report);
     validate::normalize(&mut config);
     let warnings = validate::check(&config, &places, &mut report);
+    server_tls::check(&config, &places, &mut report);
     (report.finish(config), warnings)
 }
 
@@ -139,8 +142,13 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "tcp_keepcnt",
     "tcp_user_timeout",
     "session_state",
+    "session_state_check",
     "max_pinned",
     "pinned_idle_timeout",
+    "server_tls",
+    "server_ca_file",
+    "server_cert_file",
+    "server_key_file",
 ];
 const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
 const USER_KEYS: &[&str] = &["password", "server_password", "auth_method", "mode"];
@@ -153,6 +161,8 @@ const SESSION_STATE_POLICIES: &[(&str, SessionStatePolicy)] = &[
     ("pin", SessionStatePolicy::Pin),
     ("reset", SessionStatePolicy::Reset),
 ];
+/// `session_state_check`: whether every transaction is verified.
+const SESSION_STATE_CHECKS: &[(&str, bool)] = &[("triggers", false), ("always", true)];
 const POOL_MODES: &[(&str, PoolMode)] = &[
     ("session", PoolMode::Session),
     ("transaction", PoolMode::Transaction),
@@ -426,8 +436,21 @@ impl Walker<'_> {
             "tcp_keepcnt" => o.tcp_keepcnt = as_u32(self.unsigned(&p, value, 127)),
             "tcp_user_timeout" => o.tcp_user_timeout = self.duration(&p, value),
             "session_state" => o.session_state = self.choice(&p, value, SESSION_STATE_POLICIES),
+            "session_state_check" => {
+                o.verify_every_transaction = self.choice(&p, value, SESSION_STATE_CHECKS)
+            }
             "max_pinned" => o.max_pinned = as_u32(self.unsigned(&p, value, u32_max)),
             "pinned_idle_timeout" => o.pinned_idle_timeout = self.duration(&p, value),
+            "server_tls" => o.server_tls = self.choice(&p, value, server_tls::SERVER_TLS_MODES),
+            "server_ca_file" => {
+                o.server_ca_file = self.string(&p, value).map(|f| PemFile::named(&f))
+            }
+            "server_cert_file" => {
+                o.server_cert_file = self.string(&p, value).map(|f| PemFile::named(&f))
+            }
+            "server_key_file" => {
+                o.server_key_file = self.string(&p, value).map(|f| PemFile::named(&f))
+            }
             _ => return false,
         }
         true

@@ -144,9 +144,14 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         tcp_keepcnt: Some(s.tcp.keepcnt),
         tcp_user_timeout: Some(s.tcp.user_timeout),
         session_state: Some(s.session_state),
+        verify_every_transaction: Some(s.verify_every_transaction),
         // Unset means half of each pool's own size: shown only when set.
         max_pinned: s.max_pinned,
         pinned_idle_timeout: Some(s.pinned_idle_timeout),
+        server_tls: Some(s.server_tls.mode),
+        server_ca_file: s.server_tls.ca_file.clone(),
+        server_cert_file: s.server_tls.cert_file.clone(),
+        server_key_file: s.server_tls.key_file.clone(),
     }
 }
 
@@ -194,11 +199,27 @@ fn pool(out: &mut String, o: &PoolOverrides) {
         line(out, "tcp_user_timeout", &duration(d));
     }
     optional(out, "session_state", o.session_state.map(|p| p.as_str()));
+    optional(
+        out,
+        "session_state_check",
+        o.verify_every_transaction
+            .map(|always| if always { "always" } else { "triggers" }),
+    );
     if let Some(n) = o.max_pinned {
         line(out, "max_pinned", &n.to_string());
     }
     if let Some(d) = o.pinned_idle_timeout {
         line(out, "pinned_idle_timeout", &duration(d));
+    }
+    optional(out, "server_tls", o.server_tls.map(|m| m.as_str()));
+    let files = [
+        ("server_ca_file", &o.server_ca_file),
+        ("server_cert_file", &o.server_cert_file),
+        ("server_key_file", &o.server_key_file),
+    ];
+    for (key, file) in files {
+        let path = file.as_ref().map(|f| f.path.to_string_lossy());
+        optional(out, key, path.as_deref());
     }
 }
 

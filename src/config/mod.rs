@@ -20,6 +20,7 @@ mod load;
 mod masked;
 mod read;
 mod report;
+mod server_tls;
 mod userlist;
 mod validate;
 
@@ -30,6 +31,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub use server_tls::{PemFile, ServerTlsMode, ServerTlsSettings};
 
 /// The whole configuration, with every default filled in.
 #[derive(Clone, Debug, Default)]
@@ -295,10 +298,16 @@ pub struct PoolSettings {
     /// What to do with session state a client leaves on its server (transaction and
     /// statement mode).
     pub session_state: SessionStatePolicy,
+    /// Verify the session state after every transaction, not only after a trigger:
+    /// for applications whose own functions make state (`session_state_check = "always"`).
+    pub verify_every_transaction: bool,
     /// Most servers that pinned clients may hold; `None` = half of `size`, rounded down.
     pub max_pinned: Option<u32>,
     /// A pinned client idle this long is disconnected; 0 = never.
     pub pinned_idle_timeout: Duration,
+    /// TLS to the servers (`server_tls`, `server_ca_file`, `server_cert_file`,
+    /// `server_key_file`).
+    pub server_tls: ServerTlsSettings,
 }
 
 /// TCP options pgmux sets on its sockets to PostgreSQL, under PgBouncer's key names.
@@ -349,8 +358,10 @@ impl Default for PoolSettings {
             max_prepared_statements: 200,
             tcp: TcpOptions::default(),
             session_state: SessionStatePolicy::Pin,
+            verify_every_transaction: false,
             max_pinned: None,
             pinned_idle_timeout: Duration::from_secs(60),
+            server_tls: ServerTlsSettings::default(),
         }
     }
 }
@@ -382,10 +393,14 @@ impl PoolSettings {
         tcp.keepcnt = o.tcp_keepcnt.unwrap_or(tcp.keepcnt);
         tcp.user_timeout = o.tcp_user_timeout.unwrap_or(tcp.user_timeout);
         self.session_state = o.session_state.unwrap_or(self.session_state);
+        self.verify_every_transaction = o
+            .verify_every_transaction
+            .unwrap_or(self.verify_every_transaction);
         if o.max_pinned.is_some() {
             self.max_pinned = o.max_pinned;
         }
         self.pinned_idle_timeout = o.pinned_idle_timeout.unwrap_or(self.pinned_idle_timeout);
+        self.server_tls.apply(o);
     }
 
     /// How many servers pinned clients may hold: `max_pinned`, or half the pool.
@@ -431,10 +446,20 @@ pub struct PoolOverrides {
     pub tcp_user_timeout: Option<Duration>,
     /// See [`PoolSettings::session_state`].
     pub session_state: Option<SessionStatePolicy>,
+    /// See [`PoolSettings::verify_every_transaction`] (`session_state_check`).
+    pub verify_every_transaction: Option<bool>,
     /// See [`PoolSettings::max_pinned`].
     pub max_pinned: Option<u32>,
     /// See [`PoolSettings::pinned_idle_timeout`].
     pub pinned_idle_timeout: Option<Duration>,
+    /// See [`ServerTlsSettings::mode`].
+    pub server_tls: Option<ServerTlsMode>,
+    /// See [`ServerTlsSettings::ca_file`].
+    pub server_ca_file: Option<PemFile>,
+    /// See [`ServerTlsSettings::cert_file`].
+    pub server_cert_file: Option<PemFile>,
+    /// See [`ServerTlsSettings::key_file`].
+    pub server_key_file: Option<PemFile>,
 }
 
 /// `[databases.NAME]`: where the database a client asks for by `NAME` lives.

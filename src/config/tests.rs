@@ -168,7 +168,8 @@ fn unknown_keys_are_placed() {
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
-             tcp_user_timeout, session_state, max_pinned, pinned_idle_timeout",
+             tcp_user_timeout, session_state, session_state_check, max_pinned, \
+             pinned_idle_timeout, server_tls, server_ca_file, server_cert_file, server_key_file",
         ]
     );
 }

@@ -117,6 +117,9 @@ impl Pool {
         *self.server_params.lock() = Arc::default();
         self.greetings.clear();
         self.upstream_max_connections.store(0, Relaxed);
+        // A new place, or new TLS settings, gets a fresh try at once: the old upstream's
+        // failures (and their back-off) say nothing about it.
+        self.state.lock().health.up();
         self.reconnect();
     }
 

@@ -256,9 +256,23 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
     if old.max_pinned != new.max_pinned {
         num("max_pinned", old.pinned_limit(), new.pinned_limit());
     }
+    if old.verify_every_transaction != new.verify_every_transaction {
+        let name = |always| if always { "always" } else { "triggers" };
+        let (a, b) = (
+            name(old.verify_every_transaction),
+            name(new.verify_every_transaction),
+        );
+        out.push(format!("session_state_check {a} -> {b} (for new clients)"));
+    }
     if old.session_state != new.session_state {
         let (a, b) = (old.session_state.as_str(), new.session_state.as_str());
         out.push(format!("session_state {a} -> {b} (for new clients)"));
+    }
+    if old.server_tls != new.server_tls {
+        let (a, b) = (old.server_tls.mode.as_str(), new.server_tls.mode.as_str());
+        out.push(format!(
+            "server_tls {a} -> {b} or its files changed (new server connections; idle ones are replaced)"
+        ));
     }
     if old.mode != new.mode {
         let (a, b) = (old.mode.as_str(), new.mode.as_str());

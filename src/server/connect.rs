@@ -1,4 +1,5 @@
-//! Opening a server connection: TCP connect, StartupMessage, authentication with whatever
+//! Opening a server connection: TCP connect, TLS if the pool's `server_tls` asks for it,
+//! StartupMessage, authentication with whatever
 //! the server asks for, then ParameterStatus and BackendKeyData up to ReadyForQuery.
 
 use std::sync::Arc;
@@ -10,7 +11,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 
-use super::{BackendKey, ServerConn, ServerStream};
+use super::tls::{Negotiated, TlsConnector};
+use super::{BackendKey, ServerAddr, ServerConn, ServerStream};
 use crate::config::TcpOptions;
 use crate::protocol::read::{fields, parse_parameter_status};
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
@@ -30,6 +32,8 @@ pub struct Upstream {
     pub password: Option<String>,
     /// Keepalive and user timeout of the TCP socket (the pool's `tcp_*` settings).
     pub tcp: TcpOptions,
+    /// TLS to the server (the pool's `server_tls*` settings); never over a Unix socket.
+    pub tls: TlsConnector,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -101,6 +105,10 @@ pub enum ConnectError {
     /// The server broke the protocol during login.
     #[error("protocol error: {0}")]
     Protocol(Arc<ProtocolError>),
+    /// TLS could not be set up as `server_tls` asks: the server refused it, or the
+    /// handshake or the certificate check failed. The message names the setting.
+    #[error("{0}")]
+    Tls(Arc<str>),
 }
 
 impl ConnectError {
@@ -179,6 +187,24 @@ pub async fn connect(
 async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectError> {
     let (stream, addr) =
         ServerStream::connect(&upstream.host, upstream.port, &upstream.tcp).await?;
+    let (stream, addr) = match (stream, addr) {
+        (ServerStream::Tcp(tcp), ServerAddr::Tcp(peer)) => {
+            match upstream.tls.negotiate(tcp, &upstream.host).await {
+                Ok(Negotiated::Plain(tcp)) => (ServerStream::Tcp(tcp), ServerAddr::Tcp(peer)),
+                Ok(Negotiated::Tls(io)) => {
+                    let addr = ServerAddr::Tls {
+                        addr: peer,
+                        host: upstream.host.as_str().into(),
+                        tls: upstream.tls.clone(),
+                    };
+                    (ServerStream::Tls(io), addr)
+                }
+                Err(message) => return Err(ConnectError::Tls(message.into())),
+            }
+        }
+        // A Unix socket: never TLS, as libpq.
+        unix => unix,
+    };
     let mut conn = Box::new(ServerConn::new(stream, addr));
 
     let mut out = BytesMut::new();
@@ -190,6 +216,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
     ];
     frontend::startup_message(params.iter().copied(), &mut out)?;
     conn.stream.write_all(&out).await?;
+    conn.stream.flush().await?; // TLS: rustls may hold the ciphertext
 
     let mut scram: Option<sasl::ScramSha256> = None;
     loop {
@@ -259,6 +286,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                 }
                 if !out.is_empty() {
                     conn.stream.write_all(&out).await?;
+                    conn.stream.flush().await?;
                 }
             }
             tag::PARAMETER_STATUS => {

@@ -3,9 +3,13 @@
 
 mod connect;
 mod stream;
+mod tls;
+mod tls_io;
 
 pub use connect::{ConnectError, IoError, Upstream, connect};
 pub use stream::{ServerAddr, ServerStream, TryWrite};
+pub use tls::TlsConnector;
+pub use tls_io::{RawSocket, TlsIo};
 
 use std::io;
 use std::pin::Pin;
@@ -228,9 +232,14 @@ impl ServerConn {
         !self.read_buf.is_empty() || self.codec.in_message()
     }
 
-    /// The socket, for the holder's writes.
+    /// The socket.
     pub fn stream(&self) -> &ServerStream {
         &self.stream
+    }
+
+    /// The socket, for the holder's writes (a TLS stream encrypts into its own buffer).
+    pub fn stream_mut(&mut self) -> &mut ServerStream {
+        &mut self.stream
     }
 
     /// Reads what the server sent into the connection's buffer, reserving `reserve` bytes
@@ -361,11 +370,7 @@ impl ServerConn {
     /// Whether the idle socket still looks usable: no EOF and no unexpected bytes (such as
     /// the FATAL a server sends when it shuts down). Never blocks.
     pub fn looks_alive(&self) -> bool {
-        let mut probe = [0u8; 1];
-        match self.stream.try_read(&mut probe) {
-            Err(e) => e.kind() == std::io::ErrorKind::WouldBlock,
-            Ok(_) => false,
-        }
+        self.stream.is_quiet()
     }
 
     /// Runs `sql`, a query of pgmux's own (ROLLBACK, a reset query, `SHOW`), with the simple
@@ -381,6 +386,7 @@ impl ServerConn {
         write::query(&mut out, sql);
         let work = async {
             self.stream.write_all(&out).await?;
+            self.stream.flush().await?; // TLS: the ciphertext may still wait in rustls
             let mut quiet = Quiet::default();
             loop {
                 while let Some(frame) = self.next_frame()? {
@@ -427,10 +433,13 @@ impl ServerConn {
     }
 
     /// Says goodbye to the server and drops the socket. Never blocks.
-    pub fn close(self) {
+    pub fn close(mut self) {
         let mut out = BytesMut::new();
         write::terminate(&mut out);
         let _ = self.stream.try_write(&out);
+        if let ServerStream::Tls(s) = &mut self.stream {
+            s.close_now();
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The socket to a PostgreSQL server: TCP, or a Unix-domain socket when the upstream's
 //! host is a directory (as libpq and PgBouncer read `host=/var/run/postgresql`). A TCP
-//! socket gets the pool's keepalive and user-timeout options as soon as it is connected.
+//! socket gets the pool's keepalive and user-timeout options as soon as it is connected,
+//! and may then carry TLS ([`super::tls`]).
 
 use std::fmt;
 use std::io::{self, IoSlice};
@@ -11,9 +12,10 @@ use std::task::{Context, Poll};
 
 use std::os::fd::{AsRawFd, RawFd};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
+use super::tls::{Negotiated, ServerTlsIo, TlsConnector};
 use crate::config::TcpOptions;
 
 /// Where a server listens.
@@ -22,6 +24,13 @@ pub enum ServerAddr {
     Tcp(std::net::SocketAddr),
     /// The socket file itself: `<dir>/.s.PGSQL.<port>`.
     Unix(Arc<Path>),
+    /// A TCP server that pgmux talks TLS to: a cancel request goes the same way.
+    Tls {
+        addr: std::net::SocketAddr,
+        /// The configured host name, which `verify-full` checks the certificate against.
+        host: Arc<str>,
+        tls: TlsConnector,
+    },
 }
 
 impl ServerAddr {
@@ -32,11 +41,19 @@ impl ServerAddr {
             .then(|| Path::new(host).join(format!(".s.PGSQL.{port}")))
     }
 
-    /// Opens a new connection (for a CancelRequest).
+    /// Opens a new connection (for a CancelRequest), with TLS if the connection to be
+    /// cancelled has it (PostgreSQL takes a CancelRequest after a TLS handshake too).
     pub async fn connect(&self) -> io::Result<ServerStream> {
         Ok(match self {
             ServerAddr::Tcp(addr) => ServerStream::Tcp(TcpStream::connect(addr).await?),
             ServerAddr::Unix(path) => ServerStream::Unix(UnixStream::connect(path).await?),
+            ServerAddr::Tls { addr, host, tls } => {
+                let tcp = TcpStream::connect(addr).await?;
+                match tls.negotiate(tcp, host).await.map_err(io::Error::other)? {
+                    Negotiated::Tls(io) => ServerStream::Tls(io),
+                    Negotiated::Plain(tcp) => ServerStream::Tcp(tcp),
+                }
+            }
         })
     }
 }
@@ -44,7 +61,7 @@ impl ServerAddr {
 impl fmt::Display for ServerAddr {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ServerAddr::Tcp(addr) => addr.fmt(f),
+            ServerAddr::Tcp(addr) | ServerAddr::Tls { addr, .. } => addr.fmt(f),
             ServerAddr::Unix(path) => path.display().fmt(f),
         }
     }
@@ -52,10 +69,17 @@ impl fmt::Display for ServerAddr {
 
 /// A connected server socket. The session polls it directly; everything else uses it
 /// through `AsyncRead` / `AsyncWrite`.
+///
+/// TLS buffers bytes on both sides of the socket, so for it "write ready" means "no
+/// ciphertext waits" ([`ServerStream::poll_write_ready`] writes it), and a holder with
+/// nothing queued must still poll while [`ServerStream::wants_write`]. The plain variants
+/// pay one predictable branch for that.
 #[derive(Debug)]
 pub enum ServerStream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Boxed: rustls' state is large, and the plain variants stay small.
+    Tls(Box<ServerTlsIo>),
 }
 
 impl ServerStream {
@@ -81,18 +105,68 @@ impl ServerStream {
         }
     }
 
-    pub fn poll_write_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Ready when a write may make progress. For TLS: once the ciphertext that waits is
+    /// written (it writes it), registering for writability while the socket is full.
+    pub fn poll_write_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
             ServerStream::Tcp(s) => s.poll_write_ready(cx),
             ServerStream::Unix(s) => s.poll_write_ready(cx),
+            ServerStream::Tls(s) => s.poll_flush_tls(cx),
         }
     }
 
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Whether bytes accepted earlier still wait to be written (only TLS buffers them):
+    /// the holder must keep polling [`ServerStream::poll_write_ready`] until they are.
+    pub fn wants_write(&self) -> bool {
         match self {
-            ServerStream::Tcp(s) => s.try_read(buf),
-            ServerStream::Unix(s) => s.try_read(buf),
+            ServerStream::Tcp(_) | ServerStream::Unix(_) => false,
+            ServerStream::Tls(s) => s.wants_write(),
         }
+    }
+
+    /// Whether an idle connection received nothing and was not closed. Never blocks, and
+    /// costs no syscall while tokio knows the socket is not readable (it is called at
+    /// every checkout).
+    pub fn is_quiet(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let probed = match self {
+            ServerStream::Tcp(s) => s.try_read(&mut probe),
+            ServerStream::Unix(s) => s.try_read(&mut probe),
+            // Peeked, not read: TLS bytes must reach rustls in order. Unread plaintext or a
+            // close_notify already in rustls count as "not quiet" too.
+            ServerStream::Tls(s) if !s.quiet() => return false,
+            ServerStream::Tls(s) => s.socket().try_io(Interest::READABLE, || {
+                let fd = s.socket().as_raw_fd();
+                // SAFETY: `fd` is the open socket `self` owns; the buffer is one live byte.
+                let rc = unsafe {
+                    libc::recv(
+                        fd,
+                        probe.as_mut_ptr().cast(),
+                        1,
+                        libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                    )
+                };
+                usize::try_from(rc).map_err(|_| io::Error::last_os_error())
+            }),
+        };
+        matches!(probed, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Whether it is encrypted, and how (`TLSv1_3/TLS13_AES_256_GCM_SHA384`).
+    pub fn tls_description(&self) -> Option<String> {
+        let ServerStream::Tls(s) = self else {
+            return None;
+        };
+        let c = s.connection();
+        let version = c.protocol_version().map(|v| format!("{v:?}"));
+        let suite = c
+            .negotiated_cipher_suite()
+            .map(|s| format!("{:?}", s.suite()));
+        Some(format!(
+            "{}/{}",
+            version.unwrap_or_default(),
+            suite.unwrap_or_default()
+        ))
     }
 }
 
@@ -147,33 +221,37 @@ fn setsockopt(fd: RawFd, level: i32, name: i32, value: i32) -> io::Result<()> {
 }
 
 /// A socket written to without waiting (see [`crate::client::OutQueue`]).
+/// `&mut`: a TLS stream encrypts into its own buffer. `WouldBlock` means "poll write
+/// readiness, then try again".
 pub trait TryWrite {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize>;
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
 }
 
 impl TryWrite for TcpStream {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         TcpStream::try_write(self, buf)
     }
 
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         TcpStream::try_write_vectored(self, bufs)
     }
 }
 
 impl TryWrite for ServerStream {
-    fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+    fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             ServerStream::Tcp(s) => s.try_write(buf),
             ServerStream::Unix(s) => s.try_write(buf),
+            ServerStream::Tls(s) => s.try_write_vectored(&[IoSlice::new(buf)]),
         }
     }
 
-    fn try_write_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    fn try_write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         match self {
             ServerStream::Tcp(s) => s.try_write_vectored(bufs),
             ServerStream::Unix(s) => s.try_write_vectored(bufs),
+            ServerStream::Tls(s) => s.try_write_vectored(bufs),
         }
     }
 }
@@ -187,6 +265,7 @@ impl AsyncRead for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -200,6 +279,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             ServerStream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
@@ -207,6 +287,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_flush(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_flush(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
@@ -214,6 +295,7 @@ impl AsyncWrite for ServerStream {
         match self.get_mut() {
             ServerStream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             ServerStream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            ServerStream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 }

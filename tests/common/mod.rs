@@ -22,7 +22,9 @@ use std::process::{Command, Output, Stdio};
 pub use faultproxy::{FaultProxy, Links};
 pub use http::{Http, request as http_request};
 pub use pgmux::{MuxOptions, TestPgmux};
-pub use postgres::{SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir};
+pub use postgres::{
+    PgSsl, SUPERUSER, SUPERUSER_PASSWORD, TestPostgres, running_as_root, server_bin_dir,
+};
 
 /// The password of each test role, as created by `TestPostgres` and configured in pgmux;
 /// empty for any other user.

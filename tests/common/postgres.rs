@@ -18,6 +18,19 @@ pub const SUPERUSER_PASSWORD: &str = "postgres";
 
 const INSTALL_HINT: &str = "apt-get install -y postgresql (or set PGMUX_PG_BINDIR)";
 
+/// TLS for a test cluster: `ssl = on` with this certificate and key (PEM), optionally
+/// `hostssl`-only TCP and a client certificate checked against `client_ca_pem`
+/// (`clientcert=verify-ca` in pg_hba.conf).
+#[derive(Clone, Debug, Default)]
+pub struct PgSsl {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// TCP clients must use TLS (`hostssl`); else `host` takes both.
+    pub hostssl_only: bool,
+    /// Set: `ssl_ca_file` and `clientcert=verify-ca` on the TCP line.
+    pub client_ca_pem: Option<String>,
+}
+
 /// A PostgreSQL cluster owned by one test (`start`) or by one test binary (`shared`).
 ///
 /// Dropping it stops the server (immediate) and removes its files; if the test process dies
@@ -34,6 +47,15 @@ impl TestPostgres {
     /// and database `app` owned by `app`. Panics with an install hint if the PostgreSQL
     /// server binaries are missing, or with the server log if it cannot start.
     pub async fn start() -> TestPostgres {
+        Self::start_with(None).await
+    }
+
+    /// Like [`TestPostgres::start`], with TLS as `ssl` says.
+    pub async fn start_with_ssl(ssl: PgSsl) -> TestPostgres {
+        Self::start_with(Some(ssl)).await
+    }
+
+    async fn start_with(ssl: Option<PgSsl>) -> TestPostgres {
         let cluster = tokio::task::spawn_blocking(Cluster::create)
             .await
             .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -46,7 +68,7 @@ impl TestPostgres {
             cleanup: Some(cleanup),
         };
         pg.port = tokio::task::spawn_blocking(move || {
-            cluster.initdb();
+            cluster.initdb(ssl.as_ref());
             cluster.start_on_a_free_port()
         })
         .await
@@ -267,8 +289,8 @@ impl Cluster {
         )
     }
 
-    /// initdb (fast: no fsync, trust), then the test settings and pg_hba.conf.
-    fn initdb(&self) {
+    /// initdb (fast: no fsync, trust), then the test settings and pg_hba.conf (and TLS).
+    fn initdb(&self, ssl: Option<&PgSsl>) {
         let data = self.data();
         let out = self
             .command("initdb")
@@ -302,12 +324,41 @@ impl Cluster {
             self.root.display()
         );
         append(&data.join("postgresql.conf"), &settings);
+        let mut hba = "host all all 127.0.0.1/32 scram-sha-256\n".to_owned();
+        if let Some(ssl) = ssl {
+            self.write_private(&data.join("server.crt"), &ssl.cert_pem);
+            self.write_private(&data.join("server.key"), &ssl.key_pem);
+            let mut conf =
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n".to_owned();
+            let connection = if ssl.hostssl_only { "hostssl" } else { "host" };
+            hba = format!("{connection} all all 127.0.0.1/32 scram-sha-256");
+            if let Some(ca) = &ssl.client_ca_pem {
+                self.write_private(&data.join("client_ca.crt"), ca);
+                conf.push_str("ssl_ca_file = 'client_ca.crt'\n");
+                hba.push_str(" clientcert=verify-ca");
+            }
+            hba.push('\n');
+            append(&data.join("postgresql.conf"), &conf);
+        }
         // Overwriting keeps the file's owner (postgres when root).
         fs::write(
             data.join("pg_hba.conf"),
-            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+            format!("local all all trust\n{hba}"),
         )
         .expect("pg_hba.conf is writable");
+    }
+
+    /// Writes a file in the data dir that only the server's OS user may read (PostgreSQL
+    /// refuses a key file others can read).
+    fn write_private(&self, path: &Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .unwrap_or_else(|e| panic!("chmod {}: {e}", path.display()));
+        if self.as_postgres_user {
+            let chown = Command::new("chown").arg("postgres").arg(path).output();
+            check("chown postgres", &chown).unwrap_or_else(|e| panic!("{e}"));
+        }
     }
 
     /// Starts the server on a free port, retrying when another process takes the port

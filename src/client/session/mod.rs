@@ -136,6 +136,8 @@ pub struct Session {
     pub(super) max_prepared: usize,
     /// `pool.session_state`: what to do with session state a transaction leaves.
     pub(super) state_policy: SessionStatePolicy,
+    /// `pool.session_state_check = "always"`: verify after every transaction.
+    pub(super) verify_always: bool,
     pub(super) registry: Arc<Registry>,
     pub(super) params: ClientParams,
     pub(super) cancel: CancelHandle,
@@ -219,7 +221,11 @@ impl Session {
             l.to_client.push(buf);
         }
         // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(Duration::from_secs(1), l.to_client.write_all(l.client)).await;
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            l.to_client.write_all(&mut *l.client),
+        )
+        .await;
         Box::pin(l.finish_server()).await;
     }
 }
@@ -233,11 +239,11 @@ impl Loop<'_> {
         let retired = self.s.pool.retired().cancelled_owned();
         tokio::pin!(kill, stop, retired);
         loop {
-            if self.to_client.write_now(&*self.client).is_err() {
+            if self.to_client.write_now(&mut *self.client).is_err() {
                 return End::ClientGone;
             }
-            if let Some(server) = &self.server
-                && let Err(e) = self.to_server.write_now(server.stream())
+            if let Some(server) = &mut self.server
+                && let Err(e) = self.to_server.write_now(server.stream_mut())
             {
                 return self.server_lost(e.into());
             }
@@ -245,7 +251,11 @@ impl Loop<'_> {
             let read_client = self.to_server.len() < HIGH_WATER
                 && self.to_client.len() < HIGH_WATER
                 && self.replies.len() < MAX_PENDING_REPLIES;
-            let write_server = self.server.is_some() && !self.to_server.is_empty();
+            // TLS: ciphertext accepted earlier may still wait for the socket.
+            let write_server = self
+                .server
+                .as_ref()
+                .is_some_and(|s| !self.to_server.is_empty() || s.stream().wants_write());
             let write_client = !self.to_client.is_empty();
             let deadline = self.deadline();
             // Session mode holds a server between transactions too: it may stop then.
@@ -275,8 +285,8 @@ impl Loop<'_> {
                     return Poll::Ready(Event::Writable);
                 }
                 if write_server
-                    && let Some(s) = self.server.as_ref()
-                    && s.stream().poll_write_ready(cx).is_ready()
+                    && let Some(s) = self.server.as_deref_mut()
+                    && s.stream_mut().poll_write_ready(cx).is_ready()
                 {
                     return Poll::Ready(Event::Writable);
                 }

@@ -143,8 +143,14 @@ impl Loop<'_> {
     /// The ReadyForQuery that ends a client's transaction: returned to be sent now, or
     /// held while the server is asked what state the transaction left.
     pub(super) fn ready_or_verify(&mut self, ready: BytesMut) -> Option<BytesMut> {
-        if !self.state.triggered || self.settled() != Some(TxStatus::Idle) {
+        let due = self.state.triggered || (self.s.verify_always && self.watches_state());
+        if !due || self.settled() != Some(TxStatus::Idle) {
             return Some(ready);
+        }
+        if !self.state.triggered {
+            // Verified for `session_state_check = "always"`: the last query is the suspect.
+            let cause = self.s.view.query();
+            self.state.work.get_or_insert_default().cause = cause;
         }
         self.state.triggered = false;
         let work = self.state.work.get_or_insert_default();

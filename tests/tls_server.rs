@@ -1,0 +1,455 @@
+//! TLS from pgmux to PostgreSQL (`server_tls`): real clusters with `ssl = on` and
+//! certificates made here with rcgen, pgmux in front, tokio-postgres (plain) as the client.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{MuxOptions, PgSsl, TestPgmux, TestPostgres, eventually};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use tokio_postgres::error::SqlState;
+
+/// A CA and what it signed, as PEM.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().unwrap();
+        Ca {
+            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A certificate for `names` (host names or IP addresses): (cert PEM, key PEM).
+    fn issue(&self, common_name: &str, names: &[&str]) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// The certificates of this test binary, in a directory pgmux reads them from.
+struct Certs {
+    dir: PathBuf,
+    ca: Ca,
+}
+
+impl Certs {
+    fn get() -> &'static Certs {
+        static CERTS: std::sync::OnceLock<Certs> = std::sync::OnceLock::new();
+        CERTS.get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("pgmux-tls-")
+                .tempdir()
+                .unwrap()
+                .keep();
+            let ca = Ca::new("pgmux test CA");
+            std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+            let other = Ca::new("some other CA");
+            std::fs::write(dir.join("other_ca.crt"), other.pem()).unwrap();
+            let (cert, key) = ca.issue("pgmux", &["pgmux"]);
+            std::fs::write(dir.join("pgmux.crt"), cert).unwrap();
+            std::fs::write(dir.join("pgmux.key"), key).unwrap();
+            Certs { dir, ca }
+        })
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// `ssl = on` for 127.0.0.1 and localhost; TCP only with TLS (`hostssl`).
+async fn tls_cluster() -> &'static TestPostgres {
+    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
+    PG.get_or_init(|| async {
+        let (cert_pem, key_pem) = Certs::get()
+            .ca
+            .issue("localhost", &["localhost", "127.0.0.1"]);
+        TestPostgres::start_with_ssl(PgSsl {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+            client_ca_pem: None,
+        })
+        .await
+    })
+    .await
+}
+
+/// `ssl = on` with a certificate for another name only, and client certificates required
+/// (`clientcert=verify-ca`) from the same CA.
+async fn mutual_cluster() -> &'static TestPostgres {
+    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
+    PG.get_or_init(|| async {
+        let certs = Certs::get();
+        let (cert_pem, key_pem) = certs.ca.issue("db.example.test", &["db.example.test"]);
+        TestPostgres::start_with_ssl(PgSsl {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+            client_ca_pem: Some(certs.ca.pem()),
+        })
+        .await
+    })
+    .await
+}
+
+fn opts(pool_extra: &str) -> MuxOptions {
+    MuxOptions {
+        pool_extra: pool_extra.to_owned(),
+        ..MuxOptions::sized(2)
+    }
+}
+
+/// Whether the server sees this connection (pgmux's) as TLS.
+async fn ssl_in_use(client: &tokio_postgres::Client) -> bool {
+    client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The error a client gets when pgmux cannot reach the server: at login or first query.
+async fn first_error(mux: &TestPgmux) -> tokio_postgres::Error {
+    let client = match mux.try_connect("app", "app", "app_pw").await {
+        Ok((client, _task)) => client,
+        Err(e) => return e,
+    };
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("the server connection must fail")
+}
+
+fn message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+#[tokio::test]
+async fn require_encrypts_and_queries_work() {
+    let pg = tls_cluster().await;
+    let mux = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
+    let client = mux.connect("app", "app").await;
+    let row = client
+        .query_one("SELECT 1 + $1::int", &[&41])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn prefer_is_the_default_and_uses_tls_when_offered() {
+    let pg = tls_cluster().await;
+    let mux = TestPgmux::start(pg, opts("")).await;
+    let client = mux.connect("app", "app").await;
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn verify_full_with_the_right_ca_works() {
+    let pg = tls_cluster().await;
+    let certs = Certs::get();
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        certs.path("ca.crt")
+    );
+    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let client = mux.connect("app", "app").await;
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn verify_full_with_a_wrong_ca_fails_with_08006() {
+    let pg = tls_cluster().await;
+    let certs = Certs::get();
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        certs.path("other_ca.crt")
+    );
+    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let err = first_error(&mux).await;
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    let msg = message(&err);
+    assert!(msg.contains("server_tls = verify-full"), "{msg}");
+    assert!(msg.contains("certificate failed verification"), "{msg}");
+    assert!(msg.contains("UnknownIssuer"), "{msg}");
+}
+
+#[tokio::test]
+async fn verify_full_refuses_a_name_mismatch_and_verify_ca_accepts_it() {
+    let pg = mutual_cluster().await;
+    let certs = Certs::get();
+    let files = format!(
+        "server_ca_file = \"{}\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
+        certs.path("ca.crt"),
+        certs.path("pgmux.crt"),
+        certs.path("pgmux.key")
+    );
+    // The server's certificate names db.example.test; pgmux connects to 127.0.0.1.
+    let full = TestPgmux::start(pg, opts(&format!("server_tls = \"verify-full\"\n{files}"))).await;
+    let err = first_error(&full).await;
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    let msg = message(&err);
+    assert!(msg.contains("certificate failed verification"), "{msg}");
+    assert!(msg.contains("NotValidForName"), "{msg}");
+
+    let ca = TestPgmux::start(pg, opts(&format!("server_tls = \"verify-ca\"\n{files}"))).await;
+    let client = ca.connect("app", "app").await;
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn mutual_tls_sends_the_client_certificate() {
+    let pg = mutual_cluster().await;
+    let certs = Certs::get();
+    let with_cert = format!(
+        "server_tls = \"require\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
+        certs.path("pgmux.crt"),
+        certs.path("pgmux.key")
+    );
+    let mux = TestPgmux::start(pg, opts(&with_cert)).await;
+    let client = mux.connect("app", "app").await;
+    let row = client
+        .query_one(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(row.get::<_, bool>(0));
+    assert_eq!(
+        row.get::<_, Option<String>>(1).as_deref(),
+        Some("/CN=pgmux")
+    );
+
+    // Without a certificate the server refuses (PostgreSQL's own 28000, kept).
+    let without = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
+    let err = first_error(&without).await;
+    let msg = message(&err);
+    assert!(
+        msg.contains("certificate") || msg.contains("TLS"),
+        "unexpected error: {msg}"
+    );
+}
+
+#[tokio::test]
+async fn prefer_falls_back_to_plain_and_require_fails_clearly() {
+    let pg = TestPostgres::shared().await; // ssl = off
+    let mux = TestPgmux::start(pg, opts("server_tls = \"prefer\"")).await;
+    let client = mux.connect("app", "app").await;
+    assert!(!ssl_in_use(&client).await);
+
+    let mux = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
+    let err = first_error(&mux).await;
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    let msg = message(&err);
+    assert!(msg.contains("server_tls = require"), "{msg}");
+    assert!(msg.contains("does not accept TLS"), "{msg}");
+}
+
+#[tokio::test]
+async fn large_rows_and_copy_pass_through_tls() {
+    use futures_util::{SinkExt, StreamExt, pin_mut};
+    let pg = tls_cluster().await;
+    let mux = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
+    let client = mux.connect("app", "app").await;
+
+    // A 10 MB row: many TLS records, rustls' buffers refilled many times.
+    let row = client
+        .query_one("SELECT repeat('x', 10 * 1024 * 1024) AS big", &[])
+        .await
+        .unwrap();
+    let big: &str = row.get(0);
+    assert_eq!(big.len(), 10 * 1024 * 1024);
+    assert!(big.bytes().all(|b| b == b'x'));
+
+    // A 10 MB parameter the other way: plaintext queued faster than the socket takes it.
+    let sent = "y".repeat(10 * 1024 * 1024);
+    let row = client
+        .query_one("SELECT length($1::text)", &[&sent])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 10 * 1024 * 1024);
+
+    client
+        .batch_execute("DROP TABLE IF EXISTS tls_copy; CREATE TABLE tls_copy(id int, note text)")
+        .await
+        .unwrap();
+    let sink = client.copy_in("COPY tls_copy FROM STDIN").await.unwrap();
+    pin_mut!(sink);
+    let mut chunk = String::new();
+    for i in 0..100_000 {
+        chunk.push_str(&format!("{i}\trow number {i}\n"));
+        if chunk.len() > 64 * 1024 {
+            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
+                .await
+                .unwrap();
+        }
+    }
+    sink.send(bytes::Bytes::from(chunk)).await.unwrap();
+    assert_eq!(sink.finish().await.unwrap(), 100_000);
+
+    let stream = client.copy_out("COPY tls_copy TO STDOUT").await.unwrap();
+    pin_mut!(stream);
+    let mut lines = 0usize;
+    while let Some(chunk) = stream.next().await {
+        lines += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
+    }
+    assert_eq!(lines, 100_000);
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn a_cancel_reaches_a_tls_server() {
+    let pg = tls_cluster().await;
+    let certs = Certs::get();
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        certs.path("ca.crt")
+    );
+    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let su = pg.superuser().await;
+    let client = Arc::new(mux.connect("app", "app").await);
+    let token = client.cancel_token();
+    let sleeper = client.clone();
+    let sleeping = tokio::spawn(async move { sleeper.simple_query("SELECT pg_sleep(60)").await });
+    let running = || async {
+        su.query_one(
+            "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+             WHERE a.query = 'SELECT pg_sleep(60)' AND a.state = 'active' AND s.ssl",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            == 1
+    };
+    assert!(eventually(Duration::from_secs(10), running).await);
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let slept = sleeping.await.unwrap();
+    assert_eq!(slept.unwrap_err().code(), Some(&SqlState::QUERY_CANCELED));
+    // The connection goes on.
+    let row = client.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+#[tokio::test]
+async fn a_reload_reads_changed_files_and_replaces_the_connections() {
+    let pg = tls_cluster().await;
+    let certs = Certs::get();
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
+    let extra = format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        ca.display()
+    );
+    let mux = TestPgmux::start(
+        pg,
+        MuxOptions {
+            admin: Some(String::new()),
+            ..opts(&extra)
+        },
+    )
+    .await;
+    let client = mux.connect("app", "app").await;
+    assert!(ssl_in_use(&client).await);
+
+    // Same file name, another CA inside: the idle connection is replaced, and the new
+    // one is checked against the new file.
+    std::fs::copy(certs.dir.join("other_ca.crt"), &ca).unwrap();
+    let reload = mux.admin_post("/reload").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let changes = reload.json()["changes"].to_string();
+    assert!(changes.contains("server_tls"), "{changes}");
+    assert!(changes.contains("replacing its connections"), "{changes}");
+    let err = client.simple_query("SELECT 1").await.unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
+    assert!(message(&err).contains("UnknownIssuer"), "{err}");
+
+    // The right CA again: the same client goes on.
+    std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
+    let reload = mux.admin_post("/reload").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    assert!(ssl_in_use(&client).await);
+}
+
+#[tokio::test]
+async fn bad_tls_settings_are_refused_at_load_with_their_place() {
+    let certs = Certs::get();
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let not_pem = write("not.pem", "hello\n");
+    let config = format!(
+        r#"[pool]
+server_tls = "verify-full"
+
+[databases.a]
+server_tls = "sometimes"
+
+[databases.b]
+server_ca_file = "{missing}"
+
+[databases.c]
+server_ca_file = "{not_pem}"
+
+[databases.d]
+server_tls = "require"
+server_cert_file = "{cert}"
+
+[users.app]
+password = "app_pw"
+"#,
+        missing = dir.path().join("missing.crt").display(),
+        not_pem = not_pem.display(),
+        cert = certs.path("pgmux.crt"),
+    );
+    let path = write("pgmux.toml", &config);
+    let err = pgmux::config::Config::load(&path).unwrap_err().to_string();
+    let expect = [
+        "pgmux.toml:2:14: pool.server_tls: \"verify-full\" checks the server's certificate and needs server_ca_file",
+        "pgmux.toml:5:14: databases.a.server_tls: unknown value \"sometimes\"",
+        "pgmux.toml:8:18: databases.b.server_ca_file: cannot read",
+        "pgmux.toml:11:18: databases.c.server_ca_file:",
+        "pgmux.toml:15:20: databases.d.server_cert_file: needs server_key_file",
+    ];
+    for line in expect {
+        assert!(err.contains(line), "missing {line:?} in:\n{err}");
+    }
+    assert_file_named(&err, &not_pem);
+}
+
+fn assert_file_named(err: &str, path: &Path) {
+    assert!(err.contains(&path.display().to_string()), "{err}");
+}
