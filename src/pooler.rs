@@ -125,6 +125,8 @@ pub struct Pooler {
     client_caps: client_caps::ClientCaps,
     /// `admin.listen` at start: the address main binds, which a reload cannot change.
     admin_listen: Option<String>,
+    /// Failed logins by reason, and the addresses locked out after too many.
+    pub logins: crate::auth::LoginGuard,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -158,6 +160,7 @@ impl Pooler {
             budgets: Mutex::new(HashMap::new()),
             client_caps: client_caps::ClientCaps::default(),
             admin_listen,
+            logins: crate::auth::LoginGuard::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),

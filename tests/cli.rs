@@ -216,3 +216,20 @@ async fn a_reload_cannot_remove_the_token_of_an_open_admin_port() {
     let open = http_request(admin_port, "GET", "/pools", None).await;
     assert_eq!(open.status, 200, "{}", open.body);
 }
+
+#[test]
+fn check_refuses_an_empty_password_with_its_line() {
+    let (_dir, path) =
+        write_config("[databases.app]\n\n[users.app]\npassword = \"${PGMUX_TEST_EMPTY_PW}\"\n");
+    let out = Command::new(env!("CARGO_BIN_EXE_pgmux"))
+        .args(["check", "--config", &path])
+        .env("PGMUX_TEST_EMPTY_PW", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(":4:12: users.app.password: must not be empty"),
+        "{stderr}"
+    );
+}

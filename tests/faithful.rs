@@ -83,6 +83,14 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
         )
         .await
     );
+    // The refusal is logged by the same thread, maybe a moment later.
+    assert!(
+        eventually(
+            Duration::from_secs(5),
+            log_has("invalid startup packet length")
+        )
+        .await
+    );
     let log = mux.stderr_log();
     assert_eq!(
         log.matches("invalid startup packet length 1476395008")

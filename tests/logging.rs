@@ -297,14 +297,14 @@ async fn a_newline_in_a_user_name_forges_no_log_line() {
         .await
         .expect("the configured user logs in");
     client.simple_query("SELECT 1").await.unwrap();
-    // An unknown user: refused, and the refusal is logged at debug level.
+    // An unknown user: refused like a wrong password, and the failure is logged.
     let unknown = format!("y\n{forged}-2\r\n{forged}-3");
     let Err(err) = mux.try_connect("app", &unknown, "pw").await else {
         panic!("an unknown user logged in");
     };
     assert_eq!(
         err.code(),
-        Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+        Some(&tokio_postgres::error::SqlState::INVALID_PASSWORD)
     );
 
     // The log is written by pgmux's log thread: wait until both attempts are in it.

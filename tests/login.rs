@@ -44,10 +44,8 @@ async fn wrong_password_unknown_user_and_unknown_database() {
         .try_connect("app", "nobody", "x")
         .await
         .expect_err("refused");
-    assert_eq!(
-        err.code(),
-        Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
-    );
+    // Told exactly what a wrong password is told: user names cannot be enumerated.
+    assert_eq!(err.code(), Some(&SqlState::INVALID_PASSWORD));
     assert!(err.as_db_error().unwrap().message().contains("nobody"));
 
     let err = mux

@@ -21,6 +21,7 @@ use prometheus::proto::{
 use prometheus::{Encoder, Registry, TextEncoder};
 
 use super::PortStats;
+use crate::auth::FailureReason;
 use crate::clients::ClientState;
 use crate::logging;
 use crate::pooler::Pooler;
@@ -79,6 +80,12 @@ const FAMILIES: &[Family] = &[
         "When the last config reload was tried, Unix time; 0 = never.",
         G,
         &[],
+    ),
+    (
+        "pgmux_login_failures_total",
+        "Failed client logins, by reason (bad_password, unknown_user, unknown_database, rejected_by_rule, rate_limited, timeout, protocol).",
+        C,
+        &["reason"],
     ),
     (
         "pgmux_log_write_errors_total",
@@ -432,6 +439,13 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         1.0
     };
     out.gauge("pgmux_config_last_reload_success", &[], ok);
+    for reason in FailureReason::ALL {
+        out.counter(
+            "pgmux_login_failures_total",
+            &[reason.as_str()],
+            pooler.logins.failures(reason),
+        );
+    }
     out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());
     out.counter("pgmux_session_panics_total", &[], logging::panics());
     out.gauge(

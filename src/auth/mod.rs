@@ -10,15 +10,23 @@
 //!   [`ScramExchange::mock`] runs the same exchange for an unknown user and always fails, so that
 //!   a client cannot tell "no such user" from "wrong password".
 //! - [`Credential::check_md5`] checks an md5 `PasswordMessage`.
+//! - [`rules`] decides, before authentication, whether a client may log in and with which
+//!   method; [`hba`] reads those rules from a `pg_hba.conf`-format file.
+//! - [`LoginGuard`] counts failed logins by reason and locks out an address that fails too
+//!   often ([`limiter`]).
 //!
 //! Secrets never appear in `Debug` output or in errors.
 
 mod credential;
+pub mod hba;
+pub mod limiter;
 mod md5;
+pub mod rules;
 mod scram;
 mod secret;
 
 pub use credential::Credential;
+pub use limiter::{FailureReason, LimitSettings, LoginGuard};
 pub use md5::md5_hash;
 pub use scram::{SCRAM_MECHANISM, ScramExchange};
 pub use secret::{ScramVerifier, Secret};

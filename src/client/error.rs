@@ -34,6 +34,18 @@ pub enum ClientError {
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
+    #[error("too many failed logins from this address; try again in {0} s")]
+    LockedOut(u64),
+    #[error(
+        "no access rule allows host \"{host}\", user \"{user}\", database \"{database}\" ({why})"
+    )]
+    NoAccessRule {
+        host: String,
+        user: String,
+        database: String,
+        /// "rule 3 rejects it", "hba_file line 12 rejects it" or "no rule matches".
+        why: String,
+    },
     #[error("{0}")]
     Startup(StartupError),
     #[error("canceling authentication: no login within {0:?} (client_login_timeout)")]
@@ -100,7 +112,10 @@ impl ClientError {
                 SqlState::TOO_MANY_CONNECTIONS
             }
             Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
-            Self::NoUser | Self::UnknownUser(_) => SqlState::INVALID_AUTHORIZATION,
+            Self::NoUser
+            | Self::UnknownUser(_)
+            | Self::LockedOut(_)
+            | Self::NoAccessRule { .. } => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -155,6 +170,9 @@ impl ClientError {
                 ));
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::LockedOut(_) => {
+                "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
+            }
             Self::UnknownDatabase(db) => {
                 return Some(format!("add [databases.{db}] to the pgmux config"));
             }

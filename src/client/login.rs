@@ -4,18 +4,22 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
-use crate::auth::{Credential, SCRAM_MECHANISM, ScramExchange};
+use crate::auth::rules::{Request, Verdict, decide};
+use crate::auth::{
+    Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM, ScramExchange,
+    Secret,
+};
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
 use crate::config::PoolMode;
@@ -23,7 +27,9 @@ use crate::logging::Escaped;
 use crate::pool::{Greetings, Lease, Pool, Reported};
 use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
-use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, read_i32, tag, write};
+use crate::protocol::{
+    MessageCodec, PgError, ProtocolError, SqlState, read_cstr, read_i32, tag, write,
+};
 use crate::server::{Quiet, ServerConn, TxStatus};
 
 /// How a login ends early.
@@ -78,6 +84,26 @@ pub(super) async fn authenticate(
     pooler: &Arc<Pooler>,
     admitted: bool,
 ) -> Result<Authenticated, Refusal> {
+    let result = login(socket, peer, pooler, admitted).await;
+    if let Err(Refusal::Error(e)) = &result
+        && e.code == SqlState::PROTOCOL_VIOLATION
+    {
+        // What was broken is in the "login refused" line (debug): this one is for the
+        // operator's count.
+        info!(%peer, reason = %Reason::Protocol.as_str(), "login failed");
+        let limits = pooler.snapshot().config.auth.login_limits();
+        count_failure(&pooler.logins, peer, Reason::Protocol, &limits);
+    }
+    result
+}
+
+/// [`authenticate`], whose protocol errors it counts.
+async fn login(
+    socket: &mut TcpStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Result<Authenticated, Refusal> {
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
@@ -114,29 +140,102 @@ pub(super) async fn authenticate(
         .to_owned();
 
     let snapshot = pooler.snapshot();
-    if !snapshot.config.databases.contains_key(&database)
-        && !crate::admin::console::is_console_database(&database)
-    {
-        return Err(ClientError::UnknownDatabase(database).into());
+    let who = Who {
+        peer,
+        user: &user,
+        database: &database,
+        guard: &pooler.logins,
+        limits: snapshot.config.auth.login_limits(),
+    };
+    // A locked-out address is told so before anything is checked: its attempts are
+    // counted (rate_limited), never logged one by one, and extend nothing.
+    if let Some(left) = pooler.logins.locked(peer.ip(), &who.limits, Instant::now()) {
+        pooler
+            .logins
+            .failed(peer.ip(), Reason::RateLimited, &who.limits, Instant::now());
+        let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        return Err(ClientError::LockedOut(seconds).into());
     }
-    if !snapshot.config.users.contains_key(&user) {
-        return Err(ClientError::UnknownUser(user).into());
+    let is_console = crate::admin::console::is_console_database(&database);
+    let known_database = is_console || snapshot.config.databases.contains_key(&database);
+    let known_user = snapshot.config.users.contains_key(&user);
+    let mut method = snapshot.config.auth_method_for(&user);
+    let rules = &snapshot.config.auth.rules;
+    if !rules.is_empty() {
+        let request = Request {
+            addr: peer.ip().to_canonical(),
+            // Until pgmux offers client TLS, no connection is encrypted.
+            tls: false,
+            database: &database,
+            user: &user,
+        };
+        match decide(rules, &request) {
+            Verdict::Allow(_, chosen) => method = chosen,
+            Verdict::Reject(rule) => {
+                let why = match rule {
+                    Some(rule) => format!("{} rejects it", rule.source),
+                    None => "no rule matches".to_owned(),
+                };
+                let refused = ClientError::NoAccessRule {
+                    host: request.addr.to_string(),
+                    user: user.clone(),
+                    database: database.clone(),
+                    why,
+                };
+                return Err(who.failed(Reason::RejectedByRule, refused));
+            }
+        }
     }
 
-    let method = snapshot.config.auth_method_for(&user);
-    if method != AuthMethod::Trust {
-        let Some(credential) = snapshot.credentials.get(&user) else {
-            return Err(bad_password(&user).into());
-        };
-        let scram = method == AuthMethod::ScramSha256 && credential.scram().is_some();
+    if method == AuthMethod::Trust {
+        // Without a password there is nothing to guess: PostgreSQL, too, names what is
+        // missing right away when trust lets a client in.
+        if !known_user {
+            return Err(who.failed(Reason::UnknownUser, ClientError::UnknownUser(user.clone())));
+        }
+    } else {
         socket.write_all(&out).await?;
         out.clear();
-        if scram {
+        // An unknown user, or one without a password, runs the same exchange as a real
+        // one and fails with the same answer as a wrong password, so that neither the
+        // messages nor their timing tell a client which user names exist.
+        let credential = snapshot.credentials.get(&user).filter(|_| known_user);
+        let verified = match credential {
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
-            scram_login(socket, &mut cbuf, &mut out, &user, credential).await?;
-        } else {
-            md5_login(socket, &mut cbuf, &user, credential).await?;
+            // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
+            Some(c)
+                if c.scram().is_some()
+                    && (method == AuthMethod::ScramSha256
+                        || matches!(c.secret(), Secret::Scram(_))) =>
+            {
+                let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+            }
+            Some(c) => md5_login(socket, &mut cbuf, c).await?,
+            None if method == AuthMethod::ScramSha256 => {
+                let exchange = Some(ScramExchange::mock(&user));
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+            }
+            None => md5_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?,
+        };
+        if !verified || credential.is_none() {
+            // The real reason, for the operator: the most basic one that applies.
+            let reason = if !known_user {
+                Reason::UnknownUser
+            } else if !known_database {
+                Reason::UnknownDatabase
+            } else {
+                Reason::BadPassword
+            };
+            return Err(who.failed(reason, bad_password(&user)));
         }
+    }
+    // As PostgreSQL: an unknown database is named only to a client that authenticated.
+    if !known_database {
+        return Err(who.failed(
+            Reason::UnknownDatabase,
+            ClientError::UnknownDatabase(database.clone()),
+        ));
     }
     // Admin console hook: `pgbouncer` / `pgmux` open the console, for auth.admin_users only.
     if crate::admin::console::is_console_database(&database) {
@@ -438,14 +537,16 @@ async fn read_startup(
     }
 }
 
+/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(false)` for a wrong
+/// password; a broken message is an error.
 async fn scram_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
-    credential: &Credential,
-) -> Result<(), Refusal> {
-    let Some(verifier) = credential.scram() else {
+    exchange: Option<ScramExchange>,
+) -> Result<bool, Refusal> {
+    let Some(mut exchange) = exchange else {
         return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
     };
     write::auth_sasl(out, &[SCRAM_MECHANISM]);
@@ -466,40 +567,45 @@ async fn scram_login(
         .and_then(|n| data.get(..n))
         .ok_or_else(malformed)?;
 
-    let mut exchange = ScramExchange::new(verifier.clone());
-    let server_first = exchange
-        .client_first(data)
-        .map_err(|e| auth_refusal(user, e))?;
+    let server_first = match exchange.client_first(data) {
+        Ok(reply) => reply,
+        Err(e) => return auth_outcome(user, e),
+    };
     out.clear();
     write::auth_sasl_step(out, 11, &server_first);
     socket.write_all(out).await?;
 
     let last = read_password_message(socket, cbuf).await?;
-    let server_final = exchange
-        .client_final(&last)
-        .map_err(|e| auth_refusal(user, e))?;
+    let server_final = match exchange.client_final(&last) {
+        Ok(reply) => reply,
+        Err(e) => return auth_outcome(user, e),
+    };
     out.clear();
     write::auth_sasl_step(out, 12, &server_final);
-    Ok(())
+    Ok(true)
 }
 
+/// Runs one md5 challenge. `Ok(false)` for a wrong password.
 async fn md5_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
-    user: &str,
     credential: &Credential,
-) -> Result<(), Refusal> {
+) -> Result<bool, Refusal> {
     let salt: [u8; 4] = rand::random();
     let mut out = BytesMut::new();
     write::auth_md5(&mut out, salt);
     socket.write_all(&out).await?;
     let body = read_password_message(socket, cbuf).await?;
     let response = body.strip_suffix(&[0]).unwrap_or(&body);
-    if credential.check_md5(salt, response) {
-        Ok(())
-    } else {
-        Err(bad_password(user).into())
-    }
+    Ok(credential.check_md5(salt, response))
+}
+
+/// What an md5 login of an unknown user is checked against: a hash no response matches
+/// (md5 of nothing is not 32 zero bytes), at the cost of a real one.
+fn mock_md5_credential(user: &str) -> Credential {
+    let hash = format!("md5{}", "0".repeat(32));
+    let secret = Secret::parse(&hash).unwrap_or(Secret::Md5(hash));
+    Credential::new(user, secret)
 }
 
 /// Reads one PasswordMessage-family message ('p') and returns its body.
@@ -536,9 +642,55 @@ fn bad_password(user: &str) -> ClientError {
     ClientError::BadPassword(user.to_owned())
 }
 
-fn auth_refusal(user: &str, e: crate::auth::AuthError) -> Refusal {
+/// A failed SCRAM step: a wrong proof is `Ok(false)`, a broken message an error.
+fn auth_outcome(user: &str, e: crate::auth::AuthError) -> Result<bool, Refusal> {
     match e {
-        crate::auth::AuthError::BadPassword => bad_password(user).into(),
-        other => ClientError::Authentication(other.to_string()).into(),
+        crate::auth::AuthError::BadPassword => Ok(false),
+        other => {
+            debug!(user = %Escaped(user), error = %other, "SCRAM exchange broken off");
+            Err(ClientError::Authentication(other.to_string()).into())
+        }
+    }
+}
+
+/// The client a login is about, and where its failures are counted.
+struct Who<'a> {
+    peer: SocketAddr,
+    user: &'a str,
+    database: &'a str,
+    guard: &'a LoginGuard,
+    limits: LimitSettings,
+}
+
+impl Who<'_> {
+    /// Logs a failed login at info (the reason, never the password), counts it (which
+    /// may lock the address out: logged once) and returns the refusal the client gets.
+    fn failed(&self, reason: Reason, error: ClientError) -> Refusal {
+        info!(
+            peer = %self.peer,
+            user = %Escaped(self.user),
+            database = %Escaped(self.database),
+            reason = %reason.as_str(),
+            "login failed"
+        );
+        count_failure(self.guard, self.peer, reason, &self.limits);
+        error.into()
+    }
+}
+
+/// Counts a failed login of `peer`, and logs the lockout it may begin (once per lockout).
+pub(super) fn count_failure(
+    guard: &LoginGuard,
+    peer: SocketAddr,
+    reason: Reason,
+    limits: &LimitSettings,
+) {
+    if let Some(lockout) = guard.failed(peer.ip(), reason, limits, Instant::now()) {
+        warn!(
+            address = %peer.ip(),
+            failures = lockout.failures,
+            lockout_secs = lockout.lasts.as_secs_f64(),
+            "too many failed logins: address locked out (auth.max_login_failures)"
+        );
     }
 }

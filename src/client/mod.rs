@@ -82,7 +82,10 @@ async fn serve_socket(
         Ok(Ok(client)) => login::greet(socket, peer, pooler, client).await,
         Ok(Err(refusal)) => Err(refusal),
         Err(_) => {
-            debug!(%peer, "login timed out");
+            let reason = crate::auth::FailureReason::Timeout;
+            info!(%peer, reason = %reason.as_str(), "login failed");
+            let limits = pooler.snapshot().config.auth.login_limits();
+            login::count_failure(&pooler.logins, peer, reason, &limits);
             refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
             return None;
         }

@@ -67,6 +67,7 @@ pub(super) fn analyze(
     let mut places = walker.places;
 
     userlist::merge(&mut config, base, &mut places, &mut report);
+    super::access::merge_hba(&mut config, base, &places, &mut report);
     server_tls::load_files(&mut config, base, &places, &mut report);
     validate::normalize(&mut config);
     let warnings = validate::check(&config, &places, &mut report);
@@ -103,7 +104,16 @@ const SERVER_KEYS: &[&str] = &[
     "statement_registry_size",
     "worker_threads",
 ];
-const AUTH_KEYS: &[&str] = &["method", "userlist_file", "admin_users"];
+const AUTH_KEYS: &[&str] = &[
+    "method",
+    "userlist_file",
+    "admin_users",
+    "max_login_failures",
+    "login_failure_window",
+    "login_lockout",
+    "rules",
+    "hba_file",
+];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
     "token",
@@ -330,6 +340,19 @@ impl Walker<'_> {
                     auth.userlist_file = self.string(&path, value).map(PathBuf::from);
                 }
                 "admin_users" => set(&mut auth.admin_users, self.strings(&path, value)),
+                "max_login_failures" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    set(
+                        &mut auth.max_login_failures,
+                        n.and_then(|n| n.try_into().ok()),
+                    );
+                }
+                "login_failure_window" => {
+                    set(&mut auth.login_failure_window, self.duration(&path, value));
+                }
+                "login_lockout" => set(&mut auth.login_lockout, self.duration(&path, value)),
+                "rules" => auth.rules = self.access_rules(&path, value),
+                "hba_file" => auth.hba_file = self.string(&path, value).map(PathBuf::from),
                 _ => self.unknown("auth", key, AUTH_KEYS),
             }
         }

@@ -58,6 +58,25 @@ pub(super) fn render(config: &Config) -> String {
     }
     let admins: Vec<String> = auth.admin_users.iter().map(|u| quote(u)).collect();
     line(&mut out, "admin_users", &format!("[{}]", admins.join(", ")));
+    line(
+        &mut out,
+        "max_login_failures",
+        &auth.max_login_failures.to_string(),
+    );
+    line(
+        &mut out,
+        "login_failure_window",
+        &duration(auth.login_failure_window),
+    );
+    line(&mut out, "login_lockout", &duration(auth.login_lockout));
+    match &auth.hba_file {
+        Some(file) => line(&mut out, "hba_file", &quote(&file.to_string_lossy())),
+        None => {
+            for rule in &auth.rules {
+                out.push_str(&super::access::render_rule(rule));
+            }
+        }
+    }
 
     let admin = &config.admin;
     out.push_str("\n[admin]\n");
@@ -263,7 +282,7 @@ fn header(section: &str, name: &str) -> String {
 }
 
 /// A TOML basic string, on one line, `${` escaped so that parsing does not substitute.
-fn quote(s: &str) -> String {
+pub(super) fn quote(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
     out.push('"');
     env::escape_basic(s, &mut out);

@@ -14,6 +14,7 @@
 // parser's spans, so they fall on character boundaries; the loader is fuzzed (fuzz/config).
 #![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
 
+mod access;
 mod env;
 mod load;
 mod masked;
@@ -156,7 +157,7 @@ impl fmt::Debug for AdminSection {
 }
 
 /// `[auth]`: how clients log in to pgmux.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct AuthSection {
     /// The login method for users without their own `auth_method`.
     pub method: AuthMethod,
@@ -166,6 +167,48 @@ pub struct AuthSection {
     pub userlist_file: Option<PathBuf>,
     /// Users allowed on the admin console.
     pub admin_users: Vec<String>,
+    /// Failed logins (password guesses) from one address within `login_failure_window`
+    /// that lock it out for `login_lockout`; 0 = no limit.
+    pub max_login_failures: u32,
+    /// The span over which an address's failed logins are counted.
+    pub login_failure_window: Duration,
+    /// How long a locked-out address is refused.
+    pub login_lockout: Duration,
+    /// Access rules, evaluated in order before authentication (first match wins, no match
+    /// rejects): the `[[auth.rules]]` tables, or the lines of `hba_file`. Empty = every
+    /// client may try to log in (no rules configured).
+    pub rules: Vec<AccessRule>,
+    /// A pg_hba.conf-format file the rules are read from (resolved like `userlist_file`);
+    /// read again at every reload.
+    pub hba_file: Option<PathBuf>,
+}
+
+pub use crate::auth::rules::AccessRule;
+
+impl Default for AuthSection {
+    fn default() -> Self {
+        Self {
+            method: AuthMethod::default(),
+            userlist_file: None,
+            admin_users: Vec::new(),
+            max_login_failures: 10,
+            login_failure_window: Duration::from_secs(60),
+            login_lockout: Duration::from_secs(60),
+            rules: Vec::new(),
+            hba_file: None,
+        }
+    }
+}
+
+impl AuthSection {
+    /// The failed-login limiter's settings.
+    pub fn login_limits(&self) -> crate::auth::LimitSettings {
+        crate::auth::LimitSettings {
+            max_failures: self.max_login_failures,
+            window: self.login_failure_window,
+            lockout: self.login_lockout,
+        }
+    }
 }
 
 /// How a client proves its identity. TOML: `"scram-sha-256" | "md5" | "trust"`.

@@ -737,3 +737,123 @@ fn tcp_options_of_server_sockets() {
         ]
     );
 }
+
+#[test]
+fn empty_passwords_are_refused_where_they_are() {
+    let env = |name: &str| (name == "EMPTY").then(String::new);
+    let text = "[users.a]\npassword = \"\"\n\n[users.b]\npassword = \"${EMPTY}\"\n\n\
+                [users.c]\npassword = \"pw\"\nserver_password = \"\"\n";
+    let err = Config::parse_with_env(text, "t.toml", &env).unwrap_err();
+    let shown: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    let why = "must not be empty: PostgreSQL and PgBouncer refuse empty passwords (a ${VAR} \
+               that is set but empty counts); set a password, or remove the key";
+    assert_eq!(
+        shown,
+        [
+            format!("t.toml:2:12: users.a.password: {why}"),
+            format!("t.toml:5:12: users.b.password: {why}"),
+            format!("t.toml:9:19: users.c.server_password: {why}"),
+        ]
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("userlist.txt");
+    std::fs::write(&list, "\"ok\" \"pw\"\n\"d\" \"\"\n").unwrap();
+    let text = format!("[auth]\nuserlist_file = {:?}\n", list.display().to_string());
+    let err = Config::parse(&text, "t.toml").unwrap_err();
+    let shown = err.to_string();
+    assert!(
+        shown.contains("userlist.txt:2:5: users.d.password: must not be empty"),
+        "{shown}"
+    );
+}
+
+#[test]
+fn login_limit_keys() {
+    let c = parse_ok("");
+    assert_eq!(c.auth.max_login_failures, 10);
+    assert_eq!(c.auth.login_failure_window, Duration::from_secs(60));
+    assert_eq!(c.auth.login_lockout, Duration::from_secs(60));
+    let c = parse_ok("[auth]\nmax_login_failures = 0\nlogin_lockout = \"0\"\n");
+    assert_eq!(c.auth.max_login_failures, 0);
+    let shown = c.masked();
+    assert!(shown.contains("max_login_failures = 0"), "{shown}");
+    assert_eq!(parse_ok(&shown).auth, c.auth);
+    assert_eq!(
+        problems("[auth]\nlogin_lockout = \"0\"\n"),
+        [
+            "t.toml:2:17: auth.login_lockout: must be above 0 (set auth.max_login_failures = 0 to turn the limit off)"
+        ]
+    );
+}
+
+#[test]
+fn access_rules_in_toml() {
+    use crate::auth::rules::{Addresses, ConnType, Names, RuleMethod};
+    let text = "[auth]\nmethod = \"md5\"\n\n[[auth.rules]]\ntype = \"hostnossl\"\n\
+                database = [\"app\", \"b\"]\nuser = \"alice\"\naddress = \"10.0.0.0/8\"\n\
+                method = \"scram-sha-256\"\n\n[[auth.rules]]\nmethod = \"reject\"\n";
+    let c = parse_ok(text);
+    assert_eq!(c.auth.rules.len(), 2);
+    let r = &c.auth.rules[0];
+    assert_eq!(r.conn, ConnType::HostNoSsl);
+    assert_eq!(r.databases, Names::List(vec!["app".into(), "b".into()]));
+    assert_eq!(r.users, Names::List(vec!["alice".into()]));
+    assert_eq!(r.method, RuleMethod::Login(AuthMethod::ScramSha256));
+    assert_eq!(r.source, "rule 1");
+    let r = &c.auth.rules[1];
+    assert_eq!(
+        (r.conn, &r.databases, r.addresses),
+        (ConnType::All, &Names::All, Addresses::All)
+    );
+    // pgmux check's output reads back as the same rules.
+    assert_eq!(parse_ok(&c.masked()).auth, c.auth);
+
+    assert_eq!(
+        problems(
+            "[[auth.rules]]\ntype = \"local\"\nmethod = \"peer\"\n\n[[auth.rules]]\n\
+             address = \"10.0.0.0/33\"\nuser = []\nmethod = \"md5\"\nfoo = 1\n\n\
+             [[auth.rules]]\nuser = \"x\"\n"
+        ),
+        [
+            "t.toml:2:8: auth.rules[0].type: unknown value \"local\"; expected one of \"host\", \"hostssl\", \"hostnossl\", \"all\"",
+            "t.toml:3:10: auth.rules[0].method: unknown value \"peer\"; expected one of \"scram-sha-256\", \"md5\", \"trust\", \"reject\"",
+            "t.toml:6:11: auth.rules[1].address: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32",
+            "t.toml:9:1: auth.rules[1].foo: unknown key; expected one of: type, database, user, address, method",
+            "t.toml:11:1: auth.rules[2]: needs a method (scram-sha-256, md5, trust or reject)",
+        ]
+    );
+}
+
+#[test]
+fn hba_file_rules_and_their_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let hba = dir.path().join("pg_hba.conf");
+    std::fs::write(&hba, "local all all peer\nhost all all 10.0.0.0/8 md5\n").unwrap();
+    let text = format!("[auth]\nhba_file = {:?}\n", hba.display().to_string());
+    let c = parse_ok(&text);
+    assert_eq!(c.auth.rules.len(), 1);
+    assert_eq!(c.auth.rules[0].source, "hba_file line 2");
+    let shown = c.masked();
+    assert!(
+        shown.contains("hba_file = ") && !shown.contains("[[auth.rules]]"),
+        "{shown}"
+    );
+
+    std::fs::write(
+        &hba,
+        "host all all 10.0.0.0/8 md5\nhost all all 10.0.0.0/8 password\n",
+    )
+    .unwrap();
+    let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("pg_hba.conf:2:25: \"password\" (cleartext) is not supported"),
+        "{err}"
+    );
+    let both = format!("{text}\n[[auth.rules]]\nmethod = \"md5\"\n");
+    let err = Config::parse(&both, "t.toml").unwrap_err().to_string();
+    assert!(
+        err.contains("set either auth.hba_file or [[auth.rules]], not both"),
+        "{err}"
+    );
+}

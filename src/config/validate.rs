@@ -10,9 +10,15 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 
 use super::report::{Places, Report, join_key};
 use super::{AuthMethod, Config, PoolMode, PoolOverrides, PoolSettings, Problem};
+use crate::auth::rules::RuleMethod;
 
 /// PostgreSQL's default `max_connections`; a bigger pool is likely to be refused upstream.
 const UPSTREAM_DEFAULT_MAX_CONNECTIONS: u32 = 100;
+
+/// Why an empty password is refused (in `[users]`, a userlist file, or a `${VAR}` that is
+/// set but empty): PostgreSQL never accepts one, and PgBouncer refuses it too.
+const EMPTY_PASSWORD: &str = "must not be empty: PostgreSQL and PgBouncer refuse empty \
+     passwords (a ${VAR} that is set but empty counts); set a password, or remove the key";
 
 /// The kinds of secret a user's `password` can hold.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,6 +98,7 @@ pub(super) fn check(config: &Config, places: &Places, report: &mut Report) -> Ve
         warnings: Vec::new(),
     };
     c.server(config);
+    c.auth(config);
     c.admin(config);
     c.pool("pool", &config.pool, &PoolOverrides::default(), true);
     if config.databases.is_empty() {
@@ -145,6 +152,37 @@ impl Checker<'_> {
                 "trust: clients log in without a password"
             };
             self.warn("auth.method", msg);
+        }
+    }
+
+    fn auth(&mut self, config: &Config) {
+        let auth = &config.auth;
+        for rule in &auth.rules {
+            if rule.method == RuleMethod::Login(AuthMethod::Trust) {
+                let key = if auth.hba_file.is_some() {
+                    "auth.hba_file"
+                } else {
+                    "auth.rules"
+                };
+                let msg = format!(
+                    "{}: trust lets its clients log in without a password",
+                    rule.source
+                );
+                self.warn(key, msg);
+            }
+        }
+        if auth.max_login_failures > 0 {
+            for (key, d) in [
+                ("auth.login_failure_window", auth.login_failure_window),
+                ("auth.login_lockout", auth.login_lockout),
+            ] {
+                if d.is_zero() {
+                    self.error(
+                        key,
+                        "must be above 0 (set auth.max_login_failures = 0 to turn the limit off)",
+                    );
+                }
+            }
         }
     }
 
@@ -271,6 +309,9 @@ impl Checker<'_> {
             }
             let method = config.auth_method_for(name);
             let password_key = join_key(&path, "password");
+            if user.password.as_deref() == Some("") {
+                self.error(&password_key, EMPTY_PASSWORD);
+            }
             let kind = match user.password.as_deref().map(SecretKind::of) {
                 Some(Ok(kind)) => Some(kind),
                 Some(Err(why)) => {
@@ -317,7 +358,9 @@ impl Checker<'_> {
                     "trust: logs in without a password",
                 );
             }
-            if let Some(server_password) = &user.server_password
+            if user.server_password.as_deref() == Some("") {
+                self.error(&join_key(&path, "server_password"), EMPTY_PASSWORD);
+            } else if let Some(server_password) = &user.server_password
                 && SecretKind::of(server_password) != Ok(SecretKind::Plain)
             {
                 let msg = "must be the plain password pgmux sends to the server, not a hash";
