@@ -353,9 +353,9 @@ impl Loop<'_> {
     fn touch(&mut self) {
         let limits = &self.s.limits;
         let holding = self.server.is_some()
-            && !(limits.query.is_zero()
-                && limits.idle_transaction.is_zero()
-                && limits.pinned_idle.is_zero());
+            && (!limits.query.is_zero()
+                || !limits.idle_transaction.is_zero()
+                || (!limits.pinned_idle.is_zero() && self.pinned()));
         let mid_message = !limits.partial_message.is_zero()
             && (self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty());
         if holding || mid_message {

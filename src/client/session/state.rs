@@ -228,6 +228,9 @@ impl Loop<'_> {
         let action = match self.s.state_policy {
             SessionStatePolicy::Pin => match self.s.pool.try_pin(settings.pinned_limit()) {
                 Some(place) => {
+                    // pinned_idle_timeout counts from now (the clock is read for it only
+                    // while pinned).
+                    self.last_activity = Instant::now();
                     if let Some(work) = self.state.work.as_mut() {
                         work.pin = Some(Pin {
                             kinds,
