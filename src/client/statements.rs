@@ -36,32 +36,33 @@ fn is_server_name(name: &str) -> bool {
         .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
-/// A DEALLOCATE of `name`, a server-side name of pgmux's that this client does not have:
-/// PostgreSQL's own error for it, raised by the server (so that the transaction state is
-/// PostgreSQL's own) instead of deallocating a statement other clients use.
-fn refuse_deallocate(name: &str) -> String {
+/// A Query that makes the server raise `errcode` with `message` about `name`, one of
+/// pgmux's own server-side names (only digits after the prefix: safe to quote), so that the
+/// error and the transaction state the client sees are PostgreSQL's own.
+fn server_raises(name: &str, errcode: &str, message: &str) -> String {
     debug_assert!(
         is_server_name(name),
         "only digits after the prefix: safe to quote"
     );
     format!(
-        "DO $pgmux$ BEGIN RAISE EXCEPTION USING ERRCODE = 'invalid_sql_statement_name', \
-         MESSAGE = 'prepared statement \"{name}\" does not exist'; END $pgmux$"
+        "DO $pgmux$ BEGIN RAISE EXCEPTION USING ERRCODE = '{errcode}', \
+         MESSAGE = '{message}'; END $pgmux$"
     )
 }
 
-/// A SQL-level PREPARE of a name of pgmux's own form: refused by the server (the
-/// transaction state is PostgreSQL's own) with `42939 reserved_name`.
+/// A DEALLOCATE of `name`, a server-side name of pgmux's that this client does not have:
+/// PostgreSQL's own error for it, instead of deallocating a statement other clients use.
+fn refuse_deallocate(name: &str) -> String {
+    let message = format!("prepared statement \"{name}\" does not exist");
+    server_raises(name, "invalid_sql_statement_name", &message)
+}
+
+/// A SQL-level PREPARE of a name of pgmux's own form: `42939 reserved_name`.
 fn refuse_reserved_name(name: &str) -> String {
-    debug_assert!(
-        is_server_name(name),
-        "only digits after the prefix: safe to quote"
+    let message = format!(
+        "pgmux: prepared statement name \"{name}\" is reserved for pgmux''s own statements"
     );
-    format!(
-        "DO $pgmux$ BEGIN RAISE EXCEPTION USING ERRCODE = 'reserved_name', \
-         MESSAGE = 'pgmux: prepared statement name \"{name}\" is reserved for pgmux''s own statements', \
-         HINT = 'use another name'; END $pgmux$"
-    )
+    server_raises(name, "reserved_name", &message)
 }
 
 /// What the session does with one client message that may name a prepared statement or
