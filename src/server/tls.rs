@@ -183,11 +183,14 @@ fn client_config(settings: &ServerTlsSettings) -> Result<ClientConfig, (&'static
                 .build()
                 .map_err(|e| ("server_ca_file", e.to_string()))?
         }
-        ServerTlsMode::VerifyCa => Arc::new(ChainOnly {
-            roots: Arc::new(roots),
+        ServerTlsMode::VerifyCa => Arc::new(WithoutName {
+            roots: Some(Arc::new(roots)),
             algorithms: provider.signature_verification_algorithms,
         }),
-        _ => Arc::new(NoCheck(provider.signature_verification_algorithms)),
+        _ => Arc::new(WithoutName {
+            roots: None,
+            algorithms: provider.signature_verification_algorithms,
+        }),
     };
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -224,54 +227,16 @@ fn client_config(settings: &ServerTlsSettings) -> Result<ClientConfig, (&'static
     Ok(config)
 }
 
-/// `prefer` and `require`: any certificate is accepted (libpq's and PgBouncer's meaning of
-/// these modes); the handshake's signatures are still checked against it.
+/// `verify-ca`: the chain must lead to one of the roots; the name is not checked. Without
+/// roots (`prefer`, `require`: libpq's and PgBouncer's meaning of these modes) any
+/// certificate is accepted. Either way the handshake's signatures are checked against it.
 #[derive(Debug)]
-struct NoCheck(WebPkiSupportedAlgorithms);
-
-impl ServerCertVerifier for NoCheck {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_schemes()
-    }
-}
-
-/// `verify-ca`: the chain must lead to one of the roots; the name is not checked.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
+struct WithoutName {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for WithoutName {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -280,10 +245,13 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(roots) = &self.roots else {
+            return Ok(ServerCertVerified::assertion());
+        };
         let cert = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.algorithms.all,
