@@ -7,45 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tls::Ca;
 use common::{MuxOptions, PgSsl, TestPgmux, TestPostgres, eventually};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use tokio_postgres::error::SqlState;
-
-/// A CA and what it signed, as PEM.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for `names` (host names or IP addresses): (cert PEM, key PEM).
-    fn issue(&self, common_name: &str, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// The certificates of this test binary, in a directory pgmux reads them from.
 struct Certs {
@@ -57,11 +21,7 @@ impl Certs {
     fn get() -> &'static Certs {
         static CERTS: std::sync::OnceLock<Certs> = std::sync::OnceLock::new();
         CERTS.get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("pgmux-tls-")
-                .tempdir()
-                .unwrap()
-                .keep();
+            let dir = common::tls::cert_dir("pgmux-tls-");
             let ca = Ca::new("pgmux test CA");
             std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
             let other = Ca::new("some other CA");
