@@ -413,3 +413,36 @@ password = "app_pw"
 fn assert_file_named(err: &str, path: &Path) {
     assert!(err.contains(&path.display().to_string()), "{err}");
 }
+
+#[tokio::test]
+async fn servers_view_and_show_servers_say_how_each_connection_is_encrypted() {
+    let pg = tls_cluster().await;
+    let mut opts = opts("server_tls = \"require\"");
+    opts.admin = Some(String::new());
+    opts.auth_extra = "admin_users = [\"other\"]".to_owned();
+    let mux = TestPgmux::start(pg, opts).await;
+    let client = mux.connect("app", "app").await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let body = mux.admin_get("/servers").await.body;
+    let servers: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(!servers.is_empty(), "{body}");
+    for s in &servers {
+        let tls = s["tls"].as_str().unwrap_or_default();
+        assert!(tls.starts_with("TLSv1.3/TLS_"), "{body}");
+    }
+    let console = mux.connect("pgmux", "other").await;
+    let rows = console.simple_query("SHOW SERVERS").await.unwrap();
+    let shown: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("tls").unwrap_or_default().to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !shown.is_empty() && shown.iter().all(|t| t.starts_with("TLSv1.3/")),
+        "{shown:?}"
+    );
+}
