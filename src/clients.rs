@@ -80,6 +80,8 @@ struct Entry {
     application_name: Mutex<String>,
     /// How the client's connection is encrypted (`TLSv1.3/...`); `None`: plain.
     tls: Option<Arc<str>>,
+    /// The channels it LISTENs to (fan-out).
+    channels: Mutex<Vec<String>>,
     state: AtomicU8,
     /// Nanoseconds after the registry's epoch when `state` last changed.
     state_since: AtomicU64,
@@ -146,6 +148,7 @@ impl ClientRegistry {
             connected: Instant::now(),
             application_name: Mutex::new(application_name.to_owned()),
             tls,
+            channels: Mutex::new(Vec::new()),
             state: AtomicU8::new(ClientState::Idle as u8),
             state_since: AtomicU64::new(self.now()),
             in_transaction: AtomicBool::new(false),
@@ -219,6 +222,7 @@ impl ClientRegistry {
             user: e.user.clone(),
             application_name: e.application_name.lock().clone(),
             tls: e.tls.clone(),
+            channels: e.channels.lock().clone(),
             state: ClientState::from_u8(e.state.load(Relaxed)),
             in_state: since(e.state_since.load(Relaxed)),
             in_transaction: e.in_transaction.load(Relaxed),
@@ -304,6 +308,11 @@ impl ClientHandle {
     }
 
     /// Records what pgmux did about session state this client left on its server.
+    /// Records the channels the client LISTENs to now.
+    pub fn set_channels(&self, channels: Vec<String>) {
+        *self.entry.channels.lock() = channels;
+    }
+
     pub fn set_session_state(&self, event: Option<StateEvent>) {
         *self.entry.session_state.lock() = event;
     }
@@ -341,6 +350,8 @@ pub struct ClientInfo {
     pub application_name: String,
     /// How its connection is encrypted, if it is.
     pub tls: Option<Arc<str>>,
+    /// The channels it LISTENs to.
+    pub channels: Vec<String>,
     /// What it does.
     pub state: ClientState,
     /// For how long it has been in `state`.

@@ -27,6 +27,7 @@ pub mod config;
 pub mod fuzz;
 pub mod listener;
 pub mod logging;
+pub mod notify;
 pub mod pool;
 pub mod pooler;
 pub mod prepared;

@@ -133,6 +133,8 @@ pub struct Pooler {
     admin_listen: Option<String>,
     /// Failed logins by reason, and the addresses locked out after too many.
     pub logins: crate::auth::LoginGuard,
+    /// LISTEN/NOTIFY fan-out: a listener connection per database.
+    pub notify: Arc<crate::notify::Notify>,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -167,6 +169,7 @@ impl Pooler {
             client_caps: client_caps::ClientCaps::default(),
             admin_listen,
             logins: crate::auth::LoginGuard::default(),
+            notify: Arc::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),

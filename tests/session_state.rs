@@ -22,7 +22,9 @@ struct Kind {
     drop: &'static str,
 }
 
-const KINDS: [Kind; 5] = [
+/// Kinds that pin or are reset. LISTEN is not one: the listener connection of the
+/// database takes it over (tests/notify.rs).
+const KINDS: [Kind; 4] = [
     Kind {
         name: "temp_table",
         make: "CREATE TEMP TABLE scratch AS SELECT 1 AS x",
@@ -37,11 +39,6 @@ const KINDS: [Kind; 5] = [
         name: "cursor",
         make: "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT 1; COMMIT",
         drop: "CLOSE held",
-    },
-    Kind {
-        name: "listen",
-        make: "LISTEN pgmux_test_channel",
-        drop: "UNLISTEN pgmux_test_channel",
     },
     Kind {
         name: "prepared_statement",
@@ -218,7 +215,7 @@ async fn reset_discards_the_state_and_tells_the_client() {
     }
     let metrics = mux.admin_get("/metrics").await.body;
     assert!(metrics.contains(
-        "pgmux_session_state_events_total{database=\"app\",user=\"app\",kind=\"listen\",action=\"reset\"} 1"
+        "pgmux_session_state_events_total{database=\"app\",user=\"app\",kind=\"cursor\",action=\"reset\"} 1"
     ));
 }
 
@@ -261,7 +258,9 @@ async fn a_pinned_client_idle_too_long_is_disconnected() {
     )
     .await;
     let a = mux.connect("app", "app").await;
-    a.batch_execute("LISTEN idle_channel").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(77)")
+        .await
+        .unwrap();
     let b = mux.connect("app", "app").await;
     // Once the pinned client is gone, the server is the other client's, clean.
     assert!(

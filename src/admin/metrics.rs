@@ -83,9 +83,45 @@ const FAMILIES: &[Family] = &[
     ),
     (
         "pgmux_login_failures_total",
-        "Failed client logins, by reason (bad_password, unknown_user, unknown_database, rejected_by_rule, rate_limited, timeout, protocol).",
+        "Failed client logins, by reason (bad_password, unknown_user, unknown_database, rejected_by_rule, rate_limited, timeout, protocol, tls).",
         C,
         &["reason"],
+    ),
+    (
+        "pgmux_notify_listening_clients",
+        "Clients that LISTEN to at least one channel (fan-out in transaction and statement mode).",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_notify_channels",
+        "Channels the listener connections LISTEN to, over all databases.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_notify_received_total",
+        "Notifications the listener connections received.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_notify_delivered_total",
+        "Notifications queued to listening clients (one per client and notification).",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_notify_dropped_clients_total",
+        "Listening clients disconnected because they did not read their notifications.",
+        C,
+        &[],
+    ),
+    (
+        "pgmux_notify_listener_reconnects_total",
+        "Listener connections lost and opened again; notifications sent in between are lost.",
+        C,
+        &[],
     ),
     (
         "pgmux_log_write_errors_total",
@@ -446,6 +482,26 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
             pooler.logins.failures(reason),
         );
     }
+    let (listening, channels) = pooler.notify.counts();
+    out.gauge("pgmux_notify_listening_clients", &[], listening as f64);
+    out.gauge("pgmux_notify_channels", &[], channels as f64);
+    let n = &pooler.notify.stats;
+    out.counter("pgmux_notify_received_total", &[], n.received.load(Relaxed));
+    out.counter(
+        "pgmux_notify_delivered_total",
+        &[],
+        n.delivered.load(Relaxed),
+    );
+    out.counter(
+        "pgmux_notify_dropped_clients_total",
+        &[],
+        n.dropped_clients.load(Relaxed),
+    );
+    out.counter(
+        "pgmux_notify_listener_reconnects_total",
+        &[],
+        n.reconnects.load(Relaxed),
+    );
     out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());
     out.counter("pgmux_session_panics_total", &[], logging::panics());
     out.gauge(

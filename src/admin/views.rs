@@ -251,6 +251,8 @@ pub struct ClientJson {
     pub application_name: String,
     /// How the connection is encrypted (`TLSv1.3/TLS_AES_256_GCM_SHA384`); null: plain.
     pub tls: Option<String>,
+    /// The channels it LISTENs to (served by the database's listener connection).
+    pub channels: Vec<String>,
     /// idle, active, waiting, idle in transaction.
     pub state: &'static str,
     /// How long it has been in `state`.
@@ -308,6 +310,7 @@ fn client_json(c: &ClientInfo) -> ClientJson {
         user: c.user.clone(),
         application_name: c.application_name.clone(),
         tls: c.tls.as_deref().map(str::to_owned),
+        channels: c.channels.clone(),
         state: c.state.as_str(),
         state_ms: millis(c.in_state),
         connected_ms: millis(c.connected),
@@ -339,7 +342,8 @@ pub struct ServerJson {
     pub upstream: String,
     /// How the connection to PostgreSQL is encrypted; null: plain.
     pub tls: Option<String>,
-    /// active (lent to a client) or idle.
+    /// active (lent to a client), idle, or listener (the LISTEN/NOTIFY connection of a
+    /// database, outside the pools).
     pub state: &'static str,
     /// Time since it was opened.
     pub age_ms: u64,
@@ -405,6 +409,24 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
         }
     }
     out.sort_by_key(|s| std::cmp::Reverse(s.held_ms));
+    // LISTEN/NOTIFY listener connections: outside the pools, after them.
+    for l in pooler.notify.listeners() {
+        out.push(ServerJson {
+            id: 0,
+            pid: l.pid,
+            database: l.database,
+            user: l.user,
+            upstream: l.upstream,
+            tls: None,
+            state: "listener",
+            age_ms: 0,
+            held_ms: None,
+            idle_ms: None,
+            client: None,
+            query: Some(format!("LISTEN ({} channels)", l.channels)),
+            in_transaction: false,
+        });
+    }
     out
 }
 

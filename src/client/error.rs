@@ -115,6 +115,14 @@ pub enum ClientError {
     )]
     PinnedIdle(Duration),
     #[error(
+        "terminating connection: {0} notifications waited for this client, which did not read them"
+    )]
+    NotifyOverflow(usize),
+    #[error(
+        "could not LISTEN: the listener connection to the database did not confirm within {0:?}"
+    )]
+    ListenerUnavailable(Duration),
+    #[error(
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
     Internal,
@@ -173,6 +181,8 @@ impl ClientError {
             Self::PinLimit { .. } => SqlState::CONFIGURATION_LIMIT_EXCEEDED,
             Self::PinnedIdle(_) => SqlState::IDLE_SESSION_TIMEOUT,
             Self::Internal => SqlState::INTERNAL_ERROR,
+            Self::NotifyOverflow(_) => SqlState::PROGRAM_LIMIT_EXCEEDED,
+            Self::ListenerUnavailable(_) => SqlState::CONNECTION_FAILURE,
         }
     }
 
@@ -272,6 +282,9 @@ impl ClientError {
                 "drop the session state when done with it (DISCARD ALL), or raise pool.pinned_idle_timeout"
             }
             Self::Internal => "reconnect; please report this with pgmux's log",
+            Self::NotifyOverflow(_) => {
+                "read notifications as they come (a listening connection must keep reading), then reconnect and LISTEN again"
+            }
             _ => return None,
         };
         Some(hint.to_owned())

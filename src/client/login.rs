@@ -411,6 +411,7 @@ pub(super) async fn greet(
         kill: pooler.kill.clone(),
         cbuf,
         _client_slot: client_slot,
+        notify: pooler.notify.clone(),
     })
 }
 

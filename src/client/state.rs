@@ -21,6 +21,7 @@ pub const VERIFY_SQL: &str = "SELECT s.name, pg_catalog.current_setting(s.name) 
      WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()) \
  UNION ALL SELECT 'cursor', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_cursors) \
  UNION ALL SELECT 'listen', NULL WHERE EXISTS (SELECT FROM pg_catalog.pg_listening_channels()) \
+ UNION ALL SELECT 'listen ' || c, NULL FROM pg_catalog.pg_listening_channels() c \
  UNION ALL SELECT 'prepared_statement', NULL WHERE EXISTS \
      (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql)";
 
@@ -39,6 +40,10 @@ impl Kinds {
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    pub fn remove(&mut self, kind: StateKind) {
+        self.0 &= !(1 << kind as u8);
     }
 
     pub fn iter(self) -> impl Iterator<Item = StateKind> {
@@ -89,6 +94,8 @@ pub struct Found {
     pub kinds: Kinds,
     /// Settings the session changed: (name, value as `current_setting` shows it).
     pub settings: Vec<(String, String)>,
+    /// The channels the session LISTENs to.
+    pub channels: Vec<String>,
 }
 
 impl Found {
@@ -109,7 +116,9 @@ impl Found {
                 }
             }
             None => {
-                if let Some(kind) = StateKind::ALL.into_iter().find(|k| k.as_str() == name) {
+                if let Some(channel) = name.strip_prefix("listen ") {
+                    self.channels.push(channel.to_owned());
+                } else if let Some(kind) = StateKind::ALL.into_iter().find(|k| k.as_str() == name) {
                     self.kinds.insert(kind);
                 }
             }

@@ -122,6 +122,11 @@ pub fn auth_ok(buf: &mut BytesMut) {
     message(buf, b'R', |b| b.put_i32(0));
 }
 
+/// CommandComplete with this tag.
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    message(buf, b'C', |b| cstr(b, tag));
+}
+
 /// AuthenticationCleartextPassword.
 pub fn auth_cleartext(buf: &mut BytesMut) {
     message(buf, b'R', |b| b.put_i32(3));

@@ -110,6 +110,7 @@ impl Loop<'_> {
                 // close statements in the background (tokio-postgres on drop), and that must
                 // not take a server from the pool.
                 tag::CLOSE if self.close_without_server(&frame) => return Ok(()),
+                tag::QUERY if Box::pin(self.listen_locally(&frame)).await => return Ok(()),
                 _ => {}
             }
             // Boxed: a waiting checkout is large, and an idle session should not carry its
@@ -148,6 +149,10 @@ impl Loop<'_> {
             tag::QUERY => {
                 #[cfg(debug_assertions)]
                 injected_fault::panic_if_asked(frame.body());
+                if self.subscription.is_some() {
+                    // An UNLISTEN inside a transaction: applied as it goes.
+                    Box::pin(self.listen_locally(&frame)).await;
+                }
                 self.unsynced = false;
                 self.s.pool.stats.query();
                 self.s.view.set_query(frame.body());

@@ -112,7 +112,11 @@ impl Loop<'_> {
             self.take_due_replies();
             if ready.is_some() {
                 match self.settled() {
-                    Some(TxStatus::Idle) if self.s.mode != PoolMode::Session && !self.pinned() => {
+                    Some(TxStatus::Idle)
+                        if self.s.mode != PoolMode::Session
+                            && !self.pinned()
+                            && self.listen_confirm.is_none() =>
+                    {
                         self.release()
                     }
                     Some(TxStatus::Idle) => self.s.view.set_state(ClientState::Idle),

@@ -110,12 +110,18 @@ enum Timeout {
     Query,
     PartialMessage,
     PinnedIdle,
+    /// The listener connection did not confirm a transaction's LISTENs in time.
+    ListenConfirm,
 }
 
 enum Event {
     ServerRead(io::Result<usize>),
     ClientRead(io::Result<usize>),
     Writable,
+    /// The next NotificationResponse for a listening client (`None`: it was cut off).
+    Notification(Option<bytes::Bytes>),
+    /// The listener connection LISTENs to what the client's transaction LISTENed to.
+    ListenConfirmed,
     Deadline(Timeout),
     Stop,
     Kill,
@@ -150,6 +156,8 @@ pub struct Session {
     pub(super) cbuf: BytesMut,
     /// Its place under the client caps, if any applies; given back with the session.
     pub(super) _client_slot: Option<crate::pooler::ClientSlot>,
+    /// LISTEN/NOTIFY fan-out (`notify.rs`), for a client that LISTENs.
+    pub(super) notify: Arc<crate::notify::Notify>,
 }
 
 pub(super) struct Loop<'c> {
@@ -181,6 +189,11 @@ pub(super) struct Loop<'c> {
     server_read: usize,
     /// Fires when a time limit is reached; made on first need.
     timer: Option<Pin<Box<Sleep>>>,
+    /// The channels the client LISTENs to and its queue of notifications; made at its
+    /// first LISTEN (transaction and statement mode).
+    pub(super) subscription: Option<Box<crate::notify::Subscription>>,
+    /// A transaction's LISTENs wait for the listener connection (`state.rs`).
+    pub(super) listen_confirm: Option<Box<state::ListenConfirm>>,
 }
 
 impl Session {
@@ -210,6 +223,8 @@ impl Session {
             client_read: MIN_CLIENT_READ,
             server_read: SERVER_READ,
             timer: None,
+            subscription: None,
+            listen_confirm: None,
         };
         let end = match l.on_client_bytes().await {
             Ok(()) => l.serve().await,
@@ -259,6 +274,11 @@ impl Loop<'_> {
                 .is_some_and(|s| !self.to_server.is_empty() || s.stream().wants_write());
             // TLS: ciphertext accepted earlier may still wait for the socket.
             let write_client = !self.to_client.is_empty() || self.client.wants_write();
+            // Notifications go to the client between transactions, as PostgreSQL sends
+            // them, and only while it reads what it is sent.
+            let deliver = self.subscription.is_some()
+                && self.to_client.len() < HIGH_WATER
+                && self.settled() == Some(TxStatus::Idle);
             let deadline = self.deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions =
@@ -282,6 +302,18 @@ impl Loop<'_> {
                     if let Poll::Ready(read) = read {
                         return Poll::Ready(Event::ClientRead(read));
                     }
+                }
+                if self.listen_confirm.is_some()
+                    && let Some(sub) = self.subscription.as_deref()
+                    && sub.poll_confirmed(cx).is_ready()
+                {
+                    return Poll::Ready(Event::ListenConfirmed);
+                }
+                if deliver
+                    && let Some(sub) = self.subscription.as_deref_mut()
+                    && let Poll::Ready(next) = sub.poll_next(cx)
+                {
+                    return Poll::Ready(Event::Notification(next));
                 }
                 if write_client && self.client.poll_write_ready(cx).is_ready() {
                     return Poll::Ready(Event::Writable);
@@ -321,6 +353,21 @@ impl Loop<'_> {
                 Event::ServerRead(read) => self.on_server_read(read),
                 Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
+                Event::Notification(Some(message)) => {
+                    self.to_client.push(BytesMut::from(message));
+                    Ok(())
+                }
+                Event::ListenConfirmed => {
+                    self.listen_confirmed(true);
+                    Ok(())
+                }
+                Event::Notification(None) => Err(End::fatal(ClientError::NotifyOverflow(
+                    crate::notify::CLIENT_QUEUE,
+                ))),
+                Event::Deadline(Timeout::ListenConfirm) => {
+                    self.listen_confirmed(false);
+                    Ok(())
+                }
                 Event::Deadline(which) => Err(End::fatal(self.timed_out(which))),
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
                 Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
@@ -371,6 +418,9 @@ impl Loop<'_> {
     ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
     fn deadline(&self) -> Option<(Instant, Timeout)> {
         let limits = &self.s.limits;
+        if let Some(wait) = &self.listen_confirm {
+            return Some((wait.deadline, Timeout::ListenConfirm));
+        }
         let mid_message =
             self.client_mid_message || self.codec.in_message() || !self.s.cbuf.is_empty();
         if mid_message && !limits.partial_message.is_zero() {
@@ -406,6 +456,7 @@ impl Loop<'_> {
             Timeout::Query => ClientError::QueryTimeout(limits.query),
             Timeout::PartialMessage => ClientError::PartialMessage(limits.partial_message),
             Timeout::PinnedIdle => ClientError::PinnedIdle(limits.pinned_idle),
+            Timeout::ListenConfirm => ClientError::ListenerUnavailable(Duration::ZERO),
         }
     }
 }

@@ -193,7 +193,10 @@ impl Loop<'_> {
             }
         }
         if let Some(ready) = held {
-            self.to_client.push(ready);
+            match self.listen_confirm.as_deref_mut() {
+                Some(wait) => wait.ready = Some(ready),
+                None => self.to_client.push(ready),
+            }
         }
     }
 
@@ -207,7 +210,12 @@ impl Loop<'_> {
                 .stats
                 .session_state(StateKind::Setting, StateAction::Follow);
         }
-        let kinds = found.kinds;
+        let mut kinds = found.kinds;
+        if !found.channels.is_empty() {
+            // LISTEN never pins: the database's listener connection takes it over.
+            self.adopt_listens(&found.channels);
+            kinds.remove(StateKind::Listen);
+        }
         let pinned = self.state.work.as_ref().and_then(|w| w.pin.as_ref());
         if kinds.is_empty() {
             if pinned.is_some() {
@@ -287,6 +295,127 @@ impl Loop<'_> {
         }));
     }
 
+    /// The channels a transaction LISTENed to on its server become the client's own: the
+    /// database's listener connection takes them over (`notify.rs`) and the server
+    /// forgets them (a hidden `UNLISTEN *`) before it goes back. PostgreSQL's own catalog
+    /// said which ones committed, so a LISTEN rolled back (or in a failed implicit
+    /// transaction, or a rolled-back savepoint) was never adopted.
+    fn adopt_listens(&mut self, channels: &[String]) {
+        let sub = self.subscribed();
+        for channel in channels {
+            sub.listen(channel);
+        }
+        self.show_channels();
+        // The client's ReadyForQuery (and the server) wait until the listener connection
+        // LISTENs too: no notification committed after the client's LISTEN is lost. The
+        // server, still listening meanwhile, forwards what it gets.
+        let limit = self.s.pool.settings().connect_timeout + LISTEN_CONFIRM_EXTRA;
+        self.listen_confirm = Some(Box::new(ListenConfirm {
+            ready: None,
+            deadline: Instant::now() + limit,
+            limit,
+        }));
+    }
+
+    /// The listener connection LISTENs to the adopted channels (or did not in time): the
+    /// server forgets them and the client gets its ReadyForQuery.
+    pub(super) fn listen_confirmed(&mut self, confirmed: bool) {
+        let Some(wait) = self.listen_confirm.take() else {
+            return;
+        };
+        if !confirmed {
+            if let Some(sub) = self.subscription.as_deref_mut() {
+                sub.drop_unconfirmed();
+            }
+            self.show_channels();
+            let mut buf = BytesMut::new();
+            ClientError::ListenerUnavailable(wait.limit)
+                .error()
+                .write(&mut buf);
+            self.to_client.push(buf);
+        }
+        let mut query = BytesMut::new();
+        write::query(&mut query, "UNLISTEN *");
+        self.to_server.push(query);
+        self.replies.hidden(Kind::Query, Effect::ResetState);
+        if let Some(ready) = wait.ready {
+            self.to_client.push(ready);
+        }
+    }
+
+    /// The client's subscriptions, made on first need.
+    pub(super) fn subscribed(&mut self) -> &mut crate::notify::Subscription {
+        let (notify, pool) = (&self.s.notify, &self.s.pool);
+        self.subscription
+            .get_or_insert_with(|| Box::new(notify.subscribe(&pool.key.database, &pool.upstream())))
+    }
+
+    /// Shows the client's channels in `/clients`.
+    pub(super) fn show_channels(&mut self) {
+        let channels: Vec<String> = self
+            .subscription
+            .as_ref()
+            .map(|s| s.channels().map(str::to_owned).collect())
+            .unwrap_or_default();
+        self.s.view.set_channels(channels);
+    }
+
+    /// A simple Query that is only a LISTEN or UNLISTEN (`notify::parse_listen`), from a
+    /// client that holds no server: answered by pgmux, with no server at all (outside a
+    /// transaction it takes effect at once, as in PostgreSQL). An UNLISTEN from a client
+    /// inside a transaction is applied as it goes to the server. False: not such a
+    /// Query, or session mode (where the client's own server LISTENs).
+    pub(super) async fn listen_locally(&mut self, frame: &Frame) -> bool {
+        if !self.watches_state() || !frame.is_whole() {
+            return false;
+        }
+        let Some(command) = crate::notify::parse_listen(frame.body()) else {
+            return false;
+        };
+        let tag = match &command {
+            crate::notify::ListenCommand::Listen(_) => "LISTEN",
+            _ => "UNLISTEN",
+        };
+        match command {
+            crate::notify::ListenCommand::Listen(channel) if self.server.is_none() => {
+                let limit = self.s.pool.settings().connect_timeout + LISTEN_CONFIRM_EXTRA;
+                if !self.subscribed().listen_confirmed(&channel, limit).await {
+                    self.s.view.set_query(frame.body());
+                    let mut buf = BytesMut::new();
+                    ClientError::ListenerUnavailable(limit)
+                        .error()
+                        .write(&mut buf);
+                    write::ready_for_query(&mut buf, b'I');
+                    self.to_client.push(buf);
+                    return true;
+                }
+            }
+            // Inside a transaction the server runs it (in order, with its errors); the
+            // catalog then says whether it committed.
+            crate::notify::ListenCommand::Listen(_) => return false,
+            crate::notify::ListenCommand::Unlisten(channel) => {
+                if let Some(sub) = self.subscription.as_deref_mut() {
+                    sub.unlisten(&channel);
+                }
+            }
+            crate::notify::ListenCommand::UnlistenAll => {
+                if let Some(sub) = self.subscription.as_deref_mut() {
+                    sub.unlisten_all();
+                }
+            }
+        }
+        self.show_channels();
+        if self.server.is_some() {
+            return false; // forwarded: a no-op there, answered by the server in its turn
+        }
+        self.s.view.set_query(frame.body());
+        let mut buf = BytesMut::new();
+        write::command_complete(&mut buf, tag);
+        write::ready_for_query(&mut buf, b'I');
+        self.to_client.push(buf);
+        true
+    }
+
     /// Discards `kinds` of state on the server, with a hidden query before it goes back.
     fn reset_state(&mut self, kinds: Kinds) {
         if kinds.contains(StateKind::PreparedStatement)
@@ -311,6 +440,17 @@ impl Loop<'_> {
         ))
     }
 }
+
+/// A client's ReadyForQuery held until the listener connection LISTENs to the channels
+/// its transaction LISTENed to.
+pub(in crate::client) struct ListenConfirm {
+    ready: Option<BytesMut>,
+    pub(super) deadline: Instant,
+    limit: Duration,
+}
+
+/// How much longer than `connect_timeout` a LISTEN waits for the listener connection.
+const LISTEN_CONFIRM_EXTRA: Duration = Duration::from_secs(5);
 
 /// "A temporary table" from "a temporary table".
 fn capitalized(text: &str) -> String {

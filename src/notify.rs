@@ -1,0 +1,607 @@
+//! LISTEN/NOTIFY in transaction mode, by fan-out. A client's LISTEN cannot stay on a
+//! pooled server (the next client of that server would get its notifications, and it would
+//! get none once it gave the server back), so pgmux keeps one dedicated listener
+//! connection per database. It LISTENs to the union of the channels its clients subscribed
+//! to, and each NotificationResponse it reads is handed, byte for byte (the sending
+//! backend's process id, channel and payload as PostgreSQL wrote them), to every client
+//! subscribed to that channel.
+//!
+//! - [`Notify`]: the hubs, one per database, made on a client's first subscription.
+//! - [`Hub`]: a database's channels and subscribers, and the task that owns its listener
+//!   connection: it LISTENs and UNLISTENs as subscriptions come and go, and when the
+//!   connection is lost it opens a new one and LISTENs again (what was sent meanwhile is
+//!   lost: logged and counted, as a gap).
+//! - [`Subscription`]: one client's channels and its bounded queue. A client that stops
+//!   reading until its queue is full is cut off from further notifications: its session
+//!   ends with an error saying so, instead of growing memory.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::logging::Escaped;
+use crate::protocol::{ProtocolError, read_cstr, read_i32, tag, write};
+use crate::server::{ServerConn, Upstream};
+
+/// Notifications queued per client before it counts as not reading.
+pub const CLIENT_QUEUE: usize = 1024;
+
+/// How long a listening client whose queue is full gets to make room before it is cut off;
+/// meanwhile its database's listener connection waits.
+const STALL_GRACE: Duration = Duration::from_secs(1);
+
+/// How long a listener connection may take to open.
+const CONNECT_LIMIT: Duration = Duration::from_secs(10);
+
+/// Every database's hub, and the counters `/metrics` reads.
+#[derive(Default)]
+pub struct Notify {
+    hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    next_id: AtomicU64,
+    pub stats: Arc<NotifyStats>,
+}
+
+/// Counters over all hubs.
+#[derive(Default, Debug)]
+pub struct NotifyStats {
+    /// NotificationResponses the listener connections read.
+    pub received: AtomicU64,
+    /// Notifications handed to client queues.
+    pub delivered: AtomicU64,
+    /// Clients cut off because their queue was full.
+    pub dropped_clients: AtomicU64,
+    /// Listener connections lost and opened again (each one a possible gap).
+    pub reconnects: AtomicU64,
+}
+
+impl Notify {
+    /// Subscribes a new client of `database` (whose listener connects as `upstream` if it
+    /// is the first) to nothing yet.
+    pub fn subscribe(&self, database: &str, upstream: &Upstream) -> Subscription {
+        let hub = {
+            let mut hubs = self.hubs.lock();
+            hubs.entry(database.to_owned())
+                .or_insert_with(|| {
+                    Arc::new(Hub {
+                        database: database.to_owned(),
+                        upstream: Mutex::new(upstream.clone()),
+                        state: Mutex::new(HubState::default()),
+                        wake: tokio::sync::Notify::new(),
+                        confirmed: tokio::sync::Notify::new(),
+                        stats: self.stats.clone(),
+                    })
+                })
+                .clone()
+        };
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        hub.state.lock().subscribers.insert(
+            id,
+            Subscriber {
+                tx,
+                overflowed: overflowed.clone(),
+            },
+        );
+        Subscription {
+            hub,
+            id,
+            rx,
+            overflowed,
+            channels: BTreeSet::new(),
+        }
+    }
+
+    /// (subscribed clients, channels listened to) over all hubs, for `/metrics`.
+    pub fn counts(&self) -> (usize, usize) {
+        let hubs = self.hubs.lock();
+        hubs.values().fold((0, 0), |(clients, channels), hub| {
+            let st = hub.state.lock();
+            let mut ids: Vec<u64> = st.channels.values().flatten().copied().collect();
+            ids.sort_unstable();
+            ids.dedup();
+            (clients + ids.len(), channels + st.channels.len())
+        })
+    }
+
+    /// Each database's listener connection while it is connected.
+    pub fn listeners(&self) -> Vec<ListenerView> {
+        let hubs = self.hubs.lock();
+        hubs.values()
+            .filter_map(|hub| {
+                let st = hub.state.lock();
+                (st.listener_pid != 0).then(|| {
+                    let upstream = hub.upstream.lock();
+                    ListenerView {
+                        database: hub.database.clone(),
+                        user: upstream.user.clone(),
+                        upstream: upstream.to_string(),
+                        pid: st.listener_pid,
+                        channels: st.listening.len(),
+                    }
+                })
+            })
+            .collect()
+    }
+}
+
+/// A listener connection, for `/servers` and `SHOW SERVERS`.
+#[derive(Clone, Debug)]
+pub struct ListenerView {
+    pub database: String,
+    /// The role it logged in as.
+    pub user: String,
+    /// `host:port`.
+    pub upstream: String,
+    pub pid: i32,
+    /// Channels it LISTENs to.
+    pub channels: usize,
+}
+
+/// One database's channels and subscribers.
+pub struct Hub {
+    database: String,
+    /// Where the listener connection goes: the upstream of the first subscriber's pool.
+    upstream: Mutex<Upstream>,
+    state: Mutex<HubState>,
+    /// Tells the listener task that the channel set changed.
+    wake: tokio::sync::Notify,
+    /// Tells waiting clients that the listener connection LISTENs to more channels.
+    confirmed: tokio::sync::Notify,
+    stats: Arc<NotifyStats>,
+}
+
+#[derive(Default)]
+struct HubState {
+    /// Channel -> subscribers, for channels with at least one.
+    channels: HashMap<String, Vec<u64>>,
+    subscribers: HashMap<u64, Subscriber>,
+    /// Whether the listener task runs.
+    running: bool,
+    /// The listener connection's backend process id while it is connected; 0 otherwise.
+    listener_pid: i32,
+    /// The channels the listener connection LISTENs to, as PostgreSQL confirmed them.
+    listening: BTreeSet<String>,
+    /// Sessions waiting for a confirmation ([`Subscription::poll_confirmed`]).
+    waiters: Vec<std::task::Waker>,
+}
+
+struct Subscriber {
+    tx: mpsc::Sender<Bytes>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// One client's subscriptions. Dropping it unsubscribes everything.
+pub struct Subscription {
+    hub: Arc<Hub>,
+    id: u64,
+    rx: mpsc::Receiver<Bytes>,
+    overflowed: Arc<AtomicBool>,
+    channels: BTreeSet<String>,
+}
+
+impl Subscription {
+    /// The channels the client listens to, in order.
+    pub fn channels(&self) -> impl Iterator<Item = &str> {
+        self.channels.iter().map(String::as_str)
+    }
+
+    /// Whether the client listens to anything.
+    pub fn is_listening(&self) -> bool {
+        !self.channels.is_empty()
+    }
+
+    /// Adds `channel` (LISTEN): a channel new to the database is LISTENed to by its
+    /// listener connection, opened now if it is the first.
+    pub fn listen(&mut self, channel: &str) {
+        if !self.channels.insert(channel.to_owned()) {
+            return;
+        }
+        let start = {
+            let mut st = self.hub.state.lock();
+            st.channels
+                .entry(channel.to_owned())
+                .or_default()
+                .push(self.id);
+            !std::mem::replace(&mut st.running, true)
+        };
+        if start {
+            tokio::spawn(run_listener(self.hub.clone()));
+        }
+        self.hub.wake.notify_one();
+    }
+
+    /// [`Subscription::listen`], then waits until the listener connection LISTENs to
+    /// `channel`, so that every notification sent after this returns is delivered, as
+    /// after a LISTEN in PostgreSQL. False when that did not happen within `limit` (the
+    /// database cannot be reached): the channel is not listened to then.
+    pub async fn listen_confirmed(&mut self, channel: &str, limit: Duration) -> bool {
+        self.listen(channel);
+        let deadline = tokio::time::Instant::now() + limit;
+        let hub = self.hub.clone();
+        loop {
+            let notified = hub.confirmed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if hub.state.lock().listening.contains(channel) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                self.unlisten(channel);
+                return false;
+            }
+        }
+    }
+
+    /// Ready once the listener connection LISTENs to every one of this client's channels
+    /// (registers the task to be woken at the next confirmation otherwise).
+    pub fn poll_confirmed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut st = self.hub.state.lock();
+        if self.channels.iter().all(|c| st.listening.contains(c)) {
+            return Poll::Ready(());
+        }
+        if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            st.waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Removes `channel` (UNLISTEN); nothing if it was not listened to.
+    pub fn unlisten(&mut self, channel: &str) {
+        if self.channels.remove(channel) {
+            self.hub.remove(self.id, channel);
+        }
+    }
+
+    /// Removes the channels the listener connection does not LISTEN to yet (after waiting
+    /// for it in vain).
+    pub fn drop_unconfirmed(&mut self) {
+        let listening = self.hub.state.lock().listening.clone();
+        let unconfirmed: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|c| !listening.contains(*c))
+            .cloned()
+            .collect();
+        for channel in unconfirmed {
+            self.unlisten(&channel);
+        }
+    }
+
+    /// Removes every channel (UNLISTEN *).
+    pub fn unlisten_all(&mut self) {
+        for channel in std::mem::take(&mut self.channels) {
+            self.hub.remove(self.id, &channel);
+        }
+    }
+
+    /// The next notification for this client (a whole NotificationResponse), if one
+    /// waits. `Ready(None)` when the client was cut off for not reading
+    /// ([`Subscription::overflowed`]).
+    pub fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        self.rx.poll_recv(cx)
+    }
+
+    /// Whether this client's queue filled up (it stopped reading) and it was cut off.
+    pub fn overflowed(&self) -> bool {
+        self.overflowed.load(Relaxed)
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.unlisten_all();
+        self.hub.state.lock().subscribers.remove(&self.id);
+    }
+}
+
+impl Hub {
+    fn remove(&self, id: u64, channel: &str) {
+        let mut st = self.state.lock();
+        if let Some(ids) = st.channels.get_mut(channel) {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                st.channels.remove(channel);
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// Hands a NotificationResponse to every subscriber of its channel. A subscriber whose
+    /// queue is full gets [`STALL_GRACE`] to make room, while this connection reads no
+    /// further (the notifications wait in PostgreSQL's own queue meanwhile: a burst larger
+    /// than a queue is no reason to cut a client off); one that still has none is cut off.
+    async fn deliver(&self, message: Bytes) {
+        self.stats.received.fetch_add(1, Relaxed);
+        let Some(channel) = notification_channel(&message) else {
+            return;
+        };
+        let mut full = Vec::new();
+        {
+            let st = self.state.lock();
+            let Some(ids) = st.channels.get(channel) else {
+                return; // UNLISTENed while it was on its way
+            };
+            for id in ids {
+                let Some(sub) = st.subscribers.get(id) else {
+                    continue;
+                };
+                match sub.tx.try_send(message.clone()) {
+                    Ok(()) => {
+                        self.stats.delivered.fetch_add(1, Relaxed);
+                    }
+                    Err(mpsc::error::TrySendError::Full(_)) => full.push((*id, sub.tx.clone())),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        for (id, tx) in full {
+            match tokio::time::timeout(STALL_GRACE, tx.send(message.clone())).await {
+                Ok(Ok(())) => {
+                    self.stats.delivered.fetch_add(1, Relaxed);
+                }
+                Ok(Err(_)) => {} // the client left meanwhile
+                Err(_) => {
+                    // The session sees its queue closed and ends with an error.
+                    if let Some(sub) = self.state.lock().subscribers.remove(&id) {
+                        sub.overflowed.store(true, Relaxed);
+                        self.stats.dropped_clients.fetch_add(1, Relaxed);
+                        warn!(database = %Escaped(&self.database), queued = CLIENT_QUEUE, "a listening client did not read its notifications; it is disconnected");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The channels the listener connection should LISTEN to now.
+    fn wanted(&self) -> BTreeSet<String> {
+        self.state.lock().channels.keys().cloned().collect()
+    }
+}
+
+/// The channel name of a NotificationResponse (whole message, tag included).
+fn notification_channel(message: &[u8]) -> Option<&str> {
+    let body = message.get(5..)?;
+    let (_pid, rest) = read_i32(body)?;
+    let (channel, _) = read_cstr(rest)?;
+    Some(channel)
+}
+
+/// `"name"`, a channel as an SQL identifier.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// The listener task of one hub: connects, keeps its LISTENs equal to the channels
+/// wanted, fans notifications out, and reconnects after a loss. Ends when no channel is
+/// wanted.
+async fn run_listener(hub: Arc<Hub>) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if hub.wanted().is_empty() {
+            let mut st = hub.state.lock();
+            // Checked again under the lock: a LISTEN that came meanwhile sees `running`.
+            if st.channels.is_empty() {
+                st.running = false;
+                st.listener_pid = 0;
+                return;
+            }
+        }
+        let upstream = hub.upstream.lock().clone();
+        match crate::server::connect(&upstream, CONNECT_LIMIT).await {
+            Ok(conn) => {
+                backoff = Duration::from_millis(100);
+                hub.state.lock().listener_pid = conn.key().process_id;
+                info!(database = %Escaped(&hub.database), pid = conn.key().process_id, "LISTEN/NOTIFY listener connection opened");
+                let ended = serve_listener(&hub, conn).await;
+                {
+                    let mut st = hub.state.lock();
+                    st.listener_pid = 0;
+                    st.listening.clear();
+                }
+                match ended {
+                    Ok(()) => continue, // nothing wanted any more: checked at the top
+                    Err(e) => {
+                        hub.stats.reconnects.fetch_add(1, Relaxed);
+                        warn!(database = %Escaped(&hub.database), error = %e, "LISTEN/NOTIFY listener connection lost; opening a new one (notifications sent meanwhile are lost)");
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(database = %Escaped(&hub.database), error = %e, "cannot open the LISTEN/NOTIFY listener connection; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Serves one listener connection until it fails (`Err`, why) or nothing is wanted (`Ok`).
+async fn serve_listener(hub: &Hub, conn: Box<ServerConn>) -> Result<(), String> {
+    listen_on(hub, conn).await.map_err(|e| match e {
+        Failure::Protocol(e) => e.to_string(),
+        Failure::Server(e) => e,
+    })
+}
+
+enum Failure {
+    Protocol(ProtocolError),
+    /// The server's ErrorResponse: code and message.
+    Server(String),
+}
+
+impl From<ProtocolError> for Failure {
+    fn from(e: ProtocolError) -> Self {
+        Failure::Protocol(e)
+    }
+}
+
+impl From<std::io::Error> for Failure {
+    fn from(e: std::io::Error) -> Self {
+        Failure::Protocol(e.into())
+    }
+}
+
+async fn listen_on(hub: &Hub, mut conn: Box<ServerConn>) -> Result<(), Failure> {
+    let mut listened: BTreeSet<String> = BTreeSet::new();
+    let mut replies_due = 0usize;
+    loop {
+        let wanted = hub.wanted();
+        if wanted.is_empty() && replies_due == 0 {
+            conn.close();
+            return Ok(());
+        }
+        let mut sql = String::new();
+        for channel in wanted.difference(&listened) {
+            sql.push_str(&format!("LISTEN {};", quote_ident(channel)));
+        }
+        for channel in listened.difference(&wanted) {
+            sql.push_str(&format!("UNLISTEN {};", quote_ident(channel)));
+        }
+        if !sql.is_empty() {
+            debug!(database = %Escaped(&hub.database), sql = %Escaped(&sql), "listener connection");
+            let mut out = BytesMut::new();
+            write::query(&mut out, &sql);
+            conn.stream_mut().write_all(&out).await?;
+            conn.stream_mut().flush().await?;
+            replies_due += 1;
+            listened = wanted;
+        }
+        // Read what the server sends until the channel set changes.
+        tokio::select! {
+            _ = hub.wake.notified() => {}
+            read = std::future::poll_fn(|cx| conn.poll_read(cx, 8 * 1024)) => {
+                if read? == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+                }
+                while let Some(frame) = conn.next_frame()? {
+                    if !frame.is_whole() {
+                        return Err(ProtocolError::Malformed("oversized message on the listener connection").into());
+                    }
+                    match frame.tag {
+                        tag::NOTIFICATION_RESPONSE => hub.deliver(frame.bytes.freeze()).await,
+                        tag::READY_FOR_QUERY => {
+                            replies_due = replies_due.saturating_sub(1);
+                            if replies_due == 0 {
+                                let waiters = {
+                                    let mut st = hub.state.lock();
+                                    st.listening = listened.clone();
+                                    std::mem::take(&mut st.waiters)
+                                };
+                                waiters.into_iter().for_each(std::task::Waker::wake);
+                                hub.confirmed.notify_waiters();
+                            }
+                        }
+                        tag::ERROR_RESPONSE => {
+                            let (code, message) = crate::protocol::read::error_fields(frame.body());
+                            return Err(Failure::Server(format!("{code}: {message}")));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A LISTEN or UNLISTEN that is the whole of a statement's text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenCommand {
+    Listen(String),
+    Unlisten(String),
+    UnlistenAll,
+}
+
+/// Reads `LISTEN name`, `UNLISTEN name` or `UNLISTEN *` (any case, surrounding blanks, one
+/// optional `;`), with the channel as PostgreSQL names it: an unquoted name folded to lower
+/// case, a `"quoted"` one as written. `None` for anything else (several statements,
+/// comments): the server runs those, and pgmux reads the result from its catalog.
+pub fn parse_listen(text: &[u8]) -> Option<ListenCommand> {
+    let text = std::str::from_utf8(text.strip_suffix(&[0]).unwrap_or(text)).ok()?;
+    let text = text.trim();
+    let text = text.strip_suffix(';').unwrap_or(text).trim_end();
+    let (word, rest) = text.split_once(|c: char| c.is_ascii_whitespace())?;
+    let rest = rest.trim_start();
+    let listen = if word.eq_ignore_ascii_case("listen") {
+        true
+    } else if word.eq_ignore_ascii_case("unlisten") {
+        false
+    } else {
+        return None;
+    };
+    if !listen && rest == "*" {
+        return Some(ListenCommand::UnlistenAll);
+    }
+    let name = identifier(rest)?;
+    Some(if listen {
+        ListenCommand::Listen(name)
+    } else {
+        ListenCommand::Unlisten(name)
+    })
+}
+
+/// One SQL identifier that is the whole of `text`.
+fn identifier(text: &str) -> Option<String> {
+    if let Some(inner) = text.strip_prefix('"') {
+        let inner = inner.strip_suffix('"')?;
+        // Inside, a quote only as "" (an escaped quote).
+        if inner.is_empty() || inner.replace("\"\"", "").contains('"') {
+            return None;
+        }
+        return Some(inner.replace("\"\"", "\""));
+    }
+    let mut chars = text.chars();
+    let first = chars.next()?;
+    let starts = first.is_alphabetic() || first == '_';
+    let rest_ok = chars.all(|c| c.is_alphanumeric() || c == '_' || c == '$');
+    (starts && rest_ok).then(|| text.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_statements_parse_as_postgresql_names_channels() {
+        let cases: &[(&str, Option<ListenCommand>)] = &[
+            ("LISTEN jobs", Some(ListenCommand::Listen("jobs".into()))),
+            ("listen Jobs;", Some(ListenCommand::Listen("jobs".into()))),
+            (
+                "  LISTEN \"Mixed Case\" ; ",
+                Some(ListenCommand::Listen("Mixed Case".into())),
+            ),
+            (
+                "LISTEN \"a\"\"b\"",
+                Some(ListenCommand::Listen("a\"b".into())),
+            ),
+            (
+                "UNLISTEN jobs",
+                Some(ListenCommand::Unlisten("jobs".into())),
+            ),
+            ("unlisten *", Some(ListenCommand::UnlistenAll)),
+            ("LISTEN jobs; SELECT 1", None),
+            ("LISTEN", None),
+            ("LISTEN a b", None),
+            ("LISTEN \"a\"b\"", None),
+            ("LISTEN *", None),
+            ("SELECT 1", None),
+            ("LISTEN/**/x", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(&parse_listen(text.as_bytes()), expected, "{text}");
+        }
+        assert_eq!(
+            parse_listen(b"LISTEN x\0"),
+            Some(ListenCommand::Listen("x".into()))
+        );
+    }
+}
