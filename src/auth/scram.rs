@@ -14,7 +14,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use super::{AuthError, ScramVerifier, ct_eq, hmac_sha256};
+use super::{AuthError, ScramKeys, ScramVerifier, ct_eq, hmac_sha256};
 
 /// The only SASL mechanism pgmux offers in AuthenticationSASL. No `-PLUS`: without TLS there is
 /// no channel to bind to.
@@ -36,6 +36,8 @@ pub struct ScramExchange {
     doomed: bool,
     server_nonce: String,
     state: State,
+    /// The ClientKey the client's proof revealed, once the proof was verified.
+    client_key: Option<[u8; 32]>,
 }
 
 #[derive(Debug)]
@@ -81,6 +83,7 @@ impl ScramExchange {
             doomed,
             server_nonce,
             state: State::Initial,
+            client_key: None,
         }
     }
 
@@ -158,8 +161,25 @@ impl ScramExchange {
         if !ct_eq(&stored_key, &v.stored_key) || self.doomed {
             return Err(AuthError::BadPassword);
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac_sha256(&v.server_key, &[auth_message.as_bytes()]);
         Ok(format!("v={}", STANDARD.encode(server_signature)).into_bytes())
+    }
+}
+
+impl ScramExchange {
+    /// After a verified [`client_final`](Self::client_final): the keys to log in to
+    /// PostgreSQL as this user, which holds the same verifier (`auth_query`). The ClientKey
+    /// is `proof XOR HMAC(StoredKey, AuthMessage)`, checked against the StoredKey already.
+    /// `None` before, after a failure, and for a mock exchange.
+    pub fn server_keys(&self) -> Option<ScramKeys> {
+        let client_key = self.client_key?;
+        Some(ScramKeys {
+            iterations: self.verifier.iterations,
+            salt: self.verifier.salt.clone(),
+            client_key,
+            server_key: self.verifier.server_key,
+        })
     }
 }
 

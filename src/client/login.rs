@@ -18,7 +18,7 @@ use super::session::{Limits, Session};
 use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
     Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM, ScramExchange,
-    Secret,
+    ScramKeys, Secret,
 };
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
@@ -199,7 +199,23 @@ async fn login(
         // An unknown user, or one without a password, runs the same exchange as a real
         // one and fails with the same answer as a wrong password, so that neither the
         // messages nor their timing tell a client which user names exist.
-        let credential = snapshot.credentials.get(&user).filter(|_| known_user);
+        // A user the config does not list may be in PostgreSQL (auth_query); looked up for
+        // every such user, existing or not, so that both cost the same.
+        let looked_up = if !known_user && known_database && !is_console {
+            let runtime = pooler.runtime();
+            pooler
+                .auth_queries
+                .lookup(&snapshot, runtime, &database, &user)
+                .await
+        } else {
+            None
+        };
+        let credential = snapshot
+            .credentials
+            .get(&user)
+            .filter(|_| known_user)
+            .or(looked_up.as_ref());
+        let mut keys = None;
         let verified = match credential {
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
             // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
@@ -209,15 +225,33 @@ async fn login(
                         || matches!(c.secret(), Secret::Scram(_))) =>
             {
                 let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+                keys = scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?;
+                keys.is_some()
             }
-            Some(c) => md5_login(socket, &mut cbuf, c).await?,
+            Some(c) => {
+                let md5 = md5_login(socket, &mut cbuf, c).await;
+                if looked_up.is_some() && method == AuthMethod::ScramSha256 {
+                    md5_instead_of_scram(&user, md5.is_err());
+                }
+                md5?
+            }
             None if method == AuthMethod::ScramSha256 => {
                 let exchange = Some(ScramExchange::mock(&user));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange)
+                    .await?
+                    .is_some()
             }
             None => md5_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?,
         };
+        if let Some(found) = &looked_up {
+            // The pool of an auth_query user logs in with what this login taught pgmux;
+            // a failure asks PostgreSQL again next time (the password may have changed).
+            match crate::pooler::server_secret(found, keys).filter(|_| verified) {
+                Some(secret) => pooler.learn_server_secret(&database, &user, secret),
+                None => pooler.auth_queries.login_failed(&database, &user),
+            }
+        }
+        let known_user = known_user || looked_up.is_some();
         if !verified || credential.is_none() {
             // The real reason, for the operator: the most basic one that applies.
             let reason = if !known_user {
@@ -537,15 +571,16 @@ async fn read_startup(
     }
 }
 
-/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(false)` for a wrong
-/// password; a broken message is an error.
+/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(None)` for a wrong
+/// password, else the keys the proof revealed (to log in to PostgreSQL as an auth_query
+/// user); a broken message is an error.
 async fn scram_login(
     socket: &mut TcpStream,
     cbuf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
     exchange: Option<ScramExchange>,
-) -> Result<bool, Refusal> {
+) -> Result<Option<ScramKeys>, Refusal> {
     let Some(mut exchange) = exchange else {
         return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
     };
@@ -569,7 +604,7 @@ async fn scram_login(
 
     let server_first = match exchange.client_first(data) {
         Ok(reply) => reply,
-        Err(e) => return auth_outcome(user, e),
+        Err(e) => return auth_outcome(user, e).map(|_| None),
     };
     out.clear();
     write::auth_sasl_step(out, 11, &server_first);
@@ -578,11 +613,23 @@ async fn scram_login(
     let last = read_password_message(socket, cbuf).await?;
     let server_final = match exchange.client_final(&last) {
         Ok(reply) => reply,
-        Err(e) => return auth_outcome(user, e),
+        Err(e) => return auth_outcome(user, e).map(|_| None),
     };
     out.clear();
     write::auth_sasl_step(out, 12, &server_final);
-    Ok(true)
+    Ok(exchange.server_keys())
+}
+
+/// An auth_query user whose secret is an md5 hash was asked for md5 though SCRAM is the
+/// method: say why, and what to do if the client left (it may accept SCRAM only).
+fn md5_instead_of_scram(user: &str, client_left: bool) {
+    let fix = "set the role's password again in PostgreSQL with password_encryption = \
+               'scram-sha-256' (an md5 hash cannot do SCRAM)";
+    if client_left {
+        info!(user = %Escaped(user), "the secret auth_query returned is an md5 hash, so the client was asked for md5 and left (it may accept SCRAM only): {fix}");
+    } else {
+        debug!(user = %Escaped(user), "the secret auth_query returned is an md5 hash: the client was asked for md5; {fix}");
+    }
 }
 
 /// Runs one md5 challenge. `Ok(false)` for a wrong password.
