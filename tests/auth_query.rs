@@ -124,6 +124,12 @@ async fn scram_user_from_postgres_logs_in_and_survives_reload() {
     assert_eq!(whoami(&mux, "aq_alice", "alice_pw").await, "aq_alice");
     let pools = mux.admin_get("/pools").await;
     assert!(pools.body.contains("aq_alice"), "{}", pools.body);
+    let metrics = mux.admin_get("/metrics").await;
+    assert!(
+        metrics.body.contains("user=\"aq_alice\""),
+        "{}",
+        metrics.body
+    );
     // Never the password or the keys in the log.
     assert!(!mux.stderr_log().contains("alice_pw"));
 }
@@ -239,9 +245,24 @@ async fn password_changed_in_postgres_while_pgmux_runs() {
         "auth_cache_ttl = \"1h\"\nauth_negative_cache_ttl = \"0s\"\n",
     )
     .await;
-    assert_eq!(whoami(&mux, "aq_carol", "old_pw").await, "aq_carol");
+    let (early, _early_task) = mux.try_connect("app", "aq_carol", "old_pw").await.unwrap();
+    early.batch_execute("SELECT 1").await.unwrap();
 
     as_superuser(pg, &["ALTER ROLE aq_carol PASSWORD 'new_pw'".into()]).await;
+    // The pool must open a connection with the keys of the old password: it says why
+    // it cannot, and what will fix it.
+    let replaced = mux.admin_post("/pools/app/aq_carol/reconnect").await;
+    assert_eq!(replaced.status, 200, "{}", replaced.body);
+    let err = early.batch_execute("SELECT 1").await.unwrap_err();
+    let shown = err
+        .as_db_error()
+        .map(|e| e.message().to_owned())
+        .unwrap_or_default();
+    assert!(
+        shown.contains("changed in PostgreSQL since its client logged in"),
+        "{err:?}"
+    );
+
     // The cached secret is the old one: the new password fails once, which makes pgmux
     // ask PostgreSQL again; the next try logs in with the new keys.
     assert_eq!(refused(&mux, "aq_carol", "new_pw").await.0, "28P01");
@@ -257,6 +278,12 @@ async fn password_changed_in_postgres_while_pgmux_runs() {
     assert_eq!(row.get::<_, String>(0), "aq_carol");
     a.batch_execute("COMMIT").await.unwrap();
     b.batch_execute("COMMIT").await.unwrap();
+    // The client that logged in before the change works again: its pool has the new keys.
+    let row = early
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "aq_carol");
 }
 
 #[tokio::test]
