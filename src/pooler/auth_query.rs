@@ -328,3 +328,101 @@ pub fn server_secret(
         Secret::Scram(_) => scram.map(ServerSecret::Scram),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A config whose database points at a port nothing listens on: a lookup that reached
+    /// PostgreSQL would fail (and log), so an answer proves the cache gave it.
+    fn snapshot(auth_lines: &str) -> Snapshot {
+        let text = format!(
+            "[auth]\nauth_user = \"look\"\n{auth_lines}\n[databases.app]\nport = 1\n\
+             connect_timeout = \"1s\"\n[users.look]\npassword = \"pw\"\n"
+        );
+        Snapshot::new(Config::parse(&text, "t.toml").unwrap()).unwrap()
+    }
+
+    fn credential(user: &str) -> Arc<Credential> {
+        let secret = Secret::parse(&crate::auth::md5_hash(user, "pw")).unwrap();
+        Arc::new(Credential::new(user, secret))
+    }
+
+    fn key(user: &str) -> (String, String) {
+        ("app".to_owned(), user.to_owned())
+    }
+
+    #[tokio::test]
+    async fn cached_answers_are_used_until_they_expire() {
+        let snap = snapshot("auth_cache_ttl = \"1h\"\nauth_negative_cache_ttl = \"1h\"");
+        let rt = tokio::runtime::Handle::current();
+        let aq = AuthQueries::default();
+        aq.remember(
+            key("alice"),
+            Some(credential("alice")),
+            Duration::from_secs(3600),
+        );
+        aq.remember(key("nobody"), None, Duration::from_secs(3600));
+        let found = aq.lookup(&snap, &rt, "app", "alice").await;
+        assert_eq!(found.map(|c| c.user().to_owned()), Some("alice".to_owned()));
+        let before = aq.cache.lock()[&key("nobody")].fetched;
+        assert!(aq.lookup(&snap, &rt, "app", "nobody").await.is_none());
+        assert_eq!(aq.cache.lock()[&key("nobody")].fetched, before);
+
+        // A failed login keeps the secret within auth_negative_cache_ttl: no new lookup.
+        aq.login_failed("app", "alice");
+        assert!(aq.lookup(&snap, &rt, "app", "alice").await.is_some());
+        // Databases without auth_query never look up.
+        assert!(aq.lookup(&snap, &rt, "other", "alice").await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_failed_login_asks_again_after_the_negative_ttl() {
+        let snap = snapshot("auth_cache_ttl = \"1h\"\nauth_negative_cache_ttl = \"0s\"");
+        let rt = tokio::runtime::Handle::current();
+        let aq = AuthQueries::default();
+        aq.remember(
+            key("alice"),
+            Some(credential("alice")),
+            Duration::from_secs(3600),
+        );
+        aq.login_failed("app", "alice");
+        // Asked again: nothing listens, so the lookup fails and nothing is found.
+        assert!(aq.lookup(&snap, &rt, "app", "alice").await.is_none());
+        let c = &aq.cache.lock()[&key("alice")];
+        assert!(c.credential.is_none() && !c.failed);
+    }
+
+    #[test]
+    fn the_cache_is_bounded() {
+        let aq = AuthQueries::default();
+        let keep = Duration::from_secs(3600);
+        for i in 0..MAX_CACHED {
+            aq.remember(key(&format!("u{i}")), Some(credential("u")), keep);
+        }
+        aq.remember(key("one_more"), None, keep);
+        assert_eq!(aq.cache.lock().len(), MAX_CACHED);
+        assert!(!aq.cache.lock().contains_key(&key("one_more")));
+        // Not-found answers give way first.
+        aq.cache.lock().remove(&key("u0"));
+        aq.remember(key("nobody"), None, keep);
+        aq.remember(key("found"), Some(credential("found")), keep);
+        let cache = aq.cache.lock();
+        assert!(cache.contains_key(&key("found")) && !cache.contains_key(&key("nobody")));
+    }
+
+    #[test]
+    fn learning_the_same_secret_changes_nothing() {
+        let aq = AuthQueries::default();
+        let md5 = || ServerSecret::Md5(crate::auth::md5_hash("a", "pw"));
+        assert!(aq.learn("app", "a", md5()));
+        assert!(!aq.learn("app", "a", md5()));
+        assert!(aq.learn("app", "a", ServerSecret::Password("pw".into())));
+        assert_eq!(
+            aq.learnt("app", "a"),
+            Some(ServerSecret::Password("pw".into()))
+        );
+        assert_eq!(aq.learnt("app", "b"), None);
+    }
+}
