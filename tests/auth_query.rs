@@ -254,12 +254,14 @@ async fn password_changed_in_postgres_while_pgmux_runs() {
     let replaced = mux.admin_post("/pools/app/aq_carol/reconnect").await;
     assert_eq!(replaced.status, 200, "{}", replaced.body);
     let err = early.batch_execute("SELECT 1").await.unwrap_err();
-    let shown = err
-        .as_db_error()
-        .map(|e| e.message().to_owned())
-        .unwrap_or_default();
+    let db = err.as_db_error().expect("an ErrorResponse");
     assert!(
-        shown.contains("changed in PostgreSQL since its client logged in"),
+        db.message()
+            .contains("changed in PostgreSQL since its client logged in"),
+        "{err:?}"
+    );
+    assert!(
+        db.hint().unwrap_or_default().contains("log in again"),
         "{err:?}"
     );
 
