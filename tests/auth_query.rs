@@ -90,7 +90,7 @@ async fn scram_user_from_postgres_logs_in_and_survives_reload() {
         ],
     )
     .await;
-    let mux = start(pg, "aq_auth1", "").await;
+    let mux = start(pg, "aq_auth1", "admin_users = [\"other\"]\n").await;
 
     // Transaction mode: every statement may run on another server connection, each one
     // opened by pgmux as aq_alice with the keys from her proof.
@@ -124,6 +124,13 @@ async fn scram_user_from_postgres_logs_in_and_survives_reload() {
     assert_eq!(whoami(&mux, "aq_alice", "alice_pw").await, "aq_alice");
     let pools = mux.admin_get("/pools").await;
     assert!(pools.body.contains("aq_alice"), "{}", pools.body);
+    let console = mux.connect("pgbouncer", "other").await;
+    let shown = console.simple_query("SHOW POOLS").await.unwrap();
+    let listed = shown.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get("user") == Some("aq_alice"),
+        _ => false,
+    });
+    assert!(listed, "SHOW POOLS has no aq_alice row");
     let metrics = mux.admin_get("/metrics").await;
     assert!(
         metrics.body.contains("user=\"aq_alice\""),
