@@ -265,4 +265,24 @@ mod tests {
         // The server must add to the nonce.
         assert!(pgmux.server_first(b"r=abc,s=AAAA,i=4096").is_err());
     }
+
+    proptest::proptest! {
+        /// Whatever a server sends, the client answers or errs, never panics, and never
+        /// accepts a server-final it did not compute.
+        #[test]
+        fn any_server_message_is_an_answer_or_an_error(
+            first in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            last in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..100),
+        ) {
+            let keys = ScramKeys {
+                iterations: 4096,
+                salt: vec![1; 16],
+                client_key: [7; 32],
+                server_key: [9; 32],
+            };
+            let mut pgmux = ScramClient::with_nonce(keys, "abc".into());
+            let _ = pgmux.server_first(&first);
+            proptest::prop_assert!(pgmux.server_final(&last).is_err());
+        }
+    }
 }
