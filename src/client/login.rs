@@ -231,7 +231,7 @@ async fn login(
             Some(c) => {
                 let md5 = md5_login(socket, &mut cbuf, c).await;
                 if looked_up.is_some() && method == AuthMethod::ScramSha256 {
-                    md5_instead_of_scram(&user, md5.is_err());
+                    md5_instead_of_scram(&user, matches!(md5, Err(Refusal::Gone)));
                 }
                 md5?
             }
