@@ -7,7 +7,10 @@ mod common;
 
 use std::time::Duration;
 
+use common::raw::startup_packet;
 use common::{MuxOptions, TestPgmux, TestPostgres};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// Runs each statement as the superuser.
 async fn as_superuser(pg: &TestPostgres, statements: &[String]) {
@@ -202,6 +205,19 @@ async fn md5_user_from_postgres_logs_in_with_md5() {
     assert_eq!(code, "28P01");
     // SCRAM is the method, yet an md5 secret can only do md5: the log says why.
     logged(&mux, "md5 hash: the client was asked for md5").await;
+
+    // A client that accepts SCRAM only (libpq's require_auth=scram-sha-256) is asked for
+    // md5 and leaves: the log names the cause and the fix.
+    let mut raw = TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap();
+    let packet = startup_packet(0, &[("user", "aq_dave"), ("database", "app")]);
+    raw.write_all(&packet).await.unwrap();
+    let mut head = [0u8; 9];
+    raw.read_exact(&mut head).await.unwrap();
+    let code = i32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+    assert_eq!((head[0], code), (b'R', 5), "AuthenticationMD5Password");
+    drop(raw);
+    let log = logged(&mux, "asked for md5 and left").await;
+    assert!(log.contains("password_encryption"), "{log}");
 }
 
 #[tokio::test]
