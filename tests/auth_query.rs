@@ -33,16 +33,20 @@ fn auth_role(auth: &str, superuser: bool) -> String {
     format!("CREATE ROLE {auth} LOGIN {su} PASSWORD 'auth_pw'")
 }
 
-/// pgmux with `auth_user = auth` (listed in `[users]` with its password) and `auth_lines`
-/// added to `[auth]`.
-async fn start(pg: &TestPostgres, auth: &str, auth_lines: &str) -> TestPgmux {
-    let opts = MuxOptions {
+/// Options with `auth_user = auth` (listed in `[users]` with its password), `auth_lines`
+/// added to `[auth]`, and an admin port.
+fn options(auth: &str, auth_lines: &str) -> MuxOptions {
+    MuxOptions {
         auth_extra: format!("auth_user = \"{auth}\"\n{auth_lines}"),
         extra: format!("[users.{auth}]\npassword = \"auth_pw\"\n"),
         admin: Some(String::new()),
         ..MuxOptions::default()
-    };
-    TestPgmux::start(pg, opts).await
+    }
+}
+
+/// pgmux started with [`options`].
+async fn start(pg: &TestPostgres, auth: &str, auth_lines: &str) -> TestPgmux {
+    TestPgmux::start(pg, options(auth, auth_lines)).await
 }
 
 /// Logs in and returns `current_user` as PostgreSQL sees it, from a transaction.
@@ -403,4 +407,32 @@ async fn toml_users_and_auth_query_users_mix() {
     // A TOML user is never looked up: its config password is the one that counts.
     assert_eq!(refused(&mux, "app", "gina_pw").await.0, "28P01");
     assert!(!mux.stderr_log().contains("auth_query lookup failed"));
+}
+
+#[tokio::test]
+async fn a_reload_without_auth_query_retires_its_pools() {
+    let pg = TestPostgres::shared().await;
+    as_superuser(
+        pg,
+        &[
+            auth_role("aq_auth8", true),
+            "CREATE ROLE aq_hana LOGIN PASSWORD 'hana_pw'".into(),
+        ],
+    )
+    .await;
+    let mux = start(pg, "aq_auth8", "").await;
+    let (hana, _task) = mux.try_connect("app", "aq_hana", "hana_pw").await.unwrap();
+    hana.batch_execute("SELECT 1").await.unwrap();
+
+    // The same file without auth_user: aq_hana is nobody to pgmux now.
+    let mut opts = options("aq_auth8", "");
+    opts.auth_extra = String::new();
+    mux.rewrite_config(pg, &opts);
+    let reload = mux.admin_post("/reload").await;
+    assert_eq!(reload.status, 200, "{}", reload.body);
+    let pools = mux.admin_get("/pools").await;
+    assert!(!pools.body.contains("aq_hana"), "{}", pools.body);
+    assert_eq!(refused(&mux, "aq_hana", "hana_pw").await.0, "28P01");
+    // As for any removed pool, its session ends between transactions (57P01).
+    assert!(hana.batch_execute("SELECT 1").await.is_err());
 }
