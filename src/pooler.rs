@@ -23,7 +23,7 @@ mod auth_query;
 mod client_caps;
 mod reload;
 
-pub use auth_query::{AuthQueries, server_secret};
+pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
 

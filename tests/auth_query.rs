@@ -248,6 +248,14 @@ async fn unknown_user_and_wrong_password_get_28p01() {
     );
     // Asked again, still refused (the answer is cached, not asked of PostgreSQL).
     assert_eq!(refused(&mux, "aq_nobody", "nope").await.0, "28P01");
+    let metrics = mux.admin_get("/metrics").await.body;
+    for line in [
+        "pgmux_auth_query_lookups_total{result=\"found\"} 1",
+        "pgmux_auth_query_lookups_total{result=\"not_found\"} 1",
+        "pgmux_auth_query_lookups_total{result=\"cached\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
     // A role without a password, or one that cannot log in, is refused the same way.
     as_superuser(pg, &["CREATE ROLE aq_nopass LOGIN".into()]).await;
     assert_eq!(refused(&mux, "aq_nopass", "").await.0, "28P01");

@@ -88,6 +88,12 @@ const FAMILIES: &[Family] = &[
         &["reason"],
     ),
     (
+        "pgmux_auth_query_lookups_total",
+        "Secrets of users not in the config looked up for logins (auth_query), by result (cached, found, not_found, failed).",
+        C,
+        &["result"],
+    ),
+    (
         "pgmux_log_write_errors_total",
         "Log lines dropped: stderr refused them (a broken pipe) or was too slow to take them.",
         C,
@@ -444,6 +450,13 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
             "pgmux_login_failures_total",
             &[reason.as_str()],
             pooler.logins.failures(reason),
+        );
+    }
+    for outcome in crate::pooler::AuthQueryOutcome::ALL {
+        out.counter(
+            "pgmux_auth_query_lookups_total",
+            &[outcome.as_str()],
+            pooler.auth_queries.lookups(outcome),
         );
     }
     out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -47,6 +48,41 @@ pub struct AuthQueries {
     pools: Mutex<HashMap<(String, String), Arc<Pool>>>,
     /// By (database, user): what that user's pool logs in to PostgreSQL with.
     learnt: Mutex<HashMap<(String, String), ServerSecret>>,
+    /// Lookups by outcome, indexed by `Outcome as usize` (the order of [`Outcome::ALL`]).
+    outcomes: [AtomicU64; 4],
+}
+
+/// How a lookup was answered (`pgmux_auth_query_lookups_total{result}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// From the cache, without asking PostgreSQL.
+    Cached,
+    /// PostgreSQL returned the user's secret.
+    Found,
+    /// PostgreSQL has no such user (or no password for it).
+    NotFound,
+    /// The query failed (privilege, a broken query, PostgreSQL unreachable).
+    Failed,
+}
+
+impl Outcome {
+    /// Every outcome, in metric order.
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Cached,
+        Outcome::Found,
+        Outcome::NotFound,
+        Outcome::Failed,
+    ];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Cached => "cached",
+            Outcome::Found => "found",
+            Outcome::NotFound => "not_found",
+            Outcome::Failed => "failed",
+        }
+    }
 }
 
 struct Cached {
@@ -112,6 +148,7 @@ impl AuthQueries {
                         _ => age < auth.auth_negative_cache_ttl,
                     };
                     if fresh {
+                        self.count(Outcome::Cached);
                         return c.credential.clone();
                     }
                     c.credential.clone()
@@ -120,8 +157,15 @@ impl AuthQueries {
             }
         };
         let fetched = match self.fetch(snapshot, runtime, query, user).await {
-            Ok(found) => found,
+            Ok(found) => {
+                self.count(match found {
+                    Some(_) => Outcome::Found,
+                    None => Outcome::NotFound,
+                });
+                found
+            }
             Err(e) => {
+                self.count(Outcome::Failed);
                 warn!(database = %Escaped(database), user = %Escaped(user), error = %e, "auth_query lookup failed: the client is refused as with a wrong password");
                 None
             }
@@ -137,6 +181,19 @@ impl AuthQueries {
             auth.auth_cache_ttl.max(auth.auth_negative_cache_ttl),
         );
         fetched
+    }
+
+    /// Lookups answered with `outcome` since start.
+    pub fn lookups(&self, outcome: Outcome) -> u64 {
+        self.outcomes
+            .get(outcome as usize)
+            .map_or(0, |n| n.load(Relaxed))
+    }
+
+    fn count(&self, outcome: Outcome) {
+        if let Some(n) = self.outcomes.get(outcome as usize) {
+            n.fetch_add(1, Relaxed);
+        }
     }
 
     /// A login of `user` to `database` failed with the cached secret: the next login asks
@@ -375,6 +432,8 @@ mod tests {
         assert!(aq.lookup(&snap, &rt, "app", "alice").await.is_some());
         // Databases without auth_query never look up.
         assert!(aq.lookup(&snap, &rt, "other", "alice").await.is_none());
+        assert_eq!(aq.lookups(Outcome::Cached), 3);
+        assert_eq!(aq.lookups(Outcome::Failed), 0);
     }
 
     #[tokio::test]
@@ -392,6 +451,7 @@ mod tests {
         assert!(aq.lookup(&snap, &rt, "app", "alice").await.is_none());
         let c = &aq.cache.lock()[&key("alice")];
         assert!(c.credential.is_none() && !c.failed);
+        assert_eq!(aq.lookups(Outcome::Failed), 1);
     }
 
     #[test]
