@@ -7,45 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::tls::Ca;
 use common::{MuxOptions, PgSsl, TestPgmux, TestPostgres, eventually};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use tokio_postgres::error::SqlState;
-
-/// A CA and what it signed, as PEM.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for `names` (host names or IP addresses): (cert PEM, key PEM).
-    fn issue(&self, common_name: &str, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
 
 /// The certificates of this test binary, in a directory pgmux reads them from.
 struct Certs {
@@ -57,11 +21,7 @@ impl Certs {
     fn get() -> &'static Certs {
         static CERTS: std::sync::OnceLock<Certs> = std::sync::OnceLock::new();
         CERTS.get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("pgmux-tls-")
-                .tempdir()
-                .unwrap()
-                .keep();
+            let dir = common::tls::cert_dir("pgmux-tls-");
             let ca = Ca::new("pgmux test CA");
             std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
             let other = Ca::new("some other CA");
@@ -452,4 +412,37 @@ password = "app_pw"
 
 fn assert_file_named(err: &str, path: &Path) {
     assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn servers_view_and_show_servers_say_how_each_connection_is_encrypted() {
+    let pg = tls_cluster().await;
+    let mut opts = opts("server_tls = \"require\"");
+    opts.admin = Some(String::new());
+    opts.auth_extra = "admin_users = [\"other\"]".to_owned();
+    let mux = TestPgmux::start(pg, opts).await;
+    let client = mux.connect("app", "app").await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let body = mux.admin_get("/servers").await.body;
+    let servers: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(!servers.is_empty(), "{body}");
+    for s in &servers {
+        let tls = s["tls"].as_str().unwrap_or_default();
+        assert!(tls.starts_with("TLSv1.3/TLS_"), "{body}");
+    }
+    let console = mux.connect("pgmux", "other").await;
+    let rows = console.simple_query("SHOW SERVERS").await.unwrap();
+    let shown: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("tls").unwrap_or_default().to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !shown.is_empty() && shown.iter().all(|t| t.starts_with("TLSv1.3/")),
+        "{shown:?}"
+    );
 }

@@ -69,6 +69,11 @@ pub(super) fn render(config: &Config) -> String {
         &duration(auth.login_failure_window),
     );
     line(&mut out, "login_lockout", &duration(auth.login_lockout));
+    line(
+        &mut out,
+        "allow_cleartext_without_tls",
+        &auth.allow_cleartext_without_tls.to_string(),
+    );
     optional(&mut out, "auth_user", auth.auth_user.as_deref());
     line(&mut out, "auth_query", &quote(&auth.auth_query));
     optional(&mut out, "auth_dbname", auth.auth_dbname.as_deref());
@@ -109,6 +114,19 @@ pub(super) fn render(config: &Config) -> String {
         "max_connections",
         &admin.max_connections.to_string(),
     );
+
+    let tls = &config.tls;
+    out.push_str("\n[tls]\n");
+    line(&mut out, "client_tls", &quote(tls.client_tls.as_str()));
+    let files = [
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+        ("client_ca_file", &tls.client_ca_file),
+    ];
+    for (key, file) in files {
+        let path = file.as_ref().map(|f| f.path.to_string_lossy());
+        optional(&mut out, key, path.as_deref());
+    }
 
     out.push_str("\n[pool]\n");
     pool(&mut out, &full(&config.pool));

@@ -373,12 +373,17 @@ fn same_secret(a: &Secret, b: &Secret) -> bool {
     }
 }
 
-/// What a login with `credential` lets pgmux log in to PostgreSQL with: the password if
-/// the secret is one, the md5 hash, or the SCRAM keys the client's proof revealed.
+/// What a verified login with `credential` lets pgmux log in to PostgreSQL with: the
+/// password if the secret is one, or if the client sent it in clear (the `password`
+/// method); else the md5 hash, or the SCRAM keys the client's proof revealed.
 pub fn server_secret(
     credential: &Credential,
     scram: Option<crate::auth::ScramKeys>,
+    cleartext: Option<String>,
 ) -> Option<ServerSecret> {
+    if let Some(password) = cleartext {
+        return Some(ServerSecret::Password(password));
+    }
     match credential.secret() {
         Secret::Plain(password) => Some(ServerSecret::Password(password.clone())),
         Secret::Md5(hash) => Some(ServerSecret::Md5(hash.clone())),

@@ -13,6 +13,7 @@ mod http;
 mod pgmux;
 mod postgres;
 pub mod raw;
+pub mod tls;
 pub mod watchdog;
 
 use std::net::TcpListener;
