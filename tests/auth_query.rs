@@ -444,3 +444,22 @@ async fn a_reload_without_auth_query_retires_its_pools() {
     // As for any removed pool, its session ends between transactions (57P01).
     assert!(hana.batch_execute("SELECT 1").await.is_err());
 }
+
+#[tokio::test]
+async fn cleartext_login_of_an_auth_query_user_logs_in_with_the_password() {
+    let pg = TestPostgres::shared().await;
+    as_superuser(
+        pg,
+        &[
+            auth_role("aq_auth9", true),
+            "CREATE ROLE aq_ivan LOGIN PASSWORD 'ivan_pw'".into(),
+        ],
+    )
+    .await;
+    let mut opts = options("aq_auth9", "allow_cleartext_without_tls = true\n");
+    opts.auth_method = "password";
+    let mux = TestPgmux::start(pg, opts).await;
+    assert_eq!(whoami(&mux, "aq_ivan", "ivan_pw").await, "aq_ivan");
+    assert_eq!(refused(&mux, "aq_ivan", "nope").await.0, "28P01");
+    assert_eq!(refused(&mux, "aq_nobody", "nope").await.0, "28P01");
+}
