@@ -17,11 +17,13 @@ use crate::clients::ClientRegistry;
 use crate::config::{Config, PoolSettings};
 use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
-use crate::server::{TlsConnector, Upstream};
+use crate::server::{ServerSecret, TlsConnector, Upstream};
 
+mod auth_query;
 mod client_caps;
 mod reload;
 
+pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
 
@@ -73,7 +75,7 @@ impl Snapshot {
     /// Where a pool for (database, user) connects, and as whom. None if the database is unknown.
     pub fn upstream(&self, database: &str, user: &str) -> Option<Upstream> {
         let db = self.config.databases.get(database)?;
-        let (login, password) = match &db.user {
+        let (login, secret) = match &db.user {
             Some(login) => (
                 login.clone(),
                 db.password.clone().or_else(|| self.server_password(login)),
@@ -85,7 +87,7 @@ impl Snapshot {
             port: db.port,
             dbname: db.dbname.clone().unwrap_or_else(|| database.to_owned()),
             user: login,
-            password,
+            secret: secret.map(ServerSecret::Password),
             tcp: self
                 .config
                 .pool_settings(database, user)
@@ -135,6 +137,8 @@ pub struct Pooler {
     pub logins: crate::auth::LoginGuard,
     /// LISTEN/NOTIFY fan-out: a listener connection per database.
     pub notify: Arc<crate::notify::Notify>,
+    /// Users looked up with `auth_query`, and what their logins taught pgmux.
+    pub auth_queries: AuthQueries,
     /// The file reloads read again; set by main.
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
@@ -170,6 +174,7 @@ impl Pooler {
             admin_listen,
             logins: crate::auth::LoginGuard::default(),
             notify: Arc::default(),
+            auth_queries: AuthQueries::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             stop: CancellationToken::new(),
@@ -200,7 +205,7 @@ impl Pooler {
         }
         let snapshot = self.snapshot();
         let settings = snapshot.config.pool_settings(database, user)?;
-        let upstream = snapshot.upstream(database, user)?;
+        let upstream = self.upstream(&snapshot, database, user)?;
         let budgets = self.budgets_for(database, user, &settings);
         let pool = Pool::new(key.clone(), upstream, settings);
         if !budgets.is_empty() {
@@ -210,6 +215,51 @@ impl Pooler {
         pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)
+    }
+
+    /// Where the pool for (database, user) connects: [`Snapshot::upstream`], and for a
+    /// user the config does not list (an `auth_query` user), the secret a login of theirs
+    /// taught pgmux. A user listed in the config wins.
+    fn upstream(&self, snapshot: &Snapshot, database: &str, user: &str) -> Option<Upstream> {
+        let mut upstream = snapshot.upstream(database, user)?;
+        let db = snapshot.config.databases.get(database)?;
+        if db.user.is_none()
+            && !snapshot.config.users.contains_key(user)
+            && snapshot.config.auth_query_for(database).is_some()
+        {
+            upstream.secret = self.auth_queries.learnt(database, user);
+        }
+        Some(upstream)
+    }
+
+    /// Whether a pool for (database, user) may exist under `snapshot`: the user is listed,
+    /// or the database looks users up with `auth_query` and a login of this one succeeded.
+    fn serves(&self, snapshot: &Snapshot, database: &str, user: &str) -> bool {
+        snapshot.config.users.contains_key(user)
+            || (snapshot.config.auth_query_for(database).is_some()
+                && self.auth_queries.learnt(database, user).is_some())
+    }
+
+    /// A login of `user` to `database` (an `auth_query` user) succeeded with `secret`:
+    /// their pool logs in to PostgreSQL with it from now on. A changed secret (the password
+    /// changed in PostgreSQL) replaces the pool's connections.
+    pub fn learn_server_secret(&self, database: &str, user: &str, secret: ServerSecret) {
+        if !self.auth_queries.learn(database, user, secret) {
+            return;
+        }
+        let key = PoolKey {
+            database: database.to_owned(),
+            user: user.to_owned(),
+        };
+        let pool = self.pools.lock().get(&key).cloned();
+        if let Some(pool) = pool {
+            let snapshot = self.snapshot();
+            if let Some(upstream) = self.upstream(&snapshot, database, user)
+                && *pool.upstream() != upstream
+            {
+                pool.set_upstream(upstream);
+            }
+        }
     }
 
     /// The budgets a pool for (database, user) with `settings` counts in, created on

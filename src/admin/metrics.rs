@@ -124,6 +124,12 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     (
+        "pgmux_auth_query_lookups_total",
+        "Secrets of users not in the config looked up for logins (auth_query), by result (cached, found, not_found, failed).",
+        C,
+        &["result"],
+    ),
+    (
         "pgmux_log_write_errors_total",
         "Log lines dropped: stderr refused them (a broken pipe) or was too slow to take them.",
         C,
@@ -502,6 +508,13 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         &[],
         n.reconnects.load(Relaxed),
     );
+    for outcome in crate::pooler::AuthQueryOutcome::ALL {
+        out.counter(
+            "pgmux_auth_query_lookups_total",
+            &[outcome.as_str()],
+            pooler.auth_queries.lookups(outcome),
+        );
+    }
     out.counter("pgmux_log_write_errors_total", &[], logging::write_errors());
     out.counter("pgmux_session_panics_total", &[], logging::panics());
     out.gauge(

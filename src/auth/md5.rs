@@ -25,7 +25,7 @@ pub(crate) fn md5_hash_bytes(user: &str, password: &[u8]) -> String {
 
 /// What a client answers to AuthenticationMD5Password with `salt`, given the stored hash's 32 hex
 /// digits: `"md5" + hex(md5(stored_hex + salt))`.
-pub(crate) fn md5_response(stored_hex: &str, salt: [u8; 4]) -> [u8; MD5_LEN] {
+pub fn md5_response(stored_hex: &str, salt: [u8; 4]) -> [u8; MD5_LEN] {
     let digest = Md5::new()
         .chain_update(stored_hex)
         .chain_update(salt)

@@ -10,6 +10,9 @@
 //!   [`ScramExchange::mock`] runs the same exchange for an unknown user and always fails, so that
 //!   a client cannot tell "no such user" from "wrong password".
 //! - [`Credential::check_md5`] checks an md5 `PasswordMessage`.
+//! - [`ScramClient`] logs in to PostgreSQL with the [`ScramKeys`] a verified exchange
+//!   recovered ([`ScramExchange::server_keys`]), for users whose secret came from
+//!   `auth_query`: pgmux never learns their password.
 //! - [`rules`] decides, before authentication, whether a client may log in and with which
 //!   method; [`hba`] reads those rules from a `pg_hba.conf`-format file.
 //! - [`LoginGuard`] counts failed logins by reason and locks out an address that fails too
@@ -23,12 +26,14 @@ pub mod limiter;
 mod md5;
 pub mod rules;
 mod scram;
+mod scram_client;
 mod secret;
 
 pub use credential::Credential;
 pub use limiter::{FailureReason, LimitSettings, LoginGuard};
-pub use md5::md5_hash;
+pub use md5::{md5_hash, md5_response};
 pub use scram::{SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramExchange};
+pub use scram_client::{ScramClient, ScramClientError, ScramKeys};
 pub use secret::{ScramVerifier, Secret};
 
 use hmac::{Hmac, KeyInit, Mac};

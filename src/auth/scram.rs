@@ -20,7 +20,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use sha2::{Digest, Sha256};
 
-use super::{AuthError, ScramVerifier, ct_eq, hmac_sha256};
+use super::{AuthError, ScramKeys, ScramVerifier, ct_eq, hmac_sha256};
 
 /// The SASL mechanism pgmux always offers in AuthenticationSASL.
 pub const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
@@ -48,6 +48,8 @@ pub struct ScramExchange {
     server_nonce: String,
     binding: Binding,
     state: State,
+    /// The ClientKey the client's proof revealed, once the proof was verified.
+    client_key: Option<[u8; 32]>,
 }
 
 /// Channel binding, as the mechanisms offered and the one chosen settle it.
@@ -108,6 +110,7 @@ impl ScramExchange {
             server_nonce,
             binding: Binding::NotOffered,
             state: State::Initial,
+            client_key: None,
         }
     }
 
@@ -201,12 +204,27 @@ impl ScramExchange {
         if !ct_eq(&stored_key, &v.stored_key) || self.doomed {
             return Err(AuthError::BadPassword);
         }
+        self.client_key = Some(client_key);
         let server_signature = hmac_sha256(&v.server_key, &[auth_message.as_bytes()]);
         Ok(format!("v={}", STANDARD.encode(server_signature)).into_bytes())
     }
 }
 
 impl ScramExchange {
+    /// After a verified [`client_final`](Self::client_final): the keys to log in to
+    /// PostgreSQL as this user, which holds the same verifier (`auth_query`). The ClientKey
+    /// is `proof XOR HMAC(StoredKey, AuthMessage)`, checked against the StoredKey already.
+    /// `None` before, after a failure, and for a mock exchange.
+    pub fn server_keys(&self) -> Option<ScramKeys> {
+        let client_key = self.client_key?;
+        Some(ScramKeys {
+            iterations: self.verifier.iterations,
+            salt: self.verifier.salt.clone(),
+            client_key,
+            server_key: self.verifier.server_key,
+        })
+    }
+
     /// Checks the GS2 header's channel-binding flag against what was offered and chosen,
     /// with PostgreSQL's words for each mismatch.
     fn check_binding_flag(&self, gs2_header: &str) -> Result<(), AuthError> {

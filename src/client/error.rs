@@ -8,6 +8,7 @@ use std::time::Duration;
 use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
+use crate::server::ConnectError;
 
 /// What pgmux tells a client, when it is pgmux's own word and not the server's.
 #[derive(Debug, thiserror::Error)]
@@ -244,6 +245,16 @@ impl ClientError {
                     "raise {setting} ({section}.{setting}, or pool.{setting}; 0 = unlimited), \
                      or make transactions shorter"
                 ));
+            }
+            Self::Checkout(CheckoutError::Upstream {
+                error: ConnectError::SecretChanged { .. },
+                ..
+            }) => "log in again with the new password: pgmux then logs in to PostgreSQL with it",
+            Self::Checkout(CheckoutError::Upstream {
+                error: ConnectError::SecretMismatch { .. },
+                ..
+            }) => {
+                "ask the operator: pg_hba.conf and the role's stored password must agree (docs/security.md, auth_query)"
             }
             Self::Checkout(CheckoutError::Upstream { error, .. }) => match error.server_code() {
                 Some("53300") => {

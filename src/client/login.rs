@@ -19,7 +19,7 @@ use super::tls::{ALPN_POSTGRESQL, ClientTls};
 use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
     Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM,
-    SCRAM_PLUS_MECHANISM, ScramExchange, Secret,
+    SCRAM_PLUS_MECHANISM, ScramExchange, ScramKeys, Secret,
 };
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
@@ -254,13 +254,32 @@ async fn login(
         // An unknown user, or one without a password, runs the same exchange as a real
         // one and fails with the same answer as a wrong password, so that neither the
         // messages nor their timing tell a client which user names exist.
-        let credential = snapshot.credentials.get(&user).filter(|_| known_user);
+        // A user the config does not list may be in PostgreSQL (auth_query); looked up for
+        // every such user, existing or not, so that both cost the same.
+        let looked_up = if !known_user && known_database && !is_console {
+            let runtime = pooler.runtime();
+            pooler
+                .auth_queries
+                .lookup(&snapshot, runtime, &database, &user)
+                .await
+        } else {
+            None
+        };
+        let credential = snapshot
+            .credentials
+            .get(&user)
+            .filter(|_| known_user)
+            .or(looked_up.as_ref());
+        // What a verified login reveals, to log in to PostgreSQL as an auth_query user.
+        let (mut keys, mut cleartext) = (None, None);
         let verified = match credential {
             Some(c) if method == AuthMethod::Password => {
-                cleartext_login(socket, &mut cbuf, c).await?
+                cleartext = cleartext_login(socket, &mut cbuf, c).await?;
+                cleartext.is_some()
             }
             None if method == AuthMethod::Password => {
-                cleartext_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?
+                let mock = mock_md5_credential(&user);
+                cleartext_login(socket, &mut cbuf, &mock).await?.is_some()
             }
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
             // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
@@ -270,15 +289,35 @@ async fn login(
                         || matches!(c.secret(), Secret::Scram(_))) =>
             {
                 let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref()).await?
+                keys =
+                    scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref()).await?;
+                keys.is_some()
             }
-            Some(c) => md5_login(socket, &mut cbuf, c).await?,
+            Some(c) => {
+                let md5 = md5_login(socket, &mut cbuf, c).await;
+                if looked_up.is_some() && method == AuthMethod::ScramSha256 {
+                    md5_instead_of_scram(&user, matches!(md5, Err(Refusal::Gone)));
+                }
+                md5?
+            }
             None if method == AuthMethod::ScramSha256 => {
                 let exchange = Some(ScramExchange::mock(&user));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref()).await?
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref())
+                    .await?
+                    .is_some()
             }
             None => md5_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?,
         };
+        if let Some(found) = &looked_up {
+            // The pool of an auth_query user logs in with what this login taught pgmux;
+            // a failure asks PostgreSQL again next time (the password may have changed).
+            if !verified {
+                pooler.auth_queries.login_failed(&database, &user);
+            } else if let Some(secret) = crate::pooler::server_secret(found, keys, cleartext) {
+                pooler.learn_server_secret(&database, &user, secret);
+            }
+        }
+        let known_user = known_user || looked_up.is_some();
         if !verified || credential.is_none() {
             // The real reason, for the operator: the most basic one that applies.
             let reason = if !known_user {
@@ -646,8 +685,9 @@ async fn handshake(
     }
 }
 
-/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(false)` for a wrong
-/// password; a broken message is an error.
+/// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(None)` for a wrong
+/// password, else the keys the proof revealed (to log in to PostgreSQL as an auth_query
+/// user); a broken message is an error.
 async fn scram_login(
     socket: &mut ClientStream,
     cbuf: &mut BytesMut,
@@ -655,7 +695,7 @@ async fn scram_login(
     user: &str,
     exchange: Option<ScramExchange>,
     tls: Option<&ClientTls>,
-) -> Result<bool, Refusal> {
+) -> Result<Option<ScramKeys>, Refusal> {
     let Some(mut exchange) = exchange else {
         return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
     };
@@ -691,7 +731,7 @@ async fn scram_login(
 
     let server_first = match exchange.client_first(data) {
         Ok(reply) => reply,
-        Err(e) => return auth_outcome(user, e),
+        Err(e) => return auth_outcome(user, e).map(|_| None),
     };
     out.clear();
     write::auth_sasl_step(out, 11, &server_first);
@@ -700,11 +740,23 @@ async fn scram_login(
     let last = read_password_message(socket, cbuf).await?;
     let server_final = match exchange.client_final(&last) {
         Ok(reply) => reply,
-        Err(e) => return auth_outcome(user, e),
+        Err(e) => return auth_outcome(user, e).map(|_| None),
     };
     out.clear();
     write::auth_sasl_step(out, 12, &server_final);
-    Ok(true)
+    Ok(exchange.server_keys())
+}
+
+/// An auth_query user whose secret is an md5 hash was asked for md5 though SCRAM is the
+/// method: say why, and what to do if the client left (it may accept SCRAM only).
+fn md5_instead_of_scram(user: &str, client_left: bool) {
+    let fix = "set the role's password again in PostgreSQL with password_encryption = \
+               'scram-sha-256' (an md5 hash cannot do SCRAM)";
+    if client_left {
+        info!(user = %Escaped(user), "the secret auth_query returned is an md5 hash, so the client was asked for md5 and left (it may accept SCRAM only): {fix}");
+    } else {
+        debug!(user = %Escaped(user), "the secret auth_query returned is an md5 hash: the client was asked for md5; {fix}");
+    }
 }
 
 /// Runs one md5 challenge. `Ok(false)` for a wrong password.
@@ -723,18 +775,21 @@ async fn md5_login(
 }
 
 /// Asks for the password in clear text (the `password` method, over TLS unless allowed
-/// otherwise). `Ok(false)` for a wrong password.
+/// otherwise). `Ok(None)` for a wrong password, else the password (lossily UTF-8: pgmux
+/// logs in to PostgreSQL with it for an auth_query user).
 async fn cleartext_login(
     socket: &mut ClientStream,
     cbuf: &mut BytesMut,
     credential: &Credential,
-) -> Result<bool, Refusal> {
+) -> Result<Option<String>, Refusal> {
     let mut out = BytesMut::new();
     write::auth_cleartext(&mut out);
     socket.write_all(&out).await?;
     let body = read_password_message(socket, cbuf).await?;
     let password = body.strip_suffix(&[0]).unwrap_or(&body);
-    Ok(credential.check_password(password))
+    Ok(credential
+        .check_password(password)
+        .then(|| String::from_utf8_lossy(password).into_owned()))
 }
 
 /// What an md5 login of an unknown user is checked against: a hash no response matches

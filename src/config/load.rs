@@ -124,6 +124,11 @@ const AUTH_KEYS: &[&str] = &[
     "rules",
     "hba_file",
     "allow_cleartext_without_tls",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+    "auth_cache_ttl",
+    "auth_negative_cache_ttl",
 ];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
@@ -166,7 +171,16 @@ pub(super) const POOL_KEYS: &[&str] = &[
 ];
 /// Keys of `[pool]` only: defaults for `[users.NAME]`.
 const POOL_ONLY_KEYS: &[&str] = &["max_user_connections", "max_user_client_connections"];
-const DATABASE_KEYS: &[&str] = &["host", "port", "dbname", "user", "password"];
+const DATABASE_KEYS: &[&str] = &[
+    "host",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "auth_user",
+    "auth_query",
+    "auth_dbname",
+];
 const USER_KEYS: &[&str] = &[
     "password",
     "server_password",
@@ -371,6 +385,14 @@ impl Walker<'_> {
                     &mut auth.allow_cleartext_without_tls,
                     self.boolean(&path, value),
                 ),
+                "auth_user" => auth.auth_user = self.string(&path, value),
+                "auth_query" => set(&mut auth.auth_query, self.string(&path, value)),
+                "auth_dbname" => auth.auth_dbname = self.string(&path, value),
+                "auth_cache_ttl" => set(&mut auth.auth_cache_ttl, self.duration(&path, value)),
+                "auth_negative_cache_ttl" => {
+                    let d = self.duration(&path, value);
+                    set(&mut auth.auth_negative_cache_ttl, d);
+                }
                 _ => self.unknown("auth", key, AUTH_KEYS),
             }
         }
@@ -414,6 +436,9 @@ impl Walker<'_> {
                 "dbname" => db.dbname = self.string(&p, value),
                 "user" => db.user = self.string(&p, value),
                 "password" => db.password = self.string(&p, value),
+                "auth_user" => db.auth_user = self.string(&p, value),
+                "auth_query" => db.auth_query = self.string(&p, value),
+                "auth_dbname" => db.auth_dbname = self.string(&p, value),
                 _ => {
                     if !self.pool_key(path, key, value, &mut db.overrides) {
                         let known: Vec<&str> =

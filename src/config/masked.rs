@@ -74,6 +74,15 @@ pub(super) fn render(config: &Config) -> String {
         "allow_cleartext_without_tls",
         &auth.allow_cleartext_without_tls.to_string(),
     );
+    optional(&mut out, "auth_user", auth.auth_user.as_deref());
+    line(&mut out, "auth_query", &quote(&auth.auth_query));
+    optional(&mut out, "auth_dbname", auth.auth_dbname.as_deref());
+    line(&mut out, "auth_cache_ttl", &duration(auth.auth_cache_ttl));
+    line(
+        &mut out,
+        "auth_negative_cache_ttl",
+        &duration(auth.auth_negative_cache_ttl),
+    );
     match &auth.hba_file {
         Some(file) => line(&mut out, "hba_file", &quote(&file.to_string_lossy())),
         None => {
@@ -129,6 +138,9 @@ pub(super) fn render(config: &Config) -> String {
         optional(&mut out, "dbname", db.dbname.as_deref());
         optional(&mut out, "user", db.user.as_deref());
         optional(&mut out, "password", db.password.as_ref().map(|_| MASK));
+        optional(&mut out, "auth_user", db.auth_user.as_deref());
+        optional(&mut out, "auth_query", db.auth_query.as_deref());
+        optional(&mut out, "auth_dbname", db.auth_dbname.as_deref());
         pool(&mut out, &db.overrides);
     }
 

@@ -187,6 +187,37 @@ pub struct AuthSection {
     pub hba_file: Option<PathBuf>,
     /// Lets the `password` method (cleartext) run over plain TCP; off: it needs TLS.
     pub allow_cleartext_without_tls: bool,
+    /// The role pgmux runs `auth_query` as, for users not listed in the config (PgBouncer's
+    /// `auth_user`); `None` = no auth_query. Its password comes from `[users.NAME]`.
+    /// A database's own `auth_user` overrides it.
+    pub auth_user: Option<String>,
+    /// The query that returns a user's name and secret (`pg_authid` form), with the user
+    /// name as `$1` (extended protocol, never interpolated).
+    pub auth_query: String,
+    /// The database (a `[databases]` name) `auth_query` runs in; `None` = the one the
+    /// client asked for.
+    pub auth_dbname: Option<String>,
+    /// How long a secret `auth_query` found is used without asking again.
+    pub auth_cache_ttl: Duration,
+    /// How long "no such user" is remembered, and the least time between two lookups of a
+    /// user whose logins fail (a wrong password typed in a loop costs PostgreSQL one query
+    /// per this interval at most).
+    pub auth_negative_cache_ttl: Duration,
+}
+
+/// PgBouncer's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
+
+/// Where and how the secret of a user not listed in the config is looked up, for one
+/// database: `[auth]`'s `auth_*` keys with the database's own over them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AuthQuery<'a> {
+    /// The role the query runs as.
+    pub user: &'a str,
+    /// The query, with the user name as `$1`.
+    pub query: &'a str,
+    /// The `[databases]` name it runs in.
+    pub database: &'a str,
 }
 
 pub use crate::auth::rules::AccessRule;
@@ -203,6 +234,11 @@ impl Default for AuthSection {
             rules: Vec::new(),
             hba_file: None,
             allow_cleartext_without_tls: false,
+            auth_user: None,
+            auth_query: DEFAULT_AUTH_QUERY.to_owned(),
+            auth_dbname: None,
+            auth_cache_ttl: Duration::from_secs(60),
+            auth_negative_cache_ttl: Duration::from_secs(5),
         }
     }
 }
@@ -541,6 +577,12 @@ pub struct Database {
     pub user: Option<String>,
     /// Plain-text password for `user`. A secret: masked in `Debug` and [`Config::masked`].
     pub password: Option<String>,
+    /// This database's `auth_user`, over `[auth]`'s.
+    pub auth_user: Option<String>,
+    /// This database's `auth_query`, over `[auth]`'s.
+    pub auth_query: Option<String>,
+    /// This database's `auth_dbname`, over `[auth]`'s.
+    pub auth_dbname: Option<String>,
     /// This database's pool settings, over `[pool]`.
     pub overrides: PoolOverrides,
 }
@@ -553,6 +595,9 @@ impl Default for Database {
             dbname: None,
             user: None,
             password: None,
+            auth_user: None,
+            auth_query: None,
+            auth_dbname: None,
             overrides: PoolOverrides::default(),
         }
     }
@@ -573,6 +618,9 @@ impl fmt::Debug for Database {
             .field("dbname", &self.dbname)
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| MASK))
+            .field("auth_user", &self.auth_user)
+            .field("auth_query", &self.auth_query)
+            .field("auth_dbname", &self.auth_dbname)
             .field("overrides", &self.overrides)
             .finish()
     }
@@ -672,6 +720,22 @@ impl Config {
                 .unwrap_or(limits.max_user_client_connections);
         }
         Some(settings)
+    }
+
+    /// How users of `database` that the config does not list are looked up: `None` when
+    /// neither the database nor `[auth]` sets `auth_user`, or the database is unknown.
+    pub fn auth_query_for<'a>(&'a self, database: &'a str) -> Option<AuthQuery<'a>> {
+        let db = self.databases.get(database)?;
+        let user = db.auth_user.as_deref().or(self.auth.auth_user.as_deref())?;
+        Some(AuthQuery {
+            user,
+            query: db.auth_query.as_deref().unwrap_or(&self.auth.auth_query),
+            database: db
+                .auth_dbname
+                .as_deref()
+                .or(self.auth.auth_dbname.as_deref())
+                .unwrap_or(database),
+        })
     }
 
     /// The login method for `user`: their own `auth_method`, else `auth.method`.

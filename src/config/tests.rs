@@ -165,7 +165,7 @@ fn unknown_keys_are_placed() {
             "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, tls, pool, databases, users",
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
-             user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
+             user, password, auth_user, auth_query, auth_dbname, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
              tcp_user_timeout, session_state, session_state_check, max_pinned, \
@@ -855,5 +855,64 @@ fn hba_file_rules_and_their_problems() {
     assert!(
         err.contains("set either auth.hba_file or [[auth.rules]], not both"),
         "{err}"
+    );
+}
+
+#[test]
+fn auth_query_keys() {
+    let c = parse_ok(
+        "[auth]\nauth_user = \"pgmux_auth\"\nauth_cache_ttl = \"10m\"\n\
+         auth_negative_cache_ttl = \"1s\"\n\
+         [databases.app]\n[databases.meta]\n\
+         [databases.other]\nauth_dbname = \"meta\"\nauth_query = \"SELECT * FROM lookup($1)\"\n\
+         [users.pgmux_auth]\npassword = \"pw\"\n",
+    );
+    assert_eq!(c.auth.auth_cache_ttl, std::time::Duration::from_secs(600));
+    assert_eq!(
+        c.auth.auth_negative_cache_ttl,
+        std::time::Duration::from_secs(1)
+    );
+    let app = c.auth_query_for("app").unwrap();
+    assert_eq!(
+        (app.user, app.query, app.database),
+        ("pgmux_auth", super::DEFAULT_AUTH_QUERY, "app")
+    );
+    let other = c.auth_query_for("other").unwrap();
+    assert_eq!(
+        (other.query, other.database),
+        ("SELECT * FROM lookup($1)", "meta")
+    );
+    assert!(c.auth_query_for("nowhere").is_none());
+    assert!(
+        parse_ok("[databases.app]\n")
+            .auth_query_for("app")
+            .is_none()
+    );
+    // `pgmux check` prints what parses back to the same.
+    let again = parse_ok(&c.masked().replace("********", "pw"));
+    assert_eq!(again.auth, c.auth);
+    assert_eq!(
+        again.databases["other"].auth_query,
+        c.databases["other"].auth_query
+    );
+}
+
+#[test]
+fn auth_query_mistakes_are_placed() {
+    let text = "[auth]\nauth_user = \"nobody\"\nauth_query = \"SELECT 1\"\n\
+                auth_dbname = \"missing\"\n[databases.app]\nauth_user = \"\"\n";
+    assert_eq!(
+        problems(text),
+        [
+            "t.toml:2:13: auth.auth_user: \"nobody\" is not in [users] (or auth.userlist_file): \
+             pgmux logs in to PostgreSQL as this role to run auth_query and needs its password \
+             there (add [users.nobody] password = \"...\")",
+            "t.toml:3:14: auth.auth_query: must take the user name as $1 (e.g. \"SELECT \
+             usename, passwd FROM pg_shadow WHERE usename = $1\")",
+            "t.toml:4:15: auth.auth_dbname: \"missing\" is not in [databases]: auth_query runs \
+             in a database pgmux knows (add [databases.missing], or remove the key to run it in \
+             the database the client asks for)",
+            "t.toml:6:13: databases.app.auth_user: must not be empty",
+        ]
     );
 }

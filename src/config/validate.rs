@@ -196,6 +196,7 @@ impl Checker<'_> {
                 self.warn(key, msg);
             }
         }
+        self.auth_query(config);
         if auth.max_login_failures > 0 {
             for (key, d) in [
                 ("auth.login_failure_window", auth.login_failure_window),
@@ -207,6 +208,57 @@ impl Checker<'_> {
                         "must be above 0 (set auth.max_login_failures = 0 to turn the limit off)",
                     );
                 }
+            }
+        }
+    }
+
+    /// `auth_user`, `auth_query`, `auth_dbname` in `[auth]` and each database.
+    fn auth_query(&mut self, config: &Config) {
+        let mut places = vec![(
+            "auth".to_owned(),
+            config.auth.auth_user.as_deref(),
+            Some(config.auth.auth_query.as_str()),
+            config.auth.auth_dbname.as_deref(),
+        )];
+        for (name, db) in &config.databases {
+            let path = join_key("databases", name);
+            places.push((
+                path,
+                db.auth_user.as_deref(),
+                db.auth_query.as_deref(),
+                db.auth_dbname.as_deref(),
+            ));
+        }
+        for (path, user, query, dbname) in places {
+            if let Some(user) = user {
+                let key = join_key(&path, "auth_user");
+                if user.is_empty() {
+                    self.error(&key, "must not be empty");
+                } else if !config.users.contains_key(user) {
+                    let msg = format!(
+                        "\"{user}\" is not in [users] (or auth.userlist_file): pgmux logs in \
+                         to PostgreSQL as this role to run auth_query and needs its password \
+                         there (add [users.{user}] password = \"...\")"
+                    );
+                    self.error(&key, msg);
+                }
+            }
+            if let Some(query) = query
+                && !query.contains("$1")
+            {
+                let msg = "must take the user name as $1 (e.g. \"SELECT usename, passwd \
+                           FROM pg_shadow WHERE usename = $1\")";
+                self.error(&join_key(&path, "auth_query"), msg);
+            }
+            if let Some(dbname) = dbname
+                && !config.databases.contains_key(dbname)
+            {
+                let msg = format!(
+                    "\"{dbname}\" is not in [databases]: auth_query runs in a database \
+                     pgmux knows (add [databases.{dbname}], or remove the key to run it in \
+                     the database the client asks for)"
+                );
+                self.error(&join_key(&path, "auth_dbname"), msg);
             }
         }
     }

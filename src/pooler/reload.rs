@@ -125,9 +125,9 @@ impl Pooler {
         pools.retain(|key, pool| {
             let (db, user) = (key.database.as_str(), key.user.as_str());
             let settings = new.config.pool_settings(db, user);
-            let upstream = new.upstream(db, user);
+            let upstream = self.upstream(&new, db, user);
             let (Some(settings), Some(upstream), true) =
-                (settings, upstream, new.config.users.contains_key(user))
+                (settings, upstream, self.serves(&new, db, user))
             else {
                 changes.push(format!(
                     "pool {key} removed: it serves its current clients until they leave"
@@ -155,6 +155,7 @@ impl Pooler {
             true
         });
         drop(pools);
+        self.auth_queries.reset();
         // Limits no pool counts in any more (set to 0, or their pools gone).
         self.budgets
             .lock()

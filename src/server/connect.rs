@@ -13,6 +13,7 @@ use tokio_util::codec::Decoder;
 
 use super::tls::{Negotiated, TlsConnector};
 use super::{BackendKey, ServerAddr, ServerConn, ServerStream};
+use crate::auth::{ScramClient, ScramClientError, ScramKeys, md5_response};
 use crate::config::TcpOptions;
 use crate::protocol::read::{fields, parse_parameter_status};
 use crate::protocol::{Frame, ProtocolError, read_i32, tag};
@@ -28,12 +29,43 @@ pub struct Upstream {
     pub dbname: String,
     /// The role to log in as.
     pub user: String,
-    /// Its password, when the server asks for one.
-    pub password: Option<String>,
+    /// What pgmux answers the server's authentication request with; `None` = nothing
+    /// known (a server that asks gets no answer, and the pool says why).
+    pub secret: Option<ServerSecret>,
     /// Keepalive and user timeout of the TCP socket (the pool's `tcp_*` settings).
     pub tcp: TcpOptions,
     /// TLS to the server (the pool's `server_tls*` settings); never over a Unix socket.
     pub tls: TlsConnector,
+}
+
+/// What pgmux proves a user's identity to PostgreSQL with.
+#[derive(Clone, PartialEq, Eq)]
+pub enum ServerSecret {
+    /// The password (from the config): answers every method.
+    Password(String),
+    /// SCRAM keys recovered from a client's login (`auth_query` with a SCRAM verifier):
+    /// answers SCRAM-SHA-256 only.
+    Scram(ScramKeys),
+    /// The md5 hash as PostgreSQL stores it (`auth_query` with an md5 secret): answers md5
+    /// only.
+    Md5(String),
+}
+
+impl ServerSecret {
+    /// What kind of secret it is, for messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerSecret::Password(_) => "password",
+            ServerSecret::Scram(_) => "SCRAM keys",
+            ServerSecret::Md5(_) => "md5 hash",
+        }
+    }
+}
+
+impl std::fmt::Debug for ServerSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ServerSecret::{}(..)", self.kind())
+    }
 }
 
 impl std::fmt::Debug for Upstream {
@@ -89,6 +121,30 @@ pub enum ConnectError {
         "server asks for a password for user \"{user}\" and none is configured (users.{user}.password or server_password)"
     )]
     NoPassword {
+        /// The user pgmux logs in as.
+        user: String,
+    },
+    /// The server asks for a method the secret pgmux has for the user cannot answer (SCRAM
+    /// keys or an md5 hash from `auth_query`, never the password).
+    #[error(
+        "PostgreSQL asks for {asked} authentication of user \"{user}\", which pgmux cannot answer with the {have} it has from auth_query: {fix}"
+    )]
+    SecretMismatch {
+        /// The user pgmux logs in as.
+        user: String,
+        /// The method the server asked for.
+        asked: &'static str,
+        /// What pgmux has ([`ServerSecret::kind`]).
+        have: &'static str,
+        /// What the operator can do.
+        fix: &'static str,
+    },
+    /// The SCRAM verifier PostgreSQL uses now is not the one the keys came from: the
+    /// user's password changed since its last login to pgmux.
+    #[error(
+        "the password of user \"{user}\" changed in PostgreSQL since its client logged in to pgmux: the next login of \"{user}\" brings new keys"
+    )]
+    SecretChanged {
         /// The user pgmux logs in as.
         user: String,
     },
@@ -218,7 +274,7 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
     conn.stream.write_all(&out).await?;
     conn.stream.flush().await?; // TLS: rustls may hold the ciphertext
 
-    let mut scram: Option<sasl::ScramSha256> = None;
+    let mut scram: Option<Scram> = None;
     loop {
         let frame = next_message(&mut conn).await?;
         let body = frame.body();
@@ -229,17 +285,31 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                 out.clear();
                 match code {
                     0 => {}
-                    3 => frontend::password_message(password(upstream)?.as_bytes(), &mut out)?,
+                    3 => {
+                        let password = password(upstream, "cleartext password")?;
+                        frontend::password_message(password.as_bytes(), &mut out)?;
+                    }
                     5 => {
                         let salt: [u8; 4] = rest
                             .get(..4)
                             .and_then(|s| s.try_into().ok())
                             .ok_or(ProtocolError::Malformed("AuthenticationMD5Password"))?;
-                        let hash = md5_hash(
-                            upstream.user.as_bytes(),
-                            password(upstream)?.as_bytes(),
-                            salt,
-                        );
+                        let hash = match secret(upstream)? {
+                            ServerSecret::Password(password) => {
+                                md5_hash(upstream.user.as_bytes(), password.as_bytes(), salt)
+                            }
+                            ServerSecret::Md5(stored) => {
+                                let hex = stored.strip_prefix("md5").unwrap_or(stored);
+                                String::from_utf8_lossy(&md5_response(hex, salt)).into_owned()
+                            }
+                            ServerSecret::Scram(_) => {
+                                return Err(mismatch(
+                                    upstream,
+                                    "md5",
+                                    "auth_query returned a SCRAM verifier but PostgreSQL holds an md5 hash for this role: make auth_query return pg_authid's own secret",
+                                ));
+                            }
+                        };
                         frontend::password_message(hash.as_bytes(), &mut out)?;
                     }
                     10 => {
@@ -249,37 +319,67 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
                         if !offers_scram {
                             return Err(ConnectError::NoScram);
                         }
-                        let exchange = sasl::ScramSha256::new(
-                            password(upstream)?.as_bytes(),
-                            sasl::ChannelBinding::unsupported(),
-                        );
-                        frontend::sasl_initial_response(
-                            sasl::SCRAM_SHA_256,
-                            exchange.message(),
-                            &mut out,
-                        )?;
+                        let exchange = match secret(upstream)? {
+                            ServerSecret::Password(password) => {
+                                Scram::Password(sasl::ScramSha256::new(
+                                    password.as_bytes(),
+                                    sasl::ChannelBinding::unsupported(),
+                                ))
+                            }
+                            ServerSecret::Scram(keys) => {
+                                Scram::Keys(ScramClient::new(keys.clone()))
+                            }
+                            ServerSecret::Md5(_) => {
+                                return Err(mismatch(
+                                    upstream,
+                                    "SCRAM-SHA-256",
+                                    "the role has an md5 password but pg_hba.conf asks for scram-sha-256: set the role's password again with password_encryption = scram-sha-256, or use md5 in pg_hba.conf for it",
+                                ));
+                            }
+                        };
+                        let first = match &exchange {
+                            Scram::Password(e) => e.message().to_vec(),
+                            Scram::Keys(c) => c.client_first(),
+                        };
+                        frontend::sasl_initial_response(sasl::SCRAM_SHA_256, &first, &mut out)?;
                         scram = Some(exchange);
                     }
                     11 | 12 => {
-                        let mut exchange = scram
+                        let exchange = scram
                             .take()
                             .ok_or(ProtocolError::Malformed("SASL step before SASL start"))?;
                         let scram_error = |e: std::io::Error| ConnectError::Scram(e.into());
-                        if code == 11 {
-                            // The salted password takes PBKDF2 (4096 rounds or more, about
-                            // a millisecond): off the thread that runs the sessions.
-                            let server_first = rest.to_vec();
-                            let step = tokio::task::spawn_blocking(move || {
-                                exchange.update(&server_first).map(|()| exchange)
-                            });
-                            let exchange = step
-                                .await
-                                .map_err(|e| scram_error(std::io::Error::other(e)))?
-                                .map_err(scram_error)?;
-                            frontend::sasl_response(exchange.message(), &mut out)?;
-                            scram = Some(exchange);
-                        } else {
-                            exchange.finish(rest).map_err(scram_error)?;
+                        match (exchange, code) {
+                            (Scram::Password(exchange), 11) => {
+                                // The salted password takes PBKDF2 (4096 rounds or more,
+                                // about a millisecond): off the thread that runs the sessions.
+                                let server_first = rest.to_vec();
+                                let step = tokio::task::spawn_blocking(move || {
+                                    let mut exchange = exchange;
+                                    exchange.update(&server_first).map(|()| exchange)
+                                });
+                                let exchange = step
+                                    .await
+                                    .map_err(|e| scram_error(std::io::Error::other(e)))?
+                                    .map_err(scram_error)?;
+                                frontend::sasl_response(exchange.message(), &mut out)?;
+                                scram = Some(Scram::Password(exchange));
+                            }
+                            (Scram::Password(mut exchange), _) => {
+                                exchange.finish(rest).map_err(scram_error)?;
+                            }
+                            (Scram::Keys(mut client), 11) => {
+                                let last = client
+                                    .server_first(rest)
+                                    .map_err(|e| keys_error(upstream, e))?;
+                                frontend::sasl_response(&last, &mut out)?;
+                                scram = Some(Scram::Keys(client));
+                            }
+                            (Scram::Keys(mut client), _) => {
+                                client
+                                    .server_final(rest)
+                                    .map_err(|e| keys_error(upstream, e))?;
+                            }
                         }
                     }
                     other => return Err(ConnectError::UnsupportedAuth(other)),
@@ -317,13 +417,53 @@ async fn connect_inner(upstream: &Upstream) -> Result<Box<ServerConn>, ConnectEr
     }
 }
 
-fn password(upstream: &Upstream) -> Result<&str, ConnectError> {
+/// One SCRAM login in progress: with the password, or with keys from a client's login.
+enum Scram {
+    Password(sasl::ScramSha256),
+    Keys(ScramClient),
+}
+
+fn secret(upstream: &Upstream) -> Result<&ServerSecret, ConnectError> {
     upstream
-        .password
-        .as_deref()
+        .secret
+        .as_ref()
         .ok_or_else(|| ConnectError::NoPassword {
             user: upstream.user.clone(),
         })
+}
+
+/// The password, for a server that asks for it in clear text.
+fn password<'a>(upstream: &'a Upstream, asked: &'static str) -> Result<&'a str, ConnectError> {
+    match secret(upstream)? {
+        ServerSecret::Password(password) => Ok(password),
+        _ => Err(mismatch(
+            upstream,
+            asked,
+            "pg_hba.conf must ask for scram-sha-256 or md5 for users from auth_query (pgmux never learns their password)",
+        )),
+    }
+}
+
+fn mismatch(upstream: &Upstream, asked: &'static str, fix: &'static str) -> ConnectError {
+    ConnectError::SecretMismatch {
+        user: upstream.user.clone(),
+        asked,
+        have: upstream
+            .secret
+            .as_ref()
+            .map_or("nothing", ServerSecret::kind),
+        fix,
+    }
+}
+
+/// A failed SCRAM login with keys: a changed salt means a changed password.
+fn keys_error(upstream: &Upstream, e: ScramClientError) -> ConnectError {
+    match e {
+        ScramClientError::SaltChanged => ConnectError::SecretChanged {
+            user: upstream.user.clone(),
+        },
+        other => ConnectError::Scram(other.to_string().as_str().into()),
+    }
 }
 
 /// Reads one whole message during login, when messages are small.

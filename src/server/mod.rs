@@ -2,11 +2,13 @@
 //! owned by the pool while idle or by one client session during a transaction.
 
 mod connect;
+mod lookup;
 mod stream;
 mod tls;
 mod tls_io;
 
-pub use connect::{ConnectError, IoError, Upstream, connect};
+pub use connect::{ConnectError, IoError, ServerSecret, Upstream, connect};
+pub use lookup::LookupReply;
 pub use stream::{ServerAddr, ServerStream, TryWrite};
 pub use tls::TlsConnector;
 pub use tls_io::{RawSocket, TlsIo};
