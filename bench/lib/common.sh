@@ -9,12 +9,16 @@
 #   db db_user db_password       the database and its role
 #   pool_size max_clients        the poolers' pool and client limits
 #   upstream                     how the poolers reach PostgreSQL: tcp or unix
+#   pg_ssl                       true: PostgreSQL gets ssl = on (bench_make_certs first); false
+#   bench_tls                    the poolers' TLS: plain (none), client (clients to the pooler),
+#                                both (also the pooler to PostgreSQL); plain when unset
 # and gets:
 #   say note die has stop_pid free_port
 #   bench_tools                  psql_bin pgbench_bin pg_version (installing PostgreSQL if root)
 #   bench_find_pgbouncer HINT    pgbouncer_bin pgbouncer_version pgbouncer_prepared
 #   bench_build_pgmux            mux_bin: $PGMUX_BIN, else `cargo build --release`'s
 #   bench_commit                 prints pgmux's commit (+changes when src/ is modified)
+#   bench_make_certs             tls_dir, tls_ca, tls_cert, tls_key, tls_key_kind (openssl CLI)
 #   bench_start_postgres SCALE   pg_port, pg_sql, verifier, userlist, upstream_host
 #   bench_client_env             no PG* settings from outside; PGPASSWORD for the role
 #   write_pgbouncer_config DIR PORT, write_pgmux_config DIR PORT
@@ -115,6 +119,57 @@ bench_commit() {
     echo "$commit"
 }
 
+# bench_make_certs: a throwaway CA and a server certificate for 127.0.0.1 and localhost,
+# signed by it, in $work/tls, made with the openssl command line (the bench's tool only:
+# pgmux links rustls, never OpenSSL). PostgreSQL, PgBouncer and pgmux all serve this one
+# certificate and key. BENCH_TLS_KEY picks the key: ec (P-256, ECDSA signatures, the
+# default) or rsa (2048 bits); the handshake's signature is most of a TLS login's cost.
+bench_make_certs() {
+    tls_key_kind=${BENCH_TLS_KEY:-ec}
+    local -a newkey
+    case $tls_key_kind in
+        ec) newkey=(-newkey ec -pkeyopt ec_paramgen_curve:P-256) ;;
+        rsa) newkey=(-newkey rsa:2048) ;;
+        *) die "BENCH_TLS_KEY must be ec or rsa, not \"$tls_key_kind\"" ;;
+    esac
+    if ! command -v openssl >/dev/null; then
+        if pgh_is_root && command -v apt-get >/dev/null; then
+            note "openssl (the command line tool, for the TLS scenarios' certificates) not found: installing it with apt-get"
+            export DEBIAN_FRONTEND=noninteractive
+            { apt-get update -q && apt-get install -y -q --no-install-recommends openssl; } >&2 ||
+                die "apt-get install openssl failed"
+        fi
+        command -v openssl >/dev/null || die "the TLS scenarios need the openssl command line tool: apt-get install -y openssl, or leave them out (-s)"
+    fi
+    tls_dir=$work/tls
+    tls_ca=$tls_dir/ca.crt
+    tls_cert=$tls_dir/server.crt
+    tls_key=$tls_dir/server.key
+    mkdir -p "$tls_dir"
+    chmod 755 "$tls_dir"
+    {
+        openssl req -x509 -new "${newkey[@]}" -nodes -days 2 -subj "/CN=pgmux bench CA" \
+            -keyout "$tls_dir/ca.key" -out "$tls_ca" &&
+            openssl req -new "${newkey[@]}" -nodes -subj "/CN=localhost" \
+                -keyout "$tls_key" -out "$tls_dir/server.csr" &&
+            printf '%s\n' "subjectAltName = IP:127.0.0.1, DNS:localhost" "basicConstraints = CA:FALSE" \
+                "keyUsage = critical, digitalSignature, keyEncipherment" "extendedKeyUsage = serverAuth" \
+                >"$tls_dir/server.ext" &&
+            openssl x509 -req -in "$tls_dir/server.csr" -CA "$tls_ca" -CAkey "$tls_dir/ca.key" \
+                -CAcreateserial -days 2 -sha256 -extfile "$tls_dir/server.ext" -out "$tls_cert"
+    } >"$tls_dir/openssl.log" 2>&1 || {
+        cat "$tls_dir/openssl.log" >&2
+        die "openssl could not make the bench's certificates"
+    }
+    chmod 600 "$tls_dir/ca.key" "$tls_key"
+    chmod 644 "$tls_ca" "$tls_cert"
+    # PostgreSQL wants its key owned by its own user and unreadable to others; PgBouncer (run
+    # as that user too) reads the same file; pgmux runs as root here and reads anything.
+    if pgh_is_root; then
+        chown -R postgres "$tls_dir"
+    fi
+}
+
 # bench_start_postgres SCALE: PostgreSQL in $pg_dir with the benchmark settings, the role
 # $db_user (SCRAM), the database $db initialised by `pgbench -i -s SCALE`, and the auth file
 # both poolers read.
@@ -131,6 +186,14 @@ bench_start_postgres() {
         -c "ALTER SYSTEM SET max_wal_size = '8GB'" \
         -c "ALTER SYSTEM SET checkpoint_timeout = '1h'" \
         -c "ALTER SYSTEM SET log_min_messages = 'warning'" >/dev/null || die "cannot configure PostgreSQL"
+    if ${pg_ssl:-false}; then
+        # For the TLS scenarios (clients straight to PostgreSQL, and the poolers' servers in
+        # S1TT). Plain connections are served as before: pg_hba.conf's `host` line takes both.
+        pgh_psql "$pg_dir" "$pg_port" \
+            -c "ALTER SYSTEM SET ssl = on" \
+            -c "ALTER SYSTEM SET ssl_cert_file = '$tls_cert'" \
+            -c "ALTER SYSTEM SET ssl_key_file = '$tls_key'" >/dev/null || die "cannot configure PostgreSQL's TLS"
+    fi
     (cd "$pg_dir" && pgh_as_owner "$(pgh_bindir)/pg_ctl" restart -w -t 60 -s -m fast -D "$pg_dir/data" \
         -l "$pg_dir/postgres.log" -o "-p $pg_port") >/dev/null || {
         tail -n 20 "$pg_dir/postgres.log" >&2 || true
@@ -196,6 +259,20 @@ EOF
     if $pgbouncer_prepared; then
         echo "max_prepared_statements = 200" >>"$dir/pgbouncer.ini"
     fi
+    case ${bench_tls:-plain} in
+        client | both)
+            cat >>"$dir/pgbouncer.ini" <<EOF
+client_tls_sslmode = require
+client_tls_cert_file = $tls_cert
+client_tls_key_file = $tls_key
+EOF
+            ;;
+    esac
+    if [ "${bench_tls:-plain}" = both ]; then
+        echo "server_tls_sslmode = require" >>"$dir/pgbouncer.ini"
+    else
+        echo "server_tls_sslmode = disable" >>"$dir/pgbouncer.ini" # its default
+    fi
 }
 
 write_pgmux_config() {
@@ -214,6 +291,7 @@ userlist_file = "$userlist"
 [pool]
 mode = "transaction"
 size = $pool_size
+server_tls = "$([ "${bench_tls:-plain}" = both ] && echo require || echo disable)"  # as PgBouncer's server_tls_sslmode
 
 [databases.$db]
 host = "$upstream_host"
@@ -223,6 +301,17 @@ dbname = "$db"
 [users.$db_user]
 server_password = "$db_password"  # the userlist has only the verifier
 EOF
+    case ${bench_tls:-plain} in
+        client | both)
+            cat >>"$dir/pgmux.toml" <<EOF
+
+[tls]
+client_tls = "require"
+cert_file = "$tls_cert"
+key_file = "$tls_key"
+EOF
+            ;;
+    esac
 }
 
 # bench_launch KIND DIR PORT BIN [WRAPPER...]: writes the config of KIND (pgbouncer or pgmux)

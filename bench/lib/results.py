@@ -33,6 +33,9 @@ SCENARIOS = {
     "S6": "S6 connect per tx",
     "S7": "S7 1 MiB rows (MiB/s)",
     "S8": "S8 S1 + 10k idle",
+    "S1T": "S1T S1, client TLS",
+    "S1TT": "S1TT S1, TLS both sides",
+    "S6T": "S6T connect per tx, TLS",
 }
 TARGETS = ["direct", "pgbouncer", "pgmux"]
 POOLERS = ["pgbouncer", "pgmux"]
@@ -373,6 +376,22 @@ def issue_targets(by):
     r = ratio(get("S8", "pgmux", "tps"), get("S1", "pgmux", "tps"))
     if r is not None:
         checks.append(("S8: pgmux S1 beside the idle clients within 5% of S1 alone", fmt_ratio(r), r >= 0.95))
+    # Issue 11: over TLS (rustls against PgBouncer's OpenSSL), at least PgBouncer's TPS at no
+    # more CPU per transaction.
+    for s in ("S1T", "S1TT", "S6T"):
+        r_tps = ratio(get(s, "pgmux", "tps"), get(s, "pgbouncer", "tps"))
+        r_cpu = ratio(get(s, "pgmux", "cpu_s_per_10k_tx"), get(s, "pgbouncer", "cpu_s_per_10k_tx"))
+        if r_tps is not None:
+            checks.append((f"{s}: pgmux TPS >= 1.0x PgBouncer", fmt_ratio(r_tps), r_tps >= 1.0))
+        if r_cpu is not None:
+            us = [get(s, t, "cpu_s_per_10k_tx") * 100 for t in POOLERS]
+            checks.append(
+                (
+                    f"{s}: pgmux CPU per tx <= 1.0x PgBouncer",
+                    f"{fmt_ratio(r_cpu)} ({us[1]:.1f} us vs {us[0]:.1f} us)",
+                    r_cpu <= 1.0,
+                )
+            )
     d, b, m = (get("S1", t, "mean_ms") for t in TARGETS)
     if None not in (d, b, m):
         added_b, added_m = b - d, m - d
@@ -452,7 +471,7 @@ def cmd_report(a):
         print(line)
     if checks:
         print()
-        print("Issue 5 targets:")
+        print("Issue 5 and 11 targets:")
         for name, measured, met in checks:
             print(f"  [{'met' if met else 'MISSED'}] {name}: {measured}")
 
@@ -475,7 +494,7 @@ def cmd_report(a):
     for line in s8:
         md.write(f"- {line}\n")
     if checks:
-        md.write("\n| issue 5 target | measured | |\n|---|---|---|\n")
+        md.write("\n| issue 5 and 11 target | measured | |\n|---|---|---|\n")
         for name, measured, met in checks:
             md.write(f"| {name} | {measured} | {'met' if met else '**missed**'} |\n")
     if problems:
