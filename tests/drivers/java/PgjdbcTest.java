@@ -7,6 +7,10 @@
 // for different queries on different connections.
 //
 // Connection parameters come from PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE.
+// With PGMUX_DRIVER_TLS_CA (a CA's PEM file), every connection uses pgjdbc's own TLS
+// (LibPQFactory) with sslmode=verify-full and that file as sslrootcert (the chain and the
+// address PGHOST checked against the certificate); the run is shorter (10 rounds), and a
+// plain connection (sslmode=disable) must be refused with SQLSTATE 28000 first.
 // Exits 0 when every result was right, 1 otherwise.
 
 import java.sql.Connection;
@@ -25,8 +29,10 @@ import java.util.concurrent.ConcurrentHashMap;
 import java.util.concurrent.ConcurrentSkipListMap;
 
 public class PgjdbcTest {
+    static final String TLS_CA = System.getenv("PGMUX_DRIVER_TLS_CA");
+    static final boolean TLS = TLS_CA != null && !TLS_CA.isEmpty();
     static final int CLIENTS = 20;
-    static final int ROUNDS = 30;
+    static final int ROUNDS = TLS ? 10 : 30;
     static final String TABLE = "drivers_pgjdbc";
 
     static String env(String name) {
@@ -38,12 +44,33 @@ public class PgjdbcTest {
     }
 
     static Connection connect() throws SQLException {
+        return connect(TLS);
+    }
+
+    static Connection connect(boolean tls) throws SQLException {
         String url = "jdbc:postgresql://" + env("PGHOST") + ":" + env("PGPORT") + "/" + env("PGDATABASE")
-                + "?prepareThreshold=1&connectTimeout=30&socketTimeout=60&sslmode=disable";
+                + "?prepareThreshold=1&connectTimeout=30&socketTimeout=60";
         Properties props = new Properties();
         props.setProperty("user", env("PGUSER"));
         props.setProperty("password", env("PGPASSWORD"));
+        if (tls) {
+            props.setProperty("sslmode", "verify-full");
+            props.setProperty("sslrootcert", TLS_CA);
+        } else {
+            props.setProperty("sslmode", "disable");
+        }
         return DriverManager.getConnection(url, props);
+    }
+
+    /** Over TLS: a plain connection gets 28000; returns a line saying what was checked. */
+    static String tlsChecks() {
+        try (Connection conn = connect(false)) {
+            throw new AssertionError("a plain connection was accepted");
+        } catch (SQLException e) {
+            check("28000".equals(e.getSQLState()),
+                    "a plain connection got " + e.getSQLState() + " " + e.getMessage() + ", expected 28000");
+            return "a plain connection refused with 28000 (" + e.getMessage().lines().findFirst().orElse("") + ")";
+        }
     }
 
     static void check(boolean ok, String what) {
@@ -124,6 +151,15 @@ public class PgjdbcTest {
     }
 
     public static void main(String[] args) throws Exception {
+        String tls = null;
+        if (TLS) {
+            try {
+                tls = tlsChecks();
+            } catch (Throwable e) {
+                System.out.println("pgjdbc: FAILED: TLS checks: " + e);
+                System.exit(1);
+            }
+        }
         try (Connection conn = connect(); Statement st = conn.createStatement()) {
             st.execute("DROP TABLE IF EXISTS " + TABLE);
             st.execute("CREATE TABLE " + TABLE + " (client int, round int, k int)");
@@ -185,6 +221,7 @@ public class PgjdbcTest {
         pids.values().forEach(servers::addAll);
         System.out.println("pgjdbc " + version + ": " + CLIENTS + " clients x " + ROUNDS
                 + " rounds, all results right; " + servers.size() + " server connections, up to "
-                + mostPerClient + " per client");
+                + mostPerClient + " per client"
+                + (tls != null ? "; over TLS (verify-full, sslrootcert in PEM): " + tls : ""));
     }
 }

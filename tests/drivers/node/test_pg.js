@@ -6,24 +6,71 @@
 // ones: names belong to one client session, never to another.
 //
 // Connection parameters come from PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE.
+// With PGMUX_DRIVER_TLS_CA (a CA's PEM file), every connection uses TLS with
+// `ssl: { ca, servername: 'localhost' }` (the chain checked against that CA, the name
+// localhost against the certificate) and `enableChannelBinding` (each login must use
+// SCRAM-SHA-256-PLUS); the run is shorter (10 rounds), and a plain connection must be refused
+// with SQLSTATE 28000 first. With PGMUX_DRIVER_TLS_DIRECT=1 as well, one connection uses
+// sslnegotiation: 'direct' (PostgreSQL 17's direct TLS handshake, ALPN postgresql).
 // Exits 0 when every result was right, 1 otherwise.
 'use strict';
 
+const fs = require('fs');
 const { Client } = require('pg');
 
+const TLS_CA = process.env.PGMUX_DRIVER_TLS_CA;
+const TLS_DIRECT = Boolean(process.env.PGMUX_DRIVER_TLS_DIRECT);
 const CLIENTS = 20;
-const ROUNDS = 30;
+const ROUNDS = TLS_CA ? 10 : 30;
 const TABLE = 'drivers_node_pg';
 
 function check(ok, what) {
   if (!ok) throw new Error(what);
 }
 
-async function connect() {
-  const client = new Client({ connectionTimeoutMillis: 30000 });
+async function connect(extra = {}) {
+  const config = { connectionTimeoutMillis: 30000 };
+  if (TLS_CA) {
+    config.ssl = { ca: fs.readFileSync(TLS_CA), servername: 'localhost' };
+    config.enableChannelBinding = true;
+  }
+  const client = new Client({ ...config, ...extra });
   client.on('error', () => {}); // a lost connection also fails the query in flight
+  // The SASL mechanism the client picks, seen on its way out.
+  let mechanism = null;
+  const send = client.connection.sendSASLInitialResponseMessage;
+  client.connection.sendSASLInitialResponseMessage = function (chosen, response) {
+    mechanism = chosen;
+    return send.call(this, chosen, response);
+  };
   await client.connect();
+  if (config.ssl && extra.ssl !== false) {
+    check(client.connection.stream.encrypted === true, 'the connection is not encrypted');
+    check(mechanism === 'SCRAM-SHA-256-PLUS', `logged in with ${mechanism}, not SCRAM-SHA-256-PLUS`);
+  }
   return client;
+}
+
+// Over TLS: a plain connection gets 28000; returns a line saying what was checked.
+async function tlsChecks() {
+  let refused;
+  try {
+    const client = await connect({ ssl: false, enableChannelBinding: false });
+    await client.end();
+  } catch (error) {
+    check(error.code === '28000', `a plain connection got ${error.code} ${error.message}, expected 28000`);
+    refused = `a plain connection refused with 28000 (${error.message})`;
+  }
+  check(refused !== undefined, 'a plain connection was accepted');
+  let client = await connect();
+  const protocol = client.connection.stream.getProtocol();
+  await client.end();
+  if (!TLS_DIRECT) return `${protocol}; ${refused}`;
+  client = await connect({ sslnegotiation: 'direct' });
+  const got = await one(client, { text: 'SELECT $1::int + 1 AS v', values: [41] });
+  await client.end();
+  check(got === 42, `a query over sslnegotiation=direct gave ${got}`);
+  return `${protocol}; ${refused}; sslnegotiation=direct works`;
 }
 
 async function one(client, query) {
@@ -85,6 +132,7 @@ async function runClient(i) {
 }
 
 async function main() {
+  const tls = TLS_CA ? await tlsChecks() : null;
   let client = await connect();
   await client.query(`DROP TABLE IF EXISTS ${TABLE}`);
   await client.query(`CREATE TABLE ${TABLE} (client int, round int, k int)`);
@@ -120,7 +168,8 @@ async function main() {
   const servers = new Set(pids.flatMap((p) => [...p])).size;
   console.log(
     `node-postgres ${version}: ${CLIENTS} clients x ${ROUNDS} rounds, all results right; ` +
-      `${servers} server connections, up to ${mostPerClient} per client`
+      `${servers} server connections, up to ${mostPerClient} per client` +
+      (tls ? `; over TLS verified against the CA, SCRAM-SHA-256-PLUS: ${tls}` : '')
   );
   return 0;
 }

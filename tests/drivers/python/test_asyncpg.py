@@ -6,17 +6,25 @@ transaction mode the same name means different statements on different clients, 
 client's statements must follow it to whichever server connection it gets next.
 
 Connection parameters come from PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE.
+With PGMUX_DRIVER_TLS_CA (a CA's PEM file), every connection uses TLS with an SSLContext that
+checks the certificate against that CA and PGHOST against its names; the run is shorter
+(10 rounds), and a plain connection must be refused with SQLSTATE 28000 first. With
+PGMUX_DRIVER_TLS_DIRECT=1 as well, one connection uses the direct TLS handshake
+(direct_tls=True, ALPN postgresql) of PostgreSQL 17.
 Exits 0 when every result was right, 1 otherwise.
 """
 
 import asyncio
 import os
+import ssl
 import sys
 
 import asyncpg
 
+TLS_CA = os.environ.get("PGMUX_DRIVER_TLS_CA")
+TLS_DIRECT = bool(os.environ.get("PGMUX_DRIVER_TLS_DIRECT"))
 CLIENTS = 20
-ROUNDS = 30
+ROUNDS = 10 if TLS_CA else 30
 TABLE = "drivers_asyncpg"
 INSERT = f"INSERT INTO {TABLE} (client, round, k) VALUES ($1, $2, $3)"
 COUNT = f"SELECT count(*) FROM {TABLE} WHERE client = $1 AND round = $2"
@@ -31,8 +39,39 @@ def check(ok, what):
         raise AssertionError(what)
 
 
-async def connect():
-    return await asyncpg.connect(timeout=30, command_timeout=60)
+def tls_context():
+    """Verifies the server's chain against TLS_CA and its names against the host."""
+    context = ssl.create_default_context(cafile=TLS_CA)
+    check(context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname, "context verifies")
+    # For the direct handshake, which must name the protocol; harmless after SSLRequest.
+    context.set_alpn_protocols(["postgresql"])
+    return context
+
+
+async def connect(**kwargs):
+    if TLS_CA:
+        kwargs.setdefault("ssl", tls_context())
+    return await asyncpg.connect(timeout=30, command_timeout=60, **kwargs)
+
+
+async def tls_checks():
+    """Over TLS: a plain connection gets 28000; returns a line saying what was checked."""
+    try:
+        conn = await asyncpg.connect(timeout=30, ssl=False)
+    except asyncpg.PostgresError as e:
+        check(e.sqlstate == "28000", f"a plain connection got {e.sqlstate} {e}, expected 28000")
+        refused = f"a plain connection refused with 28000 ({str(e).splitlines()[0]})"
+    else:
+        await conn.close()
+        raise AssertionError("a plain connection was accepted")
+    if not TLS_DIRECT:
+        return refused
+    conn = await connect(direct_tls=True)
+    try:
+        check(await conn.fetchval("SELECT $1::int + 1", 41) == 42, "query over direct TLS")
+    finally:
+        await conn.close()
+    return f"{refused}; direct TLS handshake (ALPN postgresql) works"
 
 
 async def client(i):
@@ -82,6 +121,13 @@ async def client(i):
 
 
 async def main():
+    tls = None
+    if TLS_CA:
+        try:
+            tls = await tls_checks()
+        except Exception as e:  # reported as the test's failure
+            print(f"asyncpg: FAILED: TLS checks: {type(e).__name__}: {e}")
+            return 1
     conn = await connect()
     try:
         await conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
@@ -116,6 +162,7 @@ async def main():
     print(
         f"asyncpg {asyncpg.__version__}: {CLIENTS} clients x {ROUNDS} rounds, all results right; "
         f"{len(set().union(*results))} server connections, up to {max(len(p) for p in results)} per client"
+        + (f"; over TLS verified against the CA; {tls}" if tls else "")
     )
     return 0
 

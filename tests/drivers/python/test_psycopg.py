@@ -4,6 +4,12 @@ its own connection, on a pool of 3 server connections. Also executemany (pipelin
 transaction blocks, one of them rolled back.
 
 Connection parameters come from PGHOST, PGPORT, PGUSER, PGPASSWORD and PGDATABASE.
+With PGMUX_DRIVER_TLS_CA (a CA's PEM file), every connection uses sslmode=verify-full with
+that CA as sslrootcert, to the host name localhost (at the address PGHOST), and
+channel_binding=require (SCRAM-SHA-256-PLUS); the run is shorter (10 rounds), and a plain
+connection must be refused first (libpq does not report the SQLSTATE of a failed login: its
+message is checked). With PGMUX_DRIVER_TLS_DIRECT=1 as well, one connection uses
+sslnegotiation=direct (PostgreSQL 17's direct TLS handshake).
 Exits 0 when every result was right, 1 otherwise.
 """
 
@@ -13,8 +19,10 @@ import threading
 
 import psycopg
 
+TLS_CA = os.environ.get("PGMUX_DRIVER_TLS_CA")
+TLS_DIRECT = bool(os.environ.get("PGMUX_DRIVER_TLS_DIRECT"))
 CLIENTS = 20
-ROUNDS = 30
+ROUNDS = 10 if TLS_CA else 30
 TABLE = "drivers_psycopg"
 ADD = "SELECT %s::int + %s::int"
 TAG = "SELECT %s::text || ':' || %s::int"
@@ -27,8 +35,42 @@ def check(ok, what):
         raise AssertionError(what)
 
 
-def connect():
-    return psycopg.connect(prepare_threshold=0, autocommit=True, connect_timeout=30)
+def connect(**kwargs):
+    if TLS_CA:
+        kwargs = {
+            "sslmode": "verify-full",
+            "sslrootcert": TLS_CA,
+            "channel_binding": "require",
+            # The certificate's DNS name, checked by verify-full; the address to connect to.
+            "host": "localhost",
+            "hostaddr": os.environ["PGHOST"],
+            **kwargs,
+        }
+    conn = psycopg.connect(prepare_threshold=0, autocommit=True, connect_timeout=30, **kwargs)
+    if TLS_CA and kwargs["sslmode"] != "disable":
+        check(conn.pgconn.ssl_in_use, "the connection is not encrypted")
+    return conn
+
+
+def tls_checks():
+    """Over TLS: a plain connection is refused; returns a line saying what was checked."""
+    try:
+        connect(sslmode="disable", channel_binding="disable").close()
+    except psycopg.OperationalError as e:
+        message = str(e)
+        # pgmux's client_tls = require, or PostgreSQL's pg_hba.conf with `hostnossl ... reject`.
+        check(
+            "TLS required" in message or "no encryption" in message,
+            f"a plain connection was refused for another reason: {message}",
+        )
+        refused = "a plain connection refused (" + message[message.find("FATAL:") :].splitlines()[0] + ")"
+    else:
+        raise AssertionError("a plain connection was accepted")
+    if not TLS_DIRECT:
+        return refused
+    with connect(sslnegotiation="direct") as conn:
+        check(one(conn, "SELECT %s::int + 1", (41,)) == 42, "query over sslnegotiation=direct")
+    return f"{refused}; sslnegotiation=direct works"
 
 
 def one(conn, query, params):
@@ -75,6 +117,13 @@ def client(i):
 
 
 def main():
+    tls = None
+    if TLS_CA:
+        try:
+            tls = tls_checks()
+        except Exception as e:  # reported as the test's failure
+            print(f"psycopg: FAILED: TLS checks: {type(e).__name__}: {e}")
+            return 1
     with connect() as conn:
         conn.execute(f"DROP TABLE IF EXISTS {TABLE}")
         conn.execute(f"CREATE TABLE {TABLE} (client int, round int, k int)")
@@ -114,6 +163,7 @@ def main():
     print(
         f"psycopg {psycopg.__version__}: {CLIENTS} clients x {ROUNDS} rounds, all results right; "
         f"{len(set().union(*pids.values()))} server connections, up to {max(len(p) for p in pids.values())} per client"
+        + (f"; over TLS (verify-full, channel_binding=require): {tls}" if tls else "")
     )
     return 0
 
