@@ -170,6 +170,12 @@ async fn a_listen_inside_a_transaction_counts_only_if_it_commits() {
         .await
         .unwrap();
     assert!(rows.is_empty(), "a pooled server still listens");
+
+    // UNLISTEN by the extended protocol (as pgjdbc sends it) stops delivery too.
+    l.client.execute("UNLISTEN extended", &[]).await.unwrap();
+    notify(&sender, "extended", "gone").await;
+    notify(&sender, "from_do", "still").await;
+    assert_eq!(l.next().await.payload(), "still");
 }
 
 #[tokio::test]

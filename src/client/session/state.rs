@@ -416,6 +416,28 @@ impl Loop<'_> {
         true
     }
 
+    /// A Parse of `UNLISTEN name` / `UNLISTEN *` from a listening client (pgjdbc sends them
+    /// by the extended protocol): applied as it goes; the server, which listens to
+    /// nothing, runs it as a no-op.
+    pub(super) fn unlisten_by_parse(&mut self, frame: &Frame) {
+        let Some(sub) = self.subscription.as_deref_mut() else {
+            return;
+        };
+        let Some(parse) = frame
+            .is_whole()
+            .then(|| Parse::read(frame.body()))
+            .flatten()
+        else {
+            return;
+        };
+        match crate::notify::parse_listen(parse.query.as_bytes()) {
+            Some(crate::notify::ListenCommand::Unlisten(channel)) => sub.unlisten(&channel),
+            Some(crate::notify::ListenCommand::UnlistenAll) => sub.unlisten_all(),
+            _ => return,
+        }
+        self.show_channels();
+    }
+
     /// Discards `kinds` of state on the server, with a hidden query before it goes back.
     fn reset_state(&mut self, kinds: Kinds) {
         if kinds.contains(StateKind::PreparedStatement)
