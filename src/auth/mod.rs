@@ -26,7 +26,7 @@ mod scram;
 mod secret;
 
 pub use credential::Credential;
-pub use limiter::{FailureReason, LimitSettings, LoginGuard};
+pub use limiter::{FailureReason, LimitSettings, LockoutScope, LoginGuard};
 pub use md5::md5_hash;
 pub use scram::{SCRAM_MECHANISM, ScramExchange};
 pub use secret::{ScramVerifier, Secret};

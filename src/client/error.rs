@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::auth::LockoutScope;
 use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
@@ -34,8 +35,8 @@ pub enum ClientError {
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
-    #[error("too many failed logins from this address; try again in {0} s")]
-    LockedOut(u64),
+    #[error("too many failed logins {}; try again in {seconds} s", locked_out_whom(*scope))]
+    LockedOut { scope: LockoutScope, seconds: u64 },
     #[error(
         "no access rule allows host \"{host}\", user \"{user}\", database \"{database}\" ({why})"
     )]
@@ -114,7 +115,7 @@ impl ClientError {
             Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
             Self::NoUser
             | Self::UnknownUser(_)
-            | Self::LockedOut(_)
+            | Self::LockedOut { .. }
             | Self::NoAccessRule { .. } => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
@@ -170,9 +171,14 @@ impl ClientError {
                 ));
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
-            Self::LockedOut(_) => {
-                "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
-            }
+            Self::LockedOut { scope, .. } => match scope {
+                LockoutScope::User => {
+                    "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
+                }
+                LockoutScope::Address => {
+                    "check the user names and passwords clients at this address use; the limit is auth.max_login_failures_per_address within auth.login_failure_window, the lockout auth.login_lockout"
+                }
+            },
             Self::UnknownDatabase(db) => {
                 return Some(format!("add [databases.{db}] to the pgmux config"));
             }
@@ -267,6 +273,14 @@ fn client_setting(kind: BudgetKind) -> &'static str {
     match kind {
         BudgetKind::Database => "max_db_client_connections",
         BudgetKind::User => "max_user_client_connections",
+    }
+}
+
+/// Whom a lockout refuses, as the client is told.
+fn locked_out_whom(scope: LockoutScope) -> &'static str {
+    match scope {
+        LockoutScope::User => "for this user from this address",
+        LockoutScope::Address => "from this address",
     }
 }
 

@@ -17,8 +17,8 @@ use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
 use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
-    Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM, ScramExchange,
-    Secret,
+    Credential, FailureReason as Reason, LimitSettings, LockoutScope, LoginGuard, SCRAM_MECHANISM,
+    ScramExchange, Secret,
 };
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
@@ -147,14 +147,16 @@ async fn login(
         guard: &pooler.logins,
         limits: snapshot.config.auth.login_limits(),
     };
-    // A locked-out address is told so before anything is checked: its attempts are
-    // counted (rate_limited), never logged one by one, and extend nothing.
-    if let Some(left) = pooler.logins.locked(peer.ip(), &who.limits, Instant::now()) {
+    // A locked-out user (or address) is told so before anything is checked: its attempts
+    // are counted (rate_limited), never logged one by one, and extend nothing.
+    let now = Instant::now();
+    if let Some((scope, left)) = pooler.logins.locked(peer.ip(), &user, &who.limits, now) {
+        let limits = &who.limits;
         pooler
             .logins
-            .failed(peer.ip(), Reason::RateLimited, &who.limits, Instant::now());
+            .failed(peer.ip(), &user, Reason::RateLimited, limits, now);
         let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-        return Err(ClientError::LockedOut(seconds).into());
+        return Err(ClientError::LockedOut { scope, seconds }.into());
     }
     let is_console = crate::admin::console::is_console_database(&database);
     let known_database = is_console || snapshot.config.databases.contains_key(&database);
@@ -673,24 +675,48 @@ impl Who<'_> {
             reason = %reason.as_str(),
             "login failed"
         );
-        count_failure(self.guard, self.peer, reason, &self.limits);
+        count_guess(self.guard, self.peer, self.user, reason, &self.limits);
         error.into()
     }
 }
 
-/// Counts a failed login of `peer`, and logs the lockout it may begin (once per lockout).
+/// Counts a failed login of `peer` that names no user (a timeout, a broken client): it
+/// guesses nothing, so it locks nothing out.
 pub(super) fn count_failure(
     guard: &LoginGuard,
     peer: SocketAddr,
     reason: Reason,
     limits: &LimitSettings,
 ) {
-    if let Some(lockout) = guard.failed(peer.ip(), reason, limits, Instant::now()) {
-        warn!(
+    count_guess(guard, peer, "", reason, limits);
+}
+
+/// Counts a failed login of `user` from `peer`, and logs the lockout it may begin (once
+/// per lockout).
+fn count_guess(
+    guard: &LoginGuard,
+    peer: SocketAddr,
+    user: &str,
+    reason: Reason,
+    limits: &LimitSettings,
+) {
+    let Some(lockout) = guard.failed(peer.ip(), user, reason, limits, Instant::now()) else {
+        return;
+    };
+    let (failures, lockout_secs) = (lockout.failures, lockout.lasts.as_secs_f64());
+    match lockout.scope {
+        LockoutScope::User => warn!(
             address = %peer.ip(),
-            failures = lockout.failures,
-            lockout_secs = lockout.lasts.as_secs_f64(),
-            "too many failed logins: address locked out (auth.max_login_failures)"
-        );
+            user = %Escaped(user),
+            failures,
+            lockout_secs,
+            "too many failed logins: user locked out from this address (auth.max_login_failures)"
+        ),
+        LockoutScope::Address => warn!(
+            address = %peer.ip(),
+            failures,
+            lockout_secs,
+            "too many failed logins: address locked out for every user (auth.max_login_failures_per_address)"
+        ),
     }
 }
