@@ -24,7 +24,7 @@ use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
 use crate::config::PoolMode;
 use crate::logging::Escaped;
-use crate::pool::{Greetings, Lease, Pool, Reported};
+use crate::pool::{Greetings, Learnt, Lease, Pool, Reported};
 use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
 use crate::protocol::{
@@ -400,20 +400,26 @@ const LOGIN_QUERY_LIMIT: Duration = Duration::from_secs(5);
 /// applied: what PostgreSQL itself would greet the client with, in its own spelling
 /// (`UTF8` for `utf8`). Learnt once per set of settings and kept in `pool.greetings`, so
 /// a login whose settings are known costs no round trip. A setting the server refuses
-/// refuses the login, with the server's own error made FATAL, as PostgreSQL does.
-/// `None` when no server could be had (the client is greeted with its own spelling then).
+/// refuses the login, with the server's own error made FATAL, as PostgreSQL does (learnt
+/// too: a client retrying is told the same without a server). `None` when no server could
+/// be had and a server has taken each of the settings before (the client is greeted with
+/// its own spelling then); settings no server has vouched for wait for one, and a login
+/// that gets none is refused rather than let in with settings its server may refuse.
 async fn server_greeting(
     pool: &Arc<Pool>,
     settings: &ClientParams,
 ) -> Result<Option<Reported>, Refusal> {
     let key = Greetings::key(settings.startup_settings());
-    if let Some(known) = pool.greetings.get(&key) {
-        return Ok(Some(known));
+    match pool.greetings.get(&key) {
+        Some(Learnt::Reported(known)) => return Ok(Some(known)),
+        Some(Learnt::Refused(body)) => return Err(Refusal::Server(as_fatal(&body))),
+        None => {}
     }
+    let vouched = || pool.greetings.vouched(settings.startup_settings());
     let mut lease = match pool.checkout().await {
         Ok(lease) => lease,
         // The first client of a pool: there is nothing at all to greet it with.
-        Err(e) if pool.server_params().is_empty() => {
+        Err(e) if pool.server_params().is_empty() || !vouched() => {
             return Err(ClientError::Checkout(e).into());
         }
         Err(e) => {
@@ -431,10 +437,15 @@ async fn server_greeting(
             lease.release();
             let (code, message) = crate::protocol::read::error_fields(&body);
             debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
-            Err(Refusal::Server(as_fatal(&body)))
+            let refusal = Refusal::Server(as_fatal(&body));
+            pool.greetings.refused(key, &code, body);
+            Err(refusal)
         }
         Tried::Failed(e) => {
             lease.close();
+            if !vouched() {
+                return Err(ClientError::LoginServerLost(e).into());
+            }
             debug!(pool = %Escaped(&pool.key), error = %e, "could not try the client's settings on a server; greeting with the client's own values");
             Ok(None)
         }

@@ -24,7 +24,7 @@ mod view;
 mod window;
 
 pub use budget::{Budget, BudgetKind, BudgetView};
-pub use greetings::{Greetings, Reported};
+pub use greetings::{Greetings, Learnt, Reported};
 pub use lease::Lease;
 pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
