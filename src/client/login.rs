@@ -402,9 +402,10 @@ const LOGIN_QUERY_LIMIT: Duration = Duration::from_secs(5);
 /// a login whose settings are known costs no round trip. A setting the server refuses
 /// refuses the login, with the server's own error made FATAL, as PostgreSQL does (learnt
 /// too: a client retrying is told the same without a server). `None` when no server could
-/// be had and a server has taken each of the settings before (the client is greeted with
-/// its own spelling then); settings no server has vouched for wait for one, and a login
-/// that gets none is refused rather than let in with settings its server may refuse.
+/// be had and each of the settings is one a server would take (taken before, or the value
+/// servers report already: the client is greeted with its own spelling then); other
+/// settings wait for a server, and a login that gets none is refused rather than let in
+/// with settings its server may refuse.
 async fn server_greeting(
     pool: &Arc<Pool>,
     settings: &ClientParams,
@@ -415,7 +416,11 @@ async fn server_greeting(
         Some(Learnt::Refused(body)) => return Err(Refusal::Server(as_fatal(&body))),
         None => {}
     }
-    let vouched = || pool.greetings.vouched(settings.startup_settings());
+    let vouched = || {
+        let defaults = pool.server_params();
+        pool.greetings
+            .vouched(settings.startup_settings(), &defaults)
+    };
     let mut lease = match pool.checkout().await {
         Ok(lease) => lease,
         // The first client of a pool: there is nothing at all to greet it with.

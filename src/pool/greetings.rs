@@ -103,14 +103,24 @@ impl Greetings {
         known.insert(key, learnt);
     }
 
-    /// Whether a server has taken each of these settings, as part of some set (or the
-    /// setting is one PostgreSQL never refuses: `application_name`, which it only cleans
-    /// up). A client with such settings may be greeted with its own values when no server
-    /// is free to check the set; any other must wait for a server's word.
-    pub fn vouched<'a>(&self, mut settings: impl Iterator<Item = (&'a str, &'a str)>) -> bool {
+    /// Whether a server would take each of these settings: one took it before, as part of
+    /// some set; or it is the value servers of the pool report already (`defaults`, their
+    /// ParameterStatus at login: `client_encoding=UTF8`); or the setting is one PostgreSQL
+    /// never refuses (`application_name`, which it only cleans up). A client with such
+    /// settings may be greeted with its own values when no server is free to check the
+    /// set; any other must wait for a server's word.
+    pub fn vouched<'a>(
+        &self,
+        mut settings: impl Iterator<Item = (&'a str, &'a str)>,
+        defaults: &[(String, String)],
+    ) -> bool {
         let accepted = self.accepted.lock();
         settings.all(|(name, value)| {
-            name == "application_name" || accepted.contains(&pair(name, value))
+            name == "application_name"
+                || accepted.contains(&pair(name, value))
+                || defaults
+                    .iter()
+                    .any(|(n, v)| n.eq_ignore_ascii_case(name) && v == value)
         })
     }
 
@@ -153,14 +163,19 @@ mod tests {
     fn settings_a_server_took_vouch_for_new_sets_of_them() {
         let greetings = Greetings::default();
         let utf8 = [("client_encoding", "utf8"), ("application_name", "a")];
-        assert!(!greetings.vouched(utf8.into_iter()));
+        let none = &[];
+        assert!(!greetings.vouched(utf8.into_iter(), none));
         greetings.insert(Greetings::key(utf8.into_iter()), Arc::default());
         // Another application name with a setting taken before: vouched for.
         let again = [("application_name", "b"), ("client_encoding", "utf8")];
-        assert!(greetings.vouched(again.into_iter()));
+        assert!(greetings.vouched(again.into_iter(), none));
         let other = [("client_encoding", "latin1")];
-        assert!(!greetings.vouched(other.into_iter()));
-        assert!(greetings.vouched([("application_name", "any")].into_iter()));
+        assert!(!greetings.vouched(other.into_iter(), none));
+        assert!(greetings.vouched([("application_name", "any")].into_iter(), none));
+        // The value servers report already.
+        let defaults = [("DateStyle".to_owned(), "ISO, MDY".to_owned())];
+        assert!(greetings.vouched([("datestyle", "ISO, MDY")].into_iter(), &defaults));
+        assert!(!greetings.vouched([("datestyle", "German")].into_iter(), &defaults));
 
         // Refusals are remembered only when the same settings always get them.
         let bogus = Greetings::key([("bogus", "1")].into_iter());
@@ -168,7 +183,7 @@ mod tests {
         assert!(greetings.get(&bogus).is_none());
         greetings.refused(bogus.clone(), "42704", b"x".to_vec());
         assert!(matches!(greetings.get(&bogus), Some(Learnt::Refused(_))));
-        assert!(!greetings.vouched([("bogus", "1")].into_iter()));
+        assert!(!greetings.vouched([("bogus", "1")].into_iter(), none));
 
         for i in 0..MAX_ACCEPTED * 2 {
             let value = i.to_string();
@@ -177,6 +192,6 @@ mod tests {
         }
         assert_eq!(greetings.accepted.lock().len(), MAX_ACCEPTED);
         greetings.clear();
-        assert!(!greetings.vouched(again.into_iter()));
+        assert!(!greetings.vouched(again.into_iter(), none));
     }
 }
