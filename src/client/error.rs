@@ -103,6 +103,20 @@ pub enum ClientError {
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
     Internal,
+
+    // The admin console (`admin/console.rs`).
+    #[error("user \"{0}\" may not use the admin console")]
+    NotAdmin(String),
+    #[error("admin console commands must be shorter than 64 KiB")]
+    ConsoleCommandTooLong,
+    #[error("the admin console speaks the simple query protocol only")]
+    ConsoleExtendedProtocol,
+    #[error("unknown admin console command: {0}")]
+    ConsoleUnknownCommand(String),
+    #[error("reload refused, nothing changed:\n{0}")]
+    ReloadRefused(String),
+    #[error("reload failed: {0}")]
+    ReloadFailed(String),
 }
 
 impl ClientError {
@@ -118,6 +132,11 @@ impl ClientError {
             | Self::LockedOut { .. }
             | Self::NoAccessRule { .. } => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
+            Self::NotAdmin(_) => SqlState::INVALID_AUTHORIZATION,
+            Self::ConsoleCommandTooLong => SqlState::PROTOCOL_VIOLATION,
+            Self::ConsoleExtendedProtocol => SqlState::FEATURE_NOT_SUPPORTED,
+            Self::ConsoleUnknownCommand(_) => SqlState::SYNTAX_ERROR,
+            Self::ReloadRefused(_) | Self::ReloadFailed(_) => SqlState::CONFIG_FILE_ERROR,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
             Self::Startup(_)
@@ -245,6 +264,12 @@ impl ClientError {
                 "drop the session state when done with it (DISCARD ALL), or raise pool.pinned_idle_timeout"
             }
             Self::Internal => "reconnect; please report this with pgmux's log",
+            Self::NotAdmin(_) => "list the user in auth.admin_users",
+            Self::ConsoleExtendedProtocol => "use psql, or your driver's simple query mode",
+            Self::ConsoleUnknownCommand(_) => "SHOW HELP lists the commands",
+            Self::ReloadRefused(_) => {
+                "fix the problems listed (pgmux check shows them) and reload again"
+            }
             _ => return None,
         };
         Some(hint.to_owned())
@@ -297,5 +322,31 @@ mod tests {
         let e = ClientError::Startup(StartupError::UnsupportedProtocol(2, 0));
         assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
         assert_eq!(ClientError::Internal.sqlstate(), SqlState::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn the_admin_consoles_errors_are_built_here_too() {
+        let e = ClientError::NotAdmin("bob".into());
+        assert_eq!(e.sqlstate(), SqlState::INVALID_AUTHORIZATION);
+        assert_eq!(e.to_string(), "user \"bob\" may not use the admin console");
+        assert_eq!(
+            e.hint().as_deref(),
+            Some("list the user in auth.admin_users")
+        );
+        let e = ClientError::ConsoleUnknownCommand("FLY".into());
+        assert_eq!(e.sqlstate(), SqlState::SYNTAX_ERROR);
+        assert_eq!(e.hint().as_deref(), Some("SHOW HELP lists the commands"));
+        let e = ClientError::ConsoleExtendedProtocol;
+        assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
+        let e = ClientError::ReloadRefused("t.toml:1:1: x: y".into());
+        assert_eq!(e.sqlstate(), SqlState::CONFIG_FILE_ERROR);
+        assert!(
+            e.to_string()
+                .ends_with("nothing changed:\nt.toml:1:1: x: y")
+        );
+        assert_eq!(
+            ClientError::ConsoleCommandTooLong.sqlstate(),
+            SqlState::PROTOCOL_VIOLATION
+        );
     }
 }
