@@ -10,10 +10,6 @@
 //! A `Config` is plain data, owned by whoever loaded it; a reload builds a new one and a
 //! reload that fails changes nothing.
 
-// Offsets into the config text come from `find` of ASCII characters and from the TOML
-// parser's spans, so they fall on character boundaries; the loader is fuzzed (fuzz/config).
-#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
-
 mod access;
 mod env;
 mod load;
