@@ -494,7 +494,10 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
     pg.stop().await;
     pg.restart().await;
 
-    let rig = Rig::start(&pg, "faults_full", MuxOptions::sized(3)).await;
+    // A query that needs a new server waits this long for a lent one (the holders' below)
+    // before it is told PostgreSQL's refusal.
+    let opts = MuxOptions::sized(3).waiting("200ms");
+    let rig = Rig::start(&pg, "faults_full", opts).await;
     let waiter = rig.client().await;
     commit_rows(&waiter, 1, 10).await;
     // Every server pgmux has is held in a transaction (one, unless the warm-up raced a
@@ -536,7 +539,8 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
         assert!(fillers.len() < 10, "max_connections = 10 was not applied");
     }
 
-    // The waiter needs a second server: PostgreSQL's refusal reaches it, clearly.
+    // The waiter needs a second server: PostgreSQL's refusal reaches it, clearly (once no
+    // held server came back within wait_timeout).
     let attempts_before = rig.proxy.accepted();
     let started = Instant::now();
     let mut queries = 0;
@@ -809,4 +813,104 @@ async fn upstream_stalled_mid_result_gives_08006_naming_query_timeout() {
     rig.proxy.resume().await;
     rig.backend_gone(pid).await;
     rig.assert_healthy("upstream_stalled_mid_result", 30).await;
+}
+
+/// Clients of [`DB`] waiting for a server, from `/metrics`.
+async fn waiting(rig: &Rig<'_>) -> f64 {
+    let metrics = rig.mux.admin_get("/metrics").await.body;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pgmux_pool_waiting_clients{"))
+        .find(|l| l.contains(&format!("database=\"{DB}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn upstream_down_a_checkout_waits_for_a_lent_server_and_fails_fast_when_none_is_lent() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        // A checkout that waited when nothing can come back would hang the test here (and
+        // its watchdog would end it), not pass.
+        wait_timeout: "10m",
+        pool_extra: "connect_timeout = \"60s\"\n".to_owned(),
+        admin: Some(String::new()),
+        ..MuxOptions::sized(3)
+    };
+    let rig = Rig::start(pg, "faults_lent", opts).await;
+    let waiter = rig.client().await;
+    // Every server pgmux has is held in a transaction (one, unless upkeep borrowed it
+    // meanwhile and a second was opened), so the waiter needs a new one.
+    let mut holders = Vec::new();
+    while holders.len() < rig.proxy.carried() {
+        let holder = rig.client().await;
+        let n = 1 + holders.len();
+        holder
+            .batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({n})"))
+            .await
+            .unwrap();
+        holders.push(holder);
+    }
+    assert!(
+        holders.len() < 3,
+        "room in the pool for the waiter's server"
+    );
+
+    // PostgreSQL stops accepting connections; the holders' links keep working. The pool
+    // has a free slot, but its connect attempt is refused: the waiter waits for a lent
+    // server instead of failing.
+    rig.proxy.refuse().await;
+    let query = tokio::spawn(async move {
+        let n = try_count(&waiter).await;
+        (waiter, n)
+    });
+    let queued = || async { waiting(&rig).await >= 1.0 };
+    assert!(common::eventually(PATIENCE, queued).await, "no waiter");
+    let log = rig.mux.stderr_log();
+    assert!(log.contains("cannot connect to upstream"), "{log}");
+    holders[0].batch_execute("COMMIT").await.unwrap();
+    let (waiter, n) = query.await.unwrap();
+    assert_eq!(
+        n.unwrap(),
+        1,
+        "the waiter got the server the holder gave back"
+    );
+
+    // Still down, and with every server held again the next checkout (which finds the
+    // pool down, or tries again and is refused) waits too.
+    holders[0]
+        .batch_execute("BEGIN; INSERT INTO ledger VALUES (10)")
+        .await
+        .unwrap();
+    let query = tokio::spawn(async move {
+        let n = try_count(&waiter).await;
+        (waiter, n)
+    });
+    assert!(common::eventually(PATIENCE, queued).await, "no waiter");
+    holders[0].batch_execute("COMMIT").await.unwrap();
+    let (waiter, n) = query.await.unwrap();
+    assert_eq!(n.unwrap(), 2);
+
+    // Nothing lent, and the idle servers' links cut: the upstream is down and nothing can
+    // come back, so the checkout fails at once (not after wait_timeout), naming it.
+    for holder in &holders[1..] {
+        holder.batch_execute("ROLLBACK").await.unwrap();
+    }
+    rig.proxy.cut(Links::All).await;
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let db = db_error(&err);
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE, "{}", db.message());
+    let upstream = format!("upstream 127.0.0.1:{}", rig.proxy.port);
+    assert!(db.message().contains(&upstream), "{}", db.message());
+    assert_eq!(waiting(&rig).await, 0.0);
+
+    rig.proxy.resume().await;
+    let back = || async { try_count(&waiter).await.is_ok() };
+    assert!(
+        common::eventually(PATIENCE, back).await,
+        "pgmux did not recover"
+    );
+    drop((holders, waiter));
+    rig.assert_healthy("down_pool_lent", 2).await;
 }
