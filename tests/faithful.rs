@@ -7,15 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::raw::{Raw, query, read_messages, startup_packet};
+use common::raw::{Raw, connect, query, refusal, ssl_request_declined, startup_packet};
 use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::error::SqlState;
-
-async fn raw(mux: &TestPgmux) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
-}
 
 /// Reads until the peer closes; returns what it sent. Panics if it does not close in 10 s.
 async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
@@ -25,12 +21,6 @@ async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
         .expect("the connection was closed")
         .expect("a clean close, not a reset");
     got
-}
-
-async fn still_serving(mux: &TestPgmux) {
-    let client = mux.connect("app", "app").await;
-    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
 }
 
 /// Lines of pgmux's log at WARN or ERROR level.
@@ -46,7 +36,7 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
     // node-postgres, closed while it connects: Terminate ('X', length 4) comes first.
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     s.write_all(b"X\0\0\0\x04").await.unwrap();
     assert_eq!(
         read_to_close(&mut s).await,
@@ -55,21 +45,13 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
     );
 
     // The same after an SSLRequest that was declined.
-    let mut s = raw(&mux).await;
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"N");
+    let mut s = connect(&mux).await;
+    ssl_request_declined(&mut s).await;
     s.write_all(b"X\0\0\0\x04").await.unwrap();
     assert_eq!(read_to_close(&mut s).await, b"");
 
     // An 'X' that is not a Terminate is still a bad length, refused as before.
-    let mut s = raw(&mux).await;
-    s.write_all(b"X\0\0\0\x07abc").await.unwrap();
-    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
-    let (code, message) = common::raw::first_error(&messages).expect("an error");
+    let (code, message) = refusal(&mux, b"X\0\0\0\x07abc").await;
     assert_eq!(code, "08P01", "{message}");
 
     let log_has = |needle: &'static str| {
@@ -99,7 +81,7 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
         "only the 'X' that was no Terminate is refused:\n{log}"
     );
     assert!(warnings(&log).is_empty(), "{log}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 #[tokio::test]
@@ -108,9 +90,9 @@ async fn a_client_that_leaves_before_or_during_its_startup_packet_is_let_go_quie
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
     // Nothing at all (monitors, port scanners), half a length word, half a packet.
-    drop(raw(&mux).await);
+    drop(connect(&mux).await);
     for partial in [&[0u8, 0][..], &startup_packet(0, &[("user", "app")])[..12]] {
-        let mut s = raw(&mux).await;
+        let mut s = connect(&mux).await;
         s.write_all(partial).await.unwrap();
         s.shutdown().await.unwrap();
         assert_eq!(
@@ -142,7 +124,7 @@ async fn a_client_that_leaves_before_or_during_its_startup_packet_is_let_go_quie
     );
     let log = mux.stderr_log();
     assert!(warnings(&log).is_empty(), "{log}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 /// Startup parameters besides user and database.
@@ -227,7 +209,7 @@ async fn direct_greeting(pg: &TestPostgres, settings: &[(&str, &str)]) -> Greeti
 
 /// The greeting pgmux gives them.
 async fn mux_greeting(mux: &TestPgmux, settings: &[(&str, &str)]) -> Greeting {
-    greeting(raw(mux).await, settings).await
+    greeting(connect(mux).await, settings).await
 }
 
 #[tokio::test]
@@ -448,7 +430,7 @@ async fn known_settings_need_no_server_at_login_and_unknown_ones_wait_for_one() 
 
     // A new set of settings that servers have each taken before (and an application
     // name, which PostgreSQL never refuses) needs no server: the client's own spelling.
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     let euc = [("client_encoding", "euc-jp"), ("application_name", "new")];
     assert_eq!(
         greeting(&mut s, &euc).await.param("client_encoding"),

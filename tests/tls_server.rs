@@ -1,124 +1,27 @@
 //! TLS from pgmux to PostgreSQL (`server_tls`): real clusters with `ssl = on` and
-//! certificates made here with rcgen, pgmux in front, tokio-postgres (plain) as the client.
+//! certificates made with rcgen (`common::tls`), pgmux in front, tokio-postgres (plain) as
+//! the client.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{MuxOptions, PgSsl, TestPgmux, TestPostgres, eventually};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
+use common::tls::{Certs, mutual_cluster, tls_cluster};
+use common::{MuxOptions, TestPgmux, TestPostgres, copy_round_trip, eventually};
 use tokio_postgres::error::SqlState;
 
-/// A CA and what it signed, as PEM.
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let key = KeyPair::generate().unwrap();
-        Ca {
-            issuer: CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// A certificate for `names` (host names or IP addresses): (cert PEM, key PEM).
-    fn issue(&self, common_name: &str, names: &[&str]) -> (String, String) {
-        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-        let mut params = CertificateParams::new(names).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, common_name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
-/// The certificates of this test binary, in a directory pgmux reads them from.
-struct Certs {
-    dir: PathBuf,
-    ca: Ca,
-}
-
-impl Certs {
-    fn get() -> &'static Certs {
-        static CERTS: std::sync::OnceLock<Certs> = std::sync::OnceLock::new();
-        CERTS.get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("pgmux-tls-")
-                .tempdir()
-                .unwrap()
-                .keep();
-            let ca = Ca::new("pgmux test CA");
-            std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-            let other = Ca::new("some other CA");
-            std::fs::write(dir.join("other_ca.crt"), other.pem()).unwrap();
-            let (cert, key) = ca.issue("pgmux", &["pgmux"]);
-            std::fs::write(dir.join("pgmux.crt"), cert).unwrap();
-            std::fs::write(dir.join("pgmux.key"), key).unwrap();
-            Certs { dir, ca }
-        })
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-/// `ssl = on` for 127.0.0.1 and localhost; TCP only with TLS (`hostssl`).
-async fn tls_cluster() -> &'static TestPostgres {
-    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
-    PG.get_or_init(|| async {
-        let (cert_pem, key_pem) = Certs::get()
-            .ca
-            .issue("localhost", &["localhost", "127.0.0.1"]);
-        TestPostgres::start_with_ssl(PgSsl {
-            cert_pem,
-            key_pem,
-            hostssl_only: true,
-            client_ca_pem: None,
-        })
-        .await
-    })
-    .await
-}
-
-/// `ssl = on` with a certificate for another name only, and client certificates required
-/// (`clientcert=verify-ca`) from the same CA.
-async fn mutual_cluster() -> &'static TestPostgres {
-    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
-    PG.get_or_init(|| async {
-        let certs = Certs::get();
-        let (cert_pem, key_pem) = certs.ca.issue("db.example.test", &["db.example.test"]);
-        TestPostgres::start_with_ssl(PgSsl {
-            cert_pem,
-            key_pem,
-            hostssl_only: true,
-            client_ca_pem: Some(certs.ca.pem()),
-        })
-        .await
-    })
-    .await
+/// `server_tls = "verify-full"` against the CA in the certificates' file `ca_file`.
+fn verify_full(ca_file: &str) -> String {
+    format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        Certs::get().path(ca_file)
+    )
 }
 
 fn opts(pool_extra: &str) -> MuxOptions {
-    MuxOptions {
-        pool_extra: pool_extra.to_owned(),
-        ..MuxOptions::sized(2)
-    }
+    MuxOptions::sized(2).with_pool(pool_extra)
 }
 
 /// Whether the server sees this connection (pgmux's) as TLS.
@@ -175,12 +78,7 @@ async fn prefer_is_the_default_and_uses_tls_when_offered() {
 #[tokio::test]
 async fn verify_full_with_the_right_ca_works() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("ca.crt"))).await;
     let client = mux.connect("app", "app").await;
     assert!(ssl_in_use(&client).await);
 }
@@ -188,12 +86,7 @@ async fn verify_full_with_the_right_ca_works() {
 #[tokio::test]
 async fn verify_full_with_a_wrong_ca_fails_with_08006() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("other_ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("other_ca.crt"))).await;
     let err = first_error(&mux).await;
     assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
     let msg = message(&err);
@@ -276,7 +169,6 @@ async fn prefer_falls_back_to_plain_and_require_fails_clearly() {
 
 #[tokio::test]
 async fn large_rows_and_copy_pass_through_tls() {
-    use futures_util::{SinkExt, StreamExt, pin_mut};
     let pg = tls_cluster().await;
     let mux = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
     let client = mux.connect("app", "app").await;
@@ -298,43 +190,15 @@ async fn large_rows_and_copy_pass_through_tls() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 10 * 1024 * 1024);
 
-    client
-        .batch_execute("DROP TABLE IF EXISTS tls_copy; CREATE TABLE tls_copy(id int, note text)")
-        .await
-        .unwrap();
-    let sink = client.copy_in("COPY tls_copy FROM STDIN").await.unwrap();
-    pin_mut!(sink);
-    let mut chunk = String::new();
-    for i in 0..100_000 {
-        chunk.push_str(&format!("{i}\trow number {i}\n"));
-        if chunk.len() > 64 * 1024 {
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .unwrap();
-        }
-    }
-    sink.send(bytes::Bytes::from(chunk)).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 100_000);
-
-    let stream = client.copy_out("COPY tls_copy TO STDOUT").await.unwrap();
-    pin_mut!(stream);
-    let mut lines = 0usize;
-    while let Some(chunk) = stream.next().await {
-        lines += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
-    }
-    assert_eq!(lines, 100_000);
+    let copied = copy_round_trip(&client, "tls_copy", 100_000).await;
+    assert_eq!((copied.rows_in, copied.lines_out), (100_000, 100_000));
     assert!(ssl_in_use(&client).await);
 }
 
 #[tokio::test]
 async fn a_cancel_reaches_a_tls_server() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("ca.crt"))).await;
     let su = pg.superuser().await;
     let client = Arc::new(mux.connect("app", "app").await);
     let token = client.cancel_token();
