@@ -819,6 +819,22 @@ fn the_address_wide_limit_defaults_to_ten_times_the_per_user_one() {
         problems("[auth]\nmax_login_failures_per_address = -1\n").len(),
         1
     );
+
+    // Below the per-user limit: allowed, with a warning that says what it does.
+    let text = "[auth]\nmax_login_failures = 5\nmax_login_failures_per_address = 3\n\
+                [databases.app]\n";
+    let (result, warnings) = load::analyze(text, "t.toml", Path::new(""), &no_env);
+    assert_eq!(
+        result.map(|c| c.auth.login_limits().max_per_address).ok(),
+        Some(3)
+    );
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "t.toml:3:34: auth.max_login_failures_per_address: 3 is below auth.max_login_failures (5): the address-wide lockout comes first, and one user's typos lock out every user of the address"
+        ]
+    );
 }
 
 #[test]
