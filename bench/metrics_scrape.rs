@@ -55,10 +55,13 @@ async fn main() {
     let addr: SocketAddr = "127.0.0.1:40000".parse().expect("an address");
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let h =
-                pooler
-                    .clients_registry
-                    .register(addr, &format!("db{}", c % pools), "app", "bench");
+            let h = pooler.clients_registry.register(
+                addr,
+                &format!("db{}", c % pools),
+                "app",
+                "bench",
+                None,
+            );
             h.set_state(ClientState::ALL[c % 4]);
             h.set_query(b"SELECT abalance FROM pgbench_accounts WHERE aid = $1");
             h

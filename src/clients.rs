@@ -75,6 +75,8 @@ struct Entry {
     user: String,
     connected: Instant,
     application_name: Mutex<String>,
+    /// How the client's connection is encrypted (`TLSv1.3/...`); `None`: plain.
+    tls: Option<Arc<str>>,
     state: AtomicU8,
     /// Nanoseconds after the registry's epoch when `state` last changed.
     state_since: AtomicU64,
@@ -137,6 +139,7 @@ impl ClientRegistry {
         database: &str,
         user: &str,
         application_name: &str,
+        tls: Option<Arc<str>>,
     ) -> ClientHandle {
         let id = self.next_id.fetch_add(1, Relaxed);
         let entry = Arc::new(Entry {
@@ -146,6 +149,7 @@ impl ClientRegistry {
             user: user.to_owned(),
             connected: Instant::now(),
             application_name: Mutex::new(application_name.to_owned()),
+            tls,
             state: AtomicU8::new(ClientState::Idle as u8),
             state_since: AtomicU64::new(self.now()),
             in_transaction: AtomicBool::new(false),
@@ -221,6 +225,7 @@ impl ClientRegistry {
             database: e.database.clone(),
             user: e.user.clone(),
             application_name: e.application_name.lock().clone(),
+            tls: e.tls.clone(),
             state: ClientState::from_u8(e.state.load(Relaxed)),
             in_state: since(e.state_since.load(Relaxed)),
             in_transaction: e.in_transaction.load(Relaxed),
@@ -344,6 +349,8 @@ pub struct ClientInfo {
     pub user: String,
     /// Its `application_name`.
     pub application_name: String,
+    /// How its connection is encrypted, if it is.
+    pub tls: Option<Arc<str>>,
     /// What it does.
     pub state: ClientState,
     /// For how long it has been in `state`.
@@ -411,8 +418,8 @@ mod tests {
     #[test]
     fn register_update_and_drop() {
         let registry = Arc::new(ClientRegistry::default());
-        let a = registry.register(peer(), "app", "alice", "psql");
-        let b = registry.register(peer(), "app", "bob", "");
+        let a = registry.register(peer(), "app", "alice", "psql", None);
+        let b = registry.register(peer(), "app", "bob", "", None);
         assert_eq!(registry.len(), 2);
         a.set_state(ClientState::Active);
         a.set_server(Some((7, 4242)));
@@ -441,7 +448,7 @@ mod tests {
     #[test]
     fn query_text_drops_the_trailing_nul() {
         let registry = Arc::new(ClientRegistry::default());
-        let c = registry.register(peer(), "app", "alice", "");
+        let c = registry.register(peer(), "app", "alice", "", None);
         c.set_query(b"SELECT 1\0");
         assert_eq!(registry.snapshot()[0].query, "SELECT 1");
     }

@@ -34,6 +34,9 @@ pub struct Snapshot {
     /// Per database, how its pools open TLS to the server (built from the files the
     /// config read, once per load).
     server_tls: HashMap<String, TlsConnector>,
+    /// How clients may use TLS (`[tls]`), built from the files this load read: clients
+    /// that connect after a reload get the new certificate. `None`: TLS is off.
+    pub client_tls: Option<crate::client::ClientTls>,
 }
 
 impl Snapshot {
@@ -57,10 +60,13 @@ impl Snapshot {
                 .map_err(|(key, e)| format!("databases.{name}.{key}: {e}"))?;
             server_tls.insert(name.clone(), tls);
         }
+        let client_tls = crate::client::ClientTls::new(&config.tls)
+            .map_err(|(key, e)| format!("tls.{key}: {e}"))?;
         Ok(Snapshot {
             config,
             credentials,
             server_tls,
+            client_tls,
         })
     }
 

@@ -346,7 +346,7 @@ async fn hba_file_lines_decide_as_pg_hba_conf() {
     // pgmux check names the file, line and column of each problem.
     std::fs::write(
         &hba,
-        "host all all 10.0.0.0/8 md5\nhost all all db.example.com md5\nhost all all all cert\n",
+        "host all all 10.0.0.0/8 md5\nhost all all db.example.com md5\nhost all all all ident\n",
     )
     .unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgmux"))
@@ -360,7 +360,7 @@ async fn hba_file_lines_decide_as_pg_hba_conf() {
         "{stderr}"
     );
     assert!(
-        stderr.contains("pg_hba.conf:3:18: \"cert\" needs client TLS"),
+        stderr.contains("pg_hba.conf:3:18: unsupported method \"ident\""),
         "{stderr}"
     );
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::tls::{Certs, mutual_cluster, tls_cluster};
+use common::tls::{ServerCerts, mutual_cluster, tls_cluster};
 use common::{MuxOptions, TestPgmux, TestPostgres, copy_round_trip, eventually};
 use tokio_postgres::error::SqlState;
 
@@ -16,7 +16,7 @@ use tokio_postgres::error::SqlState;
 fn verify_full(ca_file: &str) -> String {
     format!(
         "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        Certs::get().path(ca_file)
+        ServerCerts::get().path(ca_file)
     )
 }
 
@@ -98,7 +98,7 @@ async fn verify_full_with_a_wrong_ca_fails_with_08006() {
 #[tokio::test]
 async fn verify_full_refuses_a_name_mismatch_and_verify_ca_accepts_it() {
     let pg = mutual_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let files = format!(
         "server_ca_file = \"{}\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
         certs.path("ca.crt"),
@@ -121,7 +121,7 @@ async fn verify_full_refuses_a_name_mismatch_and_verify_ca_accepts_it() {
 #[tokio::test]
 async fn mutual_tls_sends_the_client_certificate() {
     let pg = mutual_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let with_cert = format!(
         "server_tls = \"require\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
         certs.path("pgmux.crt"),
@@ -227,7 +227,7 @@ async fn a_cancel_reaches_a_tls_server() {
 #[tokio::test]
 async fn a_reload_reads_changed_files_and_replaces_the_connections() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.crt");
     std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
@@ -267,7 +267,7 @@ async fn a_reload_reads_changed_files_and_replaces_the_connections() {
 
 #[tokio::test]
 async fn bad_tls_settings_are_refused_at_load_with_their_place() {
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);
@@ -316,4 +316,37 @@ password = "app_pw"
 
 fn assert_file_named(err: &str, path: &Path) {
     assert!(err.contains(&path.display().to_string()), "{err}");
+}
+
+#[tokio::test]
+async fn servers_view_and_show_servers_say_how_each_connection_is_encrypted() {
+    let pg = tls_cluster().await;
+    let mut opts = opts("server_tls = \"require\"");
+    opts.admin = Some(String::new());
+    opts.auth_extra = "admin_users = [\"other\"]".to_owned();
+    let mux = TestPgmux::start(pg, opts).await;
+    let client = mux.connect("app", "app").await;
+    client.simple_query("SELECT 1").await.unwrap();
+    let body = mux.admin_get("/servers").await.body;
+    let servers: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert!(!servers.is_empty(), "{body}");
+    for s in &servers {
+        let tls = s["tls"].as_str().unwrap_or_default();
+        assert!(tls.starts_with("TLSv1.3/TLS_"), "{body}");
+    }
+    let console = mux.connect("pgmux", "other").await;
+    let rows = console.simple_query("SHOW SERVERS").await.unwrap();
+    let shown: Vec<String> = rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get("tls").unwrap_or_default().to_owned())
+            }
+            _ => None,
+        })
+        .collect();
+    assert!(
+        !shown.is_empty() && shown.iter().all(|t| t.starts_with("TLSv1.3/")),
+        "{shown:?}"
+    );
 }

@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use crate::protocol::write::{cstr, message};
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::{debug, info};
 
@@ -46,9 +45,13 @@ pub fn admit(config: &Config, user: &str) -> Result<(), PgError> {
 
 /// Serves the console to a client that pgmux authenticated and sent AuthenticationOk.
 /// `cbuf` holds any bytes read after the login. Ends when the client leaves or pgmux stops.
-pub async fn serve(mut socket: TcpStream, pooler: Arc<Pooler>, user: String, mut cbuf: BytesMut) {
-    let _ = socket.set_nodelay(true);
-    let peer = socket.peer_addr().ok();
+pub async fn serve(
+    mut socket: crate::client::ClientStream,
+    pooler: Arc<Pooler>,
+    user: String,
+    mut cbuf: BytesMut,
+) {
+    let peer = socket.tcp().and_then(|s| s.peer_addr().ok());
     info!(?peer, user = %Escaped(&user), "admin console connected");
     let mut out = BytesMut::new();
     greet(&mut out);
@@ -155,6 +158,7 @@ const LINK_COLUMNS: &[(&str, Type)] = &[
     ("wait_us", Type::Int),
     ("link", Type::Text),
     ("remote_pid", Type::Int),
+    ("tls", Type::Text),
     ("application_name", Type::Text),
     ("id", Type::Int),
 ];
@@ -415,6 +419,7 @@ impl Console {
                     int(wait.subsec_micros()),
                     c.server.as_ref().map(|s| s.id.to_string()),
                     int(0),
+                    Some(c.tls.as_deref().unwrap_or_default().to_owned()),
                     Some(c.application_name),
                     int(c.id),
                     Some(c.state.to_owned()),
@@ -457,6 +462,7 @@ impl Console {
                     int(0),
                     s.client.as_ref().map(|c| c.id.to_string()),
                     int(s.pid),
+                    Some(s.tls.unwrap_or_default()),
                     s.client.map(|c| c.application_name),
                     int(s.id),
                     s.held_ms.map(|ms| ms.to_string()),

@@ -249,6 +249,8 @@ pub struct ClientJson {
     pub database: String,
     pub user: String,
     pub application_name: String,
+    /// How the connection is encrypted (`TLSv1.3/TLS_AES_256_GCM_SHA384`); null: plain.
+    pub tls: Option<String>,
     /// idle, active, waiting, idle in transaction.
     pub state: &'static str,
     /// How long it has been in `state`.
@@ -305,6 +307,7 @@ fn client_json(c: &ClientInfo) -> ClientJson {
         database: c.database.clone(),
         user: c.user.clone(),
         application_name: c.application_name.clone(),
+        tls: c.tls.as_deref().map(str::to_owned),
         state: c.state.as_str(),
         state_ms: millis(c.in_state),
         connected_ms: millis(c.connected),
@@ -334,6 +337,8 @@ pub struct ServerJson {
     pub user: String,
     /// `host:port`.
     pub upstream: String,
+    /// How the connection to PostgreSQL is encrypted; null: plain.
+    pub tls: Option<String>,
     /// active (lent to a client) or idle.
     pub state: &'static str,
     /// Time since it was opened.
@@ -381,6 +386,7 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
                 database: pool.key.database.clone(),
                 user: pool.key.user.clone(),
                 upstream: upstream.clone(),
+                tls: s.tls.as_deref().map(str::to_owned),
                 state: s.state.as_str(),
                 age_ms: millis(s.age),
                 held_ms: active.then(|| millis(s.in_state)),

@@ -187,28 +187,14 @@ fn parse_line(fields: &[Field], number: usize) -> Result<Option<AccessRule>, Lin
     };
     let method_field = field(next, "method")?;
     let method_word = single(method_field, "method")?;
-    let method = match method_word {
-        "password" => {
-            return Err((
-                method_field.column,
-                "\"password\" (cleartext) is not supported: use scram-sha-256 or md5".to_owned(),
-            ));
-        }
-        "cert" => {
-            return Err((
-                method_field.column,
-                "\"cert\" needs client TLS, which pgmux does not offer yet".to_owned(),
-            ));
-        }
-        other => RuleMethod::parse(other).ok_or_else(|| {
-            (
-                method_field.column,
-                format!(
-                    "unsupported method \"{other}\": expected scram-sha-256, md5, trust or reject"
-                ),
-            )
-        })?,
-    };
+    let method = RuleMethod::parse(method_word).ok_or_else(|| {
+        (
+            method_field.column,
+            format!(
+                "unsupported method \"{method_word}\": expected scram-sha-256, md5, password, cert, trust or reject"
+            ),
+        )
+    })?;
     if let Some(option) = fields.get(next + 1) {
         return Err((
             option.column,
@@ -331,16 +317,6 @@ mod tests {
     fn every_unsupported_thing_says_why_and_where() {
         // (line, the word the problem is placed at, the message's start)
         let cases = [
-            (
-                "host all all 10.0.0.0/8 password",
-                "password",
-                "\"password\" (cleartext) is not supported",
-            ),
-            (
-                "host all all 10.0.0.0/8 cert",
-                "cert",
-                "\"cert\" needs client TLS",
-            ),
             (
                 "host all all 10.0.0.0/8 ident",
                 "ident",

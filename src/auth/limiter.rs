@@ -30,11 +30,13 @@ pub enum FailureReason {
     Timeout,
     /// The client broke the protocol during its login.
     Protocol,
+    /// The TLS handshake failed, or the client did not use TLS where it is required.
+    Tls,
 }
 
 impl FailureReason {
     /// Every reason, in the order of their counters.
-    pub const ALL: [FailureReason; 7] = [
+    pub const ALL: [FailureReason; 8] = [
         Self::BadPassword,
         Self::UnknownUser,
         Self::UnknownDatabase,
@@ -42,6 +44,7 @@ impl FailureReason {
         Self::RateLimited,
         Self::Timeout,
         Self::Protocol,
+        Self::Tls,
     ];
 
     /// The label value and the word in the log line.
@@ -54,6 +57,7 @@ impl FailureReason {
             Self::RateLimited => "rate_limited",
             Self::Timeout => "timeout",
             Self::Protocol => "protocol",
+            Self::Tls => "tls",
         }
     }
 

@@ -28,7 +28,7 @@ mod secret;
 pub use credential::Credential;
 pub use limiter::{FailureReason, LimitSettings, LockoutScope, LoginGuard};
 pub use md5::md5_hash;
-pub use scram::{SCRAM_MECHANISM, ScramExchange};
+pub use scram::{SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramExchange};
 pub use secret::{ScramVerifier, Secret};
 
 use hmac::{Hmac, KeyInit, Mac};

@@ -209,6 +209,8 @@ impl RuleMethod {
             "scram-sha-256" => Some(Self::Login(AuthMethod::ScramSha256)),
             "md5" => Some(Self::Login(AuthMethod::Md5)),
             "trust" => Some(Self::Login(AuthMethod::Trust)),
+            "password" => Some(Self::Login(AuthMethod::Password)),
+            "cert" => Some(Self::Login(AuthMethod::Cert)),
             "reject" => Some(Self::Reject),
             _ => None,
         }

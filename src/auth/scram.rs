@@ -7,7 +7,13 @@
 //! client-final  c=biws,r=<both nonces>,p=<proof>         SASLResponse
 //! server-final  v=<server signature>                     AuthenticationSASLFinal
 //! ```
+//!
+//! Over TLS, SCRAM-SHA-256-PLUS is offered too: the client then sends
+//! `p=tls-server-end-point,,` and binds its proof to pgmux's certificate (c= carries the
+//! header and the certificate's hash), so that a man in the middle with another
+//! certificate cannot relay the exchange.
 
+use std::sync::Arc;
 use std::{mem, str};
 
 use base64::Engine;
@@ -16,9 +22,14 @@ use sha2::{Digest, Sha256};
 
 use super::{AuthError, ScramVerifier, ct_eq, hmac_sha256};
 
-/// The only SASL mechanism pgmux offers in AuthenticationSASL. No `-PLUS`: without TLS there is
-/// no channel to bind to.
+/// The SASL mechanism pgmux always offers in AuthenticationSASL.
 pub const SCRAM_MECHANISM: &str = "SCRAM-SHA-256";
+
+/// The mechanism with channel binding, offered over TLS (first, as PostgreSQL does).
+pub const SCRAM_PLUS_MECHANISM: &str = "SCRAM-SHA-256-PLUS";
+
+/// The one channel binding type PostgreSQL (and pgmux) supports.
+const END_POINT: &str = "tls-server-end-point";
 
 /// Random bytes in the server's part of the nonce (PostgreSQL's SCRAM_RAW_NONCE_LEN).
 const SERVER_NONCE_LEN: usize = 18;
@@ -35,7 +46,22 @@ pub struct ScramExchange {
     /// A mock exchange for an unknown user: runs every step, then always fails.
     doomed: bool,
     server_nonce: String,
+    binding: Binding,
     state: State,
+}
+
+/// Channel binding, as the mechanisms offered and the one chosen settle it.
+#[derive(Debug, Clone, Default)]
+enum Binding {
+    /// SCRAM-SHA-256-PLUS was not offered (no TLS): a client that could bind says `y`.
+    #[default]
+    NotOffered,
+    /// It was offered and the client chose SCRAM-SHA-256: `y` would then mean that
+    /// someone removed PLUS from the offer on the way (a downgrade).
+    Declined,
+    /// The client chose SCRAM-SHA-256-PLUS: c= must carry this `tls-server-end-point`
+    /// data after the GS2 header.
+    Bound(Arc<[u8]>),
 }
 
 #[derive(Debug)]
@@ -80,8 +106,20 @@ impl ScramExchange {
             verifier,
             doomed,
             server_nonce,
+            binding: Binding::NotOffered,
             state: State::Initial,
         }
+    }
+
+    /// Says what was offered and chosen, before [`Self::client_first`]: `end_point` is the
+    /// channel binding data when SCRAM-SHA-256-PLUS was offered, `plus` whether the client
+    /// chose it.
+    pub fn bind_channel(&mut self, end_point: Option<Arc<[u8]>>, plus: bool) {
+        self.binding = match (end_point, plus) {
+            (Some(data), true) => Binding::Bound(data),
+            (Some(_), false) => Binding::Declined,
+            (None, _) => Binding::NotOffered,
+        };
     }
 
     /// Reads the client-first-message (the data of SASLInitialResponse, after the mechanism name
@@ -96,6 +134,7 @@ impl ScramExchange {
         let message = str::from_utf8(data)
             .map_err(|_| AuthError::malformed("SCRAM client-first-message is not UTF-8"))?;
         let (gs2_header, bare) = split_gs2_header(message)?;
+        self.check_binding_flag(gs2_header)?;
         let client_nonce = parse_client_first_bare(bare)?;
 
         let nonce = format!("{client_nonce}{}", self.server_nonce);
@@ -135,9 +174,13 @@ impl ScramExchange {
             .map_err(|_| AuthError::malformed("SCRAM client-final-message is not UTF-8"))?;
         let last = parse_client_final(message)?;
 
-        // Without channel binding, c= is the GS2 header itself, flag included: a client that
-        // said "y" in the first message cannot say "n" now.
-        if last.channel_binding != STANDARD.encode(&gs2_header) {
+        // c= is the GS2 header, flag included (a client that said "y" in the first message
+        // cannot say "n" now), followed by the channel binding data when bound.
+        let mut expected = gs2_header.clone().into_bytes();
+        if let Binding::Bound(data) = &self.binding {
+            expected.extend_from_slice(data);
+        }
+        if last.channel_binding != STANDARD.encode(&expected) {
             return Err(AuthError::malformed(
                 "SCRAM channel binding (c=) does not match the GS2 header",
             ));
@@ -163,17 +206,51 @@ impl ScramExchange {
     }
 }
 
+impl ScramExchange {
+    /// Checks the GS2 header's channel-binding flag against what was offered and chosen,
+    /// with PostgreSQL's words for each mismatch.
+    fn check_binding_flag(&self, gs2_header: &str) -> Result<(), AuthError> {
+        let bound = matches!(self.binding, Binding::Bound(_));
+        match gs2_header.as_bytes().first() {
+            Some(b'n') if bound => Err(AuthError::malformed(
+                "the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data",
+            )),
+            Some(b'y') if bound => Err(AuthError::malformed(
+                "the client selected SCRAM-SHA-256-PLUS, but the SCRAM message does not include channel binding data",
+            )),
+            Some(b'y') if matches!(self.binding, Binding::Declined) => Err(AuthError::malformed(
+                "SCRAM channel binding negotiation error: the client supports channel binding but thinks the server does not, though pgmux offered SCRAM-SHA-256-PLUS",
+            )),
+            Some(b'p') if !bound => Err(AuthError::malformed(
+                "the client selected SCRAM-SHA-256 without channel binding, but the SCRAM message includes channel binding data",
+            )),
+            Some(b'p') => {
+                let name = gs2_header
+                    .strip_prefix("p=")
+                    .and_then(|r| r.split(',').next())
+                    .unwrap_or_default();
+                if name == END_POINT {
+                    Ok(())
+                } else {
+                    Err(AuthError::Malformed(format!(
+                        "unsupported SCRAM channel-binding type \"{name}\""
+                    )))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Splits the GS2 header ("n,," or "y,,") from the client-first-message-bare.
 fn split_gs2_header(message: &str) -> Result<(&str, &str), AuthError> {
     let rest = match message.as_bytes().first() {
-        // "y": the client could bind but thinks we cannot. True while we offer no -PLUS; once
-        // TLS offers SCRAM-SHA-256-PLUS, "y" means a downgrade and must be rejected.
+        // The flag is judged against what was offered by `check_binding_flag`.
         Some(b'n' | b'y') => message.get(1..).unwrap_or_default(),
         Some(b'p') => {
-            return Err(AuthError::malformed(
-                "the client asked for SCRAM channel binding (p=), but pgmux offers \
-                 SCRAM-SHA-256 without it",
-            ));
+            let rest = message.get(1..).unwrap_or_default();
+            let name_end = rest.find(',').unwrap_or(rest.len());
+            rest.get(name_end..).unwrap_or_default()
         }
         _ => {
             return Err(AuthError::malformed(

@@ -49,6 +49,22 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Startup(StartupError),
+    #[error("TLS required: this pgmux accepts only encrypted connections (tls.client_tls = {0})")]
+    TlsRequired(&'static str),
+    #[error("received unencrypted data after SSL request")]
+    UnencryptedAfterSsl,
+    #[error("SSL negotiation was already done on this connection")]
+    SslRequestInTls,
+    #[error("received direct SSL connection request without ALPN protocol negotiation extension")]
+    DirectTlsWithoutAlpn,
+    #[error(
+        "certificate validation (tls.client_tls = verify-full) failed for user \"{user}\": {why}"
+    )]
+    CertificateName { user: String, why: String },
+    #[error("certificate authentication failed for user \"{user}\": {why}")]
+    CertificateAuth { user: String, why: String },
+    #[error("cleartext password authentication needs TLS")]
+    CleartextNeedsTls,
     #[error("canceling authentication: no login within {0:?} (client_login_timeout)")]
     LoginTimeout(Duration),
     #[error("{0}")]
@@ -130,6 +146,10 @@ impl ClientError {
             Self::NoUser
             | Self::UnknownUser(_)
             | Self::LockedOut { .. }
+            | Self::TlsRequired(_)
+            | Self::CertificateName { .. }
+            | Self::CertificateAuth { .. }
+            | Self::CleartextNeedsTls
             | Self::NoAccessRule { .. } => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
             Self::NotAdmin(_) => SqlState::INVALID_AUTHORIZATION,
@@ -140,6 +160,9 @@ impl ClientError {
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
             Self::Startup(_)
+            | Self::UnencryptedAfterSsl
+            | Self::SslRequestInTls
+            | Self::DirectTlsWithoutAlpn
             | Self::Authentication(_)
             | Self::Protocol(_)
             | Self::PartialMessage(_) => SqlState::PROTOCOL_VIOLATION,
@@ -190,6 +213,16 @@ impl ClientError {
                 ));
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::TlsRequired(_) => "connect with TLS (libpq: sslmode=require or stricter)",
+            Self::CertificateAuth { .. } => {
+                "connect over TLS with a certificate signed by tls.client_ca_file whose common name (CN) is the user name"
+            }
+            Self::CleartextNeedsTls => {
+                "connect with TLS (sslmode=require), use scram-sha-256, or set auth.allow_cleartext_without_tls = true"
+            }
+            Self::CertificateName { .. } => {
+                "log in as the user the client certificate's common name (CN) names, or use tls.client_tls = verify-ca"
+            }
             Self::LockedOut { scope, .. } => match scope {
                 LockoutScope::User => {
                     "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"

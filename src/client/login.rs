@@ -8,17 +8,18 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
 use tracing::{debug, info, warn};
 
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
 use super::session::{Limits, Session};
+use super::stream::ClientStream;
+use super::tls::{ALPN_POSTGRESQL, ClientTls};
 use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
     Credential, FailureReason as Reason, LimitSettings, LockoutScope, LoginGuard, SCRAM_MECHANISM,
-    ScramExchange, Secret,
+    SCRAM_PLUS_MECHANISM, ScramExchange, Secret,
 };
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
@@ -79,7 +80,7 @@ pub(super) struct Authenticated {
 /// Runs the startup and authentication of one client: what the client must do within
 /// `client_login_timeout`.
 pub(super) async fn authenticate(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
@@ -99,7 +100,7 @@ pub(super) async fn authenticate(
 
 /// [`authenticate`], whose protocol errors it counts.
 async fn login(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
@@ -107,7 +108,17 @@ async fn login(
     // Bytes read from the client and not yet used: the startup packets, the password
     // messages, then whatever the session gets to read first.
     let mut cbuf = BytesMut::new();
-    let startup = read_startup(socket, peer, &mut cbuf, pooler).await?;
+    let tls = pooler.snapshot().client_tls.clone();
+    let startup = read_startup(socket, peer, &mut cbuf, pooler, tls.as_ref()).await?;
+    if let Some(tls) = &tls
+        && tls.mode().required()
+        && socket.tls().is_none()
+    {
+        info!(%peer, reason = %Reason::Tls.as_str(), "login failed: TLS required");
+        let limits = pooler.snapshot().config.auth.login_limits();
+        count_failure(&pooler.logins, peer, Reason::Tls, &limits);
+        return Err(ClientError::TlsRequired(tls.mode().as_str()).into());
+    }
     if !admitted {
         let max = pooler.snapshot().config.server.max_client_conn;
         return Err(ClientError::TooManyClients { max }.into());
@@ -158,6 +169,24 @@ async fn login(
         let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
         return Err(ClientError::LockedOut { scope, seconds }.into());
     }
+    // verify-full: the certificate (checked against client_ca_file in the handshake) must
+    // name this user, as PostgreSQL's clientcert=verify-full has it.
+    if let (Some(tls), Some(connection)) = (&tls, socket.tls())
+        && tls.mode() == crate::config::ClientTlsMode::VerifyFull
+    {
+        let name = super::tls::peer_common_name(connection);
+        if name.as_deref() != Some(user.as_str()) {
+            let why = match name {
+                Some(name) => format!("the certificate's CN is \"{}\"", Escaped(&name)),
+                None => "the certificate has no CN".to_owned(),
+            };
+            let refused = ClientError::CertificateName {
+                user: user.clone(),
+                why,
+            };
+            return Err(who.failed(Reason::Tls, refused));
+        }
+    }
     let is_console = crate::admin::console::is_console_database(&database);
     let known_database = is_console || snapshot.config.databases.contains_key(&database);
     let known_user = snapshot.config.users.contains_key(&user);
@@ -166,8 +195,7 @@ async fn login(
     if !rules.is_empty() {
         let request = Request {
             addr: peer.ip().to_canonical(),
-            // Until pgmux offers client TLS, no connection is encrypted.
-            tls: false,
+            tls: socket.tls().is_some(),
             database: &database,
             user: &user,
         };
@@ -189,7 +217,34 @@ async fn login(
         }
     }
 
-    if method == AuthMethod::Trust {
+    if method == AuthMethod::Cert {
+        // The handshake checked the certificate against tls.client_ca_file; it must name
+        // this user (PostgreSQL's `cert` method).
+        let name = socket.tls().and_then(super::tls::peer_common_name);
+        if name.as_deref() != Some(user.as_str()) {
+            let why = match (socket.tls(), name) {
+                (None, _) => "the connection does not use TLS".to_owned(),
+                (Some(_), None) => {
+                    "the client sent no certificate (or one without a CN)".to_owned()
+                }
+                (Some(_), Some(name)) => {
+                    format!("the certificate's CN is \"{}\"", Escaped(&name))
+                }
+            };
+            let refused = ClientError::CertificateAuth {
+                user: user.clone(),
+                why,
+            };
+            return Err(who.failed(Reason::Tls, refused));
+        }
+    }
+    if method == AuthMethod::Password
+        && socket.tls().is_none()
+        && !snapshot.config.auth.allow_cleartext_without_tls
+    {
+        return Err(who.failed(Reason::Tls, ClientError::CleartextNeedsTls));
+    }
+    if matches!(method, AuthMethod::Trust | AuthMethod::Cert) {
         // Without a password there is nothing to guess: PostgreSQL, too, names what is
         // missing right away when trust lets a client in.
         if !known_user {
@@ -203,6 +258,12 @@ async fn login(
         // messages nor their timing tell a client which user names exist.
         let credential = snapshot.credentials.get(&user).filter(|_| known_user);
         let verified = match credential {
+            Some(c) if method == AuthMethod::Password => {
+                cleartext_login(socket, &mut cbuf, c).await?
+            }
+            None if method == AuthMethod::Password => {
+                cleartext_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?
+            }
             // Leaves AuthenticationSASLFinal in `out`, sent with AuthenticationOk below.
             // As PostgreSQL: md5 with a SCRAM verifier stored runs SCRAM.
             Some(c)
@@ -211,12 +272,12 @@ async fn login(
                         || matches!(c.secret(), Secret::Scram(_))) =>
             {
                 let exchange = c.scram().map(|v| ScramExchange::new(v.clone()));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref()).await?
             }
             Some(c) => md5_login(socket, &mut cbuf, c).await?,
             None if method == AuthMethod::ScramSha256 => {
                 let exchange = Some(ScramExchange::mock(&user));
-                scram_login(socket, &mut cbuf, &mut out, &user, exchange).await?
+                scram_login(socket, &mut cbuf, &mut out, &user, exchange, tls.as_ref()).await?
             }
             None => md5_login(socket, &mut cbuf, &mock_md5_credential(&user)).await?,
         };
@@ -261,7 +322,7 @@ async fn login(
 /// ReadyForQuery) and returns its session. Not under `client_login_timeout`: what it waits
 /// for is a server (bounded by `wait_timeout`), not the client.
 pub(super) async fn greet(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     client: Authenticated,
@@ -324,6 +385,7 @@ pub(super) async fn greet(
         &database,
         &user,
         startup.get("application_name").unwrap_or_default(),
+        socket.tls_description(),
     );
     if let Some(server) = &held {
         view.set_server(Some((server.id(), server.key().process_id)));
@@ -516,20 +578,48 @@ fn as_fatal(body: &[u8]) -> BytesMut {
     out
 }
 
-/// Reads startup packets until the StartupMessage, answering SSL and GSSAPI requests
-/// with `N` and forwarding a CancelRequest. A client that leaves before its StartupMessage
-/// (a close, a Terminate, half a packet) is let go quietly.
+/// Reads startup packets until the StartupMessage: a GSSENCRequest is answered `N`, an
+/// SSLRequest `S` (then the TLS handshake) when `tls` is on and `N` otherwise, a direct TLS
+/// handshake (PostgreSQL 17's `sslnegotiation=direct`) is taken when `tls` is on, and a
+/// CancelRequest is forwarded. A client that leaves before its StartupMessage (a close, a
+/// Terminate, half a packet, a failed handshake) is let go quietly.
 async fn read_startup(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     cbuf: &mut BytesMut,
     pooler: &Pooler,
+    tls: Option<&ClientTls>,
 ) -> Result<Startup, Refusal> {
+    if let (Some(tls), ClientStream::Tcp(tcp)) = (tls, &*socket) {
+        // A TLS record (handshake, 0x16) where a startup packet's length would start:
+        // a direct handshake, which must name `postgresql` in ALPN.
+        let mut first = [0u8; 1];
+        if tcp.peek(&mut first).await? == 1 && first == [0x16] {
+            handshake(socket, peer, pooler, tls).await?;
+            let alpn = socket.tls().and_then(|c| c.alpn_protocol());
+            if alpn != Some(ALPN_POSTGRESQL) {
+                return Err(ClientError::DirectTlsWithoutAlpn.into());
+            }
+        }
+    }
     loop {
         match startup::read_packet(socket, cbuf).await {
-            Ok(StartupPacket::SslRequest | StartupPacket::GssEncRequest) => {
-                socket.write_all(b"N").await?;
+            Ok(StartupPacket::SslRequest) if socket.tls().is_some() => {
+                return Err(ClientError::SslRequestInTls.into());
             }
+            Ok(StartupPacket::SslRequest) => match tls {
+                Some(tls) => {
+                    socket.write_all(b"S").await?;
+                    // What the client sent before reading `S` was not encrypted: it must
+                    // not count as sent over TLS (PostgreSQL refuses it the same way).
+                    if !cbuf.is_empty() {
+                        return Err(ClientError::UnencryptedAfterSsl.into());
+                    }
+                    handshake(socket, peer, pooler, tls).await?;
+                }
+                None => socket.write_all(b"N").await?,
+            },
+            Ok(StartupPacket::GssEncRequest) => socket.write_all(b"N").await?,
             Ok(StartupPacket::Cancel { process_id, secret }) => {
                 pooler.cancels.cancel(process_id, secret).await;
                 return Err(Refusal::Gone);
@@ -555,30 +645,61 @@ async fn read_startup(
     }
 }
 
+/// Runs the TLS handshake on a plain client socket. A failed one leaves no one to tell.
+async fn handshake(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    pooler: &Pooler,
+    tls: &ClientTls,
+) -> Result<(), Refusal> {
+    match socket.start_tls(tls).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            info!(%peer, error = %e, reason = %Reason::Tls.as_str(), "login failed");
+            let limits = pooler.snapshot().config.auth.login_limits();
+            count_failure(&pooler.logins, peer, Reason::Tls, &limits);
+            Err(Refusal::Gone)
+        }
+    }
+}
+
 /// Runs one SCRAM exchange (a mock one for an unknown user). `Ok(false)` for a wrong
 /// password; a broken message is an error.
 async fn scram_login(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     cbuf: &mut BytesMut,
     out: &mut BytesMut,
     user: &str,
     exchange: Option<ScramExchange>,
+    tls: Option<&ClientTls>,
 ) -> Result<bool, Refusal> {
     let Some(mut exchange) = exchange else {
         return Err(ClientError::Authentication("no SCRAM secret for this user".into()).into());
     };
-    write::auth_sasl(out, &[SCRAM_MECHANISM]);
+    // Over TLS, SCRAM-SHA-256-PLUS first (as PostgreSQL offers them), bound to the
+    // certificate pgmux showed this client.
+    let end_point = match socket.tls() {
+        Some(_) => tls.and_then(|t| t.end_point().cloned()),
+        None => None,
+    };
+    let offered: &[&str] = if end_point.is_some() {
+        &[SCRAM_PLUS_MECHANISM, SCRAM_MECHANISM]
+    } else {
+        &[SCRAM_MECHANISM]
+    };
+    write::auth_sasl(out, offered);
     socket.write_all(out).await?;
 
     let first = read_password_message(socket, cbuf).await?;
     let malformed = || ClientError::Authentication("malformed SASLInitialResponse".into());
     let (mechanism, rest) = read_cstr(&first).ok_or_else(malformed)?;
-    if mechanism != SCRAM_MECHANISM {
+    if !offered.contains(&mechanism) {
         return Err(ClientError::Authentication(format!(
             "client selected an invalid SASL mechanism \"{mechanism}\""
         ))
         .into());
     }
+    exchange.bind_channel(end_point, mechanism == SCRAM_PLUS_MECHANISM);
     let (len, data) = read_i32(rest).ok_or_else(malformed)?;
     let data = usize::try_from(len)
         .ok()
@@ -605,7 +726,7 @@ async fn scram_login(
 
 /// Runs one md5 challenge. `Ok(false)` for a wrong password.
 async fn md5_login(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     cbuf: &mut BytesMut,
     credential: &Credential,
 ) -> Result<bool, Refusal> {
@@ -618,6 +739,21 @@ async fn md5_login(
     Ok(credential.check_md5(salt, response))
 }
 
+/// Asks for the password in clear text (the `password` method, over TLS unless allowed
+/// otherwise). `Ok(false)` for a wrong password.
+async fn cleartext_login(
+    socket: &mut ClientStream,
+    cbuf: &mut BytesMut,
+    credential: &Credential,
+) -> Result<bool, Refusal> {
+    let mut out = BytesMut::new();
+    write::auth_cleartext(&mut out);
+    socket.write_all(&out).await?;
+    let body = read_password_message(socket, cbuf).await?;
+    let password = body.strip_suffix(&[0]).unwrap_or(&body);
+    Ok(credential.check_password(password))
+}
+
 /// What an md5 login of an unknown user is checked against: a hash no response matches
 /// (md5 of nothing is not 32 zero bytes), at the cost of a real one.
 fn mock_md5_credential(user: &str) -> Credential {
@@ -628,7 +764,7 @@ fn mock_md5_credential(user: &str) -> Credential {
 
 /// Reads one PasswordMessage-family message ('p') and returns its body.
 async fn read_password_message(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     cbuf: &mut BytesMut,
 ) -> Result<BytesMut, Refusal> {
     let mut codec = MessageCodec::new(MAX_STARTUP_PACKET);

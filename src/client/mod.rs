@@ -9,9 +9,13 @@ mod replies;
 mod session;
 pub(crate) mod state;
 mod statements;
+mod stream;
+mod tls;
 
 pub use error::ClientError;
 pub use queue::OutQueue;
+pub use stream::ClientStream;
+pub use tls::{ClientTls, ClientTlsIo};
 
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -31,7 +35,7 @@ use crate::protocol::PgError;
 /// it to [`crate::admin::console`], so the data path never runs admin code.
 pub struct ConsoleLogin {
     /// The socket, after AuthenticationOk.
-    pub socket: TcpStream,
+    pub socket: ClientStream,
     /// The user who logged in.
     pub user: String,
     /// What the client sent after its login, not yet read by anyone.
@@ -46,12 +50,13 @@ pub struct ConsoleLogin {
 /// `XX000` before the close, the session's guards have already given back what it held
 /// (its server lease, its cancel key, its registry entry), and pgmux keeps serving.
 pub async fn serve(
-    mut socket: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     pooler: Arc<Pooler>,
     admitted: bool,
 ) -> Option<ConsoleLogin> {
-    let _ = socket.set_nodelay(true);
+    let _ = tcp.set_nodelay(true);
+    let mut socket = ClientStream::Tcp(tcp);
     let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
         .catch_unwind()
         .await;
@@ -70,7 +75,7 @@ pub async fn serve(
 /// Login and session on a borrowed socket. Returns the user and buffered bytes when the
 /// client logged in to the admin console instead.
 async fn serve_socket(
-    socket: &mut TcpStream,
+    socket: &mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
@@ -113,7 +118,10 @@ async fn serve_socket(
     session.run(socket).await;
     close_gently(socket).await;
     // Byte counts come from the kernel.
-    let traffic = crate::stats::tcp_traffic(&*socket).unwrap_or_default();
+    let traffic = socket
+        .tcp()
+        .and_then(crate::stats::tcp_traffic)
+        .unwrap_or_default();
     let duration_ms = started.elapsed().as_millis() as u64;
     if log {
         info!(%peer, pool = %Escaped(&pool), duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
@@ -124,19 +132,19 @@ async fn serve_socket(
 }
 
 /// Sends a fatal error and closes: never a bare reset.
-async fn refuse(mut socket: TcpStream, err: &PgError) {
+async fn refuse(mut socket: ClientStream, err: &PgError) {
     refuse_on(&mut socket, err).await;
 }
 
 /// Sends a fatal error and shuts the socket down.
-async fn refuse_on(socket: &mut TcpStream, err: &PgError) {
+async fn refuse_on(socket: &mut ClientStream, err: &PgError) {
     let mut buf = BytesMut::new();
     err.write(&mut buf);
     send_and_close(socket, &buf).await;
 }
 
 /// Sends these bytes (a fatal ErrorResponse) and shuts the socket down.
-async fn send_and_close(socket: &mut TcpStream, bytes: &[u8]) {
+async fn send_and_close(socket: &mut ClientStream, bytes: &[u8]) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.write_all(bytes)).await;
     close_gently(socket).await;
 }
@@ -144,7 +152,7 @@ async fn send_and_close(socket: &mut TcpStream, bytes: &[u8]) {
 /// Shuts the sending side and reads what the client still sends (briefly) before the
 /// socket is dropped: closing with unread input makes the kernel send a reset, which may
 /// destroy the error pgmux just wrote before the client reads it.
-async fn close_gently(socket: &mut TcpStream) {
+async fn close_gently(socket: &mut ClientStream) {
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         socket.shutdown().await?;
         // Small: this buffer is part of every client task's future (memory per idle client).

@@ -4,7 +4,6 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Buf, BytesMut};
-use tokio::net::TcpStream;
 
 use crate::server::TryWrite;
 
@@ -84,14 +83,14 @@ impl OutQueue {
         Ok(())
     }
 
-    /// Writes everything, waiting as needed.
-    pub async fn write_all(&mut self, socket: &mut TcpStream) -> io::Result<()> {
+    /// Writes everything (TLS: ciphertext included), waiting as needed.
+    pub async fn write_all(&mut self, socket: &mut super::ClientStream) -> io::Result<()> {
         loop {
             self.write_now(socket)?;
-            if self.is_empty() {
+            if self.is_empty() && !socket.wants_write() {
                 return Ok(());
             }
-            socket.writable().await?;
+            std::future::poll_fn(|cx| socket.poll_write_ready(cx)).await?;
         }
     }
 

@@ -92,7 +92,7 @@ impl Walker<'_> {
                         self.problem(
                             &p,
                             item.span(),
-                            "needs a method (scram-sha-256, md5, trust or reject)",
+                            "needs a method (scram-sha-256, md5, password, cert, trust or reject)",
                         );
                     }
                     ok = false;

@@ -13,8 +13,8 @@ use super::env::{self, OffsetMap};
 use super::report::{Place, Places, Report, join_key};
 use super::{
     AdminSection, AuthMethod, AuthSection, Config, ConfigError, Database, PemFile, PoolMode,
-    PoolOverrides, Problem, ServerSection, SessionStatePolicy, User, server_tls, userlist,
-    validate,
+    PoolOverrides, Problem, ServerSection, SessionStatePolicy, User, client_tls, server_tls,
+    userlist, validate,
 };
 
 /// Parses `text` (named `origin`), resolving a relative `auth.userlist_file` against `base`.
@@ -69,9 +69,11 @@ pub(super) fn analyze(
     userlist::merge(&mut config, base, &mut places, &mut report);
     super::access::merge_hba(&mut config, base, &places, &mut report);
     server_tls::load_files(&mut config, base, &places, &mut report);
+    client_tls::load_files(&mut config.tls, base, &places, &mut report);
     validate::normalize(&mut config);
     let warnings = validate::check(&config, &places, &mut report);
     server_tls::check(&config, &places, &mut report);
+    client_tls::check(&config.tls, &places, &mut report);
     (report.finish(config), warnings)
 }
 
@@ -93,7 +95,15 @@ impl Source<'_> {
     }
 }
 
-const SECTIONS: &[&str] = &["server", "auth", "admin", "pool", "databases", "users"];
+const SECTIONS: &[&str] = &[
+    "server",
+    "auth",
+    "admin",
+    "tls",
+    "pool",
+    "databases",
+    "users",
+];
 const SERVER_KEYS: &[&str] = &[
     "listen",
     "max_client_conn",
@@ -114,6 +124,7 @@ const AUTH_KEYS: &[&str] = &[
     "login_lockout",
     "rules",
     "hba_file",
+    "allow_cleartext_without_tls",
 ];
 const ADMIN_KEYS: &[&str] = &[
     "listen",
@@ -171,6 +182,8 @@ const AUTH_METHODS: &[(&str, AuthMethod)] = &[
     ("scram-sha-256", AuthMethod::ScramSha256),
     ("md5", AuthMethod::Md5),
     ("trust", AuthMethod::Trust),
+    ("password", AuthMethod::Password),
+    ("cert", AuthMethod::Cert),
 ];
 const SESSION_STATE_POLICIES: &[(&str, SessionStatePolicy)] = &[
     ("pin", SessionStatePolicy::Pin),
@@ -208,6 +221,7 @@ impl Walker<'_> {
                 "server" => self.server(table, &mut config.server),
                 "auth" => self.auth(table, &mut config.auth),
                 "admin" => self.admin(table, &mut config.admin),
+                "tls" => self.tls(table, &mut config.tls),
                 "pool" => {
                     let mut overrides = PoolOverrides::default();
                     for (key, value) in table {
@@ -359,6 +373,10 @@ impl Walker<'_> {
                 "login_lockout" => set(&mut auth.login_lockout, self.duration(&path, value)),
                 "rules" => auth.rules = self.access_rules(&path, value),
                 "hba_file" => auth.hba_file = self.string(&path, value).map(PathBuf::from),
+                "allow_cleartext_without_tls" => set(
+                    &mut auth.allow_cleartext_without_tls,
+                    self.boolean(&path, value),
+                ),
                 _ => self.unknown("auth", key, AUTH_KEYS),
             }
         }

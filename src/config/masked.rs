@@ -79,6 +79,11 @@ pub(super) fn render(config: &Config) -> String {
         &duration(auth.login_failure_window),
     );
     line(&mut out, "login_lockout", &duration(auth.login_lockout));
+    line(
+        &mut out,
+        "allow_cleartext_without_tls",
+        &auth.allow_cleartext_without_tls.to_string(),
+    );
     match &auth.hba_file {
         Some(file) => line(&mut out, "hba_file", &quote(&file.to_string_lossy())),
         None => {
@@ -110,6 +115,19 @@ pub(super) fn render(config: &Config) -> String {
         "max_connections",
         &admin.max_connections.to_string(),
     );
+
+    let tls = &config.tls;
+    out.push_str("\n[tls]\n");
+    line(&mut out, "client_tls", &quote(tls.client_tls.as_str()));
+    let files = [
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+        ("client_ca_file", &tls.client_ca_file),
+    ];
+    for (key, file) in files {
+        let path = file.as_ref().map(|f| f.path.to_string_lossy());
+        optional(&mut out, key, path.as_deref());
+    }
 
     out.push_str("\n[pool]\n");
     pool(&mut out, &full(&config.pool));

@@ -11,6 +11,7 @@
 //! reload that fails changes nothing.
 
 mod access;
+mod client_tls;
 mod env;
 mod load;
 mod masked;
@@ -28,6 +29,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+pub use client_tls::{ClientTlsMode, TlsSection};
 pub use server_tls::{PemFile, ServerTlsMode, ServerTlsSettings};
 
 /// The whole configuration, with every default filled in.
@@ -39,6 +41,8 @@ pub struct Config {
     pub auth: AuthSection,
     /// `[admin]`: the HTTP admin port and what pgmux logs about its clients and pools.
     pub admin: AdminSection,
+    /// `[tls]`: TLS between clients and pgmux.
+    pub tls: TlsSection,
     /// `[pool]`: pool settings for every database that does not override them.
     pub pool: PoolSettings,
     /// `[databases.NAME]`: the databases clients may ask for, by the name they ask for.
@@ -181,6 +185,8 @@ pub struct AuthSection {
     /// A pg_hba.conf-format file the rules are read from (resolved like `userlist_file`);
     /// read again at every reload.
     pub hba_file: Option<PathBuf>,
+    /// Lets the `password` method (cleartext) run over plain TCP; off: it needs TLS.
+    pub allow_cleartext_without_tls: bool,
 }
 
 pub use crate::auth::rules::AccessRule;
@@ -197,6 +203,7 @@ impl Default for AuthSection {
             login_lockout: Duration::from_secs(60),
             rules: Vec::new(),
             hba_file: None,
+            allow_cleartext_without_tls: false,
         }
     }
 }
@@ -229,6 +236,12 @@ pub enum AuthMethod {
     Md5,
     /// No password at all.
     Trust,
+    /// The password in clear text (AuthenticationCleartextPassword), checked against any
+    /// kind of secret. Only over TLS unless `auth.allow_cleartext_without_tls`.
+    Password,
+    /// A client certificate (checked against `tls.client_ca_file` in the TLS handshake)
+    /// whose common name is the user name; no password.
+    Cert,
 }
 
 impl AuthMethod {
@@ -238,6 +251,8 @@ impl AuthMethod {
             Self::ScramSha256 => "scram-sha-256",
             Self::Md5 => "md5",
             Self::Trust => "trust",
+            Self::Password => "password",
+            Self::Cert => "cert",
         }
     }
 }

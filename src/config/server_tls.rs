@@ -111,36 +111,46 @@ impl ServerTlsSettings {
 /// each database's effective settings by building what the pool will use, reporting at the
 /// key that is wrong.
 pub(super) fn load_files(config: &mut Config, base: &Path, places: &Places, report: &mut Report) {
-    let read = |file: &mut Option<PemFile>, key: &str, report: &mut Report| {
-        if let Some(file) = file {
-            file.path = base.join(&file.path);
-            match std::fs::read(&file.path) {
-                Ok(bytes) if bytes.is_empty() => {
-                    report.at(places, key, format!("{} is empty", file.path.display()));
-                }
-                Ok(bytes) => file.pem = bytes.into(),
-                Err(e) => report.at(
-                    places,
-                    key,
-                    format!("cannot read {}: {e}", file.path.display()),
-                ),
-            }
-        }
-    };
     let keys = |path: &str| {
         ["server_ca_file", "server_cert_file", "server_key_file"].map(|k| join_key(path, k))
     };
     let [ca, cert, key] = keys("pool");
     let tls = &mut config.pool.server_tls;
-    read(&mut tls.ca_file, &ca, report);
-    read(&mut tls.cert_file, &cert, report);
-    read(&mut tls.key_file, &key, report);
+    read_pem(&mut tls.ca_file, &ca, base, places, report);
+    read_pem(&mut tls.cert_file, &cert, base, places, report);
+    read_pem(&mut tls.key_file, &key, base, places, report);
     for (name, db) in &mut config.databases {
         let [ca, cert, key] = keys(&join_key("databases", name));
         let o = &mut db.overrides;
-        read(&mut o.server_ca_file, &ca, report);
-        read(&mut o.server_cert_file, &cert, report);
-        read(&mut o.server_key_file, &key, report);
+        read_pem(&mut o.server_ca_file, &ca, base, places, report);
+        read_pem(&mut o.server_cert_file, &cert, base, places, report);
+        read_pem(&mut o.server_key_file, &key, base, places, report);
+    }
+}
+
+/// Resolves a PEM file named at `key` against `base` and reads it, reporting at the key
+/// when it cannot be read or is empty (its contents then stay empty).
+pub(super) fn read_pem(
+    file: &mut Option<PemFile>,
+    key: &str,
+    base: &Path,
+    places: &Places,
+    report: &mut Report,
+) {
+    let Some(file) = file else {
+        return;
+    };
+    file.path = base.join(&file.path);
+    match std::fs::read(&file.path) {
+        Ok(bytes) if bytes.is_empty() => {
+            report.at(places, key, format!("{} is empty", file.path.display()));
+        }
+        Ok(bytes) => file.pem = bytes.into(),
+        Err(e) => report.at(
+            places,
+            key,
+            format!("cannot read {}: {e}", file.path.display()),
+        ),
     }
 }
 

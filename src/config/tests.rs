@@ -162,7 +162,7 @@ fn unknown_keys_are_placed() {
         problems(text),
         [
             "t.toml:2:1: pool.wait_timout: unknown key (did you mean `wait_timeout`?)",
-            "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, pool, databases, users",
+            "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, tls, pool, databases, users",
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
              user, password, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
@@ -232,7 +232,7 @@ client_login_timeout = 15
 shutdown_timeout = "-3s"
 worker_threads = 0
 [auth]
-method = "password"
+method = "pasword"
 admin_users = "admin"
 [pool]
 size = "20"
@@ -253,7 +253,7 @@ mode = 1
         "t.toml:4:24: server.client_login_timeout: a duration needs a unit: write \"15s\" or \"15ms\"",
         "t.toml:5:20: server.shutdown_timeout: must not be negative",
         "t.toml:6:18: server.worker_threads: must be at least 1",
-        "t.toml:8:10: auth.method: unknown value \"password\"; expected one of \"scram-sha-256\", \"md5\", \"trust\"",
+        "t.toml:8:10: auth.method: unknown value \"pasword\"; expected one of \"scram-sha-256\", \"md5\", \"trust\", \"password\", \"cert\"",
         "t.toml:9:15: auth.admin_users: expected an array of strings, found a string",
         "t.toml:11:8: pool.size: expected an integer, found a string",
         "t.toml:12:12: pool.min_size: expected an integer, found a float",
@@ -870,7 +870,7 @@ fn access_rules_in_toml() {
             "t.toml:3:10: auth.rules[0].method: unknown value \"peer\"; expected one of \"scram-sha-256\", \"md5\", \"trust\", \"reject\"",
             "t.toml:6:11: auth.rules[1].address: \"10.0.0.0/33\": the prefix length must be a number from 0 to 32",
             "t.toml:9:1: auth.rules[1].foo: unknown key; expected one of: type, database, user, address, method",
-            "t.toml:11:1: auth.rules[2]: needs a method (scram-sha-256, md5, trust or reject)",
+            "t.toml:11:1: auth.rules[2]: needs a method (scram-sha-256, md5, password, cert, trust or reject)",
         ]
     );
 }
@@ -892,12 +892,12 @@ fn hba_file_rules_and_their_problems() {
 
     std::fs::write(
         &hba,
-        "host all all 10.0.0.0/8 md5\nhost all all 10.0.0.0/8 password\n",
+        "host all all 10.0.0.0/8 md5\nhost all all 10.0.0.0/8 cert\n",
     )
     .unwrap();
     let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
     assert!(
-        err.contains("pg_hba.conf:2:25: \"password\" (cleartext) is not supported"),
+        err.contains("hba_file line 2: cert needs tls.client_ca_file"),
         "{err}"
     );
     let both = format!("{text}\n[[auth.rules]]\nmethod = \"md5\"\n");

@@ -157,6 +157,31 @@ impl Checker<'_> {
 
     fn auth(&mut self, config: &Config) {
         let auth = &config.auth;
+        // `cert` checks the client certificate, which pgmux asks for only with a CA to
+        // check it against.
+        if config.tls.client_ca_file.is_none() {
+            let msg = "cert needs tls.client_ca_file (and tls.cert_file, tls.key_file): client certificates are checked against it";
+            if auth.method == AuthMethod::Cert {
+                self.error("auth.method", msg);
+            }
+            for (name, user) in &config.users {
+                if user.auth_method == Some(AuthMethod::Cert) {
+                    self.error(&join_key(&join_key("users", name), "auth_method"), msg);
+                }
+            }
+            if let Some(rule) = auth
+                .rules
+                .iter()
+                .find(|r| r.method == RuleMethod::Login(AuthMethod::Cert))
+            {
+                let key = if auth.hba_file.is_some() {
+                    "auth.hba_file"
+                } else {
+                    "auth.rules"
+                };
+                self.error(key, format!("{}: {msg}", rule.source));
+            }
+        }
         for rule in &auth.rules {
             if rule.method == RuleMethod::Login(AuthMethod::Trust) {
                 let key = if auth.hba_file.is_some() {
@@ -355,7 +380,7 @@ impl Checker<'_> {
                 }
                 _ => {}
             }
-            if user.password.is_none() && method != AuthMethod::Trust {
+            if user.password.is_none() && !matches!(method, AuthMethod::Trust | AuthMethod::Cert) {
                 let msg = format!(
                     "no password, and {} needs one: this user cannot log in",
                     method.as_str()

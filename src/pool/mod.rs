@@ -118,10 +118,12 @@ struct Waiter {
 }
 
 /// A server connection lent to a client: what the views show and checkin measures.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Lent {
     id: u64,
     pid: i32,
+    /// See [`ServerConn::tls`].
+    tls: Option<Arc<str>>,
     created: Instant,
     /// When the client asked for a server (its wait included).
     wanted: Instant,
@@ -340,6 +342,7 @@ impl Pool {
                 st.lent.push(Lent {
                     id: conn.id(),
                     pid: conn.key().process_id,
+                    tls: conn.tls().cloned(),
                     created: conn.created(),
                     wanted,
                     since: now,

@@ -144,6 +144,7 @@ async fn ask_max_connections(pool: &Arc<Pool>) {
         st.lent.push(Lent {
             id: conn.id(),
             pid: conn.key().process_id,
+            tls: conn.tls().cloned(),
             created: conn.created(),
             wanted: now,
             since: now,

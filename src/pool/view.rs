@@ -137,6 +137,8 @@ pub struct ServerView {
     pub id: u64,
     /// The backend's process id.
     pub pid: i32,
+    /// How it is encrypted, if it is.
+    pub tls: Option<Arc<str>>,
     /// Active or idle.
     pub state: ServerState,
     /// Time since it was opened.
@@ -180,6 +182,7 @@ impl Pool {
             .map(|l| ServerView {
                 id: l.id,
                 pid: l.pid,
+                tls: l.tls.clone(),
                 state: ServerState::Active,
                 age: now - l.created,
                 in_state: now - l.since,
@@ -189,6 +192,7 @@ impl Pool {
         out.extend(st.idle.iter().rev().map(|c| ServerView {
             id: c.id(),
             pid: c.key().process_id,
+            tls: c.tls().cloned(),
             state: ServerState::Idle,
             age: now - c.created(),
             in_state: now.saturating_duration_since(c.idle_since()),

@@ -13,6 +13,7 @@ pub use tls_io::{RawSocket, TlsIo};
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -135,12 +136,20 @@ pub struct ServerConn {
     applied: Vec<(String, SettingValue)>,
     /// Named prepared statements it holds.
     prepared: ServerStatements,
+    /// How it is encrypted (`TLSv1.3/TLS_AES_256_GCM_SHA384`), for the views; `None`:
+    /// plain. Made once, when connected.
+    tls: Option<Arc<str>>,
 }
 
 impl ServerConn {
     fn new(stream: ServerStream, addr: ServerAddr) -> Self {
         let now = Instant::now();
+        let tls = match &stream {
+            ServerStream::Tls(s) => Some(Arc::from(s.describe())),
+            _ => None,
+        };
         ServerConn {
+            tls,
             stream,
             read_buf: BytesMut::with_capacity(8 * 1024),
             codec: MessageCodec::default(),
@@ -161,6 +170,11 @@ impl ServerConn {
             applied: Vec::new(),
             prepared: ServerStatements::default(),
         }
+    }
+
+    /// How it is encrypted, if it is (for the views).
+    pub fn tls(&self) -> Option<&Arc<str>> {
+        self.tls.as_ref()
     }
 
     /// A process-wide id, for logs and the admin views.

@@ -18,7 +18,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::{ConnectionCommon, SideData};
+use tokio_rustls::rustls::{self, ConnectionCommon, SideData};
 
 /// A non-blocking socket [`TlsIo`] reads ciphertext from and writes it to.
 pub trait RawSocket: AsyncWrite + Unpin {
@@ -113,6 +113,26 @@ where
     /// The rustls connection (protocol version, cipher suite, peer certificates).
     pub fn connection(&self) -> &C {
         &self.tls
+    }
+
+    /// How the connection is described in `/clients`, `/servers` and the console's `tls`
+    /// column: protocol version and cipher suite, as PgBouncer shows them
+    /// (`TLSv1.3/TLS_AES_256_GCM_SHA384`).
+    pub fn describe(&self) -> String {
+        let version = match self.tls.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+            _ => "TLS",
+        };
+        match self.tls.negotiated_cipher_suite() {
+            Some(suite) => {
+                let name = format!("{:?}", suite.suite());
+                let name = name.strip_prefix("TLS13_").unwrap_or(&name);
+                let name = name.strip_prefix("TLS_").unwrap_or(name);
+                format!("{version}/TLS_{name}")
+            }
+            None => version.to_owned(),
+        }
     }
 
     /// Whether ciphertext waits to be written: the owner must then poll

@@ -216,15 +216,12 @@ impl Loop<'_> {
                 biased;
                 result = &mut checkout => break result,
                 _ = self.s.kill.cancelled() => return Err(End::fatal(ClientError::ShuttingDown)),
-                _ = self.client.ready(Interest::READABLE), if room => {
-                    self.s.cbuf.reserve(CLIENT_READ);
-                    match self.client.try_read_buf(&mut self.s.cbuf) {
-                        Ok(0) => return Err(End::ClientGone),
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => return Err(End::ClientGone),
-                    }
-                }
+                read = client_read(self.client, &mut self.s.cbuf), if room => match read {
+                    Ok(0) => return Err(End::ClientGone),
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(End::ClientGone),
+                },
             }
         };
         match result {
@@ -254,4 +251,15 @@ impl Loop<'_> {
             }
         }
     }
+}
+
+/// Reads what the client sent into `cbuf` once it is readable (TLS: once rustls holds
+/// plaintext), reserving room only then.
+async fn client_read(client: &mut ClientStream, cbuf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        std::task::ready!(client.poll_read_ready(cx))?;
+        cbuf.reserve(CLIENT_READ);
+        tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, cbuf)
+    })
+    .await
 }

@@ -27,8 +27,6 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::Interest;
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
@@ -39,6 +37,7 @@ use super::error::ClientError;
 use super::params::{ClientParams, SessionChange};
 use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
+use super::stream::ClientStream;
 use crate::cancel::{self, CancelHandle, CancelTarget};
 use crate::clients::{ClientHandle, ClientState};
 use crate::config::{PoolMode, SessionStatePolicy};
@@ -155,7 +154,7 @@ pub struct Session {
 
 pub(super) struct Loop<'c> {
     pub(super) s: Session,
-    client: &'c mut TcpStream,
+    client: &'c mut ClientStream,
     codec: MessageCodec,
     to_client: OutQueue,
     pub(super) to_server: OutQueue,
@@ -188,7 +187,7 @@ impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
     /// can still tell the client.
-    pub async fn run(mut self, client: &mut TcpStream) {
+    pub async fn run(mut self, client: &mut ClientStream) {
         let server = self.server.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
@@ -258,7 +257,8 @@ impl Loop<'_> {
                 .server
                 .as_ref()
                 .is_some_and(|s| !self.to_server.is_empty() || s.stream().wants_write());
-            let write_client = !self.to_client.is_empty();
+            // TLS: ciphertext accepted earlier may still wait for the socket.
+            let write_client = !self.to_client.is_empty() || self.client.wants_write();
             let deadline = self.deadline();
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions =
