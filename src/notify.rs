@@ -526,11 +526,23 @@ pub enum ListenCommand {
     UnlistenAll,
 }
 
+/// Whether `text` may be a LISTEN or UNLISTEN: its first non-blank byte is `L` or `U`.
+/// A few instructions, so that the Queries of every transaction pay nothing more.
+pub fn may_be_listen(text: &[u8]) -> bool {
+    matches!(
+        text.iter().find(|b| !b.is_ascii_whitespace()),
+        Some(b'L' | b'l' | b'U' | b'u')
+    )
+}
+
 /// Reads `LISTEN name`, `UNLISTEN name` or `UNLISTEN *` (any case, surrounding blanks, one
 /// optional `;`), with the channel as PostgreSQL names it: an unquoted name folded to lower
 /// case, a `"quoted"` one as written. `None` for anything else (several statements,
 /// comments): the server runs those, and pgmux reads the result from its catalog.
 pub fn parse_listen(text: &[u8]) -> Option<ListenCommand> {
+    if !may_be_listen(text) {
+        return None;
+    }
     let text = std::str::from_utf8(text.strip_suffix(&[0]).unwrap_or(text)).ok()?;
     let text = text.trim();
     let text = text.strip_suffix(';').unwrap_or(text).trim_end();

@@ -110,7 +110,12 @@ impl Loop<'_> {
                 // close statements in the background (tokio-postgres on drop), and that must
                 // not take a server from the pool.
                 tag::CLOSE if self.close_without_server(&frame) => return Ok(()),
-                tag::QUERY if Box::pin(self.listen_locally(&frame)).await => return Ok(()),
+                tag::QUERY
+                    if crate::notify::may_be_listen(frame.body())
+                        && Box::pin(self.listen_locally(&frame)).await =>
+                {
+                    return Ok(());
+                }
                 _ => {}
             }
             // Boxed: a waiting checkout is large, and an idle session should not carry its
@@ -149,8 +154,8 @@ impl Loop<'_> {
             tag::QUERY => {
                 #[cfg(debug_assertions)]
                 injected_fault::panic_if_asked(frame.body());
-                if self.subscription.is_some() {
-                    // An UNLISTEN inside a transaction: applied as it goes.
+                if self.subscription.is_some() && crate::notify::may_be_listen(frame.body()) {
+                    // An UNLISTEN inside a transaction: it counts when that commits.
                     Box::pin(self.listen_locally(&frame)).await;
                 }
                 self.unsynced = false;
