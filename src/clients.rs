@@ -6,9 +6,6 @@
 //! and an admin read ever take. The admin port reads every entry when asked; the session
 //! never waits for it. Dropping the handle removes the client.
 
-// Indexes into fixed arrays and the query buffer are bounded by construction (`min`, `%`).
-#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -103,6 +100,13 @@ struct QueryText {
     bytes: [u8; QUERY_TEXT_MAX],
 }
 
+impl QueryText {
+    /// The bytes kept.
+    fn text(&self) -> &[u8] {
+        self.bytes.get(..self.len).unwrap_or_default()
+    }
+}
+
 /// Every logged-in client. Shared (`Arc`) by the pooler, the sessions and the admin port.
 pub struct ClientRegistry {
     /// [`coarse_nanos`] when the registry was made.
@@ -184,7 +188,10 @@ impl ClientRegistry {
         let mut by_pool: HashMap<(&str, &str), [u64; 4]> = HashMap::new();
         for e in &entries {
             let state = usize::from(e.state.load(Relaxed)).min(3);
-            by_pool.entry((&e.database, &e.user)).or_default()[state] += 1;
+            let counts = by_pool.entry((&e.database, &e.user)).or_default();
+            if let Some(n) = counts.get_mut(state) {
+                *n += 1;
+            }
         }
         by_pool
             .into_iter()
@@ -213,7 +220,7 @@ impl ClientRegistry {
         let server_id = e.server_id.load(Relaxed);
         let query = {
             let q = e.query.lock();
-            String::from_utf8_lossy(&q.bytes[..q.len]).into_owned()
+            String::from_utf8_lossy(q.text()).into_owned()
         };
         ClientInfo {
             id: e.id,
@@ -237,6 +244,7 @@ impl ClientRegistry {
         }
     }
 
+    #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
         &self.shards[(id % SHARDS as u64) as usize]
     }
@@ -287,8 +295,10 @@ impl ClientHandle {
         let sql = sql.strip_suffix(&[0]).unwrap_or(sql);
         let n = sql.len().min(QUERY_TEXT_MAX);
         let mut q = self.entry.query.lock();
-        q.bytes[..n].copy_from_slice(&sql[..n]);
-        q.len = n;
+        if let (Some(to), Some(from)) = (q.bytes.get_mut(..n), sql.get(..n)) {
+            to.copy_from_slice(from);
+            q.len = n;
+        }
     }
 
     /// The client's address.
@@ -304,7 +314,7 @@ impl ClientHandle {
     /// The current query text (as [`ClientHandle::set_query`] kept it).
     pub fn query(&self) -> String {
         let q = self.entry.query.lock();
-        String::from_utf8_lossy(&q.bytes[..q.len]).into_owned()
+        String::from_utf8_lossy(q.text()).into_owned()
     }
 
     /// Records what pgmux did about session state this client left on its server.

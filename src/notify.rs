@@ -194,6 +194,11 @@ impl Subscription {
         self.channels.iter().map(String::as_str)
     }
 
+    /// Whether the client still listens to the channel of this NotificationResponse.
+    pub fn wants(&self, message: &[u8]) -> bool {
+        notification_channel(message).is_some_and(|c| self.channels.contains(c))
+    }
+
     /// Whether the client listens to anything.
     pub fn is_listening(&self) -> bool {
         !self.channels.is_empty()

@@ -5,9 +5,6 @@
 //! Every counter only grows, from the pool's creation; Prometheus computes rates. A pool
 //! removed by a reload takes its counters with it (they vanish from `/metrics`).
 
-// Indexes into fixed arrays are bounded by construction (enum discriminants, `min`).
-#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
-
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -94,12 +91,17 @@ impl PoolStats {
 
     /// Session state of `kind` found, and `action` taken.
     pub fn session_state(&self, kind: StateKind, action: StateAction) {
-        self.session_state[kind as usize][action as usize].fetch_add(1, Relaxed);
+        let row = self.session_state.get(kind as usize);
+        if let Some(n) = row.and_then(|row| row.get(action as usize)) {
+            n.fetch_add(1, Relaxed);
+        }
     }
 
     /// A server connection closed for `reason`.
     pub fn closed(&self, reason: CloseReason) {
-        self.closed[reason as usize].fetch_add(1, Relaxed);
+        if let Some(n) = self.closed.get(reason as usize) {
+            n.fetch_add(1, Relaxed);
+        }
     }
 }
 
@@ -268,7 +270,9 @@ impl ErrorClasses {
             .iter()
             .position(|c| c.as_bytes().eq_ignore_ascii_case(class))
             .unwrap_or(SQLSTATE_CLASSES.len());
-        self.0[slot].fetch_add(1, Relaxed);
+        if let Some(n) = self.0.get(slot) {
+            n.fetch_add(1, Relaxed);
+        }
     }
 
     /// (class, count) for every class seen at least once; `other` last.
@@ -289,6 +293,8 @@ pub const BUCKETS: [f64; 17] = [
     60.0, 300.0,
 ];
 
+// Evaluated at compile time: an index out of bounds would fail the build, not pgmux.
+#[allow(clippy::indexing_slicing)]
 const fn bucket_nanos() -> [u64; BUCKETS.len()] {
     let mut out = [0; BUCKETS.len()];
     let mut i = 0;
@@ -334,7 +340,9 @@ impl Histogram {
         let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         // First bucket whose bound is >= the value (buckets are "less or equal").
         let slot = BUCKET_NANOS.partition_point(|&bound| bound < nanos);
-        self.counts[slot].fetch_add(1, Relaxed);
+        if let Some(n) = self.counts.get(slot) {
+            n.fetch_add(1, Relaxed);
+        }
         self.sum_nanos.fetch_add(nanos, Relaxed);
     }
 
@@ -343,11 +351,13 @@ impl Histogram {
     pub fn snapshot(&self) -> HistogramSnapshot {
         let mut cumulative = [0; BUCKETS.len()];
         let mut running = 0;
-        for (i, c) in cumulative.iter_mut().enumerate() {
-            running += self.counts[i].load(Relaxed);
+        for (c, n) in cumulative.iter_mut().zip(&self.counts) {
+            running += n.load(Relaxed);
             *c = running;
         }
-        let count = running + self.counts[BUCKETS.len()].load(Relaxed);
+        // The last count is the +Inf bucket, beyond every bound.
+        let beyond = self.counts.last().map_or(0, |n| n.load(Relaxed));
+        let count = running + beyond;
         HistogramSnapshot {
             cumulative,
             count,

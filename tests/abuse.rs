@@ -79,14 +79,7 @@ async fn text_pasted_from_a_document_is_an_error_not_a_lost_server() {
         let err = client.simple_query(sql).await.unwrap_err();
         assert_eq!(err.code(), Some(&SqlState::SYNTAX_ERROR), "{sql}: {err}");
     }
-    assert_eq!(
-        client
-            .query_one("SELECT 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    common::answers_select_1(&client).await;
     pool_is_healthy(&mux).await;
 }
 

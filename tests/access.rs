@@ -134,42 +134,67 @@ async fn failures(mux: &TestPgmux, reason: &str) -> u64 {
 }
 
 #[tokio::test]
-async fn the_limiter_locks_an_address_out_once_and_lets_it_back() {
+async fn the_limiter_locks_out_a_user_from_an_address_then_the_address_once_each() {
     let pg = TestPostgres::shared().await;
     let opts = MuxOptions {
-        auth_extra: "max_login_failures = 3\nlogin_failure_window = \"1m\"\n\
-                     login_lockout = \"2s\"\n"
+        auth_extra: "max_login_failures = 3\nmax_login_failures_per_address = 6\n\
+                     login_failure_window = \"1m\"\nlogin_lockout = \"3s\"\n"
             .to_owned(),
         admin: Some(String::new()),
         ..MuxOptions::default().with_login_timeout("2s")
     };
     let mux = TestPgmux::start(pg, opts).await;
-    for user in ["app", "nobody", "app"] {
-        let (code, _) = refused(&mux, "app", user, "guess").await;
+    for _ in 0..3 {
+        let (code, _) = refused(&mux, "app", "app", "guess").await;
         assert_eq!(code, "28P01");
     }
-    // Locked out: even the right password is refused, and told why.
+    // app is locked out from this address: even the right password is refused, and told
+    // why...
     for _ in 0..2 {
         let (code, message) = refused(&mux, "app", "app", "app_pw").await;
         assert_eq!(code, "28000");
         assert!(
-            message.starts_with("pgmux: too many failed logins from this address; try again in "),
+            message.starts_with(
+                "pgmux: too many failed logins for this user from this address; try again in "
+            ),
             "{message}"
         );
     }
     let bin = pg.bin_dir();
     let (ok, _, stderr) = common::run_psql(bin, &mux.url("app", "app"), "SELECT 1");
     assert!(!ok && stderr.contains("too many failed logins"), "{stderr}");
+    // ... while another user of the same address (a sidecar, a NAT) logs in as usual.
+    let (other, _conn) = mux.try_connect("app", "other", "other_pw").await.unwrap();
+    other.simple_query("SELECT 1").await.unwrap();
 
-    assert_eq!(failures(&mux, "bad_password").await, 2);
-    assert_eq!(failures(&mux, "unknown_user").await, 1);
-    assert_eq!(failures(&mux, "rate_limited").await, 3);
+    // Guesses across user names (unknown ones too) reach the address-wide ceiling: 3 for
+    // app above, 3 here. Then every user of the address is refused.
+    for user in ["nobody1", "nobody2", "nobody3"] {
+        let (code, _) = refused(&mux, "app", user, "guess").await;
+        assert_eq!(code, "28P01");
+    }
+    let (code, message) = refused(&mux, "app", "other", "other_pw").await;
+    assert_eq!(code, "28000");
+    assert!(
+        message.starts_with("pgmux: too many failed logins from this address; try again in "),
+        "{message}"
+    );
+    // The session that logged in before the lockout goes on.
+    other.simple_query("SELECT 1").await.unwrap();
 
-    // Back after the lockout; the attempts in between did not extend it.
-    let back = || async { mux.try_connect("app", "app", "app_pw").await.is_ok() };
-    assert!(common::eventually(Duration::from_secs(15), back).await);
-    let log = mux.stderr_log();
-    let lockouts = log.matches("address locked out").count();
+    assert_eq!(failures(&mux, "bad_password").await, 3);
+    assert_eq!(failures(&mux, "unknown_user").await, 3);
+    assert_eq!(failures(&mux, "rate_limited").await, 4);
+
+    // Both back after the lockout; the attempts in between did not extend it.
+    for (user, password) in [("app", "app_pw"), ("other", "other_pw")] {
+        let back = || async { mux.try_connect("app", user, password).await.is_ok() };
+        assert!(common::eventually(Duration::from_secs(15), back).await);
+    }
+    let log = logged(&mux, "address locked out for every user").await;
+    let lockouts = log.matches("user locked out from this address").count();
+    assert_eq!(lockouts, 1, "{log}");
+    let lockouts = log.matches("address locked out for every user").count();
     assert_eq!(lockouts, 1, "{log}");
     assert_eq!(log.matches("reason=rate_limited").count(), 0, "{log}");
 

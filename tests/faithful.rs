@@ -7,15 +7,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::raw::{Raw, query, read_messages, startup_packet};
+use common::raw::{Raw, connect, query, refusal, ssl_request_declined, startup_packet};
 use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_postgres::error::SqlState;
-
-async fn raw(mux: &TestPgmux) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
-}
 
 /// Reads until the peer closes; returns what it sent. Panics if it does not close in 10 s.
 async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
@@ -25,12 +21,6 @@ async fn read_to_close(s: &mut TcpStream) -> Vec<u8> {
         .expect("the connection was closed")
         .expect("a clean close, not a reset");
     got
-}
-
-async fn still_serving(mux: &TestPgmux) {
-    let client = mux.connect("app", "app").await;
-    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
 }
 
 /// Lines of pgmux's log at WARN or ERROR level.
@@ -46,7 +36,7 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
     // node-postgres, closed while it connects: Terminate ('X', length 4) comes first.
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     s.write_all(b"X\0\0\0\x04").await.unwrap();
     assert_eq!(
         read_to_close(&mut s).await,
@@ -55,21 +45,13 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
     );
 
     // The same after an SSLRequest that was declined.
-    let mut s = raw(&mux).await;
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"N");
+    let mut s = connect(&mux).await;
+    ssl_request_declined(&mut s).await;
     s.write_all(b"X\0\0\0\x04").await.unwrap();
     assert_eq!(read_to_close(&mut s).await, b"");
 
     // An 'X' that is not a Terminate is still a bad length, refused as before.
-    let mut s = raw(&mux).await;
-    s.write_all(b"X\0\0\0\x07abc").await.unwrap();
-    let messages = read_messages(&mut s, Duration::from_secs(5)).await;
-    let (code, message) = common::raw::first_error(&messages).expect("an error");
+    let (code, message) = refusal(&mux, b"X\0\0\0\x07abc").await;
     assert_eq!(code, "08P01", "{message}");
 
     let log_has = |needle: &'static str| {
@@ -99,7 +81,7 @@ async fn terminate_before_the_startup_packet_is_a_quiet_close() {
         "only the 'X' that was no Terminate is refused:\n{log}"
     );
     assert!(warnings(&log).is_empty(), "{log}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 #[tokio::test]
@@ -108,9 +90,9 @@ async fn a_client_that_leaves_before_or_during_its_startup_packet_is_let_go_quie
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
     // Nothing at all (monitors, port scanners), half a length word, half a packet.
-    drop(raw(&mux).await);
+    drop(connect(&mux).await);
     for partial in [&[0u8, 0][..], &startup_packet(0, &[("user", "app")])[..12]] {
-        let mut s = raw(&mux).await;
+        let mut s = connect(&mux).await;
         s.write_all(partial).await.unwrap();
         s.shutdown().await.unwrap();
         assert_eq!(
@@ -142,7 +124,7 @@ async fn a_client_that_leaves_before_or_during_its_startup_packet_is_let_go_quie
     );
     let log = mux.stderr_log();
     assert!(warnings(&log).is_empty(), "{log}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 /// Startup parameters besides user and database.
@@ -227,7 +209,7 @@ async fn direct_greeting(pg: &TestPostgres, settings: &[(&str, &str)]) -> Greeti
 
 /// The greeting pgmux gives them.
 async fn mux_greeting(mux: &TestPgmux, settings: &[(&str, &str)]) -> Greeting {
-    greeting(raw(mux).await, settings).await
+    greeting(connect(mux).await, settings).await
 }
 
 #[tokio::test]
@@ -331,6 +313,74 @@ async fn a_setting_the_server_refuses_refuses_the_login_as_postgresql_does() {
     assert_eq!((row.get::<_, &str>(0), row.get::<_, &str>(1)), ("", "4MB"));
 }
 
+/// Startup settings PostgreSQL refuses at login, as a name it does not know (42704) or a
+/// value it does not take (22023), in a parameter of their own or inside `options`.
+const REFUSED: [&[(&str, &str)]; 4] = [
+    &[("options", "-c bogus_param=1")],
+    &[("bogus_param", "1")],
+    &[("DateStyle", "garbage")],
+    &[("application_name", "x"), ("options", "--bogus-param=1")],
+];
+
+/// What a client sees of a refusal: severity and SQLSTATE.
+fn refused_with(greeting: &Greeting) -> (&str, &str) {
+    match greeting {
+        Greeting::Refused(severity, code, _) => (severity, code),
+        Greeting::Greeted(_) => panic!("greeted: {greeting:?}"),
+    }
+}
+
+#[tokio::test]
+async fn refused_startup_settings_get_postgresqls_own_fatal_in_every_mode() {
+    let pg = TestPostgres::shared().await;
+    for mode in ["transaction", "session"] {
+        let opts = MuxOptions {
+            mode,
+            size: 1,
+            wait_timeout: "5s",
+            ..MuxOptions::default().with_auth_method("trust")
+        };
+        let mux = TestPgmux::start(pg, opts).await;
+        let pid_before = {
+            let client = mux.connect("app", "app").await;
+            let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
+            row.unwrap().get::<_, i32>(0)
+        };
+        for settings in REFUSED {
+            let direct = direct_greeting(pg, settings).await;
+            let expected = if settings.iter().any(|(n, _)| *n == "DateStyle") {
+                "22023"
+            } else {
+                "42704"
+            };
+            assert_eq!(refused_with(&direct), ("FATAL", expected), "{direct:?}");
+            // Twice: the second is told the same, from what pgmux learnt at the first.
+            for _ in 0..2 {
+                let through = mux_greeting(&mux, settings).await;
+                assert_eq!(through, direct, "{mode}: {settings:?}");
+            }
+        }
+        // The only server slot was given back, and the server kept none of the settings.
+        let client = mux.connect("app", "app").await;
+        let row = client
+            .query_one(
+                "SELECT pg_backend_pid(), current_setting('DateStyle'), \
+                 current_setting('bogus_param', true), current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap();
+        let datestyle: &str = row.get(1);
+        assert_eq!(datestyle, "ISO, MDY", "{mode}");
+        assert_eq!(row.get::<_, Option<&str>>(2), None, "{mode}");
+        assert_eq!(row.get::<_, &str>(3), "", "{mode}");
+        if mode == "transaction" {
+            // Checked on a server without closing it.
+            assert_eq!(row.get::<_, i32>(0), pid_before);
+        }
+    }
+}
+
 #[tokio::test]
 async fn known_settings_need_no_server_at_login_and_unknown_ones_wait_for_one() {
     let pg = TestPostgres::shared().await;
@@ -346,20 +396,42 @@ async fn known_settings_need_no_server_at_login_and_unknown_ones_wait_for_one() 
         mux_greeting(&mux, &utf8).await.param("client_encoding"),
         "UTF8"
     );
+    let euc = [("client_encoding", "euc-jp")];
+    assert_eq!(
+        mux_greeting(&mux, &euc).await.param("client_encoding"),
+        "EUC_JP"
+    );
+    let bogus = [("bogus_param", "1")];
+    let refused = mux_greeting(&mux, &bogus).await;
+    assert_eq!(refused_with(&refused), ("FATAL", "42704"));
 
     // The only server is held inside a transaction.
     let holder = mux.connect("app", "app").await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
-    // Settings pgmux has seen: greeted at once, in the server's spelling, no server needed.
+    // Settings pgmux has seen: greeted at once, in the server's spelling, no server needed;
+    // refused settings are told PostgreSQL's own error again.
     assert_eq!(
         mux_greeting(&mux, &utf8).await.param("client_encoding"),
         "UTF8"
     );
+    assert_eq!(mux_greeting(&mux, &bogus).await, refused);
 
-    // New settings and no server within wait_timeout: the client's own spelling, as before.
-    let mut s = raw(&mux).await;
-    let euc = [("client_encoding", "euc-jp")];
+    // Settings no server has checked, and none free within wait_timeout: refused with
+    // pgmux's 53300 rather than let in with settings its server might refuse.
+    for unchecked in [
+        &[("client_encoding", "latin1")][..],
+        &[("options", "-c other_bogus=1")],
+        &[("DateStyle", "garbage")],
+    ] {
+        let got = mux_greeting(&mux, unchecked).await;
+        assert_eq!(refused_with(&got), ("FATAL", "53300"), "{unchecked:?}");
+    }
+
+    // A new set of settings that servers have each taken before (and an application
+    // name, which PostgreSQL never refuses) needs no server: the client's own spelling.
+    let mut s = connect(&mux).await;
+    let euc = [("client_encoding", "euc-jp"), ("application_name", "new")];
     assert_eq!(
         greeting(&mut s, &euc).await.param("client_encoding"),
         "euc-jp"
@@ -382,6 +454,12 @@ async fn known_settings_need_no_server_at_login_and_unknown_ones_wait_for_one() 
         .map(|(_, body)| String::from_utf8_lossy(body).into_owned())
         .collect();
     assert_eq!(told, ["client_encoding\0EUC_JP\0"]);
+
+    // Once a server is free, settings never seen are checked by it: PostgreSQL's word.
+    let got = mux_greeting(&mux, &[("DateStyle", "garbage")]).await;
+    assert_eq!(refused_with(&got), ("FATAL", "22023"));
+    let log = mux.stderr_log();
+    assert!(!log.contains("a hidden query of pgmux's"), "{log}");
 }
 
 /// The whole messages in `raw`, as (tag, body).

@@ -83,6 +83,36 @@ impl<'a> Rig<'a> {
         rig
     }
 
+    /// [`Rig::start`], then a client that commits rows 1 to `rows`.
+    async fn seeded(
+        pg: &'a TestPostgres,
+        dbname: &str,
+        opts: MuxOptions,
+        rows: i32,
+    ) -> (Rig<'a>, Client) {
+        let rig = Rig::start(pg, dbname, opts).await;
+        let c = rig.client().await;
+        commit_rows(&c, 1, rows).await;
+        (rig, c)
+    }
+
+    /// Clients that each hold one of the servers pgmux has now, in a transaction that
+    /// inserted a row of its own (`first_row`, then the next ones): a checkout after this
+    /// needs a new server.
+    async fn hold_every_server(&self, first_row: usize) -> Vec<Client> {
+        let mut holders = Vec::new();
+        while holders.len() < self.proxy.carried() {
+            let holder = self.client().await;
+            let n = first_row + holders.len();
+            holder
+                .batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({n})"))
+                .await
+                .unwrap();
+            holders.push(holder);
+        }
+        holders
+    }
+
     /// A client of [`DB`] through pgmux; panics if it cannot log in.
     async fn client(&self) -> Client {
         self.watched().await.client
@@ -296,9 +326,7 @@ async fn running(su: &Client, pid: i32, prefix: &str) {
 #[tokio::test]
 async fn link_cut_mid_statement_gives_08006_and_commits_nothing() {
     let pg = TestPostgres::shared().await;
-    let rig = Rig::start(pg, "faults_cut_statement", MuxOptions::sized(2)).await;
-    let holder = rig.client().await;
-    commit_rows(&holder, 1, 100).await;
+    let (rig, holder) = Rig::seeded(pg, "faults_cut_statement", MuxOptions::sized(2), 100).await;
 
     // A transaction with rows of its own and a setting, then a long statement. The
     // backend checks its socket every 100 ms while it sleeps, so it notices the cut.
@@ -321,15 +349,7 @@ async fn link_cut_mid_statement_gives_08006_and_commits_nothing() {
 
     let (holder, result) = sleeping.await.unwrap();
     let err = result.expect_err("the statement fails when its server is lost");
-    let db = db_error(&err);
-    eprintln!("cut mid-statement: {} {}", db.code().code(), db.message());
-    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
-    assert!(
-        db.message()
-            .contains("lost the server connection in the middle of a transaction"),
-        "{}",
-        db.message()
-    );
+    assert_lost_mid_transaction(&err, "cut mid-statement");
     assert!(
         holder.simple_query("SELECT 1").await.is_err(),
         "pgmux ended the session with its FATAL"
@@ -371,19 +391,7 @@ async fn link_reset_while_idle_in_transaction_gives_08006_and_commits_nothing() 
         .expect("pgmux ends the session")
         .unwrap();
     let err = ended.expect_err("the session ends with an error");
-    let db = db_error(&err);
-    eprintln!(
-        "reset idle in transaction: {} {}",
-        db.code().code(),
-        db.message()
-    );
-    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
-    assert!(
-        db.message()
-            .contains("lost the server connection in the middle of a transaction"),
-        "{}",
-        db.message()
-    );
+    assert_lost_mid_transaction(&err, "reset idle in transaction");
     assert!(holder.client.simple_query("COMMIT").await.is_err());
     rig.backend_gone(pid).await;
 
@@ -421,10 +429,7 @@ fn timers_of_sockets_to(port: u16) -> Vec<(u8, u64)> {
 #[tokio::test]
 async fn links_cut_and_reset_while_idle_in_the_pool_are_replaced_without_an_error() {
     let pg = TestPostgres::shared().await;
-    let opts = MuxOptions {
-        pool_extra: "tcp_keepidle = \"7s\"\n".to_owned(),
-        ..MuxOptions::sized(2)
-    };
+    let opts = MuxOptions::sized(2).with_pool("tcp_keepidle = \"7s\"");
     let rig = Rig::start(pg, "faults_idle_pool", opts).await;
     // Two servers in the pool: two clients in transactions at once, then both idle.
     let a = rig.client().await;
@@ -494,21 +499,13 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
     pg.stop().await;
     pg.restart().await;
 
-    let rig = Rig::start(&pg, "faults_full", MuxOptions::sized(3)).await;
-    let waiter = rig.client().await;
-    commit_rows(&waiter, 1, 10).await;
+    // A query that needs a new server waits this long for a lent one (the holders' below)
+    // before it is told PostgreSQL's refusal.
+    let opts = MuxOptions::sized(3).waiting("200ms");
+    let (rig, waiter) = Rig::seeded(&pg, "faults_full", opts, 10).await;
     // Every server pgmux has is held in a transaction (one, unless the warm-up raced a
     // second one open), so the waiter will need a new one.
-    let mut holders = Vec::new();
-    while holders.len() < rig.proxy.carried() {
-        let holder = rig.client().await;
-        let n = 11 + holders.len();
-        holder
-            .batch_execute(&format!("BEGIN; INSERT INTO ledger VALUES ({n})"))
-            .await
-            .unwrap();
-        holders.push(holder);
-    }
+    let holders = rig.hold_every_server(11).await;
     assert!(
         holders.len() < 3,
         "room in the pool for the waiter's server"
@@ -536,7 +533,8 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
         assert!(fillers.len() < 10, "max_connections = 10 was not applied");
     }
 
-    // The waiter needs a second server: PostgreSQL's refusal reaches it, clearly.
+    // The waiter needs a second server: PostgreSQL's refusal reaches it, clearly (once no
+    // held server came back within wait_timeout).
     let attempts_before = rig.proxy.accepted();
     let started = Instant::now();
     let mut queries = 0;
@@ -582,20 +580,11 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
     // Slots free up: the waiter recovers without reconnecting, on a new server (the
     // holders still hold theirs).
     drop(fillers);
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match try_count(&waiter).await {
-            Ok(n) => {
-                assert_eq!(n, 10, "the holders' rows are not committed yet");
-                break;
-            }
-            Err(e) => {
-                assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
-                assert!(Instant::now() < deadline, "pgmux did not recover: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let full = |e: &tokio_postgres::Error| {
+        assert_eq!(e.code(), Some(&SqlState::TOO_MANY_CONNECTIONS), "{e}");
+    };
+    let n = count_once_served(&waiter, full).await;
+    assert_eq!(n, 10, "the holders' rows are not committed yet");
     // The clients that held a server all along were not disturbed.
     for holder in &holders {
         holder.batch_execute("COMMIT").await.unwrap();
@@ -624,6 +613,36 @@ async fn postgres_at_max_connections_gives_its_53300_and_pgmux_backs_off() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     rig.assert_healthy("max_connections", committed).await;
+}
+
+/// Asserts that `err` is pgmux's 08006 for a server lost in the middle of a transaction,
+/// and shows it (`what` names the fault).
+fn assert_lost_mid_transaction(err: &tokio_postgres::Error, what: &str) {
+    let db = db_error(err);
+    eprintln!("{what}: {} {}", db.code().code(), db.message());
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE);
+    assert!(
+        db.message()
+            .contains("lost the server connection in the middle of a transaction"),
+        "{}",
+        db.message()
+    );
+}
+
+/// The rows of `ledger` once `c` is served again: each failed try goes to `check`, and
+/// the test fails if it is not served within [`PATIENCE`].
+async fn count_once_served(c: &Client, check: impl Fn(&tokio_postgres::Error)) -> i64 {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match try_count(c).await {
+            Ok(n) => return n,
+            Err(e) => {
+                check(&e);
+                assert!(Instant::now() < deadline, "pgmux did not recover: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
 }
 
 /// The error of one query that must fail.
@@ -695,14 +714,9 @@ async fn slow_link_delays_but_keeps_results_intact() {
 #[tokio::test]
 async fn upstream_refusing_connections_gives_08006_naming_it_then_recovers() {
     let pg = TestPostgres::shared().await;
-    let opts = MuxOptions {
-        // A refusal must not be confused with a timeout: connecting may take long.
-        pool_extra: "connect_timeout = \"60s\"\n".to_owned(),
-        ..MuxOptions::sized(2)
-    };
-    let rig = Rig::start(pg, "faults_refused", opts).await;
-    let c = rig.client().await;
-    commit_rows(&c, 1, 25).await;
+    // A refusal must not be confused with a timeout: connecting may take long.
+    let opts = MuxOptions::sized(2).with_pool("connect_timeout = \"60s\"");
+    let (rig, c) = Rig::seeded(pg, "faults_refused", opts, 25).await;
 
     // PostgreSQL "goes away": its connections close and new ones are refused.
     rig.proxy.refuse().await;
@@ -738,20 +752,10 @@ async fn upstream_refusing_connections_gives_08006_naming_it_then_recovers() {
 
     rig.proxy.resume().await;
     // The same session recovers once connections are accepted again.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        match try_count(&c).await {
-            Ok(n) => {
-                assert_eq!(n, 25);
-                break;
-            }
-            Err(e) => {
-                check(&e);
-                assert!(Instant::now() < deadline, "pgmux did not recover: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let refused = |e: &tokio_postgres::Error| {
+        check(e);
+    };
+    assert_eq!(count_once_served(&c, refused).await, 25);
     commit_rows(&c, 26, 30).await;
     rig.assert_healthy("upstream_refusing", 30).await;
 }
@@ -759,13 +763,8 @@ async fn upstream_refusing_connections_gives_08006_naming_it_then_recovers() {
 #[tokio::test]
 async fn upstream_stalled_mid_result_gives_08006_naming_query_timeout() {
     let pg = TestPostgres::shared().await;
-    let opts = MuxOptions {
-        pool_extra: "query_timeout = \"2s\"\n".to_owned(),
-        ..MuxOptions::sized(1)
-    };
-    let rig = Rig::start(pg, "faults_stall", opts).await;
-    let c = rig.client().await;
-    commit_rows(&c, 1, 30).await;
+    let opts = MuxOptions::sized(1).with_pool("query_timeout = \"2s\"");
+    let (rig, c) = Rig::seeded(pg, "faults_stall", opts, 30).await;
     c.batch_execute(
         "BEGIN; INSERT INTO ledger SELECT generate_series(31, 60); SET faults.marker = 'dirty'",
     )
@@ -809,4 +808,94 @@ async fn upstream_stalled_mid_result_gives_08006_naming_query_timeout() {
     rig.proxy.resume().await;
     rig.backend_gone(pid).await;
     rig.assert_healthy("upstream_stalled_mid_result", 30).await;
+}
+
+/// Clients of [`DB`] waiting for a server, from `/metrics`.
+async fn waiting(rig: &Rig<'_>) -> f64 {
+    let metrics = rig.mux.admin_get("/metrics").await.body;
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("pgmux_pool_waiting_clients{"))
+        .find(|l| l.contains(&format!("database=\"{DB}\"")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn upstream_down_a_checkout_waits_for_a_lent_server_and_fails_fast_when_none_is_lent() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        // A checkout that waited when nothing can come back would hang the test here (and
+        // its watchdog would end it), not pass.
+        wait_timeout: "10m",
+        admin: Some(String::new()),
+        ..MuxOptions::sized(3).with_pool("connect_timeout = \"60s\"")
+    };
+    let rig = Rig::start(pg, "faults_lent", opts).await;
+    let waiter = rig.client().await;
+    // Every server pgmux has is held in a transaction (one, unless upkeep borrowed it
+    // meanwhile and a second was opened), so the waiter needs a new one.
+    let holders = rig.hold_every_server(1).await;
+    assert!(
+        holders.len() < 3,
+        "room in the pool for the waiter's server"
+    );
+
+    // PostgreSQL stops accepting connections; the holders' links keep working. The pool
+    // has a free slot, but its connect attempt is refused: the waiter waits for a lent
+    // server instead of failing.
+    rig.proxy.refuse().await;
+    let query = tokio::spawn(async move {
+        let n = try_count(&waiter).await;
+        (waiter, n)
+    });
+    let queued = || async { waiting(&rig).await >= 1.0 };
+    assert!(common::eventually(PATIENCE, queued).await, "no waiter");
+    let log = rig.mux.stderr_log();
+    assert!(log.contains("cannot connect to upstream"), "{log}");
+    holders[0].batch_execute("COMMIT").await.unwrap();
+    let (waiter, n) = query.await.unwrap();
+    assert_eq!(
+        n.unwrap(),
+        1,
+        "the waiter got the server the holder gave back"
+    );
+
+    // Still down, and with every server held again the next checkout (which finds the
+    // pool down, or tries again and is refused) waits too.
+    holders[0]
+        .batch_execute("BEGIN; INSERT INTO ledger VALUES (10)")
+        .await
+        .unwrap();
+    let query = tokio::spawn(async move {
+        let n = try_count(&waiter).await;
+        (waiter, n)
+    });
+    assert!(common::eventually(PATIENCE, queued).await, "no waiter");
+    holders[0].batch_execute("COMMIT").await.unwrap();
+    let (waiter, n) = query.await.unwrap();
+    assert_eq!(n.unwrap(), 2);
+
+    // Nothing lent, and the idle servers' links cut: the upstream is down and nothing can
+    // come back, so the checkout fails at once (not after wait_timeout), naming it.
+    for holder in &holders[1..] {
+        holder.batch_execute("ROLLBACK").await.unwrap();
+    }
+    rig.proxy.cut(Links::All).await;
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let db = db_error(&err);
+    assert_eq!(db.code(), &SqlState::CONNECTION_FAILURE, "{}", db.message());
+    let upstream = format!("upstream 127.0.0.1:{}", rig.proxy.port);
+    assert!(db.message().contains(&upstream), "{}", db.message());
+    assert_eq!(waiting(&rig).await, 0.0);
+
+    rig.proxy.resume().await;
+    let back = || async { try_count(&waiter).await.is_ok() };
+    assert!(
+        common::eventually(PATIENCE, back).await,
+        "pgmux did not recover"
+    );
+    drop((holders, waiter));
+    rig.assert_healthy("down_pool_lent", 2).await;
 }

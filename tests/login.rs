@@ -5,27 +5,12 @@ mod common;
 
 use std::time::Duration;
 
-use common::raw::{Raw, first_error, read_messages, startup_packet};
+use common::raw::{
+    Raw, connect, first_error, read_messages, refusal, ssl_request_declined, startup_packet,
+};
 use common::{MuxOptions, TestPgmux, TestPostgres};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio_postgres::error::SqlState;
-
-async fn raw(mux: &TestPgmux) -> TcpStream {
-    TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
-}
-
-async fn still_serving(mux: &TestPgmux) {
-    let client = mux.connect("app", "app").await;
-    assert_eq!(
-        client
-            .query_one("SELECT 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
-}
 
 #[tokio::test]
 async fn wrong_password_unknown_user_and_unknown_database() {
@@ -55,7 +40,7 @@ async fn wrong_password_unknown_user_and_unknown_database() {
     assert_eq!(err.code(), Some(&SqlState::INVALID_CATALOG_NAME));
     assert!(err.as_db_error().unwrap().message().contains("nodb"));
 
-    still_serving(&mux).await;
+    mux.still_serving().await;
     // Lines reach the file through pgmux's log thread: wait for the last one.
     let connected = || async { mux.stderr_log().contains("client connected") };
     assert!(common::eventually(Duration::from_secs(5), connected).await);
@@ -81,7 +66,7 @@ async fn md5_and_trust_methods() {
         .with_auth_method("md5"),
     )
     .await;
-    still_serving(&md5).await;
+    md5.still_serving().await;
     let err = md5
         .try_connect("app", "app", "nope")
         .await
@@ -106,42 +91,27 @@ async fn oversized_and_malformed_startup_packets() {
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
 
     // Length above 10 000 bytes.
-    let mut s = raw(&mux).await;
-    s.write_all(&20_000u32.to_be_bytes()).await.unwrap();
-    s.write_all(&[0u8; 64]).await.unwrap();
-    let (code, _) =
-        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
-    assert_eq!(code, "08P01");
+    let mut oversized = 20_000u32.to_be_bytes().to_vec();
+    oversized.extend_from_slice(&[0u8; 64]);
+    assert_eq!(refusal(&mux, &oversized).await.0, "08P01");
 
     // Length below the minimum.
-    let mut s = raw(&mux).await;
-    s.write_all(&2u32.to_be_bytes()).await.unwrap();
-    let (code, _) =
-        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
-    assert_eq!(code, "08P01");
+    assert_eq!(refusal(&mux, &2u32.to_be_bytes()).await.0, "08P01");
 
     // Parameters that are not NUL-terminated pairs.
-    let mut s = raw(&mux).await;
     let mut body = (3u32 << 16).to_be_bytes().to_vec();
     body.extend_from_slice(b"user\0app");
     let mut packet = ((body.len() + 4) as u32).to_be_bytes().to_vec();
     packet.extend_from_slice(&body);
-    s.write_all(&packet).await.unwrap();
-    let (code, _) =
-        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
-    assert_eq!(code, "08P01");
+    assert_eq!(refusal(&mux, &packet).await.0, "08P01");
 
     // Protocol 2.0.
-    let mut s = raw(&mux).await;
     let mut packet = 9u32.to_be_bytes().to_vec();
     packet.extend_from_slice(&(2u32 << 16).to_be_bytes());
     packet.push(0);
-    s.write_all(&packet).await.unwrap();
-    let (code, _) =
-        first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error");
-    assert_eq!(code, "0A000");
+    assert_eq!(refusal(&mux, &packet).await.0, "0A000");
 
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 #[tokio::test]
@@ -154,21 +124,16 @@ async fn garbage_after_login_gets_08p01() {
     let messages = read_messages(&mut c.s, Duration::from_secs(5)).await;
     let (code, message) = first_error(&messages).expect("an error");
     assert_eq!(code, "08P01", "{message}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 #[tokio::test]
 async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     // SSLRequest: 'N', then a 3.2 startup with an unknown _pq_ option.
-    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
-        .await
-        .unwrap();
-    let mut answer = [0u8; 1];
-    s.read_exact(&mut answer).await.unwrap();
-    assert_eq!(&answer, b"N");
+    ssl_request_declined(&mut s).await;
     s.write_all(&startup_packet(
         2,
         &[("user", "app"), ("database", "app"), ("_pq_.future", "1")],
@@ -190,7 +155,7 @@ async fn ssl_request_is_declined_and_protocol_minor_negotiated() {
 async fn replication_connections_are_refused() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default().with_auth_method("trust")).await;
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     s.write_all(&startup_packet(
         0,
         &[
@@ -257,19 +222,19 @@ async fn client_login_timeout_closes_silent_clients() {
         .with_login_timeout("2s"),
     )
     .await;
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     // Say nothing: pgmux must close us with an error, not hang.
     let messages = read_messages(&mut s, Duration::from_secs(10)).await;
     let (code, message) = first_error(&messages).expect("an error before close");
     assert_eq!(code, "57014", "{message}");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }
 
 #[tokio::test]
 async fn unknown_cancel_keys_are_ignored() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::default()).await;
-    let mut s = raw(&mux).await;
+    let mut s = connect(&mux).await;
     let mut packet = 16u32.to_be_bytes().to_vec();
     packet.extend_from_slice(&80877102u32.to_be_bytes());
     packet.extend_from_slice(&12345i32.to_be_bytes());
@@ -277,5 +242,5 @@ async fn unknown_cancel_keys_are_ignored() {
     s.write_all(&packet).await.unwrap();
     let messages = read_messages(&mut s, Duration::from_secs(5)).await;
     assert!(messages.is_empty(), "a cancel request gets no answer");
-    still_serving(&mux).await;
+    mux.still_serving().await;
 }

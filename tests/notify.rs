@@ -170,6 +170,30 @@ async fn a_listen_inside_a_transaction_counts_only_if_it_commits() {
         .await
         .unwrap();
     assert!(rows.is_empty(), "a pooled server still listens");
+
+    // UNLISTEN in a transaction counts when it commits, as in PostgreSQL.
+    l.client
+        .batch_execute("BEGIN; UNLISTEN from_do; ROLLBACK")
+        .await
+        .unwrap();
+    notify(&sender, "from_do", "kept").await;
+    assert_eq!(l.next().await.payload(), "kept");
+    l.client.batch_execute("BEGIN").await.unwrap();
+    l.client.batch_execute("UNLISTEN from_do").await.unwrap();
+    // Inside its transaction the client gets nothing; after the commit the channel is
+    // no longer listened to, so what came meanwhile is not delivered (as in PostgreSQL).
+    notify(&sender, "from_do", "not yet").await;
+    l.nothing().await;
+    l.client.batch_execute("COMMIT").await.unwrap();
+    notify(&sender, "from_do", "gone").await;
+    l.nothing().await;
+    l.client.batch_execute("LISTEN from_do").await.unwrap();
+
+    // UNLISTEN by the extended protocol (as pgjdbc sends it) stops delivery too.
+    l.client.execute("UNLISTEN extended", &[]).await.unwrap();
+    notify(&sender, "extended", "gone").await;
+    notify(&sender, "from_do", "still").await;
+    assert_eq!(l.next().await.payload(), "still");
 }
 
 #[tokio::test]
@@ -188,16 +212,25 @@ async fn two_hundred_listeners_share_one_listener_connection() {
         let n = l.next().await;
         assert_eq!((n.payload(), n.process_id()), ("all", pid));
     }
-    // PostgreSQL sees the pool (2 at most) and one listener connection, not 200.
+    // The server connections are the pool's (2 at most) and one listener connection, not
+    // 200 (counted in /servers: other tests share the cluster).
+    let servers = mux.admin_get("/servers").await.json();
+    let servers = servers.as_array().unwrap();
+    let listeners = servers.iter().filter(|s| s["state"] == "listener").count();
+    assert_eq!(listeners, 1, "{servers:?}");
+    assert!(servers.len() <= 3, "{servers:?}");
     let admin = pg.superuser().await;
     let row = admin
         .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND usename = 'app'",
-            &[],
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+            &[&servers
+                .iter()
+                .filter_map(|s| s["pid"].as_i64().map(|p| p as i32))
+                .collect::<Vec<i32>>()],
         )
         .await
         .unwrap();
-    assert!(row.get::<_, i64>(0) <= 3, "{:?}", row.get::<_, i64>(0));
+    assert_eq!(row.get::<_, i64>(0) as usize, servers.len());
 }
 
 #[tokio::test]
@@ -231,12 +264,18 @@ async fn a_killed_listener_connection_is_reopened_and_listens_again() {
     notify(&sender, "survive", "before").await;
     assert_eq!(l.next().await.payload(), "before");
 
+    // This pgmux's listener connection (other tests share the cluster).
+    let servers = mux.admin_get("/servers").await.json();
+    let pid = servers
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["state"] == "listener")
+        .and_then(|s| s["pid"].as_i64())
+        .expect("a listener connection in /servers") as i32;
     let admin = pg.superuser().await;
     admin
-        .batch_execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = 'app' AND query LIKE 'LISTEN%'",
-        )
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
     // The listener connection comes back and LISTENs again; until then NOTIFYs are lost

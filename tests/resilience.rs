@@ -13,14 +13,7 @@ async fn postgres_restart_under_pgmux_clients_recover() {
     let pg = TestPostgres::start().await;
     let mux = TestPgmux::start(&pg, MuxOptions::default()).await;
     let client = mux.connect("app", "app").await;
-    assert_eq!(
-        client
-            .query_one("SELECT 1", &[])
-            .await
-            .unwrap()
-            .get::<_, i32>(0),
-        1
-    );
+    common::answers_select_1(&client).await;
 
     pg.stop().await;
     // While it is down: a clear 08006 naming the upstream, quickly, not a hang.

@@ -1,84 +1,27 @@
 //! TLS from pgmux to PostgreSQL (`server_tls`): real clusters with `ssl = on` and
-//! certificates made here with rcgen, pgmux in front, tokio-postgres (plain) as the client.
+//! certificates made with rcgen (`common::tls`), pgmux in front, tokio-postgres (plain) as
+//! the client.
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::tls::Ca;
-use common::{MuxOptions, PgSsl, TestPgmux, TestPostgres, eventually};
+use common::tls::{ServerCerts, mutual_cluster, tls_cluster};
+use common::{MuxOptions, TestPgmux, TestPostgres, copy_round_trip, eventually};
 use tokio_postgres::error::SqlState;
 
-/// The certificates of this test binary, in a directory pgmux reads them from.
-struct Certs {
-    dir: PathBuf,
-    ca: Ca,
-}
-
-impl Certs {
-    fn get() -> &'static Certs {
-        static CERTS: std::sync::OnceLock<Certs> = std::sync::OnceLock::new();
-        CERTS.get_or_init(|| {
-            let dir = common::tls::cert_dir("pgmux-tls-");
-            let ca = Ca::new("pgmux test CA");
-            std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
-            let other = Ca::new("some other CA");
-            std::fs::write(dir.join("other_ca.crt"), other.pem()).unwrap();
-            let (cert, key) = ca.issue("pgmux", &["pgmux"]);
-            std::fs::write(dir.join("pgmux.crt"), cert).unwrap();
-            std::fs::write(dir.join("pgmux.key"), key).unwrap();
-            Certs { dir, ca }
-        })
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.join(name).display().to_string()
-    }
-}
-
-/// `ssl = on` for 127.0.0.1 and localhost; TCP only with TLS (`hostssl`).
-async fn tls_cluster() -> &'static TestPostgres {
-    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
-    PG.get_or_init(|| async {
-        let (cert_pem, key_pem) = Certs::get()
-            .ca
-            .issue("localhost", &["localhost", "127.0.0.1"]);
-        TestPostgres::start_with_ssl(PgSsl {
-            cert_pem,
-            key_pem,
-            hostssl_only: true,
-            client_ca_pem: None,
-        })
-        .await
-    })
-    .await
-}
-
-/// `ssl = on` with a certificate for another name only, and client certificates required
-/// (`clientcert=verify-ca`) from the same CA.
-async fn mutual_cluster() -> &'static TestPostgres {
-    static PG: tokio::sync::OnceCell<TestPostgres> = tokio::sync::OnceCell::const_new();
-    PG.get_or_init(|| async {
-        let certs = Certs::get();
-        let (cert_pem, key_pem) = certs.ca.issue("db.example.test", &["db.example.test"]);
-        TestPostgres::start_with_ssl(PgSsl {
-            cert_pem,
-            key_pem,
-            hostssl_only: true,
-            client_ca_pem: Some(certs.ca.pem()),
-        })
-        .await
-    })
-    .await
+/// `server_tls = "verify-full"` against the CA in the certificates' file `ca_file`.
+fn verify_full(ca_file: &str) -> String {
+    format!(
+        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
+        ServerCerts::get().path(ca_file)
+    )
 }
 
 fn opts(pool_extra: &str) -> MuxOptions {
-    MuxOptions {
-        pool_extra: pool_extra.to_owned(),
-        ..MuxOptions::sized(2)
-    }
+    MuxOptions::sized(2).with_pool(pool_extra)
 }
 
 /// Whether the server sees this connection (pgmux's) as TLS.
@@ -135,12 +78,7 @@ async fn prefer_is_the_default_and_uses_tls_when_offered() {
 #[tokio::test]
 async fn verify_full_with_the_right_ca_works() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("ca.crt"))).await;
     let client = mux.connect("app", "app").await;
     assert!(ssl_in_use(&client).await);
 }
@@ -148,12 +86,7 @@ async fn verify_full_with_the_right_ca_works() {
 #[tokio::test]
 async fn verify_full_with_a_wrong_ca_fails_with_08006() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("other_ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("other_ca.crt"))).await;
     let err = first_error(&mux).await;
     assert_eq!(err.code(), Some(&SqlState::CONNECTION_FAILURE), "{err}");
     let msg = message(&err);
@@ -165,7 +98,7 @@ async fn verify_full_with_a_wrong_ca_fails_with_08006() {
 #[tokio::test]
 async fn verify_full_refuses_a_name_mismatch_and_verify_ca_accepts_it() {
     let pg = mutual_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let files = format!(
         "server_ca_file = \"{}\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
         certs.path("ca.crt"),
@@ -188,7 +121,7 @@ async fn verify_full_refuses_a_name_mismatch_and_verify_ca_accepts_it() {
 #[tokio::test]
 async fn mutual_tls_sends_the_client_certificate() {
     let pg = mutual_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let with_cert = format!(
         "server_tls = \"require\"\nserver_cert_file = \"{}\"\nserver_key_file = \"{}\"",
         certs.path("pgmux.crt"),
@@ -236,7 +169,6 @@ async fn prefer_falls_back_to_plain_and_require_fails_clearly() {
 
 #[tokio::test]
 async fn large_rows_and_copy_pass_through_tls() {
-    use futures_util::{SinkExt, StreamExt, pin_mut};
     let pg = tls_cluster().await;
     let mux = TestPgmux::start(pg, opts("server_tls = \"require\"")).await;
     let client = mux.connect("app", "app").await;
@@ -258,43 +190,15 @@ async fn large_rows_and_copy_pass_through_tls() {
         .unwrap();
     assert_eq!(row.get::<_, i32>(0), 10 * 1024 * 1024);
 
-    client
-        .batch_execute("DROP TABLE IF EXISTS tls_copy; CREATE TABLE tls_copy(id int, note text)")
-        .await
-        .unwrap();
-    let sink = client.copy_in("COPY tls_copy FROM STDIN").await.unwrap();
-    pin_mut!(sink);
-    let mut chunk = String::new();
-    for i in 0..100_000 {
-        chunk.push_str(&format!("{i}\trow number {i}\n"));
-        if chunk.len() > 64 * 1024 {
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .unwrap();
-        }
-    }
-    sink.send(bytes::Bytes::from(chunk)).await.unwrap();
-    assert_eq!(sink.finish().await.unwrap(), 100_000);
-
-    let stream = client.copy_out("COPY tls_copy TO STDOUT").await.unwrap();
-    pin_mut!(stream);
-    let mut lines = 0usize;
-    while let Some(chunk) = stream.next().await {
-        lines += chunk.unwrap().iter().filter(|&&b| b == b'\n').count();
-    }
-    assert_eq!(lines, 100_000);
+    let copied = copy_round_trip(&client, "tls_copy", 100_000).await;
+    assert_eq!((copied.rows_in, copied.lines_out), (100_000, 100_000));
     assert!(ssl_in_use(&client).await);
 }
 
 #[tokio::test]
 async fn a_cancel_reaches_a_tls_server() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
-    let extra = format!(
-        "server_tls = \"verify-full\"\nserver_ca_file = \"{}\"",
-        certs.path("ca.crt")
-    );
-    let mux = TestPgmux::start(pg, opts(&extra)).await;
+    let mux = TestPgmux::start(pg, opts(&verify_full("ca.crt"))).await;
     let su = pg.superuser().await;
     let client = Arc::new(mux.connect("app", "app").await);
     let token = client.cancel_token();
@@ -323,7 +227,7 @@ async fn a_cancel_reaches_a_tls_server() {
 #[tokio::test]
 async fn a_reload_reads_changed_files_and_replaces_the_connections() {
     let pg = tls_cluster().await;
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca.crt");
     std::fs::copy(certs.dir.join("ca.crt"), &ca).unwrap();
@@ -363,7 +267,7 @@ async fn a_reload_reads_changed_files_and_replaces_the_connections() {
 
 #[tokio::test]
 async fn bad_tls_settings_are_refused_at_load_with_their_place() {
-    let certs = Certs::get();
+    let certs = ServerCerts::get();
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, text: &str| {
         let path = dir.path().join(name);

@@ -265,40 +265,12 @@ async fn cancel_reaches_the_running_query() {
 
 #[tokio::test]
 async fn copy_in_and_out_100k_rows() {
-    use futures_util::{SinkExt, StreamExt, pin_mut};
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, MuxOptions::sized(1)).await;
     let client = mux.connect("app", "app").await;
-    client
-        .batch_execute("DROP TABLE IF EXISTS copy_rows; CREATE TABLE copy_rows(id int, note text)")
-        .await
-        .unwrap();
-
-    let sink = client.copy_in("COPY copy_rows FROM STDIN").await.unwrap();
-    pin_mut!(sink);
-    let mut chunk = String::new();
-    for i in 0..100_000 {
-        chunk.push_str(&format!("{i}\trow number {i}\n"));
-        if chunk.len() > 64 * 1024 {
-            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
-                .await
-                .unwrap();
-        }
-    }
-    sink.send(bytes::Bytes::from(chunk)).await.unwrap();
-    let copied = sink.finish().await.unwrap();
-    assert_eq!(copied, 100_000);
-
-    let stream = client.copy_out("COPY copy_rows TO STDOUT").await.unwrap();
-    pin_mut!(stream);
-    let (mut lines, mut bytes) = (0usize, 0usize);
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.unwrap();
-        lines += chunk.iter().filter(|&&b| b == b'\n').count();
-        bytes += chunk.len();
-    }
-    assert_eq!(lines, 100_000);
-    assert!(bytes > 1_000_000);
+    let copied = common::copy_round_trip(&client, "copy_rows", 100_000).await;
+    assert_eq!((copied.rows_in, copied.lines_out), (100_000, 100_000));
+    assert!(copied.bytes_out > 1_000_000);
     let sum: i64 = client
         .query_one("SELECT sum(id)::bigint FROM copy_rows", &[])
         .await

@@ -18,12 +18,13 @@ use tokio_util::codec::Decoder;
 use tracing::{debug, info};
 
 use super::views;
+use crate::client::ClientError;
 use crate::clients::ClientState;
 use crate::config::Config;
 use crate::logging::Escaped;
 use crate::pool::Pool;
 use crate::pooler::Pooler;
-use crate::protocol::{MessageCodec, PgError, SqlState, read_cstr, tag, write};
+use crate::protocol::{MessageCodec, PgError, ProtocolError, read_cstr, tag, write};
 
 /// The database names that open the console instead of a pool.
 pub const CONSOLE_DATABASES: [&str; 2] = ["pgbouncer", "pgmux"];
@@ -39,11 +40,7 @@ pub fn admit(config: &Config, user: &str) -> Result<(), PgError> {
     if config.auth.admin_users.iter().any(|u| u == user) {
         return Ok(());
     }
-    Err(PgError::fatal(
-        SqlState::INVALID_AUTHORIZATION,
-        format!("user \"{user}\" may not use the admin console"),
-    )
-    .with_hint("list the user in auth.admin_users"))
+    Err(ClientError::NotAdmin(user.to_owned()).fatal())
 }
 
 /// Serves the console to a client that pgmux authenticated and sent AuthenticationOk.
@@ -74,14 +71,13 @@ pub async fn serve(
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
-                    PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).write(&mut out);
+                    ClientError::Protocol(e).fatal().write(&mut out);
                     done = true;
                     break;
                 }
             };
             if !frame.is_whole() {
-                let msg = "admin console commands must be shorter than 64 KiB";
-                PgError::fatal(SqlState::PROTOCOL_VIOLATION, msg).write(&mut out);
+                ClientError::ConsoleCommandTooLong.fatal().write(&mut out);
                 done = true;
                 break;
             }
@@ -102,7 +98,7 @@ pub async fn serve(
             read = socket.read_buf(&mut cbuf) => read,
             _ = console.pooler.stop.cancelled() => {
                 let mut bye = BytesMut::new();
-                PgError::fatal(SqlState::ADMIN_SHUTDOWN, "terminating connection: pgmux is shutting down").write(&mut bye);
+                ClientError::ShuttingDown.fatal().write(&mut bye);
                 let _ = socket.write_all(&bye).await;
                 break;
             }
@@ -194,12 +190,7 @@ impl Console {
             | tag::FLUSH
             | tag::FUNCTION_CALL => {
                 if !self.skip_until_sync {
-                    PgError::error(
-                        SqlState::FEATURE_NOT_SUPPORTED,
-                        "the admin console speaks the simple query protocol only",
-                    )
-                    .with_hint("use psql, or your driver's simple query mode")
-                    .write(out);
+                    ClientError::ConsoleExtendedProtocol.error().write(out);
                 }
                 if t == tag::FUNCTION_CALL {
                     write::ready_for_query(out, b'I');
@@ -208,8 +199,8 @@ impl Console {
                 }
             }
             other => {
-                let msg = format!("unexpected message type '{}'", char::from(other));
-                PgError::error(SqlState::PROTOCOL_VIOLATION, msg).write(out);
+                let unknown = ProtocolError::UnknownType { byte: other };
+                ClientError::Protocol(unknown).error().write(out);
             }
         }
     }
@@ -274,7 +265,7 @@ impl Console {
                 let pooler = self.pooler.clone();
                 let result = tokio::task::spawn_blocking(move || pooler.reload())
                     .await
-                    .map_err(|e| PgError::error(SqlState::CONFIG_FILE_ERROR, e.to_string()))?;
+                    .map_err(|e| ClientError::ReloadFailed(e.to_string()).error())?;
                 match result {
                     Ok(changes) => {
                         let text = if changes.is_empty() {
@@ -286,13 +277,8 @@ impl Console {
                         complete(out, "RELOAD");
                     }
                     Err(e) => {
-                        return Err(PgError::error(
-                            SqlState::CONFIG_FILE_ERROR,
-                            format!(
-                                "reload refused, nothing changed:\n{}",
-                                e.problems().join("\n")
-                            ),
-                        ));
+                        let problems = e.problems().join("\n");
+                        return Err(ClientError::ReloadRefused(problems).error());
                     }
                 }
             }
@@ -336,10 +322,7 @@ impl Console {
             return Ok(pools);
         };
         if !self.pooler.snapshot().config.databases.contains_key(db) {
-            return Err(PgError::error(
-                SqlState::INVALID_CATALOG_NAME,
-                format!("no such database \"{db}\""),
-            ));
+            return Err(ClientError::UnknownDatabase(db.to_owned()).error());
         }
         Ok(pools.into_iter().filter(|p| p.key.database == db).collect())
     }
@@ -701,11 +684,7 @@ const HELP: &str = "pgmux admin console commands:
   RECONNECT [db]         replace every server connection once it is idle";
 
 fn unknown(command: &str) -> PgError {
-    PgError::error(
-        SqlState::SYNTAX_ERROR,
-        format!("unknown admin console command: {command}"),
-    )
-    .with_hint("SHOW HELP lists the commands")
+    ClientError::ConsoleUnknownCommand(command.to_owned()).error()
 }
 
 fn int(n: impl ToString) -> Option<String> {

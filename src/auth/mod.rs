@@ -30,7 +30,7 @@ mod scram_client;
 mod secret;
 
 pub use credential::Credential;
-pub use limiter::{FailureReason, LimitSettings, LoginGuard};
+pub use limiter::{FailureReason, LimitSettings, LockoutScope, LoginGuard};
 pub use md5::{md5_hash, md5_response};
 pub use scram::{SCRAM_MECHANISM, SCRAM_PLUS_MECHANISM, ScramExchange};
 pub use scram_client::{ScramClient, ScramClientError, ScramKeys};

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use crate::auth::LockoutScope;
 use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
@@ -35,8 +36,8 @@ pub enum ClientError {
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
     BadPassword(String),
-    #[error("too many failed logins from this address; try again in {0} s")]
-    LockedOut(u64),
+    #[error("too many failed logins {}; try again in {seconds} s", locked_out_whom(*scope))]
+    LockedOut { scope: LockoutScope, seconds: u64 },
     #[error(
         "no access rule allows host \"{host}\", user \"{user}\", database \"{database}\" ({why})"
     )]
@@ -127,6 +128,20 @@ pub enum ClientError {
         "internal error in pgmux; the session was closed (any open transaction was rolled back)"
     )]
     Internal,
+
+    // The admin console (`admin/console.rs`).
+    #[error("user \"{0}\" may not use the admin console")]
+    NotAdmin(String),
+    #[error("admin console commands must be shorter than 64 KiB")]
+    ConsoleCommandTooLong,
+    #[error("the admin console speaks the simple query protocol only")]
+    ConsoleExtendedProtocol,
+    #[error("unknown admin console command: {0}")]
+    ConsoleUnknownCommand(String),
+    #[error("reload refused, nothing changed:\n{0}")]
+    ReloadRefused(String),
+    #[error("reload failed: {0}")]
+    ReloadFailed(String),
 }
 
 impl ClientError {
@@ -139,13 +154,18 @@ impl ClientError {
             Self::Replication | Self::TransactionInStatementMode => SqlState::FEATURE_NOT_SUPPORTED,
             Self::NoUser
             | Self::UnknownUser(_)
-            | Self::LockedOut(_)
+            | Self::LockedOut { .. }
             | Self::TlsRequired(_)
             | Self::CertificateName { .. }
             | Self::CertificateAuth { .. }
             | Self::CleartextNeedsTls
             | Self::NoAccessRule { .. } => SqlState::INVALID_AUTHORIZATION,
             Self::UnknownDatabase(_) => SqlState::INVALID_CATALOG_NAME,
+            Self::NotAdmin(_) => SqlState::INVALID_AUTHORIZATION,
+            Self::ConsoleCommandTooLong => SqlState::PROTOCOL_VIOLATION,
+            Self::ConsoleExtendedProtocol => SqlState::FEATURE_NOT_SUPPORTED,
+            Self::ConsoleUnknownCommand(_) => SqlState::SYNTAX_ERROR,
+            Self::ReloadRefused(_) | Self::ReloadFailed(_) => SqlState::CONFIG_FILE_ERROR,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
             Self::Startup(_)
@@ -214,9 +234,14 @@ impl ClientError {
             Self::CertificateName { .. } => {
                 "log in as the user the client certificate's common name (CN) names, or use tls.client_tls = verify-ca"
             }
-            Self::LockedOut(_) => {
-                "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
-            }
+            Self::LockedOut { scope, .. } => match scope {
+                LockoutScope::User => {
+                    "check the password the client uses; the limit is auth.max_login_failures within auth.login_failure_window, the lockout auth.login_lockout"
+                }
+                LockoutScope::Address => {
+                    "check the user names and passwords clients at this address use; the limit is auth.max_login_failures_per_address within auth.login_failure_window, the lockout auth.login_lockout"
+                }
+            },
             Self::UnknownDatabase(db) => {
                 return Some(format!("add [databases.{db}] to the pgmux config"));
             }
@@ -296,6 +321,12 @@ impl ClientError {
             Self::NotifyOverflow(_) => {
                 "read notifications as they come (a listening connection must keep reading), then reconnect and LISTEN again"
             }
+            Self::NotAdmin(_) => "list the user in auth.admin_users",
+            Self::ConsoleExtendedProtocol => "use psql, or your driver's simple query mode",
+            Self::ConsoleUnknownCommand(_) => "SHOW HELP lists the commands",
+            Self::ReloadRefused(_) => {
+                "fix the problems listed (pgmux check shows them) and reload again"
+            }
             _ => return None,
         };
         Some(hint.to_owned())
@@ -327,6 +358,14 @@ fn client_setting(kind: BudgetKind) -> &'static str {
     }
 }
 
+/// Whom a lockout refuses, as the client is told.
+fn locked_out_whom(scope: LockoutScope) -> &'static str {
+    match scope {
+        LockoutScope::User => "for this user from this address",
+        LockoutScope::Address => "from this address",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +379,31 @@ mod tests {
         let e = ClientError::Startup(StartupError::UnsupportedProtocol(2, 0));
         assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
         assert_eq!(ClientError::Internal.sqlstate(), SqlState::INTERNAL_ERROR);
+    }
+
+    #[test]
+    fn the_admin_consoles_errors_are_built_here_too() {
+        let e = ClientError::NotAdmin("bob".into());
+        assert_eq!(e.sqlstate(), SqlState::INVALID_AUTHORIZATION);
+        assert_eq!(e.to_string(), "user \"bob\" may not use the admin console");
+        assert_eq!(
+            e.hint().as_deref(),
+            Some("list the user in auth.admin_users")
+        );
+        let e = ClientError::ConsoleUnknownCommand("FLY".into());
+        assert_eq!(e.sqlstate(), SqlState::SYNTAX_ERROR);
+        assert_eq!(e.hint().as_deref(), Some("SHOW HELP lists the commands"));
+        let e = ClientError::ConsoleExtendedProtocol;
+        assert_eq!(e.sqlstate(), SqlState::FEATURE_NOT_SUPPORTED);
+        let e = ClientError::ReloadRefused("t.toml:1:1: x: y".into());
+        assert_eq!(e.sqlstate(), SqlState::CONFIG_FILE_ERROR);
+        assert!(
+            e.to_string()
+                .ends_with("nothing changed:\nt.toml:1:1: x: y")
+        );
+        assert_eq!(
+            ClientError::ConsoleCommandTooLong.sqlstate(),
+            SqlState::PROTOCOL_VIOLATION
+        );
     }
 }

@@ -18,14 +18,14 @@ use super::stream::ClientStream;
 use super::tls::{ALPN_POSTGRESQL, ClientTls};
 use crate::auth::rules::{Request, Verdict, decide};
 use crate::auth::{
-    Credential, FailureReason as Reason, LimitSettings, LoginGuard, SCRAM_MECHANISM,
+    Credential, FailureReason as Reason, LimitSettings, LockoutScope, LoginGuard, SCRAM_MECHANISM,
     SCRAM_PLUS_MECHANISM, ScramExchange, ScramKeys, Secret,
 };
 use crate::cancel::CancelTarget;
 use crate::config::AuthMethod;
 use crate::config::PoolMode;
 use crate::logging::Escaped;
-use crate::pool::{Greetings, Lease, Pool, Reported};
+use crate::pool::{Greetings, Learnt, Lease, Pool, Reported};
 use crate::pooler::{Pooler, Snapshot};
 use crate::protocol::startup::{self, MAX_STARTUP_PACKET, Startup, StartupError, StartupPacket};
 use crate::protocol::{
@@ -158,14 +158,16 @@ async fn login(
         guard: &pooler.logins,
         limits: snapshot.config.auth.login_limits(),
     };
-    // A locked-out address is told so before anything is checked: its attempts are
-    // counted (rate_limited), never logged one by one, and extend nothing.
-    if let Some(left) = pooler.logins.locked(peer.ip(), &who.limits, Instant::now()) {
+    // A locked-out user (or address) is told so before anything is checked: its attempts
+    // are counted (rate_limited), never logged one by one, and extend nothing.
+    let now = Instant::now();
+    if let Some((scope, left)) = pooler.logins.locked(peer.ip(), &user, &who.limits, now) {
+        let limits = &who.limits;
         pooler
             .logins
-            .failed(peer.ip(), Reason::RateLimited, &who.limits, Instant::now());
+            .failed(peer.ip(), &user, Reason::RateLimited, limits, now);
         let seconds = left.as_secs() + u64::from(left.subsec_nanos() > 0);
-        return Err(ClientError::LockedOut(seconds).into());
+        return Err(ClientError::LockedOut { scope, seconds }.into());
     }
     // verify-full: the certificate (checked against client_ca_file in the handshake) must
     // name this user, as PostgreSQL's clientcert=verify-full has it.
@@ -500,20 +502,31 @@ const LOGIN_QUERY_LIMIT: Duration = Duration::from_secs(5);
 /// applied: what PostgreSQL itself would greet the client with, in its own spelling
 /// (`UTF8` for `utf8`). Learnt once per set of settings and kept in `pool.greetings`, so
 /// a login whose settings are known costs no round trip. A setting the server refuses
-/// refuses the login, with the server's own error made FATAL, as PostgreSQL does.
-/// `None` when no server could be had (the client is greeted with its own spelling then).
+/// refuses the login, with the server's own error made FATAL, as PostgreSQL does (learnt
+/// too: a client retrying is told the same without a server). `None` when no server could
+/// be had and each of the settings is one a server would take (taken before, or the value
+/// servers report already: the client is greeted with its own spelling then); other
+/// settings wait for a server, and a login that gets none is refused rather than let in
+/// with settings its server may refuse.
 async fn server_greeting(
     pool: &Arc<Pool>,
     settings: &ClientParams,
 ) -> Result<Option<Reported>, Refusal> {
     let key = Greetings::key(settings.startup_settings());
-    if let Some(known) = pool.greetings.get(&key) {
-        return Ok(Some(known));
+    match pool.greetings.get(&key) {
+        Some(Learnt::Reported(known)) => return Ok(Some(known)),
+        Some(Learnt::Refused(body)) => return Err(Refusal::Server(as_fatal(&body))),
+        None => {}
     }
+    let vouched = || {
+        let defaults = pool.server_params();
+        pool.greetings
+            .vouched(settings.startup_settings(), &defaults)
+    };
     let mut lease = match pool.checkout().await {
         Ok(lease) => lease,
         // The first client of a pool: there is nothing at all to greet it with.
-        Err(e) if pool.server_params().is_empty() => {
+        Err(e) if pool.server_params().is_empty() || !vouched() => {
             return Err(ClientError::Checkout(e).into());
         }
         Err(e) => {
@@ -531,10 +544,15 @@ async fn server_greeting(
             lease.release();
             let (code, message) = crate::protocol::read::error_fields(&body);
             debug!(pool = %Escaped(&pool.key), code = %Escaped(&code), error = %Escaped(&message), "the server refused the client's settings");
-            Err(Refusal::Server(as_fatal(&body)))
+            let refusal = Refusal::Server(as_fatal(&body));
+            pool.greetings.refused(key, &code, body);
+            Err(refusal)
         }
         Tried::Failed(e) => {
             lease.close();
+            if !vouched() {
+                return Err(ClientError::LoginServerLost(e).into());
+            }
             debug!(pool = %Escaped(&pool.key), error = %e, "could not try the client's settings on a server; greeting with the client's own values");
             Ok(None)
         }
@@ -865,24 +883,48 @@ impl Who<'_> {
             reason = %reason.as_str(),
             "login failed"
         );
-        count_failure(self.guard, self.peer, reason, &self.limits);
+        count_guess(self.guard, self.peer, self.user, reason, &self.limits);
         error.into()
     }
 }
 
-/// Counts a failed login of `peer`, and logs the lockout it may begin (once per lockout).
+/// Counts a failed login of `peer` that names no user (a timeout, a broken client): it
+/// guesses nothing, so it locks nothing out.
 pub(super) fn count_failure(
     guard: &LoginGuard,
     peer: SocketAddr,
     reason: Reason,
     limits: &LimitSettings,
 ) {
-    if let Some(lockout) = guard.failed(peer.ip(), reason, limits, Instant::now()) {
-        warn!(
+    count_guess(guard, peer, "", reason, limits);
+}
+
+/// Counts a failed login of `user` from `peer`, and logs the lockout it may begin (once
+/// per lockout).
+fn count_guess(
+    guard: &LoginGuard,
+    peer: SocketAddr,
+    user: &str,
+    reason: Reason,
+    limits: &LimitSettings,
+) {
+    let Some(lockout) = guard.failed(peer.ip(), user, reason, limits, Instant::now()) else {
+        return;
+    };
+    let (failures, lockout_secs) = (lockout.failures, lockout.lasts.as_secs_f64());
+    match lockout.scope {
+        LockoutScope::User => warn!(
             address = %peer.ip(),
-            failures = lockout.failures,
-            lockout_secs = lockout.lasts.as_secs_f64(),
-            "too many failed logins: address locked out (auth.max_login_failures)"
-        );
+            user = %Escaped(user),
+            failures,
+            lockout_secs,
+            "too many failed logins: user locked out from this address (auth.max_login_failures)"
+        ),
+        LockoutScope::Address => warn!(
+            address = %peer.ip(),
+            failures,
+            lockout_secs,
+            "too many failed logins: address locked out for every user (auth.max_login_failures_per_address)"
+        ),
     }
 }

@@ -80,7 +80,7 @@ pub(super) fn substitute(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Su
         line_key: None,
     };
     s.run(env);
-    s.out.push_str(&text[s.copied..]);
+    s.out.push_str(text.get(s.copied..).unwrap_or_default());
     Substituted {
         text: s.out,
         map: s.map,
@@ -106,9 +106,11 @@ impl Scanner<'_> {
         let mut ctx = Context::Bare;
         let mut i = 0;
         self.line_started(0);
-        // Every index we stop at holds an ASCII byte, so slicing there is on a char boundary.
-        while let Some(&b) = bytes.get(i) {
-            let rest = &bytes[i..];
+        // Every index we act at holds an ASCII byte, so it is on a char boundary.
+        while let Some(rest) = bytes.get(i..) {
+            let Some(&b) = rest.first() else {
+                break;
+            };
             if ctx != Context::Comment && rest.starts_with(b"$${") {
                 self.replace(i, i + 3, "${");
                 i += 3;
@@ -147,17 +149,17 @@ impl Scanner<'_> {
         ctx: Context,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> usize {
-        let line_end = self.text[start..]
-            .find('\n')
-            .map_or(self.text.len(), |n| start + n);
-        let Some(close) = self.text[start..line_end].find('}').map(|n| start + n) else {
+        // `${` then the rest of its line: the reference must close on it.
+        let line = self.text.get(start..).unwrap_or_default();
+        let line = line.split_once('\n').map_or(line, |(line, _)| line);
+        let Some((inner, _)) = line.get(2..).and_then(|after| after.split_once('}')) else {
             self.problem(
                 start,
                 "`${` without a closing `}` (write `$${` for a literal `${`)",
             );
             return start + 2;
         };
-        let inner = &self.text[start + 2..close];
+        let close = start + 2 + inner.len();
         let (name, default) = match inner.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
             None => (inner, None),
@@ -194,7 +196,8 @@ impl Scanner<'_> {
     }
 
     fn replace(&mut self, start: usize, end: usize, with: &str) {
-        self.out.push_str(&self.text[self.copied..start]);
+        self.out
+            .push_str(self.text.get(self.copied..start).unwrap_or_default());
         let new_start = self.out.len();
         self.out.push_str(with);
         self.map.edits.push(Edit {
@@ -208,12 +211,13 @@ impl Scanner<'_> {
 
     /// Notes the table header or key on the line starting at `at`, for messages.
     fn line_started(&mut self, at: usize) {
-        let line = self.text[at..].lines().next().unwrap_or("").trim();
+        let rest = self.text.get(at..).unwrap_or_default();
+        let line = rest.lines().next().unwrap_or_default().trim();
         self.line_key = None;
         if let Some(header) = line.strip_prefix('[') {
             let header = header.trim_start_matches('[');
-            let end = header.find(']').unwrap_or(header.len());
-            self.table = header[..end].trim().to_owned();
+            let name = header.split_once(']').map_or(header, |(name, _)| name);
+            self.table = name.trim().to_owned();
         } else if let Some((key, _)) = line.split_once('=') {
             self.line_key = Some(key.trim().to_owned());
         }

@@ -119,6 +119,7 @@ const AUTH_KEYS: &[&str] = &[
     "userlist_file",
     "admin_users",
     "max_login_failures",
+    "max_login_failures_per_address",
     "login_failure_window",
     "login_lockout",
     "rules",
@@ -374,6 +375,11 @@ impl Walker<'_> {
                         &mut auth.max_login_failures,
                         n.and_then(|n| n.try_into().ok()),
                     );
+                }
+                "max_login_failures_per_address" => {
+                    let n = self.unsigned(&path, value, u32::MAX.into());
+                    let n = n.and_then(|n| u32::try_from(n).ok()).map(Some);
+                    set(&mut auth.max_login_failures_per_address, n);
                 }
                 "login_failure_window" => {
                     set(&mut auth.login_failure_window, self.duration(&path, value));

@@ -63,6 +63,16 @@ pub(super) fn render(config: &Config) -> String {
         "max_login_failures",
         &auth.max_login_failures.to_string(),
     );
+    let per_address = auth.max_login_failures_per_address().to_string();
+    match auth.max_login_failures_per_address {
+        Some(_) => line(&mut out, "max_login_failures_per_address", &per_address),
+        // Unset, it follows max_login_failures: shown, but left unset on a reload of this.
+        None => line(
+            &mut out,
+            "# max_login_failures_per_address",
+            &format!("{per_address} (10 x max_login_failures)"),
+        ),
+    }
     line(
         &mut out,
         "login_failure_window",

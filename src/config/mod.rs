@@ -10,10 +10,6 @@
 //! A `Config` is plain data, owned by whoever loaded it; a reload builds a new one and a
 //! reload that fails changes nothing.
 
-// Offsets into the config text come from `find` of ASCII characters and from the TOML
-// parser's spans, so they fall on character boundaries; the loader is fuzzed (fuzz/config).
-#![allow(clippy::indexing_slicing, clippy::string_slice, clippy::expect_used)]
-
 mod access;
 mod client_tls;
 mod env;
@@ -171,9 +167,13 @@ pub struct AuthSection {
     pub userlist_file: Option<PathBuf>,
     /// Users allowed on the admin console.
     pub admin_users: Vec<String>,
-    /// Failed logins (password guesses) from one address within `login_failure_window`
-    /// that lock it out for `login_lockout`; 0 = no limit.
+    /// Failed logins (password guesses) of one user from one address within
+    /// `login_failure_window` that lock that user out from that address for
+    /// `login_lockout`; 0 = no limit.
     pub max_login_failures: u32,
+    /// Failed logins from one address across all user names within `login_failure_window`
+    /// that lock the whole address out; `None` = 10 x `max_login_failures`, 0 = no limit.
+    pub max_login_failures_per_address: Option<u32>,
     /// The span over which an address's failed logins are counted.
     pub login_failure_window: Duration,
     /// How long a locked-out address is refused.
@@ -229,6 +229,7 @@ impl Default for AuthSection {
             userlist_file: None,
             admin_users: Vec::new(),
             max_login_failures: 10,
+            max_login_failures_per_address: None,
             login_failure_window: Duration::from_secs(60),
             login_lockout: Duration::from_secs(60),
             rules: Vec::new(),
@@ -244,10 +245,17 @@ impl Default for AuthSection {
 }
 
 impl AuthSection {
+    /// The address-wide limit in force: as set, or 10 x `max_login_failures`.
+    pub fn max_login_failures_per_address(&self) -> u32 {
+        let default = || self.max_login_failures.saturating_mul(10);
+        self.max_login_failures_per_address.unwrap_or_else(default)
+    }
+
     /// The failed-login limiter's settings.
     pub fn login_limits(&self) -> crate::auth::LimitSettings {
         crate::auth::LimitSettings {
             max_failures: self.max_login_failures,
+            max_per_address: self.max_login_failures_per_address(),
             window: self.login_failure_window,
             lockout: self.login_lockout,
         }

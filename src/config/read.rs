@@ -185,19 +185,39 @@ fn closest<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
         .map(|(_, k)| k)
 }
 
+/// The Levenshtein distance between `a` and `b`, in characters: one row of the table at a
+/// time (`prev` the row above, `row` the one being filled).
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
-        let mut diagonal = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let above = row[j + 1];
-            row[j + 1] = (above + 1)
-                .min(row[j] + 1)
+        let mut row = Vec::with_capacity(prev.len());
+        row.push(i + 1);
+        // prev[j] (diagonal), prev[j + 1] (above), row[j] (left) for each cb = b[j].
+        for ((cb, diagonal), above) in b.iter().zip(&prev).zip(prev.iter().skip(1)) {
+            let left = row.last().copied().unwrap_or(i + 1);
+            let cost = (above + 1)
+                .min(left + 1)
                 .min(diagonal + usize::from(ca != *cb));
-            diagonal = above;
+            row.push(cost);
         }
+        prev = row;
     }
-    row[b.len()]
+    prev.last().copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::edit_distance;
+
+    #[test]
+    fn edit_distance_counts_characters() {
+        assert_eq!(edit_distance("", ""), 0);
+        assert_eq!(edit_distance("size", ""), 4);
+        assert_eq!(edit_distance("", "size"), 4);
+        assert_eq!(edit_distance("wait_timout", "wait_timeout"), 1);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("é", "e"), 1);
+        assert_eq!(edit_distance("flaw", "lawn"), 2);
+    }
 }

@@ -29,16 +29,23 @@ impl Place {
 
     /// The 1-based line and column of byte `offset` in `text`.
     pub fn in_text(origin: &str, text: &str, offset: usize) -> Place {
-        let mut offset = offset.min(text.len());
-        while !text.is_char_boundary(offset) {
-            offset -= 1;
+        // The characters that end by `offset` (an offset inside one counts as its start).
+        let before = text
+            .char_indices()
+            .take_while(|(at, c)| at + c.len_utf8() <= offset);
+        let (mut line, mut column) = (1, 1);
+        for (_, c) in before {
+            if c == '\n' {
+                line += 1;
+                column = 1;
+            } else {
+                column += 1;
+            }
         }
-        let before = &text[..offset];
-        let line_start = before.rfind('\n').map_or(0, |n| n + 1);
         Place {
             origin: origin.to_owned(),
-            line: before.matches('\n').count() + 1,
-            column: before[line_start..].chars().count() + 1,
+            line,
+            column,
         }
     }
 }
@@ -124,5 +131,26 @@ pub(super) fn join_key(path: &str, key: &str) -> String {
         key
     } else {
         format!("{path}.{key}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Place;
+
+    #[test]
+    fn places_count_characters_and_never_split_one() {
+        let text = "a = 1\nbé = \"x\"\n";
+        let at = |offset| {
+            let p = Place::in_text("t", text, offset);
+            (p.line, p.column)
+        };
+        assert_eq!(at(0), (1, 1));
+        assert_eq!(at(4), (1, 5));
+        assert_eq!(at(6), (2, 1));
+        // Inside `é` (bytes 7 and 8): its start.
+        assert_eq!(at(8), (2, 2));
+        assert_eq!(at(9), (2, 3));
+        assert_eq!(at(1000), (3, 1));
     }
 }

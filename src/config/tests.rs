@@ -782,7 +782,57 @@ fn login_limit_keys() {
     assert_eq!(
         problems("[auth]\nlogin_lockout = \"0\"\n"),
         [
-            "t.toml:2:17: auth.login_lockout: must be above 0 (set auth.max_login_failures = 0 to turn the limit off)"
+            "t.toml:2:17: auth.login_lockout: must be above 0 (set auth.max_login_failures = 0 and auth.max_login_failures_per_address = 0 to turn the limit off)"
+        ]
+    );
+}
+
+#[test]
+fn the_address_wide_limit_defaults_to_ten_times_the_per_user_one() {
+    let c = parse_ok("[auth]\nmax_login_failures = 4\n");
+    assert_eq!(c.auth.max_login_failures_per_address, None);
+    assert_eq!(c.auth.login_limits().max_per_address, 40);
+    let shown = c.masked();
+    assert!(
+        shown.contains("# max_login_failures_per_address = 40 (10 x max_login_failures)"),
+        "{shown}"
+    );
+    assert_eq!(parse_ok(&shown).auth, c.auth);
+
+    let c = parse_ok("[auth]\nmax_login_failures = 0\nmax_login_failures_per_address = 7\n");
+    assert_eq!(c.auth.login_limits().max_failures, 0);
+    assert_eq!(c.auth.login_limits().max_per_address, 7);
+    assert_eq!(parse_ok(&c.masked()).auth, c.auth);
+    let c = parse_ok("[auth]\nmax_login_failures_per_address = 0\n");
+    assert_eq!(c.auth.login_limits().max_per_address, 0);
+
+    // Only the per-user limit on, and windows of 0 with only the address-wide one on.
+    assert_eq!(
+        problems(
+            "[auth]\nmax_login_failures = 0\nmax_login_failures_per_address = 5\nlogin_lockout = \"0\"\n"
+        ),
+        [
+            "t.toml:4:17: auth.login_lockout: must be above 0 (set auth.max_login_failures = 0 and auth.max_login_failures_per_address = 0 to turn the limit off)"
+        ]
+    );
+    assert_eq!(
+        problems("[auth]\nmax_login_failures_per_address = -1\n").len(),
+        1
+    );
+
+    // Below the per-user limit: allowed, with a warning that says what it does.
+    let text = "[auth]\nmax_login_failures = 5\nmax_login_failures_per_address = 3\n\
+                [databases.app]\n";
+    let (result, warnings) = load::analyze(text, "t.toml", Path::new(""), &no_env);
+    assert_eq!(
+        result.map(|c| c.auth.login_limits().max_per_address).ok(),
+        Some(3)
+    );
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "t.toml:3:34: auth.max_login_failures_per_address: 3 is below auth.max_login_failures (5): the address-wide lockout comes first, and one user's typos lock out every user of the address"
         ]
     );
 }

@@ -74,20 +74,20 @@ pub(super) fn parse(text: &str, origin: &str) -> (Vec<Entry>, Vec<Problem>) {
             line: line_no,
             column,
         };
-        let indent = line.len() - line.trim_start().len();
-        let rest = &line[indent..];
+        let rest = line.trim_start();
+        let indent = line.len() - rest.len();
         if rest.is_empty() || rest.starts_with([';', '#']) {
             continue;
         }
-        let column = |byte: usize| line[..byte].chars().count() + 1;
+        let column = |byte: usize| line.get(..byte).map_or(0, |s| s.chars().count()) + 1;
         let Some((name, after_name)) = quoted(rest) else {
             let msg = "expected `\"user\" \"secret\"`";
             problems.push(place(column(indent)).problem("", msg));
             continue;
         };
-        let gap = after_name.len() - after_name.trim_start().len();
-        let secret_at = line.len() - after_name.len() + gap;
-        let Some((secret, _ignored)) = quoted(&after_name[gap..]) else {
+        let at_secret = after_name.trim_start();
+        let secret_at = line.len() - at_secret.len();
+        let Some((secret, _ignored)) = quoted(at_secret) else {
             let msg = format!("user \"{name}\": expected a quoted secret after the user name");
             problems.push(place(column(secret_at)).problem("", msg));
             continue;
@@ -115,9 +115,9 @@ fn quoted(s: &str) -> Option<(String, &str)> {
     let mut rest = s.strip_prefix('"')?;
     let mut field = String::new();
     loop {
-        let end = rest.find('"')?;
-        field.push_str(&rest[..end]);
-        rest = &rest[end + 1..];
+        let (part, after) = rest.split_once('"')?;
+        field.push_str(part);
+        rest = after;
         match rest.strip_prefix('"') {
             Some(after) => {
                 field.push('"');

@@ -197,7 +197,7 @@ impl Checker<'_> {
             }
         }
         self.auth_query(config);
-        if auth.max_login_failures > 0 {
+        if auth.max_login_failures > 0 || auth.max_login_failures_per_address() > 0 {
             for (key, d) in [
                 ("auth.login_failure_window", auth.login_failure_window),
                 ("auth.login_lockout", auth.login_lockout),
@@ -205,10 +205,20 @@ impl Checker<'_> {
                 if d.is_zero() {
                     self.error(
                         key,
-                        "must be above 0 (set auth.max_login_failures = 0 to turn the limit off)",
+                        "must be above 0 (set auth.max_login_failures = 0 and auth.max_login_failures_per_address = 0 to turn the limit off)",
                     );
                 }
             }
+        }
+        let per_address = auth.max_login_failures_per_address();
+        if per_address > 0 && per_address < auth.max_login_failures {
+            self.warn(
+                "auth.max_login_failures_per_address",
+                format!(
+                    "{per_address} is below auth.max_login_failures ({}): the address-wide lockout comes first, and one user's typos lock out every user of the address",
+                    auth.max_login_failures
+                ),
+            );
         }
     }
 

@@ -24,7 +24,7 @@ mod view;
 mod window;
 
 pub use budget::{Budget, BudgetKind, BudgetView};
-pub use greetings::{Greetings, Reported};
+pub use greetings::{Greetings, Learnt, Reported};
 pub use lease::Lease;
 pub use pinned::PinGuard;
 pub use view::{PoolView, ServerState, ServerView, Status};
@@ -158,6 +158,38 @@ struct State {
 }
 
 impl State {
+    /// The idle connection to lend next, unless paused; idle ones past their lifetime, to
+    /// be replaced or found dead on the way go to `stale` (their slots freed here; the
+    /// caller closes them outside the lock).
+    #[allow(clippy::vec_box)] // connections move boxed, as in `idle`
+    fn pop_idle(
+        &mut self,
+        now: Instant,
+        stale: &mut Vec<Box<ServerConn>>,
+    ) -> Option<Box<ServerConn>> {
+        while !self.paused
+            && let Some(conn) = self.idle.pop()
+        {
+            if conn.retire_at().is_some_and(|t| t <= now)
+                || self.replace_before.is_some_and(|t| conn.created() < t)
+                || !conn.looks_alive()
+            {
+                self.unreserve();
+                stale.push(conn);
+                continue;
+            }
+            return Some(conn);
+        }
+        None
+    }
+
+    /// A new waiter id.
+    fn next_waiter_id(&mut self) -> u64 {
+        let id = self.next_waiter;
+        self.next_waiter += 1;
+        id
+    }
+
     /// Counts one more connection in `open`, with a unit of each budget; `Err` names a
     /// spent budget (`woken`: a waiter whose turn came, see `Budget::take_all`).
     fn reserve(&mut self, woken: bool) -> Result<(), Arc<Budget>> {
@@ -357,25 +389,16 @@ impl Pool {
         let step = {
             let mut st = self.state.lock();
             let now = started;
-            let mut found = None;
-            while !st.paused
-                && let Some(conn) = st.idle.pop()
-            {
-                if conn.retire_at().is_some_and(|t| t <= now)
-                    || st.replace_before.is_some_and(|t| conn.created() < t)
-                    || !conn.looks_alive()
-                {
-                    st.unreserve();
-                    stale.push(conn);
-                    continue;
-                }
-                found = Some(conn);
-                break;
-            }
-            match found {
+            match st.pop_idle(now, &mut stale) {
                 Some(conn) => Step::Ready(conn),
                 None if !st.paused && st.open < settings.size => match st.health.retry_wait(now) {
-                    Some(wait) => Step::Down(wait),
+                    // The upstream is down: fail at once, unless servers lent now may come
+                    // back; then wait for one in the queue, as in a full pool.
+                    Some(wait) if st.lent.is_empty() => Step::Down(wait),
+                    Some(_) => {
+                        let (id, rx) = Self::enqueue(&mut st, now);
+                        Step::Wait(id, rx, None)
+                    }
                     None => match st.reserve(false) {
                         Ok(()) => Step::Connect,
                         // A limit shared with other pools: wait for its turn too.
@@ -391,109 +414,177 @@ impl Pool {
                 }
             }
         };
-        for conn in stale {
-            // Its slot was freed above, under the lock.
-            self.log_close(&conn, CloseReason::ServerGone);
-            conn.close();
-        }
-        match step {
-            Step::Ready(conn) => Ok(conn),
-            Step::Connect => self.open_reserved().await,
-            Step::Down(wait) => Err(self.upstream_error(wait)),
-            Step::Wait(id, rx, mut blocked) => {
-                if let Some(b) = &blocked {
-                    self.free_budget_elsewhere(&b.budget);
-                }
-                let mut guard = WaitGuard {
-                    pool: self,
-                    id,
-                    rx: Some(rx),
+        self.close_stale(stale);
+        let (id, rx, mut blocked) = match step {
+            Step::Ready(conn) => return Ok(conn),
+            Step::Connect => {
+                let failed = match self.open_reserved().await {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) => e,
                 };
-                let granted = loop {
-                    let Some(rx) = guard.rx.as_mut() else {
-                        break None; // set until the wait ends: unreachable
-                    };
-                    let turn = async {
-                        match blocked.as_mut() {
-                            Some(b) => (&mut b.rx).await.is_ok(),
-                            None => std::future::pending().await,
-                        }
-                    };
-                    let event = tokio::select! {
-                        received = rx => Event::Granted(received.ok()),
-                        turn = turn => Event::Turn(turn),
-                        () = tokio::time::sleep_until(deadline) => Event::Deadline,
-                    };
-                    match event {
-                        Event::Granted(grant) => break grant,
-                        Event::Turn(true) => {
-                            if self.take_turn(&mut guard, &mut blocked, &settings) {
-                                return self.open_reserved().await;
-                            }
-                        }
-                        // The budget was detached by a reload: an ordinary waiter now.
-                        Event::Turn(false) => blocked = None,
-                        Event::Deadline => match self.held_until(settings.wait_timeout) {
-                            Some(until) => deadline = tokio::time::Instant::from_std(until),
-                            None => break None,
-                        },
-                    }
-                };
-                match granted {
-                    Some(grant) => {
-                        guard.rx = None;
-                        match grant {
-                            Grant::Conn(conn) => Ok(conn),
-                            Grant::Slot => {
-                                let down = {
-                                    let mut st = self.state.lock();
-                                    let wait = st.health.retry_wait(Instant::now());
-                                    if wait.is_some() {
-                                        // The upstream is down: pass the slot on and fail fast.
-                                        self.free_slot(&mut st);
-                                    }
-                                    wait
-                                };
-                                match down {
-                                    Some(wait) => Err(self.upstream_error(wait)),
-                                    None => self.open_reserved().await,
-                                }
-                            }
-                        }
-                    }
-                    // The pool never drops a waiter's sender without sending; treat it as a timeout.
-                    None => {
-                        drop(guard);
-                        let st = self.state.lock();
-                        if let Some(wait) = st.health.retry_wait(Instant::now()) {
-                            drop(st);
-                            return Err(self.upstream_error(wait));
-                        }
-                        if let Some(b) = blocked.take() {
-                            drop(st);
-                            let budget = b.budget.clone();
-                            drop(b); // out of its queue before it is counted
-                            budget.refused.fetch_add(1, Relaxed);
-                            let view = budget.view();
-                            return Err(CheckoutError::Limit {
-                                pool: self.key.clone(),
-                                waited: started.elapsed(),
-                                kind: view.kind,
-                                name: view.name,
-                                limit: view.limit,
-                                waiting: view.waiting,
-                            });
-                        }
-                        Err(CheckoutError::Timeout {
-                            pool: self.key.clone(),
-                            waited: started.elapsed(),
-                            size: settings.size,
-                            in_use: (st.open as usize).saturating_sub(st.idle.len()),
-                            waiting: st.waiters.len(),
-                        })
-                    }
+                let id = self.state.lock().next_waiter_id();
+                match self.wait_on(id, started) {
+                    Some(Rewait::Idle(conn)) => return Ok(conn),
+                    Some(Rewait::Queued(rx)) => (id, rx, None),
+                    None => return Err(failed),
                 }
             }
+            Step::Down(wait) => return Err(self.upstream_error(wait)),
+            Step::Wait(id, rx, blocked) => (id, rx, blocked),
+        };
+        if let Some(b) = &blocked {
+            self.free_budget_elsewhere(&b.budget);
+        }
+        let mut guard = WaitGuard {
+            pool: self,
+            id,
+            rx: Some(rx),
+        };
+        loop {
+            let next = loop {
+                let Some(rx) = guard.rx.as_mut() else {
+                    break None; // set until the wait ends: unreachable
+                };
+                let turn = async {
+                    match blocked.as_mut() {
+                        Some(b) => (&mut b.rx).await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
+                let event = tokio::select! {
+                    received = rx => Event::Granted(received.ok()),
+                    turn = turn => Event::Turn(turn),
+                    () = tokio::time::sleep_until(deadline) => Event::Deadline,
+                };
+                match event {
+                    Event::Granted(grant) => break grant,
+                    Event::Turn(true) => {
+                        if self.take_turn(&mut guard, &mut blocked, &settings) {
+                            break Some(Grant::Slot);
+                        }
+                    }
+                    // The budget was detached by a reload: an ordinary waiter now.
+                    Event::Turn(false) => blocked = None,
+                    Event::Deadline => match self.held_until(settings.wait_timeout) {
+                        Some(until) => deadline = tokio::time::Instant::from_std(until),
+                        None => break None,
+                    },
+                }
+            };
+            let failed = match next {
+                Some(Grant::Conn(conn)) => {
+                    guard.rx = None;
+                    return Ok(conn);
+                }
+                Some(Grant::Slot) => {
+                    guard.rx = None;
+                    let down = {
+                        let mut st = self.state.lock();
+                        let wait = st.health.retry_wait(Instant::now());
+                        match wait {
+                            // The upstream is down and no lent server will come back: pass
+                            // the slot on (the next waiter fails fast too) and fail fast.
+                            Some(_) if st.lent.is_empty() && st.idle.is_empty() => {
+                                self.free_slot(&mut st);
+                            }
+                            // Down, but a server may come back: give the slot up.
+                            Some(_) => st.unreserve(),
+                            None => {}
+                        }
+                        wait
+                    };
+                    match down {
+                        Some(wait) => self.upstream_error(wait),
+                        None => match self.open_reserved().await {
+                            Ok(conn) => return Ok(conn),
+                            Err(e) => e,
+                        },
+                    }
+                }
+                // The pool never drops a waiter's sender without sending; treat it as a timeout.
+                None => {
+                    drop(guard);
+                    return Err(self.wait_failed(started, &settings, blocked));
+                }
+            };
+            // No server from the grant: wait on, first in line, while one may come back.
+            match self.wait_on(guard.id, started) {
+                Some(Rewait::Idle(conn)) => return Ok(conn),
+                Some(Rewait::Queued(rx)) => guard.rx = Some(rx),
+                None => return Err(failed),
+            }
+        }
+    }
+
+    /// Why a wait ended without a server: the upstream is down (its last error: 08006, or
+    /// PostgreSQL's own refusal), a limit across pools (53300 naming it), or the pool's own
+    /// wait_timeout (53300).
+    fn wait_failed(
+        &self,
+        started: Instant,
+        settings: &PoolSettings,
+        blocked: Option<BudgetWait>,
+    ) -> CheckoutError {
+        let st = self.state.lock();
+        // Down (the next attempt due or not): what the upstream said tells more than the
+        // time waited for a lent server that did not come back.
+        if st.health.last_error().is_some() {
+            let wait = st.health.retry_wait(Instant::now()).unwrap_or_default();
+            drop(st);
+            return self.upstream_error(wait);
+        }
+        if let Some(b) = blocked {
+            drop(st);
+            let budget = b.budget.clone();
+            drop(b); // out of its queue before it is counted
+            budget.refused.fetch_add(1, Relaxed);
+            let view = budget.view();
+            return CheckoutError::Limit {
+                pool: self.key.clone(),
+                waited: started.elapsed(),
+                kind: view.kind,
+                name: view.name,
+                limit: view.limit,
+                waiting: view.waiting,
+            };
+        }
+        CheckoutError::Timeout {
+            pool: self.key.clone(),
+            waited: started.elapsed(),
+            size: settings.size,
+            in_use: (st.open as usize).saturating_sub(st.idle.len()),
+            waiting: st.waiters.len(),
+        }
+    }
+
+    /// For checkout `id` that got no server from a connect attempt or a slot (the upstream
+    /// is down): a connection that came back idle meanwhile; else, while servers of this
+    /// pool are lent (one may come back before wait_timeout), a place at the front of the
+    /// queue (it has waited longest); else `None`: fail now.
+    fn wait_on(&self, id: u64, since: Instant) -> Option<Rewait> {
+        let mut stale = Vec::new();
+        let rewait = {
+            let mut st = self.state.lock();
+            match st.pop_idle(Instant::now(), &mut stale) {
+                Some(conn) => Some(Rewait::Idle(conn)),
+                None if st.lent.is_empty() => None,
+                None => {
+                    let (tx, rx) = oneshot::channel();
+                    st.waiters.push_front(Waiter { id, tx, since });
+                    Some(Rewait::Queued(rx))
+                }
+            }
+        };
+        self.close_stale(stale);
+        rewait
+    }
+
+    /// Closes idle connections found unfit by [`State::pop_idle`] (their slots are freed).
+    #[allow(clippy::vec_box)] // connections move boxed, as in `idle`
+    fn close_stale(&self, stale: Vec<Box<ServerConn>>) {
+        for conn in stale {
+            self.log_close(&conn, CloseReason::ServerGone);
+            conn.close();
         }
     }
 
@@ -512,8 +603,7 @@ impl Pool {
 
     /// Queues a checkout in this pool (under its lock).
     fn enqueue(st: &mut State, now: Instant) -> (u64, oneshot::Receiver<Grant>) {
-        let id = st.next_waiter;
-        st.next_waiter += 1;
+        let id = st.next_waiter_id();
         let (tx, rx) = oneshot::channel();
         st.waiters.push_back(Waiter { id, tx, since: now });
         let demand = st.demand();
@@ -807,6 +897,14 @@ enum Step {
     Down(Duration),
     /// Queued in the pool; also in a budget's queue when that limit is what blocks it.
     Wait(u64, oneshot::Receiver<Grant>, Option<BudgetWait>),
+}
+
+/// How a checkout that got no server from its turn goes on.
+enum Rewait {
+    /// A connection came back idle meanwhile.
+    Idle(Box<ServerConn>),
+    /// Back in the queue, first in line.
+    Queued(oneshot::Receiver<Grant>),
 }
 
 /// What ended one round of a wait.

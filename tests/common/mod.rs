@@ -205,3 +205,63 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// What [`copy_round_trip`] moved: rows copied in, and lines and bytes copied out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Copied {
+    pub rows_in: u64,
+    pub lines_out: usize,
+    pub bytes_out: usize,
+}
+
+/// Makes table `table(id int, note text)` afresh, copies `rows` rows into it with
+/// `COPY FROM STDIN` (in chunks of about 64 KiB), then reads it back with
+/// `COPY TO STDOUT`.
+pub async fn copy_round_trip(client: &tokio_postgres::Client, table: &str, rows: u32) -> Copied {
+    use futures_util::{SinkExt, StreamExt, pin_mut};
+    client
+        .batch_execute(&format!(
+            "DROP TABLE IF EXISTS {table}; CREATE TABLE {table}(id int, note text)"
+        ))
+        .await
+        .unwrap();
+    let sink = client
+        .copy_in(&format!("COPY {table} FROM STDIN"))
+        .await
+        .unwrap();
+    pin_mut!(sink);
+    let mut chunk = String::new();
+    for i in 0..rows {
+        chunk.push_str(&format!("{i}\trow number {i}\n"));
+        if chunk.len() > 64 * 1024 {
+            sink.send(bytes::Bytes::from(std::mem::take(&mut chunk)))
+                .await
+                .unwrap();
+        }
+    }
+    sink.send(bytes::Bytes::from(chunk)).await.unwrap();
+    let rows_in = sink.finish().await.unwrap();
+
+    let stream = client
+        .copy_out(&format!("COPY {table} TO STDOUT"))
+        .await
+        .unwrap();
+    pin_mut!(stream);
+    let (mut lines_out, mut bytes_out) = (0, 0);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        lines_out += chunk.iter().filter(|&&b| b == b'\n').count();
+        bytes_out += chunk.len();
+    }
+    Copied {
+        rows_in,
+        lines_out,
+        bytes_out,
+    }
+}
+
+/// Asserts that `SELECT 1` on `client` answers 1.
+pub async fn answers_select_1(client: &tokio_postgres::Client) {
+    let row = client.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}

@@ -88,6 +88,12 @@ impl MuxOptions {
         self
     }
 
+    /// These options with raw TOML `lines` added to `[pool]`, e.g. `query_timeout = "2s"`.
+    pub fn with_pool(mut self, lines: &str) -> Self {
+        self.pool_extra = lines.to_owned();
+        self
+    }
+
     /// These options with `[server] client_login_timeout = timeout`.
     pub fn with_login_timeout(mut self, timeout: &'static str) -> Self {
         self.client_login_timeout = timeout;
@@ -276,6 +282,13 @@ password = "other_pw"
             Ok((client, _connection)) => client,
             Err(e) => panic!("connecting to pgmux as {user} to {database}: {e}"),
         }
+    }
+
+    /// Whether pgmux still serves a new client: `app` logs in to `app` and `SELECT 1`
+    /// answers 1 (panics otherwise).
+    pub async fn still_serving(&self) {
+        let client = self.connect("app", "app").await;
+        super::answers_select_1(&client).await;
     }
 
     /// Connects with this password. The connection task is spawned on the caller's runtime;

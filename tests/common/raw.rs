@@ -8,6 +8,29 @@ use tokio::net::TcpStream;
 
 use super::TestPgmux;
 
+/// A plain TCP connection to pgmux's client port, nothing sent yet.
+pub async fn connect(mux: &TestPgmux) -> TcpStream {
+    TcpStream::connect(("127.0.0.1", mux.port)).await.unwrap()
+}
+
+/// Sends an SSLRequest on `s` and asserts that pgmux declines it (`N`).
+pub async fn ssl_request_declined(s: &mut TcpStream) {
+    s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    s.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+}
+
+/// Sends `bytes` on a new connection and returns the (SQLSTATE, message) of the first
+/// ErrorResponse pgmux answers (panics if none comes within 5 s).
+pub async fn refusal(mux: &TestPgmux, bytes: &[u8]) -> (String, String) {
+    let mut s = connect(mux).await;
+    s.write_all(bytes).await.unwrap();
+    first_error(&read_messages(&mut s, Duration::from_secs(5)).await).expect("an error")
+}
+
 /// One tagged message.
 pub fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![tag];

@@ -1,6 +1,7 @@
-//! TLS for tests: a certificate authority made with rcgen, and a tokio-postgres TLS
+//! TLS for tests: a certificate authority made with rcgen, a tokio-postgres TLS
 //! connector over tokio-rustls (tokio-postgres ships none), with the
-//! `tls-server-end-point` channel binding SCRAM-SHA-256-PLUS needs.
+//! `tls-server-end-point` channel binding SCRAM-SHA-256-PLUS needs, and PostgreSQL clusters
+//! that speak TLS to pgmux (`server_tls`) with certificates of [`ServerCerts`].
 
 use std::future::Future;
 use std::io;
@@ -238,4 +239,72 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.tls).poll_shutdown(cx)
     }
+}
+
+/// The certificates for TLS between pgmux and PostgreSQL, in a directory pgmux reads them
+/// from: `ca.crt`, `other_ca.crt` (a CA that signed nothing here) and `pgmux.crt` /
+/// `pgmux.key` (CN pgmux, from `ca`). Made at the first call, then shared by the binary's
+/// tests.
+pub struct ServerCerts {
+    pub dir: PathBuf,
+    pub ca: Ca,
+}
+
+impl ServerCerts {
+    pub fn get() -> &'static ServerCerts {
+        static CERTS: std::sync::OnceLock<ServerCerts> = std::sync::OnceLock::new();
+        CERTS.get_or_init(|| {
+            let dir = cert_dir("pgmux-tls-");
+            let ca = Ca::new("pgmux test CA");
+            std::fs::write(dir.join("ca.crt"), ca.pem()).unwrap();
+            let other = Ca::new("some other CA");
+            std::fs::write(dir.join("other_ca.crt"), other.pem()).unwrap();
+            let (cert, key) = ca.issue("pgmux", &["pgmux"]);
+            std::fs::write(dir.join("pgmux.crt"), cert).unwrap();
+            std::fs::write(dir.join("pgmux.key"), key).unwrap();
+            ServerCerts { dir, ca }
+        })
+    }
+
+    /// The path of file `name` in [`ServerCerts::dir`], for a config.
+    pub fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+/// A cluster with `ssl = on` for 127.0.0.1 and localhost; TCP only with TLS (`hostssl`).
+/// One per test binary.
+pub async fn tls_cluster() -> &'static super::TestPostgres {
+    static PG: tokio::sync::OnceCell<super::TestPostgres> = tokio::sync::OnceCell::const_new();
+    PG.get_or_init(|| async {
+        let (cert_pem, key_pem) = ServerCerts::get()
+            .ca
+            .issue("localhost", &["localhost", "127.0.0.1"]);
+        super::TestPostgres::start_with_ssl(super::PgSsl {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+            client_ca_pem: None,
+        })
+        .await
+    })
+    .await
+}
+
+/// A cluster with `ssl = on`, a certificate for another name only (db.example.test), and
+/// client certificates required (`clientcert=verify-ca`) from [`ServerCerts`]' CA.
+pub async fn mutual_cluster() -> &'static super::TestPostgres {
+    static PG: tokio::sync::OnceCell<super::TestPostgres> = tokio::sync::OnceCell::const_new();
+    PG.get_or_init(|| async {
+        let certs = ServerCerts::get();
+        let (cert_pem, key_pem) = certs.ca.issue("db.example.test", &["db.example.test"]);
+        super::TestPostgres::start_with_ssl(super::PgSsl {
+            cert_pem,
+            key_pem,
+            hostssl_only: true,
+            client_ca_pem: Some(certs.ca.pem()),
+        })
+        .await
+    })
+    .await
 }

@@ -173,6 +173,7 @@ impl Loop<'_> {
                 self.unsynced = true;
                 if t == tag::PARSE {
                     self.watch_parse(&frame);
+                    self.unlisten_by_parse(&frame);
                 }
                 let rewrite = self.rewrite_extended(&frame);
                 self.apply(frame, rewrite);

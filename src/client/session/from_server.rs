@@ -64,13 +64,17 @@ impl Loop<'_> {
             self.on_statement_reply(&mut frame, done.as_ref());
             if frame.is_whole() {
                 match frame.tag {
-                    tag::COMMAND_COMPLETE if !hidden => self.watch_tag(frame.body()),
+                    tag::COMMAND_COMPLETE if !hidden => {
+                        self.watch_tag(frame.body());
+                        self.unlisten_outcome(Some(frame.body()));
+                    }
                     tag::DATA_ROW if hidden => self.verification_row(frame.body()),
                     tag::COPY_IN_RESPONSE => {
                         // Unless the client already sent CopyDone/CopyFail (pipelined).
                         self.copy_in = !self.replies.copy_in_started();
                     }
                     tag::ERROR_RESPONSE if !hidden => {
+                        self.unlisten_outcome(None);
                         let (code, _) = crate::protocol::read::error_fields(frame.body());
                         self.s.pool.stats.server_error(code.as_bytes());
                         // A FATAL (pg_terminate_backend, a server shutting down) is the
@@ -84,6 +88,9 @@ impl Loop<'_> {
                     }
                     _ => {}
                 }
+            }
+            if ready == Some(TxStatus::Idle) && !hidden {
+                self.unlisten_at_transaction_end();
             }
             if let Some(status) = ready
                 && status != TxStatus::Idle

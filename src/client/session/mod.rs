@@ -194,6 +194,8 @@ pub(super) struct Loop<'c> {
     pub(super) subscription: Option<Box<crate::notify::Subscription>>,
     /// A transaction's LISTENs wait for the listener connection (`state.rs`).
     pub(super) listen_confirm: Option<Box<state::ListenConfirm>>,
+    /// UNLISTENs that count when their transaction commits.
+    pub(super) pending_unlisten: state::PendingUnlisten,
 }
 
 impl Session {
@@ -225,6 +227,7 @@ impl Session {
             timer: None,
             subscription: None,
             listen_confirm: None,
+            pending_unlisten: state::PendingUnlisten::default(),
         };
         let end = match l.on_client_bytes().await {
             Ok(()) => l.serve().await,
@@ -354,7 +357,15 @@ impl Loop<'_> {
                 Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
                 Event::Notification(Some(message)) => {
-                    self.to_client.push(BytesMut::from(message));
+                    // One for a channel UNLISTENed since it was queued is not delivered,
+                    // as PostgreSQL checks at delivery.
+                    if self
+                        .subscription
+                        .as_deref()
+                        .is_some_and(|sub| sub.wants(&message))
+                    {
+                        self.to_client.push(BytesMut::from(message));
+                    }
                     Ok(())
                 }
                 Event::ListenConfirmed => {

@@ -393,6 +393,11 @@ impl Loop<'_> {
             // Inside a transaction the server runs it (in order, with its errors); the
             // catalog then says whether it committed.
             crate::notify::ListenCommand::Listen(_) => return false,
+            // With a server held, it counts when its transaction commits.
+            unlisten if self.server.is_some() => {
+                self.pend_unlisten(unlisten);
+                return false; // a no-op on the server, answered by it in its turn
+            }
             crate::notify::ListenCommand::Unlisten(channel) => {
                 if let Some(sub) = self.subscription.as_deref_mut() {
                     sub.unlisten(&channel);
@@ -405,15 +410,78 @@ impl Loop<'_> {
             }
         }
         self.show_channels();
-        if self.server.is_some() {
-            return false; // forwarded: a no-op there, answered by the server in its turn
-        }
         self.s.view.set_query(frame.body());
         let mut buf = BytesMut::new();
         write::command_complete(&mut buf, tag);
         write::ready_for_query(&mut buf, b'I');
         self.to_client.push(buf);
         true
+    }
+
+    /// A Parse of `UNLISTEN name` / `UNLISTEN *` from a listening client (pgjdbc sends them
+    /// by the extended protocol): applied as it goes; the server, which listens to
+    /// nothing, runs it as a no-op.
+    pub(super) fn unlisten_by_parse(&mut self, frame: &Frame) {
+        if self.subscription.is_none() {
+            return;
+        }
+        let Some(parse) = frame
+            .is_whole()
+            .then(|| Parse::read(frame.body()))
+            .flatten()
+        else {
+            return;
+        };
+        match crate::notify::parse_listen(parse.query.as_bytes()) {
+            Some(crate::notify::ListenCommand::Listen(_)) | None => {}
+            Some(unlisten) => self.pend_unlisten(unlisten),
+        }
+    }
+
+    /// An UNLISTEN that goes to the client's server: it counts when its transaction
+    /// commits (the server listens to nothing, so its catalog cannot say).
+    fn pend_unlisten(&mut self, unlisten: crate::notify::ListenCommand) {
+        let pending = &mut self.pending_unlisten;
+        if pending.commands.is_empty() {
+            pending.outcome = Outcome::Open;
+        }
+        pending.commands.push(unlisten);
+    }
+
+    /// A CommandComplete (`Some(tag)`) or an ErrorResponse (`None`) going to the client,
+    /// while an UNLISTEN waits for its transaction's end: what decides the end.
+    pub(super) fn unlisten_outcome(&mut self, tag: Option<&[u8]>) {
+        let pending = &mut self.pending_unlisten;
+        if pending.commands.is_empty() {
+            return;
+        }
+        pending.outcome = match tag {
+            Some(t) if t.starts_with(b"COMMIT") => Outcome::Committed,
+            Some(t) if t.starts_with(b"ROLLBACK") => Outcome::RolledBack,
+            Some(_) => Outcome::Open,
+            None => Outcome::Failed,
+        };
+    }
+
+    /// The client's ReadyForQuery says its transaction is over: pending UNLISTENs count
+    /// if it committed (`COMMIT`, or statements that ran without an error outside a
+    /// block), not if it was rolled back or failed.
+    pub(super) fn unlisten_at_transaction_end(&mut self) {
+        let pending = std::mem::take(&mut self.pending_unlisten);
+        if pending.commands.is_empty() {
+            return;
+        }
+        let counts = matches!(pending.outcome, Outcome::Committed | Outcome::Open);
+        if let (true, Some(sub)) = (counts, self.subscription.as_deref_mut()) {
+            for command in pending.commands {
+                match command {
+                    crate::notify::ListenCommand::Unlisten(channel) => sub.unlisten(&channel),
+                    crate::notify::ListenCommand::UnlistenAll => sub.unlisten_all(),
+                    crate::notify::ListenCommand::Listen(_) => {}
+                }
+            }
+            self.show_channels();
+        }
     }
 
     /// Discards `kinds` of state on the server, with a hidden query before it goes back.
@@ -439,6 +507,25 @@ impl Loop<'_> {
             pin.kinds.contains(StateKind::PreparedStatement),
         ))
     }
+}
+
+/// UNLISTENs sent to the client's server, waiting for the end of their transaction.
+#[derive(Default)]
+pub(in crate::client) struct PendingUnlisten {
+    commands: Vec<crate::notify::ListenCommand>,
+    outcome: Outcome,
+}
+
+/// How the transaction of a pending UNLISTEN looks so far: what the last CommandComplete
+/// or ErrorResponse to the client said.
+#[derive(Default, Clone, Copy)]
+enum Outcome {
+    /// Statements ran (an implicit transaction commits like this).
+    #[default]
+    Open,
+    Committed,
+    RolledBack,
+    Failed,
 }
 
 /// A client's ReadyForQuery held until the listener connection LISTENs to the channels
