@@ -6,7 +6,8 @@ Checks (notify_common.py): 50 notifications from one transaction arrive in order
 payloads of 0 to 7999 bytes intact, on every listener; each carries the process id that
 pg_backend_pid() gave in the sender's transaction (through pgmux in transaction mode, not
 the sender's BackendKeyData pid); a listener receives its own NOTIFY; after UNLISTEN, and
-after a rolled-back LISTEN, nothing arrives on that channel.
+after a rolled-back LISTEN, nothing arrives on that channel; after a rolled-back UNLISTEN
+notifications still arrive.
 
 psycopg sends a Query without parameters by the simple protocol, so LISTEN and UNLISTEN
 here are simple Queries; the pg_notify() calls have parameters (extended protocol).
@@ -92,6 +93,9 @@ def run():
         expect_sequence(f"listener {i}", receive(conn, len(expected)), expected)
 
     listeners[1].execute(f"UNLISTEN {JOBS}")
+    # An UNLISTEN in a transaction that rolls back does not count.
+    committed.execute(f"UNLISTEN {TX}")
+    committed.rollback()
     last = send(sender, [(JOBS, "after unlisten"), (TX, "tx"), (MARKER, "end")])
     for i, conn in enumerate(listeners):
         if i == 1:
@@ -106,7 +110,8 @@ def run():
     return (
         f"psycopg {psycopg.__version__}: {LISTENERS} listeners got {len(payloads)} notifications "
         f"(0 to {max(map(len, payloads))} bytes) in order with the sender's server pid, and their own; "
-        "UNLISTEN and a rolled-back LISTEN stop delivery, a committed one starts it"
+        "UNLISTEN and a rolled-back LISTEN stop delivery, a committed one starts it, a rolled-back UNLISTEN "
+        "does not stop it"
     )
 
 
