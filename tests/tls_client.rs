@@ -111,6 +111,34 @@ async fn select_one(client: &tokio_postgres::Client) {
     assert_eq!(row.get::<_, i32>(0), 2);
 }
 
+/// A plain client's refusal: (SQLSTATE, message).
+async fn plain_refused(mux: &TestPgmux) -> (String, String) {
+    let err = mux
+        .try_connect("app", "app", "app_pw")
+        .await
+        .map(drop)
+        .expect_err("a plain client must be refused");
+    code_and_message(&err)
+}
+
+/// A refused TLS login: (SQLSTATE, message).
+async fn refused_with(config: &tokio_postgres::Config, tls: Rustls) -> (String, String) {
+    let err = connect(config, tls)
+        .await
+        .map(drop)
+        .expect_err("the login must be refused");
+    code_and_message(&err)
+}
+
+/// `user` over TLS (pgmux's certificate checked), with one query run.
+async fn tls_client(mux: &TestPgmux, user: &str) -> tokio_postgres::Client {
+    let client = connect(&config(mux, user, SslMode::Require), Certs::get().client())
+        .await
+        .unwrap_or_else(|e| panic!("{user} over TLS: {e}"));
+    select_one(&client).await;
+    client
+}
+
 fn code_and_message(e: &tokio_postgres::Error) -> (String, String) {
     match e.as_db_error() {
         Some(db) => (db.code().code().to_owned(), db.message().to_owned()),
@@ -131,23 +159,12 @@ async fn require_refuses_plain_clients_and_serves_tls_ones() {
     let mux = TestPgmux::start(pg, tls_opts("client_tls = \"require\"")).await;
 
     // A plain client is refused before authentication.
-    let err = mux
-        .try_connect("app", "app", "app_pw")
-        .await
-        .map(drop)
-        .expect_err("a plain client must be refused");
-    let (code, message) = code_and_message(&err);
+    let (code, message) = plain_refused(&mux).await;
     assert_eq!(code, "28000", "{message}");
     assert!(message.contains("TLS required"), "{message}");
 
     // TLS with pgmux's certificate checked by name and CA.
-    let client = connect(
-        &config(&mux, "app", SslMode::Require),
-        Certs::get().client(),
-    )
-    .await
-    .unwrap();
-    select_one(&client).await;
+    let _client = tls_client(&mux, "app").await;
     let tls = clients_tls(&mux).await;
     assert_eq!(tls.len(), 1, "{tls:?}");
     let shown = tls[0].as_str().unwrap_or_default();
@@ -169,13 +186,7 @@ async fn prefer_is_the_default_with_a_certificate_and_serves_both() {
     let mux = TestPgmux::start(pg, opts).await;
     let plain = mux.connect("app", "app").await;
     select_one(&plain).await;
-    let tls = connect(
-        &config(&mux, "app", SslMode::Require),
-        Certs::get().client(),
-    )
-    .await
-    .unwrap();
-    select_one(&tls).await;
+    let _tls = tls_client(&mux, "app").await;
     let mut shown = clients_tls(&mux).await;
     shown.sort_by_key(|v| v.is_null());
     assert!(shown[0].is_string() && shown[1].is_null(), "{shown:?}");
@@ -269,11 +280,7 @@ async fn scram_sha_256_plus_binds_to_the_certificate() {
 
     // A man in the middle (binding data of another certificate) fails.
     let wrong = Certs::get().client().binding(Binding::Wrong);
-    let err = connect(&config, wrong)
-        .await
-        .map(drop)
-        .expect_err("bound to the wrong certificate");
-    let (code, message) = code_and_message(&err);
+    let (code, message) = refused_with(&config, wrong).await;
     assert_eq!(code, "08P01", "{message}");
 
     // A client without binding data still logs in with SCRAM-SHA-256 when it may.
@@ -542,22 +549,11 @@ async fn config_errors_name_the_key() {
 async fn cleartext_passwords_only_over_tls() {
     let pg = TestPostgres::shared().await;
     let mux = TestPgmux::start(pg, tls_opts("").with_auth_method("password")).await;
-    let err = mux
-        .try_connect("app", "app", "app_pw")
-        .await
-        .map(drop)
-        .expect_err("cleartext over plain TCP");
-    let (code, message) = code_and_message(&err);
+    let (code, message) = plain_refused(&mux).await;
     assert_eq!(code, "28000", "{message}");
     assert!(message.contains("needs TLS"), "{message}");
 
-    let client = connect(
-        &config(&mux, "app", SslMode::Require),
-        Certs::get().client(),
-    )
-    .await
-    .unwrap();
-    select_one(&client).await;
+    let _client = tls_client(&mux, "app").await;
     let mut wrong = config(&mux, "app", SslMode::Require);
     wrong.password("nope");
     let err = connect(&wrong, Certs::get().client())
@@ -598,11 +594,7 @@ method = "scram-sha-256"
 
     // Another user's certificate, or none (certificates are optional in prefer mode).
     for tls in [certs.client_as("other"), certs.client()] {
-        let err = connect(&config(&mux, "app", SslMode::Require), tls)
-            .await
-            .map(drop)
-            .expect_err("not app's certificate");
-        let (code, message) = code_and_message(&err);
+        let (code, message) = refused_with(&config(&mux, "app", SslMode::Require), tls).await;
         assert_eq!(code, "28000", "{message}");
         assert!(
             message.contains("certificate authentication failed"),

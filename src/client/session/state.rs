@@ -99,11 +99,7 @@ impl Loop<'_> {
         if !self.watches_state() {
             return;
         }
-        let Some(parse) = frame
-            .is_whole()
-            .then(|| Parse::read(frame.body()))
-            .flatten()
-        else {
+        let Some(parse) = whole_parse(frame) else {
             // Too large to hold whole, or malformed (the server will say so).
             return self.state_trigger(None);
         };
@@ -425,11 +421,7 @@ impl Loop<'_> {
         if self.subscription.is_none() {
             return;
         }
-        let Some(parse) = frame
-            .is_whole()
-            .then(|| Parse::read(frame.body()))
-            .flatten()
-        else {
+        let Some(parse) = whole_parse(frame) else {
             return;
         };
         match crate::notify::parse_listen(parse.query.as_bytes()) {
@@ -538,6 +530,12 @@ pub(in crate::client) struct ListenConfirm {
 
 /// How much longer than `connect_timeout` a LISTEN waits for the listener connection.
 const LISTEN_CONFIRM_EXTRA: Duration = Duration::from_secs(5);
+
+/// A Parse message held whole, read; `None` when it is too large to hold whole or
+/// malformed.
+fn whole_parse(frame: &Frame) -> Option<Parse<'_>> {
+    frame.is_whole().then(|| Parse::read(frame.body())).flatten()
+}
 
 /// "A temporary table" from "a temporary table".
 fn capitalized(text: &str) -> String {
