@@ -49,6 +49,19 @@ pub struct Notify {
     pub stats: Arc<NotifyStats>,
 }
 
+/// Gauges over all hubs.
+#[derive(Default, Debug, Clone, Copy)]
+pub struct NotifyCounts {
+    /// Clients that LISTEN to at least one channel.
+    pub listening_clients: usize,
+    /// Channels the listener connections LISTEN to.
+    pub channels: usize,
+    /// Notifications queued for clients, not yet taken by their sessions.
+    pub queued: usize,
+    /// The longest queue of one client.
+    pub deepest: usize,
+}
+
 /// Counters over all hubs.
 #[derive(Default, Debug)]
 pub struct NotifyStats {
@@ -100,16 +113,24 @@ impl Notify {
         }
     }
 
-    /// (subscribed clients, channels listened to) over all hubs, for `/metrics`.
-    pub fn counts(&self) -> (usize, usize) {
+    /// What `/metrics` shows of all hubs now.
+    pub fn counts(&self) -> NotifyCounts {
         let hubs = self.hubs.lock();
-        hubs.values().fold((0, 0), |(clients, channels), hub| {
+        let mut counts = NotifyCounts::default();
+        for hub in hubs.values() {
             let st = hub.state.lock();
             let mut ids: Vec<u64> = st.channels.values().flatten().copied().collect();
             ids.sort_unstable();
             ids.dedup();
-            (clients + ids.len(), channels + st.channels.len())
-        })
+            counts.listening_clients += ids.len();
+            counts.channels += st.channels.len();
+            for sub in st.subscribers.values() {
+                let queued = CLIENT_QUEUE.saturating_sub(sub.tx.capacity());
+                counts.queued += queued;
+                counts.deepest = counts.deepest.max(queued);
+            }
+        }
+        counts
     }
 
     /// Each database's listener connection while it is connected.

@@ -117,6 +117,7 @@ async fn listeners_get_notifications_with_the_senders_pid_on_a_small_pool() {
         "{metrics}"
     );
     assert!(metrics.contains("pgmux_notify_channels 1"), "{metrics}");
+    assert!(metrics.contains("pgmux_notify_queued 0"), "{metrics}");
     let servers = mux.admin_get("/servers").await.body;
     assert!(
         servers.contains("\"state\":\"listener\"") && servers.contains("LISTEN (1 channels)"),

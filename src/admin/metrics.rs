@@ -99,6 +99,18 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     (
+        "pgmux_notify_queued",
+        "Notifications queued for listening clients and not yet written to them, over all clients.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_notify_queue_max_depth",
+        "The longest queue of notifications of one client now (1024 at most; a full queue that does not drain within a second cuts its client off).",
+        G,
+        &[],
+    ),
+    (
         "pgmux_notify_received_total",
         "Notifications the listener connections received.",
         C,
@@ -491,9 +503,15 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
             pooler.logins.failures(reason),
         );
     }
-    let (listening, channels) = pooler.notify.counts();
-    out.gauge("pgmux_notify_listening_clients", &[], listening as f64);
-    out.gauge("pgmux_notify_channels", &[], channels as f64);
+    let counts = pooler.notify.counts();
+    out.gauge(
+        "pgmux_notify_listening_clients",
+        &[],
+        counts.listening_clients as f64,
+    );
+    out.gauge("pgmux_notify_channels", &[], counts.channels as f64);
+    out.gauge("pgmux_notify_queued", &[], counts.queued as f64);
+    out.gauge("pgmux_notify_queue_max_depth", &[], counts.deepest as f64);
     let n = &pooler.notify.stats;
     out.counter("pgmux_notify_received_total", &[], n.received.load(Relaxed));
     out.counter(

@@ -534,7 +534,10 @@ const LISTEN_CONFIRM_EXTRA: Duration = Duration::from_secs(5);
 /// A Parse message held whole, read; `None` when it is too large to hold whole or
 /// malformed.
 fn whole_parse(frame: &Frame) -> Option<Parse<'_>> {
-    frame.is_whole().then(|| Parse::read(frame.body())).flatten()
+    frame
+        .is_whole()
+        .then(|| Parse::read(frame.body()))
+        .flatten()
 }
 
 /// "A temporary table" from "a temporary table".
