@@ -94,6 +94,14 @@ impl Notify {
                 })
                 .clone()
         };
+        {
+            // A reload may have moved the database: the next listener connection goes to
+            // where its newest subscriber's pool goes.
+            let mut current = hub.upstream.lock();
+            if *current != *upstream {
+                *current = upstream.clone();
+            }
+        }
         let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
         let id = self.next_id.fetch_add(1, Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
