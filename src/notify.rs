@@ -324,6 +324,11 @@ impl Subscription {
         self.rx.poll_recv(cx)
     }
 
+    /// The next notification already queued, without waiting.
+    pub fn try_next(&mut self) -> Option<Bytes> {
+        self.rx.try_recv().ok()
+    }
+
     /// Whether this client's queue filled up (it stopped reading) and it was cut off.
     pub fn overflowed(&self) -> bool {
         self.overflowed.load(Relaxed)

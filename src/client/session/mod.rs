@@ -356,16 +356,8 @@ impl Loop<'_> {
                 Event::ServerRead(read) => self.on_server_read(read),
                 Event::ClientRead(read) => self.on_client_read(read).await,
                 Event::Writable => Ok(()),
-                Event::Notification(Some(message)) => {
-                    // One for a channel UNLISTENed since it was queued is not delivered,
-                    // as PostgreSQL checks at delivery.
-                    if self
-                        .subscription
-                        .as_deref()
-                        .is_some_and(|sub| sub.wants(&message))
-                    {
-                        self.to_client.push(BytesMut::from(message));
-                    }
+                Event::Notification(Some(first)) => {
+                    self.deliver_notifications(first);
                     Ok(())
                 }
                 Event::ListenConfirmed => {
@@ -387,6 +379,28 @@ impl Loop<'_> {
                 return end;
             }
         }
+    }
+
+    /// Queues `first` and every notification already waiting (up to the output bound) for
+    /// the client in one buffer: a backlog goes out in one write, not one per
+    /// notification. One for a channel UNLISTENed since it was queued is left out, as
+    /// PostgreSQL checks at delivery.
+    fn deliver_notifications(&mut self, first: bytes::Bytes) {
+        let Some(sub) = self.subscription.as_deref_mut() else {
+            return;
+        };
+        let mut batch = BytesMut::new();
+        let mut next = Some(first);
+        while let Some(message) = next {
+            if sub.wants(&message) {
+                batch.extend_from_slice(&message);
+            }
+            if self.to_client.len() + batch.len() >= HIGH_WATER {
+                break;
+            }
+            next = sub.try_next();
+        }
+        self.to_client.push(batch);
     }
 
     /// The transaction status once nothing is in flight between the client and its
