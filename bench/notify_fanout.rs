@@ -318,7 +318,7 @@ async fn run(args: Args) -> bool {
     let ms = |ns: Option<u64>| ns.map(|v| v as f64 / 1e6);
     let result = serde_json::json!({
         "listeners": args.listeners,
-        "listening": received_listeners(&failures, args.listeners),
+        "listening": logged_in(&failures, args.listeners),
         "channels": channels,
         "rate": args.rate,
         "seconds": args.seconds,
@@ -334,6 +334,7 @@ async fn run(args: Args) -> bool {
         "drain_s": drained_s,
         "expected": expected,
         "delivered": received,
+        // Listeners that did not get exactly their channel's notifications.
         "listeners_short": short,
         "out_of_order": out_of_order,
         "foreign": foreign,
@@ -378,7 +379,8 @@ async fn run(args: Args) -> bool {
     good
 }
 
-fn received_listeners(failures: &BTreeMap<String, usize>, n: usize) -> usize {
+/// Listeners that logged in and LISTENed: those whose failure was not at the start.
+fn logged_in(failures: &BTreeMap<String, usize>, n: usize) -> usize {
     n - failures
         .iter()
         .filter(|(k, _)| !k.starts_with("listener:"))
