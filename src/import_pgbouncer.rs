@@ -337,13 +337,13 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
             "pgmux has no reserve pool; raise the pool size instead"
         }
         "server_round_robin" => {
-            "pgmux reuses the most recently released server connection; there is no switch"
+            "pgmux always reuses the most recently released idle server connection (LIFO); there is no switch"
         }
         "track_extra_parameters" => {
             "pgmux tracks the parameters PostgreSQL reports (ParameterStatus) itself"
         }
         "ignore_startup_parameters" => {
-            "pgmux accepts and forwards every startup parameter; nothing to ignore"
+            "pgmux has no such list; try the clients' startup parameters against pgmux before switching"
         }
         "peer_id" => "pgmux has no peering; cancel requests must reach the pgmux the client is on",
         "disable_pqexec" => "pgmux has no such switch; multi-statement simple queries are served",
@@ -359,7 +359,7 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
         "stats_users" => {
             "pgmux has no read-only console role; add them to auth.admin_users if they may use the console"
         }
-        "log_pooler_errors" => "pgmux always logs the errors it sends to clients",
+        "log_pooler_errors" => "pgmux has no switch for this; its log level is set with RUST_LOG",
         "log_stats" => "pgmux has no periodic stats line; scrape /metrics on the admin port",
         "verbose" => "set the log level with RUST_LOG (e.g. RUST_LOG=debug)",
         "server_reset_query_always" => {
@@ -369,9 +369,11 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
             "pgmux does not probe idle servers with a query; tcp_keepalive and query_timeout notice dead ones"
         }
         "server_fast_close" => {
-            "pgmux closes servers of a changed database as soon as they are idle"
+            "no switch: after a reload that changes a database, pgmux closes its old server connections as soon as they are idle"
         }
-        "server_login_retry" => "pgmux retries failed server logins with its own backoff",
+        "server_login_retry" => {
+            "pgmux retries failed server connects with its own backoff; not configurable"
+        }
         "autodb_idle_timeout" => "pgmux has no automatic (`*`) databases",
         "dns_max_ttl" | "dns_nxdomain_ttl" | "dns_zone_check_period" | "resolv_conf" => {
             "pgmux resolves host names through the system resolver at each connect"
@@ -627,7 +629,7 @@ fn render(ini: &Ini, path: &Path) -> String {
                         &from,
                     );
                 }
-                if on("log_connections") != on("log_disconnections") {
+                if on("log_connections") != on("log_disconnections") && !on(key) {
                     admin.skip(e, "pgmux logs logins and disconnections together (admin.log_connections); on if either was");
                 }
             }
