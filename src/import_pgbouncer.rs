@@ -484,7 +484,14 @@ fn render(ini: &Ini, path: &Path) -> String {
         pg_default("tcp_keepintvl", "0"),
         pg_default("tcp_keepcnt", "0"),
     ];
-    for d in &implied {
+    // PgBouncer serves no client TLS without client_tls_sslmode; pgmux would prefer it
+    // once cert_file is set.
+    let tls_default = pg_default("client_tls_sslmode", "disable");
+    let tls_implied = ini
+        .get("client_tls_cert_file")
+        .is_some()
+        .then_some(&tls_default);
+    for d in implied.iter().chain(tls_implied) {
         if ini.get(&d.key).is_none() {
             defaults.push((d.key.as_str(), d));
         }
@@ -915,6 +922,10 @@ mod tests {
         assert!(out.contains("mode = \"session\""), "{out}");
         assert!(out.contains("max_client_conn = 100"), "{out}");
         assert!(out.contains("wait_timeout = \"120s\""), "{out}");
+        assert!(!out.contains("[tls]"), "{out}");
+        let ini = parse("[pgbouncer]\nclient_tls_cert_file = a.crt\n").unwrap();
+        let out = render(&ini, Path::new("p.ini"));
+        assert!(out.contains("client_tls = \"disable\""), "{out}");
     }
 
     #[test]
