@@ -214,6 +214,13 @@ fn parse_connstr(text: &str) -> Result<Vec<(String, String)>, String> {
     }
 }
 
+/// `text` fit for a TOML comment, which may hold no control character but tab.
+fn comment_safe(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
+}
+
 /// A TOML string literal.
 fn q(s: &str) -> String {
     toml::Value::String(s.to_owned()).to_string()
@@ -289,7 +296,8 @@ impl Table {
     fn set(&mut self, key: &str, value: String, from: &Entry) {
         self.lines.push(format!(
             "{key} = {value}    # {} ({})",
-            from.key, from.origin
+            comment_safe(&from.key),
+            comment_safe(&from.origin)
         ));
     }
 
@@ -298,9 +306,11 @@ impl Table {
     }
 
     fn note(&mut self, key: &str, value: &str, origin: &str, reason: &str) {
-        let value = value.replace('\n', " ");
         self.lines.push(format!(
-            "# not imported: {key} = {value} ({origin}): {reason}"
+            "# not imported: {} = {} ({}): {reason}",
+            comment_safe(key),
+            comment_safe(value),
+            comment_safe(origin)
         ));
     }
 
@@ -684,7 +694,9 @@ fn render(ini: &Ini, path: &Path) -> String {
         let _ = writeln!(
             out,
             "\n# not imported: [peers] {} = {} ({}): pgmux has no peering; cancel requests must reach the pgmux the client is on",
-            e.key, e.value, e.origin
+            comment_safe(&e.key),
+            comment_safe(&e.value),
+            comment_safe(&e.origin)
         );
     }
     let socket_dir = ini
@@ -716,7 +728,8 @@ fn database(out: &mut String, e: &Entry, socket_dir: &str) {
         let _ = writeln!(
             out,
             "# not imported: [databases] * = {} ({}): pgmux has no fallback database; list each database clients use",
-            e.value, e.origin
+            comment_safe(&e.value),
+            comment_safe(&e.origin)
         );
         return;
     }
@@ -726,7 +739,9 @@ fn database(out: &mut String, e: &Entry, socket_dir: &str) {
             let _ = writeln!(
                 out,
                 "# not imported: [databases] {} = {} ({}): {why}",
-                e.key, e.value, e.origin
+                comment_safe(&e.key),
+                comment_safe(&e.value),
+                comment_safe(&e.origin)
             );
             return;
         }
@@ -943,6 +958,16 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("[peers] 1 = host=a"), "{out}");
+    }
+
+    #[test]
+    fn control_characters_stay_out_of_comments() {
+        let ini = parse(
+            "[pgbouncer]\nlogfile = a\rb\u{7}\n[databases]\nx = host=h\u{1b} junk\n* = \u{7}\n",
+        )
+        .unwrap();
+        let out = render(&ini, Path::new("p.ini"));
+        toml::from_str::<toml::Value>(&out).expect("valid TOML");
     }
 
     #[test]
