@@ -15,6 +15,8 @@ use pgmux::config::Config;
 use pgmux::logging::{self, LogWriter};
 use pgmux::pooler::Pooler;
 
+mod import_pgbouncer;
+
 /// How long the last log lines get to reach stderr when pgmux exits.
 const LOG_FLUSH: Duration = Duration::from_secs(1);
 /// How long the signal watcher waits before it starts again after a panic.
@@ -44,6 +46,15 @@ struct Cli {
 enum Command {
     /// Validate the config and print it as pgmux sees it, secrets masked.
     Check,
+    /// Convert a PgBouncer config (pgbouncer.ini) into pgmux TOML.
+    ImportPgbouncer {
+        /// The pgbouncer.ini to read (its %include files, auth_file and auth_hba_file are
+        /// found relative to it).
+        ini: PathBuf,
+        /// Write the TOML here instead of to stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -64,6 +75,9 @@ fn main() -> ExitCode {
 fn run_cli(cli: Cli) -> ExitCode {
     // What pgmux prints itself goes through write!, not (e)println!: those panic when the
     // terminal or pipe is gone (`pgmux check | head -1`).
+    if let Some(Command::ImportPgbouncer { ini, output }) = &cli.command {
+        return import(ini, output.as_deref());
+    }
     let config = match Config::load(&cli.config) {
         Ok(config) => config,
         Err(e) => {
@@ -93,6 +107,45 @@ fn run_cli(cli: Cli) -> ExitCode {
         .build()
         .expect("the tokio runtime starts");
     runtime.block_on(run(config, cli.config))
+}
+
+/// `pgmux import-pgbouncer`: needs no pgmux config, only the ini.
+fn import(ini: &std::path::Path, output: Option<&std::path::Path>) -> ExitCode {
+    let toml = match import_pgbouncer::convert(ini) {
+        Ok(toml) => toml,
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "pgmux: cannot import {}:\n{e}",
+                ini.display()
+            );
+            return ExitCode::from(2);
+        }
+    };
+    match output {
+        Some(path) => {
+            if let Err(e) = std::fs::write(path, &toml) {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "pgmux: cannot write {}: {e}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+            let _ = writeln!(
+                std::io::stderr(),
+                "pgmux: wrote {}; check it with `pgmux check --config {}`",
+                path.display(),
+                path.display()
+            );
+        }
+        None => {
+            if std::io::stdout().write_all(toml.as_bytes()).is_err() {
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 async fn run(config: Config, path: PathBuf) -> ExitCode {
