@@ -32,5 +32,6 @@ pub mod pool;
 pub mod pooler;
 pub mod prepared;
 pub mod protocol;
+pub mod sd_notify;
 pub mod server;
 pub mod stats;

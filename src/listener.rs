@@ -24,7 +24,8 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
         )));
     }
     pooler.listening.store(true, Ordering::Relaxed);
-    pooler.stop.cancelled().await;
+    // READY=1 to systemd now that the sockets accept; STOPPING=1 when the stop comes.
+    crate::sd_notify::ready_until(&pooler.stop).await;
     pooler.listening.store(false, Ordering::Relaxed);
     for task in accepting {
         let _ = task.await; // each drops its listener: new clients are refused, not left hanging

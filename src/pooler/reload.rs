@@ -63,6 +63,8 @@ impl Pooler {
     /// On error nothing changed, and every problem is in the error (and the log).
     pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
         let _one_at_a_time = self.reloading.lock();
+        // RELOADING=1 to systemd now, READY=1 when this returns, applied or refused.
+        let _systemd = crate::sd_notify::reloading();
         let result = self.load_and_apply();
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
