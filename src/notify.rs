@@ -88,7 +88,6 @@ impl Notify {
                         upstream: Mutex::new(upstream.clone()),
                         state: Mutex::new(HubState::default()),
                         wake: tokio::sync::Notify::new(),
-                        confirmed: tokio::sync::Notify::new(),
                         stats: self.stats.clone(),
                     })
                 })
@@ -183,8 +182,6 @@ pub struct Hub {
     state: Mutex<HubState>,
     /// Tells the listener task that the channel set changed.
     wake: tokio::sync::Notify,
-    /// Tells waiting clients that the listener connection LISTENs to more channels.
-    confirmed: tokio::sync::Notify,
     stats: Arc<NotifyStats>,
 }
 
@@ -259,20 +256,12 @@ impl Subscription {
     /// database cannot be reached): the channel is not listened to then.
     pub async fn listen_confirmed(&mut self, channel: &str, limit: Duration) -> bool {
         self.listen(channel);
-        let deadline = tokio::time::Instant::now() + limit;
-        let hub = self.hub.clone();
-        loop {
-            let notified = hub.confirmed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if hub.state.lock().listening.contains(channel) {
-                return true;
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                self.unlisten(channel);
-                return false;
-            }
+        let confirmed = std::future::poll_fn(|cx| self.poll_confirmed(cx));
+        if tokio::time::timeout(limit, confirmed).await.is_ok() {
+            return true;
         }
+        self.drop_unconfirmed();
+        false
     }
 
     /// Ready once the listener connection LISTENs to every one of this client's channels
@@ -537,7 +526,6 @@ async fn listen_on(hub: &Hub, mut conn: Box<ServerConn>) -> Result<(), Failure> 
                                     std::mem::take(&mut st.waiters)
                                 };
                                 waiters.into_iter().for_each(std::task::Waker::wake);
-                                hub.confirmed.notify_waiters();
                             }
                         }
                         tag::ERROR_RESPONSE => {
