@@ -7,18 +7,7 @@ use std::process::Command;
 
 use common::{MuxOptions, TestPgmux, TestPostgres, free_port, http_request};
 
-fn pgmux(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgmux"))
-        .args(args)
-        .env_remove("PGMUX_CONFIG")
-        .output()
-        .expect("pgmux runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::pgmux_cli as pgmux;
 
 fn write_config(text: &str) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();

@@ -14,18 +14,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/import")
 }
 
-fn pgmux(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_pgmux"))
-        .args(args)
-        .env_remove("PGMUX_CONFIG")
-        .output()
-        .expect("pgmux runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::pgmux_cli as pgmux;
 
 /// Imports `ini` into `out` and runs `pgmux check` on it; returns the TOML.
 fn import_and_check(ini: &Path, out: &Path) -> String {

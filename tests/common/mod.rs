@@ -47,6 +47,24 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Runs the pgmux binary with `args` (no `PGMUX_CONFIG` from the environment) and returns
+/// (exit code, stdout, stderr). Integration tests only, as [`TestPgmux`].
+pub fn pgmux_cli(args: &[&str]) -> (i32, String, String) {
+    let Some(exe) = option_env!("CARGO_BIN_EXE_pgmux") else {
+        panic!("no pgmux binary: cargo builds it for integration tests only");
+    };
+    let out = Command::new(exe)
+        .args(args)
+        .env_remove("PGMUX_CONFIG")
+        .output()
+        .expect("pgmux runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Runs `sql` with psql against `url` (stop on the first error, no psqlrc).
 /// Returns (success, stdout, stderr).
 pub fn run_psql(bin_dir: &Path, url: &str, sql: &str) -> (bool, String, String) {
