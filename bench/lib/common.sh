@@ -13,7 +13,7 @@
 #   bench_tls                    the poolers' TLS: plain (none), client (clients to the pooler),
 #                                both (also the pooler to PostgreSQL); plain when unset
 # and gets:
-#   say note die has stop_pid free_port
+#   say note die has stop_pid
 #   bench_tools                  psql_bin pgbench_bin pg_version (installing PostgreSQL if root)
 #   bench_find_pgbouncer HINT    pgbouncer_bin pgbouncer_version pgbouncer_prepared
 #   bench_build_pgmux            mux_bin: $PGMUX_BIN, else `cargo build --release`'s
@@ -51,15 +51,6 @@ stop_pid() { # stop_pid PID [SECONDS [SIGNAL]]: SIGNAL (TERM), up to SECONDS (5)
     done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
-}
-
-# Below the kernel's ephemeral range (ip_local_port_range), which the benchmark's own client
-# sockets use by the thousand.
-free_port() {
-    local low=32768
-    read -r low _ </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || true
-    [ "$low" -gt 11000 ] || low=32768
-    pgh_free_port $((10000 + RANDOM % (low - 11000)))
 }
 
 bench_tools() {
@@ -175,7 +166,7 @@ bench_make_certs() {
 # both poolers read.
 bench_start_postgres() {
     local scale=$1
-    pg_port=$(free_port)
+    pg_port=$(pgh_random_port)
     pgh_start "$pg_dir" "$pg_port" || die "PostgreSQL did not start"
     # Direct S5 needs 1000 backends beside the poolers' servers; keep the database in memory and
     # checkpoints out of the runs. fsync is off (scripts/pg-harness): the numbers are about the
