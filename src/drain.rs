@@ -18,9 +18,12 @@ use crate::pooler::Pooler;
 pub struct Drain {
     /// Cancelled when the drain begins.
     begun: CancellationToken,
-    /// When it began, and the `drain_delay` in force then.
-    began: OnceLock<(Instant, Duration)>,
+    /// When accepting stops: the drain's start plus the `drain_delay` in force then.
+    until: OnceLock<Instant>,
 }
+
+/// "Never", for a `drain_delay` too long to add to a clock reading (tokio's choice too).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 impl Drain {
     /// Whether the drain has begun (pgmux is on its way out).
@@ -36,12 +39,17 @@ impl Drain {
     /// When accepting stops: the drain's start plus its `drain_delay`. `None` before the
     /// drain.
     pub fn deadline(&self) -> Option<Instant> {
-        self.began.get().map(|(at, delay)| *at + *delay)
+        self.until.get().copied()
     }
 
     /// Begins the drain with `delay`; false if it had begun already.
     fn begin(&self, delay: Duration) -> bool {
-        if self.began.set((Instant::now(), delay)).is_err() {
+        let now = Instant::now();
+        let until = now
+            .checked_add(delay)
+            .or_else(|| now.checked_add(FAR_FUTURE))
+            .unwrap_or(now);
+        if self.until.set(until).is_err() {
             return false;
         }
         self.begun.cancel();
@@ -105,6 +113,15 @@ mod tests {
         assert_eq!(p.step_out(), Step::Kill);
         assert!(p.kill.is_cancelled());
         assert_eq!(p.step_out(), Step::Kill);
+    }
+
+    #[tokio::test]
+    async fn a_drain_delay_beyond_the_clock_means_until_the_next_signal() {
+        let p = pooler(Duration::MAX);
+        assert_eq!(p.step_out(), Step::Drain(Duration::MAX));
+        let deadline = p.drain.deadline().expect("begun");
+        assert!(deadline > Instant::now() + Duration::from_secs(86_400 * 365));
+        assert_eq!(p.step_out(), Step::Stop);
     }
 
     #[tokio::test]

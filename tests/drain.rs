@@ -218,10 +218,12 @@ async fn transaction(client: &Client, id: i32, n: i32) -> Outcome {
 }
 
 /// A client that runs transactions in a loop until `done`, and reconnects when pgmux ends
-/// its session; what it sees goes to `counts`, the failures' messages to the return value.
+/// its session, or after every transaction with `per_transaction` (as `pgbench -C`); what
+/// it sees goes to `counts`, the failures' messages to the return value.
 async fn client_loop(
     port: u16,
     id: i32,
+    per_transaction: bool,
     done: Arc<AtomicBool>,
     counts: Arc<Counts>,
 ) -> Vec<String> {
@@ -246,6 +248,9 @@ async fn client_loop(
             match transaction(&client, id, n).await {
                 Outcome::Committed => {
                     counts.committed.fetch_add(1, Relaxed);
+                    if per_transaction {
+                        break;
+                    }
                 }
                 Outcome::NotBegun => {
                     counts.refused_at_begin.fetch_add(1, Relaxed);
@@ -272,12 +277,17 @@ async fn client_loop(
 /// connect, counted apart, never a failed transaction).
 #[tokio::test]
 async fn rolling_restart_of_three_processes_on_one_port_fails_no_transaction() {
+    // Clients that keep their connection, and clients that connect for each transaction
+    // (these reach every process's accept queue all along the restarts).
     const CLIENTS: i32 = 6;
+    const PER_TRANSACTION: i32 = 2;
     let pg = TestPostgres::shared().await;
     fresh_table(pg, "drain_rolling").await;
     let opts = MuxOptions {
         size: 3,
         wait_timeout: "30s",
+        // Cheap logins: the per-transaction clients log in all the time.
+        auth_method: "trust",
         server_extra: "reuse_port = true\ndrain_delay = \"1s\"".into(),
         ..MuxOptions::default()
     };
@@ -288,8 +298,12 @@ async fn rolling_restart_of_three_processes_on_one_port_fails_no_transaction() {
     }
     let done = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|id| tokio::spawn(client_loop(port, id, done.clone(), counts.clone())))
+    let clients: Vec<_> = (0..CLIENTS + PER_TRANSACTION)
+        .map(|id| {
+            let per_transaction = id >= CLIENTS;
+            let (done, counts) = (done.clone(), counts.clone());
+            tokio::spawn(client_loop(port, id, per_transaction, done, counts))
+        })
         .collect();
     let progress = |at_least: u64| {
         let counts = counts.clone();
@@ -327,7 +341,8 @@ async fn rolling_restart_of_three_processes_on_one_port_fails_no_transaction() {
     let c = &counts;
     let committed = c.committed.load(Relaxed);
     eprintln!(
-        "rolling restart of 3 processes, {CLIENTS} clients: {committed} transactions committed, \
+        "rolling restart of 3 processes, {CLIENTS} clients + {PER_TRANSACTION} connecting for \
+         each transaction: {committed} transactions committed, \
          {} failed; {} connects, {} failed connects, {} sessions closed between transactions, \
          {} BEGINs answered 57P01 (nothing ran; retried on a new connection)",
         c.failed.load(Relaxed),
