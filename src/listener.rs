@@ -66,6 +66,7 @@ fn warn_unmigrated_queue() {
 /// accept loop ends on `pooler.stop`), then waits for the sessions.
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     let clients = TaskTracker::new();
+    tokio::spawn(pooler.clone().forward_stop());
     let mut accepting = Vec::new();
     for listener in listeners {
         accepting.push(tokio::spawn(accept(
