@@ -5,8 +5,9 @@
 
 mod common;
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
@@ -173,6 +174,8 @@ struct Counts {
     connects: AtomicU64,
     /// Connection attempts that failed (refused or reset before login ended).
     connect_errors: AtomicU64,
+    /// The distinct errors of those attempts, to tell a reset from a timeout.
+    connect_error_kinds: Mutex<BTreeSet<String>>,
     /// A connection found closed (57P01) between transactions, before the next began.
     closed_between: AtomicU64,
     /// `BEGIN` answered with 57P01 (or a closed connection): pgmux ended the session
@@ -232,8 +235,10 @@ async fn client_loop(
     while !done.load(Relaxed) {
         let client = match connect(port).await {
             Ok((client, _connection)) => client,
-            Err(_) => {
+            Err(e) => {
                 counts.connect_errors.fetch_add(1, Relaxed);
+                let kind = format!("{e}: {:?}", std::error::Error::source(&e));
+                counts.connect_error_kinds.lock().unwrap().insert(kind);
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
             }
@@ -344,12 +349,14 @@ async fn rolling_restart_of_three_processes_on_one_port_fails_no_transaction() {
         "rolling restart of 3 processes, {CLIENTS} clients + {PER_TRANSACTION} connecting for \
          each transaction: {committed} transactions committed, \
          {} failed; {} connects, {} failed connects, {} sessions closed between transactions, \
-         {} BEGINs answered 57P01 (nothing ran; retried on a new connection)",
+         {} BEGINs answered 57P01 (nothing ran; retried on a new connection); \
+         connect errors: {:?}",
         c.failed.load(Relaxed),
         c.connects.load(Relaxed),
         c.connect_errors.load(Relaxed),
         c.closed_between.load(Relaxed),
         c.refused_at_begin.load(Relaxed),
+        c.connect_error_kinds.lock().unwrap(),
     );
     assert!(
         failures.is_empty(),
