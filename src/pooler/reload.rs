@@ -403,4 +403,17 @@ mod tests {
             ]
         );
     }
+
+    #[test]
+    fn drain_delay_reloads_and_reuse_port_waits_for_a_restart() {
+        let old = config("[server]\ndrain_delay = \"5s\"\n");
+        let new = config("[server]\ndrain_delay = \"15s\"\nreuse_port = true\n");
+        assert_eq!(
+            config_changes(&old, &new),
+            [
+                "server.reuse_port false -> true: takes effect after a restart",
+                "server.drain_delay 5s -> 15s: applies to the next shutdown",
+            ]
+        );
+    }
 }
