@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use pgmux::config::Config;
+use pgmux::drain::Step;
 use pgmux::logging::{self, LogWriter};
 use pgmux::pooler::Pooler;
 
@@ -179,9 +179,10 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         error!(error = %e, "cannot start the admin port");
         return ExitCode::FAILURE;
     }
+    let reuse_port = pooler.snapshot().config.server.reuse_port;
     let mut listeners = Vec::new();
     for addr in &client_addrs {
-        match TcpListener::bind(addr).await {
+        match pgmux::listener::bind(addr, reuse_port).await {
             Ok(listener) => {
                 info!(%addr, "listening for clients");
                 listeners.push(listener);
@@ -221,9 +222,9 @@ async fn watch_signals(pooler: Arc<Pooler>) {
         return;
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config");
                 let reloading = pooler.clone();
@@ -231,12 +232,13 @@ async fn watch_signals(pooler: Arc<Pooler>) {
                 let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
                 continue;
             }
+        };
+        // Each signal takes the next step out (drain.rs); the listener logs the drain's.
+        match pooler.step_out() {
+            Step::Drain(delay) => info!(signal, ?delay, "shutting down: draining"),
+            Step::Stop => info!(signal, "another signal: ending the drain now"),
+            Step::Kill => info!(signal, "another signal: ending every session now"),
         }
-        if pooler.stop.is_cancelled() {
-            info!("second signal: ending every session now");
-            pooler.kill.cancel();
-        }
-        pooler.stop.cancel();
     }
 }
 

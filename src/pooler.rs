@@ -143,7 +143,11 @@ pub struct Pooler {
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
     reloading: Mutex<()>,
-    /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
+    /// Begun by the first SIGTERM/SIGINT: `/ready` fails, serving goes on for
+    /// `drain_delay` (`drain.rs`).
+    pub drain: crate::drain::Drain,
+    /// Cancelled when the drain is over (or by a second signal): stop accepting, end
+    /// sessions between transactions.
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
     pub kill: CancellationToken,
@@ -177,6 +181,7 @@ impl Pooler {
             auth_queries: AuthQueries::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
+            drain: crate::drain::Drain::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             runtime,

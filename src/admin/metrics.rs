@@ -63,6 +63,18 @@ const FAMILIES: &[Family] = &[
     ),
     ("pgmux_pools", "Pools (database, user) in use.", G, &[]),
     (
+        "pgmux_draining",
+        "1 from the first SIGTERM/SIGINT until pgmux exits (/ready answers 503), else 0.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_accepting",
+        "1 while the client listeners accept connections (through drain_delay too), else 0.",
+        G,
+        &[],
+    ),
+    (
         "pgmux_config_reloads_total",
         "Config reloads, by result (success, failure).",
         C,
@@ -472,6 +484,13 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         "pgmux_client_connections",
         &[],
         pooler.clients.load(Relaxed) as f64,
+    );
+    let flag = |on: bool| if on { 1.0 } else { 0.0 };
+    out.gauge("pgmux_draining", &[], flag(pooler.drain.is_begun()));
+    out.gauge(
+        "pgmux_accepting",
+        &[],
+        flag(pooler.listening.load(Relaxed) && !pooler.stop.is_cancelled()),
     );
     let config = &pooler.snapshot().config;
     out.gauge(

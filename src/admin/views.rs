@@ -435,7 +435,16 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
 pub fn readiness(pooler: &Pooler) -> Result<(), Vec<String>> {
     let mut reasons = Vec::new();
     if pooler.stop.is_cancelled() {
-        reasons.push("pgmux is shutting down".to_owned());
+        reasons.push(
+            "draining: pgmux is shutting down; no longer accepting, sessions end after their transaction"
+                .to_owned(),
+        );
+    } else if let Some(deadline) = pooler.drain.deadline() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        reasons.push(format!(
+            "draining: pgmux is shutting down; still serving, and accepting for {} more (server.drain_delay)",
+            humantime::format_duration(Duration::from_millis(millis(left)))
+        ));
     } else if !pooler.listening.load(Relaxed) {
         reasons.push("the client listener is not accepting connections".to_owned());
     }

@@ -295,6 +295,7 @@ impl ClientError {
                     "check that the PostgreSQL server is up and reachable; pgmux retries on the next query"
                 }
             },
+            Self::ShuttingDown => "pgmux is stopping or restarting: reconnect",
             Self::PoolRemoved => "reconnect; the pool no longer exists after the last reload",
             Self::IdleInTransaction(_) => {
                 "commit or roll back sooner, or raise pool.idle_transaction_timeout"

@@ -109,6 +109,8 @@ const SERVER_KEYS: &[&str] = &[
     "max_client_conn",
     "client_login_timeout",
     "shutdown_timeout",
+    "drain_delay",
+    "reuse_port",
     "max_message_size",
     "partial_message_timeout",
     "statement_registry_size",
@@ -321,6 +323,11 @@ impl Walker<'_> {
                     let d = self.duration(&path, value);
                     set(&mut server.shutdown_timeout, d);
                 }
+                "drain_delay" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.drain_delay, d);
+                }
+                "reuse_port" => set(&mut server.reuse_port, self.boolean(&path, value)),
                 "max_message_size" => {
                     let max = crate::protocol::codec::MAX_MESSAGE_LEN as u64;
                     let n = self.unsigned(&path, value, max);

@@ -29,6 +29,8 @@ pub(super) fn render(config: &Config) -> String {
         "shutdown_timeout",
         &duration(server.shutdown_timeout),
     );
+    line(&mut out, "drain_delay", &duration(server.drain_delay));
+    line(&mut out, "reuse_port", &server.reuse_port.to_string());
     line(
         &mut out,
         "max_message_size",

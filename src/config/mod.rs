@@ -62,6 +62,13 @@ pub struct ServerSection {
     pub client_login_timeout: Duration,
     /// Time clients get to finish their transactions on shutdown.
     pub shutdown_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long pgmux goes on serving and accepting while `/ready`
+    /// answers 503 (time for a load balancer to stop sending it clients), before it stops
+    /// accepting and ends sessions between transactions. 0 (the default): at once.
+    pub drain_delay: Duration,
+    /// Set `SO_REUSEPORT` on the client listeners, so that several pgmux processes can
+    /// listen on one port (rolling restarts, one process per core). Read at start only.
+    pub reuse_port: bool,
     /// Largest client message accepted, in bytes (PostgreSQL's own limit is 1 GB); a
     /// larger one gets `08P01` and the connection is closed.
     pub max_message_size: usize,
@@ -84,6 +91,8 @@ impl Default for ServerSection {
             max_client_conn: 10_000,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
+            reuse_port: false,
             max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
             partial_message_timeout: Duration::from_secs(30),
             statement_registry_size: 10_000,

@@ -38,6 +38,8 @@ fn empty_file_gives_the_defaults() {
     assert_eq!(c.server.max_client_conn, 10_000);
     assert_eq!(c.server.client_login_timeout, Duration::from_secs(15));
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.drain_delay, Duration::ZERO);
+    assert!(!c.server.reuse_port);
     assert_eq!(c.server.worker_threads, 1);
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
     assert_eq!(c.auth.userlist_file, None);
@@ -63,6 +65,8 @@ listen = ["127.0.0.1:6432", "[::1]:6432"]
 max_client_conn = 500
 client_login_timeout = "3s"
 shutdown_timeout = "1m"
+drain_delay = "15s"
+reuse_port = true
 worker_threads = 4
 
 [auth]
@@ -114,6 +118,8 @@ auth_method = "scram-sha-256"
     assert_eq!(c.server.listen, ["127.0.0.1:6432", "[::1]:6432"]);
     assert_eq!(c.server.max_client_conn, 500);
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.drain_delay, Duration::from_secs(15));
+    assert!(c.server.reuse_port);
     assert_eq!(c.server.worker_threads, 4);
     assert_eq!(c.auth.method, AuthMethod::Md5);
     assert_eq!(c.auth.admin_users, ["admin"]);

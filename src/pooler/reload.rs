@@ -193,6 +193,18 @@ fn config_changes(old: &Config, new: &Config) -> Vec<String> {
         let (a, b) = (s.0.worker_threads, s.1.worker_threads);
         out.push(format!("server.worker_threads {a} -> {b}: {restart}"));
     }
+    if s.0.reuse_port != s.1.reuse_port {
+        let (a, b) = (s.0.reuse_port, s.1.reuse_port);
+        out.push(format!("server.reuse_port {a} -> {b}: {restart}"));
+    }
+    if s.0.drain_delay != s.1.drain_delay {
+        let (a, b) = (s.0.drain_delay, s.1.drain_delay);
+        out.push(format!(
+            "server.drain_delay {} -> {}: applies to the next shutdown",
+            human(a),
+            human(b)
+        ));
+    }
     if s.0.max_client_conn != s.1.max_client_conn {
         let (a, b) = (s.0.max_client_conn, s.1.max_client_conn);
         out.push(format!("server.max_client_conn {a} -> {b}"));
@@ -388,6 +400,19 @@ mod tests {
                 "databases.gone removed",
                 "users.a changed: applies to new logins",
                 "users.b added",
+            ]
+        );
+    }
+
+    #[test]
+    fn drain_delay_reloads_and_reuse_port_waits_for_a_restart() {
+        let old = config("[server]\ndrain_delay = \"5s\"\n");
+        let new = config("[server]\ndrain_delay = \"15s\"\nreuse_port = true\n");
+        assert_eq!(
+            config_changes(&old, &new),
+            [
+                "server.reuse_port false -> true: takes effect after a restart",
+                "server.drain_delay 5s -> 15s: applies to the next shutdown",
             ]
         );
     }
