@@ -11,18 +11,26 @@ For each value set that must render:
   - the budget: each database's max_db_connections is the expected number and, times the
     pods that can run at once, stays within the budget;
   - the pgmux config passes `pgmux check` (the real binary, with the Secret's values in its
-    environment and the mounted files on disk).
+    environment and the mounted files on disk), and pgmux runs with it: /health and /ready
+    answer 200 without the token, /metrics wants the Secret's token, /ready is not 200
+    after SIGTERM.
 For each value set that must fail: rendering fails with the expected message.
 """
 
 import argparse
 import base64
 import os
+import random
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
 
 import helm_python as helm
 import kubernetes_validate
@@ -244,7 +252,69 @@ def check_rendered(name, docs, expect, pgmux, workdir):
         capture_output=True,
         text=True,
     )
-    check(result.returncode == 0, f"{name}: pgmux check refused the config:\n{result.stderr.strip()}")
+    if not check(result.returncode == 0, f"{name}: pgmux check refused the config:\n{result.stderr.strip()}"):
+        return
+
+    # And runs with it: the probes' endpoints answer without the token, /metrics wants the
+    # Secret's, and after SIGTERM /ready no longer says 200. Loopback ports instead of
+    # 0.0.0.0, nothing else changed.
+    client_port, admin_port = free_port(), free_port()
+    with open(local_config, "w", encoding="utf-8") as f:
+        f.write(
+            local_text.replace(f'"0.0.0.0:{ports["postgres"]}"', f'"127.0.0.1:{client_port}"').replace(
+                f'"0.0.0.0:{ports["admin"]}"', f'"127.0.0.1:{admin_port}"'
+            )
+        )
+    admin = f"http://127.0.0.1:{admin_port}"
+    token = env_values["PGMUX_ADMIN_TOKEN"]
+    log_path = os.path.join(run_dir, "pgmux.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [pgmux, "--config", local_config],
+            env={"PATH": os.environ.get("PATH", ""), **env_values},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 10
+        while http_status(f"{admin}/health") is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check(http_status(f"{admin}/health") == 200, f"{name}: GET /health (liveness) did not answer 200; see {log_path}")
+        check(http_status(f"{admin}/ready") == 200, f"{name}: GET /ready (readiness) did not answer 200; see {log_path}")
+        check(http_status(f"{admin}/metrics") == 401, f"{name}: /metrics answered without the admin token")
+        check(http_status(f"{admin}/metrics", token) == 200, f"{name}: /metrics refused the Secret's admin token")
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 2
+        while http_status(f"{admin}/ready") == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        check(http_status(f"{admin}/ready") != 200, f"{name}: /ready still 200 two seconds after SIGTERM")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def free_port():
+    """A port free on loopback now, below the kernel's ephemeral range (as scripts/pg-harness picks)."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+
+
+def http_status(url, token=None):
+    """The status of GET url, or None when nothing answers."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, OSError):
+        return None
 
 
 def main():
@@ -315,6 +385,18 @@ def main():
         "autoscaling bounds": (["autoscaling-databases.yaml"], ["autoscaling.minReplicas=7"], "autoscaling.minReplicas (7) must be between 1 and maxReplicas (6)"),
         "TLS without a certificate": ([], ["tls.enabled=true"], "tls.enabled needs tls.existingSecret"),
     }
+
+    # The metrics docs/kubernetes.md names (for the autoscaler) are ones pgmux exports; the
+    # name prometheus-adapter gives its series is the chart's default metricName.
+    root = os.path.dirname(os.path.dirname(HERE))
+    with open(os.path.join(root, "docs/kubernetes.md"), encoding="utf-8") as f:
+        named = set(re.findall(r"\bpgmux_[a-z_]+", f.read()))
+    with open(os.path.join(root, "src/admin/metrics.rs"), encoding="utf-8") as f:
+        exported = set(re.findall(r'"(pgmux_[a-z_]+)"', f.read()))
+    alias = helm.Chart.load(CHART).values["autoscaling"]["waitingClients"]["metricName"]
+    for metric in sorted(named - exported - {alias}):
+        check(False, f"docs/kubernetes.md names {metric}, which src/admin/metrics.rs does not export")
+    print(f"metrics named in docs/kubernetes.md: {', '.join(sorted(named))}")
 
     lint = helm.lint(CHART, None, strict=True, namespace="ci")
     for m in lint.get("messages") or []:
