@@ -130,12 +130,10 @@ impl Alert {
         self.flags.fetch_and(!flag, Relaxed);
     }
 
-    /// The flags raised, or `Pending` with the task's waker registered for the next one.
+    /// The flags raised, or `Pending`; either way the task's waker is registered for the
+    /// next flag (a session that has STOP but is inside a transaction must still wake
+    /// for KILL).
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<u8> {
-        match self.flags.load(Acquire) {
-            0 => {}
-            flags => return Poll::Ready(flags),
-        }
         self.waker.register(cx.waker());
         match self.flags.load(Acquire) {
             0 => Poll::Pending,

@@ -264,7 +264,14 @@ impl Loop<'_> {
                 alert.raise(flag);
             }
         }
+        // A client whose login was under way when the stop came was accepted before the
+        // listeners closed: it gets its first transaction (bounded by shutdown_timeout)
+        // instead of a 57P01 for the BEGIN it sends right after logging in.
+        let mut first_is_due = self.s.stop.is_cancelled();
         loop {
+            if self.server.is_some() {
+                first_is_due = false;
+            }
             if self.to_client.write_now(&mut *self.client).is_err() {
                 return End::ClientGone;
             }
@@ -353,7 +360,7 @@ impl Loop<'_> {
                     None => self.timer = None,
                 }
                 if between_transactions {
-                    if alerts & Alert::STOP != 0 {
+                    if alerts & Alert::STOP != 0 && !first_is_due {
                         return Poll::Ready(Event::Stop);
                     }
                     if alerts & Alert::RETIRED != 0 {
