@@ -26,6 +26,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, BytesMut};
@@ -52,7 +53,8 @@ struct Args {
     #[arg(short = 'n', long, default_value_t = 100_000)]
     clients: usize,
     /// Connections per source address (127.0.0.1, then 127.0.0.2, ...); below the
-    /// ephemeral port range's size (/proc/sys/net/ipv4/ip_local_port_range).
+    /// ephemeral port range's size (/proc/sys/net/ipv4/ip_local_port_range), which
+    /// connect() draws from per source address and destination.
     #[arg(long, default_value_t = 20_000)]
     per_source: usize,
     /// Logins in flight at once.
@@ -256,6 +258,27 @@ async fn open(
 async fn login(args: &Args, i: usize) -> Result<TcpStream, String> {
     let source = Ipv4Addr::new(127, 0, 0, (i / args.per_source.max(1) + 1) as u8);
     let socket = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
+    // The port is picked at connect() for the whole 4-tuple, not at bind() among the ports
+    // free for every destination: bind(port 0) takes the even half of the ephemeral range
+    // first, and once that is used up each bind scans the rest for milliseconds, holding
+    // up every login in flight on this one thread (pooler login timeouts at ~14 000).
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads `on`, an int that lives across the call, on our own socket.
+    let set = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if set != 0 {
+        return Err(format!(
+            "IP_BIND_ADDRESS_NO_PORT: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
     socket
         .bind(SocketAddr::new(IpAddr::V4(source), 0))
         .map_err(|e| format!("bind {source}: {e}"))?;
