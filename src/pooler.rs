@@ -212,6 +212,10 @@ impl Pooler {
             pool.set_budgets(budgets);
         }
         pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
+        pool.set_clients(self.clients_registry.clone());
+        if self.stop.is_cancelled() {
+            pool.drain();
+        }
         pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)

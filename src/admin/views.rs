@@ -257,6 +257,12 @@ pub struct ClientJson {
     pub state: &'static str,
     /// How long it has been in `state`.
     pub state_ms: u64,
+    /// Why it waits for a server, while it does: pool_full, max_db_connections,
+    /// max_user_connections, upstream_connecting, upstream_backoff, paused, draining.
+    pub wait_cause: Option<&'static str>,
+    /// The cause in words, with its numbers (the pool's size and longest holders, the
+    /// limit, the upstream's last error).
+    pub wait_detail: Option<String>,
     pub connected_ms: u64,
     pub in_transaction: bool,
     /// The server connection it holds.
@@ -299,10 +305,18 @@ pub fn clients(pooler: &Pooler) -> Vec<ClientJson> {
             .cmp(&held(a))
             .then_with(|| b.in_state.cmp(&a.in_state))
     });
-    all.iter().map(client_json).collect()
+    let pools = pooler.pools();
+    let explain = |c: &ClientInfo| {
+        let cause = c.wait_cause?;
+        let pool = pools
+            .iter()
+            .find(|p| p.key.database == c.database && p.key.user == c.user)?;
+        Some(pool.explain(cause))
+    };
+    all.iter().map(|c| client_json(c, explain(c))).collect()
 }
 
-fn client_json(c: &ClientInfo) -> ClientJson {
+fn client_json(c: &ClientInfo, wait_detail: Option<String>) -> ClientJson {
     ClientJson {
         id: c.id,
         addr: c.peer.to_string(),
@@ -313,6 +327,8 @@ fn client_json(c: &ClientInfo) -> ClientJson {
         channels: c.channels.clone(),
         state: c.state.as_str(),
         state_ms: millis(c.in_state),
+        wait_cause: c.wait_cause.map(|w| w.as_str()),
+        wait_detail,
         connected_ms: millis(c.connected),
         in_transaction: c.in_transaction,
         server: c.server.map(|s| HeldServer {

@@ -165,7 +165,7 @@ fn unknown_keys_are_placed() {
             "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, tls, pool, databases, users",
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
-             user, password, auth_user, auth_query, auth_dbname, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
+             user, password, auth_user, auth_query, auth_dbname, mode, size, min_size, wait_timeout, wait_notice_after, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
              tcp_user_timeout, session_state, session_state_check, max_pinned, \

@@ -325,6 +325,7 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
     }
     let durations = [
         ("wait_timeout", old.wait_timeout, new.wait_timeout),
+        ("wait_notice_after", old.wait_notice_after, new.wait_notice_after),
         ("idle_timeout", old.idle_timeout, new.idle_timeout),
         ("max_lifetime", old.max_lifetime, new.max_lifetime),
         ("connect_timeout", old.connect_timeout, new.connect_timeout),
