@@ -180,7 +180,10 @@ async fn a_wait_that_times_out_says_why_in_the_53300() {
     let err = waiter.simple_query("SELECT 1").await.unwrap_err();
     assert_eq!(err.code(), Some(&SqlState::TOO_MANY_CONNECTIONS));
     let db = err.as_db_error().expect("an ErrorResponse");
-    assert!(db.message().contains("pool full (size 1, 1 in use"), "{db:?}");
+    assert!(
+        db.message().contains("pool full (size 1, 1 in use"),
+        "{db:?}"
+    );
     assert!(db.message().contains("\"slow_report\""), "{db:?}");
     assert_eq!(db.detail(), Some("wait cause: pool_full"));
     assert!(waits_for(&mux, "quick", "app", "pool_full").await >= 1.0);
@@ -235,7 +238,10 @@ async fn a_pause_is_the_cause_until_resume() {
 
     let resumed = mux.admin_post("/pools/app/app/resume").await;
     assert_eq!(resumed.status, 200, "{}", resumed.body);
-    query.await.expect("the query task").expect("served after resume");
+    query
+        .await
+        .expect("the query task")
+        .expect("served after resume");
     assert!(waits_for(&mux, "app", "app", "paused").await >= 1.0);
 }
 
@@ -255,7 +261,10 @@ async fn an_upstream_being_opened_then_backing_off_is_the_cause_with_its_error()
         let pools = mux.admin_get("/pools").await.json();
         pools.as_array().is_some_and(|all| {
             all.iter().any(|p| {
-                p["database"] == "proxied" && p["user"] == "app" && p["idle"] == 0 && p["active"] == 1
+                p["database"] == "proxied"
+                    && p["user"] == "app"
+                    && p["idle"] == 0
+                    && p["active"] == 1
             })
         })
     })
@@ -288,7 +297,10 @@ async fn an_upstream_being_opened_then_backing_off_is_the_cause_with_its_error()
 
     proxy.resume().await;
     holder.batch_execute("COMMIT").await.unwrap();
-    query.await.expect("the query task").expect("served by the holder's server");
+    query
+        .await
+        .expect("the query task")
+        .expect("served by the holder's server");
     assert!(waits_for(&mux, "proxied", "app", "upstream_backoff").await >= 1.0);
 }
 
@@ -313,6 +325,126 @@ async fn a_shutdown_drains_and_the_waiters_say_so() {
     // The running transaction finishes, and its server serves the waiter before pgmux
     // stops.
     holder.batch_execute("COMMIT").await.unwrap();
-    query.await.expect("the query task").expect("served while draining");
+    query
+        .await
+        .expect("the query task")
+        .expect("served while draining");
     assert!(mux.wait_exit(LIMIT).await, "pgmux stopped");
+}
+
+/// The `/pools` entry of (database, user), if listed.
+async fn pool_entry(mux: &TestPgmux, database: &str, user: &str) -> Option<Json> {
+    let pools = mux.admin_get("/pools").await.json();
+    pools.as_array().and_then(|all| {
+        all.iter()
+            .find(|p| p["database"] == database && p["user"] == user)
+            .cloned()
+    })
+}
+
+#[tokio::test]
+async fn configured_pools_are_listed_at_zero_before_any_client() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, options(pg, None)).await;
+    // Every database of the config with every user of the config.
+    for (database, user) in [("app", "app"), ("app", "other"), ("capped", "other")] {
+        let pool = pool_entry(&mux, database, user)
+            .await
+            .unwrap_or_else(|| panic!("{database}/{user} is not listed"));
+        assert_eq!(pool["active"], 0, "{pool}");
+        assert_eq!(pool["idle"], 0, "{pool}");
+        assert_eq!(pool["waiting"], 0, "{pool}");
+        assert_eq!(pool["size"], if database == "capped" { 4 } else { 1 });
+        assert_eq!(pool["advice"]["peak_demand"], 0, "{pool}");
+    }
+    let body = mux.admin_get("/metrics").await.body;
+    assert!(
+        body.contains("pgmux_pool_size{database=\"app\",user=\"other\"} 1"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pgmux_wait_seconds_count{database=\"app\",user=\"other\",cause=\"none\"} 0"),
+        "{body}"
+    );
+    // Nobody connected: no server was opened for them.
+    assert!(
+        mux.admin_get("/servers")
+            .await
+            .json()
+            .as_array()
+            .is_some_and(Vec::is_empty)
+    );
+}
+
+/// The `/servers` entry of the server held by the client with this application_name,
+/// once its state is `state`.
+async fn server_in_state(mux: &TestPgmux, app: &str, state: &str) -> Json {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let servers = mux.admin_get("/servers").await.json();
+        let found = servers.as_array().and_then(|all| {
+            all.iter()
+                .find(|s| s["client"]["application_name"] == app && s["state"] == state)
+                .cloned()
+        });
+        if let Some(server) = found {
+            return server;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no server of {app} in state {state}: {servers}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn servers_say_idle_in_transaction_and_advice_counts_open_transactions() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, options(pg, None)).await;
+    let (client, _) = connect(mux.port, "app", "app", "sits_in_tx").await;
+    for _ in 0..50 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    // A query that runs until the lock is released: `active`.
+    let locker = pg.superuser().await;
+    locker
+        .simple_query("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    let running = tokio::spawn(async move {
+        client
+            .simple_query("BEGIN; SELECT pg_advisory_xact_lock(4242)")
+            .await
+            .map(|_| client)
+    });
+    let server = server_in_state(&mux, "sits_in_tx", "active").await;
+    assert!(
+        server["query"]
+            .as_str()
+            .is_some_and(|q| q.contains("pg_advisory_xact_lock"))
+    );
+    locker
+        .simple_query("SELECT pg_advisory_unlock(4242)")
+        .await
+        .unwrap();
+    let client = running
+        .await
+        .expect("the query task")
+        .expect("the lock came");
+
+    // The transaction stays open: `idle in transaction`, as pg_stat_activity says.
+    let server = server_in_state(&mux, "sits_in_tx", "idle in transaction").await;
+    assert_eq!(server["in_transaction"], true, "{server}");
+    // 50 short transactions and one still open: the open one counts for as long as it
+    // has run, so the mean hold grows past what the short ones alone give.
+    let grown = eventually(LIMIT, || async {
+        let pool = pool_entry(&mux, "app", "app").await.expect("app/app");
+        pool["advice"]["mean_hold_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms >= 20.0)
+    })
+    .await;
+    assert!(grown, "{:?}", pool_entry(&mux, "app", "app").await);
+    client.simple_query("COMMIT").await.unwrap();
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::clients::ClientInfo;
+use crate::clients::{ClientInfo, ClientState};
 use crate::pool::{BudgetKind, PoolView, ServerState, WINDOW_SECONDS};
 use crate::pooler::Pooler;
 
@@ -358,8 +358,10 @@ pub struct ServerJson {
     pub upstream: String,
     /// How the connection to PostgreSQL is encrypted; null: plain.
     pub tls: Option<String>,
-    /// active (lent to a client), idle, or listener (the LISTEN/NOTIFY connection of a
-    /// database, outside the pools).
+    /// As PostgreSQL would say it: active (a query runs), idle in transaction (its client
+    /// sits in an open transaction), idle (in the pool, or held by a session-mode client
+    /// between transactions), or listener (the LISTEN/NOTIFY connection of a database,
+    /// outside the pools).
     pub state: &'static str,
     /// Time since it was opened.
     pub age_ms: u64,
@@ -397,9 +399,15 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
         for s in pool.servers() {
             let client = by_server.get(&s.id).copied();
             let active = s.state == ServerState::Active;
-            let busy = client.is_some_and(|c| {
-                c.in_transaction || c.state == crate::clients::ClientState::Active
-            });
+            // As PostgreSQL's pg_stat_activity says it: a lent server whose client sits in
+            // an open transaction is `idle in transaction`, not `active`.
+            let state = match client.map(|c| c.state) {
+                _ if !active => s.state.as_str(),
+                Some(ClientState::IdleInTransaction) => ClientState::IdleInTransaction.as_str(),
+                Some(ClientState::Idle) => ClientState::Idle.as_str(),
+                _ => s.state.as_str(),
+            };
+            let busy = client.is_some_and(|c| c.in_transaction || c.state == ClientState::Active);
             out.push(ServerJson {
                 id: s.id,
                 pid: s.pid,
@@ -407,7 +415,7 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
                 user: pool.key.user.clone(),
                 upstream: upstream.clone(),
                 tls: s.tls.as_deref().map(str::to_owned),
-                state: s.state.as_str(),
+                state,
                 age_ms: millis(s.age),
                 held_ms: active.then(|| millis(s.in_state)),
                 idle_ms: (!active).then(|| millis(s.in_state)),
