@@ -986,8 +986,10 @@ fn wait_notice_after_is_read_merged_and_checked() {
     let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
     assert_eq!(
         warnings,
-        ["t.toml:8:21: databases.late.wait_notice_after: 2s is not below wait_timeout (1s): \
-          only clients held by a pause would get the notice"]
+        [
+            "t.toml:8:21: databases.late.wait_notice_after: 2s is not below wait_timeout (1s): \
+          only clients held by a pause would get the notice"
+        ]
     );
     // Off by default.
     assert_eq!(parse_ok("").pool.wait_notice_after, Duration::ZERO);
