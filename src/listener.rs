@@ -84,6 +84,10 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
         let _ = task.await; // each drops its listener: new clients are refused, not left hanging
     }
     clients.close();
+    // Clients still waiting for a server are told why they wait now.
+    for pool in pooler.pools() {
+        pool.drain();
+    }
     let grace = pooler.snapshot().config.server.shutdown_timeout;
     info!(
         clients = clients.len(),

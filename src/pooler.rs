@@ -164,7 +164,7 @@ impl Pooler {
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
         let statements = Registry::new(config.server.statement_registry_size);
         let admin_listen = config.admin.listen.clone();
-        Ok(Arc::new(Pooler {
+        let pooler = Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -185,7 +185,23 @@ impl Pooler {
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             runtime,
-        }))
+        });
+        pooler.create_configured_pools();
+        Ok(pooler)
+    }
+
+    /// Creates the pool of every configured (database, user) that does not exist yet:
+    /// each database of `[databases]` with each user of `[users]` (a database with a fixed
+    /// `user` too: its pools are still one per client user). Operators see them, at zero,
+    /// before the first client; `min_size` warms them up from the start. Users looked up
+    /// with `auth_query` get theirs at their first login, as pgmux cannot list them.
+    pub fn create_configured_pools(&self) {
+        let snapshot = self.snapshot();
+        for database in snapshot.config.databases.keys() {
+            for user in snapshot.config.users.keys() {
+                let _ = self.pool(database, user);
+            }
+        }
     }
 
     /// The runtime that serves clients (see the field).
@@ -198,7 +214,9 @@ impl Pooler {
         self.snapshot.load_full()
     }
 
-    /// The pool for (database, user), created on first use. None if the database is unknown.
+    /// The pool for (database, user), created on first use (at start and on reload for
+    /// configured users, see [`Pooler::create_configured_pools`]). None if the database is
+    /// unknown.
     pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
         let key = PoolKey {
             database: database.to_owned(),
@@ -217,6 +235,10 @@ impl Pooler {
             pool.set_budgets(budgets);
         }
         pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
+        pool.set_clients(self.clients_registry.clone());
+        if self.stop.is_cancelled() {
+            pool.drain();
+        }
         pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)

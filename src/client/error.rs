@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::auth::LockoutScope;
+use crate::clients::WaitCause;
 use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
@@ -255,6 +256,16 @@ impl ClientError {
                     "a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"
                 ));
             }
+            Self::Checkout(CheckoutError::Timeout {
+                cause: WaitCause::Draining,
+                ..
+            }) => "reconnect: pgmux is shutting down, or a reload removed this pool",
+            Self::Checkout(CheckoutError::Timeout {
+                cause: WaitCause::UpstreamConnecting | WaitCause::UpstreamBackoff,
+                ..
+            }) => {
+                "check that the PostgreSQL server is up and answers within pool.connect_timeout; pgmux retries on the next query"
+            }
             Self::Checkout(CheckoutError::Timeout { pool, .. }) => {
                 return Some(format!(
                     "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
@@ -343,7 +354,24 @@ impl ClientError {
         self.with_hint(PgError::fatal(self.sqlstate(), self.to_string()))
     }
 
+    /// More about the error, when pgmux can say: why a checkout waited until it failed.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Self::Checkout(CheckoutError::Timeout { cause, .. }) => {
+                Some(format!("wait cause: {}", cause.as_str()))
+            }
+            Self::Checkout(CheckoutError::Limit { kind, .. }) => {
+                Some(format!("wait cause: {}", kind.setting()))
+            }
+            _ => None,
+        }
+    }
+
     fn with_hint(&self, err: PgError) -> PgError {
+        let err = match self.detail() {
+            Some(detail) => err.with_detail(detail),
+            None => err,
+        };
         match self.hint() {
             Some(hint) => err.with_hint(hint),
             None => err,

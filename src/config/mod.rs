@@ -358,6 +358,9 @@ pub struct PoolSettings {
     pub min_size: u32,
     /// How long a client waits for a server connection before it gets an error; above 0.
     pub wait_timeout: Duration,
+    /// A client still waiting for a server after this long gets a NOTICE saying why
+    /// (the wait's cause and its numbers), once per wait; 0 = never.
+    pub wait_notice_after: Duration,
     /// Idle server connections are closed after this long; 0 = never.
     pub idle_timeout: Duration,
     /// Server connections are closed after this long (once idle); 0 = unlimited.
@@ -448,6 +451,7 @@ impl Default for PoolSettings {
             size: 20,
             min_size: 0,
             wait_timeout: Duration::from_secs(5),
+            wait_notice_after: Duration::ZERO,
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(60 * 60),
             connect_timeout: Duration::from_secs(5),
@@ -473,6 +477,7 @@ impl PoolSettings {
         self.size = o.size.unwrap_or(self.size);
         self.min_size = o.min_size.unwrap_or(self.min_size);
         self.wait_timeout = o.wait_timeout.unwrap_or(self.wait_timeout);
+        self.wait_notice_after = o.wait_notice_after.unwrap_or(self.wait_notice_after);
         self.idle_timeout = o.idle_timeout.unwrap_or(self.idle_timeout);
         self.max_lifetime = o.max_lifetime.unwrap_or(self.max_lifetime);
         self.connect_timeout = o.connect_timeout.unwrap_or(self.connect_timeout);
@@ -531,6 +536,8 @@ pub struct PoolOverrides {
     pub min_size: Option<u32>,
     /// See [`PoolSettings::wait_timeout`].
     pub wait_timeout: Option<Duration>,
+    /// See [`PoolSettings::wait_notice_after`].
+    pub wait_notice_after: Option<Duration>,
     /// See [`PoolSettings::idle_timeout`].
     pub idle_timeout: Option<Duration>,
     /// See [`PoolSettings::max_lifetime`].

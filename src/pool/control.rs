@@ -27,6 +27,7 @@ impl Pool {
                 return;
             }
             st.paused = true;
+            st.refresh_waiters(self.is_draining());
             std::mem::take(&mut st.idle)
         };
         info!(pool = %self.key, "pool paused");
@@ -69,6 +70,7 @@ impl Pool {
             }
             st.paused = false;
             st.resumed_at = Some(Instant::now());
+            st.refresh_waiters(self.is_draining());
         }
         info!(pool = %self.key, "pool resumed");
         self.grant_free_slots();
@@ -127,6 +129,7 @@ impl Pool {
     /// its upkeep, and closes its idle servers now.
     pub fn retire(&self) {
         self.retired.cancel();
+        self.drain();
         let idle = std::mem::take(&mut self.state.lock().idle);
         for conn in idle {
             self.close(conn, CloseReason::Shutdown);

@@ -160,6 +160,8 @@ impl Pooler {
             true
         });
         drop(pools);
+        // Pools of databases and users the new config adds are listed from now on.
+        self.create_configured_pools();
         self.auth_queries.reset();
         // Limits no pool counts in any more (set to 0, or their pools gone).
         self.budgets
@@ -340,6 +342,11 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
     }
     let durations = [
         ("wait_timeout", old.wait_timeout, new.wait_timeout),
+        (
+            "wait_notice_after",
+            old.wait_notice_after,
+            new.wait_notice_after,
+        ),
         ("idle_timeout", old.idle_timeout, new.idle_timeout),
         ("max_lifetime", old.max_lifetime, new.max_lifetime),
         ("connect_timeout", old.connect_timeout, new.connect_timeout),
