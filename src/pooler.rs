@@ -19,10 +19,12 @@ use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
 use crate::server::{ServerSecret, TlsConnector, Upstream};
 
+mod admission;
 mod auth_query;
 mod client_caps;
 mod reload;
 
+pub use admission::{Admission, KillSwitch};
 pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
@@ -143,6 +145,12 @@ pub struct Pooler {
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
     reloading: Mutex<()>,
+    /// Databases refusing logins, per-client kill switches, the shutdown drain (the
+    /// console's DISABLE, KILL, SHUTDOWN WAIT_FOR_CLIENTS).
+    pub admission: Admission,
+    /// Per-database totals at the last two ticks of PgBouncer's `stats_period`, for the
+    /// console's averages.
+    pub stats_period: crate::admin::console::StatsPeriod,
     /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
@@ -160,7 +168,7 @@ impl Pooler {
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
         let statements = Registry::new(config.server.statement_registry_size);
         let admin_listen = config.admin.listen.clone();
-        Ok(Arc::new(Pooler {
+        let pooler = Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -177,10 +185,14 @@ impl Pooler {
             auth_queries: AuthQueries::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
+            admission: Admission::default(),
+            stats_period: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             runtime,
-        }))
+        });
+        crate::admin::console::tick_stats_period(&pooler);
+        Ok(pooler)
     }
 
     /// The runtime that serves clients (see the field).

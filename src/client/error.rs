@@ -32,6 +32,8 @@ pub enum ClientError {
     NoUser,
     #[error("no such database \"{0}\"")]
     UnknownDatabase(String),
+    #[error("database does not allow connections: {0}")]
+    DatabaseDisabled(String),
     #[error("no such user \"{0}\"")]
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
@@ -138,6 +140,14 @@ pub enum ClientError {
     ConsoleExtendedProtocol,
     #[error("unknown admin console command: {0}")]
     ConsoleUnknownCommand(String),
+    #[error("unknown setting \"{0}\" (SHOW CONFIG lists them)")]
+    ConsoleUnknownSetting(String),
+    #[error("{0} takes effect only after a restart: change it in the config file")]
+    ConsoleSettingNotLive(String),
+    #[error("SET refused, nothing changed: {0}")]
+    ConsoleSetRefused(String),
+    #[error("no such client: {0}")]
+    ConsoleNoSuchClient(String),
     #[error("reload refused, nothing changed:\n{0}")]
     ReloadRefused(String),
     #[error("reload failed: {0}")]
@@ -165,6 +175,12 @@ impl ClientError {
             Self::ConsoleCommandTooLong => SqlState::PROTOCOL_VIOLATION,
             Self::ConsoleExtendedProtocol => SqlState::FEATURE_NOT_SUPPORTED,
             Self::ConsoleUnknownCommand(_) => SqlState::SYNTAX_ERROR,
+            Self::ConsoleUnknownSetting(_) | Self::ConsoleNoSuchClient(_) => {
+                SqlState::UNDEFINED_OBJECT
+            }
+            Self::ConsoleSettingNotLive(_) => SqlState::CANT_CHANGE_RUNTIME_PARAM,
+            Self::ConsoleSetRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
+            Self::DatabaseDisabled(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::ReloadRefused(_) | Self::ReloadFailed(_) => SqlState::CONFIG_FILE_ERROR,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -324,6 +340,9 @@ impl ClientError {
             Self::NotAdmin(_) => "list the user in auth.admin_users",
             Self::ConsoleExtendedProtocol => "use psql, or your driver's simple query mode",
             Self::ConsoleUnknownCommand(_) => "SHOW HELP lists the commands",
+            Self::DatabaseDisabled(_) => {
+                "an operator ran DISABLE on the admin console; ENABLE lets clients in again"
+            }
             Self::ReloadRefused(_) => {
                 "fix the problems listed (pgmux check shows them) and reload again"
             }

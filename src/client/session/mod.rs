@@ -150,8 +150,11 @@ pub struct Session {
     pub(super) view: ClientHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
-    /// Stop now (the grace period is over).
+    /// Stop now (the grace period is over, or the console's KILL / KILL_CLIENT): the
+    /// token of `_kill_switch`.
     pub(super) kill: CancellationToken,
+    /// Keeps the client's kill switch armed for as long as the session lives.
+    pub(super) _kill_switch: crate::pooler::KillSwitch,
     /// Bytes read from the client and not yet framed.
     pub(super) cbuf: BytesMut,
     /// Its place under the client caps, if any applies; given back with the session.

@@ -1,0 +1,148 @@
+//! What the admin console switches on clients, PgBouncer's way: databases that refuse new
+//! logins (`DISABLE db` / `ENABLE db`), a kill switch per logged-in client (`KILL`,
+//! `KILL_CLIENT id`), and a drain that refuses every new login while the clients there
+//! are leave on their own (`SHUTDOWN WAIT_FOR_CLIENTS`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::ClientError;
+
+/// Owned by the [`Pooler`](super::Pooler) (`pooler.admission`); read at each login, changed
+/// by the console.
+#[derive(Default)]
+pub struct Admission {
+    /// Databases that refuse new logins.
+    disabled: Mutex<BTreeSet<String>>,
+    /// Set once by `SHUTDOWN WAIT_FOR_CLIENTS`: every new login is refused.
+    draining: AtomicBool,
+    /// The kill switch of every logged-in client, by its registry id.
+    switches: Arc<Mutex<HashMap<u64, CancellationToken>>>,
+}
+
+/// A session's kill switch: its token fires on `KILL`/`KILL_CLIENT` of this client, and
+/// whenever `parent` (the pooler's kill token) fires. Dropping it forgets the client.
+pub struct KillSwitch {
+    id: u64,
+    token: CancellationToken,
+    switches: Arc<Mutex<HashMap<u64, CancellationToken>>>,
+}
+
+impl KillSwitch {
+    /// The token the session watches.
+    pub fn token(&self) -> &CancellationToken {
+        &self.token
+    }
+}
+
+impl Drop for KillSwitch {
+    fn drop(&mut self) {
+        self.switches.lock().remove(&self.id);
+    }
+}
+
+impl Admission {
+    /// Whether a new login to `database` may go on: refused (55000) while the database is
+    /// disabled, and (57P01) while pgmux drains for a shutdown.
+    pub fn admit(&self, database: &str) -> Result<(), ClientError> {
+        if self.draining.load(Relaxed) {
+            return Err(ClientError::ShuttingDown);
+        }
+        if self.disabled.lock().contains(database) {
+            return Err(ClientError::DatabaseDisabled(database.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// `DISABLE db` (true) or `ENABLE db` (false); returns whether that changed anything.
+    pub fn set_disabled(&self, database: &str, disabled: bool) -> bool {
+        let mut set = self.disabled.lock();
+        if disabled {
+            set.insert(database.to_owned())
+        } else {
+            set.remove(database)
+        }
+    }
+
+    /// Whether `database` refuses new logins.
+    pub fn is_disabled(&self, database: &str) -> bool {
+        self.disabled.lock().contains(database)
+    }
+
+    /// Refuses every new login from now on.
+    pub fn drain(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Whether pgmux drains for a shutdown.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Arms the kill switch of client `id`, a child of `parent`.
+    pub fn arm(&self, id: u64, parent: &CancellationToken) -> KillSwitch {
+        let token = parent.child_token();
+        self.switches.lock().insert(id, token.clone());
+        KillSwitch {
+            id,
+            token,
+            switches: self.switches.clone(),
+        }
+    }
+
+    /// Fires the kill switch of each client in `ids`; returns how many were still there.
+    pub fn kill(&self, ids: impl IntoIterator<Item = u64>) -> usize {
+        let switches = self.switches.lock();
+        let mut killed = 0;
+        for id in ids {
+            if let Some(token) = switches.get(&id) {
+                token.cancel();
+                killed += 1;
+            }
+        }
+        killed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn switches_fire_alone_or_with_their_parent_and_go_when_dropped() {
+        let admission = Admission::default();
+        let parent = CancellationToken::new();
+        let a = admission.arm(1, &parent);
+        let b = admission.arm(2, &parent);
+        assert_eq!(admission.kill([1, 3]), 1);
+        assert!(a.token().is_cancelled());
+        assert!(!b.token().is_cancelled());
+        parent.cancel();
+        assert!(b.token().is_cancelled());
+        drop(a);
+        assert_eq!(admission.kill([1]), 0);
+    }
+
+    #[test]
+    fn disabled_databases_and_the_drain_refuse_logins() {
+        let admission = Admission::default();
+        assert!(admission.admit("app").is_ok());
+        assert!(admission.set_disabled("app", true));
+        assert!(!admission.set_disabled("app", true));
+        assert!(matches!(
+            admission.admit("app"),
+            Err(ClientError::DatabaseDisabled(_))
+        ));
+        assert!(admission.admit("other").is_ok());
+        assert!(admission.set_disabled("app", false));
+        admission.drain();
+        assert!(matches!(
+            admission.admit("other"),
+            Err(ClientError::ShuttingDown)
+        ));
+    }
+}
