@@ -375,7 +375,10 @@ pub(super) async fn greet(
         cbuf,
     } = client;
     // DISABLE db, or SHUTDOWN WAIT_FOR_CLIENTS (pooler/admission.rs).
-    pooler.admission.admit(&database)?;
+    pooler
+        .admission
+        .admit(&database)
+        .map_err(ClientError::from)?;
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(ClientError::UnknownDatabase(database).into());
     };

@@ -45,15 +45,33 @@ impl Drop for KillSwitch {
     }
 }
 
+/// Why a login was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    /// The database is disabled (55000).
+    Disabled(String),
+    /// pgmux drains for a shutdown (57P01).
+    Draining,
+}
+
+impl From<Closed> for ClientError {
+    fn from(closed: Closed) -> Self {
+        match closed {
+            Closed::Disabled(database) => ClientError::DatabaseDisabled(database),
+            Closed::Draining => ClientError::ShuttingDown,
+        }
+    }
+}
+
 impl Admission {
-    /// Whether a new login to `database` may go on: refused (55000) while the database is
-    /// disabled, and (57P01) while pgmux drains for a shutdown.
-    pub fn admit(&self, database: &str) -> Result<(), ClientError> {
+    /// Whether a new login to `database` may go on: not while the database is disabled,
+    /// nor while pgmux drains for a shutdown.
+    pub fn admit(&self, database: &str) -> Result<(), Closed> {
         if self.draining.load(Relaxed) {
-            return Err(ClientError::ShuttingDown);
+            return Err(Closed::Draining);
         }
         if self.disabled.lock().contains(database) {
-            return Err(ClientError::DatabaseDisabled(database.to_owned()));
+            return Err(Closed::Disabled(database.to_owned()));
         }
         Ok(())
     }
@@ -133,16 +151,10 @@ mod tests {
         assert!(admission.admit("app").is_ok());
         assert!(admission.set_disabled("app", true));
         assert!(!admission.set_disabled("app", true));
-        assert!(matches!(
-            admission.admit("app"),
-            Err(ClientError::DatabaseDisabled(_))
-        ));
+        assert_eq!(admission.admit("app"), Err(Closed::Disabled("app".into())));
         assert!(admission.admit("other").is_ok());
         assert!(admission.set_disabled("app", false));
         admission.drain();
-        assert!(matches!(
-            admission.admit("other"),
-            Err(ClientError::ShuttingDown)
-        ));
+        assert_eq!(admission.admit("other"), Err(Closed::Draining));
     }
 }

@@ -8,7 +8,7 @@ use bytes::{BufMut, BytesMut};
 use crate::protocol::write::{cstr, message};
 
 /// A column's type, as PgBouncer declares it (`src/pktbuf.c` of PgBouncer 1.25: `i` int4,
-/// `q` int8, `N` numeric, `s` and `T` text).
+/// `q` int8, `N` numeric, `b` bytea, `s` and `T` text; `Float8` is pgmux's own).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Type {
     Text,
@@ -16,6 +16,7 @@ pub enum Type {
     Int8,
     Numeric,
     Float8,
+    Bytea,
 }
 
 impl Type {
@@ -27,6 +28,7 @@ impl Type {
             Type::Int8 => (20, 8),
             Type::Numeric => (1700, -1),
             Type::Float8 => (701, 8),
+            Type::Bytea => (17, -1),
         }
     }
 }

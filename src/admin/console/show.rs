@@ -150,8 +150,8 @@ pub const FDS: &[(&str, Type)] = &[
     ("datestyle", Type::Text),
     ("timezone", Type::Text),
     ("password", Type::Text),
-    ("scram_client_key", Type::Text),
-    ("scram_server_key", Type::Text),
+    ("scram_client_key", Type::Bytea),
+    ("scram_server_key", Type::Bytea),
 ];
 
 /// SHOW PEERS.
