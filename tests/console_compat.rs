@@ -803,6 +803,10 @@ async fn kill_client_ends_that_client_only() {
         err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
         "{err}"
     );
+    if let Some(db) = err.as_db_error() {
+        // Told why, not that pgmux is shutting down.
+        assert!(db.message().contains("administrator command"), "{db:?}");
+    }
     bystander.simple_query("SELECT 1").await.unwrap();
     let gone = eventually(Duration::from_secs(5), || async {
         lookup(&console, "CLIENTS", ("id", &id), "id")

@@ -82,6 +82,10 @@ pub enum ClientError {
     Protocol(ProtocolError),
     #[error("terminating connection: pgmux is shutting down")]
     ShuttingDown,
+    #[error(
+        "terminating connection due to administrator command (KILL on the pgmux admin console)"
+    )]
+    KilledByAdmin,
     #[error("terminating connection: its database or user was removed from the pgmux config")]
     PoolRemoved,
     #[error(
@@ -209,7 +213,9 @@ impl ClientError {
             | Self::QueryTimeout(_)
             | Self::ServerLost(_)
             | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
-            Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
+            Self::ShuttingDown | Self::KilledByAdmin | Self::PoolRemoved => {
+                SqlState::ADMIN_SHUTDOWN
+            }
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
                 SqlState::PROGRAM_LIMIT_EXCEEDED

@@ -226,7 +226,7 @@ impl Loop<'_> {
             tokio::select! {
                 biased;
                 result = &mut checkout => break result,
-                _ = self.s.kill.cancelled() => return Err(End::fatal(ClientError::ShuttingDown)),
+                _ = self.s.kill.cancelled() => return Err(End::fatal(self.s.killed())),
                 read = client_read(self.client, &mut self.s.cbuf), if room => match read {
                     Ok(0) => return Err(End::ClientGone),
                     Ok(_) => {}

@@ -252,6 +252,18 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
+    /// or KILL_CLIENT of this client.
+    pub(super) fn killed(&self) -> ClientError {
+        if self.stop.is_cancelled() {
+            ClientError::ShuttingDown
+        } else {
+            ClientError::KilledByAdmin
+        }
+    }
+}
+
 impl Loop<'_> {
     async fn serve(&mut self) -> End {
         // Made once, not per loop turn: each one registers with the token when polled.
@@ -376,7 +388,8 @@ impl Loop<'_> {
                 }
                 Event::Deadline(which) => Err(End::fatal(self.timed_out(which))),
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
-                Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Kill => Err(End::fatal(self.s.killed())),
             };
             if let Err(end) = result {
                 return end;
