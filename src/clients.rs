@@ -9,9 +9,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU8, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 
 /// The longest query text kept per client, in bytes.
@@ -93,6 +98,50 @@ struct Entry {
     /// The last time pgmux found session state this client left on its server: `None`
     /// until then. Written only on those events.
     session_state: Mutex<Option<StateEvent>>,
+    alert: Alert,
+}
+
+/// What the pooler tells a session to do ([`Alert::STOP`], [`Alert::KILL`],
+/// [`Alert::RETIRED`]): a flag and a wake-up. The session checks it at each turn of its
+/// loop with two atomic loads instead of polling a cancellation future per event (each
+/// poll of one takes a lock); the pooler raises it on every session when the event comes.
+#[derive(Default)]
+pub struct Alert {
+    flags: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Alert {
+    /// Stop between transactions (graceful shutdown).
+    pub const STOP: u8 = 1;
+    /// Stop now (shutdown_timeout is over, or a second signal).
+    pub const KILL: u8 = 2;
+    /// A reload removed a pool this client may be on: it checks whether it is its own.
+    pub const RETIRED: u8 = 4;
+
+    /// Sets `flag` and wakes the session.
+    pub fn raise(&self, flag: u8) {
+        self.flags.fetch_or(flag, Release);
+        self.waker.wake();
+    }
+
+    /// Clears `flag` (a [`Alert::RETIRED`] meant for another pool).
+    pub fn clear(&self, flag: u8) {
+        self.flags.fetch_and(!flag, Relaxed);
+    }
+
+    /// The flags raised, or `Pending` with the task's waker registered for the next one.
+    pub fn poll(&self, cx: &mut Context<'_>) -> Poll<u8> {
+        match self.flags.load(Acquire) {
+            0 => {}
+            flags => return Poll::Ready(flags),
+        }
+        self.waker.register(cx.waker());
+        match self.flags.load(Acquire) {
+            0 => Poll::Pending,
+            flags => Poll::Ready(flags),
+        }
+    }
 }
 
 struct QueryText {
@@ -164,6 +213,7 @@ impl ClientRegistry {
                 bytes: [0; QUERY_TEXT_MAX],
             }),
             session_state: Mutex::new(None),
+            alert: Alert::default(),
         });
         self.shard(id).lock().insert(id, entry.clone());
         ClientHandle {
@@ -244,6 +294,17 @@ impl ClientRegistry {
         }
     }
 
+    /// Raises `flag` on every client for which `whom(database, user)` holds.
+    pub fn raise(&self, flag: u8, whom: impl Fn(&str, &str) -> bool) {
+        for shard in &self.shards {
+            for e in shard.lock().values() {
+                if whom(&e.database, &e.user) {
+                    e.alert.raise(flag);
+                }
+            }
+        }
+    }
+
     #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
         &self.shards[(id % SHARDS as u64) as usize]
@@ -260,6 +321,11 @@ impl ClientHandle {
     /// The client's id in the registry (as shown in the views).
     pub fn id(&self) -> u64 {
         self.entry.id
+    }
+
+    /// What the pooler tells this session ([`ClientRegistry::raise`]).
+    pub fn alert(&self) -> &Alert {
+        &self.entry.alert
     }
 
     /// Records what the client does now. Setting the state it already has keeps the time

@@ -15,6 +15,7 @@ use crate::pooler::Pooler;
 /// Serves clients on `listeners` until the pooler's stop token fires, then drains.
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     let clients = TaskTracker::new();
+    tokio::spawn(pooler.clone().forward_stop());
     let mut accepting = Vec::new();
     for listener in listeners {
         accepting.push(tokio::spawn(accept(

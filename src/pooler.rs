@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::{Credential, Secret};
 use crate::cancel::CancelRegistry;
-use crate::clients::ClientRegistry;
+use crate::clients::{Alert, ClientRegistry};
 use crate::config::{Config, PoolSettings};
 use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
@@ -310,6 +310,20 @@ impl Pooler {
         let mut all: Vec<_> = self.budgets.lock().values().cloned().collect();
         all.sort_by(|a, b| (a.kind, &a.name).cmp(&(b.kind, &b.name)));
         all
+    }
+
+    /// Raises [`Alert::STOP`] and [`Alert::KILL`] on every session when `stop` and `kill`
+    /// fire (a session that logs in later sees the tokens themselves). Runs until both did.
+    pub async fn forward_stop(self: Arc<Self>) {
+        let stop = async {
+            self.stop.cancelled().await;
+            self.clients_registry.raise(Alert::STOP, |_, _| true);
+        };
+        let kill = async {
+            self.kill.cancelled().await;
+            self.clients_registry.raise(Alert::KILL, |_, _| true);
+        };
+        futures_util::future::join(stop, kill).await;
     }
 
     /// Every pool, for shutdown and the admin views.

@@ -6,7 +6,9 @@
 //! as `search_path` before PostgreSQL 18, or `statement_timeout`). On checkout, the session
 //! brings the server in line with one hidden query ([`ClientParams::sync_sql`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use crate::server::{ServerConn, SettingValue as Value};
 
@@ -31,6 +33,9 @@ pub struct ClientParams {
     greeted: Arc<Vec<(String, String)>>,
     /// (name, value) reported to the client since, where it differs from `greeted`.
     seen: Vec<(String, String)>,
+    /// What `wants` holds, as a number ([`stamp_of`]); 0 until asked after a change.
+    /// (Atomic only to be shared read-only across an await; no other thread writes it.)
+    stamp: AtomicU64,
 }
 
 impl ClientParams {
@@ -58,15 +63,30 @@ impl ClientParams {
     fn want(&mut self, name: &str, value: Value) {
         let lower = name.to_ascii_lowercase();
         match self.wants.iter_mut().find(|(l, _, _)| *l == lower) {
+            Some(slot) if slot.2 == value => return,
             Some(slot) => slot.2 = value,
             None => self.wants.push((lower, name.to_owned(), value)),
         }
+        self.stamp.store(0, Relaxed);
     }
 
     /// Stops wanting `name` (after `RESET name`).
     pub fn forget(&mut self, name: &str) {
         let lower = name.to_ascii_lowercase();
         self.wants.retain(|(l, _, _)| *l != lower);
+        self.stamp.store(0, Relaxed);
+    }
+
+    /// The number that stands for what this client wants ([`stamp_of`]).
+    fn stamp(&self) -> u64 {
+        match self.stamp.load(Relaxed) {
+            0 => {
+                let stamp = stamp_of(&self.wants);
+                self.stamp.store(stamp, Relaxed);
+                stamp
+            }
+            stamp => stamp,
+        }
     }
 
     /// Records a `SET name = sql` the client ran outside a transaction.
@@ -93,9 +113,10 @@ impl ClientParams {
                 .wants
                 .iter_mut()
                 .find(|(lower, _, _)| lower.eq_ignore_ascii_case(name))
-                && matches!(slot.2, Value::Text(_))
+                && matches!(&slot.2, Value::Text(text) if text != value)
             {
                 slot.2 = Value::Text(value.clone());
+                self.stamp.store(0, Relaxed);
             }
         }
     }
@@ -190,7 +211,13 @@ impl ClientParams {
     /// The hidden query that gives `server` this client's settings, if any differ; updates
     /// the server's record of what was applied to it.
     pub fn sync_sql(&self, server: &mut ServerConn) -> Option<String> {
-        // Called at every checkout: compare without allocating; build SQL only on a change.
+        // Called at every checkout. The server was last found in line with clients that
+        // want exactly this, and nothing changed on it since: nothing to compare.
+        let stamp = self.stamp();
+        if server.settings_stamp() == stamp {
+            return None;
+        }
+        // Else compare without allocating; build SQL only on a change.
         let mut sql = String::new();
         for (lower, name, value) in &self.wants {
             let same = match (server.param_ci(lower), value) {
@@ -238,8 +265,46 @@ impl ClientParams {
         for (name, value) in restore {
             push_set(&mut sql, &name, &value);
         }
-        (!sql.is_empty()).then_some(sql)
+        if sql.is_empty() {
+            // Nothing was recorded on the server above (each change comes with SQL).
+            server.set_settings_stamp(stamp);
+            return None;
+        }
+        Some(sql)
     }
+}
+
+/// Distinct settings that get a stamp of their own; past this, each client that changes
+/// its settings gets a new stamp (correct, only not shared with look-alikes).
+const STAMPS_KEPT: usize = 4096;
+
+/// Settings (lowercase name, value) sorted by name, and their stamp.
+type Stamps = HashMap<Vec<(String, Value)>, u64>;
+
+/// A number for a set of wanted settings (names and values, in any order): clients that
+/// want the same get the same number, so a server that was in line with one of them is
+/// known to be in line with the others without comparing text. Never 0. Looked up when a
+/// client's settings change (login, SET), not per transaction.
+fn stamp_of(wants: &[(String, String, Value)]) -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    static KNOWN: Mutex<Option<Stamps>> = Mutex::new(None);
+    let mut key: Vec<(String, Value)> = wants
+        .iter()
+        .map(|(lower, _, value)| (lower.clone(), value.clone()))
+        .collect();
+    key.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    let mut known = KNOWN
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let known = known.get_or_insert_with(HashMap::new);
+    if let Some(stamp) = known.get(&key) {
+        return *stamp;
+    }
+    let stamp = NEXT.fetch_add(1, Relaxed);
+    if known.len() < STAMPS_KEPT {
+        known.insert(key, stamp);
+    }
+    stamp
 }
 
 fn push_set(sql: &mut String, name: &str, value: &Value) {
@@ -445,6 +510,28 @@ fn strip_word<'a>(text: &'a str, word: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_settings_get_the_same_stamp_in_any_order() {
+        let a = ClientParams::from_startup(&[
+            ("application_name".into(), "app".into()),
+            ("DateStyle".into(), "ISO".into()),
+        ]);
+        let b = ClientParams::from_startup(&[
+            ("datestyle".into(), "ISO".into()),
+            ("application_name".into(), "app".into()),
+        ]);
+        let mut c = ClientParams::from_startup(&[("application_name".into(), "app".into())]);
+        assert_eq!(a.stamp(), b.stamp());
+        assert_ne!(a.stamp(), c.stamp());
+        assert_ne!(c.stamp(), 0);
+        c.set_sql("DateStyle", "'ISO'");
+        assert_ne!(a.stamp(), c.stamp(), "SQL and text values differ");
+        c.want("DateStyle", Value::Text("ISO".into()));
+        assert_eq!(a.stamp(), c.stamp());
+        c.forget("datestyle");
+        assert_ne!(a.stamp(), c.stamp());
+    }
 
     #[test]
     fn options_settings() {

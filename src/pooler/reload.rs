@@ -12,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info};
 
 use super::{Pooler, Snapshot};
+use crate::clients::Alert;
 use crate::config::{Config, PoolSettings};
 
 /// Outcomes of reloads, for `/metrics`.
@@ -153,6 +154,8 @@ impl Pooler {
                     "pool {key} removed: it serves its current clients until they leave"
                 ));
                 pool.retire();
+                self.clients_registry
+                    .raise(Alert::RETIRED, |d, u| d == db && u == user);
                 return false;
             };
             if *pool.upstream() != upstream {

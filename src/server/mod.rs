@@ -39,7 +39,7 @@ pub struct BackendKey {
 }
 
 /// How a session setting is applied to a server.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SettingValue {
     /// A value as text, as in a startup packet or ParameterStatus: `set_config(name, text)`.
     Text(String),
@@ -136,6 +136,10 @@ pub struct ServerConn {
     drifted: bool,
     /// Settings the server does not report that clients had applied to it, by lowercase name.
     applied: Vec<(String, SettingValue)>,
+    /// The settings stamp ([`crate::client::params`]) of the last client whose settings
+    /// this server was found to have, unchanged since: 0 after any change to `params` or
+    /// `applied`. A checkout by a client with that stamp needs no comparison.
+    settings_stamp: u64,
     /// Named prepared statements it holds.
     prepared: ServerStatements,
     /// How it is encrypted (`TLSv1.3/TLS_AES_256_GCM_SHA384`), for the views; `None`:
@@ -170,6 +174,7 @@ impl ServerConn {
             initial_params: Vec::new(),
             drifted: false,
             applied: Vec::new(),
+            settings_stamp: 0,
             prepared: ServerStatements::default(),
         }
     }
@@ -315,6 +320,7 @@ impl ServerConn {
             Some(slot) => value.clone_into(&mut slot.1),
             None => self.params.push((name.to_owned(), value.to_owned())),
         }
+        self.settings_stamp = 0;
         // Rare (a SET of a reported parameter): recount, so checkouts need not.
         self.drifted = self.params.iter().any(|(k, v)| {
             self.initial_params
@@ -362,10 +368,21 @@ impl ServerConn {
 
     /// Records (or with `None` forgets) a setting applied to it.
     pub fn set_applied(&mut self, lower_name: &str, value: Option<SettingValue>) {
+        self.settings_stamp = 0;
         self.applied.retain(|(k, _)| k != lower_name);
         if let Some(value) = value {
             self.applied.push((lower_name.to_owned(), value));
         }
+    }
+
+    /// The settings stamp it was last found in line with (0: none, or changed since).
+    pub fn settings_stamp(&self) -> u64 {
+        self.settings_stamp
+    }
+
+    /// Records that it has exactly the settings of the clients stamped `stamp`.
+    pub fn set_settings_stamp(&mut self, stamp: u64) {
+        self.settings_stamp = stamp;
     }
 
     /// The lowercase names of the settings applied to it, without allocating.
@@ -380,6 +397,7 @@ impl ServerConn {
 
     /// Forgets every applied setting (RESET ALL, DISCARD ALL).
     pub fn clear_applied(&mut self) {
+        self.settings_stamp = 0;
         self.applied.clear();
     }
 

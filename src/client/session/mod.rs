@@ -39,7 +39,7 @@ use super::queue::OutQueue;
 use super::replies::{Done, Effect, Expect, Kind, Replies, Route};
 use super::stream::ClientStream;
 use crate::cancel::{self, CancelHandle, CancelTarget};
-use crate::clients::{ClientHandle, ClientState};
+use crate::clients::{Alert, ClientHandle, ClientState};
 use crate::config::{PoolMode, SessionStatePolicy};
 use crate::logging::Escaped;
 use crate::pool::{Lease, Pool};
@@ -266,12 +266,19 @@ impl Session {
 
 impl Loop<'_> {
     async fn serve(&mut self) -> End {
-        // Made once, not per loop turn: each one registers with the token when polled.
-        let kill = self.s.kill.clone().cancelled_owned();
-        let stop = self.s.stop.clone().cancelled_owned();
-        // A reload that removes this pool ends its sessions between transactions too.
-        let retired = self.s.pool.retired().cancelled_owned();
-        tokio::pin!(kill, stop, retired);
+        // Stop, kill and a reload that removes this pool come as flags on the session's
+        // alert (clients.rs), raised when the tokens fire; one that fired before this
+        // session registered is seen here.
+        let alert = self.s.view.alert();
+        for (fired, flag) in [
+            (self.s.stop.is_cancelled(), Alert::STOP),
+            (self.s.kill.is_cancelled(), Alert::KILL),
+            (self.s.pool.retired().is_cancelled(), Alert::RETIRED),
+        ] {
+            if fired {
+                alert.raise(flag);
+            }
+        }
         loop {
             if self.to_client.write_now(&mut *self.client).is_err() {
                 return End::ClientGone;
@@ -304,7 +311,11 @@ impl Loop<'_> {
             // One hand-written poll instead of `select!`: no futures to build and drop each
             // turn, and an idle session stays small (memory per idle client).
             let event = std::future::poll_fn(|cx| {
-                if kill.as_mut().poll(cx).is_ready() {
+                let alerts = match self.s.view.alert().poll(cx) {
+                    Poll::Ready(flags) => flags,
+                    Poll::Pending => 0,
+                };
+                if alerts & Alert::KILL != 0 {
                     return Poll::Ready(Event::Kill);
                 }
                 if read_server
@@ -357,10 +368,10 @@ impl Loop<'_> {
                     None => self.timer = None,
                 }
                 if between_transactions {
-                    if stop.as_mut().poll(cx).is_ready() {
+                    if alerts & Alert::STOP != 0 {
                         return Poll::Ready(Event::Stop);
                     }
-                    if retired.as_mut().poll(cx).is_ready() {
+                    if alerts & Alert::RETIRED != 0 {
                         return Poll::Ready(Event::Retired);
                     }
                 }
@@ -387,6 +398,12 @@ impl Loop<'_> {
                     Ok(())
                 }
                 Event::Deadline(which) => Err(End::fatal(self.timed_out(which))),
+                // Raised for every client of the removed pool's (database, user): this
+                // one may be on the pool that replaced it.
+                Event::Retired if !self.s.pool.retired().is_cancelled() => {
+                    self.s.view.alert().clear(Alert::RETIRED);
+                    Ok(())
+                }
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
                 Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
                 Event::Kill => Err(End::fatal(self.s.killed())),
