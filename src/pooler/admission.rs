@@ -11,6 +11,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::ClientError;
+use crate::clients::{Alert, ClientRegistry};
 
 /// Owned by the [`Pooler`](super::Pooler) (`pooler.admission`); read at each login, changed
 /// by the console.
@@ -112,13 +113,17 @@ impl Admission {
         }
     }
 
-    /// Fires the kill switch of each client in `ids`; returns how many were still there.
-    pub fn kill(&self, ids: impl IntoIterator<Item = u64>) -> usize {
+    /// Fires the kill switch of each client in `ids` (which ends a wait for a server) and
+    /// raises [`Alert::KILL`] on its registry entry (which ends its session loop); returns
+    /// how many were still there.
+    pub fn kill(&self, registry: &ClientRegistry, ids: impl IntoIterator<Item = u64>) -> usize {
         let switches = self.switches.lock();
         let mut killed = 0;
         for id in ids {
             if let Some(token) = switches.get(&id) {
                 token.cancel();
+            }
+            if registry.raise_on(id, Alert::KILL) {
                 killed += 1;
             }
         }
@@ -133,16 +138,21 @@ mod tests {
     #[test]
     fn switches_fire_alone_or_with_their_parent_and_go_when_dropped() {
         let admission = Admission::default();
+        let registry = Arc::new(ClientRegistry::default());
+        let peer = "127.0.0.1:1".parse().expect("an address");
+        let one = registry.register(peer, "app", "u", "", None);
+        let two = registry.register(peer, "app", "u", "", None);
         let parent = CancellationToken::new();
-        let a = admission.arm(1, &parent);
-        let b = admission.arm(2, &parent);
-        assert_eq!(admission.kill([1, 3]), 1);
+        let a = admission.arm(one.id(), &parent);
+        let b = admission.arm(two.id(), &parent);
+        assert_eq!(admission.kill(&registry, [one.id(), 999]), 1);
         assert!(a.token().is_cancelled());
         assert!(!b.token().is_cancelled());
         parent.cancel();
         assert!(b.token().is_cancelled());
         drop(a);
-        assert_eq!(admission.kill([1]), 0);
+        drop(one);
+        assert_eq!(admission.kill(&registry, [1]), 0);
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub fn kill(pooler: &Pooler, db: Option<&str>, out: &mut BytesMut) -> Result<(),
         .filter(|c| db.is_none_or(|db| c.database == db))
         .map(|c| c.id)
         .collect();
-    let killed = pooler.admission.kill(clients);
+    let killed = pooler.admission.kill(&pooler.clients_registry, clients);
     info!(database = %Escaped(db.unwrap_or("(all)")), clients = killed, pools = pools.len(), "KILL on the admin console");
     notice(
         out,
@@ -163,7 +163,7 @@ pub fn kill(pooler: &Pooler, db: Option<&str>, out: &mut BytesMut) -> Result<(),
 pub fn kill_client(pooler: &Pooler, id: &str, out: &mut BytesMut) -> Result<(), PgError> {
     let no_such = || ClientError::ConsoleNoSuchClient(id.to_owned()).error();
     let id: u64 = id.parse().map_err(|_| no_such())?;
-    if pooler.admission.kill([id]) == 0 {
+    if pooler.admission.kill(&pooler.clients_registry, [id]) == 0 {
         return Err(no_such());
     }
     info!(client = id, "KILL_CLIENT on the admin console");
