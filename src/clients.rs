@@ -393,6 +393,13 @@ impl ClientRegistry {
         }
     }
 
+    /// Raises `flag` on client `id` (the console's KILL_CLIENT); returns whether it is
+    /// registered.
+    pub fn raise_on(&self, id: u64, flag: u8) -> bool {
+        let entry = self.shard(id).lock().get(&id).cloned();
+        entry.inspect(|e| e.alert.raise(flag)).is_some()
+    }
+
     #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length
     fn shard(&self, id: u64) -> &Mutex<HashMap<u64, Arc<Entry>>> {
         &self.shards[(id % SHARDS as u64) as usize]

@@ -19,10 +19,12 @@ use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
 use crate::server::{ServerSecret, TlsConnector, Upstream};
 
+mod admission;
 mod auth_query;
 mod client_caps;
 mod reload;
 
+pub use admission::{Admission, KillSwitch};
 pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
@@ -146,6 +148,12 @@ pub struct Pooler {
     /// Begun by the first SIGTERM/SIGINT: `/ready` fails, serving goes on for
     /// `drain_delay` (`drain.rs`).
     pub drain: crate::drain::Drain,
+    /// Databases refusing logins, per-client kill switches, the shutdown drain (the
+    /// console's DISABLE, KILL, SHUTDOWN WAIT_FOR_CLIENTS).
+    pub admission: Admission,
+    /// Per-database totals at the last two ticks of PgBouncer's `stats_period`, for the
+    /// console's averages.
+    pub stats_period: crate::admin::console::StatsPeriod,
     /// Cancelled when the drain is over (or by a second signal): stop accepting, end
     /// sessions between transactions.
     pub stop: CancellationToken,
@@ -182,11 +190,14 @@ impl Pooler {
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
             drain: crate::drain::Drain::default(),
+            admission: Admission::default(),
+            stats_period: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             runtime,
         });
         pooler.create_configured_pools();
+        crate::admin::console::tick_stats_period(&pooler);
         Ok(pooler)
     }
 

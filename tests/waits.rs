@@ -14,7 +14,7 @@ use prometheus_parse::Scrape;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 use tokio_postgres::error::{DbError, SqlState};
-use tokio_postgres::{AsyncMessage, Client};
+use tokio_postgres::{AsyncMessage, Client, SimpleQueryMessage};
 
 /// A bound against hangs, never a measured time.
 const LIMIT: Duration = Duration::from_secs(30);
@@ -132,6 +132,7 @@ fn options(pg: &TestPostgres, proxy_port: Option<u16>) -> MuxOptions {
         pool_extra: "wait_notice_after = \"200ms\"\n".to_owned(),
         extra: databases(pg, proxy_port),
         admin: Some(String::new()),
+        auth_extra: "admin_users = [\"other\"]".to_owned(),
         ..MuxOptions::default()
     }
 }
@@ -152,6 +153,23 @@ async fn a_full_pool_names_its_holders_everywhere() {
     let detail = me["wait_detail"].as_str().expect("a detail");
     assert!(detail.contains("pool full (size 1, 1 in use"), "{detail}");
     assert!(detail.contains("\"the_holder\""), "{detail}");
+    // SHOW CLIENTS has it after PgBouncer's columns.
+    let console = mux.connect("pgbouncer", "other").await;
+    let rows = console.simple_query("SHOW CLIENTS").await.unwrap();
+    let waiter = rows
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) if r.get("application_name") == Some("the_waiter") => {
+                Some((
+                    r.get("wait_cause").map(str::to_owned),
+                    r.get("wait_detail").map(str::to_owned),
+                ))
+            }
+            _ => None,
+        })
+        .expect("the waiter in SHOW CLIENTS");
+    assert_eq!(waiter.0.as_deref(), Some("pool_full"));
+    assert!(waiter.1.is_some_and(|d| d.contains("\"the_holder\"")));
     // The waiting client hears it too, while it waits.
     let notice = notice_naming(&mut notices, "pool_full").await;
     assert!(notice.contains("the_holder"), "{notice}");

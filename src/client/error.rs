@@ -33,6 +33,8 @@ pub enum ClientError {
     NoUser,
     #[error("no such database \"{0}\"")]
     UnknownDatabase(String),
+    #[error("database does not allow connections: {0}")]
+    DatabaseDisabled(String),
     #[error("no such user \"{0}\"")]
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
@@ -81,6 +83,10 @@ pub enum ClientError {
     Protocol(ProtocolError),
     #[error("terminating connection: pgmux is shutting down")]
     ShuttingDown,
+    #[error(
+        "terminating connection due to administrator command (KILL on the pgmux admin console)"
+    )]
+    KilledByAdmin,
     #[error("terminating connection: its database or user was removed from the pgmux config")]
     PoolRemoved,
     #[error(
@@ -139,6 +145,14 @@ pub enum ClientError {
     ConsoleExtendedProtocol,
     #[error("unknown admin console command: {0}")]
     ConsoleUnknownCommand(String),
+    #[error("unknown setting \"{0}\" (SHOW CONFIG lists them)")]
+    ConsoleUnknownSetting(String),
+    #[error("{0} takes effect only after a restart: change it in the config file")]
+    ConsoleSettingNotLive(String),
+    #[error("SET refused, nothing changed: {0}")]
+    ConsoleSetRefused(String),
+    #[error("no such client: {0}")]
+    ConsoleNoSuchClient(String),
     #[error("reload refused, nothing changed:\n{0}")]
     ReloadRefused(String),
     #[error("reload failed: {0}")]
@@ -166,6 +180,12 @@ impl ClientError {
             Self::ConsoleCommandTooLong => SqlState::PROTOCOL_VIOLATION,
             Self::ConsoleExtendedProtocol => SqlState::FEATURE_NOT_SUPPORTED,
             Self::ConsoleUnknownCommand(_) => SqlState::SYNTAX_ERROR,
+            Self::ConsoleUnknownSetting(_) | Self::ConsoleNoSuchClient(_) => {
+                SqlState::UNDEFINED_OBJECT
+            }
+            Self::ConsoleSettingNotLive(_) => SqlState::CANT_CHANGE_RUNTIME_PARAM,
+            Self::ConsoleSetRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
+            Self::DatabaseDisabled(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::ReloadRefused(_) | Self::ReloadFailed(_) => SqlState::CONFIG_FILE_ERROR,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -194,7 +214,9 @@ impl ClientError {
             | Self::QueryTimeout(_)
             | Self::ServerLost(_)
             | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
-            Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
+            Self::ShuttingDown | Self::KilledByAdmin | Self::PoolRemoved => {
+                SqlState::ADMIN_SHUTDOWN
+            }
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
                 SqlState::PROGRAM_LIMIT_EXCEEDED
@@ -336,6 +358,9 @@ impl ClientError {
             Self::NotAdmin(_) => "list the user in auth.admin_users",
             Self::ConsoleExtendedProtocol => "use psql, or your driver's simple query mode",
             Self::ConsoleUnknownCommand(_) => "SHOW HELP lists the commands",
+            Self::DatabaseDisabled(_) => {
+                "an operator ran DISABLE on the admin console; ENABLE lets clients in again"
+            }
             Self::ReloadRefused(_) => {
                 "fix the problems listed (pgmux check shows them) and reload again"
             }

@@ -77,6 +77,17 @@ pub(super) fn analyze(
     (report.finish(config), warnings)
 }
 
+/// Checks a config edited in memory (the console's `SET`) with the rules a load applies;
+/// `origin` names it in the problems. Files are not read again.
+pub(super) fn check(config: Config, origin: &str) -> Result<Config, ConfigError> {
+    let mut report = Report::new(origin);
+    let places = Places::new();
+    let _warnings = validate::check(&config, &places, &mut report);
+    server_tls::check(&config, &places, &mut report);
+    client_tls::check(&config.tls, &places, &mut report);
+    report.finish(config)
+}
+
 /// The file as written, and how the parsed (substituted) text maps back to it.
 pub(super) struct Source<'a> {
     origin: &'a str,

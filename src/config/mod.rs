@@ -770,6 +770,12 @@ impl Config {
             .unwrap_or(self.auth.method)
     }
 
+    /// Checks a config changed in memory (the console's `SET`) with the rules a file
+    /// load applies, and returns it; `origin` names it in the problems.
+    pub fn checked(self, origin: &str) -> Result<Config, ConfigError> {
+        load::check(self, origin)
+    }
+
     /// The effective configuration (defaults filled in) as TOML that [`Config::parse`]
     /// accepts again, with every password replaced by [`MASK`]. What `pgmux check` prints.
     pub fn masked(&self) -> String {

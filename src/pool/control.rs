@@ -91,6 +91,31 @@ impl Pool {
         }
     }
 
+    /// The server connections marked to close when next idle (PgBouncer's
+    /// `close_needed`): opened before the last [`Pool::reconnect`] (the console's
+    /// RECONNECT, KILL, or an upstream changed by a reload).
+    pub fn close_needed(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        let Some(before) = st.replace_before else {
+            return Vec::new();
+        };
+        let lent = st.lent.iter().filter(|l| l.created < before).map(|l| l.id);
+        let idle = st
+            .idle
+            .iter()
+            .filter(|c| c.created() < before)
+            .map(|c| c.id());
+        lent.chain(idle).collect()
+    }
+
+    /// Waits until no server connection is marked to close (the console's WAIT_CLOSE).
+    /// Cancel-safe: it only looks.
+    pub async fn wait_close(&self) {
+        while !self.close_needed().is_empty() {
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     /// Applies settings from a reload. A bigger size lets waiting clients through at once;
     /// a smaller one closes idle extras now and lent extras when given back. Timeouts
     /// apply to waits that start from now on.

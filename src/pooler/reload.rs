@@ -93,6 +93,24 @@ impl Pooler {
         result
     }
 
+    /// Changes the config in force with `edit` (the console's `SET`) and applies the
+    /// result as a reload applies a file: under the same lock, so that a reload cannot
+    /// slip in between, and logged. `edit` checks what it returns with the rules of a
+    /// file; its error changes nothing. Returns what changed.
+    pub fn apply_config(
+        &self,
+        edit: impl FnOnce(&Config) -> Result<Config, String>,
+    ) -> Result<Vec<String>, ReloadError> {
+        let _one_at_a_time = self.reloading.lock();
+        let config = edit(&self.snapshot().config).map_err(|e| ReloadError::Invalid(vec![e]))?;
+        let snapshot = Snapshot::new(config).map_err(|e| ReloadError::Invalid(vec![e]))?;
+        let changes = self.apply(snapshot);
+        for change in &changes {
+            info!(change = %change, "config changed by SET on the admin console");
+        }
+        Ok(changes)
+    }
+
     fn load_and_apply(&self) -> Result<Vec<String>, ReloadError> {
         let path = self.config_path().ok_or(ReloadError::NoFile)?;
         let config = Config::load(&path).map_err(|e| {

@@ -150,8 +150,11 @@ pub struct Session {
     pub(super) view: ClientHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
-    /// Stop now (the grace period is over).
+    /// Stop now (the grace period is over, or the console's KILL / KILL_CLIENT): the
+    /// token of `_kill_switch`.
     pub(super) kill: CancellationToken,
+    /// Keeps the client's kill switch armed for as long as the session lives.
+    pub(super) _kill_switch: crate::pooler::KillSwitch,
     /// Bytes read from the client and not yet framed.
     pub(super) cbuf: BytesMut,
     /// Its place under the client caps, if any applies; given back with the session.
@@ -246,6 +249,18 @@ impl Session {
         )
         .await;
         Box::pin(l.finish_server()).await;
+    }
+}
+
+impl Session {
+    /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
+    /// or KILL_CLIENT of this client.
+    pub(super) fn killed(&self) -> ClientError {
+        if self.stop.is_cancelled() {
+            ClientError::ShuttingDown
+        } else {
+            ClientError::KilledByAdmin
+        }
     }
 }
 
@@ -397,7 +412,8 @@ impl Loop<'_> {
                     Ok(())
                 }
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
-                Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Kill => Err(End::fatal(self.s.killed())),
             };
             if let Err(end) = result {
                 return end;
