@@ -76,8 +76,9 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
         )));
     }
     pooler.listening.store(true, Ordering::Relaxed);
-    // READY=1 to systemd now that the sockets accept; STOPPING=1 when the drain begins.
-    crate::sd_notify::ready_until(pooler.drain.token()).await;
+    // READY=1 to systemd now that the sockets accept; STOPPING=1 when the drain begins
+    // (a signal), or the stop comes without one (the console's SHUTDOWN).
+    crate::sd_notify::ready_until(pooler.drain.token(), &pooler.stop).await;
     drain(&pooler, &clients).await;
     pooler.listening.store(false, Ordering::Relaxed);
     for task in accepting {

@@ -112,13 +112,16 @@ pub fn global() -> Option<&'static Notifier> {
         .as_ref()
 }
 
-/// Sends `READY=1`, waits for `stop`, then sends `STOPPING=1`. Called by the listener once
+/// Sends `READY=1`, waits for `drain` or `stop`, then sends `STOPPING=1`. Called by the listener once
 /// its sockets accept. Cancel-safe (dropping it only skips `STOPPING=1`).
-pub async fn ready_until(stop: &CancellationToken) {
+pub async fn ready_until(drain: &CancellationToken, stop: &CancellationToken) {
     if let Some(notifier) = global() {
         notifier.ready();
     }
-    stop.cancelled().await;
+    tokio::select! {
+        _ = drain.cancelled() => {}
+        _ = stop.cancelled() => {}
+    }
     if let Some(notifier) = global() {
         notifier.stopping();
     }

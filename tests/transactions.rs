@@ -248,12 +248,21 @@ async fn cancel_reaches_the_running_query() {
         5
     );
 
-    // Cancelling a client that runs nothing does nothing to it.
+    // Cancelling a client that runs nothing does nothing to it. tokio-postgres does not
+    // wait for the cancel connection to close (libpq does): pgmux may read the request
+    // after the next query started, and then cancels it, as PostgreSQL itself would.
+    // So the query waits until pgmux has handled the request.
     let idle = mux.connect("app", "app").await;
     idle.cancel_token()
         .cancel_query(tokio_postgres::NoTls)
         .await
         .unwrap();
+    let handled = common::eventually(Duration::from_secs(10), || async {
+        mux.stderr_log()
+            .contains("cancel request for no running query; ignored")
+    })
+    .await;
+    assert!(handled, "pgmux handled the cancel request");
     assert_eq!(
         idle.query_one("SELECT 6", &[])
             .await

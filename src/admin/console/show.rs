@@ -89,6 +89,7 @@ const CLIENTS_PGMUX: &[(&str, Type)] = &[
 
 /// pgmux's columns after SHOW SERVERS' own.
 const SERVERS_PGMUX: &[(&str, Type)] = &[
+    ("activity", Type::Text),
     ("held_ms", Type::Int8),
     ("in_transaction", Type::Text),
     ("query", Type::Text),
@@ -386,6 +387,8 @@ fn servers(pooler: &Pooler) -> Rows {
         let listener = s.state == "listener";
         let mut row = server_row(&s, closing.contains(&s.id), None);
         row.extend([
+            // As PostgreSQL says it: idle, active, idle in transaction (or listener).
+            text(s.state),
             s.held_ms.map(|ms| ms.to_string()),
             text(s.in_transaction.to_string()),
             s.query,
