@@ -11,9 +11,11 @@ use tracing::{info, warn};
 
 use crate::client;
 use crate::pooler::Pooler;
+use crate::workers::Workers;
 
-/// Serves clients on `listeners` until the pooler's stop token fires, then drains.
-pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
+/// Serves clients on `listeners` until the pooler's stop token fires, then drains. Each
+/// client runs on one of `workers`; the drain waits for the sessions of all of them.
+pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>, workers: Arc<Workers>) {
     let clients = TaskTracker::new();
     let mut accepting = Vec::new();
     for listener in listeners {
@@ -21,6 +23,7 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
             listener,
             pooler.clone(),
             clients.clone(),
+            workers.clone(),
         )));
     }
     pooler.listening.store(true, Ordering::Relaxed);
@@ -51,7 +54,12 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     info!("pgmux stopped");
 }
 
-async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker) {
+async fn accept(
+    listener: TcpListener,
+    pooler: Arc<Pooler>,
+    clients: TaskTracker,
+    workers: Arc<Workers>,
+) {
     loop {
         let (socket, peer) = tokio::select! {
             _ = pooler.stop.cancelled() => return,
@@ -68,7 +76,7 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
         let max = pooler.snapshot().config.server.max_client_conn;
         let counted = ClientCount::new(pooler.clone());
         let admitted = counted.before < max;
-        clients.spawn(async move {
+        workers.spawn(&clients, socket, move |socket| async move {
             // A client session, or the admin console for an admin who asked for it.
             let pooler = counted.pooler.clone();
             if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
