@@ -7,16 +7,18 @@
 //! answered on one thread, with no work stealing and no cross-thread wakeups of its own,
 //! as with one thread. What the threads share is what makes the limits exact: the pools
 //! (a lock, a FIFO queue of oneshot senders, budgets), the client count, the stop tokens.
-//! Those are `Send + Sync` and runtime-agnostic; a server connection opened on one thread
-//! and lent to a session on another stays registered with the first thread's reactor,
-//! which tokio allows (the readiness wakes the task wherever it runs).
+//! Those are `Send + Sync` and runtime-agnostic. A server connection belongs to the thread
+//! that opened it (its socket is registered with that thread's reactor); checkout prefers
+//! an idle one of the session's own thread, and moves one from another thread to the
+//! session's reactor (`ServerConn::rehome`), so that its reads do not wake two threads.
 //!
 //! With one thread there are no workers and sessions are spawned as before.
 
+use std::cell::Cell;
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::thread::JoinHandle;
 
 use tokio::net::TcpStream;
@@ -24,6 +26,25 @@ use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::warn;
+
+thread_local! {
+    /// The worker this thread is: 0 for the main thread (and any other), i for worker i.
+    static CURRENT: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Whether worker threads were started: set once, before any session runs.
+static SEVERAL: AtomicBool = AtomicBool::new(false);
+
+/// The worker the calling thread is (0 for the main thread).
+pub fn current() -> usize {
+    CURRENT.with(Cell::get)
+}
+
+/// Whether sessions run on several threads (`server.worker_threads` above 1). With one,
+/// the pools skip what only matters between threads.
+pub fn several() -> bool {
+    SEVERAL.load(Relaxed)
+}
 
 /// The extra worker threads, owned by `main`; dropped (after [`Workers::stop`]) when
 /// pgmux exits.
@@ -50,10 +71,16 @@ impl Workers {
             let exit = exit.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("pgmux-worker-{i}"))
-                .spawn(move || runtime.block_on(exit.cancelled()))?;
+                .spawn(move || {
+                    CURRENT.with(|c| c.set(i));
+                    runtime.block_on(exit.cancelled())
+                })?;
             started.push(thread);
         }
         let load = (0..threads.max(1)).map(|_| AtomicUsize::new(0)).collect();
+        if !handles.is_empty() {
+            SEVERAL.store(true, Relaxed);
+        }
         Ok(Workers {
             handles,
             load,

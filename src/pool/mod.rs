@@ -167,6 +167,9 @@ impl State {
         now: Instant,
         stale: &mut Vec<Box<ServerConn>>,
     ) -> Option<Box<ServerConn>> {
+        if crate::workers::several() {
+            self.own_thread_first();
+        }
         while !self.paused
             && let Some(conn) = self.idle.pop()
         {
@@ -181,6 +184,17 @@ impl State {
             return Some(conn);
         }
         None
+    }
+
+    /// With worker threads: brings the most recently idle connection of the calling
+    /// thread to the top of the stack, so that a session reuses a socket its own reactor
+    /// watches when there is one (else `ServerConn::rehome` moves one).
+    fn own_thread_first(&mut self) {
+        let here = crate::workers::current();
+        let found = self.idle.iter().rposition(|c| c.home() == here);
+        if let (Some(at), Some(top)) = (found, self.idle.len().checked_sub(1)) {
+            self.idle.swap(at, top);
+        }
     }
 
     /// A new waiter id.
@@ -331,7 +345,17 @@ impl Pool {
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
-        let result = self.take(wanted).await;
+        let result = loop {
+            match self.take(wanted).await {
+                Ok(conn) if crate::workers::several() => match conn.rehome() {
+                    Ok(conn) => break Ok(conn),
+                    // Its socket is gone: free its slot and take another (a new one opens
+                    // on this thread, which needs no move).
+                    Err(e) => self.lost_in_move(e),
+                },
+                other => break other,
+            }
+        };
         let now = Instant::now();
         let waited = now - wanted;
         match &result {
@@ -827,6 +851,15 @@ impl Pool {
         if let Some(at) = st.lent.iter().position(|l| l.id == id) {
             st.lent.swap_remove(at);
         }
+        self.free_slot(&mut st);
+    }
+
+    /// A connection whose socket could not move to another thread's reactor (it is gone):
+    /// counted as closed by the server side, its slot freed.
+    fn lost_in_move(&self, e: std::io::Error) {
+        self.stats.closed(CloseReason::ServerGone);
+        warn!(pool = %self.key, error = %e, "server connection lost moving to another thread");
+        let mut st = self.state.lock();
         self.free_slot(&mut st);
     }
 
