@@ -345,17 +345,14 @@ impl Pool {
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
-        let result = loop {
-            match self.take(wanted).await {
-                Ok(conn) if crate::workers::several() => match conn.rehome() {
-                    Ok(conn) => break Ok(conn),
-                    // Its socket is gone: free its slot and take another (a new one opens
-                    // on this thread, which needs no move).
-                    Err(e) => self.lost_in_move(e),
-                },
-                other => break other,
-            }
-        };
+        let mut result = self.take(wanted).await;
+        // One thread: one branch. (A match moving `result` costs every checkout a copy.)
+        if crate::workers::several() {
+            result = match result {
+                Ok(conn) => self.moved_here(conn, wanted).await,
+                failed => failed,
+            };
+        }
         let now = Instant::now();
         let waited = now - wanted;
         match &result {
@@ -403,6 +400,26 @@ impl Pool {
             );
         }
         result.map(|conn| Lease::new(conn, self.clone()))
+    }
+
+    /// With worker threads: `conn` with its socket on this thread's reactor; should the
+    /// socket be lost in the move, its slot is freed and another connection taken (a new
+    /// one opens on this thread and needs no move).
+    async fn moved_here(
+        self: &Arc<Self>,
+        mut conn: Box<ServerConn>,
+        wanted: Instant,
+    ) -> Result<Box<ServerConn>, CheckoutError> {
+        loop {
+            match conn.rehome() {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    self.lost_in_move(e);
+                    // Boxed: this rare path does not grow every checkout's future.
+                    conn = Box::pin(self.take(wanted)).await?;
+                }
+            }
+        }
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
