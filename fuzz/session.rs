@@ -497,7 +497,8 @@ fn start() -> u16 {
                     .expect("a port for pgmux");
                 let addr = listener.local_addr().expect("its address");
                 ready.send(addr.port()).expect("the fuzz target waits");
-                pgmux::listener::run(pooler, vec![listener]).await;
+                let workers = pgmux::workers::Workers::start(1).expect("no worker threads");
+                pgmux::listener::run(pooler, vec![listener], std::sync::Arc::new(workers)).await;
                 drop(pg);
             });
         })

@@ -36,3 +36,4 @@ pub mod protocol;
 pub mod sd_notify;
 pub mod server;
 pub mod stats;
+pub mod workers;

@@ -13,6 +13,7 @@ use tracing::{info, warn};
 
 use crate::client;
 use crate::pooler::Pooler;
+use crate::workers::Workers;
 
 /// Backlog of a listener bound with `reuse_port` (what `TcpListener::bind` uses).
 const BACKLOG: u32 = 1024;
@@ -63,8 +64,9 @@ fn warn_unmigrated_queue() {
 }
 
 /// Serves clients on `listeners` until pgmux stops: accepts until the drain is over (every
-/// accept loop ends on `pooler.stop`), then waits for the sessions.
-pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
+/// accept loop ends on `pooler.stop`), then waits for the sessions. Each client runs on one
+/// of `workers`; the wait covers the sessions of all of them.
+pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>, workers: Arc<Workers>) {
     let clients = TaskTracker::new();
     tokio::spawn(pooler.clone().forward_stop());
     let mut accepting = Vec::new();
@@ -73,6 +75,7 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
             listener,
             pooler.clone(),
             clients.clone(),
+            workers.clone(),
         )));
     }
     pooler.listening.store(true, Ordering::Relaxed);
@@ -128,14 +131,19 @@ async fn drain(pooler: &Pooler, clients: &TaskTracker) {
     pooler.stop.cancel();
 }
 
-async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker) {
+async fn accept(
+    listener: TcpListener,
+    pooler: Arc<Pooler>,
+    clients: TaskTracker,
+    workers: Arc<Workers>,
+) {
     loop {
         let (socket, peer) = tokio::select! {
             _ = pooler.stop.cancelled() => {
                 // Connections the kernel queued already would be reset when the listener
                 // closes: take them, and tell them 57P01 once logged in.
                 while let Some((socket, peer)) = queued(&listener) {
-                    serve(socket, peer, &pooler, &clients);
+                    serve(socket, peer, &pooler, &clients, &workers);
                 }
                 return;
             }
@@ -149,7 +157,7 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
                 }
             },
         };
-        serve(socket, peer, &pooler, &clients);
+        serve(socket, peer, &pooler, &clients, &workers);
     }
 }
 
@@ -161,17 +169,18 @@ fn queued(listener: &TcpListener) -> Option<(TcpStream, std::net::SocketAddr)> {
     }
 }
 
-/// Serves one accepted connection in a task of `clients`.
+/// Serves one accepted connection in a task of `clients`, on one of `workers`.
 fn serve(
     socket: TcpStream,
     peer: std::net::SocketAddr,
     pooler: &Arc<Pooler>,
     clients: &TaskTracker,
+    workers: &Workers,
 ) {
     let max = pooler.snapshot().config.server.max_client_conn;
     let counted = ClientCount::new(pooler.clone());
     let admitted = counted.before < max;
-    clients.spawn(async move {
+    workers.spawn(clients, socket, move |socket| async move {
         // A client session, or the admin console for an admin who asked for it.
         let pooler = counted.pooler.clone();
         if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {

@@ -14,6 +14,7 @@ use pgmux::config::Config;
 use pgmux::drain::Step;
 use pgmux::logging::{self, LogWriter};
 use pgmux::pooler::Pooler;
+use pgmux::workers::Workers;
 
 mod import_pgbouncer;
 
@@ -92,21 +93,29 @@ fn run_cli(cli: Cli) -> ExitCode {
         let _ = writeln!(std::io::stderr(), "pgmux: {path} is valid");
         return ExitCode::SUCCESS;
     }
-    // One thread by default: no cross-thread wakeups, work stealing or contended pool
-    // locks, and so the least CPU per transaction (bench/, docs/performance.md).
-    let mut builder = match config.server.worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread(),
-        n => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n);
-            b
-        }
-    };
-    let runtime = builder
+    // One current-thread runtime per worker thread, this one included (workers.rs): a
+    // session stays on one thread, so each costs what it costs with one thread (no work
+    // stealing, no cross-thread wakeups of its own), and the pools stay shared.
+    let threads = config.server.worker_threads.resolve();
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("the tokio runtime starts");
-    runtime.block_on(run(config, cli.config))
+    let workers = match Workers::start(threads) {
+        Ok(workers) => Arc::new(workers),
+        Err(e) => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "pgmux: cannot start {threads} worker threads: {e}"
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(run(config, cli.config, workers.clone()));
+    if let Some(workers) = Arc::into_inner(workers) {
+        workers.stop();
+    }
+    code
 }
 
 /// `pgmux import-pgbouncer`: needs no pgmux config, only the ini.
@@ -148,7 +157,7 @@ fn import(ini: &std::path::Path, output: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn run(config: Config, path: PathBuf) -> ExitCode {
+async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
     // The admin port first: once clients can connect, it answers too. Bound here, so
     // that a port in use stops pgmux; served on a thread of its own (admin::start).
     let admin = match &config.admin.listen {
@@ -194,7 +203,13 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         }
     }
     tokio::spawn(keep_watching_signals(pooler.clone()));
-    pgmux::listener::run(pooler, listeners).await;
+    if workers.count() > 1 {
+        info!(
+            threads = workers.count(),
+            "serving sessions on worker threads"
+        );
+    }
+    pgmux::listener::run(pooler, listeners, workers).await;
     ExitCode::SUCCESS
 }
 

@@ -364,14 +364,7 @@ impl Walker<'_> {
                     );
                 }
                 "worker_threads" => {
-                    let n = self.unsigned(&path, value, 1024);
-                    let n = n.and_then(|n| match n {
-                        0 => {
-                            self.problem(&path, value.span(), "must be at least 1");
-                            None
-                        }
-                        n => n.try_into().ok(),
-                    });
+                    let n = self.worker_threads(&path, value);
                     set(&mut server.worker_threads, n);
                 }
                 _ => self.unknown("server", key, SERVER_KEYS),

@@ -80,8 +80,38 @@ pub struct ServerSection {
     pub statement_registry_size: usize,
     /// Threads that run client sessions. 1 (the default) runs everything on one thread,
     /// which costs the least CPU per transaction; more spread sessions over that many
-    /// threads (for a pooler that saturates one core). Read at start only.
-    pub worker_threads: usize,
+    /// threads (for a pooler that saturates one core), `auto` one per core pgmux may use.
+    /// Read at start only.
+    pub worker_threads: WorkerThreads,
+}
+
+/// `server.worker_threads`: a count, or `auto`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkerThreads {
+    /// One per core pgmux may use (`std::thread::available_parallelism`: the CPU
+    /// affinity mask and the cgroup's CPU quota count).
+    Auto,
+    /// This many, at least 1.
+    Count(usize),
+}
+
+impl WorkerThreads {
+    /// The number of threads to run: `Auto` resolved for this process now.
+    pub fn resolve(self) -> usize {
+        match self {
+            WorkerThreads::Auto => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            WorkerThreads::Count(n) => n.max(1),
+        }
+    }
+}
+
+impl std::fmt::Display for WorkerThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerThreads::Auto => f.write_str("\"auto\""),
+            WorkerThreads::Count(n) => write!(f, "{n}"),
+        }
+    }
 }
 
 impl Default for ServerSection {
@@ -96,7 +126,7 @@ impl Default for ServerSection {
             max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
             partial_message_timeout: Duration::from_secs(30),
             statement_registry_size: 10_000,
-            worker_threads: 1,
+            worker_threads: WorkerThreads::Count(1),
         }
     }
 }

@@ -90,6 +90,30 @@ impl Walker<'_> {
         None
     }
 
+    /// `worker_threads`: an integer from 1 to 1024, or `"auto"`.
+    pub(super) fn worker_threads(
+        &mut self,
+        path: &str,
+        value: &Value<'_>,
+    ) -> Option<super::WorkerThreads> {
+        if let DeValue::String(s) = value.get_ref() {
+            self.mark(path, value.span());
+            if s.as_ref() == "auto" {
+                return Some(super::WorkerThreads::Auto);
+            }
+            let msg = format!("unknown value \"{s}\"; expected \"auto\" or an integer");
+            self.problem(path, value.span(), msg);
+            return None;
+        }
+        match self.unsigned(path, value, 1024)? {
+            0 => {
+                self.problem(path, value.span(), "must be at least 1 (or \"auto\")");
+                None
+            }
+            n => n.try_into().ok().map(super::WorkerThreads::Count),
+        }
+    }
+
     /// A human duration string such as `"5s"`; a bare `0` is accepted too.
     pub(super) fn duration(&mut self, path: &str, value: &Value<'_>) -> Option<Duration> {
         self.mark(path, value.span());

@@ -40,7 +40,7 @@ fn empty_file_gives_the_defaults() {
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
     assert_eq!(c.server.drain_delay, Duration::ZERO);
     assert!(!c.server.reuse_port);
-    assert_eq!(c.server.worker_threads, 1);
+    assert_eq!(c.server.worker_threads, WorkerThreads::Count(1));
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
     assert_eq!(c.auth.userlist_file, None);
     assert!(c.auth.admin_users.is_empty());
@@ -120,7 +120,7 @@ auth_method = "scram-sha-256"
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
     assert_eq!(c.server.drain_delay, Duration::from_secs(15));
     assert!(c.server.reuse_port);
-    assert_eq!(c.server.worker_threads, 4);
+    assert_eq!(c.server.worker_threads, WorkerThreads::Count(4));
     assert_eq!(c.auth.method, AuthMethod::Md5);
     assert_eq!(c.auth.admin_users, ["admin"]);
     assert_eq!(c.pool.mode, PoolMode::Session);
@@ -258,7 +258,7 @@ mode = 1
         "t.toml:3:19: server.max_client_conn: must not be negative",
         "t.toml:4:24: server.client_login_timeout: a duration needs a unit: write \"15s\" or \"15ms\"",
         "t.toml:5:20: server.shutdown_timeout: must not be negative",
-        "t.toml:6:18: server.worker_threads: must be at least 1",
+        "t.toml:6:18: server.worker_threads: must be at least 1 (or \"auto\")",
         "t.toml:8:10: auth.method: unknown value \"pasword\"; expected one of \"scram-sha-256\", \"md5\", \"trust\", \"password\", \"cert\"",
         "t.toml:9:15: auth.admin_users: expected an array of strings, found a string",
         "t.toml:11:8: pool.size: expected an integer, found a string",
@@ -1002,4 +1002,20 @@ fn wait_notice_after_is_read_merged_and_checked() {
     let bad = problems("[pool]\nwait_notice_after = \"soon\"\n");
     assert_eq!(bad.len(), 1, "{bad:?}");
     assert!(bad[0].contains("pool.wait_notice_after"), "{bad:?}");
+}
+
+#[test]
+fn worker_threads_takes_auto_or_a_count() {
+    let c = parse_ok("[server]\nworker_threads = \"auto\"\n");
+    assert_eq!(c.server.worker_threads, WorkerThreads::Auto);
+    assert!(c.server.worker_threads.resolve() >= 1);
+    assert!(c.masked().contains("worker_threads = \"auto\""));
+    assert_eq!(WorkerThreads::Count(3).resolve(), 3);
+    let got = problems("[server]\nworker_threads = \"all\"\n");
+    assert_eq!(
+        got,
+        [
+            "t.toml:2:18: server.worker_threads: unknown value \"all\"; expected \"auto\" or an integer"
+        ]
+    );
 }

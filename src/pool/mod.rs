@@ -172,6 +172,9 @@ impl State {
         now: Instant,
         stale: &mut Vec<Box<ServerConn>>,
     ) -> Option<Box<ServerConn>> {
+        if crate::workers::several() {
+            self.own_thread_first();
+        }
         while !self.paused
             && let Some(conn) = self.idle.pop()
         {
@@ -186,6 +189,17 @@ impl State {
             return Some(conn);
         }
         None
+    }
+
+    /// With worker threads: brings the most recently idle connection of the calling
+    /// thread to the top of the stack, so that a session reuses a socket its own reactor
+    /// watches when there is one (else `ServerConn::rehome` moves one).
+    fn own_thread_first(&mut self) {
+        let here = crate::workers::current();
+        let found = self.idle.iter().rposition(|c| c.home() == here);
+        if let (Some(at), Some(top)) = (found, self.idle.len().checked_sub(1)) {
+            self.idle.swap(at, top);
+        }
     }
 
     /// A new waiter id.
@@ -352,7 +366,14 @@ impl Pool {
     ) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
         let mut watch = Watch::new(client);
-        let result = self.take(wanted, &mut watch).await;
+        let mut result = self.take(wanted, &mut watch).await;
+        // One thread: one branch. (A match moving `result` costs every checkout a copy.)
+        if crate::workers::several() {
+            result = match result {
+                Ok(conn) => self.moved_here(conn, wanted, &mut watch).await,
+                failed => failed,
+            };
+        }
         let now = Instant::now();
         let waited = now - wanted;
         let cause = watch.cause();
@@ -408,6 +429,27 @@ impl Pool {
             );
         }
         result.map(|conn| Lease::new(conn, self.clone()))
+    }
+
+    /// With worker threads: `conn` with its socket on this thread's reactor; should the
+    /// socket be lost in the move, its slot is freed and another connection taken (a new
+    /// one opens on this thread and needs no move).
+    async fn moved_here(
+        self: &Arc<Self>,
+        mut conn: Box<ServerConn>,
+        wanted: Instant,
+        watch: &mut Watch<'_>,
+    ) -> Result<Box<ServerConn>, CheckoutError> {
+        loop {
+            match conn.rehome() {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    self.lost_in_move(e);
+                    // Boxed: this rare path does not grow every checkout's future.
+                    conn = Box::pin(self.take(wanted, watch)).await?;
+                }
+            }
+        }
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
@@ -923,6 +965,15 @@ impl Pool {
         if let Some(at) = st.lent.iter().position(|l| l.id == id) {
             st.lent.swap_remove(at);
         }
+        self.free_slot(&mut st);
+    }
+
+    /// A connection whose socket could not move to another thread's reactor (it is gone):
+    /// counted as closed by the server side, its slot freed.
+    fn lost_in_move(&self, e: std::io::Error) {
+        self.stats.closed(CloseReason::ServerGone);
+        warn!(pool = %self.key, error = %e, "server connection lost moving to another thread");
+        let mut st = self.state.lock();
         self.free_slot(&mut st);
     }
 

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
 use tokio_util::codec::Decoder;
 use tokio_util::io::poll_read_buf;
 
@@ -145,6 +146,8 @@ pub struct ServerConn {
     /// How it is encrypted (`TLSv1.3/TLS_AES_256_GCM_SHA384`), for the views; `None`:
     /// plain. Made once, when connected.
     tls: Option<Arc<str>>,
+    /// The worker thread whose reactor its socket is registered with (`workers.rs`).
+    home: usize,
 }
 
 impl ServerConn {
@@ -176,7 +179,33 @@ impl ServerConn {
             applied: Vec::new(),
             settings_stamp: 0,
             prepared: ServerStatements::default(),
+            home: crate::workers::current(),
         }
+    }
+
+    /// The worker thread whose reactor its socket is registered with.
+    pub fn home(&self) -> usize {
+        self.home
+    }
+
+    /// Moves the socket to the calling worker thread's reactor when it is registered with
+    /// another one (worker threads only: two epoll_ctl calls, instead of a wakeup of the
+    /// other thread at every read). A TLS connection stays where it is (still correct,
+    /// only dearer). On an error the socket is gone and the connection with it.
+    pub fn rehome(self: Box<Self>) -> io::Result<Box<Self>> {
+        let here = crate::workers::current();
+        if self.home == here || matches!(self.stream, ServerStream::Tls(_)) {
+            return Ok(self);
+        }
+        // ServerConn has no Drop: its stream moves out and back in.
+        let mut conn = *self;
+        conn.stream = match conn.stream {
+            ServerStream::Tcp(s) => ServerStream::Tcp(TcpStream::from_std(s.into_std()?)?),
+            ServerStream::Unix(s) => ServerStream::Unix(UnixStream::from_std(s.into_std()?)?),
+            tls @ ServerStream::Tls(_) => tls,
+        };
+        conn.home = here;
+        Ok(Box::new(conn))
     }
 
     /// How it is encrypted, if it is (for the views).
