@@ -87,6 +87,23 @@ impl CancelRegistry {
         }
     }
 
+    /// Registers a key issued by the process this one took over from (an upgrade moved
+    /// its client here), so that the client's cancel requests keep working. `None` if a
+    /// client of this process already has it.
+    pub fn adopt(self: &Arc<Self>, key: (i32, i32)) -> Option<CancelHandle> {
+        let mut clients = self.clients.lock();
+        if clients.contains_key(&key) {
+            return None;
+        }
+        let slot = Arc::new(Slot::default());
+        clients.insert(key, slot.clone());
+        Some(CancelHandle {
+            registry: self.clone(),
+            slot,
+            key,
+        })
+    }
+
     /// Forwards a cancel request for a pgmux key to the server that client holds, if any.
     pub async fn cancel(&self, process_id: i32, secret: i32) {
         let slot = self.clients.lock().get(&(process_id, secret)).cloned();

@@ -35,3 +35,4 @@ pub mod protocol;
 pub mod sd_notify;
 pub mod server;
 pub mod stats;
+pub mod upgrade;

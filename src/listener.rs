@@ -5,16 +5,17 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::client;
 use crate::pooler::Pooler;
+use crate::upgrade::state::SessionState;
 
 /// Serves clients on `listeners` until the pooler's stop token fires, then drains.
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
-    let clients = TaskTracker::new();
+    let clients = pooler.client_tasks.clone();
     tokio::spawn(pooler.clone().forward_stop());
     let mut accepting = Vec::new();
     for listener in listeners {
@@ -56,6 +57,8 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
     loop {
         let (socket, peer) = tokio::select! {
             _ = pooler.stop.cancelled() => return,
+            // An upgrade's new process accepts on this socket now (upgrade.rs).
+            _ = pooler.upgrade.handover.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -79,6 +82,17 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
             drop(counted);
         });
     }
+}
+
+/// Serves a client an upgrade moved in from the old process (`upgrade.rs`) as one of
+/// this process's: counted against `max_client_conn` (never refused for it: it is
+/// connected already) and waited for at shutdown.
+pub(crate) fn adopt(pooler: &Arc<Pooler>, socket: TcpStream, state: SessionState) {
+    let counted = ClientCount::new(pooler.clone());
+    pooler.client_tasks.spawn(async move {
+        client::serve_moved(socket, counted.pooler.clone(), state).await;
+        drop(counted);
+    });
 }
 
 /// One client counted against `max_client_conn`, for as long as its task lives: dropping

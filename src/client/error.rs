@@ -80,6 +80,10 @@ pub enum ClientError {
     Protocol(ProtocolError),
     #[error("terminating connection: pgmux is shutting down")]
     ShuttingDown,
+    /// An upgrade could not carry this session to the new process (TLS, session mode,
+    /// state pinned to a server, LISTEN, or the hand-over failed).
+    #[error("terminating connection: pgmux is being upgraded and cannot move this session ({0})")]
+    Upgrading(&'static str),
     #[error("terminating connection: its database or user was removed from the pgmux config")]
     PoolRemoved,
     #[error(
@@ -193,7 +197,7 @@ impl ClientError {
             | Self::QueryTimeout(_)
             | Self::ServerLost(_)
             | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
-            Self::ShuttingDown | Self::PoolRemoved => SqlState::ADMIN_SHUTDOWN,
+            Self::ShuttingDown | Self::PoolRemoved | Self::Upgrading(_) => SqlState::ADMIN_SHUTDOWN,
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
                 SqlState::PROGRAM_LIMIT_EXCEEDED
@@ -224,6 +228,7 @@ impl ClientError {
                 ));
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::Upgrading(_) => "reconnect: the new pgmux process accepts new connections",
             Self::TlsRequired(_) => "connect with TLS (libpq: sslmode=require or stricter)",
             Self::CertificateAuth { .. } => {
                 "connect over TLS with a certificate signed by tls.client_ca_file whose common name (CN) is the user name"

@@ -450,6 +450,8 @@ pub(super) async fn greet(
         cancel,
         stop: pooler.stop.clone(),
         kill: pooler.kill.clone(),
+        upgrade: pooler.upgrade.handover.clone(),
+        statements: Default::default(),
         cbuf,
         _client_slot: client_slot,
         notify: pooler.notify.clone(),

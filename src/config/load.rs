@@ -113,6 +113,9 @@ const SERVER_KEYS: &[&str] = &[
     "partial_message_timeout",
     "statement_registry_size",
     "worker_threads",
+    "pid_file",
+    "upgrade_socket",
+    "upgrade_timeout",
 ];
 const AUTH_KEYS: &[&str] = &[
     "method",
@@ -354,6 +357,14 @@ impl Walker<'_> {
                         n => n.try_into().ok(),
                     });
                     set(&mut server.worker_threads, n);
+                }
+                "pid_file" => server.pid_file = self.string(&path, value).map(PathBuf::from),
+                "upgrade_socket" => {
+                    server.upgrade_socket = self.string(&path, value).map(PathBuf::from);
+                }
+                "upgrade_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.upgrade_timeout, d);
                 }
                 _ => self.unknown("server", key, SERVER_KEYS),
             }
