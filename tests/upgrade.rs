@@ -267,3 +267,85 @@ async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
     mux.upgrade().await;
     common::answers_select_1(&client).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_client_finishes_its_transaction_then_gets_57p01_and_reconnects() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        mode: "session",
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    let old = mux.pid();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(mux.port)
+        .user("app")
+        .password(common::password_for("app"))
+        .dbname("app");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    // The connection's own outcome: the FATAL pgmux sends between transactions.
+    let connection = tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.unwrap();
+    mux.request_upgrade().await;
+    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    client.batch_execute("COMMIT").await.unwrap();
+    let closed = connection.await.unwrap().unwrap_err();
+    assert_eq!(closed.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{closed}");
+    let said = closed.as_db_error().expect("a FATAL from pgmux");
+    assert!(said.message().contains("session mode"), "{said:?}");
+    assert!(
+        said.hint().is_some_and(|h| h.contains("reconnect")),
+        "{said:?}"
+    );
+    mux.wait_gone(old).await;
+    // Its reconnect reaches the new process.
+    mux.still_serving().await;
+}
+
+/// pgbench (prepared protocol, transactions of two statements) started right before each
+/// of three upgrades: every transaction it counts succeeds, none fails, none reconnects
+/// (pgbench counts a lost connection as a failed client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_three_upgrades() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(4)).await;
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        "\\set v random(1, 1000)\nBEGIN;\nSELECT :v;\nSELECT :v + 1;\nEND;\n",
+    )
+    .unwrap();
+    let url = mux.url("app", "app");
+    let mut processed = 0;
+    for _ in 0..UPGRADES {
+        let (bin, url, script) = (
+            pg.bin_dir().to_owned(),
+            url.clone(),
+            script.path().display().to_string(),
+        );
+        let bench = tokio::task::spawn_blocking(move || {
+            let args = [
+                "-n", "-c", "4", "-j", "2", "-t", "400", "-M", "prepared", "-f", &script, &url,
+            ];
+            common::run_pgbench(&bin, &args)
+        });
+        mux.upgrade().await;
+        let run = bench.await.unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "pgbench failed: {stderr}\n{stdout}");
+        assert!(
+            stdout.contains("number of transactions actually processed: 1600/1600"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{stdout}"
+        );
+        processed += 1600;
+    }
+    eprintln!("pgbench through {UPGRADES} upgrades: {processed} transactions, 0 failed");
+}
