@@ -64,6 +64,9 @@ pub struct Upgrade {
     command: Mutex<Option<(PathBuf, Vec<OsString>)>>,
     /// Where sessions send themselves once the new process is ready.
     outbox: Mutex<Option<mpsc::UnboundedSender<Moving>>>,
+    /// In a new process: clients still arrive from the old one. This process does not
+    /// finish an upgrade of its own before they all did.
+    receiving: AtomicBool,
 }
 
 /// One client on its way to the new process.
@@ -351,6 +354,15 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
         clients = pooler.clients.load(Ordering::Relaxed),
         "upgrade: the new process accepts; clients move at their next quiet point"
     );
+    // Cancel requests the new process receives for clients still here come back.
+    match duplicate(&link) {
+        Ok(reader) => {
+            tokio::spawn(pass_back_cancels(reader, pooler.clone()));
+        }
+        Err(e) => {
+            warn!(error = %e, "upgrade: cancel requests for clients not moved yet will be ignored")
+        }
+    }
     let deadline = tokio::time::Instant::now() + limit;
     let (mut moved, mut failed) = (0u64, 0u64);
     let mut broken = false;
@@ -379,7 +391,8 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
             }
             _ = tokio::time::sleep(POLL) => {}
         }
-        if pooler.clients.load(Ordering::Relaxed) == 0 && queue.is_empty() {
+        let arriving = upgrade.receiving.load(Ordering::SeqCst);
+        if pooler.clients.load(Ordering::Relaxed) == 0 && queue.is_empty() && !arriving {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -470,9 +483,14 @@ impl Inherited {
     /// it sends from now on. Sockets this config does not listen on any more close here.
     pub async fn serve(mut self, pooler: Arc<Pooler>) -> Result<(), String> {
         self.listeners.clear();
+        let writer = duplicate(&self.link).map_err(|e| format!("upgrade link: {e}"))?;
         wire::send(&mut self.link, wire::READY, b"", &[])
             .await
             .map_err(|e| format!("cannot tell the old process this one is ready: {e}"))?;
+        pooler.upgrade.receiving.store(true, Ordering::SeqCst);
+        let (cancels, unknown) = mpsc::unbounded_channel();
+        pooler.cancels.pass_unknown_to(Some(cancels));
+        tokio::spawn(send_cancels(writer, unknown));
         tokio::spawn(receive_clients(self.link, pooler));
         Ok(())
     }
@@ -520,10 +538,50 @@ async fn receive_clients(mut link: UnixStream, pooler: Arc<Pooler>) {
             }
         }
     }
+    pooler.cancels.pass_unknown_to(None);
+    pooler.upgrade.receiving.store(false, Ordering::SeqCst);
     info!(
         moved,
         "upgrade: the old process has handed over its clients"
     );
+}
+
+/// A second handle on the link, for the direction the other handle does not use.
+fn duplicate(link: &UnixStream) -> io::Result<UnixStream> {
+    let fd = link.as_fd().try_clone_to_owned()?;
+    let std = std::os::unix::net::UnixStream::from(fd);
+    std.set_nonblocking(true)?;
+    UnixStream::from_std(std)
+}
+
+/// New process: sends the old one the cancel requests with keys it does not know, until
+/// every client has arrived.
+async fn send_cancels(mut link: UnixStream, mut unknown: mpsc::UnboundedReceiver<(i32, i32)>) {
+    while let Some((process_id, secret)) = unknown.recv().await {
+        let mut key = Vec::with_capacity(8);
+        key.extend_from_slice(&process_id.to_be_bytes());
+        key.extend_from_slice(&secret.to_be_bytes());
+        if wire::send(&mut link, wire::CANCEL, &key, &[])
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Old process: forwards the cancel requests the new one passes back, for clients that
+/// have not moved yet (a query running, a transaction open).
+async fn pass_back_cancels(mut link: UnixStream, pooler: Arc<Pooler>) {
+    while let Ok(Some(record)) = wire::recv(&mut link).await {
+        let (wire::CANCEL, &[a, b, c, d, e, f, g, h]) = (record.kind, &record.payload[..]) else {
+            continue;
+        };
+        let process_id = i32::from_be_bytes([a, b, c, d]);
+        let secret = i32::from_be_bytes([e, f, g, h]);
+        let pooler = pooler.clone();
+        tokio::spawn(async move { pooler.cancels.cancel(process_id, secret).await });
+    }
 }
 
 /// A client whose session could not be carried: 57P01 and a hint, then the close.

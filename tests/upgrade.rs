@@ -349,3 +349,41 @@ async fn pgbench_runs_through_three_upgrades() {
     }
     eprintln!("pgbench through {UPGRADES} upgrades: {processed} transactions, 0 failed");
 }
+
+/// A client whose query runs on the old process when the new one takes over: its cancel
+/// request reaches the new process, which passes it back to the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_reaches_a_query_still_running_on_the_old_process() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(2)).await;
+    let old = mux.pid();
+    let client = Arc::new(mux.connect("app", "app").await);
+    let cancel = client.cancel_token();
+    let running = client.clone();
+    let sleeping = tokio::spawn(async move {
+        running
+            .simple_query("SELECT pg_sleep(60) /* upgrade old cancel */")
+            .await
+    });
+    let watcher = pg.superuser_on("app").await;
+    let watcher = &watcher;
+    let started = || async move {
+        let rows = watcher
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%upgrade old cancel%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        !rows.is_empty()
+    };
+    assert!(eventually(Duration::from_secs(20), started).await);
+    mux.request_upgrade().await;
+    // The query holds a server on the old process: it cannot have moved.
+    assert!(mux.alive(old));
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    mux.wait_gone(old).await;
+    common::answers_select_1(&client).await;
+}

@@ -19,6 +19,9 @@ pub const READY: u8 = b'R';
 pub const CLIENT: u8 = b'C';
 /// Old → new: no more clients follow.
 pub const END: u8 = b'E';
+/// New → old: a cancel request for a key the new process does not know (payload: process
+/// id and secret, i32 each): its client may still be on the old process.
+pub const CANCEL: u8 = b'X';
 
 /// The most descriptors one record carries.
 pub const MAX_FDS: usize = 64;
