@@ -72,6 +72,72 @@ impl ClientState {
     }
 }
 
+/// Why a client waits for a server connection. Recorded only when a checkout finds no
+/// idle server (never on the path that gets one at once), and kept up to date by the pool
+/// while the client waits: an operator's PAUSE turns every waiter of the pool `Paused`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WaitCause {
+    /// Every server of the pool is lent (`size` reached).
+    PoolFull = 1,
+    /// `max_db_connections` is reached across the database's pools.
+    DatabaseCap,
+    /// `max_user_connections` is reached across the user's pools.
+    UserCap,
+    /// A server connection is being opened for this client.
+    UpstreamConnecting,
+    /// The upstream refused or did not answer; pgmux backs off before trying again.
+    UpstreamBackoff,
+    /// An operator paused the pool (admin `pause`, console `PAUSE`).
+    Paused,
+    /// pgmux is shutting down, or a reload removed the pool: it only finishes what runs.
+    Draining,
+}
+
+impl WaitCause {
+    /// Every cause, in discriminant order (from 1).
+    pub const ALL: [WaitCause; 7] = [
+        WaitCause::PoolFull,
+        WaitCause::DatabaseCap,
+        WaitCause::UserCap,
+        WaitCause::UpstreamConnecting,
+        WaitCause::UpstreamBackoff,
+        WaitCause::Paused,
+        WaitCause::Draining,
+    ];
+
+    /// The name in views, in the `cause` label of `pgmux_wait_seconds` and in messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WaitCause::PoolFull => "pool_full",
+            WaitCause::DatabaseCap => "max_db_connections",
+            WaitCause::UserCap => "max_user_connections",
+            WaitCause::UpstreamConnecting => "upstream_connecting",
+            WaitCause::UpstreamBackoff => "upstream_backoff",
+            WaitCause::Paused => "paused",
+            WaitCause::Draining => "draining",
+        }
+    }
+
+    /// The cause stored as `u8` (0: none).
+    pub fn from_u8(v: u8) -> Option<WaitCause> {
+        WaitCause::ALL.get(usize::from(v).checked_sub(1)?).copied()
+    }
+}
+
+/// Where the pool writes a waiting client's cause: its registry entry. Cloned into the
+/// pool's queue only when the client waits.
+#[derive(Clone)]
+pub struct WaitCell(Arc<Entry>);
+
+impl WaitCell {
+    /// Records the cause (`None`: no longer waiting).
+    pub fn set(&self, cause: Option<WaitCause>) {
+        self.0
+            .wait_cause
+            .store(cause.map_or(0, |c| c as u8), Relaxed);
+    }
+}
+
 /// One client's entry. Written by its session through [`ClientHandle`], read by admins.
 struct Entry {
     id: u64,
@@ -90,6 +156,8 @@ struct Entry {
     /// Set by IdleInTransaction, cleared by Idle: whether an Active client is inside a
     /// transaction block.
     in_transaction: AtomicBool,
+    /// Why it waits, as `WaitCause as u8`; 0 when it does not.
+    wait_cause: AtomicU8,
     /// The held server's id, 0 for none; its backend pid; since when (epoch nanoseconds).
     server_id: AtomicU64,
     server_pid: AtomicI32,
@@ -133,12 +201,10 @@ impl Alert {
         self.flags.fetch_and(!flag, Relaxed);
     }
 
-    /// The flags raised, or `Pending` with the task's waker registered for the next one.
+    /// The flags raised, or `Pending`; either way the task's waker is registered for the
+    /// next flag (a session that has STOP but is inside a transaction must still wake
+    /// for KILL).
     pub fn poll(&self, cx: &mut Context<'_>) -> Poll<u8> {
-        match self.flags.load(Acquire) {
-            0 => {}
-            flags => return Poll::Ready(flags),
-        }
         self.waker.register(cx.waker());
         match self.flags.load(Acquire) {
             0 => Poll::Pending,
@@ -208,6 +274,7 @@ impl ClientRegistry {
             state: AtomicU8::new(ClientState::Idle as u8),
             state_since: AtomicU64::new(self.now()),
             in_transaction: AtomicBool::new(false),
+            wait_cause: AtomicU8::new(0),
             server_id: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
             server_since: AtomicU64::new(0),
@@ -286,6 +353,7 @@ impl ClientRegistry {
             state: ClientState::from_u8(e.state.load(Relaxed)),
             in_state: since(e.state_since.load(Relaxed)),
             in_transaction: e.in_transaction.load(Relaxed),
+            wait_cause: WaitCause::from_u8(e.wait_cause.load(Relaxed)),
             connected: e.connected.elapsed(),
             session_state: e.session_state.lock().clone(),
             server: (server_id != 0).then(|| ServerLink {
@@ -297,6 +365,26 @@ impl ClientRegistry {
         }
     }
 
+    /// The clients of (database, user) holding a server, longest held first, at most `n`:
+    /// whom a full pool waits for. Walks every entry: for waits, never for a checkout.
+    pub fn longest_holders(&self, database: &str, user: &str, n: usize) -> Vec<Holder> {
+        let now = self.now();
+        let mut out: Vec<Holder> = self
+            .entries()
+            .iter()
+            .filter(|e| e.database == database && e.user == user)
+            .filter(|e| e.server_id.load(Relaxed) != 0)
+            .map(|e| Holder {
+                client: e.id,
+                application_name: e.application_name.lock().clone(),
+                held: Duration::from_nanos(now.saturating_sub(e.server_since.load(Relaxed))),
+            })
+            .collect();
+        out.sort_by_key(|h| std::cmp::Reverse(h.held));
+        out.truncate(n);
+        out
+    }
+
     /// Raises `flag` on every client for which `whom(database, user)` holds.
     pub fn raise(&self, flag: u8, whom: impl Fn(&str, &str) -> bool) {
         for shard in &self.shards {
@@ -306,6 +394,13 @@ impl ClientRegistry {
                 }
             }
         }
+    }
+
+    /// Raises `flag` on client `id` (the console's KILL_CLIENT); returns whether it is
+    /// registered.
+    pub fn raise_on(&self, id: u64, flag: u8) -> bool {
+        let entry = self.shard(id).lock().get(&id).cloned();
+        entry.inspect(|e| e.alert.raise(flag)).is_some()
     }
 
     #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length
@@ -321,6 +416,16 @@ impl ClientRegistry {
 }
 
 impl ClientHandle {
+    /// Where the pool records why this client waits (see [`WaitCause`]).
+    pub fn wait_cell(&self) -> WaitCell {
+        WaitCell(self.entry.clone())
+    }
+
+    /// Why the client waits now, if it does.
+    pub fn wait_cause(&self) -> Option<WaitCause> {
+        WaitCause::from_u8(self.entry.wait_cause.load(Relaxed))
+    }
+
     /// The client's id in the registry (as shown in the views).
     pub fn id(&self) -> u64 {
         self.entry.id
@@ -437,6 +542,8 @@ pub struct ClientInfo {
     pub in_state: Duration,
     /// Whether it is inside a transaction block (as far as its states tell).
     pub in_transaction: bool,
+    /// Why it waits for a server, while it does.
+    pub wait_cause: Option<WaitCause>,
     /// For how long it has been connected.
     pub connected: Duration,
     /// The server it holds.
@@ -445,6 +552,17 @@ pub struct ClientInfo {
     pub query: String,
     /// What pgmux last did about session state it left on its server, if anything.
     pub session_state: Option<StateEvent>,
+}
+
+/// A client holding a server, as a waiter's explanation names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// Registry id.
+    pub client: u64,
+    /// Its `application_name` ("" when it set none).
+    pub application_name: String,
+    /// For how long it has held its server.
+    pub held: Duration,
 }
 
 /// Session state pgmux found on a client's server, and what it did.

@@ -396,8 +396,8 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
             "pgmux has no transaction length limit; use PostgreSQL's transaction_timeout (17+) or statement_timeout"
         }
         "suspend_timeout" => "pgmux has no online restart (SUSPEND / -R)",
-        "listen_backlog" | "sbuf_loopcnt" | "so_reuseport" | "tcp_defer_accept"
-        | "tcp_socket_buffer" | "pkt_buf" => "a low-level socket knob pgmux does not expose",
+        "listen_backlog" | "sbuf_loopcnt" | "tcp_defer_accept" | "tcp_socket_buffer"
+        | "pkt_buf" => "a low-level socket knob pgmux does not expose",
         "client_tls_protocols"
         | "client_tls_ciphers"
         | "client_tls13_ciphers"
@@ -525,6 +525,10 @@ fn render(ini: &Ini, path: &Path) -> String {
                 Some(d) if d != "0" => server.set("client_login_timeout", q(&d), e),
                 Some(_) => server.skip(e, "0 (no limit) has no pgmux equivalent; pgmux's 15s is kept"),
                 None => server.bad(e, "duration"),
+            },
+            "so_reuseport" => match boolean(v) {
+                Some(b) => server.set("reuse_port", b.to_string(), e),
+                None => server.bad(e, "boolean"),
             },
             "max_packet_size" => match integer(v) {
                 Some(n) if (1024..=1_073_741_824).contains(&n) => {

@@ -23,6 +23,7 @@ pub mod cancel;
 pub mod client;
 pub mod clients;
 pub mod config;
+pub mod drain;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod listener;

@@ -1,11 +1,13 @@
-//! Accepting clients, and stopping: on SIGTERM/SIGINT the listeners close, sessions end
+//! Accepting clients, and stopping (`drain.rs` has the steps): on SIGTERM/SIGINT `/ready`
+//! fails and the listeners go on accepting for `drain_delay`; then they close, sessions end
 //! between transactions, and after shutdown_timeout the rest are told 57P01.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -13,7 +15,56 @@ use crate::client;
 use crate::pooler::Pooler;
 use crate::upgrade::state::SessionState;
 
-/// Serves clients on `listeners` until the pooler's stop token fires, then drains.
+/// Backlog of a listener bound with `reuse_port` (what `TcpListener::bind` uses).
+const BACKLOG: u32 = 1024;
+
+/// Binds a client listener on `addr` (`host:port`); with `reuse_port`, `SO_REUSEPORT` lets
+/// other processes (another pgmux, the next version during a rolling restart) bind the same
+/// port, and the kernel spreads new connections over them.
+pub async fn bind(addr: &str, reuse_port: bool) -> std::io::Result<TcpListener> {
+    if !reuse_port {
+        return TcpListener::bind(addr).await;
+    }
+    warn_unmigrated_queue();
+    let mut last = None;
+    for resolved in tokio::net::lookup_host(addr).await? {
+        let socket = if resolved.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        let bound = socket
+            .set_reuseaddr(true)
+            .and_then(|()| socket.set_reuseport(true))
+            .and_then(|()| socket.bind(resolved))
+            .and_then(|()| socket.listen(BACKLOG));
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    }))
+}
+
+/// Linux resets the connections still queued on a `SO_REUSEPORT` listener when it closes,
+/// unless `net.ipv4.tcp_migrate_req = 1` hands them to another listener of the port. pgmux
+/// takes what is queued just before it closes, which leaves a window of microseconds;
+/// the setting closes it.
+fn warn_unmigrated_queue() {
+    let setting = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_migrate_req");
+    if setting.is_ok_and(|v| v.trim() == "0") {
+        info!(
+            "server.reuse_port: net.ipv4.tcp_migrate_req is 0, so a connection that reaches \
+             this listener just as it closes is reset; set it to 1 for rolling restarts \
+             (docs/architecture.md, Rolling restarts)"
+        );
+    }
+}
+
+/// Serves clients on `listeners` until pgmux stops: accepts until the drain is over (every
+/// accept loop ends on `pooler.stop`), then waits for the sessions.
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     let clients = pooler.client_tasks.clone();
     tokio::spawn(pooler.clone().forward_stop());
@@ -26,18 +77,23 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
         )));
     }
     pooler.listening.store(true, Ordering::Relaxed);
-    // READY=1 to systemd now that the sockets accept; STOPPING=1 when the stop comes.
-    crate::sd_notify::ready_until(&pooler.stop).await;
+    // READY=1 to systemd now that the sockets accept; STOPPING=1 when the drain begins.
+    crate::sd_notify::ready_until(pooler.drain.token()).await;
+    drain(&pooler, &clients).await;
     pooler.listening.store(false, Ordering::Relaxed);
     for task in accepting {
         let _ = task.await; // each drops its listener: new clients are refused, not left hanging
     }
     clients.close();
+    // Clients still waiting for a server are told why they wait now.
+    for pool in pooler.pools() {
+        pool.drain();
+    }
     let grace = pooler.snapshot().config.server.shutdown_timeout;
     info!(
         clients = clients.len(),
         ?grace,
-        "shutting down: waiting for running transactions"
+        "shutting down: no longer accepting; sessions end after their transaction"
     );
     if tokio::time::timeout(grace, clients.wait()).await.is_err() {
         warn!(
@@ -53,12 +109,39 @@ pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>) {
     info!("pgmux stopped");
 }
 
+/// The drain has begun: goes on serving and accepting until its `drain_delay` is over or
+/// another signal ends it, then stops (`pooler.stop`).
+async fn drain(pooler: &Pooler, clients: &TaskTracker) {
+    if let Some(deadline) = pooler.drain.deadline()
+        && !pooler.stop.is_cancelled()
+    {
+        info!(
+            clients = clients.len(),
+            left = ?deadline.saturating_duration_since(std::time::Instant::now()),
+            "draining: /ready answers 503; serving and accepting until drain_delay is over"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline.into()) => {}
+            _ = pooler.stop.cancelled() => {}
+        }
+    }
+    pooler.stop.cancel();
+}
+
 async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker) {
     loop {
         let (socket, peer) = tokio::select! {
-            _ = pooler.stop.cancelled() => return,
-            // An upgrade's new process accepts on this socket now (upgrade.rs).
+            // An upgrade's new process accepts on this socket now (upgrade.rs): what the
+            // kernel queued is the new process's to take.
             _ = pooler.upgrade.handover.cancelled() => return,
+            _ = pooler.stop.cancelled() => {
+                // Connections the kernel queued already would be reset when the listener
+                // closes: take them, and tell them 57P01 once logged in.
+                while let Some((socket, peer)) = queued(&listener) {
+                    serve(socket, peer, &pooler, &clients);
+                }
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -69,18 +152,7 @@ async fn accept(listener: TcpListener, pooler: Arc<Pooler>, clients: TaskTracker
                 }
             },
         };
-        let max = pooler.snapshot().config.server.max_client_conn;
-        let counted = ClientCount::new(pooler.clone());
-        let admitted = counted.before < max;
-        clients.spawn(async move {
-            // A client session, or the admin console for an admin who asked for it.
-            let pooler = counted.pooler.clone();
-            if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
-                crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf)
-                    .await;
-            }
-            drop(counted);
-        });
+        serve(socket, peer, &pooler, &clients);
     }
 }
 
@@ -91,6 +163,34 @@ pub(crate) fn adopt(pooler: &Arc<Pooler>, socket: TcpStream, state: SessionState
     let counted = ClientCount::new(pooler.clone());
     pooler.client_tasks.spawn(async move {
         client::serve_moved(socket, counted.pooler.clone(), state).await;
+        drop(counted);
+    });
+}
+
+/// A connection already queued on `listener`, without waiting.
+fn queued(listener: &TcpListener) -> Option<(TcpStream, std::net::SocketAddr)> {
+    match listener.poll_accept(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(Ok(accepted)) => Some(accepted),
+        Poll::Ready(Err(_)) | Poll::Pending => None,
+    }
+}
+
+/// Serves one accepted connection in a task of `clients`.
+fn serve(
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+    pooler: &Arc<Pooler>,
+    clients: &TaskTracker,
+) {
+    let max = pooler.snapshot().config.server.max_client_conn;
+    let counted = ClientCount::new(pooler.clone());
+    let admitted = counted.before < max;
+    clients.spawn(async move {
+        // A client session, or the admin console for an admin who asked for it.
+        let pooler = counted.pooler.clone();
+        if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
+            crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf).await;
+        }
         drop(counted);
     });
 }

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info};
 
 use pgmux::config::Config;
+use pgmux::drain::Step;
 use pgmux::logging::{self, LogWriter};
 use pgmux::pooler::Pooler;
 
@@ -215,12 +215,13 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         error!(error = %e, "cannot start the admin port");
         return ExitCode::FAILURE;
     }
+    let reuse_port = pooler.snapshot().config.server.reuse_port;
     let mut listeners = Vec::new();
     for addr in &client_addrs {
         let name = format!("client {addr}");
         let bound = match take(name.clone()) {
-            Some(listener) => TcpListener::from_std(listener),
-            None => TcpListener::bind(addr).await,
+            Some(listener) => tokio::net::TcpListener::from_std(listener),
+            None => pgmux::listener::bind(addr, reuse_port).await,
         };
         match bound {
             Ok(listener) => {
@@ -242,6 +243,9 @@ async fn run(config: Config, path: PathBuf) -> ExitCode {
         info!("upgrade: this process took over the listening sockets");
     }
     tokio::spawn(keep_watching_signals(pooler.clone()));
+    tokio::spawn(pgmux::upgrade::Upgrade::close_copies_at_stop(
+        pooler.clone(),
+    ));
     pgmux::upgrade::write_pid_file(&server);
     pgmux::listener::run(pooler, listeners).await;
     pgmux::upgrade::remove_pid_file(&server);
@@ -273,9 +277,9 @@ async fn watch_signals(pooler: Arc<Pooler>) {
         return;
     };
     loop {
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: shutting down"),
-            _ = int.recv() => info!("SIGINT: shutting down"),
+        let signal = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
             _ = hup.recv() => {
                 info!("SIGHUP: reloading the config");
                 let reloading = pooler.clone();
@@ -288,12 +292,13 @@ async fn watch_signals(pooler: Arc<Pooler>) {
                 tokio::spawn(pgmux::upgrade::start(pooler.clone()));
                 continue;
             }
+        };
+        // Each signal takes the next step out (drain.rs); the listener logs the drain's.
+        match pooler.step_out() {
+            Step::Drain(delay) => info!(signal, ?delay, "shutting down: draining"),
+            Step::Stop => info!(signal, "another signal: ending the drain now"),
+            Step::Kill => info!(signal, "another signal: ending every session now"),
         }
-        if pooler.stop.is_cancelled() {
-            info!("second signal: ending every session now");
-            pooler.kill.cancel();
-        }
-        pooler.stop.cancel();
     }
 }
 

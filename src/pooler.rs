@@ -19,10 +19,12 @@ use crate::pool::{Budget, BudgetKind, Pool, PoolKey};
 use crate::prepared::Registry;
 use crate::server::{ServerSecret, TlsConnector, Upstream};
 
+mod admission;
 mod auth_query;
 mod client_caps;
 mod reload;
 
+pub use admission::{Admission, KillSwitch};
 pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
@@ -143,7 +145,17 @@ pub struct Pooler {
     config_path: Mutex<Option<PathBuf>>,
     /// One reload at a time.
     reloading: Mutex<()>,
-    /// Cancelled on SIGTERM/SIGINT: stop accepting, finish transactions.
+    /// Begun by the first SIGTERM/SIGINT: `/ready` fails, serving goes on for
+    /// `drain_delay` (`drain.rs`).
+    pub drain: crate::drain::Drain,
+    /// Databases refusing logins, per-client kill switches, the shutdown drain (the
+    /// console's DISABLE, KILL, SHUTDOWN WAIT_FOR_CLIENTS).
+    pub admission: Admission,
+    /// Per-database totals at the last two ticks of PgBouncer's `stats_period`, for the
+    /// console's averages.
+    pub stats_period: crate::admin::console::StatsPeriod,
+    /// Cancelled when the drain is over (or by a second signal): stop accepting, end
+    /// sessions between transactions.
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
     pub kill: CancellationToken,
@@ -165,7 +177,7 @@ impl Pooler {
             .map_err(|_| "the pooler must be created inside the tokio runtime".to_owned())?;
         let statements = Registry::new(config.server.statement_registry_size);
         let admin_listen = config.admin.listen.clone();
-        Ok(Arc::new(Pooler {
+        let pooler = Arc::new(Pooler {
             snapshot: ArcSwap::from_pointee(Snapshot::new(config)?),
             pools: Mutex::new(HashMap::new()),
             cancels: Arc::new(CancelRegistry::default()),
@@ -182,12 +194,32 @@ impl Pooler {
             auth_queries: AuthQueries::default(),
             config_path: Mutex::new(None),
             reloading: Mutex::new(()),
+            drain: crate::drain::Drain::default(),
+            admission: Admission::default(),
+            stats_period: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
             upgrade: crate::upgrade::Upgrade::default(),
             client_tasks: tokio_util::task::TaskTracker::new(),
             runtime,
-        }))
+        });
+        pooler.create_configured_pools();
+        crate::admin::console::tick_stats_period(&pooler);
+        Ok(pooler)
+    }
+
+    /// Creates the pool of every configured (database, user) that does not exist yet:
+    /// each database of `[databases]` with each user of `[users]` (a database with a fixed
+    /// `user` too: its pools are still one per client user). Operators see them, at zero,
+    /// before the first client; `min_size` warms them up from the start. Users looked up
+    /// with `auth_query` get theirs at their first login, as pgmux cannot list them.
+    pub fn create_configured_pools(&self) {
+        let snapshot = self.snapshot();
+        for database in snapshot.config.databases.keys() {
+            for user in snapshot.config.users.keys() {
+                let _ = self.pool(database, user);
+            }
+        }
     }
 
     /// The runtime that serves clients (see the field).
@@ -200,7 +232,9 @@ impl Pooler {
         self.snapshot.load_full()
     }
 
-    /// The pool for (database, user), created on first use. None if the database is unknown.
+    /// The pool for (database, user), created on first use (at start and on reload for
+    /// configured users, see [`Pooler::create_configured_pools`]). None if the database is
+    /// unknown.
     pub fn pool(&self, database: &str, user: &str) -> Option<Arc<Pool>> {
         let key = PoolKey {
             database: database.to_owned(),
@@ -219,6 +253,10 @@ impl Pooler {
             pool.set_budgets(budgets);
         }
         pool.set_slow_wait(snapshot.config.admin.log_slow_waits);
+        pool.set_clients(self.clients_registry.clone());
+        if self.stop.is_cancelled() {
+            pool.drain();
+        }
         pool.start_upkeep(&self.runtime);
         pools.insert(key, pool.clone());
         Some(pool)

@@ -8,6 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::clients::WaitCause;
+
 /// The counters of one pool. Owned by the [`Pool`](crate::pool::Pool) (`pool.stats`); the
 /// session and the pool bump them, the admin port reads them.
 #[derive(Default)]
@@ -43,8 +45,11 @@ pub struct PoolStats {
     /// pgmux did about it.
     pub session_state: [[AtomicU64; StateAction::ALL.len()]; StateKind::ALL.len()],
     /// How long clients waited for a server connection (checkout start to a server, or
-    /// to the 53300 timeout).
+    /// to the 53300 timeout), every checkout.
     pub wait: Histogram,
+    /// The same for checkouts that waited, by the cause when the wait ended (index
+    /// `WaitCause as usize - 1`). A checkout served at once is only in `wait`.
+    pub wait_by_cause: [Histogram; WaitCause::ALL.len()],
     /// How long clients held a server connection (lent to given back), every mode.
     pub hold: Histogram,
     /// Transactions in transaction and statement mode, as the client sees them: from the
@@ -53,6 +58,16 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
+    /// A checkout that took `waited`, having waited for `cause` (`None`: it did not wait).
+    pub fn waited(&self, cause: Option<WaitCause>, waited: Duration) {
+        self.wait.observe(waited);
+        if let Some(c) = cause
+            && let Some(h) = self.wait_by_cause.get(c as usize - 1)
+        {
+            h.observe(waited);
+        }
+    }
+
     /// One Query or Sync forwarded to a server.
     pub fn query(&self) {
         self.queries.fetch_add(1, Relaxed);

@@ -94,6 +94,14 @@ impl Upgrade {
         }
     }
 
+    /// Closes the copies of the listening sockets once pgmux stops accepting (shutdown):
+    /// a copy kept open would leave the port listening with nobody accepting, and new
+    /// clients hanging instead of refused.
+    pub async fn close_copies_at_stop(pooler: Arc<Pooler>) {
+        pooler.stop.cancelled().await;
+        pooler.upgrade.listeners.lock().clear();
+    }
+
     /// Sends a quiet client to the new process: its socket and its state. On failure the
     /// socket comes back when it still can (with why), for the caller to tell the client.
     pub async fn hand_over(
@@ -237,6 +245,10 @@ pub fn request(server: &ServerSection) -> Result<String, String> {
 /// everything over and stops, or the upgrade is given up (logged) and it keeps serving.
 pub async fn start(pooler: Arc<Pooler>) {
     let upgrade = &pooler.upgrade;
+    if pooler.stop.is_cancelled() {
+        info!("pgmux is stopping: SIGUSR2 ignored");
+        return;
+    }
     if upgrade.running.swap(true, Ordering::SeqCst) {
         info!("an upgrade is already under way: SIGUSR2 ignored");
         return;
@@ -416,7 +428,11 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
         moved,
         failed, "upgrade: clients handed over; this process stops"
     );
-    pooler.stop.cancel();
+    // The way out of a shutdown (drain.rs), without its drain_delay: nothing is accepted
+    // here any more.
+    if !matches!(pooler.step_out(), crate::drain::Step::Drain(delay) if delay.is_zero()) {
+        pooler.stop.cancel();
+    }
 }
 
 /// The listening sockets a new process received from its predecessor, and the link on

@@ -48,6 +48,21 @@ impl Metrics {
             })
     }
 
+    /// The sum of every counter, gauge or untyped sample with these labels (and any
+    /// others): what `sum by` over the remaining labels gives.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .filter_map(|s| match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+            .sum()
+    }
+
     /// `value`, panicking with the family's samples when absent.
     fn get(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         self.value(name, labels).unwrap_or_else(|| {
@@ -135,7 +150,8 @@ async fn metrics_parse_and_move_under_load() {
     assert!(before.get("process_resident_memory_bytes", &[]) > 0.0);
     assert!(before.value("process_open_fds", &[]).is_some());
     assert_eq!(before.get("pgmux_config_last_reload_success", &[]), 1.0);
-    let waits_before = before.get("pgmux_wait_seconds_count", &APP);
+    // Summed over `cause`, as a dashboard's `sum by (database, user)` does.
+    let waits_before = before.sum("pgmux_wait_seconds_count", &APP);
     // Never a client address among the labels.
     for sample in &before.0.samples {
         for key in ["addr", "address", "client", "peer"] {
@@ -193,20 +209,22 @@ async fn metrics_parse_and_move_under_load() {
     let after = Metrics::scrape(&mux).await;
     assert_eq!(after.get("pgmux_pool_waiting_clients", &APP), 0.0);
     assert_eq!(after.get("pgmux_wait_timeouts_total", &APP), 18.0);
-    let waits = after.get("pgmux_wait_seconds_count", &APP);
+    let waits = after.sum("pgmux_wait_seconds_count", &APP);
     assert!(
         waits >= waits_before + 18.0 + 18.0,
         "{waits_before} -> {waits}"
     );
     // Every timeout waited about wait_timeout: they sit above the 0.5 s bucket.
-    let buckets = after.buckets("pgmux_wait_seconds", &APP);
+    let full = [APP[0], APP[1], ("cause", "pool_full")];
+    let buckets = after.buckets("pgmux_wait_seconds", &full);
     let at_half_second = buckets.iter().find(|(le, _)| *le == 0.5).map(|b| b.1);
     let total = buckets.last().map(|b| b.1).unwrap_or_default();
     assert!(
         total - at_half_second.unwrap_or(total) >= 18.0,
         "{buckets:?}"
     );
-    assert!(after.get("pgmux_wait_seconds_sum", &APP) >= 18.0 * 0.7);
+    assert!(after.get("pgmux_wait_seconds_sum", &full) >= 18.0 * 0.7);
+    assert!(after.sum("pgmux_wait_seconds_sum", &APP) >= 18.0 * 0.7);
     assert!(after.get("pgmux_transactions_total", &APP) >= 21.0);
     assert!(after.get("pgmux_server_hold_seconds_count", &APP) >= 21.0);
     assert!(after.get("pgmux_transaction_duration_seconds_count", &APP) >= 21.0);
@@ -279,7 +297,9 @@ async fn pools_show_utilization_status_and_advice() {
     })
     .await;
     assert_eq!(known["advice"]["upstream_max_connections"], 200);
-    assert_eq!(known["advice"]["upstream_headroom"], 198);
+    // Every configured pool counts from the start: app/app and app/other, size 2 each.
+    assert_eq!(known["advice"]["upstream_pools_size"], 4);
+    assert_eq!(known["advice"]["upstream_headroom"], 196);
 
     // One of two servers busy: 50 %.
     first.batch_execute("BEGIN; SELECT 1").await.unwrap();
@@ -349,7 +369,8 @@ async fn servers_and_clients_name_the_long_holder() {
     assert_eq!(servers.status, 200);
     let servers = servers.json();
     let first = &servers[0];
-    assert_eq!(first["state"], "active", "{servers:#}");
+    // Its client sits in an open transaction: said as pg_stat_activity says it.
+    assert_eq!(first["state"], "idle in transaction", "{servers:#}");
     assert_eq!(first["pid"], pid);
     assert!(first["held_ms"].as_u64().unwrap_or(0) >= 3000, "{first}");
     assert!(first["age_ms"].as_u64().unwrap_or(0) >= 3000, "{first}");

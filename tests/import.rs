@@ -119,6 +119,7 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         "server_cert_file = \"client.crt\"",
         "server_key_file = \"client.key\"",
         "tcp_keepalive = true",
+        "reuse_port = false",
         "tcp_keepcnt = 5",
         "tcp_keepidle = \"30s\"",
         "tcp_keepintvl = \"10s\"",
@@ -183,7 +184,6 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         "max_packet_size",
         "listen_backlog",
         "sbuf_loopcnt",
-        "so_reuseport",
         "tcp_defer_accept",
         "tcp_socket_buffer",
         // From the %include, and connection-string and user parameters.

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{Raw, bind, execute, msg, parse, sync};
-use common::{MuxOptions, TestPgmux, TestPostgres};
+use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
 use tokio::io::AsyncWriteExt;
 use tokio_postgres::error::SqlState;
 
@@ -227,14 +227,23 @@ async fn after_shutdown_timeout_the_rest_get_57p01() {
     .await;
     let stuck = mux.connect("app", "app").await;
     stuck.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let stuck = std::sync::Arc::new(stuck);
+    let sleeping = stuck.clone();
+    let running = tokio::spawn(async move { sleeping.simple_query("SELECT pg_sleep(60)").await });
+    let admin = pg.superuser().await;
+    let busy = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' AND state = 'active'";
+    let started = eventually(Duration::from_secs(10), || async {
+        admin.query_one(busy, &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    assert!(started, "the query runs on the server");
     mux.signal("TERM");
-    // The transaction never ends by itself; pgmux ends it after the grace period.
+    // The transaction never ends by itself; pgmux ends it after the grace period. The
+    // query in flight is answered 57P01 by its session (woken by the kill in the middle
+    // of a query), not merely cut off when the process exits.
     assert!(mux.wait_exit(Duration::from_secs(10)).await, "pgmux exited");
-    let err = stuck.simple_query("SELECT 1").await.unwrap_err();
-    assert!(
-        err.code() == Some(&SqlState::ADMIN_SHUTDOWN) || err.is_closed(),
-        "{err}"
-    );
+    let err = running.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{err}");
     let log = mux.stderr_log();
     assert!(log.contains("shutdown_timeout is over"), "{log}");
     assert!(log.contains("pgmux stopped"), "{log}");

@@ -12,6 +12,8 @@
 #   pg_ssl                       true: PostgreSQL gets ssl = on (bench_make_certs first); false
 #   bench_tls                    the poolers' TLS: plain (none), client (clients to the pooler),
 #                                both (also the pooler to PostgreSQL); plain when unset
+#   bench_auth                   the poolers' client login: scram-sha-256 (when unset), md5
+#                                or trust (then the caller writes $userlist with the password)
 # and gets:
 #   say note die has stop_pid
 #   bench_tools                  psql_bin pgbench_bin pg_version (installing PostgreSQL if root)
@@ -236,7 +238,7 @@ $db = host=$upstream_host port=$pg_port dbname=$db
 listen_addr = 127.0.0.1
 listen_port = $port
 unix_socket_dir =
-auth_type = scram-sha-256
+auth_type = ${bench_auth:-scram-sha-256}
 auth_file = $userlist
 pool_mode = transaction
 default_pool_size = $pool_size
@@ -276,7 +278,7 @@ max_client_conn = $max_clients
 shutdown_timeout = "2s"
 
 [auth]
-method = "scram-sha-256"
+method = "${bench_auth:-scram-sha-256}"
 userlist_file = "$userlist"
 
 [pool]

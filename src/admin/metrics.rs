@@ -21,7 +21,7 @@ use prometheus::{Encoder, Registry, TextEncoder};
 
 use super::PortStats;
 use crate::auth::FailureReason;
-use crate::clients::ClientState;
+use crate::clients::{ClientState, WaitCause};
 use crate::logging;
 use crate::pooler::Pooler;
 use crate::stats::{BUCKETS, CloseReason, HistogramSnapshot, StateAction, StateKind};
@@ -62,6 +62,18 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     ("pgmux_pools", "Pools (database, user) in use.", G, &[]),
+    (
+        "pgmux_draining",
+        "1 from the first SIGTERM/SIGINT until pgmux exits (/ready answers 503), else 0.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_accepting",
+        "1 while the client listeners accept connections (through drain_delay too), else 0.",
+        G,
+        &[],
+    ),
     (
         "pgmux_config_reloads_total",
         "Config reloads, by result (success, failure).",
@@ -274,9 +286,9 @@ const FAMILIES: &[Family] = &[
     ),
     (
         "pgmux_wait_seconds",
-        "Time clients waited for a server connection (to a server, or to the wait_timeout error).",
+        "Time clients waited for a server connection (to a server, or to the wait_timeout error), by the cause when the wait ended: none (an idle server), pool_full, max_db_connections, max_user_connections, upstream_connecting, upstream_backoff, paused, draining.",
         H,
-        POOL,
+        &["database", "user", "cause"],
     ),
     (
         "pgmux_server_hold_seconds",
@@ -473,6 +485,13 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         &[],
         pooler.clients.load(Relaxed) as f64,
     );
+    let flag = |on: bool| if on { 1.0 } else { 0.0 };
+    out.gauge("pgmux_draining", &[], flag(pooler.drain.is_begun()));
+    out.gauge(
+        "pgmux_accepting",
+        &[],
+        flag(pooler.listening.load(Relaxed) && !pooler.stop.is_cancelled()),
+    );
     let config = &pooler.snapshot().config;
     out.gauge(
         "pgmux_max_client_connections",
@@ -636,7 +655,23 @@ fn collect_pools(pooler: &Pooler, out: &mut Families) {
                 }
             }
         }
-        out.histogram("pgmux_wait_seconds", &l, s.wait.snapshot());
+        // `none` (checkouts served at once: every checkout less those that waited) always,
+        // so that a pool shows its histogram before anything waited; each cause once it
+        // happened. Summed over `cause`, every checkout.
+        let mut none = s.wait.snapshot();
+        for (cause, h) in WaitCause::ALL.iter().zip(&s.wait_by_cause) {
+            let snap = h.snapshot();
+            if snap.count == 0 {
+                continue;
+            }
+            for (n, c) in none.cumulative.iter_mut().zip(snap.cumulative) {
+                *n = n.saturating_sub(c);
+            }
+            none.count = none.count.saturating_sub(snap.count);
+            none.sum_seconds = (none.sum_seconds - snap.sum_seconds).max(0.0);
+            out.histogram("pgmux_wait_seconds", &[l[0], l[1], cause.as_str()], snap);
+        }
+        out.histogram("pgmux_wait_seconds", &[l[0], l[1], "none"], none);
         out.histogram("pgmux_server_hold_seconds", &l, s.hold.snapshot());
         out.histogram(
             "pgmux_transaction_duration_seconds",

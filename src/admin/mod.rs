@@ -122,7 +122,11 @@ async fn ready(State(admin): State<Admin>) -> Response {
         Ok(()) => (StatusCode::OK, axum::Json(json!({"ready": true}))).into_response(),
         Err(reasons) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"ready": false, "reasons": reasons})),
+            axum::Json(json!({
+                "ready": false,
+                "draining": admin.pooler.drain.is_begun(),
+                "reasons": reasons,
+            })),
         )
             .into_response(),
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::clients::ClientInfo;
+use crate::clients::{ClientInfo, ClientState};
 use crate::pool::{BudgetKind, PoolView, ServerState, WINDOW_SECONDS};
 use crate::pooler::Pooler;
 
@@ -257,6 +257,12 @@ pub struct ClientJson {
     pub state: &'static str,
     /// How long it has been in `state`.
     pub state_ms: u64,
+    /// Why it waits for a server, while it does: pool_full, max_db_connections,
+    /// max_user_connections, upstream_connecting, upstream_backoff, paused, draining.
+    pub wait_cause: Option<&'static str>,
+    /// The cause in words, with its numbers (the pool's size and longest holders, the
+    /// limit, the upstream's last error).
+    pub wait_detail: Option<String>,
     pub connected_ms: u64,
     pub in_transaction: bool,
     /// The server connection it holds.
@@ -299,10 +305,18 @@ pub fn clients(pooler: &Pooler) -> Vec<ClientJson> {
             .cmp(&held(a))
             .then_with(|| b.in_state.cmp(&a.in_state))
     });
-    all.iter().map(client_json).collect()
+    let pools = pooler.pools();
+    let explain = |c: &ClientInfo| {
+        let cause = c.wait_cause?;
+        let pool = pools
+            .iter()
+            .find(|p| p.key.database == c.database && p.key.user == c.user)?;
+        Some(pool.explain(cause))
+    };
+    all.iter().map(|c| client_json(c, explain(c))).collect()
 }
 
-fn client_json(c: &ClientInfo) -> ClientJson {
+fn client_json(c: &ClientInfo, wait_detail: Option<String>) -> ClientJson {
     ClientJson {
         id: c.id,
         addr: c.peer.to_string(),
@@ -313,6 +327,8 @@ fn client_json(c: &ClientInfo) -> ClientJson {
         channels: c.channels.clone(),
         state: c.state.as_str(),
         state_ms: millis(c.in_state),
+        wait_cause: c.wait_cause.map(|w| w.as_str()),
+        wait_detail,
         connected_ms: millis(c.connected),
         in_transaction: c.in_transaction,
         server: c.server.map(|s| HeldServer {
@@ -342,8 +358,10 @@ pub struct ServerJson {
     pub upstream: String,
     /// How the connection to PostgreSQL is encrypted; null: plain.
     pub tls: Option<String>,
-    /// active (lent to a client), idle, or listener (the LISTEN/NOTIFY connection of a
-    /// database, outside the pools).
+    /// As PostgreSQL would say it: active (a query runs), idle in transaction (its client
+    /// sits in an open transaction), idle (in the pool, or held by a session-mode client
+    /// between transactions), or listener (the LISTEN/NOTIFY connection of a database,
+    /// outside the pools).
     pub state: &'static str,
     /// Time since it was opened.
     pub age_ms: u64,
@@ -381,9 +399,15 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
         for s in pool.servers() {
             let client = by_server.get(&s.id).copied();
             let active = s.state == ServerState::Active;
-            let busy = client.is_some_and(|c| {
-                c.in_transaction || c.state == crate::clients::ClientState::Active
-            });
+            // As PostgreSQL's pg_stat_activity says it: a lent server whose client sits in
+            // an open transaction is `idle in transaction`, not `active`.
+            let state = match client.map(|c| c.state) {
+                _ if !active => s.state.as_str(),
+                Some(ClientState::IdleInTransaction) => ClientState::IdleInTransaction.as_str(),
+                Some(ClientState::Idle) => ClientState::Idle.as_str(),
+                _ => s.state.as_str(),
+            };
+            let busy = client.is_some_and(|c| c.in_transaction || c.state == ClientState::Active);
             out.push(ServerJson {
                 id: s.id,
                 pid: s.pid,
@@ -391,7 +415,7 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
                 user: pool.key.user.clone(),
                 upstream: upstream.clone(),
                 tls: s.tls.as_deref().map(str::to_owned),
-                state: s.state.as_str(),
+                state,
                 age_ms: millis(s.age),
                 held_ms: active.then(|| millis(s.in_state)),
                 idle_ms: (!active).then(|| millis(s.in_state)),
@@ -435,7 +459,16 @@ pub fn servers(pooler: &Pooler) -> Vec<ServerJson> {
 pub fn readiness(pooler: &Pooler) -> Result<(), Vec<String>> {
     let mut reasons = Vec::new();
     if pooler.stop.is_cancelled() {
-        reasons.push("pgmux is shutting down".to_owned());
+        reasons.push(
+            "draining: pgmux is shutting down; no longer accepting, sessions end after their transaction"
+                .to_owned(),
+        );
+    } else if let Some(deadline) = pooler.drain.deadline() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        reasons.push(format!(
+            "draining: pgmux is shutting down; still serving, and accepting for {} more (server.drain_delay)",
+            humantime::format_duration(Duration::from_millis(millis(left)))
+        ));
     } else if !pooler.listening.load(Relaxed) {
         reasons.push("the client listener is not accepting connections".to_owned());
     }

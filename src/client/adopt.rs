@@ -62,6 +62,7 @@ pub(super) fn session(
     let view = pooler
         .clients_registry
         .register(peer, &database, &user, &application_name, None);
+    let kill_switch = pooler.admission.arm(view.id(), &pooler.kill);
     Ok(Session {
         server: None,
         view,
@@ -82,7 +83,8 @@ pub(super) fn session(
         pool,
         cancel,
         stop: pooler.stop.clone(),
-        kill: pooler.kill.clone(),
+        kill: kill_switch.token().clone(),
+        _kill_switch: kill_switch,
         upgrade: pooler.upgrade.handover.clone(),
         statements: names,
         cbuf: BytesMut::new(),

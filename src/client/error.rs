@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use crate::auth::LockoutScope;
+use crate::clients::WaitCause;
 use crate::pool::{BudgetKind, CheckoutError};
 use crate::protocol::startup::{MAX_STARTUP_PACKET, StartupError};
 use crate::protocol::{PgError, ProtocolError, SqlState};
@@ -32,6 +33,8 @@ pub enum ClientError {
     NoUser,
     #[error("no such database \"{0}\"")]
     UnknownDatabase(String),
+    #[error("database does not allow connections: {0}")]
+    DatabaseDisabled(String),
     #[error("no such user \"{0}\"")]
     UnknownUser(String),
     #[error("password authentication failed for user \"{0}\"")]
@@ -84,6 +87,10 @@ pub enum ClientError {
     /// state pinned to a server, LISTEN, or the hand-over failed).
     #[error("terminating connection: pgmux is being upgraded and cannot move this session ({0})")]
     Upgrading(&'static str),
+    #[error(
+        "terminating connection due to administrator command (KILL on the pgmux admin console)"
+    )]
+    KilledByAdmin,
     #[error("terminating connection: its database or user was removed from the pgmux config")]
     PoolRemoved,
     #[error(
@@ -142,6 +149,14 @@ pub enum ClientError {
     ConsoleExtendedProtocol,
     #[error("unknown admin console command: {0}")]
     ConsoleUnknownCommand(String),
+    #[error("unknown setting \"{0}\" (SHOW CONFIG lists them)")]
+    ConsoleUnknownSetting(String),
+    #[error("{0} takes effect only after a restart: change it in the config file")]
+    ConsoleSettingNotLive(String),
+    #[error("SET refused, nothing changed: {0}")]
+    ConsoleSetRefused(String),
+    #[error("no such client: {0}")]
+    ConsoleNoSuchClient(String),
     #[error("reload refused, nothing changed:\n{0}")]
     ReloadRefused(String),
     #[error("reload failed: {0}")]
@@ -169,6 +184,12 @@ impl ClientError {
             Self::ConsoleCommandTooLong => SqlState::PROTOCOL_VIOLATION,
             Self::ConsoleExtendedProtocol => SqlState::FEATURE_NOT_SUPPORTED,
             Self::ConsoleUnknownCommand(_) => SqlState::SYNTAX_ERROR,
+            Self::ConsoleUnknownSetting(_) | Self::ConsoleNoSuchClient(_) => {
+                SqlState::UNDEFINED_OBJECT
+            }
+            Self::ConsoleSettingNotLive(_) => SqlState::CANT_CHANGE_RUNTIME_PARAM,
+            Self::ConsoleSetRefused(_) => SqlState::INVALID_PARAMETER_VALUE,
+            Self::DatabaseDisabled(_) => SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
             Self::ReloadRefused(_) | Self::ReloadFailed(_) => SqlState::CONFIG_FILE_ERROR,
             Self::BadPassword(_) => SqlState::INVALID_PASSWORD,
             Self::Startup(StartupError::UnsupportedProtocol(..)) => SqlState::FEATURE_NOT_SUPPORTED,
@@ -197,7 +218,9 @@ impl ClientError {
             | Self::QueryTimeout(_)
             | Self::ServerLost(_)
             | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
-            Self::ShuttingDown | Self::PoolRemoved | Self::Upgrading(_) => SqlState::ADMIN_SHUTDOWN,
+            Self::ShuttingDown | Self::KilledByAdmin | Self::PoolRemoved | Self::Upgrading(_) => {
+                SqlState::ADMIN_SHUTDOWN
+            }
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
             Self::NamedStatementTooLarge | Self::TooManyStatements(_) => {
                 SqlState::PROGRAM_LIMIT_EXCEEDED
@@ -260,6 +283,16 @@ impl ClientError {
                     "a startup packet must be 8 to {MAX_STARTUP_PACKET} bytes"
                 ));
             }
+            Self::Checkout(CheckoutError::Timeout {
+                cause: WaitCause::Draining,
+                ..
+            }) => "reconnect: pgmux is shutting down, or a reload removed this pool",
+            Self::Checkout(CheckoutError::Timeout {
+                cause: WaitCause::UpstreamConnecting | WaitCause::UpstreamBackoff,
+                ..
+            }) => {
+                "check that the PostgreSQL server is up and answers within pool.connect_timeout; pgmux retries on the next query"
+            }
             Self::Checkout(CheckoutError::Timeout { pool, .. }) => {
                 return Some(format!(
                     "raise the pool size (pool.size, or databases.{}.size) or pool.wait_timeout, or make transactions shorter",
@@ -300,6 +333,7 @@ impl ClientError {
                     "check that the PostgreSQL server is up and reachable; pgmux retries on the next query"
                 }
             },
+            Self::ShuttingDown => "pgmux is stopping or restarting: reconnect",
             Self::PoolRemoved => "reconnect; the pool no longer exists after the last reload",
             Self::IdleInTransaction(_) => {
                 "commit or roll back sooner, or raise pool.idle_transaction_timeout"
@@ -329,6 +363,9 @@ impl ClientError {
             Self::NotAdmin(_) => "list the user in auth.admin_users",
             Self::ConsoleExtendedProtocol => "use psql, or your driver's simple query mode",
             Self::ConsoleUnknownCommand(_) => "SHOW HELP lists the commands",
+            Self::DatabaseDisabled(_) => {
+                "an operator ran DISABLE on the admin console; ENABLE lets clients in again"
+            }
             Self::ReloadRefused(_) => {
                 "fix the problems listed (pgmux check shows them) and reload again"
             }
@@ -347,7 +384,24 @@ impl ClientError {
         self.with_hint(PgError::fatal(self.sqlstate(), self.to_string()))
     }
 
+    /// More about the error, when pgmux can say: why a checkout waited until it failed.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            Self::Checkout(CheckoutError::Timeout { cause, .. }) => {
+                Some(format!("wait cause: {}", cause.as_str()))
+            }
+            Self::Checkout(CheckoutError::Limit { kind, .. }) => {
+                Some(format!("wait cause: {}", kind.setting()))
+            }
+            _ => None,
+        }
+    }
+
     fn with_hint(&self, err: PgError) -> PgError {
+        let err = match self.detail() {
+            Some(detail) => err.with_detail(detail),
+            None => err,
+        };
         match self.hint() {
             Some(hint) => err.with_hint(hint),
             None => err,

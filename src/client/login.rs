@@ -374,6 +374,11 @@ pub(super) async fn greet(
         mut out,
         cbuf,
     } = client;
+    // DISABLE db, or SHUTDOWN WAIT_FOR_CLIENTS (pooler/admission.rs).
+    pooler
+        .admission
+        .admit(&database)
+        .map_err(ClientError::from)?;
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(ClientError::UnknownDatabase(database).into());
     };
@@ -429,6 +434,7 @@ pub(super) async fn greet(
     if let Some(server) = &held {
         view.set_server(Some((server.id(), server.key().process_id)));
     }
+    let kill_switch = pooler.admission.arm(view.id(), &pooler.kill);
     Ok(Session {
         server: held,
         view,
@@ -449,7 +455,8 @@ pub(super) async fn greet(
         pool,
         cancel,
         stop: pooler.stop.clone(),
-        kill: pooler.kill.clone(),
+        kill: kill_switch.token().clone(),
+        _kill_switch: kill_switch,
         upgrade: pooler.upgrade.handover.clone(),
         statements: Default::default(),
         cbuf,

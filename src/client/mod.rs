@@ -144,9 +144,12 @@ async fn serve_socket(
 ) -> Served {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
-    let authenticated = login::authenticate(socket, peer, pooler, admitted);
+    // The login's futures are boxed: they are large (SCRAM, TLS, the server's greeting)
+    // and dead once the client is in, and unboxed they would size the future of every
+    // client task for its whole life (memory per idle client, docs/performance.md).
+    let authenticated = Box::pin(login::authenticate(socket, peer, pooler, admitted));
     let outcome = match tokio::time::timeout(limit, authenticated).await {
-        Ok(Ok(client)) => login::greet(socket, peer, pooler, client).await,
+        Ok(Ok(client)) => Box::pin(login::greet(socket, peer, pooler, client)).await,
         Ok(Err(refusal)) => Err(refusal),
         Err(_) => {
             let reason = crate::auth::FailureReason::Timeout;

@@ -77,6 +77,17 @@ pub(super) fn analyze(
     (report.finish(config), warnings)
 }
 
+/// Checks a config edited in memory (the console's `SET`) with the rules a load applies;
+/// `origin` names it in the problems. Files are not read again.
+pub(super) fn check(config: Config, origin: &str) -> Result<Config, ConfigError> {
+    let mut report = Report::new(origin);
+    let places = Places::new();
+    let _warnings = validate::check(&config, &places, &mut report);
+    server_tls::check(&config, &places, &mut report);
+    client_tls::check(&config.tls, &places, &mut report);
+    report.finish(config)
+}
+
 /// The file as written, and how the parsed (substituted) text maps back to it.
 pub(super) struct Source<'a> {
     origin: &'a str,
@@ -109,6 +120,8 @@ const SERVER_KEYS: &[&str] = &[
     "max_client_conn",
     "client_login_timeout",
     "shutdown_timeout",
+    "drain_delay",
+    "reuse_port",
     "max_message_size",
     "partial_message_timeout",
     "statement_registry_size",
@@ -150,6 +163,7 @@ pub(super) const POOL_KEYS: &[&str] = &[
     "size",
     "min_size",
     "wait_timeout",
+    "wait_notice_after",
     "idle_timeout",
     "max_lifetime",
     "connect_timeout",
@@ -324,6 +338,11 @@ impl Walker<'_> {
                     let d = self.duration(&path, value);
                     set(&mut server.shutdown_timeout, d);
                 }
+                "drain_delay" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.drain_delay, d);
+                }
+                "reuse_port" => set(&mut server.reuse_port, self.boolean(&path, value)),
                 "max_message_size" => {
                     let max = crate::protocol::codec::MAX_MESSAGE_LEN as u64;
                     let n = self.unsigned(&path, value, max);
@@ -508,6 +527,7 @@ impl Walker<'_> {
             "size" => o.size = as_u32(self.unsigned(&p, value, u32_max)),
             "min_size" => o.min_size = as_u32(self.unsigned(&p, value, u32_max)),
             "wait_timeout" => o.wait_timeout = self.duration(&p, value),
+            "wait_notice_after" => o.wait_notice_after = self.duration(&p, value),
             "idle_timeout" => o.idle_timeout = self.duration(&p, value),
             "max_lifetime" => o.max_lifetime = self.duration(&p, value),
             "connect_timeout" => o.connect_timeout = self.duration(&p, value),

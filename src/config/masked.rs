@@ -29,6 +29,8 @@ pub(super) fn render(config: &Config) -> String {
         "shutdown_timeout",
         &duration(server.shutdown_timeout),
     );
+    line(&mut out, "drain_delay", &duration(server.drain_delay));
+    line(&mut out, "reuse_port", &server.reuse_port.to_string());
     line(
         &mut out,
         "max_message_size",
@@ -205,6 +207,7 @@ fn full(s: &PoolSettings) -> PoolOverrides {
         size: Some(s.size),
         min_size: Some(s.min_size),
         wait_timeout: Some(s.wait_timeout),
+        wait_notice_after: Some(s.wait_notice_after),
         idle_timeout: Some(s.idle_timeout),
         max_lifetime: Some(s.max_lifetime),
         connect_timeout: Some(s.connect_timeout),
@@ -246,6 +249,7 @@ fn pool(out: &mut String, o: &PoolOverrides) {
     number("max_prepared_statements", o.max_prepared_statements);
     let durations = [
         ("wait_timeout", o.wait_timeout),
+        ("wait_notice_after", o.wait_notice_after),
         ("idle_timeout", o.idle_timeout),
         ("max_lifetime", o.max_lifetime),
         ("connect_timeout", o.connect_timeout),

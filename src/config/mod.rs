@@ -62,6 +62,13 @@ pub struct ServerSection {
     pub client_login_timeout: Duration,
     /// Time clients get to finish their transactions on shutdown.
     pub shutdown_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long pgmux goes on serving and accepting while `/ready`
+    /// answers 503 (time for a load balancer to stop sending it clients), before it stops
+    /// accepting and ends sessions between transactions. 0 (the default): at once.
+    pub drain_delay: Duration,
+    /// Set `SO_REUSEPORT` on the client listeners, so that several pgmux processes can
+    /// listen on one port (rolling restarts, one process per core). Read at start only.
+    pub reuse_port: bool,
     /// Largest client message accepted, in bytes (PostgreSQL's own limit is 1 GB); a
     /// larger one gets `08P01` and the connection is closed.
     pub max_message_size: usize,
@@ -93,6 +100,8 @@ impl Default for ServerSection {
             max_client_conn: 10_000,
             client_login_timeout: Duration::from_secs(15),
             shutdown_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
+            reuse_port: false,
             max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
             partial_message_timeout: Duration::from_secs(30),
             statement_registry_size: 10_000,
@@ -361,6 +370,9 @@ pub struct PoolSettings {
     pub min_size: u32,
     /// How long a client waits for a server connection before it gets an error; above 0.
     pub wait_timeout: Duration,
+    /// A client still waiting for a server after this long gets a NOTICE saying why
+    /// (the wait's cause and its numbers), once per wait; 0 = never.
+    pub wait_notice_after: Duration,
     /// Idle server connections are closed after this long; 0 = never.
     pub idle_timeout: Duration,
     /// Server connections are closed after this long (once idle); 0 = unlimited.
@@ -451,6 +463,7 @@ impl Default for PoolSettings {
             size: 20,
             min_size: 0,
             wait_timeout: Duration::from_secs(5),
+            wait_notice_after: Duration::ZERO,
             idle_timeout: Duration::from_secs(10 * 60),
             max_lifetime: Duration::from_secs(60 * 60),
             connect_timeout: Duration::from_secs(5),
@@ -476,6 +489,7 @@ impl PoolSettings {
         self.size = o.size.unwrap_or(self.size);
         self.min_size = o.min_size.unwrap_or(self.min_size);
         self.wait_timeout = o.wait_timeout.unwrap_or(self.wait_timeout);
+        self.wait_notice_after = o.wait_notice_after.unwrap_or(self.wait_notice_after);
         self.idle_timeout = o.idle_timeout.unwrap_or(self.idle_timeout);
         self.max_lifetime = o.max_lifetime.unwrap_or(self.max_lifetime);
         self.connect_timeout = o.connect_timeout.unwrap_or(self.connect_timeout);
@@ -534,6 +548,8 @@ pub struct PoolOverrides {
     pub min_size: Option<u32>,
     /// See [`PoolSettings::wait_timeout`].
     pub wait_timeout: Option<Duration>,
+    /// See [`PoolSettings::wait_notice_after`].
+    pub wait_notice_after: Option<Duration>,
     /// See [`PoolSettings::idle_timeout`].
     pub idle_timeout: Option<Duration>,
     /// See [`PoolSettings::max_lifetime`].
@@ -764,6 +780,12 @@ impl Config {
             .get(user)
             .and_then(|u| u.auth_method)
             .unwrap_or(self.auth.method)
+    }
+
+    /// Checks a config changed in memory (the console's `SET`) with the rules a file
+    /// load applies, and returns it; `origin` names it in the problems.
+    pub fn checked(self, origin: &str) -> Result<Config, ConfigError> {
+        load::check(self, origin)
     }
 
     /// The effective configuration (defaults filled in) as TOML that [`Config::parse`]

@@ -38,6 +38,8 @@ fn empty_file_gives_the_defaults() {
     assert_eq!(c.server.max_client_conn, 10_000);
     assert_eq!(c.server.client_login_timeout, Duration::from_secs(15));
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.drain_delay, Duration::ZERO);
+    assert!(!c.server.reuse_port);
     assert_eq!(c.server.worker_threads, 1);
     assert_eq!(c.auth.method, AuthMethod::ScramSha256);
     assert_eq!(c.auth.userlist_file, None);
@@ -63,6 +65,8 @@ listen = ["127.0.0.1:6432", "[::1]:6432"]
 max_client_conn = 500
 client_login_timeout = "3s"
 shutdown_timeout = "1m"
+drain_delay = "15s"
+reuse_port = true
 worker_threads = 4
 
 [auth]
@@ -114,6 +118,8 @@ auth_method = "scram-sha-256"
     assert_eq!(c.server.listen, ["127.0.0.1:6432", "[::1]:6432"]);
     assert_eq!(c.server.max_client_conn, 500);
     assert_eq!(c.server.shutdown_timeout, Duration::from_secs(60));
+    assert_eq!(c.server.drain_delay, Duration::from_secs(15));
+    assert!(c.server.reuse_port);
     assert_eq!(c.server.worker_threads, 4);
     assert_eq!(c.auth.method, AuthMethod::Md5);
     assert_eq!(c.auth.admin_users, ["admin"]);
@@ -165,7 +171,7 @@ fn unknown_keys_are_placed() {
             "t.toml:4:2: metrics: unknown key; expected one of: server, auth, admin, tls, pool, databases, users",
             "t.toml:7:3: databases.app.sise: unknown key (did you mean `size`?)",
             "t.toml:8:3: databases.app.flavour: unknown key; expected one of: host, port, dbname, \
-             user, password, auth_user, auth_query, auth_dbname, mode, size, min_size, wait_timeout, idle_timeout, max_lifetime, \
+             user, password, auth_user, auth_query, auth_dbname, mode, size, min_size, wait_timeout, wait_notice_after, idle_timeout, max_lifetime, \
              connect_timeout, idle_transaction_timeout, query_timeout, server_reset_query, \
              max_prepared_statements, tcp_keepalive, tcp_keepidle, tcp_keepintvl, tcp_keepcnt, \
              tcp_user_timeout, session_state, session_state_check, max_pinned, \
@@ -965,4 +971,35 @@ fn auth_query_mistakes_are_placed() {
             "t.toml:6:13: databases.app.auth_user: must not be empty",
         ]
     );
+}
+
+#[test]
+fn wait_notice_after_is_read_merged_and_checked() {
+    let text = "[pool]\nwait_notice_after = \"250ms\"\n\
+                [databases.app]\n[databases.slow]\nwait_notice_after = \"0\"\n\
+                [databases.late]\nwait_timeout = \"1s\"\nwait_notice_after = \"2s\"\n";
+    let (result, warnings) = load::analyze(text, "t.toml", Path::new(""), &no_env);
+    let config = result.expect("warnings only");
+    let notice = |db: &str| {
+        config
+            .pool_settings(db, "u")
+            .expect("configured")
+            .wait_notice_after
+    };
+    assert_eq!(notice("app"), Duration::from_millis(250));
+    assert_eq!(notice("slow"), Duration::ZERO);
+    assert_eq!(notice("late"), Duration::from_secs(2));
+    let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "t.toml:8:21: databases.late.wait_notice_after: 2s is not below wait_timeout (1s): \
+          only clients held by a pause would get the notice"
+        ]
+    );
+    // Off by default.
+    assert_eq!(parse_ok("").pool.wait_notice_after, Duration::ZERO);
+    let bad = problems("[pool]\nwait_notice_after = \"soon\"\n");
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert!(bad[0].contains("pool.wait_notice_after"), "{bad:?}");
 }

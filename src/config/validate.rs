@@ -349,6 +349,15 @@ impl Checker<'_> {
             let msg = "must be above 0 (clients would fail without waiting)";
             self.error(&key("wait_timeout"), msg);
         }
+        let notice_set = all || o.wait_notice_after.is_some() || o.wait_timeout.is_some();
+        if !s.wait_notice_after.is_zero() && s.wait_notice_after >= s.wait_timeout && notice_set {
+            let msg = format!(
+                "{} is not below wait_timeout ({}): only clients held by a pause would get the notice",
+                humantime::format_duration(s.wait_notice_after),
+                humantime::format_duration(s.wait_timeout)
+            );
+            self.warn(&key("wait_notice_after"), msg);
+        }
         if s.connect_timeout.is_zero() && (all || o.connect_timeout.is_some()) {
             self.error(&key("connect_timeout"), "must be above 0");
         }

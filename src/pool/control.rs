@@ -27,6 +27,7 @@ impl Pool {
                 return;
             }
             st.paused = true;
+            st.refresh_waiters(self.is_draining());
             std::mem::take(&mut st.idle)
         };
         info!(pool = %self.key, "pool paused");
@@ -69,6 +70,7 @@ impl Pool {
             }
             st.paused = false;
             st.resumed_at = Some(Instant::now());
+            st.refresh_waiters(self.is_draining());
         }
         info!(pool = %self.key, "pool resumed");
         self.grant_free_slots();
@@ -86,6 +88,31 @@ impl Pool {
         self.asked_max_connections.store(false, Relaxed);
         for conn in idle {
             self.close(conn, CloseReason::Reconnect);
+        }
+    }
+
+    /// The server connections marked to close when next idle (PgBouncer's
+    /// `close_needed`): opened before the last [`Pool::reconnect`] (the console's
+    /// RECONNECT, KILL, or an upstream changed by a reload).
+    pub fn close_needed(&self) -> Vec<u64> {
+        let st = self.state.lock();
+        let Some(before) = st.replace_before else {
+            return Vec::new();
+        };
+        let lent = st.lent.iter().filter(|l| l.created < before).map(|l| l.id);
+        let idle = st
+            .idle
+            .iter()
+            .filter(|c| c.created() < before)
+            .map(|c| c.id());
+        lent.chain(idle).collect()
+    }
+
+    /// Waits until no server connection is marked to close (the console's WAIT_CLOSE).
+    /// Cancel-safe: it only looks.
+    pub async fn wait_close(&self) {
+        while !self.close_needed().is_empty() {
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -127,6 +154,7 @@ impl Pool {
     /// its upkeep, and closes its idle servers now.
     pub fn retire(&self) {
         self.retired.cancel();
+        self.drain();
         let idle = std::mem::take(&mut self.state.lock().idle);
         for conn in idle {
             self.close(conn, CloseReason::Shutdown);

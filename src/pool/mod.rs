@@ -21,6 +21,7 @@ mod lease;
 mod pinned;
 mod upkeep;
 mod view;
+mod wait;
 mod window;
 
 pub use budget::{Budget, BudgetKind, BudgetView};
@@ -42,10 +43,12 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::clients::{ClientHandle, ClientRegistry, WaitCause};
 use crate::config::{PoolMode, PoolSettings};
 use crate::server::{self, ConnectError, ServerConn, Upstream};
 use crate::stats::{CloseReason, PoolStats};
 use health::Health;
+use wait::{Cells, Watch, budget_cause};
 use window::Window;
 
 /// What a pool is for: the database name the client asked for, and the user.
@@ -66,16 +69,14 @@ impl fmt::Display for PoolKey {
 /// Why a checkout failed. Both leave the client session usable.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckoutError {
-    /// Every connection stayed busy for `waited`.
-    #[error(
-        "pool {pool}: no server connection within {waited:?} (size {size}, {in_use} in use, {waiting} waiting)"
-    )]
+    /// No server came within `waited`, for `cause` (explained in `why`).
+    #[error("pool {pool}: no server connection within {waited:?}: {why}")]
     Timeout {
         pool: PoolKey,
         waited: Duration,
-        size: u32,
-        in_use: usize,
-        waiting: usize,
+        cause: WaitCause,
+        /// [`Pool::explain`] of the cause when the wait ended.
+        why: String,
     },
     /// A limit shared with other pools (`max_db_connections`, `max_user_connections`)
     /// stayed reached for `waited`.
@@ -115,6 +116,10 @@ struct Waiter {
     tx: oneshot::Sender<Grant>,
     /// When it started waiting (for the oldest wait in the views).
     since: Instant,
+    /// What it waits for, a pause or a drain aside (`wait.rs`).
+    base: WaitCause,
+    /// Where its cause is written.
+    cells: Cells,
 }
 
 /// A server connection lent to a client: what the views show and checkin measures.
@@ -265,6 +270,10 @@ pub struct Pool {
     /// Cancelled when a reload removed the pool: it takes no new clients and closes when
     /// the last one leaves.
     retired: CancellationToken,
+    /// pgmux stops, or the pool was removed: waiters are told they wait for a drain.
+    draining: AtomicBool,
+    /// The client registry, to name the clients a full pool waits for (`wait.rs`).
+    clients: std::sync::OnceLock<Arc<ClientRegistry>>,
 }
 
 impl Pool {
@@ -296,6 +305,8 @@ impl Pool {
             asked_max_connections: AtomicBool::new(false),
             logged_status: std::sync::atomic::AtomicU8::new(Status::Normal as u8),
             retired: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            clients: std::sync::OnceLock::new(),
             pinned: AtomicU32::new(0),
         })
     }
@@ -330,14 +341,26 @@ impl Pool {
     /// Borrows a server connection for one transaction (or session).
     /// Cancel-safe: a dropped checkout leaves no hole in the queue and loses no connection.
     pub async fn checkout(self: &Arc<Self>) -> Result<Lease, CheckoutError> {
+        self.checkout_for(None).await
+    }
+
+    /// [`Pool::checkout`] for a logged-in client: while it waits, its registry entry says
+    /// why ([`WaitCause`]). Cancel-safe, like `checkout`.
+    pub async fn checkout_for(
+        self: &Arc<Self>,
+        client: Option<&ClientHandle>,
+    ) -> Result<Lease, CheckoutError> {
         let wanted = Instant::now();
-        let result = self.take(wanted).await;
+        let mut watch = Watch::new(client);
+        let result = self.take(wanted, &mut watch).await;
         let now = Instant::now();
         let waited = now - wanted;
+        let cause = watch.cause();
+        drop(watch);
         match &result {
             Ok(conn) => {
                 self.stats.checkouts.fetch_add(1, Relaxed);
-                self.stats.wait.observe(waited);
+                self.stats.waited(cause, waited);
                 let mut st = self.state.lock();
                 st.lent.push(Lent {
                     id: conn.id(),
@@ -352,16 +375,21 @@ impl Pool {
             }
             Err(CheckoutError::Timeout { .. }) => {
                 self.stats.wait_timeouts.fetch_add(1, Relaxed);
-                self.stats.wait.observe(waited);
+                self.stats.waited(cause, waited);
                 let mut st = self.state.lock();
                 let demand = st.demand();
                 st.demand.timeout(now, demand);
             }
             Err(CheckoutError::Limit { .. }) => {
                 self.stats.wait_timeouts.fetch_add(1, Relaxed);
-                self.stats.wait.observe(waited);
+                self.stats.waited(cause, waited);
             }
-            Err(CheckoutError::Upstream { .. }) => {}
+            // A wait that ended on the upstream's error counts; failing at once does not.
+            Err(CheckoutError::Upstream { .. }) => {
+                if cause.is_some() {
+                    self.stats.waited(cause, waited);
+                }
+            }
         }
         let slow = self.slow_wait.load(Relaxed);
         if slow > 0 && waited.as_nanos() >= u128::from(slow) {
@@ -371,6 +399,7 @@ impl Pool {
                 pool = %self.key,
                 waited_ms = waited.as_millis() as u64,
                 outcome,
+                cause = cause.map_or("none", WaitCause::as_str),
                 size = self.settings().size,
                 open,
                 idle,
@@ -382,7 +411,11 @@ impl Pool {
     }
 
     /// Checkout proper: an idle connection, a new one, or a place in the queue.
-    async fn take(self: &Arc<Self>, started: Instant) -> Result<Box<ServerConn>, CheckoutError> {
+    async fn take(
+        self: &Arc<Self>,
+        started: Instant,
+        watch: &mut Watch<'_>,
+    ) -> Result<Box<ServerConn>, CheckoutError> {
         let settings = self.settings();
         let mut deadline = tokio::time::Instant::from_std(started + settings.wait_timeout);
         let mut stale = Vec::new();
@@ -396,20 +429,22 @@ impl Pool {
                     // back; then wait for one in the queue, as in a full pool.
                     Some(wait) if st.lent.is_empty() => Step::Down(wait),
                     Some(_) => {
-                        let (id, rx) = Self::enqueue(&mut st, now);
+                        let (id, rx) =
+                            self.enqueue(&mut st, now, WaitCause::UpstreamBackoff, watch);
                         Step::Wait(id, rx, None)
                     }
                     None => match st.reserve(false) {
                         Ok(()) => Step::Connect,
                         // A limit shared with other pools: wait for its turn too.
                         Err(budget) => {
-                            let (id, rx) = Self::enqueue(&mut st, now);
+                            let cause = budget_cause(budget.kind);
+                            let (id, rx) = self.enqueue(&mut st, now, cause, watch);
                             Step::Wait(id, rx, Some(BudgetWait::new(budget, false)))
                         }
                     },
                 },
                 None => {
-                    let (id, rx) = Self::enqueue(&mut st, now);
+                    let (id, rx) = self.enqueue(&mut st, now, WaitCause::PoolFull, watch);
                     Step::Wait(id, rx, None)
                 }
             }
@@ -418,12 +453,13 @@ impl Pool {
         let (id, rx, mut blocked) = match step {
             Step::Ready(conn) => return Ok(conn),
             Step::Connect => {
+                watch.set(WaitCause::UpstreamConnecting);
                 let failed = match self.open_reserved().await {
                     Ok(conn) => return Ok(conn),
                     Err(e) => e,
                 };
                 let id = self.state.lock().next_waiter_id();
-                match self.wait_on(id, started) {
+                match self.wait_on(id, started, watch) {
                     Some(Rewait::Idle(conn)) => return Ok(conn),
                     Some(Rewait::Queued(rx)) => (id, rx, None),
                     None => return Err(failed),
@@ -464,7 +500,10 @@ impl Pool {
                         }
                     }
                     // The budget was detached by a reload: an ordinary waiter now.
-                    Event::Turn(false) => blocked = None,
+                    Event::Turn(false) => {
+                        blocked = None;
+                        self.rebase(guard.id, WaitCause::PoolFull);
+                    }
                     Event::Deadline => match self.held_until(settings.wait_timeout) {
                         Some(until) => deadline = tokio::time::Instant::from_std(until),
                         None => break None,
@@ -495,20 +534,23 @@ impl Pool {
                     };
                     match down {
                         Some(wait) => self.upstream_error(wait),
-                        None => match self.open_reserved().await {
-                            Ok(conn) => return Ok(conn),
-                            Err(e) => e,
-                        },
+                        None => {
+                            watch.set(WaitCause::UpstreamConnecting);
+                            match self.open_reserved().await {
+                                Ok(conn) => return Ok(conn),
+                                Err(e) => e,
+                            }
+                        }
                     }
                 }
                 // The pool never drops a waiter's sender without sending; treat it as a timeout.
                 None => {
                     drop(guard);
-                    return Err(self.wait_failed(started, &settings, blocked));
+                    return Err(self.wait_failed(started, watch.cause(), blocked));
                 }
             };
             // No server from the grant: wait on, first in line, while one may come back.
-            match self.wait_on(guard.id, started) {
+            match self.wait_on(guard.id, started, watch) {
                 Some(Rewait::Idle(conn)) => return Ok(conn),
                 Some(Rewait::Queued(rx)) => guard.rx = Some(rx),
                 None => return Err(failed),
@@ -522,7 +564,7 @@ impl Pool {
     fn wait_failed(
         &self,
         started: Instant,
-        settings: &PoolSettings,
+        cause: Option<WaitCause>,
         blocked: Option<BudgetWait>,
     ) -> CheckoutError {
         let st = self.state.lock();
@@ -548,12 +590,24 @@ impl Pool {
                 waiting: view.waiting,
             };
         }
+        drop(st);
+        let cause = cause.unwrap_or(WaitCause::PoolFull);
         CheckoutError::Timeout {
             pool: self.key.clone(),
             waited: started.elapsed(),
-            size: settings.size,
-            in_use: (st.open as usize).saturating_sub(st.idle.len()),
-            waiting: st.waiters.len(),
+            cause,
+            why: self.explain(cause),
+        }
+    }
+
+    /// Gives the queued waiter `id` a new base cause (what it waits for now).
+    fn rebase(&self, id: u64, base: WaitCause) {
+        let mut st = self.state.lock();
+        let draining = self.is_draining();
+        let effective = st.effective(base, draining);
+        if let Some(w) = st.waiters.iter_mut().find(|w| w.id == id) {
+            w.base = base;
+            w.cells.set(effective);
         }
     }
 
@@ -561,7 +615,7 @@ impl Pool {
     /// is down): a connection that came back idle meanwhile; else, while servers of this
     /// pool are lent (one may come back before wait_timeout), a place at the front of the
     /// queue (it has waited longest); else `None`: fail now.
-    fn wait_on(&self, id: u64, since: Instant) -> Option<Rewait> {
+    fn wait_on(&self, id: u64, since: Instant, watch: &mut Watch<'_>) -> Option<Rewait> {
         let mut stale = Vec::new();
         let rewait = {
             let mut st = self.state.lock();
@@ -570,7 +624,16 @@ impl Pool {
                 None if st.lent.is_empty() => None,
                 None => {
                     let (tx, rx) = oneshot::channel();
-                    st.waiters.push_front(Waiter { id, tx, since });
+                    let base = WaitCause::UpstreamBackoff;
+                    let cells = watch.cells();
+                    cells.set(st.effective(base, self.is_draining()));
+                    st.waiters.push_front(Waiter {
+                        id,
+                        tx,
+                        since,
+                        base,
+                        cells,
+                    });
                     Some(Rewait::Queued(rx))
                 }
             }
@@ -601,11 +664,25 @@ impl Pool {
             .filter(|until| *until > now)
     }
 
-    /// Queues a checkout in this pool (under its lock).
-    fn enqueue(st: &mut State, now: Instant) -> (u64, oneshot::Receiver<Grant>) {
+    /// Queues a checkout in this pool (under its lock), waiting for `base`.
+    fn enqueue(
+        &self,
+        st: &mut State,
+        now: Instant,
+        base: WaitCause,
+        watch: &mut Watch<'_>,
+    ) -> (u64, oneshot::Receiver<Grant>) {
         let id = st.next_waiter_id();
         let (tx, rx) = oneshot::channel();
-        st.waiters.push_back(Waiter { id, tx, since: now });
+        let cells = watch.cells();
+        cells.set(st.effective(base, self.is_draining()));
+        st.waiters.push_back(Waiter {
+            id,
+            tx,
+            since: now,
+            base,
+            cells,
+        });
         let demand = st.demand();
         st.demand.demand(now, demand);
         (id, rx)
@@ -643,6 +720,12 @@ impl Pool {
                 true
             }
             Err(budget) => {
+                let base = budget_cause(budget.kind);
+                let effective = st.effective(base, self.is_draining());
+                if let Some(w) = st.waiters.get_mut(at) {
+                    w.base = base;
+                    w.cells.set(effective);
+                }
                 *blocked = Some(BudgetWait::new(budget, true));
                 drop(st);
                 // Its turn at a budget other than the spent one goes to the next there.
@@ -717,7 +800,16 @@ impl Pool {
                         *params = Arc::new(conn.params().to_vec());
                     }
                 }
-                let was_down = self.state.lock().health.up();
+                let was_down = {
+                    let mut st = self.state.lock();
+                    let was_down = st.health.up();
+                    if was_down {
+                        st.rebase_waiters(self.is_draining(), |base| {
+                            (base == WaitCause::UpstreamBackoff).then_some(WaitCause::PoolFull)
+                        });
+                    }
+                    was_down
+                };
                 if was_down {
                     info!(pool = %self.key, upstream = %upstream, "upstream reachable again");
                 }
@@ -736,6 +828,10 @@ impl Pool {
                     let mut st = self.state.lock();
                     let first = st.health.failed(&error, Instant::now());
                     self.free_slot(&mut st);
+                    st.rebase_waiters(self.is_draining(), |base| {
+                        matches!(base, WaitCause::PoolFull | WaitCause::UpstreamConnecting)
+                            .then_some(WaitCause::UpstreamBackoff)
+                    });
                     (
                         first,
                         st.health.retry_wait(Instant::now()).unwrap_or_default(),

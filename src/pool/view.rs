@@ -166,7 +166,9 @@ impl Pool {
             paused: st.paused,
             upstream_error: st.health.last_error().map(ToString::to_string),
             upstream_max_connections: (max > 0).then_some(max),
-            demand: st.demand.summary(now),
+            demand: st
+                .demand
+                .summary(now, st.lent.iter().map(|l| now - l.since)),
             wait_timeouts_total: self.stats.wait_timeouts.load(Relaxed),
             pinned: self.pinned(),
         }

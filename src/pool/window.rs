@@ -117,8 +117,14 @@ impl Window {
             .unwrap_or(0)
     }
 
-    /// The window as of `now`.
-    pub(super) fn summary(&self, now: Instant) -> DemandSummary {
+    /// The window as of `now`, with the servers `held` now (how long each has been held):
+    /// a transaction still open counts in the mean hold time for as long as it has run, so
+    /// that one held open for seconds is not hidden until it ends.
+    pub(super) fn summary(
+        &self,
+        now: Instant,
+        held: impl Iterator<Item = Duration>,
+    ) -> DemandSummary {
         let current = now.saturating_duration_since(self.epoch).as_secs() + 1;
         let oldest = current.saturating_sub(WINDOW_SECONDS as u64 - 1);
         let live: Vec<&Slot> = self
@@ -134,8 +140,12 @@ impl Window {
         // Nearest rank: the smallest value with at least 95 % of the seconds at or below it.
         let rank = (peaks.len() * 95).div_ceil(100).max(1);
         let checkouts: u64 = live.iter().map(|s| u64::from(s.checkouts)).sum();
-        let returns: u64 = live.iter().map(|s| u64::from(s.returns)).sum();
-        let hold: u64 = live.iter().map(|s| s.hold_nanos).sum();
+        let mut returns: u64 = live.iter().map(|s| u64::from(s.returns)).sum();
+        let mut hold: u64 = live.iter().map(|s| s.hold_nanos).sum();
+        for d in held {
+            returns += 1;
+            hold = hold.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        }
         let minute = current.saturating_sub(59);
         let seconds = (current - live.iter().map(|s| s.second).min().unwrap_or(current)) + 1;
         DemandSummary {
@@ -174,7 +184,7 @@ mod tests {
         assert_eq!(w.recent_peak(t0 + Duration::from_secs(99), 20), 10); // second 80
         assert_eq!(w.recent_peak(t0 + Duration::from_secs(99), 19), 1);
         w.timeout(t0 + Duration::from_secs(99), 10);
-        let s = w.summary(t0 + Duration::from_secs(99));
+        let s = w.summary(t0 + Duration::from_secs(99), std::iter::empty());
         assert_eq!(s.seconds, 100);
         assert_eq!((s.peak, s.p95), (10, 10));
         assert!((s.arrival_rate - 1.0).abs() < 1e-9);
@@ -185,11 +195,30 @@ mod tests {
         // Ten minutes later with one quiet sample: the old seconds are gone.
         let later = t0 + Duration::from_secs(700);
         w.demand(later, 2);
-        let s = w.summary(later);
+        let s = w.summary(later, std::iter::empty());
         assert_eq!(
             (s.seconds, s.peak, s.p95, s.timeouts_last_minute),
             (1, 2, 2, 0)
         );
+    }
+
+    #[test]
+    fn a_transaction_still_open_counts_in_the_mean_hold() {
+        let mut w = Window::new();
+        let t0 = w.epoch;
+        // 1000 transactions of 1 us, and one held open for 2 s so far.
+        for _ in 0..1000 {
+            w.checkout(t0, 1);
+            w.returned(t0, 1, Duration::from_micros(1));
+        }
+        w.checkout(t0, 1);
+        let now = t0 + Duration::from_secs(2);
+        let finished_only = w.summary(now, std::iter::empty());
+        assert_eq!(finished_only.mean_hold, Duration::from_micros(1));
+        let s = w.summary(now, std::iter::once(Duration::from_secs(2)));
+        // (1000 x 1 us + 2 s) / 1001
+        assert_eq!(s.mean_hold, Duration::from_nanos(2_001_000_000 / 1001));
+        assert!(s.mean_hold > Duration::from_millis(1));
     }
 
     #[test]
@@ -199,7 +228,7 @@ mod tests {
         for s in 0..200u64 {
             w.demand(t0 + Duration::from_secs(s), if s < 4 { 50 } else { 3 });
         }
-        let s = w.summary(t0 + Duration::from_secs(199));
+        let s = w.summary(t0 + Duration::from_secs(199), std::iter::empty());
         assert_eq!((s.peak, s.p95), (50, 3));
     }
 }

@@ -93,6 +93,24 @@ impl Pooler {
         result
     }
 
+    /// Changes the config in force with `edit` (the console's `SET`) and applies the
+    /// result as a reload applies a file: under the same lock, so that a reload cannot
+    /// slip in between, and logged. `edit` checks what it returns with the rules of a
+    /// file; its error changes nothing. Returns what changed.
+    pub fn apply_config(
+        &self,
+        edit: impl FnOnce(&Config) -> Result<Config, String>,
+    ) -> Result<Vec<String>, ReloadError> {
+        let _one_at_a_time = self.reloading.lock();
+        let config = edit(&self.snapshot().config).map_err(|e| ReloadError::Invalid(vec![e]))?;
+        let snapshot = Snapshot::new(config).map_err(|e| ReloadError::Invalid(vec![e]))?;
+        let changes = self.apply(snapshot);
+        for change in &changes {
+            info!(change = %change, "config changed by SET on the admin console");
+        }
+        Ok(changes)
+    }
+
     fn load_and_apply(&self) -> Result<Vec<String>, ReloadError> {
         let path = self.config_path().ok_or(ReloadError::NoFile)?;
         let config = Config::load(&path).map_err(|e| {
@@ -160,6 +178,8 @@ impl Pooler {
             true
         });
         drop(pools);
+        // Pools of databases and users the new config adds are listed from now on.
+        self.create_configured_pools();
         self.auth_queries.reset();
         // Limits no pool counts in any more (set to 0, or their pools gone).
         self.budgets
@@ -192,6 +212,18 @@ fn config_changes(old: &Config, new: &Config) -> Vec<String> {
     if s.0.worker_threads != s.1.worker_threads {
         let (a, b) = (s.0.worker_threads, s.1.worker_threads);
         out.push(format!("server.worker_threads {a} -> {b}: {restart}"));
+    }
+    if s.0.reuse_port != s.1.reuse_port {
+        let (a, b) = (s.0.reuse_port, s.1.reuse_port);
+        out.push(format!("server.reuse_port {a} -> {b}: {restart}"));
+    }
+    if s.0.drain_delay != s.1.drain_delay {
+        let (a, b) = (s.0.drain_delay, s.1.drain_delay);
+        out.push(format!(
+            "server.drain_delay {} -> {}: applies to the next shutdown",
+            human(a),
+            human(b)
+        ));
     }
     if s.0.max_client_conn != s.1.max_client_conn {
         let (a, b) = (s.0.max_client_conn, s.1.max_client_conn);
@@ -328,6 +360,11 @@ fn settings_changes(old: &PoolSettings, new: &PoolSettings) -> Vec<String> {
     }
     let durations = [
         ("wait_timeout", old.wait_timeout, new.wait_timeout),
+        (
+            "wait_notice_after",
+            old.wait_notice_after,
+            new.wait_notice_after,
+        ),
         ("idle_timeout", old.idle_timeout, new.idle_timeout),
         ("max_lifetime", old.max_lifetime, new.max_lifetime),
         ("connect_timeout", old.connect_timeout, new.connect_timeout),
@@ -388,6 +425,19 @@ mod tests {
                 "databases.gone removed",
                 "users.a changed: applies to new logins",
                 "users.b added",
+            ]
+        );
+    }
+
+    #[test]
+    fn drain_delay_reloads_and_reuse_port_waits_for_a_restart() {
+        let old = config("[server]\ndrain_delay = \"5s\"\n");
+        let new = config("[server]\ndrain_delay = \"15s\"\nreuse_port = true\n");
+        assert_eq!(
+            config_changes(&old, &new),
+            [
+                "server.reuse_port false -> true: takes effect after a restart",
+                "server.drain_delay 5s -> 15s: applies to the next shutdown",
             ]
         );
     }

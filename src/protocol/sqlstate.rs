@@ -46,6 +46,14 @@ impl SqlState {
 
     /// 42601: a command the admin console does not know.
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    /// 55000: a database disabled with the console's `DISABLE` takes no logins.
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: SqlState = SqlState("55000");
+    /// 42704: a console `SET` of an unknown setting, or `KILL_CLIENT` of an unknown id.
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
+    /// 22023: a console `SET` value the setting does not take.
+    pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
+    /// 55P02: a console `SET` of a setting that changes only with a restart.
+    pub const CANT_CHANGE_RUNTIME_PARAM: SqlState = SqlState("55P02");
     /// F0000: a config reload found problems in the file (nothing changed).
     pub const CONFIG_FILE_ERROR: SqlState = SqlState("F0000");
 

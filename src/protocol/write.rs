@@ -44,6 +44,8 @@ pub struct PgError {
     pub code: SqlState,
     /// The message, without the `pgmux: ` prefix (added on the wire).
     pub message: String,
+    /// More about it, if anything (why a wait ended without a server).
+    pub detail: Option<String>,
     /// What to do about it, if anything (often the setting to change).
     pub hint: Option<String>,
 }
@@ -55,6 +57,7 @@ impl PgError {
             severity: Severity::Error,
             code,
             message: message.into(),
+            detail: None,
             hint: None,
         }
     }
@@ -73,6 +76,12 @@ impl PgError {
             severity: Severity::Notice,
             ..PgError::error(SqlState::SUCCESSFUL_COMPLETION, message)
         }
+    }
+
+    /// Adds a detail.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
     }
 
     /// Adds a hint.
@@ -97,6 +106,10 @@ impl PgError {
             cstr(b, self.code.code());
             b.put_u8(b'M');
             cstr(b, &format!("pgmux: {}", self.message));
+            if let Some(detail) = &self.detail {
+                b.put_u8(b'D');
+                cstr(b, detail);
+            }
             if let Some(hint) = &self.hint {
                 b.put_u8(b'H');
                 cstr(b, hint);

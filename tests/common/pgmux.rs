@@ -162,6 +162,42 @@ impl TestPgmux {
         );
     }
 
+    /// Starts pgmux on the given client `port` (and an admin port of its own if `opts` asks
+    /// for one), for processes that share a port with `[server] reuse_port = true`;
+    /// returns once it listens. Panics if the port stays taken or pgmux does not listen.
+    pub async fn start_on(pg: &TestPostgres, opts: MuxOptions, port: u16) -> TestPgmux {
+        let dir = tempfile::Builder::new()
+            .prefix("pgmux-mux-")
+            .tempdir()
+            .expect("a temp dir for pgmux");
+        let config_path = dir.path().join("pgmux.toml");
+        let log_path = dir.path().join("pgmux.log");
+        // Only the admin port is picked here: a retry picks another one.
+        for _ in 0..5 {
+            let admin_port = opts.admin.as_ref().map(|_| free_port());
+            let text = Self::config_toml_with_admin(pg, &opts, port, admin_port);
+            fs::write(&config_path, with_pid_file(&text, &config_path)).expect("config written");
+            let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
+            if let Ready::Listening = process.wait_listening(port, &log_path).await {
+                return TestPgmux {
+                    port,
+                    config_path,
+                    admin_port,
+                    expect_panics: false,
+                    process,
+                    upgraded: None,
+                    successors: Vec::new(),
+                    log_path,
+                    _dir: dir,
+                };
+            }
+        }
+        panic!(
+            "pgmux could not listen on {port}: in use (without reuse_port?)\n{}",
+            read_log(&log_path)
+        );
+    }
+
     /// The config `start` writes for `pg`, listening on `port`, with the admin port on
     /// `admin_port` (and `opts.admin`'s lines) if given.
     pub fn config_toml_with_admin(

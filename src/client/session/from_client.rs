@@ -214,25 +214,52 @@ impl Loop<'_> {
     }
 
     /// Checks a server out for this client and gives it the client's settings. While it
-    /// waits, it notices a client that leaves (the wait is dropped: no hole in the queue).
+    /// waits, it notices a client that leaves (the wait is dropped: no hole in the queue),
+    /// and after `wait_notice_after` tells the client why it waits (a NOTICE).
     /// The outer error ends the session; the inner one is answered and the session goes on.
     pub(super) async fn checkout(&mut self) -> Result<Result<(), ClientError>, End> {
         let pool = self.s.pool.clone();
         self.s.view.set_state(ClientState::Waiting);
-        let checkout = pool.checkout();
-        tokio::pin!(checkout);
-        let result = loop {
-            let room = self.s.cbuf.len() < HIGH_WATER;
-            tokio::select! {
-                biased;
-                result = &mut checkout => break result,
-                _ = self.s.kill.cancelled() => return Err(End::fatal(ClientError::ShuttingDown)),
-                read = client_read(self.client, &mut self.s.cbuf), if room => match read {
-                    Ok(0) => return Err(End::ClientGone),
-                    Ok(_) => {}
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(End::ClientGone),
-                },
+        // Set when the checkout is first found waiting: a checkout served at once reads
+        // no clock and no setting for the notice.
+        let mut notice_at = None;
+        let mut noticed = false;
+        let result = {
+            let checkout = pool.checkout_for(Some(&self.s.view));
+            tokio::pin!(checkout);
+            loop {
+                // A notice the socket did not take at once goes out as it becomes writable.
+                if self.to_client.write_now(&mut *self.client).is_err() {
+                    return Err(End::ClientGone);
+                }
+                let room = self.s.cbuf.len() < HIGH_WATER;
+                let writing = !self.to_client.is_empty() || self.client.wants_write();
+                tokio::select! {
+                    biased;
+                    result = &mut checkout => break result,
+                    _ = self.s.kill.cancelled() => return Err(End::fatal(self.s.killed())),
+                    () = notice_due(&pool, &mut notice_at), if !noticed => {
+                        noticed = true;
+                        if let Some(cause) = self.s.view.wait_cause() {
+                            let text = format!(
+                                "waiting for a server connection of pool {} ({}): {}",
+                                pool.key,
+                                cause.as_str(),
+                                pool.explain(cause)
+                            );
+                            let mut buf = BytesMut::new();
+                            crate::protocol::PgError::notice(text).write(&mut buf);
+                            self.to_client.push(buf);
+                        }
+                    }
+                    ready = client_ready(self.client, &mut self.s.cbuf, room, writing) => match ready {
+                        ClientReady::Writable => {}
+                        ClientReady::Read(Ok(0)) => return Err(End::ClientGone),
+                        ClientReady::Read(Ok(_)) => {}
+                        ClientReady::Read(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        ClientReady::Read(Err(_)) => return Err(End::ClientGone),
+                    },
+                }
             }
         };
         match result {
@@ -264,13 +291,54 @@ impl Loop<'_> {
     }
 }
 
+/// Resolves once the checkout has waited `wait_notice_after` (never when it is 0). The
+/// first poll, which happens only once the checkout is found waiting, fixes the moment.
+async fn notice_due(pool: &Pool, at: &mut Option<tokio::time::Instant>) {
+    let deadline = match *at {
+        Some(deadline) => deadline,
+        None => {
+            let after = pool.settings().wait_notice_after;
+            if after.is_zero() {
+                return std::future::pending().await;
+            }
+            *at.insert(tokio::time::Instant::now() + after)
+        }
+    };
+    tokio::time::sleep_until(deadline).await;
+}
+
+/// What a waiting checkout's client socket is ready for.
+enum ClientReady {
+    /// It read (the result of the read).
+    Read(io::Result<usize>),
+    /// It takes more of what waits for it (or failed: the next write says).
+    Writable,
+}
+
 /// Reads what the client sent into `cbuf` once it is readable (TLS: once rustls holds
-/// plaintext), reserving room only then.
-async fn client_read(client: &mut ClientStream, cbuf: &mut BytesMut) -> io::Result<usize> {
+/// plaintext), reserving room only then, if `read`; resolves once it is writable, if
+/// `write`.
+async fn client_ready(
+    client: &mut ClientStream,
+    cbuf: &mut BytesMut,
+    read: bool,
+    write: bool,
+) -> ClientReady {
     std::future::poll_fn(|cx| {
-        std::task::ready!(client.poll_read_ready(cx))?;
+        if write && client.poll_write_ready(cx).is_ready() {
+            return Poll::Ready(ClientReady::Writable);
+        }
+        if !read {
+            return Poll::Pending;
+        }
+        match client.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(ClientReady::Read(Err(e))),
+            Poll::Pending => return Poll::Pending,
+        }
         cbuf.reserve(CLIENT_READ);
         tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *client), cx, cbuf)
+            .map(ClientReady::Read)
     })
     .await
 }

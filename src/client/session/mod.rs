@@ -155,12 +155,15 @@ pub struct Session {
     pub(super) view: ClientHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
-    /// Stop now (the grace period is over).
+    /// Stop now (the grace period is over, or the console's KILL / KILL_CLIENT): the
+    /// token of `_kill_switch`.
     pub(super) kill: CancellationToken,
     /// Fired when an upgrade's new process took over: move at the next quiet point.
     pub(super) upgrade: CancellationToken,
     /// Named prepared statements the client already has (moved in by an upgrade).
     pub(super) statements: ClientStatements,
+    /// Keeps the client's kill switch armed for as long as the session lives.
+    pub(super) _kill_switch: crate::pooler::KillSwitch,
     /// Bytes read from the client and not yet framed.
     pub(super) cbuf: BytesMut,
     /// Its place under the client caps, if any applies; given back with the session.
@@ -265,6 +268,18 @@ impl Session {
     }
 }
 
+impl Session {
+    /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
+    /// or KILL_CLIENT of this client.
+    pub(super) fn killed(&self) -> ClientError {
+        if self.stop.is_cancelled() {
+            ClientError::ShuttingDown
+        } else {
+            ClientError::KilledByAdmin
+        }
+    }
+}
+
 impl Loop<'_> {
     async fn serve(&mut self) -> End {
         // Stop, kill and a reload that removes this pool come as flags on the session's
@@ -281,7 +296,14 @@ impl Loop<'_> {
                 alert.raise(flag);
             }
         }
+        // A client whose login was under way when the stop came was accepted before the
+        // listeners closed: it gets its first transaction (bounded by shutdown_timeout)
+        // instead of a 57P01 for the BEGIN it sends right after logging in.
+        let mut first_is_due = self.s.stop.is_cancelled();
         loop {
+            if self.server.is_some() {
+                first_is_due = false;
+            }
             if self.to_client.write_now(&mut *self.client).is_err() {
                 return End::ClientGone;
             }
@@ -375,7 +397,7 @@ impl Loop<'_> {
                     None => self.timer = None,
                 }
                 if between_transactions {
-                    if alerts & Alert::STOP != 0 {
+                    if alerts & Alert::STOP != 0 && !first_is_due {
                         return Poll::Ready(Event::Stop);
                     }
                     if alerts & Alert::RETIRED != 0 {
@@ -417,7 +439,8 @@ impl Loop<'_> {
                     Ok(())
                 }
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
-                Event::Stop | Event::Kill => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
+                Event::Kill => Err(End::fatal(self.s.killed())),
                 Event::Upgrade(None) => Err(End::Move),
                 Event::Upgrade(Some(why)) => Err(End::fatal(ClientError::Upgrading(why))),
             };
