@@ -56,6 +56,9 @@ type Key = (i32, i32);
 #[derive(Default)]
 pub struct CancelRegistry {
     clients: Mutex<HashMap<Key, Arc<Slot>>>,
+    /// During an upgrade, in the new process: where a key this process does not know goes
+    /// (the old process, whose client may not have moved yet; `upgrade.rs`).
+    elsewhere: Mutex<Option<tokio::sync::mpsc::UnboundedSender<Key>>>,
 }
 
 /// A client's registration; dropping it forgets the key.
@@ -87,10 +90,43 @@ impl CancelRegistry {
         }
     }
 
+    /// Registers a key issued by the process this one took over from (an upgrade moved
+    /// its client here), so that the client's cancel requests keep working. `None` if a
+    /// client of this process already has it.
+    pub fn adopt(self: &Arc<Self>, key: (i32, i32)) -> Option<CancelHandle> {
+        let mut clients = self.clients.lock();
+        if clients.contains_key(&key) {
+            return None;
+        }
+        let slot = Arc::new(Slot::default());
+        clients.insert(key, slot.clone());
+        Some(CancelHandle {
+            registry: self.clone(),
+            slot,
+            key,
+        })
+    }
+
+    /// Sends cancel requests with keys this process does not know to `to` (or no longer,
+    /// with `None`): during an upgrade, the old process may still serve that client.
+    pub fn pass_unknown_to(&self, to: Option<tokio::sync::mpsc::UnboundedSender<(i32, i32)>>) {
+        *self.elsewhere.lock() = to;
+    }
+
     /// Forwards a cancel request for a pgmux key to the server that client holds, if any.
     pub async fn cancel(&self, process_id: i32, secret: i32) {
         let slot = self.clients.lock().get(&(process_id, secret)).cloned();
         let Some(slot) = slot else {
+            let elsewhere = self.elsewhere.lock().clone();
+            if let Some(old) = elsewhere
+                && old.send((process_id, secret)).is_ok()
+            {
+                debug!(
+                    process_id,
+                    "cancel request for a client not moved yet: passed to the old process"
+                );
+                return;
+            }
             debug!(process_id, "cancel request with an unknown key; ignored");
             return;
         };

@@ -186,6 +186,9 @@ impl Alert {
     pub const KILL: u8 = 2;
     /// A reload removed a pool this client may be on: it checks whether it is its own.
     pub const RETIRED: u8 = 4;
+    /// An upgrade: hand the client over to the new process at its next quiet point
+    /// (`upgrade.rs`), or close it then if it cannot move.
+    pub const MOVE: u8 = 8;
 
     /// Sets `flag` and wakes the session.
     pub fn raise(&self, flag: u8) {

@@ -37,3 +37,4 @@ pub mod sd_notify;
 pub mod server;
 pub mod stats;
 pub mod workers;
+pub mod upgrade;

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::client;
 use crate::pooler::Pooler;
 use crate::workers::Workers;
+use crate::upgrade::state::SessionState;
 
 /// Backlog of a listener bound with `reuse_port` (what `TcpListener::bind` uses).
 const BACKLOG: u32 = 1024;
@@ -67,7 +68,7 @@ fn warn_unmigrated_queue() {
 /// accept loop ends on `pooler.stop`), then waits for the sessions. Each client runs on one
 /// of `workers`; the wait covers the sessions of all of them.
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>, workers: Arc<Workers>) {
-    let clients = TaskTracker::new();
+    let clients = pooler.client_tasks.clone();
     tokio::spawn(pooler.clone().forward_stop());
     let mut accepting = Vec::new();
     for listener in listeners {
@@ -139,6 +140,9 @@ async fn accept(
 ) {
     loop {
         let (socket, peer) = tokio::select! {
+            // An upgrade's new process accepts on this socket now (upgrade.rs): what the
+            // kernel queued is the new process's to take.
+            _ = pooler.upgrade.handover.cancelled() => return,
             _ = pooler.stop.cancelled() => {
                 // Connections the kernel queued already would be reset when the listener
                 // closes: take them, and tell them 57P01 once logged in.
@@ -159,6 +163,17 @@ async fn accept(
         };
         serve(socket, peer, &pooler, &clients, &workers);
     }
+}
+
+/// Serves a client an upgrade moved in from the old process (`upgrade.rs`) as one of
+/// this process's: counted against `max_client_conn` (never refused for it: it is
+/// connected already) and waited for at shutdown.
+pub(crate) fn adopt(pooler: &Arc<Pooler>, socket: TcpStream, state: SessionState) {
+    let counted = ClientCount::new(pooler.clone());
+    pooler.client_tasks.spawn(async move {
+        client::serve_moved(socket, counted.pooler.clone(), state).await;
+        drop(counted);
+    });
 }
 
 /// A connection already queued on `listener`, without waiting.

@@ -56,6 +56,9 @@ enum Command {
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
+    /// Upgrade the running pgmux without dropping anyone: sends SIGUSR2 to the process the
+    /// pid file names (server.pid_file) and waits until a new process has taken over.
+    Upgrade,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -87,6 +90,18 @@ fn run_cli(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Upgrade) = cli.command {
+        return match pgmux::upgrade::request(&config.server) {
+            Ok(done) => {
+                let _ = writeln!(std::io::stderr(), "pgmux: {done}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                let _ = writeln!(std::io::stderr(), "pgmux: upgrade failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some(Command::Check) = cli.command {
         let _ = writeln!(std::io::stdout(), "{}", config.masked());
         let path = cli.config.display();
@@ -158,9 +173,22 @@ fn import(ini: &std::path::Path, output: Option<&std::path::Path>) -> ExitCode {
 }
 
 async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
+    // SIGUSR2's default action ends the process: take it over before the pid file tells
+    // `pgmux upgrade` whom to send it to. (The handler stays installed for the process.)
+    let _ = signal(SignalKind::user_defined2());
+    // Started by an upgrade: the old process's listening sockets, instead of binding.
+    let mut inherited = match pgmux::upgrade::inherit().await {
+        Ok(inherited) => inherited,
+        Err(e) => {
+            error!(error = %e, "cannot take over from the old process");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut take = |name: String| inherited.as_mut().and_then(|i| i.take(&name));
     // The admin port first: once clients can connect, it answers too. Bound here, so
     // that a port in use stops pgmux; served on a thread of its own (admin::start).
     let admin = match &config.admin.listen {
+        Some(addr) if let Some(listener) = take(format!("admin {addr}")) => Some(listener),
         Some(addr) => match std::net::TcpListener::bind(addr) {
             Ok(listener) => {
                 info!(%addr, "admin port listening (metrics, health, pools, reload)");
@@ -174,6 +202,8 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
         None => None,
     };
     let client_addrs = config.server.listen.clone();
+    let server = config.server.clone();
+    let admin_addr = config.admin.listen.clone();
     let pooler = match Pooler::new(config) {
         Ok(pooler) => pooler,
         Err(e) => {
@@ -182,6 +212,12 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
         }
     };
     pooler.set_config_path(path);
+    pooler.upgrade.remember_command();
+    if let (Some(listener), Some(addr)) = (&admin, &admin_addr) {
+        pooler
+            .upgrade
+            .keep_listener(format!("admin {addr}"), listener);
+    }
     if let Some(listener) = admin
         && let Err(e) = pgmux::admin::start(listener, pooler.clone())
     {
@@ -191,9 +227,15 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
     let reuse_port = pooler.snapshot().config.server.reuse_port;
     let mut listeners = Vec::new();
     for addr in &client_addrs {
-        match pgmux::listener::bind(addr, reuse_port).await {
+        let name = format!("client {addr}");
+        let bound = match take(name.clone()) {
+            Some(listener) => tokio::net::TcpListener::from_std(listener),
+            None => pgmux::listener::bind(addr, reuse_port).await,
+        };
+        match bound {
             Ok(listener) => {
                 info!(%addr, "listening for clients");
+                pooler.upgrade.keep_listener(name, &listener);
                 listeners.push(listener);
             }
             Err(e) => {
@@ -202,7 +244,18 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
             }
         }
     }
+    if let Some(inherited) = inherited {
+        if let Err(e) = inherited.serve(pooler.clone()).await {
+            error!(error = %e, "cannot take over from the old process");
+            return ExitCode::FAILURE;
+        }
+        info!("upgrade: this process took over the listening sockets");
+    }
     tokio::spawn(keep_watching_signals(pooler.clone()));
+    tokio::spawn(pgmux::upgrade::Upgrade::close_copies_at_stop(
+        pooler.clone(),
+    ));
+    pgmux::upgrade::write_pid_file(&server);
     if workers.count() > 1 {
         info!(
             threads = workers.count(),
@@ -210,6 +263,7 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
         );
     }
     pgmux::listener::run(pooler, listeners, workers).await;
+    pgmux::upgrade::remove_pid_file(&server);
     ExitCode::SUCCESS
 }
 
@@ -228,10 +282,11 @@ async fn keep_watching_signals(pooler: Arc<Pooler>) {
 }
 
 async fn watch_signals(pooler: Arc<Pooler>) {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         error!("cannot install signal handlers");
         return;
@@ -245,6 +300,11 @@ async fn watch_signals(pooler: Arc<Pooler>) {
                 let reloading = pooler.clone();
                 // Reading the file and deriving SCRAM keys is blocking work; the outcome is logged.
                 let _ = tokio::task::spawn_blocking(move || reloading.reload()).await;
+                continue;
+            }
+            _ = usr2.recv() => {
+                info!("SIGUSR2: upgrading to a new process");
+                tokio::spawn(pgmux::upgrade::start(pooler.clone()));
                 continue;
             }
         };

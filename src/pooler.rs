@@ -159,6 +159,11 @@ pub struct Pooler {
     pub stop: CancellationToken,
     /// Cancelled when the grace period is over: end every session now.
     pub kill: CancellationToken,
+    /// A zero-downtime upgrade to a new process (`upgrade.rs`), when one runs.
+    pub upgrade: crate::upgrade::Upgrade,
+    /// Every client's task: those the listener accepted and those an upgrade moved in.
+    /// Shutdown waits for them.
+    pub client_tasks: tokio_util::task::TaskTracker,
     /// The runtime that serves clients. Pools start their upkeep there, and the admin
     /// port (on a thread and runtime of its own) runs what changes the pools there too.
     runtime: Handle,
@@ -194,6 +199,8 @@ impl Pooler {
             stats_period: Default::default(),
             stop: CancellationToken::new(),
             kill: CancellationToken::new(),
+            upgrade: crate::upgrade::Upgrade::default(),
+            client_tasks: tokio_util::task::TaskTracker::new(),
             runtime,
         });
         pooler.create_configured_pools();

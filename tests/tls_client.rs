@@ -607,3 +607,31 @@ method = "scram-sha-256"
         .unwrap();
     select_one(&client).await;
 }
+
+/// An upgrade cannot carry a TLS session (rustls cannot import its keys into a new
+/// process): the client finishes its transaction on the old process, then gets 57P01 with
+/// a hint to reconnect, and its reconnect reaches the new process (docs/upgrades.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_closes_a_tls_client_after_its_transaction_with_57p01() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, tls_opts("")).await;
+    let old = mux.pid();
+    let config = config(&mux, "app", SslMode::Require);
+    let (client, connection) = config.connect(Certs::get().client()).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.unwrap();
+    mux.request_upgrade().await;
+    select_one(&client).await;
+    client.batch_execute("COMMIT").await.unwrap();
+    let closed = connection.await.unwrap().unwrap_err();
+    let said = closed.as_db_error().expect("a FATAL from pgmux");
+    assert_eq!(said.code().code(), "57P01", "{said:?}");
+    assert!(said.message().contains("TLS"), "{said:?}");
+    assert!(
+        said.hint().is_some_and(|h| h.contains("reconnect")),
+        "{said:?}"
+    );
+    mux.wait_gone(old).await;
+    let again = connect(&config, Certs::get().client()).await.unwrap();
+    select_one(&again).await;
+}

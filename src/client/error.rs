@@ -83,6 +83,10 @@ pub enum ClientError {
     Protocol(ProtocolError),
     #[error("terminating connection: pgmux is shutting down")]
     ShuttingDown,
+    /// An upgrade could not carry this session to the new process (TLS, session mode,
+    /// state pinned to a server, LISTEN, or the hand-over failed).
+    #[error("terminating connection: pgmux is being upgraded and cannot move this session ({0})")]
+    Upgrading(&'static str),
     #[error(
         "terminating connection due to administrator command (KILL on the pgmux admin console)"
     )]
@@ -214,7 +218,7 @@ impl ClientError {
             | Self::QueryTimeout(_)
             | Self::ServerLost(_)
             | Self::LoginServerLost(_) => SqlState::CONNECTION_FAILURE,
-            Self::ShuttingDown | Self::KilledByAdmin | Self::PoolRemoved => {
+            Self::ShuttingDown | Self::KilledByAdmin | Self::PoolRemoved | Self::Upgrading(_) => {
                 SqlState::ADMIN_SHUTDOWN
             }
             Self::IdleInTransaction(_) => SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
@@ -247,6 +251,7 @@ impl ClientError {
                 ));
             }
             Self::Replication => "connect to PostgreSQL directly for replication",
+            Self::Upgrading(_) => "reconnect: the new pgmux process accepts new connections",
             Self::TlsRequired(_) => "connect with TLS (libpq: sslmode=require or stricter)",
             Self::CertificateAuth { .. } => {
                 "connect over TLS with a certificate signed by tls.client_ca_file whose common name (CN) is the user name"

@@ -457,6 +457,8 @@ pub(super) async fn greet(
         stop: pooler.stop.clone(),
         kill: kill_switch.token().clone(),
         _kill_switch: kill_switch,
+        upgrade: pooler.upgrade.handover.clone(),
+        statements: Default::default(),
         cbuf,
         _client_slot: client_slot,
         notify: pooler.notify.clone(),

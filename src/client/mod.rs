@@ -1,6 +1,7 @@
 //! One client connection, from its first byte to its last: [`login`] negotiates the
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
+mod adopt;
 mod error;
 mod login;
 pub(crate) mod params;
@@ -30,6 +31,7 @@ use tracing::{debug, info, warn};
 use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::PgError;
+use crate::upgrade::state::SessionState;
 
 /// A client that logged in to the admin console instead of a database: the listener hands
 /// it to [`crate::admin::console`], so the data path never runs admin code.
@@ -60,9 +62,70 @@ pub async fn serve(
     let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
         .catch_unwind()
         .await;
+    finish(socket, peer, &pooler, served).await
+}
+
+/// Serves a client an upgrade moved in from the old process (`crate::upgrade`): its
+/// session is rebuilt from `state`, with no login and no greeting, and runs to the end
+/// (or moves on at the next upgrade) as [`serve`] runs one.
+pub async fn serve_moved(tcp: TcpStream, pooler: Arc<Pooler>, state: SessionState) {
+    let Ok(peer) = tcp.peer_addr() else {
+        return; // the client left on the way
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut socket = ClientStream::Tcp(tcp);
+    let served = AssertUnwindSafe(async {
+        match adopt::session(&pooler, peer, state) {
+            Ok(session) => {
+                debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
+                run_session(&mut socket, peer, &pooler, session, std::time::Instant::now()).await
+            }
+            Err(err) => {
+                info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
+                refuse_on(&mut socket, &err.fatal()).await;
+                Served::Done
+            }
+        }
+    })
+    .catch_unwind()
+    .await;
+    let _ = finish(socket, peer, &pooler, served).await;
+}
+
+/// How a client's login and session ended.
+enum Served {
+    Done,
+    /// The client logged in to the admin console: its user and the bytes read after it.
+    Console(String, BytesMut),
+    /// An upgrade moves the client: its socket goes to the new process with this state.
+    Moved(Box<SessionState>),
+}
+
+/// What happens to the socket once the login and session are over.
+async fn finish(
+    socket: ClientStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    served: std::thread::Result<Served>,
+) -> Option<ConsoleLogin> {
     match served {
-        Ok(Some((user, cbuf))) => Some(ConsoleLogin { socket, user, cbuf }),
-        Ok(None) => None,
+        Ok(Served::Console(user, cbuf)) => Some(ConsoleLogin { socket, user, cbuf }),
+        Ok(Served::Done) => None,
+        Ok(Served::Moved(state)) => {
+            let ClientStream::Tcp(tcp) = socket else {
+                // upgrade_step closes TLS clients instead of moving them.
+                refuse(socket, &ClientError::Upgrading("TLS").fatal()).await;
+                return None;
+            };
+            if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, &state).await {
+                info!(%peer, why = %why, "could not hand the client over to the new process");
+                if let Some(tcp) = tcp {
+                    let err = ClientError::Upgrading("the hand-over failed");
+                    refuse(ClientStream::Tcp(tcp), &err.fatal()).await;
+                }
+            }
+            None
+        }
         Err(_) => {
             // The panic hook has logged where; the client learns that it was pgmux's fault.
             warn!(%peer, "client session ended by an internal error");
@@ -72,14 +135,13 @@ pub async fn serve(
     }
 }
 
-/// Login and session on a borrowed socket. Returns the user and buffered bytes when the
-/// client logged in to the admin console instead.
+/// Login and session on a borrowed socket.
 async fn serve_socket(
     socket: &mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     admitted: bool,
-) -> Option<(String, BytesMut)> {
+) -> Served {
     let started = std::time::Instant::now();
     let limit = pooler.snapshot().config.server.client_login_timeout;
     // The login's futures are boxed: they are large (SCRAM, TLS, the server's greeting)
@@ -95,30 +157,44 @@ async fn serve_socket(
             let limits = pooler.snapshot().config.auth.login_limits();
             login::count_failure(&pooler.logins, peer, reason, &limits);
             refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
-            return None;
+            return Served::Done;
         }
     };
     let session = match outcome {
         Ok(session) => session,
-        Err(login::Refusal::Gone) => return None, // a cancel request, or a client that left
-        Err(login::Refusal::Console { user, cbuf }) => return Some((user, cbuf)),
+        Err(login::Refusal::Gone) => return Served::Done, // a cancel request, or a client that left
+        Err(login::Refusal::Console { user, cbuf }) => return Served::Console(user, cbuf),
         Err(login::Refusal::Error(err)) => {
             debug!(%peer, err = %Escaped(&err), "login refused");
             refuse_on(socket, &err).await;
-            return None;
+            return Served::Done;
         }
         Err(login::Refusal::Server(err)) => {
             debug!(%peer, "login refused with the server's error");
             send_and_close(socket, &err).await;
-            return None;
+            return Served::Done;
         }
     };
+    run_session(socket, peer, pooler, session, started).await
+}
+
+/// Runs a logged-in (or moved-in) session to its end, and logs it.
+async fn run_session(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    session: session::Session,
+    started: std::time::Instant,
+) -> Served {
     let pool = session.pool.key.clone();
     let log = pooler.snapshot().config.admin.log_connections;
     if log {
         info!(%peer, pool = %Escaped(&pool), "client connected");
     }
-    session.run(socket).await;
+    if let Some(state) = session.run(socket).await {
+        debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
+        return Served::Moved(state);
+    }
     close_gently(socket).await;
     // Byte counts come from the kernel.
     let traffic = socket
@@ -131,7 +207,7 @@ async fn serve_socket(
     } else {
         debug!(%peer, pool = %Escaped(&pool), duration_ms, "client disconnected");
     }
-    None
+    Served::Done
 }
 
 /// Sends a fatal error and closes: never a bare reset.

@@ -60,6 +60,42 @@ impl ClientParams {
         me
     }
 
+    /// What an upgrade carries to the new process: the settings wanted (name as written,
+    /// value), the greeting and what was reported since ([`ClientParams::from_parts`]).
+    #[allow(clippy::type_complexity)] // three plain lists, named by the caller
+    pub(crate) fn parts(
+        &self,
+    ) -> (
+        Vec<(String, Value)>,
+        Vec<(String, String)>,
+        Vec<(String, String)>,
+    ) {
+        let wants = self
+            .wants
+            .iter()
+            .map(|(_, name, value)| (name.clone(), value.clone()))
+            .collect();
+        (wants, self.greeted.to_vec(), self.seen.clone())
+    }
+
+    /// A client's settings rebuilt from [`ClientParams::parts`] (in the new process of an
+    /// upgrade).
+    pub(crate) fn from_parts(
+        wants: Vec<(String, Value)>,
+        greeted: Vec<(String, String)>,
+        seen: Vec<(String, String)>,
+    ) -> Self {
+        let mut me = ClientParams {
+            greeted: Arc::new(greeted),
+            seen,
+            ..ClientParams::default()
+        };
+        for (name, value) in wants {
+            me.want(&name, value);
+        }
+        me
+    }
+
     fn want(&mut self, name: &str, value: Value) {
         let lower = name.to_ascii_lowercase();
         match self.wants.iter_mut().find(|(l, _, _)| *l == lower) {

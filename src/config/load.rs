@@ -126,6 +126,9 @@ const SERVER_KEYS: &[&str] = &[
     "partial_message_timeout",
     "statement_registry_size",
     "worker_threads",
+    "pid_file",
+    "upgrade_socket",
+    "upgrade_timeout",
 ];
 const AUTH_KEYS: &[&str] = &[
     "method",
@@ -366,6 +369,14 @@ impl Walker<'_> {
                 "worker_threads" => {
                     let n = self.worker_threads(&path, value);
                     set(&mut server.worker_threads, n);
+                }
+                "pid_file" => server.pid_file = self.string(&path, value).map(PathBuf::from),
+                "upgrade_socket" => {
+                    server.upgrade_socket = self.string(&path, value).map(PathBuf::from);
+                }
+                "upgrade_timeout" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.upgrade_timeout, d);
                 }
                 _ => self.unknown("server", key, SERVER_KEYS),
             }

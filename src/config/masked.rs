@@ -51,6 +51,17 @@ pub(super) fn render(config: &Config) -> String {
         "worker_threads",
         &server.worker_threads.to_string(),
     );
+    if let Some(file) = &server.pid_file {
+        line(&mut out, "pid_file", &quote(&file.to_string_lossy()));
+    }
+    if let Some(file) = &server.upgrade_socket {
+        line(&mut out, "upgrade_socket", &quote(&file.to_string_lossy()));
+    }
+    line(
+        &mut out,
+        "upgrade_timeout",
+        &duration(server.upgrade_timeout),
+    );
 
     let auth = &config.auth;
     out.push_str("\n[auth]\n");

@@ -83,6 +83,15 @@ pub struct ServerSection {
     /// threads (for a pooler that saturates one core), `auto` one per core pgmux may use.
     /// Read at start only.
     pub worker_threads: WorkerThreads,
+    /// Where pgmux writes its process id at start, for `pgmux upgrade` (docs/upgrades.md).
+    /// Default: `/tmp/pgmux-PORT.pid`, PORT the first `listen` address's.
+    pub pid_file: Option<PathBuf>,
+    /// The Unix socket an upgrade hands the listening sockets and the clients over on
+    /// (mode 0600). Default: the pid file's path with `.upgrade.sock` in place of `.pid`.
+    pub upgrade_socket: Option<PathBuf>,
+    /// How long a new process gets to take the listening sockets and say it is ready
+    /// before the upgrade is given up (the old process keeps serving).
+    pub upgrade_timeout: Duration,
 }
 
 /// `server.worker_threads`: a count, or `auto`.
@@ -127,6 +136,9 @@ impl Default for ServerSection {
             partial_message_timeout: Duration::from_secs(30),
             statement_registry_size: 10_000,
             worker_threads: WorkerThreads::Count(1),
+            pid_file: None,
+            upgrade_socket: None,
+            upgrade_timeout: Duration::from_secs(30),
         }
     }
 }

@@ -69,6 +69,14 @@ impl Default for Registry {
     }
 }
 
+impl Statement {
+    /// Its query text and parameter types, as the client's Parse gave them.
+    pub fn text_and_types(&self) -> Option<(&str, Vec<u32>)> {
+        let parse = message::Parse::read(self.parse.get(5..)?)?;
+        Some((parse.query, parse.param_types))
+    }
+}
+
 impl Registry {
     /// A registry that keeps about `capacity` unused statements at most.
     pub fn new(capacity: usize) -> Self {
@@ -195,6 +203,11 @@ impl ClientStatements {
         if id.is_none_or(|id| self.by_name.get(name).is_some_and(|s| s.id == id)) {
             self.by_name.remove(name);
         }
+    }
+
+    /// Every (name, statement) the client holds.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &Arc<Statement>)> {
+        self.by_name.iter().map(|(name, s)| (name.as_str(), s))
     }
 
     /// Forgets everything (DISCARD ALL, DEALLOCATE ALL).

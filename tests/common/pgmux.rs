@@ -114,6 +114,10 @@ pub struct TestPgmux {
     /// Set by a test that makes pgmux panic on purpose: its log may then say so.
     pub expect_panics: bool,
     process: Process,
+    /// The process serving now, after upgrades (`upgrade`); `None`: the one started.
+    upgraded: Option<u32>,
+    /// Kill the processes upgrades started, when the test ends.
+    successors: Vec<Watchdog>,
     log_path: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -132,7 +136,7 @@ impl TestPgmux {
             let port = free_port();
             let admin_port = opts.admin.as_ref().map(|_| free_port());
             let text = Self::config_toml_with_admin(pg, &opts, port, admin_port);
-            fs::write(&config_path, text).expect("config written");
+            fs::write(&config_path, with_pid_file(&text, &config_path)).expect("config written");
             let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
             match process.wait_listening(port, &log_path).await {
                 Ready::Listening => {
@@ -142,6 +146,8 @@ impl TestPgmux {
                         admin_port,
                         expect_panics: false,
                         process,
+                        upgraded: None,
+                        successors: Vec::new(),
                         log_path,
                         _dir: dir,
                     };
@@ -170,7 +176,7 @@ impl TestPgmux {
         for _ in 0..5 {
             let admin_port = opts.admin.as_ref().map(|_| free_port());
             let text = Self::config_toml_with_admin(pg, &opts, port, admin_port);
-            fs::write(&config_path, text).expect("config written");
+            fs::write(&config_path, with_pid_file(&text, &config_path)).expect("config written");
             let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
             if let Ready::Listening = process.wait_listening(port, &log_path).await {
                 return TestPgmux {
@@ -179,6 +185,8 @@ impl TestPgmux {
                     admin_port,
                     expect_panics: false,
                     process,
+                    upgraded: None,
+                    successors: Vec::new(),
                     log_path,
                     _dir: dir,
                 };
@@ -212,7 +220,8 @@ impl TestPgmux {
     /// `signal("HUP")` or `POST /reload`.
     pub fn rewrite_config(&self, pg: &TestPostgres, opts: &MuxOptions) {
         let text = Self::config_toml_with_admin(pg, opts, self.port, self.admin_port);
-        fs::write(&self.config_path, text).expect("config rewritten");
+        fs::write(&self.config_path, with_pid_file(&text, &self.config_path))
+            .expect("config rewritten");
     }
 
     /// Sends an HTTP request to the admin port (with `Authorization: Bearer token` if
@@ -362,9 +371,93 @@ password = "other_pw"
         read_log(&self.log_path)
     }
 
-    /// pgmux's process id.
+    /// pgmux's process id: the process serving now (after `upgrade`, the newest).
     pub fn pid(&self) -> u32 {
-        self.process.child.id()
+        self.upgraded.unwrap_or_else(|| self.process.child.id())
+    }
+
+    /// The pid file pgmux writes (`server.pid_file`, in the test's temp dir).
+    pub fn pid_file(&self) -> PathBuf {
+        pid_file_of(&self.config_path)
+    }
+
+    /// Runs `pgmux upgrade` (which waits until a new process took over; panics if it
+    /// fails), then waits until the old process has exited, every client moved. Returns
+    /// the new process's id; it is killed when the test ends.
+    pub async fn upgrade(&mut self) -> u32 {
+        let old = self.pid();
+        let new = self.request_upgrade().await;
+        self.wait_gone(old).await;
+        new
+    }
+
+    /// Runs `pgmux upgrade` (which waits until a new process took over; panics if it
+    /// fails) and returns the new process's id, which is the one `pid` names from now on
+    /// and is killed when the test ends. The old one may still finish transactions.
+    pub async fn request_upgrade(&mut self) -> u32 {
+        let old = self.pid();
+        let config = self.config_path.display().to_string();
+        let (code, out, err) = tokio::task::spawn_blocking(move || {
+            super::pgmux_cli(&["upgrade", "--config", &config])
+        })
+        .await
+        .expect("pgmux upgrade ran");
+        assert_eq!(
+            code,
+            0,
+            "pgmux upgrade failed:\n{out}{err}\n{}",
+            self.stderr_log()
+        );
+        let new: u32 = fs::read_to_string(self.pid_file())
+            .expect("pid file")
+            .trim()
+            .parse()
+            .expect("a pid in the pid file");
+        assert_ne!(new, old, "{err}");
+        let dir = self.config_path.parent().expect("a temp dir").to_owned();
+        self.successors
+            .push(Watchdog::spawn(&format!("kill -KILL {new}"), &dir));
+        self.upgraded = Some(new);
+        new
+    }
+
+    /// Waits until process `pid` (the one started, or one an upgrade started) has exited.
+    pub async fn wait_gone(&mut self, pid: u32) {
+        loop {
+            if pid == self.process.child.id() {
+                if let Ok(Some(_)) = self.process.child.try_wait() {
+                    return;
+                }
+            } else {
+                // Not our child: gone, or a zombie waiting for its reaper.
+                match fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Err(_) => return,
+                    Ok(stat)
+                        if stat
+                            .rsplit(')')
+                            .next()
+                            .is_some_and(|r| r.trim_start().starts_with('Z')) =>
+                    {
+                        return;
+                    }
+                    Ok(_) => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether process `pid` still runs (not exited, not a zombie).
+    pub fn alive(&mut self, pid: u32) -> bool {
+        if pid == self.process.child.id() {
+            return matches!(self.process.child.try_wait(), Ok(None));
+        }
+        fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+            !stat
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
     }
 
     /// Sends a signal by name (`"TERM"`, `"HUP"`, `"INT"`) with `kill -s`.
@@ -515,6 +608,23 @@ fn listening(pid: u32, port: u16) -> bool {
                 .iter()
                 .any(|inode| link.as_os_str() == inode.as_str())
         })
+}
+
+/// The pid file of the pgmux whose config is `config`: next to it.
+fn pid_file_of(config: &Path) -> PathBuf {
+    config.with_file_name("pgmux.pid")
+}
+
+/// `text` with `pid_file` set in its `[server]` section, next to the config file.
+fn with_pid_file(text: &str, config: &Path) -> String {
+    if text.contains("\npid_file") {
+        return text.to_owned();
+    }
+    let line = format!(
+        "[server]\npid_file = \"{}\"\n",
+        pid_file_of(config).display()
+    );
+    text.replacen("[server]\n", &line, 1)
 }
 
 fn read_log(path: &Path) -> String {

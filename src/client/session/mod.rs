@@ -46,6 +46,7 @@ use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 use crate::server::{ServerEvent, SettingValue, TxStatus};
+use crate::upgrade::state::{PreparedState, SessionState};
 
 /// Stop reading a peer while this much waits to be written to either side: replies pgmux
 /// makes itself count like forwarded ones, so a client that does not read stops being read.
@@ -80,6 +81,8 @@ pub(super) enum Skip {
 enum End {
     /// The client left (EOF, reset, or Terminate).
     ClientGone,
+    /// An upgrade: the client is quiet and goes to the new process (`crate::upgrade`).
+    Move,
     /// Tell the client this, then close. (Boxed: the loop returns it from every step.)
     Fatal(Box<ClientError>),
 }
@@ -123,6 +126,8 @@ enum Event {
     /// The listener connection LISTENs to what the client's transaction LISTENed to.
     ListenConfirmed,
     Deadline(Timeout),
+    /// An upgrade reached this client at a quiet point: move it, or close it.
+    Upgrade(Option<&'static str>),
     Stop,
     Kill,
     Retired,
@@ -153,6 +158,10 @@ pub struct Session {
     /// Stop now (the grace period is over, or the console's KILL / KILL_CLIENT): the
     /// token of `_kill_switch`.
     pub(super) kill: CancellationToken,
+    /// Fired when an upgrade's new process took over: move at the next quiet point.
+    pub(super) upgrade: CancellationToken,
+    /// Named prepared statements the client already has (moved in by an upgrade).
+    pub(super) statements: ClientStatements,
     /// Keeps the client's kill switch armed for as long as the session lives.
     pub(super) _kill_switch: crate::pooler::KillSwitch,
     /// Bytes read from the client and not yet framed.
@@ -204,9 +213,11 @@ pub(super) struct Loop<'c> {
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
-    /// can still tell the client.
-    pub async fn run(mut self, client: &mut ClientStream) {
+    /// can still tell the client. Returns the session's state when an upgrade moves the
+    /// client to the new process (the caller hands the socket over with it).
+    pub async fn run(mut self, client: &mut ClientStream) -> Option<Box<SessionState>> {
         let server = self.server.take();
+        let statements = std::mem::take(&mut self.statements);
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -216,7 +227,7 @@ impl Session {
             to_server: OutQueue::default(),
             server,
             replies: Replies::default(),
-            statements: ClientStatements::default(),
+            statements,
             state: state::StateWatch::default(),
             unsynced: false,
             client_mid_message: false,
@@ -236,6 +247,10 @@ impl Session {
             Ok(()) => l.serve().await,
             Err(end) => end,
         };
+        if let End::Move = end {
+            // Quiet: no server held, nothing buffered either way (upgrade_step).
+            return Some(Box::new(l.moving_state()));
+        }
         if let End::Fatal(err) = &end {
             debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
             let mut buf = BytesMut::new();
@@ -249,6 +264,7 @@ impl Session {
         )
         .await;
         Box::pin(l.finish_server()).await;
+        None
     }
 }
 
@@ -274,6 +290,7 @@ impl Loop<'_> {
             (self.s.stop.is_cancelled(), Alert::STOP),
             (self.s.kill.is_cancelled(), Alert::KILL),
             (self.s.pool.retired().is_cancelled(), Alert::RETIRED),
+            (self.s.upgrade.is_cancelled(), Alert::MOVE),
         ] {
             if fired {
                 alert.raise(flag);
@@ -315,6 +332,11 @@ impl Loop<'_> {
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions =
                 self.to_client.is_empty() && self.settled() == Some(TxStatus::Idle);
+            let upgrade_step = if between_transactions {
+                self.upgrade_step()
+            } else {
+                None
+            };
             // One hand-written poll instead of `select!`: no futures to build and drop each
             // turn, and an idle session stays small (memory per idle client).
             let event = std::future::poll_fn(|cx| {
@@ -381,6 +403,11 @@ impl Loop<'_> {
                     if alerts & Alert::RETIRED != 0 {
                         return Poll::Ready(Event::Retired);
                     }
+                    if alerts & Alert::MOVE != 0
+                        && let Some(step) = upgrade_step
+                    {
+                        return Poll::Ready(Event::Upgrade(step));
+                    }
                 }
                 Poll::Pending
             })
@@ -414,6 +441,8 @@ impl Loop<'_> {
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
                 Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
                 Event::Kill => Err(End::fatal(self.s.killed())),
+                Event::Upgrade(None) => Err(End::Move),
+                Event::Upgrade(Some(why)) => Err(End::fatal(ClientError::Upgrading(why))),
             };
             if let Err(end) = result {
                 return end;
@@ -456,6 +485,69 @@ impl Loop<'_> {
             && !self.client_mid_message
             && self.to_server.is_empty();
         quiet.then(|| server.tx_status())
+    }
+
+    /// Between transactions, during an upgrade: `Some(None)` when the client can move now
+    /// (no server held, nothing read and not yet handled, no message half-read or
+    /// skipped, no LISTEN or UNLISTEN waiting), `Some(Some(why))` when it can never move
+    /// and is closed now, `None` when it should wait (a server not yet given back).
+    fn upgrade_step(&self) -> Option<Option<&'static str>> {
+        if self.client.tls().is_some() {
+            return Some(Some("TLS session keys cannot be carried"));
+        }
+        if self.s.mode == PoolMode::Session {
+            return Some(Some("session mode keeps one server"));
+        }
+        if self.pinned() {
+            return Some(Some("session state pins its server"));
+        }
+        if self.subscription.is_some() {
+            return Some(Some("it LISTENs"));
+        }
+        let quiet = self.server.is_none()
+            && self.s.cbuf.is_empty()
+            && !self.codec.in_message()
+            && !self.client_mid_message
+            && !self.unsynced
+            && self.skip == Skip::No
+            && self.listen_confirm.is_none()
+            && self.pending_unlisten.is_empty();
+        quiet.then_some(None)
+    }
+
+    /// What the new process needs to go on serving this client (`crate::upgrade`).
+    fn moving_state(&self) -> SessionState {
+        let (wants, greeted, seen) = self.s.params.parts();
+        let application_name = wants
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case("application_name"))
+            .and_then(|(_, value)| match value {
+                SettingValue::Text(text) => Some(text.clone()),
+                SettingValue::Sql(_) => None,
+            })
+            .unwrap_or_default();
+        let statements = self
+            .statements
+            .iter()
+            .filter_map(|(name, statement)| {
+                let (query, param_types) = statement.text_and_types()?;
+                Some(PreparedState {
+                    name: name.to_owned(),
+                    query: query.to_owned(),
+                    param_types,
+                })
+            })
+            .collect();
+        SessionState {
+            database: self.s.pool.key.database.clone(),
+            user: self.s.pool.key.user.clone(),
+            application_name,
+            cancel_key: self.s.cancel.key(),
+            wants,
+            greeted,
+            seen,
+            statements,
+        }
     }
 
     /// Notes activity, for the time limits (no clock read when none is set).

@@ -508,6 +508,13 @@ pub(in crate::client) struct PendingUnlisten {
     outcome: Outcome,
 }
 
+impl PendingUnlisten {
+    /// Whether none waits.
+    pub(super) fn is_empty(&self) -> bool {
+        self.commands.is_empty()
+    }
+}
+
 /// How the transaction of a pending UNLISTEN looks so far: what the last CommandComplete
 /// or ErrorResponse to the client said.
 #[derive(Default, Clone, Copy)]

@@ -1,0 +1,94 @@
+//! A client moved in by an upgrade (`crate::upgrade`): its session rebuilt from the state
+//! the old process sent, with no login and no greeting, so that the client sees nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::BytesMut;
+
+use super::error::ClientError;
+use super::params::ClientParams;
+use super::session::{Limits, Session};
+use crate::config::PoolMode;
+use crate::pooler::Pooler;
+use crate::prepared::ClientStatements;
+use crate::upgrade::state::SessionState;
+
+/// The session of a client the old process handed over. Its cancel key, settings, greeting
+/// and named statements are the ones it had; its limits are this process's config. The
+/// statements are prepared on this process's servers when first used, as on any server
+/// that lacks them.
+pub(super) fn session(
+    pooler: &Arc<Pooler>,
+    peer: SocketAddr,
+    state: SessionState,
+) -> Result<Session, Box<ClientError>> {
+    let SessionState {
+        database,
+        user,
+        application_name,
+        cancel_key,
+        wants,
+        greeted,
+        seen,
+        statements,
+    } = state;
+    let Some(pool) = pooler.pool(&database, &user) else {
+        return Err(Box::new(ClientError::UnknownDatabase(database)));
+    };
+    let settings = pool.settings();
+    if settings.mode == PoolMode::Session {
+        // Its client would need to be told the process id of a server of its own.
+        return Err(Box::new(ClientError::Upgrading(
+            "session mode keeps one server",
+        )));
+    }
+    let client_slot = pooler
+        .admit_client(&database, &user, &settings)
+        .map_err(|e| Box::new(ClientError::from(e)))?;
+    let Some(cancel) = pooler.cancels.adopt(cancel_key) else {
+        return Err(Box::new(ClientError::Upgrading("its cancel key is taken")));
+    };
+    let snapshot = pooler.snapshot();
+    let max_prepared = settings.max_prepared_statements as usize;
+    if statements.len() > max_prepared.max(pooler.statements.capacity()) {
+        return Err(Box::new(ClientError::TooManyStatements(max_prepared)));
+    }
+    let mut names = ClientStatements::default();
+    for s in statements {
+        let statement = pooler.statements.statement(&s.query, &s.param_types);
+        names.insert(&s.name, statement);
+    }
+    let view = pooler
+        .clients_registry
+        .register(peer, &database, &user, &application_name, None);
+    let kill_switch = pooler.admission.arm(view.id(), &pooler.kill);
+    Ok(Session {
+        server: None,
+        view,
+        mode: settings.mode,
+        limits: Limits {
+            idle_transaction: settings.idle_transaction_timeout,
+            query: settings.query_timeout,
+            partial_message: snapshot.config.server.partial_message_timeout,
+            pinned_idle: settings.pinned_idle_timeout,
+        },
+        state_policy: settings.session_state,
+        verify_always: settings.verify_every_transaction,
+        max_message_size: snapshot.config.server.max_message_size,
+        reset_query: settings.server_reset_query.clone(),
+        max_prepared,
+        registry: pooler.statements.clone(),
+        params: ClientParams::from_parts(wants, greeted, seen),
+        pool,
+        cancel,
+        stop: pooler.stop.clone(),
+        kill: kill_switch.token().clone(),
+        _kill_switch: kill_switch,
+        upgrade: pooler.upgrade.handover.clone(),
+        statements: names,
+        cbuf: BytesMut::new(),
+        _client_slot: client_slot,
+        notify: pooler.notify.clone(),
+    })
+}

@@ -1,0 +1,352 @@
+//! What a client session carries from the old process to the new one, and its wire
+//! format: small, explicit, versioned, and read as untrusted input (a bad record is an
+//! error, never a panic, and nothing in it is allocated beyond [`MAX_STATE`]).
+//!
+//! ```text
+//! "PGMUXS" | version u16 | database, user, application_name | cancel pid i32, secret i32
+//! | wants: u32 n × (name, kind u8 [0 text, 1 sql], value)
+//! | greeted: u32 n × (name, value) | seen: u32 n × (name, value)
+//! | statements: u32 n × (name, query, u16 n × type oid u32)
+//! ```
+//! Strings are u32 length + UTF-8 bytes without NUL; integers big-endian.
+
+use crate::server::SettingValue;
+
+/// The largest serialized session accepted (bytes). A session whose state is larger (a
+/// client with very many or very long prepared statements) is closed instead of moved.
+pub const MAX_STATE: usize = 16 * 1024 * 1024;
+const MAGIC: &[u8; 6] = b"PGMUXS";
+/// The format version this build writes and reads.
+pub const VERSION: u16 = 1;
+
+/// One client's session, as the new process needs it to go on serving it with no new
+/// login and no greeting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SessionState {
+    /// The database the client logged in to (pgmux's name for it).
+    pub database: String,
+    /// The user it logged in as.
+    pub user: String,
+    /// Its application_name, for the admin views.
+    pub application_name: String,
+    /// The cancel key it was given at login: (process id, secret).
+    pub cancel_key: (i32, i32),
+    /// The settings it wants on its server: (name as written, value).
+    pub wants: Vec<(String, SettingValue)>,
+    /// The ParameterStatus set it was greeted with.
+    pub greeted: Vec<(String, String)>,
+    /// ParameterStatus values reported to it since, where they differ.
+    pub seen: Vec<(String, String)>,
+    /// Its named prepared statements.
+    pub statements: Vec<PreparedState>,
+}
+
+/// One named prepared statement of a client.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PreparedState {
+    /// The client's name for it.
+    pub name: String,
+    /// Its query text.
+    pub query: String,
+    /// Its parameter type OIDs, as the client's Parse gave them.
+    pub param_types: Vec<u32>,
+}
+
+/// Why a serialized session was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    #[error("not a pgmux session record")]
+    Magic,
+    #[error("session format version {0} (this pgmux reads version {VERSION})")]
+    Version(u16),
+    #[error("session record of {0} bytes is over the limit")]
+    TooLarge(usize),
+    #[error("session record ends early")]
+    Truncated,
+    #[error("session record has {0} bytes after its end")]
+    Trailing(usize),
+    #[error("session record holds a string that is not UTF-8 or has a NUL byte")]
+    BadString,
+    #[error("session record holds an unknown setting kind {0}")]
+    BadKind(u8),
+    #[error("session record holds an empty name")]
+    EmptyName,
+}
+
+impl SessionState {
+    /// The record, or `TooLarge` when it would exceed [`MAX_STATE`].
+    pub fn encode(&self) -> Result<Vec<u8>, StateError> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_be_bytes());
+        for s in [&self.database, &self.user, &self.application_name] {
+            put_str(&mut out, s);
+        }
+        out.extend_from_slice(&self.cancel_key.0.to_be_bytes());
+        out.extend_from_slice(&self.cancel_key.1.to_be_bytes());
+        put_len(&mut out, self.wants.len());
+        for (name, value) in &self.wants {
+            put_str(&mut out, name);
+            let (kind, text) = match value {
+                SettingValue::Text(t) => (0u8, t),
+                SettingValue::Sql(s) => (1u8, s),
+            };
+            out.push(kind);
+            put_str(&mut out, text);
+        }
+        for pairs in [&self.greeted, &self.seen] {
+            put_len(&mut out, pairs.len());
+            for (name, value) in pairs {
+                put_str(&mut out, name);
+                put_str(&mut out, value);
+            }
+        }
+        put_len(&mut out, self.statements.len());
+        for s in &self.statements {
+            put_str(&mut out, &s.name);
+            put_str(&mut out, &s.query);
+            // A Parse carries at most i16::MAX types; more cannot have been accepted.
+            let n = u16::try_from(s.param_types.len()).map_err(|_| StateError::TooLarge(0))?;
+            out.extend_from_slice(&n.to_be_bytes());
+            for oid in &s.param_types {
+                out.extend_from_slice(&oid.to_be_bytes());
+            }
+        }
+        if out.len() > MAX_STATE {
+            return Err(StateError::TooLarge(out.len()));
+        }
+        Ok(out)
+    }
+
+    /// Reads a record written by [`SessionState::encode`]; anything else is an error.
+    pub fn decode(bytes: &[u8]) -> Result<SessionState, StateError> {
+        if bytes.len() > MAX_STATE {
+            return Err(StateError::TooLarge(bytes.len()));
+        }
+        let mut r = Reader(bytes);
+        if r.take(MAGIC.len())? != MAGIC {
+            return Err(StateError::Magic);
+        }
+        let version = r.u16()?;
+        if version != VERSION {
+            return Err(StateError::Version(version));
+        }
+        let database = r.name()?;
+        let user = r.name()?;
+        let application_name = r.string()?;
+        let cancel_key = (r.i32()?, r.i32()?);
+        // Each element takes at least this many bytes: a count beyond what is left is a
+        // lie, refused before anything is allocated for it.
+        let n = r.count(4 + 1 + 4)?;
+        let mut wants = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = r.name()?;
+            let value = match r.u8()? {
+                0 => SettingValue::Text(r.string()?),
+                1 => SettingValue::Sql(r.string()?),
+                other => return Err(StateError::BadKind(other)),
+            };
+            wants.push((name, value));
+        }
+        let mut pairs = [Vec::new(), Vec::new()];
+        for list in &mut pairs {
+            let n = r.count(4 + 4)?;
+            list.reserve(n);
+            for _ in 0..n {
+                list.push((r.name()?, r.string()?));
+            }
+        }
+        let [greeted, seen] = pairs;
+        let n = r.count(4 + 4 + 2)?;
+        let mut statements = Vec::with_capacity(n);
+        for _ in 0..n {
+            let name = r.name()?;
+            let query = r.string()?;
+            let types = usize::from(r.u16()?);
+            if types * 4 > r.0.len() {
+                return Err(StateError::Truncated);
+            }
+            let mut param_types = Vec::with_capacity(types);
+            for _ in 0..types {
+                param_types.push(r.u32()?);
+            }
+            statements.push(PreparedState {
+                name,
+                query,
+                param_types,
+            });
+        }
+        if !r.0.is_empty() {
+            return Err(StateError::Trailing(r.0.len()));
+        }
+        Ok(SessionState {
+            database,
+            user,
+            application_name,
+            cancel_key,
+            wants,
+            greeted,
+            seen,
+            statements,
+        })
+    }
+}
+
+fn put_len(out: &mut Vec<u8>, n: usize) {
+    // Over u32::MAX elements cannot fit MAX_STATE: encode then fails on the size.
+    out.extend_from_slice(&u32::try_from(n).unwrap_or(u32::MAX).to_be_bytes());
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_len(out, s.len());
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A cursor over untrusted bytes: every read checks what is left.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StateError> {
+        if n > self.0.len() {
+            return Err(StateError::Truncated);
+        }
+        let (head, rest) = self.0.split_at(n);
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StateError> {
+        let bytes = self.take(N)?;
+        <[u8; N]>::try_from(bytes).map_err(|_| StateError::Truncated)
+    }
+
+    fn u8(&mut self) -> Result<u8, StateError> {
+        Ok(u8::from_be_bytes(self.array()?))
+    }
+
+    fn u16(&mut self) -> Result<u16, StateError> {
+        Ok(u16::from_be_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, StateError> {
+        Ok(u32::from_be_bytes(self.array()?))
+    }
+
+    fn i32(&mut self) -> Result<i32, StateError> {
+        Ok(i32::from_be_bytes(self.array()?))
+    }
+
+    /// An element count, each element at least `min` bytes long.
+    fn count(&mut self, min: usize) -> Result<usize, StateError> {
+        let n = self.u32()? as usize;
+        if n.saturating_mul(min) > self.0.len() {
+            return Err(StateError::Truncated);
+        }
+        Ok(n)
+    }
+
+    fn string(&mut self) -> Result<String, StateError> {
+        let n = self.u32()? as usize;
+        let bytes = self.take(n)?;
+        if bytes.contains(&0) {
+            return Err(StateError::BadString);
+        }
+        String::from_utf8(bytes.to_vec()).map_err(|_| StateError::BadString)
+    }
+
+    fn name(&mut self) -> Result<String, StateError> {
+        let name = self.string()?;
+        if name.is_empty() {
+            return Err(StateError::EmptyName);
+        }
+        Ok(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> SessionState {
+        SessionState {
+            database: "app".into(),
+            user: "alice".into(),
+            application_name: "worker 7".into(),
+            cancel_key: (4242, -17),
+            wants: vec![
+                (
+                    "application_name".into(),
+                    SettingValue::Text("worker 7".into()),
+                ),
+                (
+                    "search_path".into(),
+                    SettingValue::Sql("app, public".into()),
+                ),
+            ],
+            greeted: vec![("server_version".into(), "17.2".into())],
+            seen: vec![("application_name".into(), "worker 7".into())],
+            statements: vec![PreparedState {
+                name: "s1".into(),
+                query: "SELECT $1::int".into(),
+                param_types: vec![23],
+            }],
+        }
+    }
+
+    #[test]
+    fn a_session_reads_back() {
+        let state = sample();
+        let bytes = state.encode().unwrap();
+        assert_eq!(SessionState::decode(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn every_truncation_and_a_trailing_byte_are_refused() {
+        let bytes = sample().encode().unwrap();
+        for n in 0..bytes.len() {
+            assert!(SessionState::decode(&bytes[..n]).is_err(), "cut at {n}");
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(SessionState::decode(&longer), Err(StateError::Trailing(1)));
+    }
+
+    #[test]
+    fn another_version_and_lying_counts_are_refused() {
+        let mut bytes = sample().encode().unwrap();
+        bytes[7] = 9;
+        assert_eq!(SessionState::decode(&bytes), Err(StateError::Version(9)));
+        let mut huge = b"PGMUXS\0\x01".to_vec();
+        for s in ["app", "u", ""] {
+            huge.extend_from_slice(&(s.len() as u32).to_be_bytes());
+            huge.extend_from_slice(s.as_bytes());
+        }
+        huge.extend_from_slice(&[0; 8]);
+        huge.extend_from_slice(&u32::MAX.to_be_bytes()); // four billion settings
+        assert_eq!(SessionState::decode(&huge), Err(StateError::Truncated));
+    }
+
+    #[test]
+    fn a_nul_in_a_query_is_refused() {
+        let mut state = sample();
+        state.statements[0].query = "SELECT 1\0; DROP".into();
+        let bytes = state.encode().unwrap();
+        assert_eq!(SessionState::decode(&bytes), Err(StateError::BadString));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = SessionState::decode(&bytes);
+        }
+
+        #[test]
+        fn flipped_bytes_never_panic(flip in 0usize..200, to in any::<u8>()) {
+            let mut bytes = sample().encode().unwrap();
+            let at = flip % bytes.len();
+            bytes[at] = to;
+            let _ = SessionState::decode(&bytes);
+        }
+    }
+}

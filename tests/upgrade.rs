@@ -1,0 +1,389 @@
+//! Zero-downtime upgrade (`pgmux upgrade`, SIGUSR2): clients move to the new process at
+//! their next quiet point with their settings, prepared statements and cancel key, and
+//! notice nothing; the new process is the same binary, as a real upgrade would start.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
+use tokio_postgres::error::SqlState;
+
+const WORKERS: usize = 8;
+const UPGRADES: usize = 3;
+
+/// What one worker did: transactions committed, and every error it saw.
+struct Worked {
+    committed: u64,
+    errors: Vec<String>,
+}
+
+/// A client that runs transactions with its own prepared statements and session settings
+/// until told to stop, checking after each that its settings are still its own.
+async fn worker(
+    mux_port_client: tokio_postgres::Client,
+    id: i32,
+    progress: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+) -> Worked {
+    let client = mux_port_client;
+    let mut errors = Vec::new();
+    let name = format!("worker{id}");
+    let setup = async {
+        client
+            .batch_execute(&format!("SET application_name = '{name}'"))
+            .await?;
+        client
+            .batch_execute("SET search_path = upgrade_schema, public")
+            .await?;
+        let insert = client
+            .prepare("INSERT INTO upgrade_log (worker, n) VALUES ($1, $2)")
+            .await?;
+        let settings = client
+            .prepare("SELECT current_setting('application_name'), current_setting('search_path')")
+            .await?;
+        Ok::<_, tokio_postgres::Error>((insert, settings))
+    };
+    let (insert, settings) = match setup.await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            return Worked {
+                committed: 0,
+                errors: vec![format!("setup: {e}")],
+            };
+        }
+    };
+    let mut committed = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let n = committed as i32 + 1;
+        let transaction = async {
+            client.batch_execute("BEGIN").await?;
+            client.execute(&insert, &[&id, &n]).await?;
+            let row = client.query_one(&settings, &[]).await?;
+            client.batch_execute("COMMIT").await?;
+            Ok::<_, tokio_postgres::Error>((row.get::<_, String>(0), row.get::<_, String>(1)))
+        };
+        match transaction.await {
+            Ok((app, path)) => {
+                if app != name || path != "upgrade_schema, public" {
+                    errors.push(format!("settings lost: {app:?}, {path:?}"));
+                }
+                committed += 1;
+                progress.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                errors.push(format!("{e} ({:?})", e.code()));
+                if client.is_closed() {
+                    break;
+                }
+            }
+        }
+    }
+    Worked { committed, errors }
+}
+
+/// Whether every worker commits a few more transactions (within 30 s).
+async fn all_progress(progress: &[Arc<AtomicU64>]) -> bool {
+    let before: Vec<u64> = progress.iter().map(|p| p.load(Ordering::Relaxed)).collect();
+    let before = &before;
+    eventually(Duration::from_secs(30), || async move {
+        progress
+            .iter()
+            .zip(before)
+            .all(|(p, b)| p.load(Ordering::Relaxed) > *b + 5)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_run_through_three_upgrades_without_an_error_or_a_reconnect() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(4)).await;
+    let first_pid = mux.pid();
+    let admin = mux.connect("app", "app").await;
+    admin
+        .batch_execute(
+            "DROP TABLE IF EXISTS upgrade_log; CREATE TABLE upgrade_log (worker int, n int)",
+        )
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    let mut progress = Vec::new();
+    let mut connections = Vec::new();
+    for id in 0..WORKERS {
+        let (client, connection) = mux
+            .try_connect("app", "app", common::password_for("app"))
+            .await
+            .unwrap();
+        let made = Arc::new(AtomicU64::new(0));
+        progress.push(made.clone());
+        connections.push(connection);
+        workers.push(tokio::spawn(worker(client, id as i32, made, stop.clone())));
+    }
+    let mut pids = vec![first_pid];
+    for _ in 0..UPGRADES {
+        // Every worker runs transactions before the upgrade and after it.
+        assert!(
+            all_progress(&progress).await,
+            "workers stalled before an upgrade"
+        );
+        pids.push(mux.upgrade().await);
+    }
+    assert!(
+        all_progress(&progress).await,
+        "workers stalled after the last upgrade"
+    );
+    // No reconnect: every client's first connection is still open (a worker's
+    // client closes it when the worker returns).
+    assert!(
+        connections.iter().all(|c| !c.is_finished()),
+        "a connection closed"
+    );
+    stop.store(true, Ordering::Relaxed);
+    let mut committed = 0;
+    let mut errors = Vec::new();
+    for w in workers {
+        let worked = w.await.unwrap();
+        committed += worked.committed;
+        errors.extend(worked.errors);
+    }
+    assert!(errors.is_empty(), "errors: {errors:?}");
+    // The admin client moved too (it was idle), and every commit is in.
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM upgrade_log", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows as u64, committed);
+    eprintln!(
+        "upgrade test: {UPGRADES} upgrades (pids {pids:?}), {WORKERS} clients, {committed} transactions, {} errors, 0 reconnects",
+        errors.len()
+    );
+    let log = mux.stderr_log();
+    assert_eq!(
+        log.matches("upgrade: clients handed over; this process stops")
+            .count(),
+        UPGRADES
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_in_a_transaction_finishes_it_on_the_old_process_then_moves() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(2)).await;
+    let old = mux.pid();
+    let client = mux.connect("app", "app").await;
+    client
+        .batch_execute("DROP TABLE IF EXISTS upgrade_tx; CREATE TABLE upgrade_tx (n int)")
+        .await
+        .unwrap();
+    client
+        .batch_execute("BEGIN; INSERT INTO upgrade_tx VALUES (1)")
+        .await
+        .unwrap();
+    let new = mux.request_upgrade().await;
+    // The old process waits for this transaction: it cannot have exited.
+    assert!(mux.alive(old), "the old process left a transaction behind");
+    client
+        .batch_execute("INSERT INTO upgrade_tx VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    mux.wait_gone(old).await;
+    // Now on the new process, same connection.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM upgrade_tx", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2);
+    assert!(mux.alive(new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_reaches_the_query_of_a_moved_client() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(2)).await;
+    let client = mux.connect("app", "app").await;
+    let cancel = client.cancel_token();
+    mux.upgrade().await;
+    // The key it was given by the first process, sent to the port the new one serves.
+    let sleeping = tokio::spawn(async move {
+        client
+            .simple_query("SELECT pg_sleep(60) /* upgrade cancel */")
+            .await
+    });
+    let watcher = pg.superuser_on("app").await;
+    let watcher = &watcher;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let rows = watcher
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%upgrade cancel%' AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            !rows.is_empty()
+        })
+        .await
+    );
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, MuxOptions::sized(2)).await;
+    let client = mux.connect("app", "app").await;
+    let config = std::fs::read_to_string(&mux.config_path).unwrap();
+    // The new process reads the config again: this one it refuses.
+    std::fs::write(
+        &mux.config_path,
+        format!("{config}\n[server]\nbroken = 1\n"),
+    )
+    .unwrap();
+    mux.signal("USR2");
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(30), || async move {
+            watched
+                .stderr_log()
+                .contains("upgrade given up: this process keeps serving")
+        })
+        .await,
+        "{}",
+        mux.stderr_log()
+    );
+    std::fs::write(&mux.config_path, config).unwrap();
+    common::answers_select_1(&client).await;
+    mux.still_serving().await;
+    // A later upgrade may try again.
+    let mut mux = mux;
+    mux.upgrade().await;
+    common::answers_select_1(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_mode_client_finishes_its_transaction_then_gets_57p01_and_reconnects() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        mode: "session",
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    let old = mux.pid();
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(mux.port)
+        .user("app")
+        .password(common::password_for("app"))
+        .dbname("app");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    // The connection's own outcome: the FATAL pgmux sends between transactions.
+    let connection = tokio::spawn(connection);
+    client.batch_execute("BEGIN").await.unwrap();
+    mux.request_upgrade().await;
+    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 42);
+    client.batch_execute("COMMIT").await.unwrap();
+    let closed = connection.await.unwrap().unwrap_err();
+    assert_eq!(closed.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{closed}");
+    let said = closed.as_db_error().expect("a FATAL from pgmux");
+    assert!(said.message().contains("session mode"), "{said:?}");
+    assert!(
+        said.hint().is_some_and(|h| h.contains("reconnect")),
+        "{said:?}"
+    );
+    mux.wait_gone(old).await;
+    // Its reconnect reaches the new process.
+    mux.still_serving().await;
+}
+
+/// pgbench (prepared protocol, transactions of two statements) started right before each
+/// of three upgrades: every transaction it counts succeeds, none fails, none reconnects
+/// (pgbench counts a lost connection as a failed client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_through_three_upgrades() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(4)).await;
+    let script = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        script.path(),
+        "\\set v random(1, 1000)\nBEGIN;\nSELECT :v;\nSELECT :v + 1;\nEND;\n",
+    )
+    .unwrap();
+    let url = mux.url("app", "app");
+    let mut processed = 0;
+    for _ in 0..UPGRADES {
+        let (bin, url, script) = (
+            pg.bin_dir().to_owned(),
+            url.clone(),
+            script.path().display().to_string(),
+        );
+        let bench = tokio::task::spawn_blocking(move || {
+            let args = [
+                "-n", "-c", "4", "-j", "2", "-t", "400", "-M", "prepared", "-f", &script, &url,
+            ];
+            common::run_pgbench(&bin, &args)
+        });
+        mux.upgrade().await;
+        let run = bench.await.unwrap();
+        let stdout = String::from_utf8_lossy(&run.stdout);
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "pgbench failed: {stderr}\n{stdout}");
+        assert!(
+            stdout.contains("number of transactions actually processed: 1600/1600"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{stdout}"
+        );
+        processed += 1600;
+    }
+    eprintln!("pgbench through {UPGRADES} upgrades: {processed} transactions, 0 failed");
+}
+
+/// A client whose query runs on the old process when the new one takes over: its cancel
+/// request reaches the new process, which passes it back to the old one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_request_reaches_a_query_still_running_on_the_old_process() {
+    let pg = TestPostgres::shared().await;
+    let mut mux = TestPgmux::start(pg, MuxOptions::sized(2)).await;
+    let old = mux.pid();
+    let client = Arc::new(mux.connect("app", "app").await);
+    let cancel = client.cancel_token();
+    let running = client.clone();
+    let sleeping = tokio::spawn(async move {
+        running
+            .simple_query("SELECT pg_sleep(60) /* upgrade old cancel */")
+            .await
+    });
+    let watcher = pg.superuser_on("app").await;
+    let watcher = &watcher;
+    let started = || async move {
+        let rows = watcher
+            .query(
+                "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%upgrade old cancel%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        !rows.is_empty()
+    };
+    assert!(eventually(Duration::from_secs(20), started).await);
+    mux.request_upgrade().await;
+    // The query holds a server on the old process: it cannot have moved.
+    assert!(mux.alive(old));
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let err = sleeping.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    mux.wait_gone(old).await;
+    common::answers_select_1(&client).await;
+}
