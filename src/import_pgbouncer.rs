@@ -1072,6 +1072,28 @@ mod tests {
     }
 
     #[test]
+    fn userlist_lines_for_scram_users() {
+        assert_eq!(
+            quoted(r#""a ""b"" c" rest"#),
+            Some((r#"a "b" c"#.to_owned(), " rest"))
+        );
+        assert_eq!(quoted(r#""open"#), None);
+        assert_eq!(quoted("bare"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("userlist.txt");
+        std::fs::write(
+            &file,
+            "; \"c\" \"SCRAM-SHA-256$x\"\n\"s\" \"SCRAM-SHA-256$4096:a$b:c\"\n\"m\" \"md5abc\"\n\"half\n\"\u{e9}\" \"SCRAM-SHA-256$\" x\n\"s\" \"SCRAM-SHA-256$again\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            scram_users(&file),
+            vec!["s".to_owned(), "\u{e9}".to_owned()]
+        );
+        assert!(scram_users(&dir.path().join("missing.txt")).is_empty());
+    }
+
+    #[test]
     fn durations_from_seconds() {
         assert_eq!(duration("600").as_deref(), Some("600s"));
         assert_eq!(duration("0.5").as_deref(), Some("500ms"));
