@@ -5,6 +5,13 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+/// PgBouncer 1.25's `auth_query` default (src/main.c, tag pgbouncer_1_25_2).
+const PGBOUNCER_AUTH_QUERY: &str = "SELECT rolname, CASE WHEN rolvaliduntil < now() THEN NULL ELSE rolpassword END FROM pg_authid WHERE rolname=$1 AND rolcanlogin";
+
+/// The most `tcp_keepidle`/`tcp_keepintvl` seconds and `tcp_keepcnt` probes pgmux (Linux) takes.
+const MAX_KEEPALIVE_SECS: u64 = 32767;
+const MAX_KEEPCNT: u64 = 127;
+
 /// `%include` nesting deeper than this is taken for a loop.
 const MAX_INCLUDE_DEPTH: usize = 10;
 
@@ -229,6 +236,19 @@ fn q(s: &str) -> String {
 /// PgBouncer seconds (possibly fractional, or with a unit such as `10s`/`500ms`) as a
 /// pgmux duration.
 fn duration(value: &str) -> Option<String> {
+    millis(value).map(|ms| {
+        if ms == 0 {
+            "0".to_owned()
+        } else if ms.is_multiple_of(1000) {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    })
+}
+
+/// PgBouncer seconds (as [`duration`] reads them) in milliseconds.
+fn millis(value: &str) -> Option<u64> {
     let v = value.trim();
     let (number, scale_ms) = if let Some(n) = v.strip_suffix("ms") {
         (n, 1.0)
@@ -247,14 +267,7 @@ fn duration(value: &str) -> Option<String> {
     if !n.is_finite() || n < 0.0 {
         return None;
     }
-    let ms = (n * scale_ms).round() as u64;
-    Some(if ms == 0 {
-        "0".to_owned()
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    })
+    Some((n * scale_ms).round() as u64)
 }
 
 fn integer(value: &str) -> Option<u64> {
@@ -359,7 +372,7 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
         "disable_pqexec" => "pgmux has no such switch; multi-statement simple queries are served",
         "application_name_add_host" => "pgmux keeps the client's application_name unchanged",
         "stats_period" => {
-            "pgmux keeps counters and histograms in /metrics (Prometheus computes rates)"
+            "pgmux's SHOW STATS averages use a fixed 60 s period (PgBouncer's default); /metrics has counters and histograms (Prometheus computes rates)"
         }
         "scram_iterations" => {
             "pgmux uses the iteration count of each stored verifier (4096 for plain passwords)"
@@ -407,9 +420,6 @@ fn unmapped_reason(key: &str) -> Option<&'static str> {
         }
         "server_tls_protocols" | "server_tls_ciphers" | "server_tls13_ciphers" => {
             "pgmux uses rustls' safe defaults: TLS 1.2 and 1.3 with its own cipher suites"
-        }
-        "query_wait_notify" => {
-            "pgmux sends no waiting NOTICE; waits are logged (admin.log_slow_waits) and in /metrics"
         }
         "max_packet_size" => {
             "outside pgmux's range for server.max_message_size (1024 to 1073741824)"
@@ -461,6 +471,14 @@ fn render(ini: &Ini, path: &Path) -> String {
             let mut from = a.clone();
             from.key = "listen_addr, listen_port".to_owned();
             server.set("listen", format!("[{}]", values.join(", ")), &from);
+            if list(&a.value).iter().any(|h| h == "*") {
+                server.note(
+                    "listen_addr",
+                    &a.value,
+                    &a.origin,
+                    "`*` is every IPv4 and IPv6 address in PgBouncer, 0.0.0.0 (IPv4 only) here; add the IPv6 addresses clients use to server.listen",
+                );
+            }
         }
         other_addr => {
             let origin = other_addr.map_or("not set", |a| a.origin.as_str());
@@ -493,6 +511,7 @@ fn render(ini: &Ini, path: &Path) -> String {
         pg_default("tcp_keepidle", "0"),
         pg_default("tcp_keepintvl", "0"),
         pg_default("tcp_keepcnt", "0"),
+        pg_default("query_wait_notify", "5"),
     ];
     // PgBouncer serves no client TLS without client_tls_sslmode; pgmux would prefer it
     // once cert_file is set.
@@ -501,10 +520,26 @@ fn render(ini: &Ini, path: &Path) -> String {
         .get("client_tls_cert_file")
         .is_some()
         .then_some(&tls_default);
-    for d in implied.iter().chain(tls_implied) {
+    // pgmux's auth_query reads pg_shadow; PgBouncer 1.25's also refuses expired passwords
+    // and roles that cannot log in.
+    let query_default = pg_default("auth_query", PGBOUNCER_AUTH_QUERY);
+    let auth_user_anywhere = ini.get("auth_user").is_some()
+        || ini.databases.iter().any(|d| {
+            parse_connstr(&d.value).is_ok_and(|p| p.iter().any(|(k, _)| k == "auth_user"))
+        });
+    let query_implied = auth_user_anywhere.then_some(&query_default);
+    for d in implied.iter().chain(tls_implied).chain(query_implied) {
         if ini.get(&d.key).is_none() {
             defaults.push((d.key.as_str(), d));
         }
+    }
+    if ini.get("auth_type").is_none() {
+        auth.note(
+            "auth_type",
+            "",
+            "not set",
+            "PgBouncer's default is md5; pgmux's scram-sha-256 is kept: md5 hashes in the userlist still log in with md5, SCRAM verifiers with SCRAM (as PgBouncer does), plain-text passwords with SCRAM instead of md5",
+        );
     }
     let settings = ini
         .pgbouncer
@@ -512,6 +547,12 @@ fn render(ini: &Ini, path: &Path) -> String {
         .map(|e| (e.key.as_str(), e))
         .chain(defaults);
 
+    // The wait pgmux will allow, for query_wait_notify: PgBouncer's 120 s if unset, pgmux's
+    // 5 s if the ini's cannot be carried (0 or invalid).
+    let wait_ms = match ini.get("query_wait_timeout") {
+        None => 120_000,
+        Some(e) => millis(&e.value).filter(|&ms| ms > 0).unwrap_or(5_000),
+    };
     let mut client_tls_mode: Option<&Entry> = None;
     for (key, e) in settings {
         let v = e.value.as_str();
@@ -558,11 +599,19 @@ fn render(ini: &Ini, path: &Path) -> String {
                 Some(_) => pool.skip(e, "0 (no limit) has no pgmux equivalent; pgmux's 5s is kept"),
                 None => pool.bad(e, "duration"),
             },
-            "server_idle_timeout" | "server_lifetime" | "idle_transaction_timeout"
-            | "query_timeout" | "tcp_keepidle" | "tcp_keepintvl" => {
+            "server_lifetime" => lifetime(&mut pool, e),
+            "query_wait_notify" => match millis(v) {
+                Some(0) => pool.set("wait_notice_after", q("0"), e),
+                Some(ms) if ms >= wait_ms => pool.skip(
+                    e,
+                    "at or above the wait timeout, so no waiting client would see it; pgmux's default (no NOTICE) is kept",
+                ),
+                Some(_) => pool.set("wait_notice_after", q(&duration(v).unwrap_or_default()), e),
+                None => pool.bad(e, "duration"),
+            },
+            "server_idle_timeout" | "idle_transaction_timeout" | "query_timeout" => {
                 let target = match key {
                     "server_idle_timeout" => "idle_timeout",
-                    "server_lifetime" => "max_lifetime",
                     other => other,
                 };
                 match duration(v) {
@@ -570,6 +619,18 @@ fn render(ini: &Ini, path: &Path) -> String {
                     None => pool.bad(e, "duration"),
                 }
             }
+            // Whole seconds in both (PgBouncer reads an integer).
+            "tcp_keepidle" | "tcp_keepintvl" => match integer(v) {
+                Some(0) => pool.set(key, q("0"), e),
+                Some(n) if n <= MAX_KEEPALIVE_SECS => pool.set(key, q(&format!("{n}s")), e),
+                Some(_) => pool.skip(e, "above the kernel's limit of 32767 s, which pgmux refuses; pgmux's default is kept"),
+                None => pool.bad(e, "number of seconds"),
+            },
+            "tcp_keepcnt" => match integer(v) {
+                Some(n) if n <= MAX_KEEPCNT => pool.set(key, n.to_string(), e),
+                Some(_) => pool.skip(e, "above the kernel's limit of 127 probes, which pgmux refuses; pgmux's default is kept"),
+                None => pool.bad(e, "number"),
+            },
             "tcp_user_timeout" => match integer(v) {
                 Some(0) => pool.set("tcp_user_timeout", q("0"), e),
                 Some(ms) => pool.set("tcp_user_timeout", q(&format!("{ms}ms")), e),
@@ -579,7 +640,7 @@ fn render(ini: &Ini, path: &Path) -> String {
                 Some(b) => pool.set("tcp_keepalive", b.to_string(), e),
                 None => pool.bad(e, "boolean"),
             },
-            "tcp_keepcnt" | "max_prepared_statements" | "max_db_connections"
+            "max_prepared_statements" | "max_db_connections"
             | "max_user_connections" | "max_db_client_connections"
             | "max_user_client_connections" => match integer(v) {
                 Some(n) => pool.set(key, n.to_string(), e),
@@ -712,11 +773,44 @@ fn render(ini: &Ini, path: &Path) -> String {
         out.push('\n');
         database(&mut out, e, &socket_dir);
     }
+    // PgBouncer's md5 logs a user whose secret is a SCRAM verifier in with SCRAM; pgmux's
+    // md5 refuses such a user, so each of them gets its own scram-sha-256.
+    let md5 = ini
+        .get("auth_type")
+        .is_some_and(|e| e.value.eq_ignore_ascii_case("md5"));
+    let mut scram = match ini.get("auth_file") {
+        Some(f) if md5 => scram_users(&relative_to(path, &f.value)),
+        _ => Vec::new(),
+    };
     for e in &ini.users {
         out.push('\n');
-        user(&mut out, e);
+        let is_scram = scram.contains(&e.key);
+        scram.retain(|u| *u != e.key);
+        user(&mut out, e, is_scram);
+    }
+    for name in scram {
+        let _ = writeln!(out, "\n[users.{}]", q(&name));
+        out.push_str(SCRAM_USER_LINE);
+        out.push('\n');
     }
     out
+}
+
+/// `server_lifetime` as `max_lifetime`. PgBouncer's 0 means "use each connection once",
+/// pgmux's "unlimited": 0 becomes 1 ns, so each connection is closed when it comes back.
+fn lifetime(t: &mut Table, e: &Entry) {
+    match millis(&e.value) {
+        Some(0) => {
+            t.set("max_lifetime", q("1ns"), e);
+            t.skip(e, "0 means \"use each server connection once\" in PgBouncer but \"unlimited\" in pgmux; written as 1ns, which closes each connection when it is given back");
+        }
+        Some(_) => t.set(
+            "max_lifetime",
+            q(&duration(&e.value).unwrap_or_default()),
+            e,
+        ),
+        None => t.bad(e, "duration"),
+    }
 }
 
 fn write_table(out: &mut String, name: &str, table: &Table) {
@@ -759,6 +853,17 @@ fn database(out: &mut String, e: &Entry, socket_dir: &str) {
             origin: e.origin.clone(),
         };
         match key.as_str() {
+            "host" if value.starts_with('@') => {
+                let _ = writeln!(
+                    out,
+                    "# not imported: [databases] {} = {} ({}): host {} is a Unix socket in the abstract namespace, which pgmux cannot reach (use a socket directory or TCP)",
+                    comment_safe(&e.key),
+                    comment_safe(&e.value),
+                    comment_safe(&e.origin),
+                    comment_safe(value)
+                );
+                return;
+            }
             "host" => {
                 let hosts = list(value);
                 if let Some(h) = hosts.first() {
@@ -792,10 +897,7 @@ fn database(out: &mut String, e: &Entry, socket_dir: &str) {
                 Some(n) => t.set(key, n.to_string(), &from),
                 None => t.bad(&from, "number"),
             },
-            "server_lifetime" => match duration(value) {
-                Some(d) => t.set("max_lifetime", q(&d), &from),
-                None => t.bad(&from, "duration"),
-            },
+            "server_lifetime" => lifetime(&mut t, &from),
             "client_encoding" | "datestyle" | "timezone" | "application_name" => t.skip(
                 &from,
                 "pgmux does not set server parameters per database; set them on the role or database in PostgreSQL (ALTER DATABASE ... SET)",
@@ -820,8 +922,57 @@ fn database(out: &mut String, e: &Entry, socket_dir: &str) {
     }
 }
 
-fn user(out: &mut String, e: &Entry) {
+/// Written for a userlist user with a SCRAM verifier when auth_type is md5.
+const SCRAM_USER_LINE: &str = "auth_method = \"scram-sha-256\"    # auth_type = md5 and a SCRAM secret in auth_file: PgBouncer logs this user in with SCRAM";
+
+/// The users of a PgBouncer userlist whose secret is a SCRAM verifier. An unreadable file
+/// gives none: `pgmux check` reports it at `auth.userlist_file`.
+fn scram_users(path: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.starts_with(';') || line.starts_with('#') {
+            continue;
+        }
+        let Some((name, rest)) = quoted(line) else {
+            continue;
+        };
+        if let Some((secret, _)) = quoted(rest.trim_start())
+            && secret.starts_with("SCRAM-SHA-256$")
+            && !found.contains(&name)
+        {
+            found.push(name);
+        }
+    }
+    found
+}
+
+/// A `"..."` string at the start of `text` (`""` stands for `"`), and what follows it.
+fn quoted(text: &str) -> Option<(String, &str)> {
+    let rest = text.strip_prefix('"')?;
+    let mut value = String::new();
+    let mut chars = rest.char_indices();
+    while let Some((i, c)) = chars.next() {
+        if c != '"' {
+            value.push(c);
+        } else if rest[i + 1..].starts_with('"') {
+            value.push('"');
+            chars.next();
+        } else {
+            return Some((value, &rest[i + 1..]));
+        }
+    }
+    None
+}
+
+fn user(out: &mut String, e: &Entry, scram: bool) {
     let mut t = Table::default();
+    if scram {
+        t.lines.push(SCRAM_USER_LINE.to_owned());
+    }
     match parse_connstr(&e.value) {
         Ok(params) => {
             for (key, value) in &params {
@@ -848,12 +999,13 @@ fn user(out: &mut String, e: &Entry) {
                     "reserve_pool" | "reserve_pool_size" => {
                         t.skip(&from, "pgmux has no reserve pool; raise size instead")
                     }
-                    "query_timeout"
-                    | "idle_transaction_timeout"
-                    | "client_idle_timeout"
-                    | "transaction_timeout" => t.skip(
+                    "query_timeout" | "idle_transaction_timeout" => t.skip(
                         &from,
                         "pgmux sets this per database or in [pool], not per user",
+                    ),
+                    "client_idle_timeout" | "transaction_timeout" => t.skip(
+                        &from,
+                        unmapped_reason(key).expect("listed in unmapped_reason"),
                     ),
                     _ => t.skip(&from, "unknown user parameter"),
                 }
@@ -917,6 +1069,28 @@ mod tests {
         assert!(parse_connstr("host").is_err());
         assert!(parse_connstr("password='open").is_err());
         assert_eq!(parse_connstr("").unwrap(), vec![]);
+    }
+
+    #[test]
+    fn userlist_lines_for_scram_users() {
+        assert_eq!(
+            quoted(r#""a ""b"" c" rest"#),
+            Some((r#"a "b" c"#.to_owned(), " rest"))
+        );
+        assert_eq!(quoted(r#""open"#), None);
+        assert_eq!(quoted("bare"), None);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("userlist.txt");
+        std::fs::write(
+            &file,
+            "; \"c\" \"SCRAM-SHA-256$x\"\n\"s\" \"SCRAM-SHA-256$4096:a$b:c\"\n\"m\" \"md5abc\"\n\"half\n\"\u{e9}\" \"SCRAM-SHA-256$\" x\n\"s\" \"SCRAM-SHA-256$again\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            scram_users(&file),
+            vec!["s".to_owned(), "\u{e9}".to_owned()]
+        );
+        assert!(scram_users(&dir.path().join("missing.txt")).is_empty());
     }
 
     #[test]

@@ -124,6 +124,9 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         "tcp_keepidle = \"30s\"",
         "tcp_keepintvl = \"10s\"",
         "tcp_user_timeout = \"30000ms\"",
+        "wait_notice_after = \"5s\"",
+        "max_lifetime = \"1800s\"",
+        "auth_query = \"SELECT usename, passwd FROM pg_shadow WHERE usename=$1\"",
     ];
     for line in mapped {
         assert!(toml.contains(line), "missing `{line}`:\n{toml}");
@@ -168,7 +171,6 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         "dns_nxdomain_ttl",
         "dns_zone_check_period",
         "resolv_conf",
-        "query_wait_notify",
         "cancel_wait_timeout",
         "client_idle_timeout",
         "transaction_timeout",
@@ -194,6 +196,7 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         "timezone",
         "application_name",
         "load_balance_hosts",
+        "reserve_pool",
     ];
     for key in commented {
         let found = toml
@@ -240,6 +243,236 @@ fn every_pgbouncer_key_is_mapped_or_commented_with_a_reason() {
         &dir.path().join("out.toml").to_string_lossy(),
     ]);
     assert!(stdout.contains("pgmux_auth"), "{stdout}");
+}
+
+/// Where PgBouncer documents a key: `[pgbouncer]` settings, `[databases]` connection-string
+/// parameters, `[users]` parameters, `[peers]` connection-string parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum KeySection {
+    Pgbouncer,
+    Databases,
+    Users,
+    Peers,
+}
+
+/// The keys of tests/import/pgbouncer-1.25-keys.txt, transcribed from PgBouncer 1.25.2's
+/// doc/config.md (its header cites the tag, commit and lines).
+fn documented_keys() -> Vec<(KeySection, String)> {
+    let text = std::fs::read_to_string(fixtures().join("pgbouncer-1.25-keys.txt")).unwrap();
+    let keys: Vec<(KeySection, String)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let section = match words.next() {
+                Some("pgbouncer") => KeySection::Pgbouncer,
+                Some("databases") => KeySection::Databases,
+                Some("users") => KeySection::Users,
+                Some("peers") => KeySection::Peers,
+                other => panic!("bad section {other:?} in `{l}`"),
+            };
+            let key = words.next().expect("a key after the section");
+            let line: usize = words
+                .next()
+                .and_then(|n| n.parse().ok())
+                .expect("its line in config.md");
+            assert!(line > 0, "{l}");
+            (section, key.to_owned())
+        })
+        .collect();
+    // The transcription itself: config.md 1.25.2 has 99 [pgbouncer] settings, 20 [databases]
+    // parameters (+ the alias reserve_pool), 9 [users] and 3 [peers] parameters.
+    let count = |s: KeySection| keys.iter().filter(|(k, _)| *k == s).count();
+    assert_eq!(count(KeySection::Pgbouncer), 99);
+    assert_eq!(count(KeySection::Databases), 21);
+    assert_eq!(count(KeySection::Users), 9);
+    assert_eq!(count(KeySection::Peers), 3);
+    keys
+}
+
+/// What the importer did with `key` of `section` in `toml`: `Ok(how)` if it mapped it or
+/// listed it with a reason of its own, `Err` if it did neither (or only called it unknown).
+fn disposition(toml: &str, section: KeySection, key: &str) -> Result<String, String> {
+    let mut current = KeySection::Pgbouncer;
+    for line in toml.lines() {
+        if line.starts_with("[databases.") {
+            current = KeySection::Databases;
+        } else if line.starts_with("[users.") {
+            current = KeySection::Users;
+        } else if line.starts_with('[') {
+            current = KeySection::Pgbouncer;
+        }
+        if let Some(peer) = line.strip_prefix("# not imported: [peers] ") {
+            if section == KeySection::Peers && peer.contains(&format!(" {key}=")) {
+                return Ok(line.to_owned());
+            }
+            continue;
+        }
+        if current != section {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# not imported: ") {
+            if rest.starts_with(&format!("{key} = ")) {
+                let (_, reason) = rest.split_once("): ").ok_or(line)?;
+                if reason.starts_with("unknown") || reason.len() < 10 {
+                    return Err(format!("only called unknown: {line}"));
+                }
+                return Ok(line.to_owned());
+            }
+        } else if !line.starts_with('#')
+            && let Some((_, source)) = line.split_once("    # ")
+            && let Some((names, _)) = source.split_once(" (")
+            && names.split(", ").any(|n| n == key)
+        {
+            return Ok(line.to_owned());
+        }
+    }
+    Err("neither mapped nor listed".to_owned())
+}
+
+#[test]
+fn every_key_documented_in_pgbouncer_1_25_is_mapped_or_listed() {
+    let keys = documented_keys();
+    // The fixture sets every documented key...
+    let ini: String = ["all-keys.ini", "all-keys-extra.ini"]
+        .iter()
+        .map(|f| std::fs::read_to_string(fixtures().join(f)).unwrap())
+        .collect();
+    let connstrs = |name: &str| -> Vec<String> {
+        ini.lines()
+            .filter(|l| l.starts_with(&format!("{name} = ")))
+            .map(|l| format!(" {}", l.split_once(" = ").unwrap().1))
+            .collect()
+    };
+    for (section, key) in &keys {
+        let set = match section {
+            KeySection::Pgbouncer => ini.lines().any(|l| l.starts_with(&format!("{key} = "))),
+            KeySection::Databases => ["app", "reports"]
+                .iter()
+                .any(|db| connstrs(db).iter().any(|c| c.contains(&format!(" {key}=")))),
+            KeySection::Users => connstrs("app")
+                .iter()
+                .any(|c| c.contains(&format!(" {key}="))),
+            KeySection::Peers => connstrs("1")
+                .iter()
+                .any(|c| c.contains(&format!(" {key}="))),
+        };
+        assert!(set, "all-keys.ini does not set {section:?} {key}");
+    }
+    // ...and the importer maps each one, or lists it with its reason.
+    let dir = tempfile::tempdir().unwrap();
+    for f in [
+        "all-keys.ini",
+        "all-keys-extra.ini",
+        "userlist.txt",
+        "hba.conf",
+    ] {
+        std::fs::copy(fixtures().join(f), dir.path().join(f)).unwrap();
+    }
+    let (code, toml, stderr) = pgmux(&[
+        "import-pgbouncer",
+        &dir.path().join("all-keys.ini").to_string_lossy(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let missing: Vec<String> = keys
+        .iter()
+        .filter_map(|(section, key)| {
+            disposition(&toml, *section, key)
+                .err()
+                .map(|why| format!("{section:?} {key}: {why}"))
+        })
+        .collect();
+    assert!(missing.is_empty(), "{missing:#?}\n{toml}");
+    // The check itself: a key no importer knows is caught.
+    assert!(disposition(&toml, KeySection::Pgbouncer, "no_such_key").is_err());
+    assert!(disposition(&toml, KeySection::Users, "dbname").is_err());
+}
+
+#[test]
+fn pgbouncer_semantics_that_differ_are_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    let ini = dir.path().join("p.ini");
+    std::fs::write(
+        &ini,
+        "[databases]\nonce = host=127.0.0.1 server_lifetime=0\n\
+         abstract = host=@pgsock\n\
+         [pgbouncer]\nlisten_addr = *\nserver_lifetime = 0\nquery_wait_timeout = 3\n\
+         query_wait_notify = 5\ntcp_keepcnt = 500\ntcp_keepidle = 40000\n\
+         auth_user = pgmux_auth\n",
+    )
+    .unwrap();
+    let (code, toml, stderr) = pgmux(&["import-pgbouncer", &ini.to_string_lossy()]);
+    assert_eq!(code, 0, "{stderr}");
+    // server_lifetime 0 is "use once" in PgBouncer, "unlimited" in pgmux.
+    assert_eq!(toml.matches("max_lifetime = \"1ns\"").count(), 2, "{toml}");
+    // A notice after the wait has timed out would never be sent.
+    assert!(!toml.contains("wait_notice_after"), "{toml}");
+    assert!(
+        toml.contains("# not imported: query_wait_notify = 5"),
+        "{toml}"
+    );
+    // Beyond the kernel's limits: commented, not written for pgmux check to refuse.
+    assert!(toml.contains("# not imported: tcp_keepcnt = 500"), "{toml}");
+    assert!(
+        toml.contains("# not imported: tcp_keepidle = 40000"),
+        "{toml}"
+    );
+    // `*` is IPv4 and IPv6 in PgBouncer.
+    assert!(toml.contains("listen = [\"0.0.0.0:6432\"]"), "{toml}");
+    assert!(toml.contains("# not imported: listen_addr = * "), "{toml}");
+    // An abstract-namespace socket cannot be reached.
+    assert!(
+        toml.contains("# not imported: [databases] abstract = host=@pgsock"),
+        "{toml}"
+    );
+    assert!(!toml.contains("[databases.\"abstract\"]"), "{toml}");
+    // auth_user without auth_query: PgBouncer 1.25's query, not pgmux's.
+    assert!(
+        toml.contains("FROM pg_authid WHERE rolname=$1 AND rolcanlogin"),
+        "{toml}"
+    );
+    // auth_type unset: PgBouncer's md5 default is explained.
+    assert!(
+        toml.contains("# not imported: auth_type =  (not set): PgBouncer's default is md5"),
+        "{toml}"
+    );
+}
+
+#[test]
+fn md5_with_scram_secrets_logs_those_users_in_with_scram() {
+    // Debian's pgbouncer.ini says auth_type = md5; a userlist copied from a PostgreSQL 14+
+    // pg_authid holds SCRAM verifiers, which PgBouncer then checks with SCRAM.
+    let dir = tempfile::tempdir().unwrap();
+    let userlist = dir.path().join("userlist.txt");
+    std::fs::write(
+        &userlist,
+        concat!(
+            "\"app\" \"SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:JgKqUx6b7CnTV+T6ot4Dyyd5+pKMg8EeGOHn6LvBm9k=\"\n",
+            "\"say \"\"hi\"\"\" \"SCRAM-SHA-256$4096:W22ZaJ0SNY7soEsUEjb6gQ==$WG5d8oPm3OtcPnkdi4Uo7BkeZkBFzpcXkuLmtbsT4qY=:JgKqUx6b7CnTV+T6ot4Dyyd5+pKMg8EeGOHn6LvBm9k=\"\n",
+            "\"old\" \"md5a3556571e93b0d20722ba62be61e8c2d\"\n",
+        ),
+    )
+    .unwrap();
+    let text = std::fs::read_to_string(fixtures().join("debian-pgbouncer.ini")).unwrap();
+    let text = text.replace(
+        "auth_file = /etc/pgbouncer/userlist.txt",
+        &format!("auth_file = {}", userlist.display()),
+    );
+    let text = text.replace("[users]\n", "[users]\napp = pool_mode=transaction\n");
+    let ini = dir.path().join("pgbouncer.ini");
+    std::fs::write(&ini, text).unwrap();
+    let toml = import_and_check(&ini, &dir.path().join("pgmux.toml"));
+    assert!(toml.contains("method = \"md5\""), "{toml}");
+    assert!(
+        toml.contains("[users.\"app\"]\nauth_method = \"scram-sha-256\""),
+        "{toml}"
+    );
+    assert_eq!(toml.matches("[users.\"app\"]").count(), 1, "{toml}");
+    assert!(
+        toml.contains("[users.'say \"hi\"']\nauth_method = \"scram-sha-256\""),
+        "{toml}"
+    );
+    assert!(!toml.contains("[users.\"old\"]"), "{toml}");
 }
 
 #[test]
