@@ -36,5 +36,5 @@ pub mod protocol;
 pub mod sd_notify;
 pub mod server;
 pub mod stats;
-pub mod workers;
 pub mod upgrade;
+pub mod workers;

@@ -13,8 +13,8 @@ use tracing::{info, warn};
 
 use crate::client;
 use crate::pooler::Pooler;
-use crate::workers::Workers;
 use crate::upgrade::state::SessionState;
+use crate::workers::Workers;
 
 /// Backlog of a listener bound with `reuse_port` (what `TcpListener::bind` uses).
 const BACKLOG: u32 = 1024;

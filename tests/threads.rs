@@ -135,12 +135,22 @@ async fn waiters_on_different_threads_are_served_in_the_order_they_came() {
     let mut waiters = Vec::new();
     for i in 0..6u64 {
         let client = mux.connect("app", "app").await;
+        // One message, so one checkout (query_one would prepare first, and its Bind
+        // would queue again behind the others).
         waiters.push(tokio::spawn(async move {
-            let row = client
-                .query_one("SELECT nextval('served')", &[])
+            let messages = client
+                .simple_query("SELECT nextval('served')")
                 .await
                 .unwrap();
-            row.get::<_, i64>(0)
+            messages
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                    _ => None,
+                })
+                .expect("a row")
+                .parse::<i64>()
+                .unwrap()
         }));
         until_waiting(&mux, i + 1).await;
     }
