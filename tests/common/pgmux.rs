@@ -123,6 +123,26 @@ pub struct TestPgmux {
 }
 
 impl TestPgmux {
+    /// The handle of a pgmux `process` that listens on `port`, its files in `dir`.
+    fn listening(
+        port: u16,
+        admin_port: Option<u16>,
+        process: Process,
+        dir: tempfile::TempDir,
+    ) -> TestPgmux {
+        TestPgmux {
+            port,
+            config_path: dir.path().join("pgmux.toml"),
+            admin_port,
+            expect_panics: false,
+            process,
+            upgraded: None,
+            successors: Vec::new(),
+            log_path: dir.path().join("pgmux.log"),
+            _dir: dir,
+        }
+    }
+
     /// Writes a config for `pg` and starts pgmux on a free port; returns once it listens.
     /// Panics with pgmux's output if it exits or does not listen within 10 s.
     pub async fn start(pg: &TestPostgres, opts: MuxOptions) -> TestPgmux {
@@ -140,17 +160,7 @@ impl TestPgmux {
             let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
             match process.wait_listening(port, &log_path).await {
                 Ready::Listening => {
-                    return TestPgmux {
-                        port,
-                        config_path,
-                        admin_port,
-                        expect_panics: false,
-                        process,
-                        upgraded: None,
-                        successors: Vec::new(),
-                        log_path,
-                        _dir: dir,
-                    };
+                    return TestPgmux::listening(port, admin_port, process, dir);
                 }
                 // Another process took the port between our probe and pgmux's bind.
                 Ready::PortTaken => continue,
@@ -179,17 +189,7 @@ impl TestPgmux {
             fs::write(&config_path, with_pid_file(&text, &config_path)).expect("config written");
             let mut process = Process::spawn(&config_path, &log_path, dir.path(), &opts.env);
             if let Ready::Listening = process.wait_listening(port, &log_path).await {
-                return TestPgmux {
-                    port,
-                    config_path,
-                    admin_port,
-                    expect_panics: false,
-                    process,
-                    upgraded: None,
-                    successors: Vec::new(),
-                    log_path,
-                    _dir: dir,
-                };
+                return TestPgmux::listening(port, admin_port, process, dir);
             }
         }
         panic!(
