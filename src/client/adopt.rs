@@ -8,7 +8,7 @@ use bytes::BytesMut;
 
 use super::error::ClientError;
 use super::params::ClientParams;
-use super::session::{Limits, Session};
+use super::session::{Session, SessionParts};
 use crate::config::PoolMode;
 use crate::pooler::Pooler;
 use crate::prepared::ClientStatements;
@@ -49,7 +49,6 @@ pub(super) fn session(
     let Some(cancel) = pooler.cancels.adopt(cancel_key) else {
         return Err(Box::new(ClientError::Upgrading("its cancel key is taken")));
     };
-    let snapshot = pooler.snapshot();
     let max_prepared = settings.max_prepared_statements as usize;
     if statements.len() > max_prepared.max(pooler.statements.capacity()) {
         return Err(Box::new(ClientError::TooManyStatements(max_prepared)));
@@ -62,33 +61,18 @@ pub(super) fn session(
     let view = pooler
         .clients_registry
         .register(peer, &database, &user, &application_name, None);
-    let kill_switch = pooler.admission.arm(view.id(), &pooler.kill);
-    Ok(Session {
-        server: None,
-        view,
-        mode: settings.mode,
-        limits: Limits {
-            idle_transaction: settings.idle_transaction_timeout,
-            query: settings.query_timeout,
-            partial_message: snapshot.config.server.partial_message_timeout,
-            pinned_idle: settings.pinned_idle_timeout,
-        },
-        state_policy: settings.session_state,
-        verify_always: settings.verify_every_transaction,
-        max_message_size: snapshot.config.server.max_message_size,
-        reset_query: settings.server_reset_query.clone(),
-        max_prepared,
-        registry: pooler.statements.clone(),
-        params: ClientParams::from_parts(wants, greeted, seen),
+    Ok(Session::assemble(
+        pooler,
+        &pooler.snapshot(),
         pool,
-        cancel,
-        stop: pooler.stop.clone(),
-        kill: kill_switch.token().clone(),
-        _kill_switch: kill_switch,
-        upgrade: pooler.upgrade.handover.clone(),
-        statements: names,
-        cbuf: BytesMut::new(),
-        _client_slot: client_slot,
-        notify: pooler.notify.clone(),
-    })
+        SessionParts {
+            server: None,
+            view,
+            params: ClientParams::from_parts(wants, greeted, seen),
+            cancel,
+            statements: names,
+            cbuf: BytesMut::new(),
+            client_slot,
+        },
+    ))
 }

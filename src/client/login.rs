@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use super::error::ClientError;
 use super::params::{ClientParams, quote_literal};
-use super::session::{Limits, Session};
+use super::session::{Session, SessionParts};
 use super::stream::ClientStream;
 use super::tls::{ALPN_POSTGRESQL, ClientTls};
 use crate::auth::rules::{Request, Verdict, decide};
@@ -434,35 +434,20 @@ pub(super) async fn greet(
     if let Some(server) = &held {
         view.set_server(Some((server.id(), server.key().process_id)));
     }
-    let kill_switch = pooler.admission.arm(view.id(), &pooler.kill);
-    Ok(Session {
-        server: held,
-        view,
-        mode: pool_settings.mode,
-        limits: Limits {
-            idle_transaction: pool_settings.idle_transaction_timeout,
-            query: pool_settings.query_timeout,
-            partial_message: snapshot.config.server.partial_message_timeout,
-            pinned_idle: pool_settings.pinned_idle_timeout,
-        },
-        state_policy: pool_settings.session_state,
-        verify_always: pool_settings.verify_every_transaction,
-        max_message_size: snapshot.config.server.max_message_size,
-        reset_query: pool_settings.server_reset_query.clone(),
-        max_prepared: pool_settings.max_prepared_statements as usize,
-        registry: pooler.statements.clone(),
-        params: settings,
+    Ok(Session::assemble(
+        pooler,
+        &snapshot,
         pool,
-        cancel,
-        stop: pooler.stop.clone(),
-        kill: kill_switch.token().clone(),
-        _kill_switch: kill_switch,
-        upgrade: pooler.upgrade.handover.clone(),
-        statements: Default::default(),
-        cbuf,
-        _client_slot: client_slot,
-        notify: pooler.notify.clone(),
-    })
+        SessionParts {
+            server: held,
+            view,
+            params: settings,
+            cancel,
+            statements: Default::default(),
+            cbuf,
+            client_slot,
+        },
+    ))
 }
 
 /// Session mode: checks out the server the client keeps for its whole session (a login

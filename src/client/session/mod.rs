@@ -210,6 +210,62 @@ pub(super) struct Loop<'c> {
     pub(super) pending_unlisten: state::PendingUnlisten,
 }
 
+/// What differs between a client that logged in here (`login.rs`) and one an upgrade moved
+/// in (`adopt.rs`); [`Session::assemble`] takes the rest from the pooler and the pool.
+pub(in crate::client) struct SessionParts {
+    pub server: Option<Lease>,
+    pub view: ClientHandle,
+    pub params: ClientParams,
+    pub cancel: CancelHandle,
+    pub statements: ClientStatements,
+    pub cbuf: BytesMut,
+    pub client_slot: Option<crate::pooler::ClientSlot>,
+}
+
+impl Session {
+    /// A session of `pool` with its limits and policies from the pool's settings and
+    /// `snapshot` (the config the client logged in under), its kill switch armed (console
+    /// KILL_CLIENT).
+    pub(in crate::client) fn assemble(
+        pooler: &crate::pooler::Pooler,
+        snapshot: &crate::pooler::Snapshot,
+        pool: Arc<Pool>,
+        parts: SessionParts,
+    ) -> Session {
+        let settings = pool.settings();
+        let server = &snapshot.config.server;
+        let kill_switch = pooler.admission.arm(parts.view.id(), &pooler.kill);
+        Session {
+            server: parts.server,
+            view: parts.view,
+            mode: settings.mode,
+            limits: Limits {
+                idle_transaction: settings.idle_transaction_timeout,
+                query: settings.query_timeout,
+                partial_message: server.partial_message_timeout,
+                pinned_idle: settings.pinned_idle_timeout,
+            },
+            state_policy: settings.session_state,
+            verify_always: settings.verify_every_transaction,
+            max_message_size: server.max_message_size,
+            reset_query: settings.server_reset_query.clone(),
+            max_prepared: settings.max_prepared_statements as usize,
+            registry: pooler.statements.clone(),
+            params: parts.params,
+            pool,
+            cancel: parts.cancel,
+            stop: pooler.stop.clone(),
+            kill: kill_switch.token().clone(),
+            _kill_switch: kill_switch,
+            upgrade: pooler.upgrade.handover.clone(),
+            statements: parts.statements,
+            cbuf: parts.cbuf,
+            _client_slot: parts.client_slot,
+            notify: pooler.notify.clone(),
+        }
+    }
+}
+
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
