@@ -188,6 +188,7 @@ public class PgjdbcUpgrade {
             return 1;
         }
         try {
+            check(transactions > 0, "no transaction committed");
             check(!conn.isClosed(), "the connection is closed");
             int now = conn.unwrap(PGConnection.class).getBackendPID();
             check(now == pid, "backend pid " + now + ", was " + pid);

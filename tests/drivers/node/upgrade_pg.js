@@ -142,6 +142,7 @@ async function main() {
     return 1;
   }
   try {
+    check(transactions > 0, 'no transaction committed');
     check(!broken, `the connection broke: ${broken && broken.message}`);
     check(client.processID === pid, `backend pid ${client.processID}, was ${pid}`);
     await expect(client, transactions, 'at the end');

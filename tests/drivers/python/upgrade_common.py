@@ -76,6 +76,9 @@ class Progress:
         """Prints the worker's result line and returns its exit status."""
         for e in self.errors[:5]:
             print(f"{self.name}: error: {e}")
+        if not self.transactions:
+            print(f"{self.name}: FAILED: no transaction committed")
+            return 1
         if self.errors:
             print(
                 f"{self.name}: FAILED: {len(self.errors)} errors in {self.transactions} transactions"
