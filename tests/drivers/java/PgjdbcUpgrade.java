@@ -195,6 +195,8 @@ public class PgjdbcUpgrade {
             expect(checkStmt, transactions, "at the end");
             check(APP.equals(show(conn, "application_name")), "application_name lost");
             check(STATEMENT_TIMEOUT.equals(show(conn, "statement_timeout")), "statement_timeout lost");
+            String reported = conn.unwrap(PGConnection.class).getParameterStatus("application_name");
+            check(APP.equals(reported), "the application_name last reported to pgjdbc is " + reported);
             cancelCheck(conn);
             expect(checkStmt, transactions, "after the cancel");
             check(conn.unwrap(PGConnection.class).getBackendPID() == pid, "backend pid changed by the cancel");
