@@ -32,6 +32,7 @@ pub(super) fn session(
         greeted,
         seen,
         statements,
+        channels,
     } = state;
     let Some(pool) = pooler.pool(&database, &user) else {
         return Err(Box::new(ClientError::UnknownDatabase(database)));
@@ -58,9 +59,25 @@ pub(super) fn session(
         let statement = pooler.statements.statement(&s.query, &s.param_types);
         names.insert(&s.name, statement);
     }
+    // Its LISTENs: the subscription this process made for it before it came (notify.rs).
+    let subscription = if channels.is_empty() {
+        None
+    } else {
+        match pooler.notify.claim(cancel_key, &channels) {
+            Some(sub) => Some(Box::new(sub)),
+            None => {
+                return Err(Box::new(ClientError::Upgrading(
+                    "its LISTEN channels were not handed over",
+                )));
+            }
+        }
+    };
     let view = pooler
         .clients_registry
         .register(peer, &database, &user, &application_name, None);
+    if !channels.is_empty() {
+        view.set_channels(channels);
+    }
     Ok(Session::assemble(
         pooler,
         &pooler.snapshot(),
@@ -73,6 +90,7 @@ pub(super) fn session(
             statements: names,
             cbuf: BytesMut::new(),
             client_slot,
+            subscription,
         },
     ))
 }

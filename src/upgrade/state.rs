@@ -7,17 +7,20 @@
 //! | wants: u32 n × (name, kind u8 [0 text, 1 sql], value)
 //! | greeted: u32 n × (name, value) | seen: u32 n × (name, value)
 //! | statements: u32 n × (name, query, u16 n × type oid u32)
+//! | channels: u32 n × name                       (version 2)
 //! ```
+//! Version 1 (an older pgmux's, without the channels) is read too.
 //! Strings are u32 length + UTF-8 bytes without NUL; integers big-endian.
 
+use crate::notify::HandoverPlan;
 use crate::server::SettingValue;
 
 /// The largest serialized session accepted (bytes). A session whose state is larger (a
 /// client with very many or very long prepared statements) is closed instead of moved.
 pub const MAX_STATE: usize = 16 * 1024 * 1024;
 const MAGIC: &[u8; 6] = b"PGMUXS";
-/// The format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The format version this build writes; it reads this one and version 1.
+pub const VERSION: u16 = 2;
 
 /// One client's session, as the new process needs it to go on serving it with no new
 /// login and no greeting.
@@ -39,6 +42,8 @@ pub struct SessionState {
     pub seen: Vec<(String, String)>,
     /// Its named prepared statements.
     pub statements: Vec<PreparedState>,
+    /// The channels it LISTENs to (the new process has subscribed it already).
+    pub channels: Vec<String>,
 }
 
 /// One named prepared statement of a client.
@@ -112,6 +117,10 @@ impl SessionState {
                 out.extend_from_slice(&oid.to_be_bytes());
             }
         }
+        put_len(&mut out, self.channels.len());
+        for channel in &self.channels {
+            put_str(&mut out, channel);
+        }
         if out.len() > MAX_STATE {
             return Err(StateError::TooLarge(out.len()));
         }
@@ -128,7 +137,7 @@ impl SessionState {
             return Err(StateError::Magic);
         }
         let version = r.u16()?;
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(StateError::Version(version));
         }
         let database = r.name()?;
@@ -176,6 +185,14 @@ impl SessionState {
                 param_types,
             });
         }
+        let mut channels = Vec::new();
+        if version >= 2 {
+            let n = r.count(4)?;
+            channels.reserve(n);
+            for _ in 0..n {
+                channels.push(r.name()?);
+            }
+        }
         if !r.0.is_empty() {
             return Err(StateError::Trailing(r.0.len()));
         }
@@ -188,8 +205,61 @@ impl SessionState {
             greeted,
             seen,
             statements,
+            channels,
         })
     }
+}
+
+/// The LISTEN hand-over plan of one database (`crate::notify::HandoverPlan`), as the old
+/// process sends it: database, user, marker | u32 n × (pid i32, secret i32, u32 n ×
+/// channel). Read as untrusted input, like a session.
+pub fn encode_plan(plan: &HandoverPlan) -> Result<Vec<u8>, StateError> {
+    let mut out = Vec::new();
+    for s in [&plan.database, &plan.user, &plan.marker] {
+        put_str(&mut out, s);
+    }
+    put_len(&mut out, plan.clients.len());
+    for ((pid, secret), channels) in &plan.clients {
+        out.extend_from_slice(&pid.to_be_bytes());
+        out.extend_from_slice(&secret.to_be_bytes());
+        put_len(&mut out, channels.len());
+        for channel in channels {
+            put_str(&mut out, channel);
+        }
+    }
+    if out.len() > MAX_STATE {
+        return Err(StateError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Reads a record written by [`encode_plan`].
+pub fn decode_plan(bytes: &[u8]) -> Result<HandoverPlan, StateError> {
+    if bytes.len() > MAX_STATE {
+        return Err(StateError::TooLarge(bytes.len()));
+    }
+    let mut r = Reader(bytes);
+    let (database, user, marker) = (r.name()?, r.name()?, r.name()?);
+    let n = r.count(4 + 4 + 4)?;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = (r.i32()?, r.i32()?);
+        let m = r.count(4)?;
+        let mut channels = Vec::with_capacity(m);
+        for _ in 0..m {
+            channels.push(r.name()?);
+        }
+        clients.push((key, channels));
+    }
+    if !r.0.is_empty() {
+        return Err(StateError::Trailing(r.0.len()));
+    }
+    Ok(HandoverPlan {
+        database,
+        user,
+        marker,
+        clients,
+    })
 }
 
 fn put_len(out: &mut Vec<u8>, n: usize) {
@@ -291,7 +361,39 @@ mod tests {
                 query: "SELECT $1::int".into(),
                 param_types: vec![23],
             }],
+            channels: vec!["jobs".into(), "Mixed Case".into()],
         }
+    }
+
+    #[test]
+    fn a_version_1_record_reads_without_channels() {
+        let mut state = sample();
+        state.channels.clear();
+        let mut bytes = state.encode().unwrap();
+        bytes[7] = 1;
+        bytes.truncate(bytes.len() - 4); // no channels count
+        assert_eq!(SessionState::decode(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn a_listen_plan_reads_back_and_every_truncation_is_refused() {
+        let plan = HandoverPlan {
+            database: "app".into(),
+            user: "alice".into(),
+            marker: "pgmux_upgrade_00ff".into(),
+            clients: vec![
+                ((1, -2), vec!["a".into(), "b".into()]),
+                ((3, 4), vec!["a".into()]),
+            ],
+        };
+        let bytes = encode_plan(&plan).unwrap();
+        assert_eq!(decode_plan(&bytes).unwrap(), plan);
+        for n in 0..bytes.len() {
+            assert!(decode_plan(&bytes[..n]).is_err(), "cut at {n}");
+        }
+        let mut longer = bytes;
+        longer.push(0);
+        assert_eq!(decode_plan(&longer), Err(StateError::Trailing(1)));
     }
 
     #[test]
@@ -339,6 +441,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = SessionState::decode(&bytes);
+            let _ = decode_plan(&bytes);
         }
 
         #[test]

@@ -170,6 +170,8 @@ pub struct Session {
     pub(super) _client_slot: Option<crate::pooler::ClientSlot>,
     /// LISTEN/NOTIFY fan-out (`notify.rs`), for a client that LISTENs.
     pub(super) notify: Arc<crate::notify::Notify>,
+    /// The subscription an upgrade moved in with the client (its LISTENs).
+    pub(super) subscription: Option<Box<crate::notify::Subscription>>,
 }
 
 pub(super) struct Loop<'c> {
@@ -220,6 +222,7 @@ pub(in crate::client) struct SessionParts {
     pub statements: ClientStatements,
     pub cbuf: BytesMut,
     pub client_slot: Option<crate::pooler::ClientSlot>,
+    pub subscription: Option<Box<crate::notify::Subscription>>,
 }
 
 impl Session {
@@ -262,6 +265,7 @@ impl Session {
             cbuf: parts.cbuf,
             _client_slot: parts.client_slot,
             notify: pooler.notify.clone(),
+            subscription: parts.subscription,
         }
     }
 }
@@ -274,6 +278,7 @@ impl Session {
     pub async fn run(mut self, client: &mut ClientStream) -> Option<Box<SessionState>> {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
+        let subscription = self.subscription.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -295,7 +300,7 @@ impl Session {
             client_read: MIN_CLIENT_READ,
             server_read: SERVER_READ,
             timer: None,
-            subscription: None,
+            subscription,
             listen_confirm: None,
             pending_unlisten: state::PendingUnlisten::default(),
         };
@@ -528,7 +533,10 @@ impl Loop<'_> {
             }
             next = sub.try_next();
         }
-        self.to_client.push(batch);
+        // Empty: only an upgrade's wake-up (`notify.rs`, `Handover`), nothing to send.
+        if !batch.is_empty() {
+            self.to_client.push(batch);
+        }
     }
 
     /// The transaction status once nothing is in flight between the client and its
@@ -560,8 +568,14 @@ impl Loop<'_> {
         if self.pinned() {
             return Some(Some("session state pins its server"));
         }
-        if self.subscription.is_some() {
-            return Some(Some("it LISTENs"));
+        if let Some(sub) = self.subscription.as_deref() {
+            // Moves with its channels once the hand-over marker has come through and its
+            // queue is empty (notify.rs, `Handover`); woken by a MOVE raised then.
+            match sub.upgrade_step() {
+                crate::notify::MoveStep::Close(why) => return Some(Some(why)),
+                crate::notify::MoveStep::Wait => return None,
+                crate::notify::MoveStep::Move => {}
+            }
         }
         let quiet = self.server.is_none()
             && self.s.cbuf.is_empty()
@@ -606,6 +620,11 @@ impl Loop<'_> {
             greeted,
             seen,
             statements,
+            channels: self
+                .subscription
+                .as_deref()
+                .map(|sub| sub.channels().map(str::to_owned).collect())
+                .unwrap_or_default(),
         }
     }
 
