@@ -268,10 +268,19 @@ impl Session {
 
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
-    /// it held, if any. The socket stays the caller's: if the session panics, the caller
-    /// can still tell the client. Returns the session's state when an upgrade moves the
-    /// client to the new process (the caller hands the socket over with it).
-    pub async fn run(mut self, client: &mut ClientStream) -> Option<Box<SessionState>> {
+    /// it held, if any. The socket stays the caller's (the future gives it back at the
+    /// end): if the session panics, the caller can still tell the client. Resolves to the
+    /// session's state when an upgrade moves the client to the new process (the caller
+    /// hands the socket over with it).
+    ///
+    /// Not an `async fn`: the session is moved into the loop here, before the future
+    /// exists, so the future holds it once. An `async fn` would also keep its argument
+    /// (and the argument's rebinding) for the client's whole life, dead: 2 x 328 bytes
+    /// per idle client (memory per idle client, docs/performance.md).
+    pub fn run<'c>(
+        mut self,
+        client: &'c mut ClientStream,
+    ) -> impl Future<Output = (Option<Box<SessionState>>, &'c mut ClientStream)> + Send + 'c {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
@@ -299,28 +308,30 @@ impl Session {
             listen_confirm: None,
             pending_unlisten: state::PendingUnlisten::default(),
         };
-        let end = match l.on_client_bytes().await {
-            Ok(()) => l.serve().await,
-            Err(end) => end,
-        };
-        if let End::Move = end {
-            // Quiet: no server held, nothing buffered either way (upgrade_step).
-            return Some(Box::new(l.moving_state()));
+        async move {
+            let end = match l.on_client_bytes().await {
+                Ok(()) => l.serve().await,
+                Err(end) => end,
+            };
+            if let End::Move = end {
+                // Quiet: no server held, nothing buffered either way (upgrade_step).
+                return (Some(Box::new(l.moving_state())), l.client);
+            }
+            if let End::Fatal(err) = &end {
+                debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
+                let mut buf = BytesMut::new();
+                err.fatal().write(&mut buf);
+                l.to_client.push(buf);
+            }
+            // Flush what the client is owed (the error above, or results), briefly.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                l.to_client.write_all(&mut *l.client),
+            )
+            .await;
+            Box::pin(l.finish_server()).await;
+            (None, l.client)
         }
-        if let End::Fatal(err) = &end {
-            debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
-            let mut buf = BytesMut::new();
-            err.fatal().write(&mut buf);
-            l.to_client.push(buf);
-        }
-        // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            l.to_client.write_all(&mut *l.client),
-        )
-        .await;
-        Box::pin(l.finish_server()).await;
-        None
     }
 }
 
