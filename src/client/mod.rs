@@ -2,6 +2,7 @@
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
 mod adopt;
+mod deque;
 mod error;
 mod login;
 pub(crate) mod params;
