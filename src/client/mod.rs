@@ -127,7 +127,9 @@ async fn finish(
                 refuse(socket, &ClientError::Upgrading("TLS").fatal()).await;
                 return None;
             };
-            if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, &state).await {
+            // Boxed, as everything only some clients reach at their end: it would size every
+            // client's task for its whole life (memory per idle client).
+            if let Err((tcp, why)) = Box::pin(pooler.upgrade.hand_over(tcp, &state)).await {
                 info!(%peer, why = %why, "could not hand the client over to the new process");
                 if let Some(tcp) = tcp {
                     let err = ClientError::Upgrading("the hand-over failed");
@@ -158,7 +160,9 @@ async fn serve_socket(
     // in every client task for the client's whole life (a moved-from local keeps its room
     // until its scope ends).
     {
-        let session = match log_in(socket, peer, pooler, admitted).await {
+        // Boxed: the login's future (its time limit, the refusals it writes) is larger
+        // than the session's, and dead once the client is in.
+        let session = match Box::pin(log_in(socket, peer, pooler, admitted)).await {
             Ok(session) => session,
             Err(served) => return served,
         };
