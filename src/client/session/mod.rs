@@ -93,7 +93,8 @@ impl End {
     }
 }
 
-/// The time limits a session enforces, from the config at login. Zero = no limit.
+/// The time limits a session enforces, from the config at login ([`Session::limits`]).
+/// Zero = no limit.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Limits {
     /// `pool.idle_transaction_timeout`: a server held while the client sends nothing.
@@ -139,10 +140,13 @@ pub struct Session {
     /// The server held from login (session mode), if any.
     pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
-    pub(super) limits: Limits,
+    /// The pool's settings the client logged in under (its limits, the reset query),
+    /// shared with the pool: a session keeps copies only of the few read per message.
+    pub(super) settings: Arc<crate::config::PoolSettings>,
+    /// `server.partial_message_timeout`.
+    pub(super) partial_message: Duration,
     /// `server.max_message_size`.
     pub(super) max_message_size: usize,
-    pub(super) reset_query: String,
     pub(super) max_prepared: usize,
     /// `pool.session_state`: what to do with session state a transaction leaves.
     pub(super) state_policy: SessionStatePolicy,
@@ -239,17 +243,12 @@ impl Session {
             server: parts.server,
             view: parts.view,
             mode: settings.mode,
-            limits: Limits {
-                idle_transaction: settings.idle_transaction_timeout,
-                query: settings.query_timeout,
-                partial_message: server.partial_message_timeout,
-                pinned_idle: settings.pinned_idle_timeout,
-            },
+            partial_message: server.partial_message_timeout,
             state_policy: settings.session_state,
             verify_always: settings.verify_every_transaction,
             max_message_size: server.max_message_size,
-            reset_query: settings.server_reset_query.clone(),
             max_prepared: settings.max_prepared_statements as usize,
+            settings,
             registry: pooler.statements.clone(),
             params: parts.params,
             pool,
@@ -336,6 +335,17 @@ impl Session {
 }
 
 impl Session {
+    /// The time limits this session enforces.
+    pub(super) fn limits(&self) -> Limits {
+        let settings = &*self.settings;
+        Limits {
+            idle_transaction: settings.idle_transaction_timeout,
+            query: settings.query_timeout,
+            partial_message: self.partial_message,
+            pinned_idle: settings.pinned_idle_timeout,
+        }
+    }
+
     /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
     /// or KILL_CLIENT of this client.
     pub(super) fn killed(&self) -> ClientError {
@@ -622,7 +632,7 @@ impl Loop<'_> {
     /// apply now (a client mid-message, or a server held with a limit set): with the
     /// default config, a transaction reads no clock.
     fn touch(&mut self) {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         let holding = self.server.is_some()
             && (!limits.query.is_zero()
                 || !limits.idle_transaction.is_zero()
@@ -641,7 +651,7 @@ impl Loop<'_> {
     /// - the client holds a server and owes it the next message (inside a transaction, or
     ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
     fn deadline(&self) -> Option<(Instant, Timeout)> {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         if let Some(wait) = &self.listen_confirm {
             return Some((wait.deadline, Timeout::ListenConfirm));
         }
@@ -674,7 +684,7 @@ impl Loop<'_> {
 
     /// What the client is told when a time limit ends its session.
     fn timed_out(&self, which: Timeout) -> ClientError {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         match which {
             Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
             Timeout::Query => ClientError::QueryTimeout(limits.query),
