@@ -223,12 +223,14 @@ fn run_session<'a>(
     session: session::Session,
     started: std::time::Instant,
 ) -> impl Future<Output = Served> + Send + 'a {
-    let pool = session.pool.key.clone();
+    // The pool, not a copy of its key (two strings): kept to the end for the log lines.
+    let pool = session.pool.clone();
     let log = pooler.snapshot().config.admin.log_connections;
     if log {
-        info!(%peer, pool = %Escaped(&pool), "client connected");
+        info!(%peer, pool = %Escaped(&pool.key), "client connected");
     }
     session.run(socket).then(move |(moved, socket)| async move {
+        let pool = &pool.key;
         if let Some(state) = moved {
             debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
             return Served::Moved(state);
