@@ -93,7 +93,8 @@ impl End {
     }
 }
 
-/// The time limits a session enforces, from the config at login. Zero = no limit.
+/// The time limits a session enforces, from the config at login ([`Session::limits`]).
+/// Zero = no limit.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Limits {
     /// `pool.idle_transaction_timeout`: a server held while the client sends nothing.
@@ -139,10 +140,13 @@ pub struct Session {
     /// The server held from login (session mode), if any.
     pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
-    pub(super) limits: Limits,
+    /// The pool's settings the client logged in under (its limits, the reset query),
+    /// shared with the pool: a session keeps copies only of the few read per message.
+    pub(super) settings: Arc<crate::config::PoolSettings>,
+    /// `server.partial_message_timeout`.
+    pub(super) partial_message: Duration,
     /// `server.max_message_size`.
     pub(super) max_message_size: usize,
-    pub(super) reset_query: String,
     pub(super) max_prepared: usize,
     /// `pool.session_state`: what to do with session state a transaction leaves.
     pub(super) state_policy: SessionStatePolicy,
@@ -242,17 +246,12 @@ impl Session {
             server: parts.server,
             view: parts.view,
             mode: settings.mode,
-            limits: Limits {
-                idle_transaction: settings.idle_transaction_timeout,
-                query: settings.query_timeout,
-                partial_message: server.partial_message_timeout,
-                pinned_idle: settings.pinned_idle_timeout,
-            },
+            partial_message: server.partial_message_timeout,
             state_policy: settings.session_state,
             verify_always: settings.verify_every_transaction,
             max_message_size: server.max_message_size,
-            reset_query: settings.server_reset_query.clone(),
             max_prepared: settings.max_prepared_statements as usize,
+            settings,
             registry: pooler.statements.clone(),
             params: parts.params,
             pool,
@@ -272,10 +271,19 @@ impl Session {
 
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
-    /// it held, if any. The socket stays the caller's: if the session panics, the caller
-    /// can still tell the client. Returns the session's state when an upgrade moves the
-    /// client to the new process (the caller hands the socket over with it).
-    pub async fn run(mut self, client: &mut ClientStream) -> Option<Box<SessionState>> {
+    /// it held, if any. The socket stays the caller's (the future gives it back at the
+    /// end): if the session panics, the caller can still tell the client. Resolves to the
+    /// session's state when an upgrade moves the client to the new process (the caller
+    /// hands the socket over with it).
+    ///
+    /// Not an `async fn`: the session is moved into the loop here, before the future
+    /// exists, so the future holds it once. An `async fn` would also keep its argument
+    /// (and the argument's rebinding) for the client's whole life, dead: 2 x 328 bytes
+    /// per idle client (memory per idle client, docs/performance.md).
+    pub fn run<'c>(
+        mut self,
+        client: &'c mut ClientStream,
+    ) -> impl Future<Output = (Option<Box<SessionState>>, &'c mut ClientStream)> + Send + 'c {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
         let subscription = self.subscription.take();
@@ -304,32 +312,45 @@ impl Session {
             listen_confirm: None,
             pending_unlisten: state::PendingUnlisten::default(),
         };
-        let end = match l.on_client_bytes().await {
-            Ok(()) => l.serve().await,
-            Err(end) => end,
-        };
-        if let End::Move = end {
-            // Quiet: no server held, nothing buffered either way (upgrade_step).
-            return Some(Box::new(l.moving_state()));
+        async move {
+            let end = match l.on_client_bytes().await {
+                Ok(()) => l.serve().await,
+                Err(end) => end,
+            };
+            if let End::Move = end {
+                // Quiet: no server held, nothing buffered either way (upgrade_step).
+                return (Some(Box::new(l.moving_state())), l.client);
+            }
+            if let End::Fatal(err) = &end {
+                debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
+                let mut buf = BytesMut::new();
+                err.fatal().write(&mut buf);
+                l.to_client.push(buf);
+            }
+            // Flush what the client is owed (the error above, or results), briefly.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                l.to_client.write_all(&mut *l.client),
+            )
+            .await;
+            Box::pin(l.finish_server()).await;
+            (None, l.client)
         }
-        if let End::Fatal(err) = &end {
-            debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
-            let mut buf = BytesMut::new();
-            err.fatal().write(&mut buf);
-            l.to_client.push(buf);
-        }
-        // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            l.to_client.write_all(&mut *l.client),
-        )
-        .await;
-        Box::pin(l.finish_server()).await;
-        None
     }
 }
 
 impl Session {
+    /// The time limits this session enforces.
+    pub(super) fn limits(&self) -> Limits {
+        let settings = &*self.settings;
+        Limits {
+            idle_transaction: settings.idle_transaction_timeout,
+            query: settings.query_timeout,
+            partial_message: self.partial_message,
+            pinned_idle: settings.pinned_idle_timeout,
+        }
+    }
+
     /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
     /// or KILL_CLIENT of this client.
     pub(super) fn killed(&self) -> ClientError {
@@ -633,7 +654,7 @@ impl Loop<'_> {
     /// apply now (a client mid-message, or a server held with a limit set): with the
     /// default config, a transaction reads no clock.
     fn touch(&mut self) {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         let holding = self.server.is_some()
             && (!limits.query.is_zero()
                 || !limits.idle_transaction.is_zero()
@@ -652,7 +673,7 @@ impl Loop<'_> {
     /// - the client holds a server and owes it the next message (inside a transaction, or
     ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
     fn deadline(&self) -> Option<(Instant, Timeout)> {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         if let Some(wait) = &self.listen_confirm {
             return Some((wait.deadline, Timeout::ListenConfirm));
         }
@@ -685,7 +706,7 @@ impl Loop<'_> {
 
     /// What the client is told when a time limit ends its session.
     fn timed_out(&self, which: Timeout) -> ClientError {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         match which {
             Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
             Timeout::Query => ClientError::QueryTimeout(limits.query),
