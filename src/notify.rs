@@ -36,6 +36,12 @@ use crate::server::{ServerConn, Upstream};
 /// Notifications queued per client before it counts as not reading.
 pub const CLIENT_QUEUE: usize = 1024;
 
+/// Notifications queued for a client an upgrade is moving in, before it arrives: it cannot
+/// read until it has finished its transaction and drained its queue in the old process,
+/// so it gets more room than a client that simply does not read. Still bounded: one that
+/// fills it is cut off like any other.
+pub const HANDOVER_QUEUE: usize = 16 * CLIENT_QUEUE;
+
 /// How long a listening client whose queue is full gets to make room before it is cut off;
 /// meanwhile its database's listener connection waits.
 const STALL_GRACE: Duration = Duration::from_secs(1);
@@ -147,7 +153,7 @@ impl Notify {
         paused: bool,
     ) -> Subscription {
         let hub = self.hub(database, upstream);
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let (tx, rx) = mpsc::channel(if paused { HANDOVER_QUEUE } else { CLIENT_QUEUE });
         let id = self.next_id.fetch_add(1, Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         hub.state.lock().subscribers.insert(
@@ -333,7 +339,7 @@ impl Notify {
             counts.listening_clients += ids.len();
             counts.channels += st.channels.len();
             for sub in st.subscribers.values() {
-                let queued = CLIENT_QUEUE.saturating_sub(sub.tx.capacity());
+                let queued = sub.tx.max_capacity().saturating_sub(sub.tx.capacity());
                 counts.queued += queued;
                 counts.deepest = counts.deepest.max(queued);
             }
@@ -679,7 +685,7 @@ impl Hub {
                     if let Some(sub) = self.state.lock().subscribers.remove(&id) {
                         sub.overflowed.store(true, Relaxed);
                         self.stats.dropped_clients.fetch_add(1, Relaxed);
-                        warn!(database = %Escaped(&self.database), queued = CLIENT_QUEUE, "a listening client did not read its notifications; it is disconnected");
+                        warn!(database = %Escaped(&self.database), queued = tx.max_capacity(), "a listening client did not read its notifications; it is disconnected");
                     }
                 }
             }
