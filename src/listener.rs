@@ -168,10 +168,16 @@ async fn accept(
 /// Serves a client an upgrade moved in from the old process (`upgrade.rs`) as one of
 /// this process's: counted against `max_client_conn` (never refused for it: it is
 /// connected already) and waited for at shutdown.
-pub(crate) fn adopt(pooler: &Arc<Pooler>, socket: TcpStream, state: SessionState) {
+/// `server` is the socket of the server connection the client keeps, if it keeps one.
+pub(crate) fn adopt(
+    pooler: &Arc<Pooler>,
+    socket: TcpStream,
+    state: SessionState,
+    server: Option<std::os::fd::OwnedFd>,
+) {
     let counted = ClientCount::new(pooler.clone());
     pooler.client_tasks.spawn(async move {
-        client::serve_moved(socket, counted.pooler.clone(), state).await;
+        client::serve_moved(socket, counted.pooler.clone(), state, server).await;
         drop(counted);
     });
 }

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::PgError;
+use crate::upgrade::Departing;
 use crate::upgrade::state::SessionState;
 
 /// A client that logged in to the admin console instead of a database: the listener hands
@@ -68,17 +69,26 @@ pub async fn serve(
 /// Serves a client an upgrade moved in from the old process (`crate::upgrade`): its
 /// session is rebuilt from `state`, with no login and no greeting, and runs to the end
 /// (or moves on at the next upgrade) as [`serve`] runs one.
-pub async fn serve_moved(tcp: TcpStream, pooler: Arc<Pooler>, state: SessionState) {
+///
+/// `server` is the socket of the server connection the client keeps between transactions
+/// (session mode, or pinned by session state), which moved with it.
+pub async fn serve_moved(
+    tcp: TcpStream,
+    pooler: Arc<Pooler>,
+    state: SessionState,
+    server: Option<std::os::fd::OwnedFd>,
+) {
     let Ok(peer) = tcp.peer_addr() else {
-        return; // the client left on the way
+        return; // the client left on the way (the server's socket closes with `server`)
     };
     let _ = tcp.set_nodelay(true);
     let mut socket = ClientStream::Tcp(tcp);
     let served = AssertUnwindSafe(async {
-        match adopt::session(&pooler, peer, state) {
-            Ok(session) => {
+        match adopt::session(&pooler, peer, state, server) {
+            Ok((session, pin)) => {
                 debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
-                run_session(&mut socket, peer, &pooler, session, std::time::Instant::now()).await
+                let started = std::time::Instant::now();
+                run_session(&mut socket, peer, &pooler, session, pin, started).await
             }
             Err(err) => {
                 info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
@@ -97,8 +107,9 @@ enum Served {
     Done,
     /// The client logged in to the admin console: its user and the bytes read after it.
     Console(String, BytesMut),
-    /// An upgrade moves the client: its socket goes to the new process with this state.
-    Moved(Box<SessionState>),
+    /// An upgrade moves the client: its socket goes to the new process with this state
+    /// (and the server it keeps, if any).
+    Moved(Box<Departing>),
 }
 
 /// What happens to the socket once the login and session are over.
@@ -111,13 +122,13 @@ async fn finish(
     match served {
         Ok(Served::Console(user, cbuf)) => Some(ConsoleLogin { socket, user, cbuf }),
         Ok(Served::Done) => None,
-        Ok(Served::Moved(state)) => {
+        Ok(Served::Moved(departing)) => {
             let ClientStream::Tcp(tcp) = socket else {
                 // upgrade_step closes TLS clients instead of moving them.
                 refuse(socket, &ClientError::Upgrading("TLS").fatal()).await;
                 return None;
             };
-            if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, &state).await {
+            if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, *departing).await {
                 info!(%peer, why = %why, "could not hand the client over to the new process");
                 if let Some(tcp) = tcp {
                     let err = ClientError::Upgrading("the hand-over failed");
@@ -175,7 +186,7 @@ async fn serve_socket(
             return Served::Done;
         }
     };
-    run_session(socket, peer, pooler, session, started).await
+    run_session(socket, peer, pooler, session, None, started).await
 }
 
 /// Runs a logged-in (or moved-in) session to its end, and logs it.
@@ -184,6 +195,7 @@ async fn run_session(
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     session: session::Session,
+    pin: Option<session::MovedPin>,
     started: std::time::Instant,
 ) -> Served {
     let pool = session.pool.key.clone();
@@ -191,9 +203,9 @@ async fn run_session(
     if log {
         info!(%peer, pool = %Escaped(&pool), "client connected");
     }
-    if let Some(state) = session.run(socket).await {
+    if let Some(departing) = session.run(socket, pin).await {
         debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
-        return Served::Moved(state);
+        return Served::Moved(departing);
     }
     close_gently(socket).await;
     // Byte counts come from the kernel.

@@ -18,6 +18,7 @@ mod control;
 mod greetings;
 mod health;
 mod lease;
+mod moved;
 mod pinned;
 mod upkeep;
 mod view;

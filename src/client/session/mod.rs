@@ -19,6 +19,8 @@ mod from_client;
 mod from_server;
 mod state;
 
+pub(in crate::client) use state::MovedPin;
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -46,7 +48,8 @@ use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 use crate::server::{ServerEvent, SettingValue, TxStatus};
-use crate::upgrade::state::{PreparedState, SessionState};
+use crate::upgrade::Departing;
+use crate::upgrade::state::{Hold, PreparedState, SessionState};
 
 /// Stop reading a peer while this much waits to be written to either side: replies pgmux
 /// makes itself count like forwarded ones, so a client that does not read stops being read.
@@ -269,9 +272,14 @@ impl Session {
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's: if the session panics, the caller
-    /// can still tell the client. Returns the session's state when an upgrade moves the
-    /// client to the new process (the caller hands the socket over with it).
-    pub async fn run(mut self, client: &mut ClientStream) -> Option<Box<SessionState>> {
+    /// can still tell the client. Returns the session's state (and the server it keeps,
+    /// if any) when an upgrade moves the client to the new process (the caller hands the
+    /// socket over with it). `pin`: the client was moved in pinned to `self.server`.
+    pub async fn run(
+        mut self,
+        client: &mut ClientStream,
+        pin: Option<MovedPin>,
+    ) -> Option<Box<Departing>> {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
@@ -284,7 +292,7 @@ impl Session {
             server,
             replies: Replies::default(),
             statements,
-            state: state::StateWatch::default(),
+            state: pin.map(state::StateWatch::moved_in).unwrap_or_default(),
             unsynced: false,
             client_mid_message: false,
             swallowing: false,
@@ -304,8 +312,16 @@ impl Session {
             Err(end) => end,
         };
         if let End::Move = end {
-            // Quiet: no server held, nothing buffered either way (upgrade_step).
-            return Some(Box::new(l.moving_state()));
+            // Quiet: nothing buffered either way, and no server held but one the client
+            // keeps between transactions, idle (upgrade_step).
+            let state = l.moving_state();
+            let server = l.server.take();
+            if server.is_some() {
+                // No cancel of this client may reach the server once it has moved.
+                l.s.cancel.set_target(None);
+                l.s.cancel.settled().await;
+            }
+            return Some(Box::new(Departing { state, server }));
         }
         if let End::Fatal(err) = &end {
             debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
@@ -544,23 +560,33 @@ impl Loop<'_> {
     }
 
     /// Between transactions, during an upgrade: `Some(None)` when the client can move now
-    /// (no server held, nothing read and not yet handled, no message half-read or
-    /// skipped, no LISTEN or UNLISTEN waiting), `Some(Some(why))` when it can never move
-    /// and is closed now, `None` when it should wait (a server not yet given back).
+    /// (no server held but one it keeps, idle with nothing unread, nothing read and not
+    /// yet handled, no message half-read or skipped, no LISTEN or UNLISTEN waiting),
+    /// `Some(Some(why))` when it can never move and is closed now, `None` when it should
+    /// wait (a server not yet given back).
     fn upgrade_step(&self) -> Option<Option<&'static str>> {
         if self.client.tls().is_some() {
             return Some(Some("TLS session keys cannot be carried"));
         }
-        if self.s.mode == PoolMode::Session {
-            return Some(Some("session mode keeps one server"));
-        }
-        if self.pinned() {
-            return Some(Some("session state pins its server"));
-        }
         if self.subscription.is_some() {
             return Some(Some("it LISTENs"));
         }
-        let quiet = self.server.is_none()
+        let keeps = self.s.mode == PoolMode::Session || self.pinned();
+        let server_quiet = match self.server.as_deref() {
+            None => true,
+            Some(server) if keeps => {
+                if server.tls().is_some() {
+                    return Some(Some("its server connection is encrypted (TLS)"));
+                }
+                server.tx_status() == TxStatus::Idle
+                    && !server.has_unread()
+                    && !server.stream().wants_write()
+                    && self.replies.is_empty()
+                    && self.to_server.is_empty()
+            }
+            Some(_) => false,
+        };
+        let quiet = server_quiet
             && self.s.cbuf.is_empty()
             && !self.codec.in_message()
             && !self.client_mid_message
@@ -594,6 +620,10 @@ impl Loop<'_> {
                 })
             })
             .collect();
+        let hold = match self.pin_kinds() {
+            Some(kinds) => Hold::Pinned(kinds),
+            None => Hold::Session,
+        };
         SessionState {
             database: self.s.pool.key.database.clone(),
             user: self.s.pool.key.user.clone(),
@@ -603,6 +633,8 @@ impl Loop<'_> {
             greeted,
             seen,
             statements,
+            // upgrade_step let only a plain connection through.
+            server: self.server.as_deref().and_then(|s| s.carried(hold).ok()),
         }
     }
 
