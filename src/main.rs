@@ -184,6 +184,11 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if inherited.is_some()
+        && let Some(notifier) = pgmux::sd_notify::global()
+    {
+        notifier.started_by_upgrade();
+    }
     let mut take = |name: String| inherited.as_mut().and_then(|i| i.take(&name));
     // The admin port first: once clients can connect, it answers too. Bound here, so
     // that a port in use stops pgmux; served on a thread of its own (admin::start).

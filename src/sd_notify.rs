@@ -1,7 +1,10 @@
 //! Telling systemd how pgmux is doing, for a `Type=notify` unit (deploy/systemd/):
 //! `READY=1` once the client listeners accept, `RELOADING=1` then `READY=1` around a config
-//! reload, `STOPPING=1` when shutdown begins. Each is one datagram to the Unix socket named
-//! by `$NOTIFY_SOCKET` (sd_notify(3)); without that variable every call here does nothing.
+//! reload, `STOPPING=1` when shutdown begins. At an upgrade the old process sends
+//! `MAINPID=` with the new one's id and falls silent; the new one leaves out its first
+//! `READY=1` (systemd does not know it yet, and the service stays ready throughout). Each
+//! is one datagram to the Unix socket named by `$NOTIFY_SOCKET` (sd_notify(3)); without
+//! that variable every call here does nothing.
 //! A send never blocks and never fails pgmux: if the socket is gone or full, pgmux logs it
 //! once at debug and goes on.
 
@@ -27,6 +30,13 @@ pub struct Notifier {
     failed: AtomicBool,
     /// Set once `STOPPING=1` went out: a reload that ends later must not say `READY=1`.
     stopping: AtomicBool,
+    /// Set once an upgrade handed the service to a new process (`MAINPID=`): this process
+    /// says nothing more.
+    handed_over: AtomicBool,
+    /// Set in a process started by an upgrade: its predecessor tells systemd it is ready
+    /// (with its `MAINPID=`), so the first `READY=1`, sent before systemd knows this
+    /// process, is left out.
+    successor: AtomicBool,
 }
 
 impl Notifier {
@@ -52,6 +62,8 @@ impl Notifier {
             addr,
             failed: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
+            handed_over: AtomicBool::new(false),
+            successor: AtomicBool::new(false),
         })
     }
 
@@ -77,7 +89,23 @@ impl Notifier {
         self.send("STOPPING=1");
     }
 
+    /// An upgrade's new process (`pid`) took over: `MAINPID=pid`, so that systemd follows
+    /// it (allowed with `NotifyAccess=main`, as this is the main process until then), and
+    /// nothing more from this one: its exit is not the service stopping.
+    pub fn hand_over(&self, pid: u32) {
+        self.send(&format!("MAINPID={pid}"));
+        self.handed_over.store(true, Relaxed);
+    }
+
+    /// Marks this process as started by an upgrade (see `successor`).
+    pub fn started_by_upgrade(&self) {
+        self.successor.store(true, Relaxed);
+    }
+
     fn send(&self, state: &str) {
+        if self.handed_over.load(Relaxed) {
+            return;
+        }
         if let Err(e) = self.socket.send_to_addr(state.as_bytes(), &self.addr)
             && !self.failed.swap(true, Relaxed)
         {
@@ -115,7 +143,9 @@ pub fn global() -> Option<&'static Notifier> {
 /// Sends `READY=1`, waits for `drain` or `stop`, then sends `STOPPING=1`. Called by the listener once
 /// its sockets accept. Cancel-safe (dropping it only skips `STOPPING=1`).
 pub async fn ready_until(drain: &CancellationToken, stop: &CancellationToken) {
-    if let Some(notifier) = global() {
+    if let Some(notifier) = global()
+        && !notifier.successor.load(Relaxed)
+    {
         notifier.ready();
     }
     tokio::select! {

@@ -34,7 +34,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -73,6 +73,77 @@ pub struct Upgrade {
     receiving: AtomicBool,
 }
 
+/// Counts of what upgrades did in this process (`pgmux_upgrades_total`,
+/// `pgmux_upgrade_clients_total`): one set per process, as an upgrade replaces the
+/// process. The old process's counts are scraped while its clients move; the new process
+/// counts what it received.
+pub struct UpgradeStats {
+    /// Upgrades that handed this process's sockets to a new one.
+    pub handed_over: AtomicU64,
+    /// Upgrades given up (the new process did not start or say READY): this one serves on.
+    pub failed: AtomicU64,
+    /// Clients sent to the new process.
+    pub moved: AtomicU64,
+    /// Clients closed with 57P01 instead (TLS, a server held, LISTEN, the hand-over failed).
+    pub closed: AtomicU64,
+    /// Clients received from the old process (in the new one).
+    pub received: AtomicU64,
+}
+
+static STATS: UpgradeStats = UpgradeStats {
+    handed_over: AtomicU64::new(0),
+    failed: AtomicU64::new(0),
+    moved: AtomicU64::new(0),
+    closed: AtomicU64::new(0),
+    received: AtomicU64::new(0),
+};
+
+/// This process's upgrade counts.
+pub fn stats() -> &'static UpgradeStats {
+    &STATS
+}
+
+/// Counts a client closed with 57P01 because it could not move.
+pub fn count_closed() {
+    STATS.closed.fetch_add(1, Ordering::Relaxed);
+}
+
+impl UpgradeStats {
+    fn fields(&self) -> [&AtomicU64; 5] {
+        [
+            &self.handed_over,
+            &self.failed,
+            &self.moved,
+            &self.closed,
+            &self.received,
+        ]
+    }
+
+    /// The counts, for the new process to carry on from (the END record's payload): the
+    /// counters then run on across upgrades, as one service seen on one admin port.
+    fn encode(&self) -> Vec<u8> {
+        let fields = self.fields();
+        fields
+            .iter()
+            .flat_map(|n| n.load(Ordering::Relaxed).to_be_bytes())
+            .collect()
+    }
+
+    /// Adds the predecessor's counts. A payload of another size (an older pgmux sends
+    /// none) adds nothing.
+    fn add_encoded(&self, payload: &[u8]) {
+        let fields = self.fields();
+        if payload.len() != fields.len() * 8 {
+            return;
+        }
+        for (field, bytes) in fields.iter().zip(payload.chunks_exact(8)) {
+            let mut n = [0u8; 8];
+            n.copy_from_slice(bytes);
+            field.fetch_add(u64::from_be_bytes(n), Ordering::Relaxed);
+        }
+    }
+}
+
 /// One client on its way to the new process.
 struct Moving {
     socket: OwnedFd,
@@ -84,6 +155,11 @@ struct Moving {
 }
 
 impl Upgrade {
+    /// An upgrade is under way: a new process is starting or clients are moving.
+    pub fn in_progress(&self) -> bool {
+        self.running.load(Ordering::Relaxed)
+    }
+
     /// Records the binary and arguments to start a new process with: the executable path
     /// as it is now (a binary replaced at that path later is the one started).
     pub fn remember_command(&self) {
@@ -289,9 +365,18 @@ pub async fn start(pooler: Arc<Pooler>) {
     }
     let server = pooler.snapshot().config.server.clone();
     match launch(upgrade, &server).await {
-        Ok(link) => move_clients(&pooler, link, server.shutdown_timeout).await,
+        Ok((link, pid)) => {
+            STATS.handed_over.fetch_add(1, Ordering::Relaxed);
+            // systemd follows the new process from now on, and hears nothing more
+            // from this one (not even STOPPING=1: the service is not stopping).
+            if let Some(notifier) = crate::sd_notify::global() {
+                notifier.hand_over(pid);
+            }
+            move_clients(&pooler, link, server.shutdown_timeout).await
+        }
         Err(why) => {
             error!(why = %why, "upgrade given up: this process keeps serving");
+            STATS.failed.fetch_add(1, Ordering::Relaxed);
             upgrade.running.store(false, Ordering::SeqCst);
         }
     }
@@ -307,8 +392,9 @@ impl Drop for RemoveOnDrop {
 }
 
 /// Steps 1 to 3: the new process started, connected, given the listening sockets, and
-/// ready. On any failure it is killed and the reason returned.
-async fn launch(upgrade: &Upgrade, server: &ServerSection) -> Result<UnixStream, String> {
+/// ready: the link to it and its process id. On any failure it is killed and the reason
+/// returned.
+async fn launch(upgrade: &Upgrade, server: &ServerSection) -> Result<(UnixStream, u32), String> {
     let Some((exe, args)) = upgrade.command.lock().clone() else {
         return Err("the path of this binary is unknown".into());
     };
@@ -342,7 +428,8 @@ async fn launch(upgrade: &Upgrade, server: &ServerSection) -> Result<UnixStream,
         .stdin(std::process::Stdio::null())
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", exe.display()))?;
-    let pid = child.id() as i32;
+    let child_id = child.id();
+    let pid = child_id as i32;
     info!(pid, exe = %exe.display(), "upgrade: new process started");
     let limit = server.upgrade_timeout;
     let handshake = async {
@@ -385,7 +472,7 @@ async fn launch(upgrade: &Upgrade, server: &ServerSection) -> Result<UnixStream,
         let _ = child.kill();
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
     }
-    outcome
+    outcome.map(|link| (link, child_id))
 }
 
 /// Steps 3 to 5: stop accepting, move every client at its quiet point, then stop.
@@ -427,6 +514,7 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
                 match sent {
                     Ok(()) => {
                         moved += 1;
+                        STATS.moved.fetch_add(1, Ordering::Relaxed);
                         let _ = moving.sent.send(Ok(()));
                     }
                     Err(why) => {
@@ -457,7 +545,7 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
             .sent
             .send(Err((moving.socket, "the upgrade ended".into())));
     }
-    let _ = wire::send(&mut link, wire::END, b"", &[]).await;
+    let _ = wire::send(&mut link, wire::END, &STATS.encode(), &[]).await;
     drop(link);
     info!(
         moved,
@@ -560,6 +648,7 @@ async fn receive_clients(mut link: UnixStream, pooler: Arc<Pooler>) {
             }
         };
         if record.kind == wire::END {
+            STATS.add_encoded(&record.payload);
             break;
         }
         // The client's socket, then the socket of the server it keeps, if any.
@@ -586,14 +675,17 @@ async fn receive_clients(mut link: UnixStream, pooler: Arc<Pooler>) {
                 warn!(
                     "upgrade: a client's record and the sockets sent with it do not match; closing it"
                 );
+                count_closed();
                 tokio::spawn(tell_and_close(tcp));
             }
             Ok(state) => {
                 moved += 1;
+                STATS.received.fetch_add(1, Ordering::Relaxed);
                 crate::listener::adopt(&pooler, tcp, state, server_socket);
             }
             Err(e) => {
                 warn!(error = %e, "upgrade: a client's session could not be read; closing it");
+                count_closed();
                 tokio::spawn(tell_and_close(tcp));
             }
         }

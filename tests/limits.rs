@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::{MuxOptions, TestPgmux, TestPostgres, eventually};
-use prometheus_parse::{Scrape, Value};
 use serde_json::Value as Json;
 use tokio_postgres::error::SqlState;
 
@@ -60,17 +59,7 @@ async fn limit_of(mux: &TestPgmux, database: &str, user: &str, setting: &str) ->
 
 /// A `/metrics` sample with these labels, if present.
 async fn metric(mux: &TestPgmux, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let body = mux.admin_get("/metrics").await.body;
-    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("metrics parse");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-        .find_map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-            _ => None,
-        })
+    mux.metric(name, labels).await
 }
 
 /// Waits until `n` checkouts wait for `setting` on the pool (database, user).

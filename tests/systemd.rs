@@ -145,3 +145,40 @@ async fn a_vanished_notify_socket_changes_nothing() {
     // READY=1, RELOADING=1, READY=1 and STOPPING=1 all failed; the log says so once.
     assert_eq!(log.matches("cannot notify systemd").count(), 1, "{log}");
 }
+
+/// An upgrade (`pgmux upgrade`): the old process tells systemd the new one's id
+/// (`MAINPID=`) and says nothing more, not even STOPPING=1 as it exits (the service is not
+/// stopping); the new one does not repeat READY=1 (systemd would refuse a message from a
+/// process it does not know yet), and is the one that says STOPPING=1 at its SIGTERM.
+#[tokio::test]
+async fn an_upgrade_hands_systemd_the_new_process() {
+    let pg = TestPostgres::shared().await;
+    let systemd = FakeSystemd::bind();
+    let opts = MuxOptions {
+        env: systemd.env(),
+        ..MuxOptions::default()
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    assert_eq!(systemd.next().await, "READY=1");
+    let client = mux.connect("app", "app").await;
+    let old = mux.pid();
+    let new = mux.upgrade().await;
+    assert_ne!(new, old);
+    assert_eq!(systemd.next().await, format!("MAINPID={new}"));
+    // Nothing else: the old process has exited (`upgrade` waited for it), so whatever it
+    // sent is in the socket now, and so is a READY=1 the new one would have sent before
+    // it told the old one it was ready.
+    let mut buf = [0u8; 512];
+    match systemd.socket.try_recv(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!(
+            "unexpected state message: {:?}",
+            other.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned())
+        ),
+    }
+    // The client moved with the rest; new ones log in to the new process.
+    common::answers_select_1(&client).await;
+    mux.still_serving().await;
+    mux.signal("TERM");
+    assert_eq!(systemd.next().await, "STOPPING=1");
+}

@@ -631,3 +631,73 @@ async fn a_cancel_request_reaches_a_query_still_running_on_the_old_process() {
     mux.wait_gone(old).await;
     common::answers_select_1(&client).await;
 }
+
+/// What upgrades did is on `/metrics`, and runs on from process to process (the admin
+/// port moves with the rest): a client that moved, one that could not (it LISTENs) and
+/// was closed with 57P01, per upgrade.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_counts_are_on_metrics_across_processes() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        admin: Some(String::new()),
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    let upgrades = |result| [("result", result)];
+    let clients = |outcome| [("outcome", outcome)];
+    assert_eq!(
+        mux.metric("pgmux_upgrades_total", &upgrades("handed_over"))
+            .await,
+        Some(0.0)
+    );
+    assert_eq!(
+        mux.metric("pgmux_upgrade_in_progress", &[]).await,
+        Some(0.0)
+    );
+    for round in 1..=2 {
+        let idle = mux.connect("app", "app").await;
+        let (listening, connection) = mux
+            .try_connect("app", "app", common::password_for("app"))
+            .await
+            .unwrap();
+        listening
+            .batch_execute("LISTEN upgrade_metrics")
+            .await
+            .unwrap();
+        mux.upgrade().await;
+        common::answers_select_1(&idle).await;
+        // The LISTEN client was closed: its connection task has ended.
+        assert!(
+            eventually(Duration::from_secs(10), || async {
+                connection.is_finished()
+            })
+            .await,
+            "the LISTEN client is still connected"
+        );
+        drop(idle);
+        // The old process's counts come with its last record, which the new process may
+        // read a moment after the old one exited.
+        let n = f64::from(round);
+        let counts = || async {
+            [
+                mux.metric("pgmux_upgrades_total", &upgrades("handed_over"))
+                    .await,
+                mux.metric("pgmux_upgrades_total", &upgrades("failed"))
+                    .await,
+                mux.metric("pgmux_upgrade_clients_total", &clients("moved"))
+                    .await,
+                mux.metric("pgmux_upgrade_clients_total", &clients("received"))
+                    .await,
+                mux.metric("pgmux_upgrade_clients_total", &clients("closed"))
+                    .await,
+                mux.metric("pgmux_upgrade_in_progress", &[]).await,
+            ]
+        };
+        let expected = [n, 0.0, n, n, n, 0.0].map(Some);
+        let settled = eventually(Duration::from_secs(10), || async {
+            counts().await == expected
+        })
+        .await;
+        assert!(settled, "round {round}: {:?}", counts().await);
+    }
+}

@@ -75,6 +75,24 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     (
+        "pgmux_upgrade_in_progress",
+        "1 while an upgrade (SIGUSR2, pgmux upgrade) starts a new process or moves clients to it, else 0.",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_upgrades_total",
+        "Upgrades this process started, by result: handed_over (a new process took the sockets) or failed (it did not start or say READY; this one serves on).",
+        C,
+        &["result"],
+    ),
+    (
+        "pgmux_upgrade_clients_total",
+        "Clients in upgrades, by outcome: moved (sent to the new process), closed (57P01: TLS, a server held, LISTEN, or the hand-over failed), received (by this process from its predecessor).",
+        C,
+        &["outcome"],
+    ),
+    (
         "pgmux_config_reloads_total",
         "Config reloads, by result (success, failure).",
         C,
@@ -492,6 +510,22 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         &[],
         flag(pooler.listening.load(Relaxed) && !pooler.stop.is_cancelled()),
     );
+    out.gauge(
+        "pgmux_upgrade_in_progress",
+        &[],
+        flag(pooler.upgrade.in_progress()),
+    );
+    let u = crate::upgrade::stats();
+    for (result, n) in [("handed_over", &u.handed_over), ("failed", &u.failed)] {
+        out.counter("pgmux_upgrades_total", &[result], n.load(Relaxed));
+    }
+    for (outcome, n) in [
+        ("moved", &u.moved),
+        ("closed", &u.closed),
+        ("received", &u.received),
+    ] {
+        out.counter("pgmux_upgrade_clients_total", &[outcome], n.load(Relaxed));
+    }
     let config = &pooler.snapshot().config;
     out.gauge(
         "pgmux_max_client_connections",

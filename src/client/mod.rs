@@ -125,11 +125,13 @@ async fn finish(
         Ok(Served::Moved(departing)) => {
             let ClientStream::Tcp(tcp) = socket else {
                 // upgrade_step closes TLS clients instead of moving them.
+                crate::upgrade::count_closed();
                 refuse(socket, &ClientError::Upgrading("TLS").fatal()).await;
                 return None;
             };
             if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, *departing).await {
                 info!(%peer, why = %why, "could not hand the client over to the new process");
+                crate::upgrade::count_closed();
                 if let Some(tcp) = tcp {
                     let err = ClientError::Upgrading("the hand-over failed");
                     refuse(ClientStream::Tcp(tcp), &err.fatal()).await;

@@ -514,7 +514,10 @@ impl Loop<'_> {
                 Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
                 Event::Kill => Err(End::fatal(self.s.killed())),
                 Event::Upgrade(None) => Err(End::Move),
-                Event::Upgrade(Some(why)) => Err(End::fatal(ClientError::Upgrading(why))),
+                Event::Upgrade(Some(why)) => {
+                    crate::upgrade::count_closed();
+                    Err(End::fatal(ClientError::Upgrading(why)))
+                }
             };
             if let Err(end) = result {
                 return end;
