@@ -514,6 +514,60 @@ async fn pinned_clients_move_with_their_servers_and_unpin_in_the_new_process() {
     common::answers_select_1(&lock).await;
 }
 
+/// `pinned_idle_timeout` applies to a client moved in pinned: the new process (started
+/// with the limit, which the old one did not have) ends it when it stays idle, and its
+/// server goes back to the pool, reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_idle_timeout_ends_a_client_moved_in_pinned() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        admin: Some(String::new()),
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts.clone()).await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(mux.port)
+        .user("app")
+        .password(common::password_for("app"))
+        .dbname("app");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TEMP TABLE moved_idle (n int)")
+        .await
+        .unwrap();
+    let pid = backend_pid(&client).await;
+    // Only the new process reads this: the old one is not reloaded.
+    mux.rewrite_config(pg, &opts.with_pool("pinned_idle_timeout = \"1s\""));
+    mux.upgrade().await;
+    let closed = connection.await.unwrap().unwrap_err();
+    assert_eq!(
+        closed.code(),
+        Some(&SqlState::IDLE_SESSION_TIMEOUT),
+        "{closed}"
+    );
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let pool = app_pool(watched).await;
+            pool["pinned"] == 0 && pool["active"] == 0 && pool["idle"] == 1
+        })
+        .await,
+        "{}",
+        app_pool(&mux).await
+    );
+    // Reset and kept, not closed: the same backend is idle in the pool.
+    let servers = mux.admin_get("/servers").await.json();
+    assert!(
+        servers
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["pid"] == pid)),
+        "{servers}"
+    );
+}
+
 /// A client that keeps a server pgmux talks TLS to cannot move (the session keys stay in
 /// the old process): it gets 57P01 and a hint right away (between transactions).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -34,7 +34,7 @@ pub(super) fn session(
     peer: SocketAddr,
     state: SessionState,
     server_socket: Option<OwnedFd>,
-) -> Result<(Session, Option<MovedPin>), Box<ClientError>> {
+) -> Result<(Session, Option<Box<MovedPin>>), Box<ClientError>> {
     let SessionState {
         database,
         user,
@@ -121,10 +121,10 @@ pub(super) fn session(
             }));
             view.set_server(Some((lease.id(), lease.key().process_id)));
             if let Hold::Pinned(kinds) = hold {
-                pin = Some(MovedPin {
+                pin = Some(Box::new(MovedPin {
                     kinds,
                     place: pool.pin_moved(),
-                });
+                }));
                 let at = SystemTime::now()
                     .duration_since(UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());

@@ -197,7 +197,7 @@ async fn run_session(
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     session: session::Session,
-    pin: Option<session::MovedPin>,
+    pin: Option<Box<session::MovedPin>>,
     started: std::time::Instant,
 ) -> Served {
     let pool = session.pool.key.clone();

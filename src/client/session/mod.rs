@@ -278,7 +278,8 @@ impl Session {
     pub async fn run(
         mut self,
         client: &mut ClientStream,
-        pin: Option<MovedPin>,
+        // Boxed: the argument lives in every session's future (memory per idle client).
+        pin: Option<Box<MovedPin>>,
     ) -> Option<Box<Departing>> {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
@@ -292,7 +293,9 @@ impl Session {
             server,
             replies: Replies::default(),
             statements,
-            state: pin.map(state::StateWatch::moved_in).unwrap_or_default(),
+            state: pin
+                .map(|pin| state::StateWatch::moved_in(*pin))
+                .unwrap_or_default(),
             unsynced: false,
             client_mid_message: false,
             swallowing: false,
