@@ -250,7 +250,7 @@ async fn run(config: Config, path: PathBuf, workers: Arc<Workers>) -> ExitCode {
         }
     }
     if let Some(inherited) = inherited {
-        if let Err(e) = inherited.serve(pooler.clone()).await {
+        if let Err(e) = inherited.serve(pooler.clone(), workers.clone()).await {
             error!(error = %e, "cannot take over from the old process");
             return ExitCode::FAILURE;
         }

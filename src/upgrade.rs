@@ -620,7 +620,11 @@ impl Inherited {
 
     /// Tells the old process that this one accepts (it then stops), and serves the clients
     /// it sends from now on. Sockets this config does not listen on any more close here.
-    pub async fn serve(mut self, pooler: Arc<Pooler>) -> Result<(), String> {
+    pub async fn serve(
+        mut self,
+        pooler: Arc<Pooler>,
+        workers: Arc<crate::workers::Workers>,
+    ) -> Result<(), String> {
         self.listeners.clear();
         let writer = duplicate(&self.link).map_err(|e| format!("upgrade link: {e}"))?;
         wire::send(&mut self.link, wire::READY, b"", &[])
@@ -630,13 +634,17 @@ impl Inherited {
         let (cancels, unknown) = mpsc::unbounded_channel();
         pooler.cancels.pass_unknown_to(Some(cancels));
         tokio::spawn(send_cancels(writer, unknown));
-        tokio::spawn(receive_clients(self.link, pooler));
+        tokio::spawn(receive_clients(self.link, pooler, workers));
         Ok(())
     }
 }
 
 /// Serves every client the old process sends, until it says END or closes the link.
-async fn receive_clients(mut link: UnixStream, pooler: Arc<Pooler>) {
+async fn receive_clients(
+    mut link: UnixStream,
+    pooler: Arc<Pooler>,
+    workers: Arc<crate::workers::Workers>,
+) {
     let mut moved = 0u64;
     loop {
         let record = match wire::recv(&mut link).await {
@@ -681,7 +689,7 @@ async fn receive_clients(mut link: UnixStream, pooler: Arc<Pooler>) {
             Ok(state) => {
                 moved += 1;
                 STATS.received.fetch_add(1, Ordering::Relaxed);
-                crate::listener::adopt(&pooler, tcp, state, server_socket);
+                crate::listener::adopt(&pooler, &workers, tcp, state, server_socket);
             }
             Err(e) => {
                 warn!(error = %e, "upgrade: a client's session could not be read; closing it");

@@ -17,8 +17,8 @@
 use std::cell::Cell;
 use std::future::Future;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use tokio::net::TcpStream;
@@ -34,6 +34,18 @@ thread_local! {
 
 /// Whether worker threads were started: set once, before any session runs.
 static SEVERAL: AtomicBool = AtomicBool::new(false);
+
+/// The sessions each worker runs now, for `/metrics` (the first `Workers::start`'s).
+static LOAD: OnceLock<Arc<[AtomicUsize]>> = OnceLock::new();
+
+/// Sessions each worker thread runs now, worker 0 first; empty with one thread (sessions
+/// are not counted per thread then).
+pub fn sessions_per_worker() -> Vec<usize> {
+    match LOAD.get() {
+        Some(load) if several() => load.iter().map(|n| n.load(Relaxed)).collect(),
+        _ => Vec::new(),
+    }
+}
 
 /// The worker the calling thread is (0 for the main thread).
 pub fn current() -> usize {
@@ -77,8 +89,9 @@ impl Workers {
                 })?;
             started.push(thread);
         }
-        let load = (0..threads.max(1)).map(|_| AtomicUsize::new(0)).collect();
+        let load: Arc<[AtomicUsize]> = (0..threads.max(1)).map(|_| AtomicUsize::new(0)).collect();
         if !handles.is_empty() {
+            let _ = LOAD.set(load.clone());
             SEVERAL.store(true, Relaxed);
         }
         Ok(Workers {
@@ -95,7 +108,8 @@ impl Workers {
     }
 
     /// Runs `session` with `socket` on the worker with the fewest sessions, tracked by
-    /// `clients`. Must be called on worker 0's runtime (the accepting one).
+    /// `clients`. Must be called on worker 0's runtime (the accepting one, which also
+    /// receives the clients an upgrade moves in).
     pub fn spawn<F, Fut>(&self, clients: &TaskTracker, socket: TcpStream, session: F)
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,

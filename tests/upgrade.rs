@@ -755,3 +755,51 @@ async fn upgrade_counts_are_on_metrics_across_processes() {
         assert!(settled, "round {round}: {:?}", counts().await);
     }
 }
+
+/// With worker threads, the clients an upgrade moves in are spread over the threads as
+/// accepted ones are, not all left on the thread that receives them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_clients_are_spread_over_the_worker_threads() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        admin: Some(String::new()),
+        server_extra: "worker_threads = 2".into(),
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(mux.connect("app", "app").await);
+    }
+    let spread = [Some(2.0), Some(2.0)];
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            per_worker(&mux).await == spread
+        })
+        .await,
+        "before the upgrade: {:?}",
+        per_worker(&mux).await
+    );
+    mux.upgrade().await;
+    for client in &clients {
+        common::answers_select_1(client).await;
+    }
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            per_worker(&mux).await == spread
+        })
+        .await,
+        "after the upgrade: {:?}",
+        per_worker(&mux).await
+    );
+}
+
+/// Sessions on worker 0 and worker 1, from `/metrics`.
+async fn per_worker(mux: &TestPgmux) -> [Option<f64>; 2] {
+    [
+        mux.metric("pgmux_worker_sessions", &[("worker", "0")])
+            .await,
+        mux.metric("pgmux_worker_sessions", &[("worker", "1")])
+            .await,
+    ]
+}

@@ -75,6 +75,12 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     (
+        "pgmux_worker_sessions",
+        "Client sessions each worker thread runs now (worker 0 is the main thread); only with worker_threads above 1.",
+        G,
+        &["worker"],
+    ),
+    (
         "pgmux_upgrade_in_progress",
         "1 while an upgrade (SIGUSR2, pgmux upgrade) starts a new process or moves clients to it, else 0.",
         G,
@@ -510,6 +516,12 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         &[],
         flag(pooler.listening.load(Relaxed) && !pooler.stop.is_cancelled()),
     );
+    for (worker, n) in crate::workers::sessions_per_worker()
+        .into_iter()
+        .enumerate()
+    {
+        out.gauge("pgmux_worker_sessions", &[&worker.to_string()], n as f64);
+    }
     out.gauge(
         "pgmux_upgrade_in_progress",
         &[],
