@@ -414,11 +414,13 @@ async fn a_session_mode_client_moves_with_its_server_through_two_upgrades() {
 /// Transaction mode: clients pinned by a temporary table and by an advisory lock move with
 /// their servers, through two upgrades; the second to a config with a smaller pool and
 /// server budget, which takes them anyway and closes the extra one when it is given back.
+/// Two worker threads: each moved client, and the server with it, lands on one of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pinned_clients_move_with_their_servers_and_unpin_in_the_new_process() {
     let pg = TestPostgres::shared().await;
     let opts = MuxOptions {
         admin: Some(String::new()),
+        server_extra: "worker_threads = 2".into(),
         pool_extra: "max_db_connections = 4".to_owned(),
         ..MuxOptions::sized(4)
     };
