@@ -27,8 +27,9 @@ use crate::server::{BackendKey, ServerAddr};
 /// The server a client holds, as a cancel request needs it.
 #[derive(Clone, Debug)]
 pub struct CancelTarget {
-    /// The server's address.
-    pub addr: ServerAddr,
+    /// The server's address, shared with its connection: every client's slot has room
+    /// for a target, and a whole `ServerAddr` would be 184 bytes of it.
+    pub addr: Arc<ServerAddr>,
     /// The server's own key.
     pub key: BackendKey,
 }

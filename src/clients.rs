@@ -3,7 +3,9 @@
 //!
 //! Each logged-in client session owns a [`ClientHandle`] and writes its state there as it
 //! changes: atomics, plus a tiny lock around the current query text that only the session
-//! and an admin read ever take. The admin port reads every entry when asked; the session
+//! and an admin read ever take. An entry is small (memory per idle client): the query text
+//! takes the room its longest query needed (at most [`QUERY_TEXT_MAX`]), and what few
+//! clients have (channels, session state found) is boxed when they first have it. The admin port reads every entry when asked; the session
 //! never waits for it. Dropping the handle removes the client.
 
 use std::collections::HashMap;
@@ -148,8 +150,8 @@ struct Entry {
     application_name: Mutex<String>,
     /// How the client's connection is encrypted (`TLSv1.3/...`); `None`: plain.
     tls: Option<Arc<str>>,
-    /// The channels it LISTENs to (fan-out).
-    channels: Mutex<Vec<String>>,
+    /// The channels it LISTENs to and the last session state found: made at the first.
+    rare: Mutex<Option<Box<Rare>>>,
     state: AtomicU8,
     /// Nanoseconds after the registry's epoch when `state` last changed.
     state_since: AtomicU64,
@@ -162,11 +164,20 @@ struct Entry {
     server_id: AtomicU64,
     server_pid: AtomicI32,
     server_since: AtomicU64,
-    query: Mutex<QueryText>,
-    /// The last time pgmux found session state this client left on its server: `None`
-    /// until then. Written only on those events.
-    session_state: Mutex<Option<StateEvent>>,
+    /// The first [`QUERY_TEXT_MAX`] bytes of the current (or last) query. Its room grows
+    /// to the longest text kept and stays: no allocation per query once grown.
+    query: Mutex<Vec<u8>>,
     alert: Alert,
+}
+
+/// What an entry holds for few clients, boxed once one has it.
+#[derive(Default)]
+struct Rare {
+    /// The channels it LISTENs to (fan-out).
+    channels: Vec<String>,
+    /// The last time pgmux found session state this client left on its server. Written
+    /// only on those events.
+    session_state: Option<StateEvent>,
 }
 
 /// What the pooler tells a session to do ([`Alert::STOP`], [`Alert::KILL`],
@@ -210,18 +221,6 @@ impl Alert {
             0 => Poll::Pending,
             flags => Poll::Ready(flags),
         }
-    }
-}
-
-struct QueryText {
-    len: usize,
-    bytes: [u8; QUERY_TEXT_MAX],
-}
-
-impl QueryText {
-    /// The bytes kept.
-    fn text(&self) -> &[u8] {
-        self.bytes.get(..self.len).unwrap_or_default()
     }
 }
 
@@ -270,7 +269,7 @@ impl ClientRegistry {
             connected: Instant::now(),
             application_name: Mutex::new(application_name.to_owned()),
             tls,
-            channels: Mutex::new(Vec::new()),
+            rare: Mutex::new(None),
             state: AtomicU8::new(ClientState::Idle as u8),
             state_since: AtomicU64::new(self.now()),
             in_transaction: AtomicBool::new(false),
@@ -278,11 +277,7 @@ impl ClientRegistry {
             server_id: AtomicU64::new(0),
             server_pid: AtomicI32::new(0),
             server_since: AtomicU64::new(0),
-            query: Mutex::new(QueryText {
-                len: 0,
-                bytes: [0; QUERY_TEXT_MAX],
-            }),
-            session_state: Mutex::new(None),
+            query: Mutex::new(Vec::new()),
             alert: Alert::default(),
         });
         self.shard(id).lock().insert(id, entry.clone());
@@ -338,9 +333,10 @@ impl ClientRegistry {
     fn info(&self, e: &Entry, now: u64) -> ClientInfo {
         let since = |t: u64| Duration::from_nanos(now.saturating_sub(t));
         let server_id = e.server_id.load(Relaxed);
-        let query = {
-            let q = e.query.lock();
-            String::from_utf8_lossy(q.text()).into_owned()
+        let query = String::from_utf8_lossy(&e.query.lock()).into_owned();
+        let (channels, session_state) = match e.rare.lock().as_deref() {
+            Some(rare) => (rare.channels.clone(), rare.session_state.clone()),
+            None => (Vec::new(), None),
         };
         ClientInfo {
             id: e.id,
@@ -349,13 +345,13 @@ impl ClientRegistry {
             user: e.user.clone(),
             application_name: e.application_name.lock().clone(),
             tls: e.tls.clone(),
-            channels: e.channels.lock().clone(),
+            channels,
             state: ClientState::from_u8(e.state.load(Relaxed)),
             in_state: since(e.state_since.load(Relaxed)),
             in_transaction: e.in_transaction.load(Relaxed),
             wait_cause: WaitCause::from_u8(e.wait_cause.load(Relaxed)),
             connected: e.connected.elapsed(),
-            session_state: e.session_state.lock().clone(),
+            session_state,
             server: (server_id != 0).then(|| ServerLink {
                 id: server_id,
                 pid: e.server_pid.load(Relaxed),
@@ -464,15 +460,14 @@ impl ClientHandle {
     }
 
     /// Records the text of the current Query or Parse; the first [`QUERY_TEXT_MAX`] bytes
-    /// are kept (a trailing NUL is dropped). Copies into a fixed buffer: no allocation.
+    /// are kept (a trailing NUL is dropped). Copies into the entry's buffer, which
+    /// allocates only to grow (at most to [`QUERY_TEXT_MAX`]).
     pub fn set_query(&self, sql: &[u8]) {
         let sql = sql.strip_suffix(&[0]).unwrap_or(sql);
-        let n = sql.len().min(QUERY_TEXT_MAX);
+        let kept = sql.get(..QUERY_TEXT_MAX).unwrap_or(sql);
         let mut q = self.entry.query.lock();
-        if let (Some(to), Some(from)) = (q.bytes.get_mut(..n), sql.get(..n)) {
-            to.copy_from_slice(from);
-            q.len = n;
-        }
+        q.clear();
+        q.extend_from_slice(kept);
     }
 
     /// The client's address.
@@ -487,18 +482,25 @@ impl ClientHandle {
 
     /// The current query text (as [`ClientHandle::set_query`] kept it).
     pub fn query(&self) -> String {
-        let q = self.entry.query.lock();
-        String::from_utf8_lossy(q.text()).into_owned()
+        String::from_utf8_lossy(&self.entry.query.lock()).into_owned()
+    }
+
+    /// Records the channels the client LISTENs to now.
+    pub fn set_channels(&self, channels: Vec<String>) {
+        let mut rare = self.entry.rare.lock();
+        if channels.is_empty() && rare.is_none() {
+            return;
+        }
+        rare.get_or_insert_default().channels = channels;
     }
 
     /// Records what pgmux did about session state this client left on its server.
-    /// Records the channels the client LISTENs to now.
-    pub fn set_channels(&self, channels: Vec<String>) {
-        *self.entry.channels.lock() = channels;
-    }
-
     pub fn set_session_state(&self, event: Option<StateEvent>) {
-        *self.entry.session_state.lock() = event;
+        let mut rare = self.entry.rare.lock();
+        if event.is_none() && rare.is_none() {
+            return;
+        }
+        rare.get_or_insert_default().session_state = event;
     }
 
     /// Records a new `application_name` (the client ran `SET application_name`).
@@ -649,5 +651,43 @@ mod tests {
         let c = registry.register(peer(), "app", "alice", "", None);
         c.set_query(b"SELECT 1\0");
         assert_eq!(registry.snapshot()[0].query, "SELECT 1");
+    }
+
+    #[test]
+    fn a_query_text_keeps_its_room_and_rare_parts_are_made_on_first_use() {
+        let registry = Arc::new(ClientRegistry::default());
+        let c = registry.register(peer(), "app", "alice", "", None);
+        c.set_query(b"SELECT 1 + 1");
+        c.set_query(b"SELECT 2");
+        assert_eq!(c.query(), "SELECT 2");
+        let room = c.entry.query.lock().capacity();
+        c.set_query(b"SELECT 3");
+        assert_eq!(
+            c.entry.query.lock().capacity(),
+            room,
+            "no new room per query"
+        );
+        c.set_channels(Vec::new());
+        c.set_session_state(None);
+        assert!(
+            c.entry.rare.lock().is_none(),
+            "nothing to record, nothing made"
+        );
+        c.set_channels(vec!["jobs".to_owned()]);
+        let event = StateEvent {
+            action: "pin",
+            pinned: true,
+            kinds: "temp_table".to_owned(),
+            statement: "CREATE TEMP TABLE t ()".to_owned(),
+            at: 1,
+        };
+        c.set_session_state(Some(event.clone()));
+        let info = registry.snapshot().remove(0);
+        assert_eq!(info.channels, ["jobs"]);
+        assert_eq!(info.session_state, Some(event));
+        c.set_channels(Vec::new());
+        c.set_session_state(None);
+        let info = registry.snapshot().remove(0);
+        assert!(info.channels.is_empty() && info.session_state.is_none());
     }
 }

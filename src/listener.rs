@@ -207,7 +207,11 @@ fn serve(
         // A client session, or the admin console for an admin who asked for it.
         let pooler = counted.pooler.clone();
         if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
-            crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf).await;
+            // Boxed: the console's future is large, and unboxed it would size every
+            // client's task for its whole life (memory per idle client).
+            let console =
+                crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf);
+            Box::pin(console).await;
         }
         drop(counted);
     });

@@ -14,6 +14,8 @@
 //! - [`Subscription`]: one client's channels and its bounded queue. A client that stops
 //!   reading until its queue is full is cut off from further notifications: its session
 //!   ends with an error saying so, instead of growing memory.
+//! - [`Handover`]: how a listening client moves in an upgrade with every notification
+//!   delivered exactly once (a marker NOTIFY splits the two processes' streams).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -47,6 +49,52 @@ pub struct Notify {
     hubs: Mutex<HashMap<String, Arc<Hub>>>,
     next_id: AtomicU64,
     pub stats: Arc<NotifyStats>,
+    /// New process, upgrade: subscriptions made for listening clients still on their way,
+    /// by cancel key ([`Notify::prepare_handover`], [`Notify::claim`]).
+    presubscribed: Mutex<HashMap<(i32, i32), Subscription>>,
+}
+
+/// New process, upgrade: the marker to NOTIFY once the channels of the clients to come
+/// are listened to ([`Notify::prepare_handover`]).
+pub struct MarkerDue {
+    hub: Arc<Hub>,
+    /// Their channels and the marker.
+    channels: BTreeSet<String>,
+}
+
+impl MarkerDue {
+    /// Waits until the listener connection LISTENs to every channel (within `limit`;
+    /// otherwise nothing is NOTIFYed, the old process gives up waiting and closes those
+    /// clients), then has it NOTIFY the marker.
+    pub async fn notify_when_listening(self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        let all = || {
+            self.hub
+                .listens_to(self.channels.iter().map(String::as_str))
+        };
+        while !all() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if !all() {
+            warn!(database = %Escaped(&self.hub.database), "upgrade: the listener connection did not LISTEN to the moving clients' channels in time");
+            return;
+        }
+        if let Some(Handover::Incoming { send, .. }) = &mut self.hub.state.lock().handover {
+            *send = true;
+        }
+        self.hub.wake.notify_one();
+    }
+}
+
+/// Where a listening client stands in an upgrade ([`Subscription::upgrade_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoveStep {
+    /// It may move now; its channels go with it.
+    Move,
+    /// Not yet: the marker has not come through, or notifications wait in its queue.
+    Wait,
+    /// It cannot move (closed with 57P01): why.
+    Close(&'static str),
 }
 
 /// Gauges over all hubs.
@@ -77,8 +125,51 @@ pub struct NotifyStats {
 
 impl Notify {
     /// Subscribes a new client of `database` (whose listener connects as `upstream` if it
-    /// is the first) to nothing yet.
-    pub fn subscribe(&self, database: &str, upstream: &Upstream) -> Subscription {
+    /// is the first) to nothing yet. `key` is the client's cancel key: an upgrade finds
+    /// its subscription again by it.
+    pub fn subscribe(
+        &self,
+        pool: &crate::pool::PoolKey,
+        upstream: &Upstream,
+        key: (i32, i32),
+    ) -> Subscription {
+        let sub = self.subscribe_as(&pool.database, upstream, key, false);
+        // The pool whose upstream the listener connection uses, for an upgrade's plan.
+        *sub.hub.pool_user.lock() = pool.user.clone();
+        sub
+    }
+
+    fn subscribe_as(
+        &self,
+        database: &str,
+        upstream: &Upstream,
+        key: (i32, i32),
+        paused: bool,
+    ) -> Subscription {
+        let hub = self.hub(database, upstream);
+        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        hub.state.lock().subscribers.insert(
+            id,
+            Subscriber {
+                tx,
+                overflowed: overflowed.clone(),
+                key,
+                paused,
+            },
+        );
+        Subscription {
+            hub,
+            id,
+            rx,
+            overflowed,
+            channels: BTreeSet::new(),
+        }
+    }
+
+    /// The hub of `database`, made now if it is the first subscription.
+    fn hub(&self, database: &str, upstream: &Upstream) -> Arc<Hub> {
         let hub = {
             let mut hubs = self.hubs.lock();
             hubs.entry(database.to_owned())
@@ -86,6 +177,7 @@ impl Notify {
                     Arc::new(Hub {
                         database: database.to_owned(),
                         upstream: Mutex::new(upstream.clone()),
+                        pool_user: Mutex::new(String::new()),
                         state: Mutex::new(HubState::default()),
                         wake: tokio::sync::Notify::new(),
                         stats: self.stats.clone(),
@@ -101,23 +193,132 @@ impl Notify {
                 *current = upstream.clone();
             }
         }
-        let (tx, rx) = mpsc::channel(CLIENT_QUEUE);
-        let id = self.next_id.fetch_add(1, Relaxed);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        hub.state.lock().subscribers.insert(
-            id,
-            Subscriber {
-                tx,
-                overflowed: overflowed.clone(),
-            },
-        );
-        Subscription {
-            hub,
-            id,
-            rx,
-            overflowed,
-            channels: BTreeSet::new(),
+        hub
+    }
+
+    /// Old process, upgrade: for each database with listening clients, a marker to LISTEN
+    /// to and the plan to send the new process. Returns once every such listener
+    /// connection LISTENs to its marker (within `limit`; a database whose listener does not
+    /// is left out, and its listening clients are closed instead of moved).
+    pub async fn plan_handover(&self, marker: &str, limit: Duration) -> Vec<HandoverPlan> {
+        let hubs: Vec<Arc<Hub>> = self.hubs.lock().values().cloned().collect();
+        let mut plans = Vec::new();
+        for hub in hubs {
+            let mut st = hub.state.lock();
+            if st.channels.is_empty() {
+                continue;
+            }
+            let mut by_id: HashMap<u64, BTreeSet<String>> = HashMap::new();
+            for (channel, ids) in &st.channels {
+                for id in ids {
+                    by_id.entry(*id).or_default().insert(channel.clone());
+                }
+            }
+            let clients = by_id
+                .iter()
+                .filter_map(|(id, channels)| {
+                    let sub = st.subscribers.get(id)?;
+                    Some((sub.key, channels.iter().cloned().collect()))
+                })
+                .collect();
+            st.handover = Some(Handover::Outgoing {
+                marker: marker.to_owned(),
+                seen: false,
+            });
+            st.planned = by_id;
+            drop(st);
+            hub.wake.notify_one();
+            let user = hub.pool_user.lock().clone();
+            plans.push((
+                hub,
+                HandoverPlan {
+                    database: String::new(),
+                    user,
+                    marker: marker.to_owned(),
+                    clients,
+                },
+            ));
         }
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut ready = Vec::new();
+        for (hub, mut plan) in plans {
+            while !hub.listens_to(std::iter::once(marker)) && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if hub.listens_to(std::iter::once(marker)) {
+                plan.database = hub.database.clone();
+                ready.push(plan);
+            } else {
+                warn!(database = %Escaped(&hub.database), "upgrade: the listener connection did not LISTEN to the hand-over marker; its listening clients are closed instead of moved");
+                hub.state.lock().handover = None;
+                hub.wake.notify_one();
+            }
+        }
+        ready
+    }
+
+    /// Old process: whether every database's marker came through.
+    pub fn markers_seen(&self) -> bool {
+        self.hubs.lock().values().all(|hub| {
+            !matches!(
+                hub.state.lock().handover,
+                Some(Handover::Outgoing { seen: false, .. })
+            )
+        })
+    }
+
+    /// Old process: the hand-over is given up (the marker did not come in time): the
+    /// listening clients are closed instead of moved, and get notifications until then.
+    pub fn abandon_handover(&self) {
+        for hub in self.hubs.lock().values() {
+            let mut st = hub.state.lock();
+            if matches!(st.handover, Some(Handover::Outgoing { seen: false, .. })) {
+                st.handover = None;
+                st.planned.clear();
+                st.wake_subscribers();
+            }
+        }
+    }
+
+    /// New process, upgrade: subscribes each listening client of `plan` before it
+    /// arrives, paused. The returned [`MarkerDue`] NOTIFYs the marker once the listener
+    /// connection LISTENs to all their channels.
+    pub fn prepare_handover(&self, plan: HandoverPlan, upstream: &Upstream) -> MarkerDue {
+        let hub = self.hub(&plan.database, upstream);
+        *hub.pool_user.lock() = plan.user.clone();
+        hub.state.lock().handover = Some(Handover::Incoming {
+            marker: plan.marker.clone(),
+            send: false,
+        });
+        let mut channels: BTreeSet<String> = BTreeSet::new();
+        {
+            let mut presubscribed = self.presubscribed.lock();
+            for (key, wanted) in plan.clients {
+                let mut sub = self.subscribe_as(&plan.database, upstream, key, true);
+                for channel in &wanted {
+                    sub.listen(channel);
+                    channels.insert(channel.clone());
+                }
+                presubscribed.insert(key, sub);
+            }
+        }
+        hub.start_listener();
+        channels.insert(plan.marker);
+        MarkerDue { hub, channels }
+    }
+
+    /// New process: the subscription made for the client with this cancel key, if its
+    /// channels are still `channels`.
+    pub fn claim(&self, key: (i32, i32), channels: &[String]) -> Option<Subscription> {
+        let sub = self.presubscribed.lock().remove(&key)?;
+        sub.channels.iter().eq(channels.iter()).then_some(sub)
+    }
+
+    /// New process: every client has arrived; subscriptions nobody claimed go.
+    pub fn end_handover(&self) {
+        let unclaimed = std::mem::take(&mut *self.presubscribed.lock());
+        drop(unclaimed);
     }
 
     /// What `/metrics` shows of all hubs now.
@@ -179,6 +380,8 @@ pub struct Hub {
     database: String,
     /// Where the listener connection goes: the upstream of the first subscriber's pool.
     upstream: Mutex<Upstream>,
+    /// The user (as clients log in) of the newest subscriber's pool.
+    pool_user: Mutex<String>,
     state: Mutex<HubState>,
     /// Tells the listener task that the channel set changed.
     wake: tokio::sync::Notify,
@@ -198,11 +401,67 @@ struct HubState {
     listening: BTreeSet<String>,
     /// Sessions waiting for a confirmation ([`Subscription::poll_confirmed`]).
     waiters: Vec<std::task::Waker>,
+    /// During an upgrade: this hub's marker and whether it came through.
+    handover: Option<Handover>,
+    /// Old process: the channels each client had when the plan was sent; a client whose
+    /// set changed since cannot move (its new channels were not handed over).
+    planned: HashMap<u64, BTreeSet<String>>,
+}
+
+impl HubState {
+    /// Wakes every session listening here to look at its upgrade step again: an empty
+    /// message in its queue, which it skips (a full queue wakes it anyway, as it drains).
+    fn wake_subscribers(&self) {
+        for sub in self.subscribers.values() {
+            let _ = sub.tx.try_send(Bytes::new());
+        }
+    }
 }
 
 struct Subscriber {
     tx: mpsc::Sender<Bytes>,
     overflowed: Arc<AtomicBool>,
+    /// The client's cancel key (an upgrade carries a subscription by it).
+    key: (i32, i32),
+    /// Made by an upgrade for a client still on its way: gets nothing until the marker
+    /// (`Handover`) comes through this hub's listener connection.
+    paused: bool,
+}
+
+/// A hub's part in an upgrade (`crate::upgrade`), so that a listening client moves with
+/// every notification delivered exactly once. Both processes LISTEN to a marker channel;
+/// the new one, once it LISTENs to every channel of the clients to come, NOTIFYs the
+/// marker. PostgreSQL delivers notifications to each listener in commit order, so in both
+/// connections' streams the marker splits them the same way: the old process delivers
+/// what came before it and nothing after (its clients then move once their queues are
+/// empty), the new one what came after it, queued for each client until it arrives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Handover {
+    /// Old process: the marker is listened to (or about to be); delivering as usual.
+    Outgoing { marker: String, seen: bool },
+    /// New process: the paused subscriptions wait for the marker, which is NOTIFYed
+    /// once `send` is set and every channel is confirmed.
+    Incoming { marker: String, send: bool },
+}
+
+impl Handover {
+    fn marker(&self) -> &str {
+        match self {
+            Handover::Outgoing { marker, .. } | Handover::Incoming { marker, .. } => marker,
+        }
+    }
+}
+
+/// What an old process sends of one database's listening clients (`crate::upgrade`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HandoverPlan {
+    pub database: String,
+    /// The user (as clients log in) whose pool's upstream the new listener connection
+    /// uses.
+    pub user: String,
+    pub marker: String,
+    /// Each listening client: its cancel key and channels.
+    pub clients: Vec<((i32, i32), Vec<String>)>,
 }
 
 /// One client's subscriptions. Dropping it unsubscribes everything.
@@ -236,18 +495,35 @@ impl Subscription {
         if !self.channels.insert(channel.to_owned()) {
             return;
         }
-        let start = {
-            let mut st = self.hub.state.lock();
-            st.channels
-                .entry(channel.to_owned())
-                .or_default()
-                .push(self.id);
-            !std::mem::replace(&mut st.running, true)
-        };
-        if start {
-            tokio::spawn(run_listener(self.hub.clone()));
+        self.hub
+            .state
+            .lock()
+            .channels
+            .entry(channel.to_owned())
+            .or_default()
+            .push(self.id);
+        self.hub.start_listener();
+    }
+
+    /// Where this listening client stands in an upgrade of the old process.
+    pub fn upgrade_step(&self) -> MoveStep {
+        if self.channels.is_empty() {
+            return MoveStep::Move;
         }
-        self.hub.wake.notify_one();
+        let st = self.hub.state.lock();
+        match &st.handover {
+            Some(Handover::Outgoing { seen: false, .. }) => MoveStep::Wait,
+            Some(Handover::Outgoing { seen: true, .. }) => {
+                if st.planned.get(&self.id) != Some(&self.channels) {
+                    MoveStep::Close("its LISTEN channels changed during the upgrade")
+                } else if !self.rx.is_empty() {
+                    MoveStep::Wait
+                } else {
+                    MoveStep::Move
+                }
+            }
+            _ => MoveStep::Close("its LISTEN channels could not be handed over"),
+        }
     }
 
     /// [`Subscription::listen`], then waits until the listener connection LISTENs to
@@ -332,6 +608,16 @@ impl Drop for Subscription {
 }
 
 impl Hub {
+    /// Starts the listener task if it is not running, and wakes it to LISTEN to what is
+    /// wanted now.
+    fn start_listener(self: &Arc<Self>) {
+        let start = !std::mem::replace(&mut self.state.lock().running, true);
+        if start {
+            tokio::spawn(run_listener(self.clone()));
+        }
+        self.wake.notify_one();
+    }
+
     fn remove(&self, id: u64, channel: &str) {
         let mut st = self.state.lock();
         if let Some(ids) = st.channels.get_mut(channel) {
@@ -356,11 +642,21 @@ impl Hub {
         let mut full = Vec::new();
         {
             let st = self.state.lock();
+            match &st.handover {
+                Some(h) if h.marker() == channel => {
+                    drop(st);
+                    self.marker_seen();
+                    return;
+                }
+                // After the marker the new process delivers, and only it.
+                Some(Handover::Outgoing { seen: true, .. }) => return,
+                _ => {}
+            }
             let Some(ids) = st.channels.get(channel) else {
                 return; // UNLISTENed while it was on its way
             };
             for id in ids {
-                let Some(sub) = st.subscribers.get(id) else {
+                let Some(sub) = st.subscribers.get(id).filter(|s| !s.paused) else {
                     continue;
                 };
                 match sub.tx.try_send(message.clone()) {
@@ -390,9 +686,44 @@ impl Hub {
         }
     }
 
-    /// The channels the listener connection should LISTEN to now.
+    /// The channels the listener connection should LISTEN to now (with an upgrade's
+    /// marker).
     fn wanted(&self) -> BTreeSet<String> {
-        self.state.lock().channels.keys().cloned().collect()
+        let st = self.state.lock();
+        let mut wanted: BTreeSet<String> = st.channels.keys().cloned().collect();
+        if let Some(h) = &st.handover {
+            wanted.insert(h.marker().to_owned());
+        }
+        wanted
+    }
+
+    /// The marker came through this hub's listener connection: the old process delivers
+    /// nothing more (its clients move with empty queues), the new one starts delivering.
+    fn marker_seen(&self) {
+        let mut st = self.state.lock();
+        match &mut st.handover {
+            Some(Handover::Outgoing { seen, .. }) => {
+                *seen = true;
+                st.wake_subscribers();
+            }
+            Some(Handover::Incoming { .. }) => {
+                // Done: the marker is UNLISTENed at the listener's next turn.
+                st.handover = None;
+                for sub in st.subscribers.values_mut() {
+                    sub.paused = false;
+                }
+            }
+            None => {}
+        }
+        drop(st);
+        self.wake.notify_one();
+        info!(database = %Escaped(&self.database), "upgrade: the LISTEN/NOTIFY hand-over marker came through");
+    }
+
+    /// Whether the listener connection LISTENs to all of `channels` now.
+    fn listens_to<'a>(&self, mut channels: impl Iterator<Item = &'a str>) -> bool {
+        let st = self.state.lock();
+        channels.all(|c| st.listening.contains(c))
     }
 }
 
@@ -494,6 +825,15 @@ async fn listen_on(hub: &Hub, mut conn: Box<ServerConn>) -> Result<(), Failure> 
         }
         for channel in listened.difference(&wanted) {
             sql.push_str(&format!("UNLISTEN {};", quote_ident(channel)));
+        }
+        if sql.is_empty() && replies_due == 0 {
+            // New process, upgrade: every channel confirmed, the marker goes out now.
+            let mut st = hub.state.lock();
+            if let Some(Handover::Incoming { marker, send, .. }) = &mut st.handover
+                && std::mem::take(send)
+            {
+                sql = format!("NOTIFY {}", quote_ident(marker));
+            }
         }
         if !sql.is_empty() {
             debug!(database = %Escaped(&hub.database), sql = %Escaped(&sql), "listener connection");

@@ -10,16 +10,19 @@
 //!    send it the listening sockets (SCM_RIGHTS);
 //! 3. wait for its READY (`server.upgrade_timeout`; failing that, kill it and go on
 //!    serving), then stop accepting ([`Upgrade::handover`]: the sockets stay open in the
-//!    new process, so no connection attempt is lost) and raise [`Alert::MOVE`] on every
+//!    new process, so no connection attempt is lost), send the new process the listening
+//!    clients' channels (`crate::notify`, `Handover`: a marker NOTIFY splits the
+//!    notifications between the two processes) and raise [`Alert::MOVE`] on every
 //!    session;
 //! 4. each session, at its next quiet point (between transactions, nothing buffered
 //!    either way, no server held unless the client keeps one), sends its socket and its
-//!    [`SessionState`] through [`Upgrade::hand_over`]; a client that keeps its server
-//!    between transactions (session mode, or pinned by session state) sends that server's
-//!    socket in the same record, with the server's state, and the new process adopts it
-//!    into the client's pool ([`crate::pool::Pool::adopt`]). One that cannot move (TLS to
-//!    the client or to its kept server, LISTEN) is closed right after its transaction with
-//!    57P01 and a hint;
+//!    [`SessionState`] through [`Upgrade::hand_over`] (a listening one once the marker
+//!    came through and its queue is empty); a client that keeps its server between
+//!    transactions (session mode, or pinned by session state) sends that server's socket
+//!    in the same record, with the server's state, and the new process adopts it into the
+//!    client's pool ([`crate::pool::Pool::adopt`]). One that cannot move (TLS to the
+//!    client or to its kept server, LISTEN channels changed meanwhile) is closed right
+//!    after its transaction with 57P01 and a hint;
 //! 5. exit once no client is left, or after `shutdown_timeout`.
 //!
 //! The new process ([`inherit`]) uses the sockets instead of binding, says READY, and
@@ -84,7 +87,8 @@ pub struct UpgradeStats {
     pub failed: AtomicU64,
     /// Clients sent to the new process.
     pub moved: AtomicU64,
-    /// Clients closed with 57P01 instead (TLS, a server held, LISTEN, the hand-over failed).
+    /// Clients closed with 57P01 instead (TLS, a server held, LISTEN channels not handed
+    /// over, the hand-over failed).
     pub closed: AtomicU64,
     /// Clients received from the old process (in the new one).
     pub received: AtomicU64,
@@ -372,7 +376,7 @@ pub async fn start(pooler: Arc<Pooler>) {
             if let Some(notifier) = crate::sd_notify::global() {
                 notifier.hand_over(pid);
             }
-            move_clients(&pooler, link, server.shutdown_timeout).await
+            move_clients(&pooler, link, &server).await
         }
         Err(why) => {
             error!(why = %why, "upgrade given up: this process keeps serving");
@@ -476,10 +480,40 @@ async fn launch(upgrade: &Upgrade, server: &ServerSection) -> Result<(UnixStream
 }
 
 /// Steps 3 to 5: stop accepting, move every client at its quiet point, then stop.
-async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duration) {
+async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, server: &ServerSection) {
+    let limit = server.shutdown_timeout;
     let upgrade = &pooler.upgrade;
     upgrade.handover.cancel();
     upgrade.listeners.lock().clear();
+    // Listening clients: the new process subscribes them before they come, and a marker
+    // NOTIFY splits the notifications between the two processes (notify.rs, `Handover`).
+    let marker = format!("pgmux_upgrade_{:016x}", rand::random::<u64>());
+    let plans = pooler
+        .notify
+        .plan_handover(&marker, server.upgrade_timeout)
+        .await;
+    let mut sent_plans = 0;
+    for plan in &plans {
+        let sent = match state::encode_plan(plan) {
+            Ok(payload) => wire::send(&mut link, wire::LISTEN_PLAN, &payload, &[])
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match sent {
+            Ok(()) => {
+                info!(database = %crate::logging::Escaped(&plan.database), clients = plan.clients.len(), "upgrade: listening clients to hand over");
+                sent_plans += 1;
+            }
+            Err(e) => warn!(error = %e, "upgrade: cannot send the LISTEN hand-over plan"),
+        }
+    }
+    let mut markers_due = !plans.is_empty();
+    if sent_plans < plans.len() {
+        pooler.notify.abandon_handover();
+        markers_due = false;
+    }
+    let markers_deadline = tokio::time::Instant::now() + server.upgrade_timeout;
     let (outbox, mut queue) = mpsc::unbounded_channel::<Moving>();
     *upgrade.outbox.lock() = Some(outbox);
     pooler.clients_registry.raise(Alert::MOVE, |_, _| true);
@@ -525,6 +559,17 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, limit: Duratio
                 }
             }
             _ = tokio::time::sleep(POLL) => {}
+        }
+        if markers_due
+            && !pooler.notify.markers_seen()
+            && tokio::time::Instant::now() >= markers_deadline
+        {
+            // The listening clients still waiting for it are closed instead of moved.
+            warn!(
+                "upgrade: the LISTEN/NOTIFY hand-over marker did not come through in time; listening clients are closed instead of moved"
+            );
+            pooler.notify.abandon_handover();
+            markers_due = false;
         }
         let arriving = upgrade.receiving.load(Ordering::SeqCst);
         if pooler.clients.load(Ordering::Relaxed) == 0 && queue.is_empty() && !arriving {
@@ -655,6 +700,10 @@ async fn receive_clients(
                 break;
             }
         };
+        if record.kind == wire::LISTEN_PLAN {
+            prepare_listeners(&pooler, &record.payload);
+            continue;
+        }
         if record.kind == wire::END {
             STATS.add_encoded(&record.payload);
             break;
@@ -699,11 +748,31 @@ async fn receive_clients(
         }
     }
     pooler.cancels.pass_unknown_to(None);
+    pooler.notify.end_handover();
     pooler.upgrade.receiving.store(false, Ordering::SeqCst);
     info!(
         moved,
         "upgrade: the old process has handed over its clients"
     );
+}
+
+/// New process: subscribes the listening clients of one database before they come, and
+/// NOTIFYs the hand-over marker once its listener connection LISTENs to their channels.
+fn prepare_listeners(pooler: &Arc<Pooler>, payload: &[u8]) {
+    let plan = match state::decode_plan(payload) {
+        Ok(plan) => plan,
+        Err(e) => {
+            warn!(error = %e, "upgrade: a LISTEN hand-over plan could not be read; those clients will be closed");
+            return;
+        }
+    };
+    let Some(pool) = pooler.pool(&plan.database, &plan.user) else {
+        warn!(database = %crate::logging::Escaped(&plan.database), "upgrade: no pool for the listening clients of this database; they will be closed");
+        return;
+    };
+    let limit = pooler.snapshot().config.server.upgrade_timeout;
+    let due = pooler.notify.prepare_handover(plan, &pool.upstream());
+    tokio::spawn(due.notify_when_listening(limit));
 }
 
 /// A second handle on the link, for the direction the other handle does not use.

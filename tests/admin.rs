@@ -515,7 +515,9 @@ async fn pause_holds_clients_and_resume_lets_them_through() {
     let mux = TestPgmux::start(
         pg,
         MuxOptions {
-            wait_timeout: "1s",
+            // After the resume, the five waiters get this long for two connections to
+            // open and serve them: ample even on a loaded 2-core CI machine (1 s was not).
+            wait_timeout: "3s",
             ..with_admin(2)
         },
     )
@@ -544,7 +546,7 @@ async fn pause_holds_clients_and_resume_lets_them_through() {
         }));
     }
     // Longer than wait_timeout: a pause does not time anyone out.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(3500)).await;
     assert!(
         held.iter().all(|h| !h.is_finished()),
         "paused clients are held"

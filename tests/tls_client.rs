@@ -634,4 +634,15 @@ async fn an_upgrade_closes_a_tls_client_after_its_transaction_with_57p01() {
     mux.wait_gone(old).await;
     let again = connect(&config, Certs::get().client()).await.unwrap();
     select_one(&again).await;
+    // The old process counted it, and its counts came over with its last record.
+    let closed = [("outcome", "closed")];
+    let counted = common::eventually(std::time::Duration::from_secs(10), || async {
+        mux.metric("pgmux_upgrade_clients_total", &closed).await == Some(1.0)
+    })
+    .await;
+    assert!(
+        counted,
+        "{:?}",
+        mux.metric("pgmux_upgrade_clients_total", &closed).await
+    );
 }

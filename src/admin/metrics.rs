@@ -94,7 +94,7 @@ const FAMILIES: &[Family] = &[
     ),
     (
         "pgmux_upgrade_clients_total",
-        "Clients in upgrades, by outcome: moved (sent to the new process), closed (57P01: TLS, a server held, LISTEN, or the hand-over failed), received (by this process from its predecessor).",
+        "Clients in upgrades, by outcome: moved (sent to the new process), closed (57P01: TLS, a server held, LISTEN channels not handed over, or the hand-over failed), received (by this process from its predecessor).",
         C,
         &["outcome"],
     ),

@@ -44,6 +44,7 @@ pub(super) fn session(
         greeted,
         seen,
         statements,
+        channels,
         server,
     } = state;
     // First the server, so that whatever refuses the client below closes it properly
@@ -109,9 +110,25 @@ pub(super) fn session(
         let statement = pooler.statements.statement(&s.query, &s.param_types);
         names.insert(&s.name, statement);
     }
+    // Its LISTENs: the subscription this process made for it before it came (notify.rs).
+    let subscription = if channels.is_empty() {
+        None
+    } else {
+        match pooler.notify.claim(cancel_key, &channels) {
+            Some(sub) => Some(Box::new(sub)),
+            None => {
+                return Err(Box::new(ClientError::Upgrading(
+                    "its LISTEN channels were not handed over",
+                )));
+            }
+        }
+    };
     let view = pooler
         .clients_registry
         .register(peer, &database, &user, &application_name, None);
+    if !channels.is_empty() {
+        view.set_channels(channels);
+    }
     let mut pin = None;
     let server = match held {
         Some((lease, hold)) => {
@@ -152,6 +169,7 @@ pub(super) fn session(
             statements: names,
             cbuf: BytesMut::new(),
             client_slot,
+            subscription,
         },
     );
     Ok((session, pin))

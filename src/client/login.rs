@@ -446,6 +446,7 @@ pub(super) async fn greet(
             statements: Default::default(),
             cbuf,
             client_slot,
+            subscription: None,
         },
     ))
 }

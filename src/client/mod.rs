@@ -2,6 +2,7 @@
 //! startup and checks the password, then [`session::Session`] runs the transaction loop.
 
 mod adopt;
+mod deque;
 mod error;
 mod login;
 pub(crate) mod params;
@@ -52,18 +53,23 @@ pub struct ConsoleLogin {
 /// A panic anywhere in the client's login or session is caught here: the client is told
 /// `XX000` before the close, the session's guards have already given back what it held
 /// (its server lease, its cancel key, its registry entry), and pgmux keeps serving.
-pub async fn serve(
+///
+/// Not an `async fn`, like the others on a session's way here: what a client task holds
+/// for the client's whole life is stored once in its future (memory per idle client).
+pub fn serve(
     tcp: TcpStream,
     peer: SocketAddr,
     pooler: Arc<Pooler>,
     admitted: bool,
-) -> Option<ConsoleLogin> {
+) -> impl Future<Output = Option<ConsoleLogin>> + Send {
     let _ = tcp.set_nodelay(true);
     let mut socket = ClientStream::Tcp(tcp);
-    let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
-        .catch_unwind()
-        .await;
-    finish(socket, peer, &pooler, served).await
+    async move {
+        let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
+            .catch_unwind()
+            .await;
+        finish(socket, peer, &pooler, served).await
+    }
 }
 
 /// Serves a client an upgrade moved in from the old process (`crate::upgrade`): its
@@ -84,18 +90,22 @@ pub async fn serve_moved(
     let _ = tcp.set_nodelay(true);
     let mut socket = ClientStream::Tcp(tcp);
     let served = AssertUnwindSafe(async {
-        match adopt::session(&pooler, peer, state, server) {
-            Ok((session, pin)) => {
-                debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
-                let started = std::time::Instant::now();
-                run_session(&mut socket, peer, &pooler, session, pin, started).await
-            }
-            Err(err) => {
-                info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
-                refuse_on(&mut socket, &err.fatal()).await;
-                Served::Done
-            }
+        // The session is scoped to the block whose value is awaited: it is moved into the
+        // running future, and no dead copy of it stays in this one (see `serve_socket`).
+        {
+            let (session, pin) = match adopt::session(&pooler, peer, state, server) {
+                Ok(adopted) => adopted,
+                Err(err) => {
+                    info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
+                    refuse_on(&mut socket, &err.fatal()).await;
+                    return Served::Done;
+                }
+            };
+            debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
+            let started = std::time::Instant::now();
+            run_session(&mut socket, peer, &pooler, session, pin, started)
         }
+        .await
     })
     .catch_unwind()
     .await;
@@ -129,7 +139,9 @@ async fn finish(
                 refuse(socket, &ClientError::Upgrading("TLS").fatal()).await;
                 return None;
             };
-            if let Err((tcp, why)) = pooler.upgrade.hand_over(tcp, *departing).await {
+            // Boxed, as everything only some clients reach at their end: it would size every
+            // client's task for its whole life (memory per idle client).
+            if let Err((tcp, why)) = Box::pin(pooler.upgrade.hand_over(tcp, *departing)).await {
                 info!(%peer, why = %why, "could not hand the client over to the new process");
                 crate::upgrade::count_closed();
                 if let Some(tcp) = tcp {
@@ -156,6 +168,30 @@ async fn serve_socket(
     admitted: bool,
 ) -> Served {
     let started = std::time::Instant::now();
+    // The session is a local of this block only, whose value (the running session) is
+    // awaited: a local that lived on across that await would be a dead copy of the session
+    // in every client task for the client's whole life (a moved-from local keeps its room
+    // until its scope ends).
+    {
+        // Boxed: the login's future (its time limit, the refusals it writes) is larger
+        // than the session's, and dead once the client is in.
+        let session = match Box::pin(log_in(socket, peer, pooler, admitted)).await {
+            Ok(session) => session,
+            Err(served) => return served,
+        };
+        run_session(socket, peer, pooler, session, None, started)
+    }
+    .await
+}
+
+/// The login: the session, or how the client was served instead (refused, gone, or the
+/// admin console).
+async fn log_in(
+    socket: &mut ClientStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    admitted: bool,
+) -> Result<session::Session, Served> {
     let limit = pooler.snapshot().config.server.client_login_timeout;
     // The login's futures are boxed: they are large (SCRAM, TLS, the server's greeting)
     // and dead once the client is in, and unboxed they would size the future of every
@@ -170,58 +206,63 @@ async fn serve_socket(
             let limits = pooler.snapshot().config.auth.login_limits();
             login::count_failure(&pooler.logins, peer, reason, &limits);
             refuse_on(socket, &ClientError::LoginTimeout(limit).fatal()).await;
-            return Served::Done;
+            return Err(Served::Done);
         }
     };
-    let session = match outcome {
-        Ok(session) => session,
-        Err(login::Refusal::Gone) => return Served::Done, // a cancel request, or a client that left
-        Err(login::Refusal::Console { user, cbuf }) => return Served::Console(user, cbuf),
+    match outcome {
+        Ok(session) => Ok(session),
+        Err(login::Refusal::Gone) => Err(Served::Done), // a cancel request, or a client that left
+        Err(login::Refusal::Console { user, cbuf }) => Err(Served::Console(user, cbuf)),
         Err(login::Refusal::Error(err)) => {
             debug!(%peer, err = %Escaped(&err), "login refused");
             refuse_on(socket, &err).await;
-            return Served::Done;
+            Err(Served::Done)
         }
         Err(login::Refusal::Server(err)) => {
             debug!(%peer, "login refused with the server's error");
             send_and_close(socket, &err).await;
-            return Served::Done;
+            Err(Served::Done)
         }
-    };
-    run_session(socket, peer, pooler, session, None, started).await
+    }
 }
 
-/// Runs a logged-in (or moved-in) session to its end, and logs it.
-async fn run_session(
-    socket: &mut ClientStream,
+/// Runs a logged-in (or moved-in) session to its end, and logs it. Not an `async fn`:
+/// the session goes into its running future here, and is held there only
+/// ([`session::Session::run`]); what is done after it is a second future, made then.
+fn run_session<'a>(
+    socket: &'a mut ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     session: session::Session,
     pin: Option<Box<session::MovedPin>>,
     started: std::time::Instant,
-) -> Served {
-    let pool = session.pool.key.clone();
+) -> impl Future<Output = Served> + Send + 'a {
+    // The pool, not a copy of its key (two strings): kept to the end for the log lines.
+    let pool = session.pool.clone();
     let log = pooler.snapshot().config.admin.log_connections;
     if log {
-        info!(%peer, pool = %Escaped(&pool), "client connected");
+        info!(%peer, pool = %Escaped(&pool.key), "client connected");
     }
-    if let Some(departing) = session.run(socket, pin).await {
-        debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
-        return Served::Moved(departing);
-    }
-    close_gently(socket).await;
-    // Byte counts come from the kernel.
-    let traffic = socket
-        .tcp()
-        .and_then(crate::stats::tcp_traffic)
-        .unwrap_or_default();
-    let duration_ms = started.elapsed().as_millis() as u64;
-    if log {
-        info!(%peer, pool = %Escaped(&pool), duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
-    } else {
-        debug!(%peer, pool = %Escaped(&pool), duration_ms, "client disconnected");
-    }
-    Served::Done
+    session.run(socket, pin).then(move |(moved, socket)| async move {
+        let pool = &pool.key;
+        if let Some(departing) = moved {
+            debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
+            return Served::Moved(departing);
+        }
+        close_gently(socket).await;
+        // Byte counts come from the kernel.
+        let traffic = socket
+            .tcp()
+            .and_then(crate::stats::tcp_traffic)
+            .unwrap_or_default();
+        let duration_ms = started.elapsed().as_millis() as u64;
+        if log {
+            info!(%peer, pool = %Escaped(&pool), duration_ms, bytes_received = traffic.received, bytes_sent = traffic.sent, "client disconnected");
+        } else {
+            debug!(%peer, pool = %Escaped(&pool), duration_ms, "client disconnected");
+        }
+        Served::Done
+    })
 }
 
 /// Sends a fatal error and closes: never a bare reset.

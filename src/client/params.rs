@@ -57,6 +57,9 @@ impl ClientParams {
         if !me.wants.iter().any(|(l, _, _)| l == "application_name") {
             me.want("application_name", Value::Text(String::new()));
         }
+        // Kept for the client's whole life, and rarely changed: no spare room (memory per
+        // idle client).
+        me.wants.shrink_to_fit();
         me
     }
 
@@ -93,6 +96,7 @@ impl ClientParams {
         for (name, value) in wants {
             me.want(&name, value);
         }
+        me.wants.shrink_to_fit();
         me
     }
 

@@ -1,10 +1,10 @@
 //! Bytes waiting to be written to one peer, written with vectored, non-blocking writes.
 
-use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 
 use bytes::{Buf, BytesMut};
 
+use super::deque::InlineDeque;
 use crate::server::TryWrite;
 
 /// How many buffers one `writev` takes.
@@ -12,10 +12,10 @@ const MAX_SLICES: usize = 32;
 
 /// An ordered queue of message bytes for one socket. Buffers split from the same read
 /// buffer and adjacent in memory are merged back for free, so a batch of forwarded
-/// messages is usually one buffer.
+/// messages is usually one buffer, held without a heap block of its own.
 #[derive(Default, Debug)]
 pub struct OutQueue {
-    chunks: VecDeque<BytesMut>,
+    chunks: InlineDeque<BytesMut>,
     len: usize,
 }
 
@@ -56,8 +56,8 @@ impl OutQueue {
     /// empty or the socket would block.
     pub fn write_now(&mut self, socket: &mut impl TryWrite) -> io::Result<()> {
         while !self.is_empty() {
-            let written = if let [only] = self.chunks.as_slices().0
-                && self.chunks.len() == 1
+            let written = if self.chunks.len() == 1
+                && let Some(only) = self.chunks.front()
             {
                 // The usual case (adjacent messages merge): send(2) is cheaper than writev(2).
                 socket.try_write(only)
@@ -76,10 +76,8 @@ impl OutQueue {
                 Err(e) => return Err(e),
             }
         }
-        if self.chunks.capacity() > MAX_SLICES {
-            // A burst grew the queue; an idle client keeps no large buffer.
-            self.chunks = VecDeque::new();
-        }
+        // A burst grew the queue; an idle client keeps no large buffer.
+        self.chunks.shrink_above(MAX_SLICES);
         Ok(())
     }
 

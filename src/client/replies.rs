@@ -6,11 +6,11 @@
 //! whether they go to the client or are swallowed (pgmux's own Parse and Close), so the
 //! client sees exactly the order a direct connection would give, errors included.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::BytesMut;
 
+use super::deque::InlineDeque;
 use super::params::SessionChange;
 use crate::prepared::Statement;
 
@@ -107,10 +107,11 @@ pub enum Route {
     Swallow,
 }
 
-/// The queue. Owned by the client session.
+/// The queue. Owned by the client session. One entry (a simple Query, the usual case)
+/// needs no heap block; an idle session's queue holds none.
 #[derive(Default, Debug)]
 pub struct Replies {
-    queue: VecDeque<Expect>,
+    queue: InlineDeque<Expect>,
 }
 
 impl Replies {

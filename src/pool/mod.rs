@@ -375,9 +375,14 @@ impl Pool {
                 failed => failed,
             };
         }
-        let now = Instant::now();
-        let waited = now - wanted;
         let cause = watch.cause();
+        // Served at once from the idle list (no wait, no connect): no second clock read.
+        let (now, waited) = if cause.is_none() && !crate::workers::several() {
+            (wanted, Duration::ZERO)
+        } else {
+            let now = Instant::now();
+            (now, now - wanted)
+        };
         drop(watch);
         match &result {
             Ok(conn) => {
@@ -919,15 +924,16 @@ impl Pool {
         let lent = match st.lent.iter().position(|l| l.id == conn.id()) {
             Some(at) => {
                 let lent = st.lent.swap_remove(at);
+                let held = now - lent.since;
                 let demand = st.demand();
-                st.demand.returned(now, demand, now - lent.since);
-                Some(lent)
+                st.demand.returned(now, demand, held);
+                Some((lent, held))
             }
             None => None,
         };
-        if let Some(lent) = lent {
+        if let Some((lent, held)) = lent {
             // Atomics only: cheap enough under the lock.
-            self.stats.hold.observe(now - lent.since);
+            self.stats.hold.observe(held);
             if settings.mode != PoolMode::Session {
                 self.stats.transactions.fetch_add(1, Relaxed);
                 self.stats.transaction.observe(now - lent.wanted);

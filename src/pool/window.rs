@@ -28,6 +28,9 @@ struct Slot {
 pub(super) struct Window {
     epoch: Instant,
     slots: Vec<Slot>,
+    /// The second last looked up (its number, start and end): a lookup within it compares
+    /// instants instead of subtracting them (two per transaction).
+    current: Option<(u64, Instant, Instant)>,
 }
 
 /// What the window says about the pool's recent demand.
@@ -59,6 +62,7 @@ impl Window {
         Window {
             epoch: Instant::now(),
             slots: vec![Slot::default(); WINDOW_SECONDS],
+            current: None,
         }
     }
 
@@ -66,7 +70,15 @@ impl Window {
     /// slot starts at the demand of the moment, so that a second in which nothing changed
     /// still shows the servers held through it.
     fn slot(&mut self, now: Instant, demand: u32) -> &mut Slot {
-        let second = now.saturating_duration_since(self.epoch).as_secs() + 1;
+        let second = match self.current {
+            Some((second, starts, ends)) if starts <= now && now < ends => second,
+            _ => {
+                let since = now.saturating_duration_since(self.epoch).as_secs();
+                let starts = self.epoch + Duration::from_secs(since);
+                self.current = Some((since + 1, starts, starts + Duration::from_secs(1)));
+                since + 1
+            }
+        };
         let at = (second % WINDOW_SECONDS as u64) as usize;
         #[allow(clippy::indexing_slicing)] // `at` < WINDOW_SECONDS, the array's length
         let slot = &mut self.slots[at];

@@ -18,7 +18,7 @@ impl ServerConn {
     /// keeps it (`hold` says why), or why it cannot move: a TLS connection's session keys
     /// stay in this process.
     pub fn carried(&self, hold: Hold) -> Result<ServerState, &'static str> {
-        let addr = match &self.addr {
+        let addr = match &*self.addr {
             ServerAddr::Tcp(addr) => CarriedAddr::Tcp(*addr),
             ServerAddr::Unix(path) => match path.to_str() {
                 Some(path) => CarriedAddr::Unix(path.to_owned()),

@@ -124,7 +124,9 @@ pub struct ServerConn {
     /// ParameterStatus values the server reported, in the order first seen.
     params: Vec<(String, String)>,
     key: BackendKey,
-    addr: ServerAddr,
+    /// Shared with the cancel slot of the client that holds it: a checkout copies a
+    /// pointer, and a client's slot stays small (memory per idle client).
+    addr: Arc<ServerAddr>,
     id: u64,
     created: Instant,
     idle_since: Instant,
@@ -168,7 +170,7 @@ impl ServerConn {
                 process_id: 0,
                 secret: 0,
             },
-            addr,
+            addr: Arc::new(addr),
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             created: now,
             idle_since: now,
@@ -225,7 +227,7 @@ impl ServerConn {
     }
 
     /// Where it is connected (cancel requests go there).
-    pub fn addr(&self) -> &ServerAddr {
+    pub fn addr(&self) -> &Arc<ServerAddr> {
         &self.addr
     }
 

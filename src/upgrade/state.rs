@@ -7,7 +7,8 @@
 //! | wants: u32 n × (name, kind u8 [0 text, 1 sql], value)
 //! | greeted: u32 n × (name, value) | seen: u32 n × (name, value)
 //! | statements: u32 n × (name, query, u16 n × type oid u32)
-//! version 2 only, then: the server connection the client holds (its socket travels in the
+//! | channels: u32 n × name                       (version 2 and later)
+//! version 3 only, then: the server connection the client holds (its socket travels in the
 //! same record as the client's, SCM_RIGHTS):
 //! | address kind u8 [0 tcp, 1 unix], address | backend pid i32, secret i32
 //! | hold u8 [0 session mode, 1 pinned] | pin kinds (`temp_table,advisory_lock`)
@@ -18,22 +19,24 @@
 //! | prepared unsure u8 [0, 1]: it may hold statements not listed
 //! ```
 //! Strings are u32 length + UTF-8 bytes without NUL; integers big-endian. A session with no
-//! server is written as version 1, which the pgmux before version 2 reads too.
+//! server is written as version 2, which the pgmux before version 3 reads too; version 1
+//! (an older pgmux's, without the channels) is read too.
 
 use std::net::SocketAddr;
 
 use crate::client::state::Kinds;
+use crate::notify::HandoverPlan;
 use crate::server::SettingValue;
 
 /// The largest serialized session accepted (bytes). A session whose state is larger (a
 /// client with very many or very long prepared statements) is closed instead of moved.
 pub const MAX_STATE: usize = 16 * 1024 * 1024;
 const MAGIC: &[u8; 6] = b"PGMUXS";
-/// The newest format version this build writes and reads (it reads version 1 too, and
-/// writes it for a client that holds no server).
-pub const VERSION: u16 = 2;
-/// The first version: no server connection.
-const VERSION_NO_SERVER: u16 = 1;
+/// The newest format version this build writes and reads (it reads versions 1 and 2 too,
+/// and writes version 2 for a client that holds no server).
+pub const VERSION: u16 = 3;
+/// The version without a server connection (with the channels).
+const VERSION_NO_SERVER: u16 = 2;
 
 /// One client's session, as the new process needs it to go on serving it with no new
 /// login and no greeting.
@@ -55,6 +58,8 @@ pub struct SessionState {
     pub seen: Vec<(String, String)>,
     /// Its named prepared statements.
     pub statements: Vec<PreparedState>,
+    /// The channels it LISTENs to (the new process has subscribed it already).
+    pub channels: Vec<String>,
     /// The server connection it keeps between transactions (session mode, or pinned by
     /// session state), which moves with it.
     pub server: Option<ServerState>,
@@ -165,6 +170,10 @@ impl SessionState {
         put_pairs(&mut out, &self.greeted);
         put_pairs(&mut out, &self.seen);
         put_statements(&mut out, &self.statements)?;
+        put_len(&mut out, self.channels.len());
+        for channel in &self.channels {
+            put_str(&mut out, channel);
+        }
         if let Some(server) = &self.server {
             server.encode(&mut out)?;
         }
@@ -184,7 +193,7 @@ impl SessionState {
             return Err(StateError::Magic);
         }
         let version = r.u16()?;
-        if version != VERSION && version != VERSION_NO_SERVER {
+        if !(1..=VERSION).contains(&version) {
             return Err(StateError::Version(version));
         }
         let database = r.name()?;
@@ -197,9 +206,17 @@ impl SessionState {
         let greeted = r.pairs()?;
         let seen = r.pairs()?;
         let statements = r.statements()?;
+        let mut channels = Vec::new();
+        if version >= 2 {
+            let n = r.count(4)?;
+            channels.reserve(n);
+            for _ in 0..n {
+                channels.push(r.name()?);
+            }
+        }
         let server = match version {
-            VERSION_NO_SERVER => None,
-            _ => Some(ServerState::decode(&mut r)?),
+            VERSION => Some(ServerState::decode(&mut r)?),
+            _ => None,
         };
         if !r.0.is_empty() {
             return Err(StateError::Trailing(r.0.len()));
@@ -213,9 +230,62 @@ impl SessionState {
             greeted,
             seen,
             statements,
+            channels,
             server,
         })
     }
+}
+
+/// The LISTEN hand-over plan of one database (`crate::notify::HandoverPlan`), as the old
+/// process sends it: database, user, marker | u32 n × (pid i32, secret i32, u32 n ×
+/// channel). Read as untrusted input, like a session.
+pub fn encode_plan(plan: &HandoverPlan) -> Result<Vec<u8>, StateError> {
+    let mut out = Vec::new();
+    for s in [&plan.database, &plan.user, &plan.marker] {
+        put_str(&mut out, s);
+    }
+    put_len(&mut out, plan.clients.len());
+    for ((pid, secret), channels) in &plan.clients {
+        out.extend_from_slice(&pid.to_be_bytes());
+        out.extend_from_slice(&secret.to_be_bytes());
+        put_len(&mut out, channels.len());
+        for channel in channels {
+            put_str(&mut out, channel);
+        }
+    }
+    if out.len() > MAX_STATE {
+        return Err(StateError::TooLarge(out.len()));
+    }
+    Ok(out)
+}
+
+/// Reads a record written by [`encode_plan`].
+pub fn decode_plan(bytes: &[u8]) -> Result<HandoverPlan, StateError> {
+    if bytes.len() > MAX_STATE {
+        return Err(StateError::TooLarge(bytes.len()));
+    }
+    let mut r = Reader(bytes);
+    let (database, user, marker) = (r.name()?, r.name()?, r.name()?);
+    let n = r.count(4 + 4 + 4)?;
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let key = (r.i32()?, r.i32()?);
+        let m = r.count(4)?;
+        let mut channels = Vec::with_capacity(m);
+        for _ in 0..m {
+            channels.push(r.name()?);
+        }
+        clients.push((key, channels));
+    }
+    if !r.0.is_empty() {
+        return Err(StateError::Trailing(r.0.len()));
+    }
+    Ok(HandoverPlan {
+        database,
+        user,
+        marker,
+        clients,
+    })
 }
 
 impl ServerState {
@@ -491,6 +561,7 @@ mod tests {
                 query: "SELECT $1::int".into(),
                 param_types: vec![23],
             }],
+            channels: vec!["jobs".into(), "Mixed Case".into()],
             server: None,
         }
     }
@@ -521,6 +592,37 @@ mod tests {
     }
 
     #[test]
+    fn a_version_1_record_reads_without_channels() {
+        let mut state = sample();
+        state.channels.clear();
+        let mut bytes = state.encode().unwrap();
+        bytes[7] = 1;
+        bytes.truncate(bytes.len() - 4); // no channels count
+        assert_eq!(SessionState::decode(&bytes).unwrap(), state);
+    }
+
+    #[test]
+    fn a_listen_plan_reads_back_and_every_truncation_is_refused() {
+        let plan = HandoverPlan {
+            database: "app".into(),
+            user: "alice".into(),
+            marker: "pgmux_upgrade_00ff".into(),
+            clients: vec![
+                ((1, -2), vec!["a".into(), "b".into()]),
+                ((3, 4), vec!["a".into()]),
+            ],
+        };
+        let bytes = encode_plan(&plan).unwrap();
+        assert_eq!(decode_plan(&bytes).unwrap(), plan);
+        for n in 0..bytes.len() {
+            assert!(decode_plan(&bytes[..n]).is_err(), "cut at {n}");
+        }
+        let mut longer = bytes;
+        longer.push(0);
+        assert_eq!(decode_plan(&longer), Err(StateError::Trailing(1)));
+    }
+
+    #[test]
     fn a_session_reads_back() {
         let state = sample();
         let bytes = state.encode().unwrap();
@@ -528,7 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn a_session_with_its_server_reads_back_and_one_without_stays_version_1() {
+    fn a_session_with_its_server_reads_back_and_one_without_stays_version_2() {
         let pinned = pinned_sample();
         let bytes = pinned.encode().unwrap();
         assert_eq!(&bytes[6..8], &VERSION.to_be_bytes());
@@ -541,9 +643,9 @@ mod tests {
         }
         let bytes = session.encode().unwrap();
         assert_eq!(SessionState::decode(&bytes).unwrap(), session);
-        // Without a server: the format every pgmux with upgrades reads.
+        // Without a server: the format the pgmux before servers moved reads.
         let plain = sample().encode().unwrap();
-        assert_eq!(&plain[6..8], &1u16.to_be_bytes());
+        assert_eq!(&plain[6..8], &VERSION_NO_SERVER.to_be_bytes());
     }
 
     #[test]
@@ -578,11 +680,11 @@ mod tests {
         }
         let bytes = state.encode().unwrap();
         assert_eq!(SessionState::decode(&bytes), Err(StateError::BadKinds));
-        // A version 1 record that says it has a server part: trailing bytes.
-        let mut v1 = pinned_sample().encode().unwrap();
-        v1[7] = 1;
+        // A version 2 record that says it has a server part: trailing bytes.
+        let mut v2 = pinned_sample().encode().unwrap();
+        v2[7] = 2;
         assert!(matches!(
-            SessionState::decode(&v1),
+            SessionState::decode(&v2),
             Err(StateError::Trailing(_))
         ));
     }
@@ -614,6 +716,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = SessionState::decode(&bytes);
+            let _ = decode_plan(&bytes);
         }
 
         #[test]

@@ -17,6 +17,9 @@ pub const LISTENERS: u8 = b'L';
 pub const READY: u8 = b'R';
 /// Old → new: one client (payload: its `SessionState`; one fd, its socket).
 pub const CLIENT: u8 = b'C';
+/// Old → new: one database's listening clients, to subscribe before they come (payload:
+/// `state::encode_plan`).
+pub const LISTEN_PLAN: u8 = b'N';
 /// Old → new: no more clients follow.
 pub const END: u8 = b'E';
 /// New → old: a cancel request for a key the new process does not know (payload: process

@@ -51,8 +51,11 @@ impl Loop<'_> {
                 conn.prepared().clear();
             }
         }
-        if self.s.mode == PoolMode::Session && !self.s.reset_query.is_empty() && !conn.is_broken() {
-            let reset = self.s.reset_query.clone();
+        if self.s.mode == PoolMode::Session
+            && !self.s.settings.server_reset_query.is_empty()
+            && !conn.is_broken()
+        {
+            let reset = self.s.settings.server_reset_query.clone();
             if !conn.run_quietly(&reset, CLEANUP_LIMIT).await {
                 return conn.close();
             }

@@ -96,7 +96,8 @@ impl End {
     }
 }
 
-/// The time limits a session enforces, from the config at login. Zero = no limit.
+/// The time limits a session enforces, from the config at login ([`Session::limits`]).
+/// Zero = no limit.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Limits {
     /// `pool.idle_transaction_timeout`: a server held while the client sends nothing.
@@ -142,10 +143,13 @@ pub struct Session {
     /// The server held from login (session mode), if any.
     pub(super) server: Option<Lease>,
     pub(super) mode: PoolMode,
-    pub(super) limits: Limits,
+    /// The pool's settings the client logged in under (its limits, the reset query),
+    /// shared with the pool: a session keeps copies only of the few read per message.
+    pub(super) settings: Arc<crate::config::PoolSettings>,
+    /// `server.partial_message_timeout`.
+    pub(super) partial_message: Duration,
     /// `server.max_message_size`.
     pub(super) max_message_size: usize,
-    pub(super) reset_query: String,
     pub(super) max_prepared: usize,
     /// `pool.session_state`: what to do with session state a transaction leaves.
     pub(super) state_policy: SessionStatePolicy,
@@ -173,6 +177,8 @@ pub struct Session {
     pub(super) _client_slot: Option<crate::pooler::ClientSlot>,
     /// LISTEN/NOTIFY fan-out (`notify.rs`), for a client that LISTENs.
     pub(super) notify: Arc<crate::notify::Notify>,
+    /// The subscription an upgrade moved in with the client (its LISTENs).
+    pub(super) subscription: Option<Box<crate::notify::Subscription>>,
 }
 
 pub(super) struct Loop<'c> {
@@ -223,6 +229,7 @@ pub(in crate::client) struct SessionParts {
     pub statements: ClientStatements,
     pub cbuf: BytesMut,
     pub client_slot: Option<crate::pooler::ClientSlot>,
+    pub subscription: Option<Box<crate::notify::Subscription>>,
 }
 
 impl Session {
@@ -242,17 +249,12 @@ impl Session {
             server: parts.server,
             view: parts.view,
             mode: settings.mode,
-            limits: Limits {
-                idle_transaction: settings.idle_transaction_timeout,
-                query: settings.query_timeout,
-                partial_message: server.partial_message_timeout,
-                pinned_idle: settings.pinned_idle_timeout,
-            },
+            partial_message: server.partial_message_timeout,
             state_policy: settings.session_state,
             verify_always: settings.verify_every_transaction,
             max_message_size: server.max_message_size,
-            reset_query: settings.server_reset_query.clone(),
             max_prepared: settings.max_prepared_statements as usize,
+            settings,
             registry: pooler.statements.clone(),
             params: parts.params,
             pool,
@@ -265,24 +267,31 @@ impl Session {
             cbuf: parts.cbuf,
             _client_slot: parts.client_slot,
             notify: pooler.notify.clone(),
+            subscription: parts.subscription,
         }
     }
 }
 
 impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
-    /// it held, if any. The socket stays the caller's: if the session panics, the caller
-    /// can still tell the client. Returns the session's state (and the server it keeps,
-    /// if any) when an upgrade moves the client to the new process (the caller hands the
-    /// socket over with it). `pin`: the client was moved in pinned to `self.server`.
-    pub async fn run(
+    /// it held, if any. The socket stays the caller's (the future gives it back at the
+    /// end): if the session panics, the caller can still tell the client. Resolves to the
+    /// session's state (and the server it keeps, if any) when an upgrade moves the client
+    /// to the new process (the caller hands the socket over with it). `pin`: the client
+    /// was moved in pinned to `self.server`.
+    ///
+    /// Not an `async fn`: the session is moved into the loop here, before the future
+    /// exists, so the future holds it once. An `async fn` would also keep its argument
+    /// (and the argument's rebinding) for the client's whole life, dead: 2 x 328 bytes
+    /// per idle client (memory per idle client, docs/performance.md).
+    pub fn run<'c>(
         mut self,
-        client: &mut ClientStream,
-        // Boxed: the argument lives in every session's future (memory per idle client).
+        client: &'c mut ClientStream,
         pin: Option<Box<MovedPin>>,
-    ) -> Option<Box<Departing>> {
+    ) -> impl Future<Output = (Option<Box<Departing>>, &'c mut ClientStream)> + Send + 'c {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
+        let subscription = self.subscription.take();
         let codec = MessageCodec::new(CLIENT_MAX_WHOLE).with_max_len(self.max_message_size);
         let mut l = Loop {
             s: self,
@@ -306,44 +315,57 @@ impl Session {
             client_read: MIN_CLIENT_READ,
             server_read: SERVER_READ,
             timer: None,
-            subscription: None,
+            subscription,
             listen_confirm: None,
             pending_unlisten: state::PendingUnlisten::default(),
         };
-        let end = match l.on_client_bytes().await {
-            Ok(()) => l.serve().await,
-            Err(end) => end,
-        };
-        if let End::Move = end {
-            // Quiet: nothing buffered either way, and no server held but one the client
-            // keeps between transactions, idle (upgrade_step).
-            let state = l.moving_state();
-            let server = l.server.take();
-            if server.is_some() {
-                // No cancel of this client may reach the server once it has moved.
-                l.s.cancel.set_target(None);
-                l.s.cancel.settled().await;
+        async move {
+            let end = match l.on_client_bytes().await {
+                Ok(()) => l.serve().await,
+                Err(end) => end,
+            };
+            if let End::Move = end {
+                // Quiet: nothing buffered either way, and no server held but one the
+                // client keeps between transactions, idle (upgrade_step).
+                let state = l.moving_state();
+                let server = l.server.take();
+                if server.is_some() {
+                    // No cancel of this client may reach the server once it has moved.
+                    l.s.cancel.set_target(None);
+                    l.s.cancel.settled().await;
+                }
+                return (Some(Box::new(Departing { state, server })), l.client);
             }
-            return Some(Box::new(Departing { state, server }));
+            if let End::Fatal(err) = &end {
+                debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
+                let mut buf = BytesMut::new();
+                err.fatal().write(&mut buf);
+                l.to_client.push(buf);
+            }
+            // Flush what the client is owed (the error above, or results), briefly.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                l.to_client.write_all(&mut *l.client),
+            )
+            .await;
+            Box::pin(l.finish_server()).await;
+            (None, l.client)
         }
-        if let End::Fatal(err) = &end {
-            debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
-            let mut buf = BytesMut::new();
-            err.fatal().write(&mut buf);
-            l.to_client.push(buf);
-        }
-        // Flush what the client is owed (the error above, or results), briefly.
-        let _ = tokio::time::timeout(
-            Duration::from_secs(1),
-            l.to_client.write_all(&mut *l.client),
-        )
-        .await;
-        Box::pin(l.finish_server()).await;
-        None
     }
 }
 
 impl Session {
+    /// The time limits this session enforces.
+    pub(super) fn limits(&self) -> Limits {
+        let settings = &*self.settings;
+        Limits {
+            idle_transaction: settings.idle_transaction_timeout,
+            query: settings.query_timeout,
+            partial_message: self.partial_message,
+            pinned_idle: settings.pinned_idle_timeout,
+        }
+    }
+
     /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
     /// or KILL_CLIENT of this client.
     pub(super) fn killed(&self) -> ClientError {
@@ -547,7 +569,10 @@ impl Loop<'_> {
             }
             next = sub.try_next();
         }
-        self.to_client.push(batch);
+        // Empty: only an upgrade's wake-up (`notify.rs`, `Handover`), nothing to send.
+        if !batch.is_empty() {
+            self.to_client.push(batch);
+        }
     }
 
     /// The transaction status once nothing is in flight between the client and its
@@ -574,8 +599,14 @@ impl Loop<'_> {
         if self.client.tls().is_some() {
             return Some(Some("TLS session keys cannot be carried"));
         }
-        if self.subscription.is_some() {
-            return Some(Some("it LISTENs"));
+        if let Some(sub) = self.subscription.as_deref() {
+            // Moves with its channels once the hand-over marker has come through and its
+            // queue is empty (notify.rs, `Handover`); woken by a MOVE raised then.
+            match sub.upgrade_step() {
+                crate::notify::MoveStep::Close(why) => return Some(Some(why)),
+                crate::notify::MoveStep::Wait => return None,
+                crate::notify::MoveStep::Move => {}
+            }
         }
         let keeps = self.s.mode == PoolMode::Session || self.pinned();
         let server_quiet = match self.server.as_deref() {
@@ -639,6 +670,11 @@ impl Loop<'_> {
             greeted,
             seen,
             statements,
+            channels: self
+                .subscription
+                .as_deref()
+                .map(|sub| sub.channels().map(str::to_owned).collect())
+                .unwrap_or_default(),
             // upgrade_step let only a plain connection through.
             server: self.server.as_deref().and_then(|s| s.carried(hold).ok()),
         }
@@ -649,7 +685,7 @@ impl Loop<'_> {
     /// apply now (a client mid-message, or a server held with a limit set): with the
     /// default config, a transaction reads no clock.
     fn touch(&mut self) {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         let holding = self.server.is_some()
             && (!limits.query.is_zero()
                 || !limits.idle_transaction.is_zero()
@@ -668,7 +704,7 @@ impl Loop<'_> {
     /// - the client holds a server and owes it the next message (inside a transaction, or
     ///   after Parse/Bind/Flush without Sync): `idle_transaction_timeout`.
     fn deadline(&self) -> Option<(Instant, Timeout)> {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         if let Some(wait) = &self.listen_confirm {
             return Some((wait.deadline, Timeout::ListenConfirm));
         }
@@ -701,7 +737,7 @@ impl Loop<'_> {
 
     /// What the client is told when a time limit ends its session.
     fn timed_out(&self, which: Timeout) -> ClientError {
-        let limits = &self.s.limits;
+        let limits = &self.s.limits();
         match which {
             Timeout::IdleInTransaction => ClientError::IdleInTransaction(limits.idle_transaction),
             Timeout::Query => ClientError::QueryTimeout(limits.query),

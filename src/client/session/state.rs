@@ -373,9 +373,9 @@ impl Loop<'_> {
 
     /// The client's subscriptions, made on first need.
     pub(super) fn subscribed(&mut self) -> &mut crate::notify::Subscription {
-        let (notify, pool) = (&self.s.notify, &self.s.pool);
+        let (notify, pool, key) = (&self.s.notify, &self.s.pool, self.s.cancel.key());
         self.subscription
-            .get_or_insert_with(|| Box::new(notify.subscribe(&pool.key.database, &pool.upstream())))
+            .get_or_insert_with(|| Box::new(notify.subscribe(&pool.key, &pool.upstream(), key)))
     }
 
     /// Shows the client's channels in `/clients`.
