@@ -168,16 +168,18 @@ async fn accept(
 /// Serves a client an upgrade moved in from the old process (`upgrade.rs`) as one of
 /// this process's: counted against `max_client_conn` (never refused for it: it is
 /// connected already), on the least busy worker thread as an accepted client is, and
-/// waited for at shutdown.
+/// waited for at shutdown. `server` is the socket of the server connection the client
+/// keeps, if it keeps one: taken over on that worker thread, with the client.
 pub(crate) fn adopt(
     pooler: &Arc<Pooler>,
     workers: &Workers,
     socket: TcpStream,
     state: SessionState,
+    server: Option<std::os::fd::OwnedFd>,
 ) {
     let counted = ClientCount::new(pooler.clone());
     workers.spawn(&pooler.client_tasks, socket, move |socket| async move {
-        client::serve_moved(socket, counted.pooler.clone(), state).await;
+        client::serve_moved(socket, counted.pooler.clone(), state, server).await;
         drop(counted);
     });
 }

@@ -14,11 +14,15 @@
 //!    clients' channels (`crate::notify`, `Handover`: a marker NOTIFY splits the
 //!    notifications between the two processes) and raise [`Alert::MOVE`] on every
 //!    session;
-//! 4. each session, at its next quiet point (between transactions, no server held,
-//!    nothing buffered), sends its socket and its [`SessionState`] through
-//!    [`Upgrade::hand_over`] (a listening one once the marker came through and its queue
-//!    is empty); one that cannot move (TLS, session mode, pinned state, LISTEN channels
-//!    changed meanwhile) is closed right after its transaction with 57P01 and a hint;
+//! 4. each session, at its next quiet point (between transactions, nothing buffered
+//!    either way, no server held unless the client keeps one), sends its socket and its
+//!    [`SessionState`] through [`Upgrade::hand_over`] (a listening one once the marker
+//!    came through and its queue is empty); a client that keeps its server between
+//!    transactions (session mode, or pinned by session state) sends that server's socket
+//!    in the same record, with the server's state, and the new process adopts it into the
+//!    client's pool ([`crate::pool::Pool::adopt`]). One that cannot move (TLS to the
+//!    client or to its kept server, LISTEN channels changed meanwhile) is closed right
+//!    after its transaction with 57P01 and a hint;
 //! 5. exit once no client is left, or after `shutdown_timeout`.
 //!
 //! The new process ([`inherit`]) uses the sockets instead of binding, says READY, and
@@ -147,6 +151,8 @@ impl UpgradeStats {
 /// One client on its way to the new process.
 struct Moving {
     socket: OwnedFd,
+    /// A copy of the socket of the server it keeps, if any.
+    server: Option<OwnedFd>,
     state: Vec<u8>,
     /// The socket back if it could not be sent.
     sent: oneshot::Sender<Result<(), (OwnedFd, String)>>,
@@ -182,20 +188,35 @@ impl Upgrade {
         pooler.upgrade.listeners.lock().clear();
     }
 
-    /// Sends a quiet client to the new process: its socket and its state. On failure the
-    /// socket comes back when it still can (with why), for the caller to tell the client.
+    /// Sends a quiet client to the new process: its socket, its state, and the server it
+    /// keeps, if any (`departing.server`; `departing.state.server` describes it). On
+    /// success that server is forgotten here without a close (the new process uses the
+    /// same socket); on failure it is closed, and the client's socket comes back when it
+    /// still can (with why), for the caller to tell the client.
     pub async fn hand_over(
         &self,
         tcp: TcpStream,
-        state: &SessionState,
+        departing: Departing,
     ) -> Result<(), (Option<TcpStream>, String)> {
+        let Departing { state, server } = departing;
         let outbox = self.outbox.lock().clone();
         let Some(outbox) = outbox else {
             return Err((Some(tcp), "no new process takes clients".into()));
         };
+        if server.is_some() != state.server.is_some() {
+            return Err((Some(tcp), "its server connection cannot be carried".into()));
+        }
         let encoded = match state.encode() {
             Ok(encoded) => encoded,
             Err(e) => return Err((Some(tcp), e.to_string())),
+        };
+        let server_socket = match server
+            .as_deref()
+            .map(crate::server::ServerConn::socket_copy)
+        {
+            None => None,
+            Some(Ok(fd)) => Some(fd),
+            Some(Err(e)) => return Err((Some(tcp), format!("its server's socket: {e}"))),
         };
         let socket: OwnedFd = match tcp.into_std() {
             Ok(std) => std.into(),
@@ -204,6 +225,7 @@ impl Upgrade {
         let (sent, result) = oneshot::channel();
         let moving = Moving {
             socket,
+            server: server_socket,
             state: encoded,
             sent,
         };
@@ -211,11 +233,23 @@ impl Upgrade {
             return Err((tcp_from(back.0.socket), "the new process is gone".into()));
         }
         match result.await {
-            Ok(Ok(())) => Ok(()),
+            Ok(Ok(())) => {
+                if let Some(lease) = server {
+                    lease.hand_off();
+                }
+                Ok(())
+            }
             Ok(Err((fd, why))) => Err((tcp_from(fd), why)),
             Err(_) => Err((None, "the hand-over stopped".into())),
         }
     }
+}
+
+/// A client leaving at its quiet point: its state, and the server connection it keeps
+/// between transactions, if any (session mode, or pinned by session state).
+pub struct Departing {
+    pub state: SessionState,
+    pub server: Option<crate::pool::Lease>,
 }
 
 /// A tokio socket again, from a descriptor that could not be sent.
@@ -505,8 +539,9 @@ async fn move_clients(pooler: &Arc<Pooler>, mut link: UnixStream, server: &Serve
                 let sent = if broken {
                     Err("the link to the new process broke".to_owned())
                 } else {
-                    let fd = moving.socket.as_raw_fd();
-                    wire::send(&mut link, wire::CLIENT, &moving.state, &[fd])
+                    let mut fds = vec![moving.socket.as_raw_fd()];
+                    fds.extend(moving.server.as_ref().map(AsRawFd::as_raw_fd));
+                    wire::send(&mut link, wire::CLIENT, &moving.state, &fds)
                         .await
                         .map_err(|e| e.to_string())
                 };
@@ -665,7 +700,6 @@ async fn receive_clients(
                 break;
             }
         };
-        let mut fds = record.fds;
         if record.kind == wire::LISTEN_PLAN {
             prepare_listeners(&pooler, &record.payload);
             continue;
@@ -674,7 +708,11 @@ async fn receive_clients(
             STATS.add_encoded(&record.payload);
             break;
         }
-        let (wire::CLIENT, Some(fd), true) = (record.kind, fds.pop(), fds.is_empty()) else {
+        // The client's socket, then the socket of the server it keeps, if any.
+        let mut fds = record.fds.into_iter();
+        let (wire::CLIENT, Some(fd), server_socket, None) =
+            (record.kind, fds.next(), fds.next(), fds.next())
+        else {
             warn!(
                 kind = record.kind,
                 "upgrade: an unexpected record from the old process ignored"
@@ -690,10 +728,17 @@ async fn receive_clients(
             continue;
         };
         match SessionState::decode(&record.payload) {
+            Ok(state) if state.server.is_some() != server_socket.is_some() => {
+                warn!(
+                    "upgrade: a client's record and the sockets sent with it do not match; closing it"
+                );
+                count_closed();
+                tokio::spawn(tell_and_close(tcp));
+            }
             Ok(state) => {
                 moved += 1;
                 STATS.received.fetch_add(1, Ordering::Relaxed);
-                crate::listener::adopt(&pooler, &workers, tcp, state);
+                crate::listener::adopt(&pooler, &workers, tcp, state, server_socket);
             }
             Err(e) => {
                 warn!(error = %e, "upgrade: a client's session could not be read; closing it");

@@ -268,12 +268,316 @@ async fn a_new_process_that_cannot_start_leaves_the_old_one_serving() {
     common::answers_select_1(&client).await;
 }
 
+/// The pool `app/app` as the admin port's `/pools` shows it.
+async fn app_pool(mux: &TestPgmux) -> serde_json::Value {
+    let pools = mux.admin_get("/pools").await.json();
+    pools
+        .as_array()
+        .and_then(|pools| {
+            pools
+                .iter()
+                .find(|p| p["database"] == "app" && p["user"] == "app")
+        })
+        .cloned()
+        .unwrap_or_else(|| panic!("no pool app/app in {pools}"))
+}
+
+/// The backend process id the client's queries run on.
+async fn backend_pid(client: &tokio_postgres::Client) -> i32 {
+    client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Whether backend `pid` holds an advisory lock (seen from another connection).
+async fn holds_advisory_lock(pg: &TestPostgres, pid: i32) -> bool {
+    let watcher = pg.superuser_on("app").await;
+    let row = watcher
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = $1",
+            &[&pid],
+        )
+        .await
+        .unwrap();
+    row.get::<_, i64>(0) == 1
+}
+
+/// Runs a long pg_sleep on `client` marked with `mark`, cancels it with the client's
+/// cancel key once it runs, and returns the error the query ended with.
+async fn cancelled_sleep(
+    pg: &TestPostgres,
+    client: Arc<tokio_postgres::Client>,
+    mark: &'static str,
+) -> tokio_postgres::Error {
+    let cancel = client.cancel_token();
+    let sleeping = tokio::spawn(async move {
+        client
+            .simple_query(&format!("SELECT pg_sleep(60) /* {mark} */"))
+            .await
+    });
+    let watcher = pg.superuser_on("app").await;
+    let watcher = &watcher;
+    let pattern = format!("%{mark}%");
+    let pattern = &pattern;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let rows = watcher
+                .query(
+                    "SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query LIKE $1 AND pid <> pg_backend_pid()",
+                    &[pattern],
+                )
+                .await
+                .unwrap();
+            !rows.is_empty()
+        })
+        .await,
+        "the sleep never ran"
+    );
+    cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    sleeping.await.unwrap().unwrap_err()
+}
+
+/// A session-mode client keeps its server: it moves with it, through two upgrades, and
+/// sees nothing: the same backend, its temporary table, its advisory lock, its cancel key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_mode_client_finishes_its_transaction_then_gets_57p01_and_reconnects() {
+async fn a_session_mode_client_moves_with_its_server_through_two_upgrades() {
     let pg = TestPostgres::shared().await;
     let opts = MuxOptions {
         mode: "session",
+        admin: Some(String::new()),
         ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts).await;
+    let (client, connection) = mux
+        .try_connect("app", "app", common::password_for("app"))
+        .await
+        .unwrap();
+    let client = Arc::new(client);
+    client
+        .batch_execute(
+            "CREATE TEMP TABLE moved_session (n int); INSERT INTO moved_session VALUES (7); \
+             SELECT pg_advisory_lock(4711)",
+        )
+        .await
+        .unwrap();
+    let pid = backend_pid(&client).await;
+    for _ in 0..2 {
+        let old = mux.pid();
+        let new = mux.upgrade().await;
+        assert_ne!(old, new);
+        assert_eq!(backend_pid(&client).await, pid, "another backend");
+        let n: i32 = client
+            .query_one("SELECT n FROM moved_session", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 7);
+        assert!(holds_advisory_lock(pg, pid).await, "the lock was lost");
+        let pool = app_pool(&mux).await;
+        assert_eq!(
+            (pool["active"].as_u64(), pool["idle"].as_u64()),
+            (Some(1), Some(0)),
+            "{pool}"
+        );
+        let servers = mux.admin_get("/servers").await.json();
+        assert!(
+            servers
+                .as_array()
+                .is_some_and(|s| s.iter().any(|s| s["pid"] == pid)),
+            "{servers}"
+        );
+    }
+    let err = cancelled_sleep(pg, client.clone(), "moved session cancel").await;
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    assert_eq!(backend_pid(&client).await, pid);
+    assert!(!connection.is_finished(), "the connection closed");
+    // At its close, the server goes back to the pool (reset) as one this process opened.
+    drop(client);
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let pool = app_pool(watched).await;
+            pool["active"] == 0 && pool["idle"] == 1
+        })
+        .await,
+        "{}",
+        app_pool(&mux).await
+    );
+    assert!(
+        !holds_advisory_lock(pg, pid).await,
+        "DISCARD ALL left the lock"
+    );
+}
+
+/// Transaction mode: clients pinned by a temporary table and by an advisory lock move with
+/// their servers, through two upgrades; the second to a config with a smaller pool and
+/// server budget, which takes them anyway and closes the extra one when it is given back.
+/// Two worker threads: each moved client, and the server with it, lands on one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_clients_move_with_their_servers_and_unpin_in_the_new_process() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        admin: Some(String::new()),
+        server_extra: "worker_threads = 2".into(),
+        pool_extra: "max_db_connections = 4".to_owned(),
+        ..MuxOptions::sized(4)
+    };
+    let mut mux = TestPgmux::start(pg, opts.clone()).await;
+    let temp = Arc::new(mux.connect("app", "app").await);
+    let lock = Arc::new(mux.connect("app", "app").await);
+    temp.batch_execute("CREATE TEMP TABLE moved_pin (n int); INSERT INTO moved_pin VALUES (3)")
+        .await
+        .unwrap();
+    lock.batch_execute("SELECT pg_advisory_lock(4712)")
+        .await
+        .unwrap();
+    let temp_pid = backend_pid(&temp).await;
+    let lock_pid = backend_pid(&lock).await;
+    assert_ne!(temp_pid, lock_pid);
+    // A statement registered first (`pgmux_s1`) by a client that leaves, then one prepared
+    // on the pinned server (`pgmux_s2` there). The new process names the latter
+    // `pgmux_s1` and its next new statement `pgmux_s2`, which the moved server holds with
+    // another text: it must be closed there before it is prepared.
+    let other = mux.connect("app", "app").await;
+    other.prepare("SELECT 'other'::text").await.unwrap();
+    drop(other);
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let clients = watched.admin_get("/clients").await.json();
+            clients.as_array().is_some_and(|c| c.len() == 2)
+        })
+        .await
+    );
+    let pinned_statement = temp.prepare("SELECT n + $1 FROM moved_pin").await.unwrap();
+    for round in 0..2 {
+        if round == 1 {
+            let smaller = MuxOptions {
+                pool_extra: "max_db_connections = 1".to_owned(),
+                ..MuxOptions {
+                    size: 1,
+                    ..opts.clone()
+                }
+            };
+            mux.rewrite_config(pg, &smaller);
+        }
+        mux.upgrade().await;
+        assert_eq!(backend_pid(&temp).await, temp_pid, "another backend");
+        assert_eq!(backend_pid(&lock).await, lock_pid, "another backend");
+        let n: i32 = temp
+            .query_one("SELECT n FROM moved_pin", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 3);
+        let n: i32 = temp
+            .query_one(&pinned_statement, &[&1])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 4);
+        let fresh = format!("SELECT n * {} FROM moved_pin", round + 2);
+        let n: i32 = temp.query_one(&fresh, &[]).await.unwrap().get(0);
+        assert_eq!(n, 3 * (round + 2));
+        let fresh = temp.prepare(&fresh).await.unwrap();
+        let n: i32 = temp.query_one(&fresh, &[]).await.unwrap().get(0);
+        assert_eq!(n, 3 * (round + 2));
+        assert!(holds_advisory_lock(pg, lock_pid).await, "the lock was lost");
+        let pool = app_pool(&mux).await;
+        assert_eq!(pool["active"], 2, "{pool}");
+        assert_eq!(pool["pinned"], 2, "{pool}");
+        let budget = &pool["limits"][0];
+        assert_eq!(budget["setting"], "max_db_connections", "{pool}");
+        assert_eq!(budget["in_use"], 2, "{pool}");
+    }
+    let err = cancelled_sleep(pg, temp.clone(), "moved pin cancel").await;
+    assert_eq!(err.code(), Some(&SqlState::QUERY_CANCELED));
+    assert_eq!(backend_pid(&temp).await, temp_pid);
+    // State gone: each unpins and gives its server back; the pool of 1 keeps one.
+    temp.batch_execute("DISCARD ALL").await.unwrap();
+    lock.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let pool = app_pool(watched).await;
+            pool["pinned"] == 0 && pool["active"] == 0 && pool["idle"] == 1
+        })
+        .await,
+        "{}",
+        app_pool(&mux).await
+    );
+    let budget = &app_pool(&mux).await["limits"][0];
+    assert_eq!(budget["in_use"], 1, "{budget}");
+    common::answers_select_1(&temp).await;
+    common::answers_select_1(&lock).await;
+}
+
+/// `pinned_idle_timeout` applies to a client moved in pinned: the new process (started
+/// with the limit, which the old one did not have) ends it when it stays idle, and its
+/// server goes back to the pool, reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pinned_idle_timeout_ends_a_client_moved_in_pinned() {
+    let pg = TestPostgres::shared().await;
+    let opts = MuxOptions {
+        admin: Some(String::new()),
+        ..MuxOptions::sized(2)
+    };
+    let mut mux = TestPgmux::start(pg, opts.clone()).await;
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host("127.0.0.1")
+        .port(mux.port)
+        .user("app")
+        .password(common::password_for("app"))
+        .dbname("app");
+    let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    client
+        .batch_execute("CREATE TEMP TABLE moved_idle (n int)")
+        .await
+        .unwrap();
+    let pid = backend_pid(&client).await;
+    // Only the new process reads this: the old one is not reloaded.
+    mux.rewrite_config(pg, &opts.with_pool("pinned_idle_timeout = \"1s\""));
+    mux.upgrade().await;
+    let closed = connection.await.unwrap().unwrap_err();
+    assert_eq!(
+        closed.code(),
+        Some(&SqlState::IDLE_SESSION_TIMEOUT),
+        "{closed}"
+    );
+    let watched = &mux;
+    assert!(
+        eventually(Duration::from_secs(20), || async move {
+            let pool = app_pool(watched).await;
+            pool["pinned"] == 0 && pool["active"] == 0 && pool["idle"] == 1
+        })
+        .await,
+        "{}",
+        app_pool(&mux).await
+    );
+    // Reset and kept, not closed: the same backend is idle in the pool.
+    let servers = mux.admin_get("/servers").await.json();
+    assert!(
+        servers
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["pid"] == pid)),
+        "{servers}"
+    );
+}
+
+/// A client that keeps a server pgmux talks TLS to cannot move (the session keys stay in
+/// the old process): it gets 57P01 and a hint right away (between transactions).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_keeping_a_tls_server_gets_57p01_and_reconnects() {
+    let pg = common::tls::tls_cluster().await;
+    let opts = MuxOptions {
+        mode: "session",
+        ..MuxOptions::sized(2).with_pool("server_tls = \"require\"")
     };
     let mut mux = TestPgmux::start(pg, opts).await;
     let old = mux.pid();
@@ -287,21 +591,17 @@ async fn a_session_mode_client_finishes_its_transaction_then_gets_57p01_and_reco
     let (client, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
     // The connection's own outcome: the FATAL pgmux sends between transactions.
     let connection = tokio::spawn(connection);
-    client.batch_execute("BEGIN").await.unwrap();
+    common::answers_select_1(&client).await;
     mux.request_upgrade().await;
-    let row = client.query_one("SELECT 41 + 1", &[]).await.unwrap();
-    assert_eq!(row.get::<_, i32>(0), 42);
-    client.batch_execute("COMMIT").await.unwrap();
     let closed = connection.await.unwrap().unwrap_err();
     assert_eq!(closed.code(), Some(&SqlState::ADMIN_SHUTDOWN), "{closed}");
     let said = closed.as_db_error().expect("a FATAL from pgmux");
-    assert!(said.message().contains("session mode"), "{said:?}");
+    assert!(said.message().contains("TLS"), "{said:?}");
     assert!(
         said.hint().is_some_and(|h| h.contains("reconnect")),
         "{said:?}"
     );
     mux.wait_gone(old).await;
-    // Its reconnect reaches the new process.
     mux.still_serving().await;
 }
 

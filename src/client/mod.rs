@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::logging::Escaped;
 use crate::pooler::Pooler;
 use crate::protocol::PgError;
+use crate::upgrade::Departing;
 use crate::upgrade::state::SessionState;
 
 /// A client that logged in to the admin console instead of a database: the listener hands
@@ -74,9 +75,17 @@ pub fn serve(
 /// Serves a client an upgrade moved in from the old process (`crate::upgrade`): its
 /// session is rebuilt from `state`, with no login and no greeting, and runs to the end
 /// (or moves on at the next upgrade) as [`serve`] runs one.
-pub async fn serve_moved(tcp: TcpStream, pooler: Arc<Pooler>, state: SessionState) {
+///
+/// `server` is the socket of the server connection the client keeps between transactions
+/// (session mode, or pinned by session state), which moved with it.
+pub async fn serve_moved(
+    tcp: TcpStream,
+    pooler: Arc<Pooler>,
+    state: SessionState,
+    server: Option<std::os::fd::OwnedFd>,
+) {
     let Ok(peer) = tcp.peer_addr() else {
-        return; // the client left on the way
+        return; // the client left on the way (the server's socket closes with `server`)
     };
     let _ = tcp.set_nodelay(true);
     let mut socket = ClientStream::Tcp(tcp);
@@ -84,8 +93,8 @@ pub async fn serve_moved(tcp: TcpStream, pooler: Arc<Pooler>, state: SessionStat
         // The session is scoped to the block whose value is awaited: it is moved into the
         // running future, and no dead copy of it stays in this one (see `serve_socket`).
         {
-            let session = match adopt::session(&pooler, peer, state) {
-                Ok(session) => session,
+            let (session, pin) = match adopt::session(&pooler, peer, state, server) {
+                Ok(adopted) => adopted,
                 Err(err) => {
                     info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
                     refuse_on(&mut socket, &err.fatal()).await;
@@ -93,7 +102,8 @@ pub async fn serve_moved(tcp: TcpStream, pooler: Arc<Pooler>, state: SessionStat
                 }
             };
             debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
-            run_session(&mut socket, peer, &pooler, session, std::time::Instant::now())
+            let started = std::time::Instant::now();
+            run_session(&mut socket, peer, &pooler, session, pin, started)
         }
         .await
     })
@@ -107,8 +117,9 @@ enum Served {
     Done,
     /// The client logged in to the admin console: its user and the bytes read after it.
     Console(String, BytesMut),
-    /// An upgrade moves the client: its socket goes to the new process with this state.
-    Moved(Box<SessionState>),
+    /// An upgrade moves the client: its socket goes to the new process with this state
+    /// (and the server it keeps, if any).
+    Moved(Box<Departing>),
 }
 
 /// What happens to the socket once the login and session are over.
@@ -121,7 +132,7 @@ async fn finish(
     match served {
         Ok(Served::Console(user, cbuf)) => Some(ConsoleLogin { socket, user, cbuf }),
         Ok(Served::Done) => None,
-        Ok(Served::Moved(state)) => {
+        Ok(Served::Moved(departing)) => {
             let ClientStream::Tcp(tcp) = socket else {
                 // upgrade_step closes TLS clients instead of moving them.
                 crate::upgrade::count_closed();
@@ -130,7 +141,7 @@ async fn finish(
             };
             // Boxed, as everything only some clients reach at their end: it would size every
             // client's task for its whole life (memory per idle client).
-            if let Err((tcp, why)) = Box::pin(pooler.upgrade.hand_over(tcp, &state)).await {
+            if let Err((tcp, why)) = Box::pin(pooler.upgrade.hand_over(tcp, *departing)).await {
                 info!(%peer, why = %why, "could not hand the client over to the new process");
                 crate::upgrade::count_closed();
                 if let Some(tcp) = tcp {
@@ -168,7 +179,7 @@ async fn serve_socket(
             Ok(session) => session,
             Err(served) => return served,
         };
-        run_session(socket, peer, pooler, session, started)
+        run_session(socket, peer, pooler, session, None, started)
     }
     .await
 }
@@ -223,6 +234,7 @@ fn run_session<'a>(
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     session: session::Session,
+    pin: Option<Box<session::MovedPin>>,
     started: std::time::Instant,
 ) -> impl Future<Output = Served> + Send + 'a {
     // The pool, not a copy of its key (two strings): kept to the end for the log lines.
@@ -231,11 +243,11 @@ fn run_session<'a>(
     if log {
         info!(%peer, pool = %Escaped(&pool.key), "client connected");
     }
-    session.run(socket).then(move |(moved, socket)| async move {
+    session.run(socket, pin).then(move |(moved, socket)| async move {
         let pool = &pool.key;
-        if let Some(state) = moved {
+        if let Some(departing) = moved {
             debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
-            return Served::Moved(state);
+            return Served::Moved(departing);
         }
         close_gently(socket).await;
         // Byte counts come from the kernel.

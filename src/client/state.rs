@@ -68,6 +68,16 @@ impl Kinds {
         words.join(",")
     }
 
+    /// Reads [`Kinds::labels`] back (an upgrade carries a pin's kinds so); `None` when a
+    /// word is not a kind.
+    pub fn from_labels(labels: &str) -> Option<Kinds> {
+        let mut kinds = Kinds::default();
+        for word in labels.split(',').filter(|w| !w.is_empty()) {
+            kinds.insert(StateKind::ALL.into_iter().find(|k| k.as_str() == word)?);
+        }
+        Some(kinds)
+    }
+
     /// The statements that discard these kinds of state (`session_state = "reset"`).
     /// SQL-level prepared statements go with `DEALLOCATE ALL`, which takes pgmux's own too:
     /// the caller forgets that the server holds them.
@@ -318,6 +328,9 @@ mod tests {
         assert_eq!(kinds.describe(), "a temporary table and LISTEN");
         assert_eq!(kinds.labels(), "temp_table,listen");
         assert_eq!(kinds.reset_sql(), "DISCARD TEMP;UNLISTEN *;");
+        assert_eq!(Kinds::from_labels(&kinds.labels()), Some(kinds));
+        assert_eq!(Kinds::from_labels(""), Some(Kinds::default()));
+        assert_eq!(Kinds::from_labels("temp_table,mystery"), None);
         kinds.insert(StateKind::AdvisoryLock);
         assert_eq!(
             kinds.describe(),

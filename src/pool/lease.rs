@@ -40,6 +40,14 @@ impl Lease {
         }
     }
 
+    /// The connection went to a new process with its client (an upgrade): this process
+    /// forgets it without closing it (`moved.rs`).
+    pub fn hand_off(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.handed_off(conn);
+        }
+    }
+
     /// The pool it came from.
     pub fn pool(&self) -> &Arc<Pool> {
         &self.pool

@@ -18,6 +18,7 @@ mod control;
 mod greetings;
 mod health;
 mod lease;
+mod moved;
 mod pinned;
 mod upkeep;
 mod view;
@@ -938,16 +939,21 @@ impl Pool {
                 self.stats.transaction.observe(now - lent.wanted);
             }
         }
+        // A connection closed here frees its slot under this lock: a checkin right behind
+        // this one must count without it (two connections given back at once to a pool
+        // above its size, or a budget above its limit, would otherwise both close).
         if let Some(reason) = st.must_close(&conn, now, settings.size) {
+            self.free_slot(&mut st);
             drop(st);
             if reason == CloseReason::Dirty {
                 debug!(pool = %self.key, server = conn.id(), status = ?conn.tx_status(), broken = conn.is_broken(), "server connection given back not clean");
             }
-            return self.close(conn, reason);
+            return self.close_freed(conn, reason);
         }
         if st.waiters.is_empty() && st.budget_wants() {
+            self.free_slot(&mut st);
             drop(st);
-            return self.close(conn, CloseReason::Limit);
+            return self.close_freed(conn, CloseReason::Limit);
         }
         conn.went_idle(now);
         while let Some(waiter) = st.waiters.pop_front() {
@@ -959,6 +965,12 @@ impl Pool {
             }
         }
         st.idle.push(conn);
+    }
+
+    /// Closes a connection whose slot is freed already, for `reason` (logged and counted).
+    fn close_freed(&self, conn: Box<ServerConn>, reason: CloseReason) {
+        self.log_close(&conn, reason);
+        conn.close();
     }
 
     /// Closes a connection for `reason` (logged and counted) and frees its slot.

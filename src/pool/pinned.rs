@@ -10,7 +10,7 @@ use super::Pool;
 /// One pinned client's place in its pool's count; dropping it gives the place back, however
 /// the session ends.
 pub struct PinGuard {
-    pool: Arc<Pool>,
+    pub(super) pool: Arc<Pool>,
 }
 
 impl Pool {

@@ -298,6 +298,11 @@ impl ServerStatements {
         self.unsure
     }
 
+    /// The statements it holds (an upgrade carries them).
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Statement>> {
+        self.held.values().map(|(_, statement)| statement)
+    }
+
     /// How many it holds.
     pub fn len(&self) -> usize {
         self.held.len()

@@ -1,6 +1,7 @@
 //! One connection to a PostgreSQL server: opened and authenticated by [`connect`], then
 //! owned by the pool while idle or by one client session during a transaction.
 
+mod carry;
 mod connect;
 mod lookup;
 mod stream;

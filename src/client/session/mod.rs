@@ -19,6 +19,8 @@ mod from_client;
 mod from_server;
 mod state;
 
+pub(in crate::client) use state::MovedPin;
+
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -46,7 +48,8 @@ use crate::pool::{Lease, Pool};
 use crate::prepared::{ClientStatements, Registry};
 use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
 use crate::server::{ServerEvent, SettingValue, TxStatus};
-use crate::upgrade::state::{PreparedState, SessionState};
+use crate::upgrade::Departing;
+use crate::upgrade::state::{Hold, PreparedState, SessionState};
 
 /// Stop reading a peer while this much waits to be written to either side: replies pgmux
 /// makes itself count like forwarded ones, so a client that does not read stops being read.
@@ -273,8 +276,9 @@ impl Session {
     /// Serves the client until it leaves or the pooler stops; then cleans up the server
     /// it held, if any. The socket stays the caller's (the future gives it back at the
     /// end): if the session panics, the caller can still tell the client. Resolves to the
-    /// session's state when an upgrade moves the client to the new process (the caller
-    /// hands the socket over with it).
+    /// session's state (and the server it keeps, if any) when an upgrade moves the client
+    /// to the new process (the caller hands the socket over with it). `pin`: the client
+    /// was moved in pinned to `self.server`.
     ///
     /// Not an `async fn`: the session is moved into the loop here, before the future
     /// exists, so the future holds it once. An `async fn` would also keep its argument
@@ -283,7 +287,8 @@ impl Session {
     pub fn run<'c>(
         mut self,
         client: &'c mut ClientStream,
-    ) -> impl Future<Output = (Option<Box<SessionState>>, &'c mut ClientStream)> + Send + 'c {
+        pin: Option<Box<MovedPin>>,
+    ) -> impl Future<Output = (Option<Box<Departing>>, &'c mut ClientStream)> + Send + 'c {
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
         let subscription = self.subscription.take();
@@ -297,7 +302,9 @@ impl Session {
             server,
             replies: Replies::default(),
             statements,
-            state: state::StateWatch::default(),
+            state: pin
+                .map(|pin| state::StateWatch::moved_in(*pin))
+                .unwrap_or_default(),
             unsynced: false,
             client_mid_message: false,
             swallowing: false,
@@ -318,8 +325,16 @@ impl Session {
                 Err(end) => end,
             };
             if let End::Move = end {
-                // Quiet: no server held, nothing buffered either way (upgrade_step).
-                return (Some(Box::new(l.moving_state())), l.client);
+                // Quiet: nothing buffered either way, and no server held but one the
+                // client keeps between transactions, idle (upgrade_step).
+                let state = l.moving_state();
+                let server = l.server.take();
+                if server.is_some() {
+                    // No cancel of this client may reach the server once it has moved.
+                    l.s.cancel.set_target(None);
+                    l.s.cancel.settled().await;
+                }
+                return (Some(Box::new(Departing { state, server })), l.client);
             }
             if let End::Fatal(err) = &end {
                 debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
@@ -576,18 +591,13 @@ impl Loop<'_> {
     }
 
     /// Between transactions, during an upgrade: `Some(None)` when the client can move now
-    /// (no server held, nothing read and not yet handled, no message half-read or
-    /// skipped, no LISTEN or UNLISTEN waiting), `Some(Some(why))` when it can never move
-    /// and is closed now, `None` when it should wait (a server not yet given back).
+    /// (no server held but one it keeps, idle with nothing unread, nothing read and not
+    /// yet handled, no message half-read or skipped, no LISTEN or UNLISTEN waiting),
+    /// `Some(Some(why))` when it can never move and is closed now, `None` when it should
+    /// wait (a server not yet given back).
     fn upgrade_step(&self) -> Option<Option<&'static str>> {
         if self.client.tls().is_some() {
             return Some(Some("TLS session keys cannot be carried"));
-        }
-        if self.s.mode == PoolMode::Session {
-            return Some(Some("session mode keeps one server"));
-        }
-        if self.pinned() {
-            return Some(Some("session state pins its server"));
         }
         if let Some(sub) = self.subscription.as_deref() {
             // Moves with its channels once the hand-over marker has come through and its
@@ -598,7 +608,22 @@ impl Loop<'_> {
                 crate::notify::MoveStep::Move => {}
             }
         }
-        let quiet = self.server.is_none()
+        let keeps = self.s.mode == PoolMode::Session || self.pinned();
+        let server_quiet = match self.server.as_deref() {
+            None => true,
+            Some(server) if keeps => {
+                if server.tls().is_some() {
+                    return Some(Some("its server connection is encrypted (TLS)"));
+                }
+                server.tx_status() == TxStatus::Idle
+                    && !server.has_unread()
+                    && !server.stream().wants_write()
+                    && self.replies.is_empty()
+                    && self.to_server.is_empty()
+            }
+            Some(_) => false,
+        };
+        let quiet = server_quiet
             && self.s.cbuf.is_empty()
             && !self.codec.in_message()
             && !self.client_mid_message
@@ -632,6 +657,10 @@ impl Loop<'_> {
                 })
             })
             .collect();
+        let hold = match self.pin_kinds() {
+            Some(kinds) => Hold::Pinned(kinds),
+            None => Hold::Session,
+        };
         SessionState {
             database: self.s.pool.key.database.clone(),
             user: self.s.pool.key.user.clone(),
@@ -646,6 +675,8 @@ impl Loop<'_> {
                 .as_deref()
                 .map(|sub| sub.channels().map(str::to_owned).collect())
                 .unwrap_or_default(),
+            // upgrade_step let only a plain connection through.
+            server: self.server.as_deref().and_then(|s| s.carried(hold).ok()),
         }
     }
 

@@ -54,10 +54,42 @@ struct Pin {
     _place: PinGuard,
 }
 
+/// A client an upgrade moved in pinned to the server that came with it: why, and its place
+/// among the pool's pinned servers.
+pub(in crate::client) struct MovedPin {
+    pub kinds: Kinds,
+    pub place: PinGuard,
+}
+
+impl StateWatch {
+    /// The watch of a client moved in pinned: pinned as it was on the old process.
+    pub(super) fn moved_in(pin: MovedPin) -> StateWatch {
+        StateWatch {
+            work: Some(Box::new(Work {
+                pin: Some(Pin {
+                    kinds: pin.kinds,
+                    _place: pin.place,
+                }),
+                ..Work::default()
+            })),
+            ..StateWatch::default()
+        }
+    }
+}
+
 impl Loop<'_> {
     /// Whether this session watches for session state (transaction and statement mode).
     fn watches_state(&self) -> bool {
         self.s.mode != PoolMode::Session
+    }
+
+    /// Why the client keeps its server between transactions, if it is pinned.
+    pub(super) fn pin_kinds(&self) -> Option<Kinds> {
+        self.state
+            .work
+            .as_ref()
+            .and_then(|work| work.pin.as_ref())
+            .map(|pin| pin.kinds)
     }
 
     /// Whether the client keeps its server between transactions.
