@@ -37,30 +37,13 @@ impl Metrics {
 
     /// The value of a counter, gauge or untyped sample with exactly these labels.
     fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        self.0
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-            .find_map(|s| match s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-                _ => None,
-            })
+        common::metric_sample(&self.0, name, labels)
     }
 
     /// The sum of every counter, gauge or untyped sample with these labels (and any
     /// others): what `sum by` over the remaining labels gives.
     fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        self.0
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-            .filter_map(|s| match s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-                _ => None,
-            })
-            .sum()
+        common::metric_values(&self.0, name, labels).sum()
     }
 
     /// `value`, panicking with the family's samples when absent.

@@ -8,7 +8,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{MuxOptions, TestPgmux, TestPostgres, http_request};
-use prometheus_parse::{Scrape, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -45,16 +44,7 @@ fn open_files(pid: u32) -> usize {
 
 /// A `/metrics` sample with these labels.
 fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("metrics parse");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-        .find_map(|s| match s.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-            _ => None,
-        })
+    common::metric_sample(&common::parse_metrics(body), name, labels)
         .unwrap_or_else(|| panic!("no {name}{labels:?} in /metrics"))
 }
 

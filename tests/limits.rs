@@ -57,11 +57,6 @@ async fn limit_of(mux: &TestPgmux, database: &str, user: &str, setting: &str) ->
         .unwrap_or_else(|| panic!("no {setting} on {database}/{user}"))
 }
 
-/// A `/metrics` sample with these labels, if present.
-async fn metric(mux: &TestPgmux, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    mux.metric(name, labels).await
-}
-
 /// Waits until `n` checkouts wait for `setting` on the pool (database, user).
 async fn until_waiting(mux: &TestPgmux, database: &str, user: &str, setting: &str, n: u64) {
     let waiting = eventually(LIMIT, || async {
@@ -103,19 +98,19 @@ async fn pools_of_one_user_share_max_user_connections_in_one_queue() {
     assert_eq!(row.get::<_, i32>(0), 4);
     let row = b.query_one("SELECT 5", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 5);
-    let in_use = metric(
-        &mux,
-        "pgmux_limit_in_use",
-        &[("limit", "max_user_connections"), ("name", "app")],
-    )
-    .await;
+    let in_use = mux
+        .metric(
+            "pgmux_limit_in_use",
+            &[("limit", "max_user_connections"), ("name", "app")],
+        )
+        .await;
     assert_eq!(in_use, Some(1.0));
-    let max = metric(
-        &mux,
-        "pgmux_limit_max",
-        &[("limit", "max_user_connections"), ("name", "app")],
-    )
-    .await;
+    let max = mux
+        .metric(
+            "pgmux_limit_max",
+            &[("limit", "max_user_connections"), ("name", "app")],
+        )
+        .await;
     assert_eq!(max, Some(1.0));
 }
 
@@ -141,12 +136,12 @@ async fn waiters_of_a_database_budget_get_53300_naming_it_then_go_on() {
             .is_some_and(|h| h.contains("databases.app.max_db_connections")),
         "{db:?}"
     );
-    let refused = metric(
-        &mux,
-        "pgmux_limit_refused_total",
-        &[("limit", "max_db_connections"), ("name", "app")],
-    )
-    .await;
+    let refused = mux
+        .metric(
+            "pgmux_limit_refused_total",
+            &[("limit", "max_db_connections"), ("name", "app")],
+        )
+        .await;
     assert_eq!(refused, Some(1.0));
     let limit = limit_of(&mux, "app", "other", "max_db_connections").await;
     assert_eq!(limit["refused"], 1, "{limit}");
@@ -207,12 +202,12 @@ async fn client_caps_refuse_logins_with_53300_naming_the_setting() {
     })
     .await;
     assert!(back, "app may log in again once its first client left");
-    let refused = metric(
-        &mux,
-        "pgmux_limit_refused_total",
-        &[("limit", "max_user_client_connections"), ("name", "app")],
-    )
-    .await;
+    let refused = mux
+        .metric(
+            "pgmux_limit_refused_total",
+            &[("limit", "max_user_client_connections"), ("name", "app")],
+        )
+        .await;
     assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
 }
 

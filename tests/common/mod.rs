@@ -283,3 +283,36 @@ pub async fn answers_select_1(client: &tokio_postgres::Client) {
     let row = client.query_one("SELECT 1", &[]).await.unwrap();
     assert_eq!(row.get::<_, i32>(0), 1);
 }
+
+/// The value of the first counter, gauge or untyped sample named `name` with these labels
+/// (and any others) in a parsed `/metrics`.
+pub fn metric_sample(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    metric_values(scrape, name, labels).next()
+}
+
+/// Every counter, gauge or untyped value named `name` with these labels (and any others).
+pub fn metric_values<'a>(
+    scrape: &'a prometheus_parse::Scrape,
+    name: &'a str,
+    labels: &'a [(&'a str, &'a str)],
+) -> impl Iterator<Item = f64> + 'a {
+    use prometheus_parse::Value;
+    scrape
+        .samples
+        .iter()
+        .filter(move |s| s.metric == name)
+        .filter(move |s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+        .filter_map(|s| match s.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+            _ => None,
+        })
+}
+
+/// `/metrics` text, parsed.
+pub fn parse_metrics(body: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("metrics parse")
+}

@@ -238,18 +238,8 @@ impl TestPgmux {
 
     /// A `/metrics` sample with these labels, if present (no token).
     pub async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-        use prometheus_parse::{Scrape, Value};
         let body = self.admin_get("/metrics").await.body;
-        let scrape = Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("metrics parse");
-        scrape
-            .samples
-            .iter()
-            .filter(|s| s.metric == name)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
-            .find_map(|s| match s.value {
-                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
-                _ => None,
-            })
+        super::metric_sample(&super::parse_metrics(&body), name, labels)
     }
 
     /// `POST path` on the admin port, without a token.
