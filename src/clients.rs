@@ -207,6 +207,11 @@ impl Alert {
         self.waker.wake();
     }
 
+    /// Whether `flag` is raised now (one atomic load; registers no waker).
+    pub fn is_raised(&self, flag: u8) -> bool {
+        self.flags.load(Acquire) & flag != 0
+    }
+
     /// Clears `flag` (a [`Alert::RETIRED`] meant for another pool).
     pub fn clear(&self, flag: u8) {
         self.flags.fetch_and(!flag, Relaxed);

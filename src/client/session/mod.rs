@@ -429,7 +429,10 @@ impl Loop<'_> {
             // Session mode holds a server between transactions too: it may stop then.
             let between_transactions =
                 self.to_client.is_empty() && self.settled() == Some(TxStatus::Idle);
-            let upgrade_step = if between_transactions {
+            // Only once an upgrade asked (MOVE): no cost per turn otherwise. A MOVE raised
+            // after this look wakes the poll below, which comes round to look again.
+            let move_checked = between_transactions && self.s.view.alert().is_raised(Alert::MOVE);
+            let upgrade_step = if move_checked {
                 self.upgrade_step()
             } else {
                 None
@@ -500,10 +503,13 @@ impl Loop<'_> {
                     if alerts & Alert::RETIRED != 0 {
                         return Poll::Ready(Event::Retired);
                     }
-                    if alerts & Alert::MOVE != 0
-                        && let Some(step) = upgrade_step
-                    {
-                        return Poll::Ready(Event::Upgrade(step));
+                    if alerts & Alert::MOVE != 0 {
+                        if let Some(step) = upgrade_step {
+                            return Poll::Ready(Event::Upgrade(step));
+                        }
+                        if !move_checked {
+                            return Poll::Ready(Event::Writable); // look again, now
+                        }
                     }
                 }
                 Poll::Pending
