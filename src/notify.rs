@@ -73,15 +73,8 @@ impl MarkerDue {
     /// otherwise nothing is NOTIFYed, the old process gives up waiting and closes those
     /// clients), then has it NOTIFY the marker.
     pub async fn notify_when_listening(self, limit: Duration) {
-        let deadline = tokio::time::Instant::now() + limit;
-        let all = || {
-            self.hub
-                .listens_to(self.channels.iter().map(String::as_str))
-        };
-        while !all() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        if !all() {
+        let channels = self.channels.iter().map(String::as_str);
+        if !self.hub.until_listening(channels, limit).await {
             warn!(database = %Escaped(&self.hub.database), "upgrade: the listener connection did not LISTEN to the moving clients' channels in time");
             return;
         }
@@ -248,11 +241,8 @@ impl Notify {
         let deadline = tokio::time::Instant::now() + limit;
         let mut ready = Vec::new();
         for (hub, mut plan) in plans {
-            while !hub.listens_to(std::iter::once(marker)) && tokio::time::Instant::now() < deadline
-            {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            if hub.listens_to(std::iter::once(marker)) {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if hub.until_listening([marker], left).await {
                 plan.database = hub.database.clone();
                 ready.push(plan);
             } else {
@@ -549,14 +539,8 @@ impl Subscription {
     /// Ready once the listener connection LISTENs to every one of this client's channels
     /// (registers the task to be woken at the next confirmation otherwise).
     pub fn poll_confirmed(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut st = self.hub.state.lock();
-        if self.channels.iter().all(|c| st.listening.contains(c)) {
-            return Poll::Ready(());
-        }
-        if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            st.waiters.push(cx.waker().clone());
-        }
-        Poll::Pending
+        self.hub
+            .poll_listening(self.channels.iter().map(String::as_str), cx)
     }
 
     /// Removes `channel` (UNLISTEN); nothing if it was not listened to.
@@ -726,10 +710,33 @@ impl Hub {
         info!(database = %Escaped(&self.database), "upgrade: the LISTEN/NOTIFY hand-over marker came through");
     }
 
-    /// Whether the listener connection LISTENs to all of `channels` now.
-    fn listens_to<'a>(&self, mut channels: impl Iterator<Item = &'a str>) -> bool {
-        let st = self.state.lock();
-        channels.all(|c| st.listening.contains(c))
+    /// Ready once the listener connection LISTENs to all of `channels` (the task is woken
+    /// at each confirmation until then).
+    fn poll_listening<'a>(
+        &self,
+        mut channels: impl Iterator<Item = &'a str>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        let mut st = self.state.lock();
+        if channels.all(|c| st.listening.contains(c)) {
+            return Poll::Ready(());
+        }
+        if !st.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            st.waiters.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// Waits until the listener connection LISTENs to all of `channels`; false when that
+    /// did not happen within `limit`.
+    async fn until_listening<'a>(
+        &self,
+        channels: impl IntoIterator<Item = &'a str, IntoIter: Clone>,
+        limit: Duration,
+    ) -> bool {
+        let channels = channels.into_iter();
+        let ready = std::future::poll_fn(|cx| self.poll_listening(channels.clone(), cx));
+        tokio::time::timeout(limit, ready).await.is_ok()
     }
 }
 
