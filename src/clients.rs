@@ -217,6 +217,14 @@ impl Alert {
         self.flags.fetch_and(!flag, Relaxed);
     }
 
+    /// Ready once `flag` is raised (the session's wait for a server watches KILL so).
+    pub fn poll_raised(&self, cx: &mut Context<'_>, flag: u8) -> Poll<()> {
+        match self.poll(cx) {
+            Poll::Ready(flags) if flags & flag != 0 => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    }
+
     /// The flags raised, or `Pending`; either way the task's waker is registered for the
     /// next flag (a session that has STOP but is inside a transaction must still wake
     /// for KILL).
@@ -397,11 +405,18 @@ impl ClientRegistry {
         }
     }
 
-    /// Raises `flag` on client `id` (the console's KILL_CLIENT); returns whether it is
-    /// registered.
-    pub fn raise_on(&self, id: u64, flag: u8) -> bool {
-        let entry = self.shard(id).lock().get(&id).cloned();
-        entry.inspect(|e| e.alert.raise(flag)).is_some()
+    /// Raises `flag` on each client of `ids` (the console's KILL and KILL_CLIENT); returns
+    /// how many were registered.
+    pub fn raise_on(&self, ids: impl IntoIterator<Item = u64>, flag: u8) -> usize {
+        let mut raised = 0;
+        for id in ids {
+            let entry = self.shard(id).lock().get(&id).cloned();
+            if let Some(e) = entry {
+                e.alert.raise(flag);
+                raised += 1;
+            }
+        }
+        raised
     }
 
     #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length

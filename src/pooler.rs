@@ -24,7 +24,7 @@ mod auth_query;
 mod client_caps;
 mod reload;
 
-pub use admission::{Admission, KillSwitch};
+pub use admission::Admission;
 pub use auth_query::{AuthQueries, Outcome as AuthQueryOutcome, server_secret};
 pub use client_caps::{CapReached, ClientCapView, ClientSlot};
 pub use reload::{ReloadError, ReloadStats};
@@ -148,8 +148,8 @@ pub struct Pooler {
     /// Begun by the first SIGTERM/SIGINT: `/ready` fails, serving goes on for
     /// `drain_delay` (`drain.rs`).
     pub drain: crate::drain::Drain,
-    /// Databases refusing logins, per-client kill switches, the shutdown drain (the
-    /// console's DISABLE, KILL, SHUTDOWN WAIT_FOR_CLIENTS).
+    /// Databases refusing logins and the shutdown drain (the console's DISABLE and
+    /// SHUTDOWN WAIT_FOR_CLIENTS).
     pub admission: Admission,
     /// Per-database totals at the last two ticks of PgBouncer's `stats_period`, for the
     /// console's averages.

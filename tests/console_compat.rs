@@ -826,6 +826,48 @@ async fn kill_client_ends_that_client_only() {
     }
 }
 
+/// KILL_CLIENT reaches a client while it waits for a server (here: its pool paused), not
+/// only between transactions.
+#[tokio::test]
+async fn kill_client_ends_a_client_waiting_for_a_server() {
+    let pg = TestPostgres::shared().await;
+    let mux = start(pg).await;
+    let console = mux.connect("pgbouncer", "other").await;
+    let waiter = mux.connect("app", "app").await;
+    waiter
+        .batch_execute("SET application_name = 'waiter'")
+        .await
+        .unwrap();
+    console.simple_query("PAUSE app").await.unwrap();
+    let held = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    let waiting = eventually(Duration::from_secs(5), || async {
+        lookup(&console, "CLIENTS", ("application_name", "waiter"), "state")
+            .await
+            .as_deref()
+            == Some("waiting")
+    })
+    .await;
+    assert!(waiting, "the client never waited for a server");
+    let id = lookup(&console, "CLIENTS", ("application_name", "waiter"), "id")
+        .await
+        .expect("the waiter in SHOW CLIENTS");
+    console
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), held)
+        .await
+        .expect("KILL_CLIENT did not end the wait")
+        .unwrap()
+        .expect_err("served while paused and killed");
+    let db = err
+        .as_db_error()
+        .expect("an ErrorResponse before the close");
+    assert_eq!(db.code(), &SqlState::ADMIN_SHUTDOWN, "{db:?}");
+    assert!(db.message().contains("administrator command"), "{db:?}");
+    console.simple_query("RESUME app").await.unwrap();
+}
+
 #[tokio::test]
 async fn disable_refuses_new_clients_and_enable_lets_them_in() {
     let pg = TestPostgres::shared().await;

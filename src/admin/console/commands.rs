@@ -12,6 +12,7 @@ use tracing::{info, warn};
 use super::rows::{complete, notice};
 use super::settings;
 use crate::client::ClientError;
+use crate::clients::Alert;
 use crate::logging::Escaped;
 use crate::pool::Pool;
 use crate::pooler::Pooler;
@@ -149,7 +150,7 @@ pub fn kill(pooler: &Pooler, db: Option<&str>, out: &mut BytesMut) -> Result<(),
         .filter(|c| db.is_none_or(|db| c.database == db))
         .map(|c| c.id)
         .collect();
-    let killed = pooler.admission.kill(&pooler.clients_registry, clients);
+    let killed = pooler.clients_registry.raise_on(clients, Alert::KILL);
     info!(database = %Escaped(db.unwrap_or("(all)")), clients = killed, pools = pools.len(), "KILL on the admin console");
     notice(
         out,
@@ -163,7 +164,7 @@ pub fn kill(pooler: &Pooler, db: Option<&str>, out: &mut BytesMut) -> Result<(),
 pub fn kill_client(pooler: &Pooler, id: &str, out: &mut BytesMut) -> Result<(), PgError> {
     let no_such = || ClientError::ConsoleNoSuchClient(id.to_owned()).error();
     let id: u64 = id.parse().map_err(|_| no_such())?;
-    if pooler.admission.kill(&pooler.clients_registry, [id]) == 0 {
+    if pooler.clients_registry.raise_on([id], Alert::KILL) == 0 {
         return Err(no_such());
     }
     info!(client = id, "KILL_CLIENT on the admin console");

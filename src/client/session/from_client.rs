@@ -237,7 +237,7 @@ impl Loop<'_> {
                 tokio::select! {
                     biased;
                     result = &mut checkout => break result,
-                    _ = self.s.kill.cancelled() => return Err(End::fatal(self.s.killed())),
+                    () = std::future::poll_fn(|cx| self.s.view.alert().poll_raised(cx, Alert::KILL)) => return Err(End::fatal(self.s.killed())),
                     () = notice_due(&pool, &mut notice_at), if !noticed => {
                         noticed = true;
                         if let Some(cause) = self.s.view.wait_cause() {

@@ -162,15 +162,14 @@ pub struct Session {
     pub(super) view: ClientHandle,
     /// Stop between transactions (graceful shutdown).
     pub(super) stop: CancellationToken,
-    /// Stop now (the grace period is over, or the console's KILL / KILL_CLIENT): the
-    /// token of `_kill_switch`.
+    /// Stop now: the grace period is over (the pooler's kill token). The console's KILL
+    /// and KILL_CLIENT, and this token once it fires, raise [`Alert::KILL`] on the
+    /// session's registry entry.
     pub(super) kill: CancellationToken,
     /// Fired when an upgrade's new process took over: move at the next quiet point.
     pub(super) upgrade: CancellationToken,
     /// Named prepared statements the client already has (moved in by an upgrade).
     pub(super) statements: ClientStatements,
-    /// Keeps the client's kill switch armed for as long as the session lives.
-    pub(super) _kill_switch: crate::pooler::KillSwitch,
     /// Bytes read from the client and not yet framed.
     pub(super) cbuf: BytesMut,
     /// Its place under the client caps, if any applies; given back with the session.
@@ -234,8 +233,7 @@ pub(in crate::client) struct SessionParts {
 
 impl Session {
     /// A session of `pool` with its limits and policies from the pool's settings and
-    /// `snapshot` (the config the client logged in under), its kill switch armed (console
-    /// KILL_CLIENT).
+    /// `snapshot` (the config the client logged in under).
     pub(in crate::client) fn assemble(
         pooler: &crate::pooler::Pooler,
         snapshot: &crate::pooler::Snapshot,
@@ -244,7 +242,6 @@ impl Session {
     ) -> Session {
         let settings = pool.settings();
         let server = &snapshot.config.server;
-        let kill_switch = pooler.admission.arm(parts.view.id(), &pooler.kill);
         Session {
             server: parts.server,
             view: parts.view,
@@ -260,8 +257,7 @@ impl Session {
             pool,
             cancel: parts.cancel,
             stop: pooler.stop.clone(),
-            kill: kill_switch.token().clone(),
-            _kill_switch: kill_switch,
+            kill: pooler.kill.clone(),
             upgrade: pooler.upgrade.handover.clone(),
             statements: parts.statements,
             cbuf: parts.cbuf,
@@ -366,8 +362,8 @@ impl Session {
         }
     }
 
-    /// Why the kill switch fired: a shutdown (the stop came first), or the console's KILL
-    /// or KILL_CLIENT of this client.
+    /// Why [`Alert::KILL`] was raised: a shutdown (the stop came first), or the console's
+    /// KILL or KILL_CLIENT of this client.
     pub(super) fn killed(&self) -> ClientError {
         if self.stop.is_cancelled() {
             ClientError::ShuttingDown
