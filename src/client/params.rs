@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use crate::server::{ServerConn, SettingValue as Value};
 
@@ -27,8 +27,10 @@ const NOT_SETTINGS: &[&str] = &["user", "database", "options", "replication"];
 /// One client's settings and what it has been told. Owned by the client session.
 #[derive(Debug, Default)]
 pub struct ClientParams {
-    /// (lowercase name, name as written, value) the client wants on its server.
-    wants: Vec<(String, String, Value)>,
+    /// (lowercase name, name as written, value) the client wants on its server. Shared
+    /// by the clients that logged in with the same settings ([`shared`]), copied by one
+    /// that changes its own (memory per idle client).
+    wants: Arc<Wants>,
     /// (name, value) as the client was greeted with: the pool's, shared by its clients.
     greeted: Arc<Vec<(String, String)>>,
     /// (name, value) reported to the client since, where it differs from `greeted`.
@@ -57,9 +59,7 @@ impl ClientParams {
         if !me.wants.iter().any(|(l, _, _)| l == "application_name") {
             me.want("application_name", Value::Text(String::new()));
         }
-        // Kept for the client's whole life, and rarely changed: no spare room (memory per
-        // idle client).
-        me.wants.shrink_to_fit();
+        me.wants = shared(me.wants);
         me
     }
 
@@ -96,16 +96,17 @@ impl ClientParams {
         for (name, value) in wants {
             me.want(&name, value);
         }
-        me.wants.shrink_to_fit();
+        me.wants = shared(me.wants);
         me
     }
 
     fn want(&mut self, name: &str, value: Value) {
         let lower = name.to_ascii_lowercase();
-        match self.wants.iter_mut().find(|(l, _, _)| *l == lower) {
+        let wants = Arc::make_mut(&mut self.wants);
+        match wants.iter_mut().find(|(l, _, _)| *l == lower) {
             Some(slot) if slot.2 == value => return,
             Some(slot) => slot.2 = value,
-            None => self.wants.push((lower, name.to_owned(), value)),
+            None => wants.push((lower, name.to_owned(), value)),
         }
         self.stamp.store(0, Relaxed);
     }
@@ -113,8 +114,10 @@ impl ClientParams {
     /// Stops wanting `name` (after `RESET name`).
     pub fn forget(&mut self, name: &str) {
         let lower = name.to_ascii_lowercase();
-        self.wants.retain(|(l, _, _)| *l != lower);
-        self.stamp.store(0, Relaxed);
+        if self.wants.iter().any(|(l, _, _)| *l == lower) {
+            Arc::make_mut(&mut self.wants).retain(|(l, _, _)| *l != lower);
+            self.stamp.store(0, Relaxed);
+        }
     }
 
     /// The number that stands for what this client wants ([`stamp_of`]).
@@ -149,11 +152,15 @@ impl ClientParams {
     /// `utf8`) from the ParameterStatus set a server reported with them applied.
     pub fn adopt(&mut self, reported: &[(String, String)]) {
         for (name, value) in reported {
-            if let Some(slot) = self
-                .wants
+            let differs = |(lower, _, v): &(String, String, Value)| {
+                lower.eq_ignore_ascii_case(name) && matches!(v, Value::Text(text) if text != value)
+            };
+            if !self.wants.iter().any(differs) {
+                continue;
+            }
+            if let Some(slot) = Arc::make_mut(&mut self.wants)
                 .iter_mut()
-                .find(|(lower, _, _)| lower.eq_ignore_ascii_case(name))
-                && matches!(&slot.2, Value::Text(text) if text != value)
+                .find(|slot| differs(slot))
             {
                 slot.2 = Value::Text(value.clone());
                 self.stamp.store(0, Relaxed);
@@ -259,7 +266,7 @@ impl ClientParams {
         }
         // Else compare without allocating; build SQL only on a change.
         let mut sql = String::new();
-        for (lower, name, value) in &self.wants {
+        for (lower, name, value) in self.wants.iter() {
             let same = match (server.param_ci(lower), value) {
                 (Some(reported), Value::Text(text)) => reported == text,
                 (Some(_), Value::Sql(_)) => false,
@@ -312,6 +319,32 @@ impl ClientParams {
         }
         Some(sql)
     }
+}
+
+/// What a client wants: (lowercase name, name as written, value).
+type Wants = Vec<(String, String, Value)>;
+
+/// The same settings as `wants`, shared with the other clients that logged in with them
+/// (most clients of a pool send the same startup packet), without spare room. Looked up
+/// at login, not per transaction; past [`STAMPS_KEPT`] distinct live sets, not shared.
+fn shared(mut wants: Arc<Wants>) -> Arc<Wants> {
+    static SHARED: Mutex<Option<HashMap<Wants, Weak<Wants>>>> = Mutex::new(None);
+    let mut known = SHARED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let known = known.get_or_insert_with(HashMap::new);
+    if let Some(same) = known.get(&*wants).and_then(Weak::upgrade) {
+        return same;
+    }
+    if known.len() >= STAMPS_KEPT {
+        known.retain(|_, live| live.strong_count() > 0);
+        if known.len() >= STAMPS_KEPT {
+            return wants;
+        }
+    }
+    Arc::make_mut(&mut wants).shrink_to_fit();
+    known.insert((*wants).clone(), Arc::downgrade(&wants));
+    wants
 }
 
 /// Distinct settings that get a stamp of their own; past this, each client that changes
@@ -571,6 +604,33 @@ mod tests {
         assert_eq!(a.stamp(), c.stamp());
         c.forget("datestyle");
         assert_ne!(a.stamp(), c.stamp());
+    }
+
+    #[test]
+    fn clients_with_the_same_startup_settings_share_them_until_one_changes() {
+        let startup = [
+            ("application_name".to_owned(), "shared-test".to_owned()),
+            ("DateStyle".to_owned(), "ISO".to_owned()),
+        ];
+        let mut a = ClientParams::from_startup(&startup);
+        let b = ClientParams::from_startup(&startup);
+        assert!(Arc::ptr_eq(&a.wants, &b.wants), "one copy for both");
+        assert_eq!(a.wants.capacity(), a.wants.len(), "no spare room");
+        a.set_sql("search_path", "app");
+        assert!(!Arc::ptr_eq(&a.wants, &b.wants), "a change is a's own");
+        assert_eq!(b.wants.len(), 2);
+        assert_eq!(a.wants.len(), 3);
+        a.forget("search_path");
+        a.adopt(&[("datestyle".into(), "ISO, MDY".into())]);
+        assert!(
+            matches!(&b.wants[1].2, Value::Text(v) if v == "ISO"),
+            "b keeps its value"
+        );
+        assert_eq!(a.stamp(), stamp_of(&a.wants));
+        // Settings nobody holds any more are not kept alive by the table.
+        drop((a, b));
+        let c = ClientParams::from_startup(&startup);
+        assert_eq!(Arc::strong_count(&c.wants), 1);
     }
 
     #[test]
