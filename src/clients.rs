@@ -144,8 +144,8 @@ impl WaitCell {
 struct Entry {
     id: u64,
     peer: SocketAddr,
-    database: String,
-    user: String,
+    /// The database and user it logged in with: one copy per pair, shared by its clients.
+    names: Arc<Names>,
     connected: Instant,
     application_name: Mutex<String>,
     /// How the client's connection is encrypted (`TLSv1.3/...`); `None`: plain.
@@ -243,6 +243,19 @@ pub struct ClientRegistry {
     epoch: u64,
     next_id: AtomicU64,
     shards: [Mutex<HashMap<u64, Arc<Entry>>>; SHARDS],
+    /// The (database, user) pairs of the clients, each stored once ([`Names`]).
+    names: Mutex<NameTable>,
+}
+
+/// A (database, user) pair as clients logged in with it.
+type Names = (String, String);
+
+/// The pairs in use; a pair no client holds any more is swept out when the table has
+/// doubled since the last sweep.
+#[derive(Default)]
+struct NameTable {
+    pairs: HashMap<Names, std::sync::Weak<Names>>,
+    sweep_at: usize,
 }
 
 impl Default for ClientRegistry {
@@ -251,6 +264,7 @@ impl Default for ClientRegistry {
             epoch: coarse_nanos(),
             next_id: AtomicU64::new(1),
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            names: Mutex::default(),
         }
     }
 }
@@ -277,8 +291,7 @@ impl ClientRegistry {
         let entry = Arc::new(Entry {
             id,
             peer,
-            database: database.to_owned(),
-            user: user.to_owned(),
+            names: self.names(database, user),
             connected: Instant::now(),
             application_name: Mutex::new(application_name.to_owned()),
             tls,
@@ -316,7 +329,7 @@ impl ClientRegistry {
         let mut by_pool: HashMap<(&str, &str), [u64; 4]> = HashMap::new();
         for e in &entries {
             let state = usize::from(e.state.load(Relaxed)).min(3);
-            let counts = by_pool.entry((&e.database, &e.user)).or_default();
+            let counts = by_pool.entry((&e.names.0, &e.names.1)).or_default();
             if let Some(n) = counts.get_mut(state) {
                 *n += 1;
             }
@@ -354,8 +367,8 @@ impl ClientRegistry {
         ClientInfo {
             id: e.id,
             peer: e.peer,
-            database: e.database.clone(),
-            user: e.user.clone(),
+            database: e.names.0.clone(),
+            user: e.names.1.clone(),
             application_name: e.application_name.lock().clone(),
             tls: e.tls.clone(),
             channels,
@@ -381,7 +394,7 @@ impl ClientRegistry {
         let mut out: Vec<Holder> = self
             .entries()
             .iter()
-            .filter(|e| e.database == database && e.user == user)
+            .filter(|e| e.names.0 == database && e.names.1 == user)
             .filter(|e| e.server_id.load(Relaxed) != 0)
             .map(|e| Holder {
                 client: e.id,
@@ -398,7 +411,7 @@ impl ClientRegistry {
     pub fn raise(&self, flag: u8, whom: impl Fn(&str, &str) -> bool) {
         for shard in &self.shards {
             for e in shard.lock().values() {
-                if whom(&e.database, &e.user) {
+                if whom(&e.names.0, &e.names.1) {
                     e.alert.raise(flag);
                 }
             }
@@ -417,6 +430,23 @@ impl ClientRegistry {
             }
         }
         raised
+    }
+
+    /// The shared copy of (database, user): most clients share a pool's pair (memory
+    /// per idle client). At login only.
+    fn names(&self, database: &str, user: &str) -> Arc<Names> {
+        let key = (database.to_owned(), user.to_owned());
+        let mut table = self.names.lock();
+        if let Some(names) = table.pairs.get(&key).and_then(std::sync::Weak::upgrade) {
+            return names;
+        }
+        if table.pairs.len() >= table.sweep_at {
+            table.pairs.retain(|_, live| live.strong_count() > 0);
+            table.sweep_at = (table.pairs.len() * 2).max(64);
+        }
+        let names = Arc::new(key.clone());
+        table.pairs.insert(key, Arc::downgrade(&names));
+        names
     }
 
     #[allow(clippy::indexing_slicing)] // id % SHARDS < SHARDS, the array's length
@@ -663,6 +693,23 @@ mod tests {
         assert_eq!(registry.len(), 1);
         drop(a);
         assert!(registry.is_empty());
+    }
+
+    #[test]
+    fn clients_of_one_pool_share_its_names_and_unused_names_are_swept() {
+        let registry = Arc::new(ClientRegistry::default());
+        let a = registry.register(peer(), "app", "alice", "", None);
+        let b = registry.register(peer(), "app", "alice", "", None);
+        let c = registry.register(peer(), "app", "bob", "", None);
+        assert!(Arc::ptr_eq(&a.entry.names, &b.entry.names));
+        assert!(!Arc::ptr_eq(&a.entry.names, &c.entry.names));
+        assert_eq!(*c.entry.names, ("app".to_owned(), "bob".to_owned()));
+        drop((a, b, c));
+        for i in 0..200 {
+            drop(registry.register(peer(), "app", &format!("user{i}"), "", None));
+        }
+        let kept = registry.names.lock().pairs.len();
+        assert!(kept <= 128, "{kept} pairs kept for no client");
     }
 
     #[test]
