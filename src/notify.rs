@@ -164,7 +164,7 @@ impl Notify {
             id,
             rx,
             overflowed,
-            channels: BTreeSet::new(),
+            channels: ChannelSet::default(),
         }
     }
 
@@ -208,10 +208,10 @@ impl Notify {
             if st.channels.is_empty() {
                 continue;
             }
-            let mut by_id: HashMap<u64, BTreeSet<String>> = HashMap::new();
+            let mut by_id: HashMap<u64, ChannelSet> = HashMap::new();
             for (channel, ids) in &st.channels {
                 for id in ids {
-                    by_id.entry(*id).or_default().insert(channel.clone());
+                    by_id.entry(*id).or_default().insert(channel);
                 }
             }
             let clients = by_id
@@ -402,7 +402,7 @@ struct HubState {
     handover: Option<Handover>,
     /// Old process: the channels each client had when the plan was sent; a client whose
     /// set changed since cannot move (its new channels were not handed over).
-    planned: HashMap<u64, BTreeSet<String>>,
+    planned: HashMap<u64, ChannelSet>,
 }
 
 impl HubState {
@@ -467,7 +467,59 @@ pub struct Subscription {
     id: u64,
     rx: queue::Receiver,
     overflowed: Arc<AtomicBool>,
-    channels: BTreeSet<String>,
+    channels: ChannelSet,
+}
+
+/// A client's channels, sorted: usually one or two, so a `Vec` kept without spare room
+/// rather than a `BTreeSet`, whose first node alone is about 280 bytes (memory per idle
+/// listening client). LISTEN and UNLISTEN change it; a delivery looks a channel up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ChannelSet(Vec<String>);
+
+impl ChannelSet {
+    fn at(&self, channel: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|c| c.as_str().cmp(channel))
+    }
+
+    /// Adds `channel`; false if it was there.
+    fn insert(&mut self, channel: &str) -> bool {
+        let Err(at) = self.at(channel) else {
+            return false;
+        };
+        self.0.reserve_exact(1);
+        self.0.insert(at, channel.to_owned());
+        true
+    }
+
+    /// Removes `channel`; false if it was not there.
+    fn remove(&mut self, channel: &str) -> bool {
+        let Ok(at) = self.at(channel) else {
+            return false;
+        };
+        self.0.remove(at);
+        true
+    }
+
+    fn contains(&self, channel: &str) -> bool {
+        self.at(channel).is_ok()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl IntoIterator for ChannelSet {
+    type Item = String;
+    type IntoIter = std::vec::IntoIter<String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 impl Subscription {
@@ -489,7 +541,7 @@ impl Subscription {
     /// Adds `channel` (LISTEN): a channel new to the database is LISTENed to by its
     /// listener connection, opened now if it is the first.
     pub fn listen(&mut self, channel: &str) {
-        if !self.channels.insert(channel.to_owned()) {
+        if !self.channels.insert(channel) {
             return;
         }
         self.hub
@@ -963,6 +1015,21 @@ fn identifier(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_channel_set_stays_sorted_without_spare_room() {
+        let mut set = ChannelSet::default();
+        assert!(set.insert("b"));
+        assert_eq!(set.0.capacity(), 1);
+        assert!(set.insert("a") && set.insert("c") && !set.insert("b"));
+        assert_eq!(
+            set.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert!(set.contains("c") && !set.contains("d"));
+        assert!(set.remove("b") && !set.remove("b"));
+        assert_eq!(set.into_iter().collect::<Vec<_>>(), ["a", "c"]);
+    }
 
     #[test]
     fn listen_statements_parse_as_postgresql_names_channels() {
