@@ -260,6 +260,8 @@ fn park_socket(
         token: pooler.client_tasks.token(),
     });
     if let Err(record) = park::park(record) {
+        // Not asked again before another park_idle_after.
+        record.session.view.decline_park();
         pooler.client_tasks.spawn(resume(record));
     }
 }

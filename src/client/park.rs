@@ -287,8 +287,17 @@ impl Lot {
 
     /// Takes the client `key` out of the lot and runs its session again in a new task.
     fn resume(&self, key: u64) {
-        let Some(record) = self.records.lock().parked.remove(&key) else {
-            return;
+        let record = {
+            let mut records = self.records.lock();
+            let Some(record) = records.parked.remove(&key) else {
+                return;
+            };
+            // The table keeps no more room than twice what it holds, after a crowd left.
+            let (len, room) = (records.parked.len(), records.parked.capacity());
+            if room > 64 && len * 4 < room {
+                records.parked.shrink_to(len * 2);
+            }
+            record
         };
         PARKED.fetch_sub(1, Ordering::Relaxed);
         // SAFETY: both descriptors are open; a null event is allowed for EPOLL_CTL_DEL.
