@@ -26,8 +26,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+
+mod queue;
 
 use crate::logging::Escaped;
 use crate::protocol::{ProtocolError, read_cstr, read_i32, tag, write};
@@ -146,7 +147,7 @@ impl Notify {
         paused: bool,
     ) -> Subscription {
         let hub = self.hub(database, upstream);
-        let (tx, rx) = mpsc::channel(if paused { HANDOVER_QUEUE } else { CLIENT_QUEUE });
+        let (tx, rx) = queue::queue(if paused { HANDOVER_QUEUE } else { CLIENT_QUEUE });
         let id = self.next_id.fetch_add(1, Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         hub.state.lock().subscribers.insert(
@@ -329,7 +330,7 @@ impl Notify {
             counts.listening_clients += ids.len();
             counts.channels += st.channels.len();
             for sub in st.subscribers.values() {
-                let queued = sub.tx.max_capacity().saturating_sub(sub.tx.capacity());
+                let queued = sub.tx.len();
                 counts.queued += queued;
                 counts.deepest = counts.deepest.max(queued);
             }
@@ -415,7 +416,7 @@ impl HubState {
 }
 
 struct Subscriber {
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender,
     overflowed: Arc<AtomicBool>,
     /// The client's cancel key (an upgrade carries a subscription by it).
     key: (i32, i32),
@@ -464,7 +465,7 @@ pub struct HandoverPlan {
 pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: queue::Receiver,
     overflowed: Arc<AtomicBool>,
     channels: BTreeSet<String>,
 }
@@ -581,7 +582,7 @@ impl Subscription {
 
     /// The next notification already queued, without waiting.
     pub fn try_next(&mut self) -> Option<Bytes> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 
     /// Whether this client's queue filled up (it stopped reading) and it was cut off.
@@ -653,8 +654,8 @@ impl Hub {
                     Ok(()) => {
                         self.stats.delivered.fetch_add(1, Relaxed);
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => full.push((*id, sub.tx.clone())),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(queue::Refused::Full) => full.push((*id, sub.tx.clone())),
+                    Err(queue::Refused::Closed) => {}
                 }
             }
         }
@@ -668,8 +669,9 @@ impl Hub {
                     // The session sees its queue closed and ends with an error.
                     if let Some(sub) = self.state.lock().subscribers.remove(&id) {
                         sub.overflowed.store(true, Relaxed);
+                        sub.tx.close();
                         self.stats.dropped_clients.fetch_add(1, Relaxed);
-                        warn!(database = %Escaped(&self.database), queued = tx.max_capacity(), "a listening client did not read its notifications; it is disconnected");
+                        warn!(database = %Escaped(&self.database), queued = tx.capacity(), "a listening client did not read its notifications; it is disconnected");
                     }
                 }
             }
