@@ -427,7 +427,8 @@ impl ClientRegistry {
     }
 
     /// Raises [`Alert::PARK`] on every client idle for at least `after` (since its state
-    /// last changed, and since it last declined to park) that has not been asked yet: the
+    /// last changed, and since it last declined to park), holding no server, that has not
+    /// been asked yet: the
     /// sweep of `client/park.rs`, every `min(1s, after / 4)`. Returns how many were asked.
     pub fn ask_to_park(&self, after: Duration) -> usize {
         let now = self.now();
@@ -435,7 +436,9 @@ impl ClientRegistry {
         let mut asked = 0;
         for shard in &self.shards {
             for e in shard.lock().values() {
+                // One that keeps a server (session mode, pinned) cannot park: not asked.
                 if e.state.load(Relaxed) != ClientState::Idle as u8
+                    || e.server_id.load(Relaxed) != 0
                     || e.alert.is_raised(Alert::PARK)
                 {
                     continue;
@@ -752,6 +755,31 @@ mod tests {
         }
         let kept = registry.names.lock().pairs.len();
         assert!(kept <= 128, "{kept} pairs kept for no client");
+    }
+
+    #[test]
+    fn the_sweep_asks_an_idle_client_without_a_server_once_per_period() {
+        let registry = Arc::new(ClientRegistry::default());
+        let idle = registry.register(peer(), "app", "alice", "", None);
+        let holding = registry.register(peer(), "app", "alice", "", None);
+        holding.set_server(Some((1, 4242)));
+        let active = registry.register(peer(), "app", "alice", "", None);
+        active.set_state(ClientState::Active);
+        assert_eq!(
+            registry.ask_to_park(Duration::from_secs(3600)),
+            0,
+            "too soon"
+        );
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 1);
+        assert!(idle.alert().is_raised(Alert::PARK));
+        assert!(!holding.alert().is_raised(Alert::PARK));
+        assert!(!active.alert().is_raised(Alert::PARK));
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 0, "asked once");
+        idle.decline_park();
+        assert!(!idle.alert().is_raised(Alert::PARK));
+        // Idle for long, but declined just now: not asked before another period.
+        assert_eq!(registry.ask_to_park(Duration::from_secs(3600)), 0);
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 1);
     }
 
     #[test]
