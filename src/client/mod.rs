@@ -158,6 +158,7 @@ fn resume(parked: Box<park::Parked>) -> impl Future<Output = ()> + Send {
                         return Served::Done;
                     }
                 }
+                let session = session.resume(&pooler);
                 run_session(&mut socket, peer, &pooler, session, None, started, true)
             }
             .await
@@ -179,7 +180,7 @@ enum Served {
     /// (and the server it keeps, if any).
     Moved(Box<Departing>),
     /// The session went idle and parks (`park.rs`); the client connected at this time.
-    Parked(Box<session::Session>, std::time::Instant),
+    Parked(Box<session::ParkedSession>, std::time::Instant),
 }
 
 /// What happens to the socket once the login and session are over.
@@ -236,7 +237,7 @@ fn park_socket(
     socket: ClientStream,
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
-    session: session::Session,
+    session: session::ParkedSession,
     started: std::time::Instant,
     guards: ClientGuards,
 ) {

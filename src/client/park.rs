@@ -37,7 +37,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use tracing::{debug, warn};
 
 use super::ClientGuards;
-use super::session::Session;
+use super::session::ParkedSession;
 use crate::clients::Alert;
 use crate::pooler::Pooler;
 
@@ -108,7 +108,7 @@ fn give_back_freed_memory() {
 
 /// A parked client: everything its task held, without the task.
 pub(super) struct Parked {
-    pub session: Session,
+    pub session: ParkedSession,
     /// The socket, out of tokio's reactor (no `ScheduledIo`).
     pub socket: std::net::TcpStream,
     /// When the client connected (for the "client disconnected" line).

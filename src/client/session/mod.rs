@@ -100,7 +100,7 @@ pub(in crate::client) enum Ended {
     /// An upgrade moves the client: its state, and the server it keeps.
     Moved(Box<Departing>),
     /// Idle: the session waits in the parking lot, and runs again when the client sends.
-    Parked(Box<Session>),
+    Parked(Box<ParkedSession>),
 }
 
 impl End {
@@ -193,6 +193,77 @@ pub struct Session {
     pub(super) notify: Arc<crate::notify::Notify>,
     /// The subscription an upgrade moved in with the client (its LISTENs).
     pub(super) subscription: Option<Box<crate::notify::Subscription>>,
+}
+
+/// What a parked client keeps of its session (`client/park.rs`): the [`Session`] without
+/// what it cannot hold while parked (a server, a subscription, buffered bytes) and without
+/// the pooler's shared handles, which [`ParkedSession::resume`] takes from the pooler
+/// again (memory per idle client: about 100 bytes less for each parked client).
+pub(in crate::client) struct ParkedSession {
+    pool: Arc<Pool>,
+    mode: PoolMode,
+    settings: Arc<crate::config::PoolSettings>,
+    partial_message: Duration,
+    max_message_size: usize,
+    max_prepared: usize,
+    state_policy: SessionStatePolicy,
+    verify_always: bool,
+    params: ClientParams,
+    cancel: CancelHandle,
+    pub(in crate::client) view: ClientHandle,
+    statements: ClientStatements,
+    client_slot: Option<crate::pooler::ClientSlot>,
+}
+
+impl Session {
+    /// The session, parked: nothing is held or buffered (`Loop::can_park`).
+    fn parked(self) -> ParkedSession {
+        debug_assert!(self.server.is_none() && self.subscription.is_none() && self.cbuf.is_empty());
+        ParkedSession {
+            pool: self.pool,
+            mode: self.mode,
+            settings: self.settings,
+            partial_message: self.partial_message,
+            max_message_size: self.max_message_size,
+            max_prepared: self.max_prepared,
+            state_policy: self.state_policy,
+            verify_always: self.verify_always,
+            params: self.params,
+            cancel: self.cancel,
+            view: self.view,
+            statements: self.statements,
+            client_slot: self._client_slot,
+        }
+    }
+}
+
+impl ParkedSession {
+    /// The session again, with the pooler's shared handles, to run when the client sends.
+    pub(in crate::client) fn resume(self, pooler: &crate::pooler::Pooler) -> Session {
+        Session {
+            pool: self.pool,
+            server: None,
+            mode: self.mode,
+            settings: self.settings,
+            partial_message: self.partial_message,
+            max_message_size: self.max_message_size,
+            max_prepared: self.max_prepared,
+            state_policy: self.state_policy,
+            verify_always: self.verify_always,
+            registry: pooler.statements.clone(),
+            params: self.params,
+            cancel: self.cancel,
+            view: self.view,
+            stop: pooler.stop.clone(),
+            kill: pooler.kill.clone(),
+            upgrade: pooler.upgrade.handover.clone(),
+            statements: self.statements,
+            cbuf: BytesMut::new(),
+            _client_slot: self.client_slot,
+            notify: pooler.notify.clone(),
+            subscription: None,
+        }
+    }
 }
 
 pub(super) struct Loop<'c> {
@@ -346,7 +417,7 @@ impl Session {
                 // the session, which is all a parked client keeps.
                 l.s.statements = std::mem::take(&mut l.statements);
                 l.s.cbuf = BytesMut::new();
-                return (Ended::Parked(Box::new(l.s)), l.client);
+                return (Ended::Parked(Box::new(l.s.parked())), l.client);
             }
             if let End::Move = end {
                 // Quiet: nothing buffered either way, and no server held but one the
