@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -179,6 +180,9 @@ pub(crate) fn adopt(
     server: Option<std::os::fd::OwnedFd>,
 ) {
     let count = ClientCount::new(pooler.clone());
+    // Boxed: the closure (and so the task's future, for the client's whole life) would
+    // otherwise hold the 368-byte state, dead once the session is adopted.
+    let state = Box::new(state);
     workers.spawn(&pooler.client_tasks, socket, move |socket, load| {
         let pooler = count.pooler.clone();
         client::serve_moved(
@@ -210,19 +214,26 @@ fn serve(
     let max = pooler.snapshot().config.server.max_client_conn;
     let count = ClientCount::new(pooler.clone());
     let admitted = count.before < max;
-    workers.spawn(clients, socket, move |socket, load| async move {
-        // A client session, or the admin console for an admin who asked for it.
+    // Not an async block: its upvars (the socket, the guards) would be dead copies next to
+    // those of `client::serve`'s future, in the client's task for its whole life (memory
+    // per client); what follows the session is a second future, made when it ends.
+    workers.spawn(clients, socket, move |socket, load| {
         let pooler = count.pooler.clone();
         let guards = ClientGuards { count, _load: load };
-        if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted, guards).await {
+        // A client session, or the admin console for an admin who asked for it.
+        client::serve(socket, peer, pooler, admitted, guards).then(|console| async move {
+            let Some(console) = console else {
+                return;
+            };
+            let guards = console.guards;
+            let pooler = guards.count.pooler.clone();
             // Boxed: the console's future is large, and unboxed it would size every
             // client's task for its whole life (memory per idle client).
-            let guards = console.guards;
             let console =
                 crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf);
             Box::pin(console).await;
             drop(guards);
-        }
+        })
     });
 }
 

@@ -21,6 +21,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use tokio::net::TcpStream;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -135,15 +137,18 @@ impl Workers {
                 return;
             }
         };
-        clients.spawn_on(
-            async move {
-                match TcpStream::from_std(socket) {
-                    Ok(socket) => session(socket, Some(load)).await,
-                    Err(e) => warn!(error = %e, "a worker thread cannot take a client connection"),
-                }
-            },
-            handle,
-        );
+        // The socket joins the worker's reactor once the task runs there. Not an async
+        // block: `session`'s captures would stay in the task next to the session's own
+        // future for the client's whole life (memory per client); `Flatten` holds one or
+        // the other.
+        let joined = futures_util::future::lazy(move |_| match TcpStream::from_std(socket) {
+            Ok(socket) => Either::Left(session(socket, Some(load))),
+            Err(e) => {
+                warn!(error = %e, "a worker thread cannot take a client connection");
+                Either::Right(std::future::ready(()))
+            }
+        });
+        clients.spawn_on(joined.flatten(), handle);
     }
 
     fn least_busy(&self) -> usize {

@@ -93,39 +93,53 @@ pub fn serve(
 ///
 /// `server` is the socket of the server connection the client keeps between transactions
 /// (session mode, or pinned by session state), which moved with it.
-pub async fn serve_moved(
+pub fn serve_moved(
     tcp: TcpStream,
     pooler: Arc<Pooler>,
-    state: SessionState,
+    state: Box<SessionState>,
     server: Option<std::os::fd::OwnedFd>,
     guards: ClientGuards,
-) {
-    let Ok(peer) = tcp.peer_addr() else {
-        return; // the client left on the way (the server's socket closes with `server`)
-    };
+) -> impl Future<Output = ()> + Send {
+    let peer = tcp.peer_addr();
     let _ = tcp.set_nodelay(true);
-    let mut socket = ClientStream::Tcp(tcp);
-    let served = AssertUnwindSafe(async {
-        // The session is scoped to the block whose value is awaited: it is moved into the
-        // running future, and no dead copy of it stays in this one (see `serve_socket`).
-        {
-            let (session, pin) = match adopt::session(&pooler, peer, state, server) {
-                Ok(adopted) => adopted,
-                Err(err) => {
-                    info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
-                    refuse_on(&mut socket, &err.fatal()).await;
-                    return Served::Done;
-                }
-            };
-            debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
-            let started = std::time::Instant::now();
-            run_session(&mut socket, peer, &pooler, session, pin, started, false)
-        }
-        .await
-    })
-    .catch_unwind()
-    .await;
-    let _ = finish(socket, peer, &pooler, served, guards).await;
+    // Adopted now, before the future exists (on the worker thread the client runs on: the
+    // server's socket joins its reactor): neither the state nor a copy of the session is
+    // kept in the client's task for its whole life (memory per idle client). Boxed: the
+    // future holds it until it starts. A panic here is contained as one in the session.
+    let adopted = peer.as_ref().ok().map(|peer| {
+        let adopt = AssertUnwindSafe(|| adopt::session(&pooler, *peer, *state, server));
+        Box::new(std::panic::catch_unwind(adopt))
+    });
+    async move {
+        let (Ok(peer), Some(adopted)) = (peer, adopted) else {
+            return; // the client left on the way (the server's socket closes with `server`)
+        };
+        let mut socket = ClientStream::Tcp(tcp);
+        let served = AssertUnwindSafe(async {
+            // The session is scoped to the block whose value is awaited: it is moved into
+            // the running future, and no dead copy of it stays in this one (see
+            // `serve_socket`); the future holds only the box it came in.
+            {
+                let (session, pin) = match *adopted {
+                    Ok(Ok(adopted)) => adopted,
+                    Ok(Err(err)) => {
+                        info!(%peer, err = %Escaped(&err), "a client moved in by an upgrade cannot be served");
+                        refuse_on(&mut socket, &err.fatal()).await;
+                        return Served::Done;
+                    }
+                    // Logged by the panic hook already; the client is told XX000 (`finish`).
+                    Err(panic) => std::panic::resume_unwind(panic),
+                };
+                debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
+                let started = std::time::Instant::now();
+                run_session(&mut socket, peer, &pooler, session, pin, started, false)
+            }
+            .await
+        })
+        .catch_unwind()
+        .await;
+        let _ = finish(socket, peer, &pooler, served, guards).await;
+    }
 }
 
 /// Runs a parked client's session again (`park.rs`: the client sent, left, or was told
