@@ -10,7 +10,7 @@ pub mod sqlstate;
 pub mod startup;
 pub mod write;
 
-pub use codec::{Frame, MessageCodec, ProtocolError};
+pub use codec::{Frame, FrameRef, Framed, MessageCodec, ProtocolError};
 pub use sqlstate::SqlState;
 pub use write::PgError;
 

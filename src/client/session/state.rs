@@ -171,8 +171,7 @@ impl Loop<'_> {
     /// The ReadyForQuery that ends a client's transaction: returned to be sent now, or
     /// held while the server is asked what state the transaction left.
     pub(super) fn ready_or_verify(&mut self, ready: BytesMut) -> Option<BytesMut> {
-        let due = self.state.triggered || (self.s.verify_always && self.watches_state());
-        if !due || self.settled() != Some(TxStatus::Idle) {
+        if !self.verify_due() {
             return Some(ready);
         }
         if !self.state.triggered {
@@ -189,6 +188,13 @@ impl Loop<'_> {
         self.to_server.push(query);
         self.replies.hidden(Kind::Query, Effect::VerifyState);
         None
+    }
+
+    /// Whether the ReadyForQuery that ends a client's transaction now is held for a
+    /// verification ([`Loop::ready_or_verify`]).
+    pub(super) fn verify_due(&self) -> bool {
+        let due = self.state.triggered || (self.s.verify_always && self.watches_state());
+        due && self.settled() == Some(TxStatus::Idle)
     }
 
     /// A DataRow of the verification (hidden replies, while it runs).
