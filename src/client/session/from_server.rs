@@ -180,6 +180,20 @@ impl Loop<'_> {
 
     /// Bookkeeping for an entry whose replies are all in, and for those the server skipped.
     pub(super) fn finished(&mut self, done: Done, ready: Option<TxStatus>) {
+        if let Done {
+            entry:
+                Expect::Client {
+                    effect: Effect::None,
+                    ..
+                },
+            skipped,
+            ..
+        } = &done
+            && skipped.is_empty()
+        {
+            // Most client messages: nothing to do, failed or not (undo has nothing to undo).
+            return;
+        }
         let Done {
             entry,
             failed,
