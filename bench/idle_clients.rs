@@ -72,6 +72,11 @@ struct Args {
     /// The pooler's process id: its memory.
     #[arg(long)]
     pooler_pid: Option<u32>,
+    /// LISTEN clients: after its `SELECT 1` each client LISTENs to one of this many
+    /// channels (`idle_<i mod K>`), so that the memory of idle listening clients is
+    /// measured; 0 (the default): no LISTEN.
+    #[arg(long, default_value_t = 0)]
+    listen: usize,
     /// Keep the connections open after the report until stdin closes.
     #[arg(long)]
     hold: bool,
@@ -349,7 +354,25 @@ async fn login(args: &Args, i: usize) -> Result<TcpStream, String> {
         }
     }
     select_1(&mut s).await?;
+    if args.listen > 0 {
+        listen(&mut s, i % args.listen).await?;
+    }
     Ok(s)
+}
+
+/// `LISTEN idle_<channel>`: its CommandComplete, then ReadyForQuery.
+async fn listen(s: &mut TcpStream, channel: usize) -> Result<(), String> {
+    let query = format!("LISTEN idle_{channel}\0");
+    write(s, &message(b'Q', query.as_bytes())).await?;
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        let (tag, body) = next_message(s, &mut buf).await?;
+        match tag {
+            b'E' => return Err(format!("LISTEN: {}", error_text(&body))),
+            b'Z' => return Ok(()),
+            _ => {}
+        }
+    }
 }
 
 /// `SELECT 1` on an idle connection: one DataRow `1`, then ReadyForQuery.

@@ -155,6 +155,9 @@ struct Entry {
     state: AtomicU8,
     /// Nanoseconds after the registry's epoch when `state` last changed.
     state_since: AtomicU64,
+    /// When (as `state_since`) the session last declined to park ([`Alert::PARK`]): the
+    /// sweep asks it again only `park_idle_after` later.
+    park_declined: AtomicU64,
     /// Set by IdleInTransaction, cleared by Idle: whether an Active client is inside a
     /// transaction block.
     in_transaction: AtomicBool,
@@ -200,6 +203,10 @@ impl Alert {
     /// An upgrade: hand the client over to the new process at its next quiet point
     /// (`upgrade.rs`), or close it then if it cannot move.
     pub const MOVE: u8 = 8;
+    /// Idle for `server.park_idle_after`: park between transactions if the session can
+    /// (`client/park.rs`). Stays raised while the client is parked, so that the sweep
+    /// skips it.
+    pub const PARK: u8 = 16;
 
     /// Sets `flag` and wakes the session.
     pub fn raise(&self, flag: u8) {
@@ -298,6 +305,7 @@ impl ClientRegistry {
             rare: Mutex::new(None),
             state: AtomicU8::new(ClientState::Idle as u8),
             state_since: AtomicU64::new(self.now()),
+            park_declined: AtomicU64::new(0),
             in_transaction: AtomicBool::new(false),
             wait_cause: AtomicU8::new(0),
             server_id: AtomicU64::new(0),
@@ -418,6 +426,36 @@ impl ClientRegistry {
         }
     }
 
+    /// Raises [`Alert::PARK`] on every client idle for at least `after` (since its state
+    /// last changed, and since it last declined to park), holding no server, that has not
+    /// been asked yet: the
+    /// sweep of `client/park.rs`, every `min(1s, after / 4)`. Returns how many were asked.
+    pub fn ask_to_park(&self, after: Duration) -> usize {
+        let now = self.now();
+        let after = u64::try_from(after.as_nanos()).unwrap_or(u64::MAX);
+        let mut asked = 0;
+        for shard in &self.shards {
+            for e in shard.lock().values() {
+                // One that keeps a server (session mode, pinned) cannot park: not asked.
+                if e.state.load(Relaxed) != ClientState::Idle as u8
+                    || e.server_id.load(Relaxed) != 0
+                    || e.alert.is_raised(Alert::PARK)
+                {
+                    continue;
+                }
+                let since = e
+                    .state_since
+                    .load(Relaxed)
+                    .max(e.park_declined.load(Relaxed));
+                if now.saturating_sub(since) >= after {
+                    e.alert.raise(Alert::PARK);
+                    asked += 1;
+                }
+            }
+        }
+        asked
+    }
+
     /// Raises `flag` on each client of `ids` (the console's KILL and KILL_CLIENT); returns
     /// how many were registered.
     pub fn raise_on(&self, ids: impl IntoIterator<Item = u64>, flag: u8) -> usize {
@@ -480,6 +518,13 @@ impl ClientHandle {
     /// What the pooler tells this session ([`ClientRegistry::raise`]).
     pub fn alert(&self) -> &Alert {
         &self.entry.alert
+    }
+
+    /// The session cannot park now (TLS, LISTEN, a server kept): clears [`Alert::PARK`]
+    /// and keeps the sweep from asking again before another `park_idle_after`.
+    pub fn decline_park(&self) {
+        self.entry.park_declined.store(self.registry.now(), Relaxed);
+        self.entry.alert.clear(Alert::PARK);
     }
 
     /// Records what the client does now. Setting the state it already has keeps the time
@@ -710,6 +755,31 @@ mod tests {
         }
         let kept = registry.names.lock().pairs.len();
         assert!(kept <= 128, "{kept} pairs kept for no client");
+    }
+
+    #[test]
+    fn the_sweep_asks_an_idle_client_without_a_server_once_per_period() {
+        let registry = Arc::new(ClientRegistry::default());
+        let idle = registry.register(peer(), "app", "alice", "", None);
+        let holding = registry.register(peer(), "app", "alice", "", None);
+        holding.set_server(Some((1, 4242)));
+        let active = registry.register(peer(), "app", "alice", "", None);
+        active.set_state(ClientState::Active);
+        assert_eq!(
+            registry.ask_to_park(Duration::from_secs(3600)),
+            0,
+            "too soon"
+        );
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 1);
+        assert!(idle.alert().is_raised(Alert::PARK));
+        assert!(!holding.alert().is_raised(Alert::PARK));
+        assert!(!active.alert().is_raised(Alert::PARK));
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 0, "asked once");
+        idle.decline_park();
+        assert!(!idle.alert().is_raised(Alert::PARK));
+        // Idle for long, but declined just now: not asked before another period.
+        assert_eq!(registry.ask_to_park(Duration::from_secs(3600)), 0);
+        assert_eq!(registry.ask_to_park(Duration::ZERO), 1);
     }
 
     #[test]

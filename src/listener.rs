@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::client;
+use crate::client::{self, ClientGuards};
 use crate::pooler::Pooler;
 use crate::upgrade::state::SessionState;
 use crate::workers::Workers;
@@ -70,6 +70,7 @@ fn warn_unmigrated_queue() {
 pub async fn run(pooler: Arc<Pooler>, listeners: Vec<TcpListener>, workers: Arc<Workers>) {
     let clients = pooler.client_tasks.clone();
     tokio::spawn(pooler.clone().forward_stop());
+    tokio::spawn(client::park_sweep(pooler.clone()));
     let mut accepting = Vec::new();
     for listener in listeners {
         accepting.push(tokio::spawn(accept(
@@ -177,10 +178,16 @@ pub(crate) fn adopt(
     state: SessionState,
     server: Option<std::os::fd::OwnedFd>,
 ) {
-    let counted = ClientCount::new(pooler.clone());
-    workers.spawn(&pooler.client_tasks, socket, move |socket| async move {
-        client::serve_moved(socket, counted.pooler.clone(), state, server).await;
-        drop(counted);
+    let count = ClientCount::new(pooler.clone());
+    workers.spawn(&pooler.client_tasks, socket, move |socket, load| {
+        let pooler = count.pooler.clone();
+        client::serve_moved(
+            socket,
+            pooler,
+            state,
+            server,
+            ClientGuards { count, _load: load },
+        )
     });
 }
 
@@ -201,26 +208,29 @@ fn serve(
     workers: &Workers,
 ) {
     let max = pooler.snapshot().config.server.max_client_conn;
-    let counted = ClientCount::new(pooler.clone());
-    let admitted = counted.before < max;
-    workers.spawn(clients, socket, move |socket| async move {
+    let count = ClientCount::new(pooler.clone());
+    let admitted = count.before < max;
+    workers.spawn(clients, socket, move |socket, load| async move {
         // A client session, or the admin console for an admin who asked for it.
-        let pooler = counted.pooler.clone();
-        if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted).await {
+        let pooler = count.pooler.clone();
+        let guards = ClientGuards { count, _load: load };
+        if let Some(console) = client::serve(socket, peer, pooler.clone(), admitted, guards).await {
             // Boxed: the console's future is large, and unboxed it would size every
             // client's task for its whole life (memory per idle client).
+            let guards = console.guards;
             let console =
                 crate::admin::console::serve(console.socket, pooler, console.user, console.cbuf);
             Box::pin(console).await;
+            drop(guards);
         }
-        drop(counted);
     });
 }
 
-/// One client counted against `max_client_conn`, for as long as its task lives: dropping
-/// it (however the task ends, a panic included) uncounts the client.
-struct ClientCount {
-    pooler: Arc<Pooler>,
+/// One client counted against `max_client_conn`, for as long as it is connected (its
+/// task, or its place in a parking lot: `client::ClientGuards`): dropping it (however
+/// the client ends, a panic included) uncounts the client.
+pub struct ClientCount {
+    pub(crate) pooler: Arc<Pooler>,
     /// Clients counted before this one.
     before: usize,
 }

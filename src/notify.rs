@@ -26,8 +26,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
+
+mod queue;
 
 use crate::logging::Escaped;
 use crate::protocol::{ProtocolError, read_cstr, read_i32, tag, write};
@@ -146,7 +147,7 @@ impl Notify {
         paused: bool,
     ) -> Subscription {
         let hub = self.hub(database, upstream);
-        let (tx, rx) = mpsc::channel(if paused { HANDOVER_QUEUE } else { CLIENT_QUEUE });
+        let (tx, rx) = queue::queue(if paused { HANDOVER_QUEUE } else { CLIENT_QUEUE });
         let id = self.next_id.fetch_add(1, Relaxed);
         let overflowed = Arc::new(AtomicBool::new(false));
         hub.state.lock().subscribers.insert(
@@ -163,7 +164,7 @@ impl Notify {
             id,
             rx,
             overflowed,
-            channels: BTreeSet::new(),
+            channels: ChannelSet::default(),
         }
     }
 
@@ -207,10 +208,10 @@ impl Notify {
             if st.channels.is_empty() {
                 continue;
             }
-            let mut by_id: HashMap<u64, BTreeSet<String>> = HashMap::new();
+            let mut by_id: HashMap<u64, ChannelSet> = HashMap::new();
             for (channel, ids) in &st.channels {
                 for id in ids {
-                    by_id.entry(*id).or_default().insert(channel.clone());
+                    by_id.entry(*id).or_default().insert(channel);
                 }
             }
             let clients = by_id
@@ -329,7 +330,7 @@ impl Notify {
             counts.listening_clients += ids.len();
             counts.channels += st.channels.len();
             for sub in st.subscribers.values() {
-                let queued = sub.tx.max_capacity().saturating_sub(sub.tx.capacity());
+                let queued = sub.tx.len();
                 counts.queued += queued;
                 counts.deepest = counts.deepest.max(queued);
             }
@@ -401,7 +402,7 @@ struct HubState {
     handover: Option<Handover>,
     /// Old process: the channels each client had when the plan was sent; a client whose
     /// set changed since cannot move (its new channels were not handed over).
-    planned: HashMap<u64, BTreeSet<String>>,
+    planned: HashMap<u64, ChannelSet>,
 }
 
 impl HubState {
@@ -415,7 +416,7 @@ impl HubState {
 }
 
 struct Subscriber {
-    tx: mpsc::Sender<Bytes>,
+    tx: queue::Sender,
     overflowed: Arc<AtomicBool>,
     /// The client's cancel key (an upgrade carries a subscription by it).
     key: (i32, i32),
@@ -464,9 +465,61 @@ pub struct HandoverPlan {
 pub struct Subscription {
     hub: Arc<Hub>,
     id: u64,
-    rx: mpsc::Receiver<Bytes>,
+    rx: queue::Receiver,
     overflowed: Arc<AtomicBool>,
-    channels: BTreeSet<String>,
+    channels: ChannelSet,
+}
+
+/// A client's channels, sorted: usually one or two, so a `Vec` kept without spare room
+/// rather than a `BTreeSet`, whose first node alone is about 280 bytes (memory per idle
+/// listening client). LISTEN and UNLISTEN change it; a delivery looks a channel up.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct ChannelSet(Vec<String>);
+
+impl ChannelSet {
+    fn at(&self, channel: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|c| c.as_str().cmp(channel))
+    }
+
+    /// Adds `channel`; false if it was there.
+    fn insert(&mut self, channel: &str) -> bool {
+        let Err(at) = self.at(channel) else {
+            return false;
+        };
+        self.0.reserve_exact(1);
+        self.0.insert(at, channel.to_owned());
+        true
+    }
+
+    /// Removes `channel`; false if it was not there.
+    fn remove(&mut self, channel: &str) -> bool {
+        let Ok(at) = self.at(channel) else {
+            return false;
+        };
+        self.0.remove(at);
+        true
+    }
+
+    fn contains(&self, channel: &str) -> bool {
+        self.at(channel).is_ok()
+    }
+
+    fn iter(&self) -> std::slice::Iter<'_, String> {
+        self.0.iter()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl IntoIterator for ChannelSet {
+    type Item = String;
+    type IntoIter = std::vec::IntoIter<String>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.into_iter()
+    }
 }
 
 impl Subscription {
@@ -488,7 +541,7 @@ impl Subscription {
     /// Adds `channel` (LISTEN): a channel new to the database is LISTENed to by its
     /// listener connection, opened now if it is the first.
     pub fn listen(&mut self, channel: &str) {
-        if !self.channels.insert(channel.to_owned()) {
+        if !self.channels.insert(channel) {
             return;
         }
         self.hub
@@ -581,7 +634,7 @@ impl Subscription {
 
     /// The next notification already queued, without waiting.
     pub fn try_next(&mut self) -> Option<Bytes> {
-        self.rx.try_recv().ok()
+        self.rx.try_recv()
     }
 
     /// Whether this client's queue filled up (it stopped reading) and it was cut off.
@@ -653,8 +706,8 @@ impl Hub {
                     Ok(()) => {
                         self.stats.delivered.fetch_add(1, Relaxed);
                     }
-                    Err(mpsc::error::TrySendError::Full(_)) => full.push((*id, sub.tx.clone())),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(queue::Refused::Full) => full.push((*id, sub.tx.clone())),
+                    Err(queue::Refused::Closed) => {}
                 }
             }
         }
@@ -668,8 +721,9 @@ impl Hub {
                     // The session sees its queue closed and ends with an error.
                     if let Some(sub) = self.state.lock().subscribers.remove(&id) {
                         sub.overflowed.store(true, Relaxed);
+                        sub.tx.close();
                         self.stats.dropped_clients.fetch_add(1, Relaxed);
-                        warn!(database = %Escaped(&self.database), queued = tx.max_capacity(), "a listening client did not read its notifications; it is disconnected");
+                        warn!(database = %Escaped(&self.database), queued = tx.capacity(), "a listening client did not read its notifications; it is disconnected");
                     }
                 }
             }
@@ -961,6 +1015,21 @@ fn identifier(text: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_channel_set_stays_sorted_without_spare_room() {
+        let mut set = ChannelSet::default();
+        assert!(set.insert("b"));
+        assert_eq!(set.0.capacity(), 1);
+        assert!(set.insert("a") && set.insert("c") && !set.insert("b"));
+        assert_eq!(
+            set.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["a", "b", "c"]
+        );
+        assert!(set.contains("c") && !set.contains("d"));
+        assert!(set.remove("b") && !set.remove("b"));
+        assert_eq!(set.into_iter().collect::<Vec<_>>(), ["a", "c"]);
+    }
 
     #[test]
     fn listen_statements_parse_as_postgresql_names_channels() {

@@ -108,24 +108,22 @@ impl Workers {
     }
 
     /// Runs `session` with `socket` on the worker with the fewest sessions, tracked by
-    /// `clients`. Must be called on worker 0's runtime (the accepting one, which also
+    /// `clients`; `session` gets the socket and its place on the worker (`None` with one
+    /// thread), to hold for as long as the client is connected. Must be called on worker 0's runtime (the accepting one, which also
     /// receives the clients an upgrade moves in).
     pub fn spawn<F, Fut>(&self, clients: &TaskTracker, socket: TcpStream, session: F)
     where
-        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        F: FnOnce(TcpStream, Option<Load>) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
         if self.handles.is_empty() {
-            clients.spawn(session(socket));
+            clients.spawn(session(socket, None));
             return;
         }
         let worker = self.least_busy();
         let load = Load::enter(self.load.clone(), worker);
         let Some(handle) = worker.checked_sub(1).and_then(|i| self.handles.get(i)) else {
-            clients.spawn(async move {
-                let _load = load;
-                session(socket).await;
-            });
+            clients.spawn(session(socket, Some(load)));
             return;
         };
         // The socket leaves this runtime's reactor and joins the worker's: its reads and
@@ -139,9 +137,8 @@ impl Workers {
         };
         clients.spawn_on(
             async move {
-                let _load = load;
                 match TcpStream::from_std(socket) {
-                    Ok(socket) => session(socket).await,
+                    Ok(socket) => session(socket, Some(load)).await,
                     Err(e) => warn!(error = %e, "a worker thread cannot take a client connection"),
                 }
             },
@@ -170,8 +167,9 @@ impl Workers {
     }
 }
 
-/// One session counted on its worker for as long as its task lives.
-struct Load {
+/// One session counted on its worker for as long as its client is connected (its task,
+/// or its place in the worker's parking lot).
+pub struct Load {
     load: Arc<[AtomicUsize]>,
     worker: usize,
 }

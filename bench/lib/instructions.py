@@ -133,7 +133,7 @@ def report(args):
     print()
     print(
         f"Instructions per transaction (callgrind Ir, pooler process only): "
-        f"{meta['clients']} client{'s' if meta['clients'] != 1 else ''} x {meta['transactions_per_client']} transactions of pgbench -S, "
+        f"{meta['clients']} client{'s' if meta['clients'] != 1 else ''} x {meta['transactions_per_client']} transactions of pgbench -S (tpcb: tpcb-like), "
         f"pool of {meta['pool_size']}, transaction mode"
     )
     for row in table:

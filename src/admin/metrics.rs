@@ -75,6 +75,18 @@ const FAMILIES: &[Family] = &[
         &[],
     ),
     (
+        "pgmux_clients_parked",
+        "Idle clients parked now: no task of their own, their sockets watched by their worker thread's parking lot (server.park_idle_after).",
+        G,
+        &[],
+    ),
+    (
+        "pgmux_clients_park_declined_total",
+        "Idle clients asked to park that could not (TLS, LISTEN, a server kept); each is asked at most once per park_idle_after.",
+        C,
+        &[],
+    ),
+    (
         "pgmux_worker_sessions",
         "Client sessions each worker thread runs now (worker 0 is the main thread); only with worker_threads above 1.",
         G,
@@ -508,6 +520,12 @@ fn collect_global(pooler: &Pooler, out: &mut Families) {
         "pgmux_client_connections",
         &[],
         pooler.clients.load(Relaxed) as f64,
+    );
+    out.gauge("pgmux_clients_parked", &[], crate::client::parked() as f64);
+    out.counter(
+        "pgmux_clients_park_declined_total",
+        &[],
+        crate::client::park_declined(),
     );
     let flag = |on: bool| if on { 1.0 } else { 0.0 };
     out.gauge("pgmux_draining", &[], flag(pooler.drain.is_begun()));

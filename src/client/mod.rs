@@ -6,6 +6,7 @@ mod deque;
 mod error;
 mod login;
 pub(crate) mod params;
+mod park;
 mod queue;
 mod replies;
 mod session;
@@ -15,6 +16,7 @@ mod stream;
 mod tls;
 
 pub use error::ClientError;
+pub use park::{declined as park_declined, parked, sweep as park_sweep};
 pub use queue::OutQueue;
 pub use stream::ClientStream;
 pub use tls::{ClientTls, ClientTlsIo};
@@ -44,6 +46,18 @@ pub struct ConsoleLogin {
     pub user: String,
     /// What the client sent after its login, not yet read by anyone.
     pub cbuf: BytesMut,
+    /// Its place under max_client_conn and on its worker thread, held to the end.
+    pub guards: ClientGuards,
+}
+
+/// What a client's task holds for the client's whole life besides its session: dropped
+/// (however the task ends, a panic included) it gives those places back. It goes with the
+/// client into the parking lot (`park.rs`) and into the task that resumes it.
+pub struct ClientGuards {
+    /// Its place under `max_client_conn`.
+    pub count: crate::listener::ClientCount,
+    /// Its place on its worker thread (`None` with one thread).
+    pub _load: Option<crate::workers::Load>,
 }
 
 /// Serves one client connection to the end, unless it asked for the admin console (then
@@ -61,6 +75,7 @@ pub fn serve(
     peer: SocketAddr,
     pooler: Arc<Pooler>,
     admitted: bool,
+    guards: ClientGuards,
 ) -> impl Future<Output = Option<ConsoleLogin>> + Send {
     let _ = tcp.set_nodelay(true);
     let mut socket = ClientStream::Tcp(tcp);
@@ -68,7 +83,7 @@ pub fn serve(
         let served = AssertUnwindSafe(serve_socket(&mut socket, peer, &pooler, admitted))
             .catch_unwind()
             .await;
-        finish(socket, peer, &pooler, served).await
+        finish(socket, peer, &pooler, served, guards).await
     }
 }
 
@@ -83,6 +98,7 @@ pub async fn serve_moved(
     pooler: Arc<Pooler>,
     state: SessionState,
     server: Option<std::os::fd::OwnedFd>,
+    guards: ClientGuards,
 ) {
     let Ok(peer) = tcp.peer_addr() else {
         return; // the client left on the way (the server's socket closes with `server`)
@@ -103,13 +119,55 @@ pub async fn serve_moved(
             };
             debug!(%peer, pool = %Escaped(&session.pool.key), "client moved in by an upgrade");
             let started = std::time::Instant::now();
-            run_session(&mut socket, peer, &pooler, session, pin, started)
+            run_session(&mut socket, peer, &pooler, session, pin, started, false)
         }
         .await
     })
     .catch_unwind()
     .await;
-    let _ = finish(socket, peer, &pooler, served).await;
+    let _ = finish(socket, peer, &pooler, served, guards).await;
+}
+
+/// Runs a parked client's session again (`park.rs`: the client sent, left, or was told
+/// something), on this thread's reactor, to its end as [`serve`] runs one: its
+/// disconnection is logged with the time since it connected, and it may park again.
+fn resume(parked: Box<park::Parked>) -> impl Future<Output = ()> + Send {
+    let pooler = parked.guards.count.pooler.clone();
+    let peer = parked.session.view.peer();
+    async move {
+        let mut socket = ClientStream::Gone;
+        let mut guards = None;
+        let served = AssertUnwindSafe(async {
+            // The record is taken apart in this block only, whose value is awaited: the
+            // session moves into the running future and the record's box is freed (no
+            // dead copy of either for the client's whole life).
+            {
+                let parked = parked;
+                let park::Parked {
+                    session,
+                    socket: std,
+                    started,
+                    guards: held,
+                    token: _,
+                } = *parked;
+                guards = Some(held);
+                match TcpStream::from_std(std) {
+                    Ok(tcp) => socket = ClientStream::Tcp(tcp),
+                    Err(e) => {
+                        warn!(%peer, error = %e, "a parked client cannot be resumed");
+                        return Served::Done;
+                    }
+                }
+                run_session(&mut socket, peer, &pooler, session, None, started, true)
+            }
+            .await
+        })
+        .catch_unwind()
+        .await;
+        if let Some(guards) = guards {
+            let _ = finish(socket, peer, &pooler, served, guards).await;
+        }
+    }
 }
 
 /// How a client's login and session ended.
@@ -120,6 +178,8 @@ enum Served {
     /// An upgrade moves the client: its socket goes to the new process with this state
     /// (and the server it keeps, if any).
     Moved(Box<Departing>),
+    /// The session went idle and parks (`park.rs`); the client connected at this time.
+    Parked(Box<session::Session>, std::time::Instant),
 }
 
 /// What happens to the socket once the login and session are over.
@@ -128,10 +188,20 @@ async fn finish(
     peer: SocketAddr,
     pooler: &Arc<Pooler>,
     served: std::thread::Result<Served>,
+    guards: ClientGuards,
 ) -> Option<ConsoleLogin> {
     match served {
-        Ok(Served::Console(user, cbuf)) => Some(ConsoleLogin { socket, user, cbuf }),
+        Ok(Served::Console(user, cbuf)) => Some(ConsoleLogin {
+            socket,
+            user,
+            cbuf,
+            guards,
+        }),
         Ok(Served::Done) => None,
+        Ok(Served::Parked(session, started)) => {
+            park_socket(socket, peer, pooler, *session, started, guards);
+            None
+        }
         Ok(Served::Moved(departing)) => {
             let ClientStream::Tcp(tcp) = socket else {
                 // upgrade_step closes TLS clients instead of moving them.
@@ -160,6 +230,42 @@ async fn finish(
     }
 }
 
+/// Hands a parked session and its socket to this thread's parking lot (`park.rs`); the
+/// task ends after this. Resumed at once if the lot cannot take it.
+fn park_socket(
+    socket: ClientStream,
+    peer: SocketAddr,
+    pooler: &Arc<Pooler>,
+    session: session::Session,
+    started: std::time::Instant,
+    guards: ClientGuards,
+) {
+    // `can_park` let only a plain socket through.
+    let ClientStream::Tcp(tcp) = socket else {
+        return;
+    };
+    // Out of tokio's reactor: a parked socket has no registration there.
+    let socket = match tcp.into_std() {
+        Ok(socket) => socket,
+        Err(e) => {
+            warn!(%peer, error = %e, "cannot take a parked client's socket out of the reactor");
+            return;
+        }
+    };
+    let record = Box::new(park::Parked {
+        session,
+        socket,
+        started,
+        guards,
+        token: pooler.client_tasks.token(),
+    });
+    if let Err(record) = park::park(record) {
+        // Not asked again before another park_idle_after.
+        record.session.view.decline_park();
+        pooler.client_tasks.spawn(resume(record));
+    }
+}
+
 /// Login and session on a borrowed socket.
 async fn serve_socket(
     socket: &mut ClientStream,
@@ -179,7 +285,7 @@ async fn serve_socket(
             Ok(session) => session,
             Err(served) => return served,
         };
-        run_session(socket, peer, pooler, session, None, started)
+        run_session(socket, peer, pooler, session, None, started, false)
     }
     .await
 }
@@ -226,7 +332,8 @@ async fn log_in(
     }
 }
 
-/// Runs a logged-in (or moved-in) session to its end, and logs it. Not an `async fn`:
+/// Runs a logged-in (or moved-in, or `resumed` from the parking lot) session to its end
+/// or until it parks, and logs it. Not an `async fn`:
 /// the session goes into its running future here, and is held there only
 /// ([`session::Session::run`]); what is done after it is a second future, made then.
 fn run_session<'a>(
@@ -236,18 +343,23 @@ fn run_session<'a>(
     session: session::Session,
     pin: Option<Box<session::MovedPin>>,
     started: std::time::Instant,
+    resumed: bool,
 ) -> impl Future<Output = Served> + Send + 'a {
     // The pool, not a copy of its key (two strings): kept to the end for the log lines.
     let pool = session.pool.clone();
     let log = pooler.snapshot().config.admin.log_connections;
-    if log {
+    if log && !resumed {
         info!(%peer, pool = %Escaped(&pool.key), "client connected");
     }
-    session.run(socket, pin).then(move |(moved, socket)| async move {
+    session.run(socket, pin, resumed).then(move |(ended, socket)| async move {
         let pool = &pool.key;
-        if let Some(departing) = moved {
-            debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
-            return Served::Moved(departing);
+        match ended {
+            session::Ended::Closed => {}
+            session::Ended::Moved(departing) => {
+                debug!(%peer, pool = %Escaped(&pool), "client moves to the new process");
+                return Served::Moved(departing);
+            }
+            session::Ended::Parked(session) => return Served::Parked(session, started),
         }
         close_gently(socket).await;
         // Byte counts come from the kernel.

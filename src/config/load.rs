@@ -124,6 +124,7 @@ const SERVER_KEYS: &[&str] = &[
     "reuse_port",
     "max_message_size",
     "partial_message_timeout",
+    "park_idle_after",
     "statement_registry_size",
     "worker_threads",
     "pid_file",
@@ -358,6 +359,10 @@ impl Walker<'_> {
                 "partial_message_timeout" => {
                     let d = self.duration(&path, value);
                     set(&mut server.partial_message_timeout, d);
+                }
+                "park_idle_after" => {
+                    let d = self.duration(&path, value);
+                    set(&mut server.park_idle_after, d);
                 }
                 "statement_registry_size" => {
                     let n = self.unsigned(&path, value, u32::MAX.into());

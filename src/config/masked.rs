@@ -43,6 +43,11 @@ pub(super) fn render(config: &Config) -> String {
     );
     line(
         &mut out,
+        "park_idle_after",
+        &duration(server.park_idle_after),
+    );
+    line(
+        &mut out,
         "statement_registry_size",
         &server.statement_registry_size.to_string(),
     );

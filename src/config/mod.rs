@@ -75,6 +75,10 @@ pub struct ServerSection {
     /// A client that stops sending in the middle of a message for this long gets `08P01`
     /// and is disconnected (a half-sent message holds memory, and perhaps a server).
     pub partial_message_timeout: Duration,
+    /// A transaction-mode client idle this long, holding nothing, is parked: its task
+    /// ends and its socket waits in its worker thread's parking lot (`client/park.rs`)
+    /// until it sends again. Zero = never.
+    pub park_idle_after: Duration,
     /// Distinct named statements pgmux remembers across all clients; beyond it, those no
     /// client and no server connection holds are forgotten.
     pub statement_registry_size: usize,
@@ -134,6 +138,7 @@ impl Default for ServerSection {
             reuse_port: false,
             max_message_size: crate::protocol::codec::MAX_MESSAGE_LEN,
             partial_message_timeout: Duration::from_secs(30),
+            park_idle_after: Duration::from_secs(5),
             statement_registry_size: 10_000,
             worker_threads: WorkerThreads::Count(1),
             pid_file: None,

@@ -88,6 +88,19 @@ enum End {
     Move,
     /// Tell the client this, then close. (Boxed: the loop returns it from every step.)
     Fatal(Box<ClientError>),
+    /// Idle for `park_idle_after` with nothing held or in flight: the session goes to its
+    /// thread's parking lot without a task (`client/park.rs`).
+    Park,
+}
+
+/// How [`Session::run`] ended.
+pub(in crate::client) enum Ended {
+    /// The session is over: the client left or was told why it is closed.
+    Closed,
+    /// An upgrade moves the client: its state, and the server it keeps.
+    Moved(Box<Departing>),
+    /// Idle: the session waits in the parking lot, and runs again when the client sends.
+    Parked(Box<Session>),
 }
 
 impl End {
@@ -135,6 +148,8 @@ enum Event {
     Stop,
     Kill,
     Retired,
+    /// The sweep asked this idle session to park ([`Alert::PARK`]).
+    Park,
 }
 
 /// Everything a logged-in client needs but its socket; built by login.
@@ -274,7 +289,9 @@ impl Session {
     /// end): if the session panics, the caller can still tell the client. Resolves to the
     /// session's state (and the server it keeps, if any) when an upgrade moves the client
     /// to the new process (the caller hands the socket over with it). `pin`: the client
-    /// was moved in pinned to `self.server`.
+    /// was moved in pinned to `self.server`. `resumed`: the session was parked and runs
+    /// again (`client/park.rs`). Resolves to [`Ended::Parked`] with the session when it
+    /// parks.
     ///
     /// Not an `async fn`: the session is moved into the loop here, before the future
     /// exists, so the future holds it once. An `async fn` would also keep its argument
@@ -284,7 +301,11 @@ impl Session {
         mut self,
         client: &'c mut ClientStream,
         pin: Option<Box<MovedPin>>,
-    ) -> impl Future<Output = (Option<Box<Departing>>, &'c mut ClientStream)> + Send + 'c {
+        resumed: bool,
+    ) -> impl Future<Output = (Ended, &'c mut ClientStream)> + Send + 'c {
+        if resumed {
+            self.view.alert().clear(Alert::PARK);
+        }
         let server = self.server.take();
         let statements = std::mem::take(&mut self.statements);
         let subscription = self.subscription.take();
@@ -317,9 +338,16 @@ impl Session {
         };
         async move {
             let end = match l.on_client_bytes().await {
-                Ok(()) => l.serve().await,
+                Ok(()) => l.serve(resumed).await,
                 Err(end) => end,
             };
+            if let End::Park = end {
+                // Nothing is in flight (`can_park`): what the loop took goes back into
+                // the session, which is all a parked client keeps.
+                l.s.statements = std::mem::take(&mut l.statements);
+                l.s.cbuf = BytesMut::new();
+                return (Ended::Parked(Box::new(l.s)), l.client);
+            }
             if let End::Move = end {
                 // Quiet: nothing buffered either way, and no server held but one the
                 // client keeps between transactions, idle (upgrade_step).
@@ -330,7 +358,10 @@ impl Session {
                     l.s.cancel.set_target(None);
                     l.s.cancel.settled().await;
                 }
-                return (Some(Box::new(Departing { state, server })), l.client);
+                return (
+                    Ended::Moved(Box::new(Departing { state, server })),
+                    l.client,
+                );
             }
             if let End::Fatal(err) = &end {
                 debug!(pool = %Escaped(&l.s.pool.key), err = %Escaped(&err), "closing client session");
@@ -345,7 +376,7 @@ impl Session {
             )
             .await;
             Box::pin(l.finish_server()).await;
-            (None, l.client)
+            (Ended::Closed, l.client)
         }
     }
 }
@@ -374,7 +405,7 @@ impl Session {
 }
 
 impl Loop<'_> {
-    async fn serve(&mut self) -> End {
+    async fn serve(&mut self, resumed: bool) -> End {
         // Stop, kill and a reload that removes this pool come as flags on the session's
         // alert (clients.rs), raised when the tokens fire; one that fired before this
         // session registered is seen here.
@@ -391,8 +422,9 @@ impl Loop<'_> {
         }
         // A client whose login was under way when the stop came was accepted before the
         // listeners closed: it gets its first transaction (bounded by shutdown_timeout)
-        // instead of a 57P01 for the BEGIN it sends right after logging in.
-        let mut first_is_due = self.s.stop.is_cancelled();
+        // instead of a 57P01 for the BEGIN it sends right after logging in. (Not a parked
+        // one that runs again: it had its transactions.)
+        let mut first_is_due = self.s.stop.is_cancelled() && !resumed;
         loop {
             if self.server.is_some() {
                 first_is_due = false;
@@ -507,6 +539,9 @@ impl Loop<'_> {
                             return Poll::Ready(Event::Writable); // look again, now
                         }
                     }
+                    if alerts & Alert::PARK != 0 {
+                        return Poll::Ready(Event::Park);
+                    }
                 }
                 Poll::Pending
             })
@@ -540,6 +575,14 @@ impl Loop<'_> {
                 Event::Retired => Err(End::fatal(ClientError::PoolRemoved)),
                 Event::Stop => Err(End::fatal(ClientError::ShuttingDown)),
                 Event::Kill => Err(End::fatal(self.s.killed())),
+                Event::Park if self.can_park() => Err(End::Park),
+                Event::Park => {
+                    // Not asked again before another park_idle_after (clients.rs).
+                    debug!(pool = %Escaped(&self.s.pool.key), "idle client cannot park");
+                    self.s.view.decline_park();
+                    super::park::count_declined();
+                    Ok(())
+                }
                 Event::Upgrade(None) => Err(End::Move),
                 Event::Upgrade(Some(why)) => {
                     crate::upgrade::count_closed();
@@ -634,6 +677,29 @@ impl Loop<'_> {
             && self.listen_confirm.is_none()
             && self.pending_unlisten.is_empty();
         quiet.then_some(None)
+    }
+
+    /// Whether the session can park now (`client/park.rs`): transaction or statement mode,
+    /// plain TCP, no server held, no LISTEN, no state known on a server, nothing buffered,
+    /// half-read, unanswered or skipped, and no alert but PARK.
+    fn can_park(&self) -> bool {
+        self.s.mode != PoolMode::Session
+            && self.server.is_none()
+            && matches!(*self.client, ClientStream::Tcp(_))
+            && self.subscription.is_none()
+            && self.listen_confirm.is_none()
+            && self.pending_unlisten.is_empty()
+            && self.s.cbuf.is_empty()
+            && !self.codec.in_message()
+            && !self.client_mid_message
+            && self.to_client.is_empty()
+            && self.to_server.is_empty()
+            && self.replies.is_empty()
+            && self.skip == Skip::No
+            && !self.unsynced
+            && !self.copy_in
+            && self.state_is_blank()
+            && !self.s.view.alert().is_raised(!Alert::PARK)
     }
 
     /// What the new process needs to go on serving this client (`crate::upgrade`).

@@ -92,6 +92,13 @@ impl Loop<'_> {
             .map(|pin| pin.kinds)
     }
 
+    /// Whether the session knows of no state on any server (nothing triggered, nothing
+    /// followed, no pin): it may park (`client/park.rs`) and resume with a fresh watch.
+    pub(super) fn state_is_blank(&self) -> bool {
+        let w = &self.state;
+        !w.triggered && !w.unnamed_triggers && !w.followed && w.work.is_none()
+    }
+
     /// Whether the client keeps its server between transactions.
     pub(super) fn pinned(&self) -> bool {
         self.state
