@@ -206,6 +206,11 @@ impl Replies {
         true
     }
 
+    /// Whether [`Replies::take_due`] has something to do.
+    pub fn has_due(&self) -> bool {
+        matches!(self.queue.front(), Some(Expect::Local(_) | Expect::CopyEnd))
+    }
+
     /// Local replies now at the front: they are due. Copy ends that reach the front are
     /// dropped: the COPY they ended never started (or already ended).
     pub fn take_due(&mut self, mut emit: impl FnMut(BytesMut)) {

@@ -197,7 +197,7 @@ impl Loop<'_> {
             .is_some_and(|s| s.tx_status() == TxStatus::Failed);
         let result_changed = |s: &Statement| s.result_changed.get().filter(|_| !failed).cloned();
         let renamed = match kind {
-            Kind::Parse => return self.rewrite_parse(frame),
+            Kind::Parse => return self.rewrite_parse(frame, whole_parse(frame).as_ref()),
             Kind::Bind => Bind::read(&frame.bytes).and_then(|bind| {
                 let statement = self.statements.get(bind.statement)?.clone();
                 Some(match result_changed(&statement) {
@@ -231,7 +231,11 @@ impl Loop<'_> {
         renamed.unwrap_or(Rewrite::Forward(Some(kind)))
     }
 
-    fn rewrite_parse(&self, frame: &Frame) -> Rewrite {
+    /// A Parse; `parse`: the message read ([`whole_parse`]).
+    pub(super) fn rewrite_parse(&self, frame: &Frame, parse: Option<&Parse<'_>>) -> Rewrite {
+        if !self.tracks_statements() {
+            return Rewrite::Forward(Some(Kind::Parse));
+        }
         if !frame.is_whole() {
             let named = frame
                 .bytes
@@ -245,7 +249,7 @@ impl Loop<'_> {
             };
         }
         // A malformed Parse goes to the server, which reports it.
-        match Parse::read(frame.body()) {
+        match parse {
             Some(parse) if !parse.name.is_empty() => {
                 if self.statements.get(parse.name).is_some() {
                     return Rewrite::Refuse(ClientError::DuplicateStatement(parse.name.to_owned()));
@@ -260,7 +264,7 @@ impl Loop<'_> {
                     statement: self.s.registry.statement(parse.query, &parse.param_types),
                 }
             }
-            Some(parse) => self.rewrite_unnamed_parse(&parse),
+            Some(parse) => self.rewrite_unnamed_parse(parse),
             None => Rewrite::Forward(Some(Kind::Parse)),
         }
     }
@@ -399,7 +403,9 @@ impl Loop<'_> {
     /// Answers a named Parse of an already verified statement without a server. Returns
     /// false when a server is needed.
     pub(super) fn parse_without_server(&mut self, frame: &Frame) -> bool {
-        if !self.tracks_statements() || !frame.is_whole() {
+        // The unnamed statement (the name is the first string) always needs a server:
+        // known before the query text is read.
+        if !self.tracks_statements() || !frame.is_whole() || frame.body().first() == Some(&0) {
             return false;
         }
         let Some(parse) = Parse::read(frame.body()) else {
@@ -541,6 +547,15 @@ impl Loop<'_> {
         error.error().write(&mut buf);
         self.reply_locally(buf);
     }
+}
+
+/// A Parse message held whole, read; `None` when it is too large to hold whole or
+/// malformed.
+pub(super) fn whole_parse(frame: &Frame) -> Option<Parse<'_>> {
+    frame
+        .is_whole()
+        .then(|| Parse::read(frame.body()))
+        .flatten()
 }
 
 #[cfg(test)]

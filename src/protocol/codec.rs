@@ -66,6 +66,62 @@ impl Frame {
     }
 }
 
+/// One message, or one part of a large one, framed where it lies in a read buffer (not
+/// split off it): [`MessageCodec::frame_in`]. What a [`Frame`] says, borrowed.
+#[derive(Clone, Copy, Debug)]
+pub struct FrameRef<'b> {
+    /// The message type.
+    pub tag: u8,
+    /// The raw bytes: header included when `starts`.
+    pub bytes: &'b [u8],
+    /// These bytes begin the message (they hold its header).
+    pub starts: bool,
+    /// These bytes end the message.
+    pub ends: bool,
+}
+
+impl<'b> FrameRef<'b> {
+    /// Whether the frame holds a whole message (header and complete body).
+    pub fn is_whole(&self) -> bool {
+        self.starts && self.ends
+    }
+
+    /// The body of a whole message (after the 5-byte header). Empty for parts.
+    pub fn body(&self) -> &'b [u8] {
+        if self.is_whole() {
+            self.bytes.get(5..).unwrap_or_default()
+        } else {
+            &[]
+        }
+    }
+}
+
+impl Frame {
+    /// The same frame, borrowed.
+    pub fn as_ref(&self) -> FrameRef<'_> {
+        FrameRef {
+            tag: self.tag,
+            bytes: &self.bytes,
+            starts: self.starts,
+            ends: self.ends,
+        }
+    }
+}
+
+/// What [`MessageCodec::frame_in`] found at the start of the bytes it was given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framed {
+    /// The next message or part: the first `len` bytes.
+    Part {
+        tag: u8,
+        len: usize,
+        starts: bool,
+        ends: bool,
+    },
+    /// Not enough bytes yet: `reserve` more would let the next part through (0: any).
+    Incomplete { reserve: usize },
+}
+
 /// Frames tagged messages. Cancel-safe: all state lives in the codec and the buffer.
 #[derive(Debug)]
 pub struct MessageCodec {
@@ -104,14 +160,15 @@ impl Default for MessageCodec {
     }
 }
 
-impl Decoder for MessageCodec {
-    type Item = Frame;
-    type Error = ProtocolError;
-
-    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+impl MessageCodec {
+    /// Frames the next message (or part of a large one) at the start of `src`, without
+    /// splitting it off: the caller consumes the `len` bytes of a [`Framed::Part`] before
+    /// it frames again (the codec counts them as read). The same rules as
+    /// [`Decoder::decode`], which is built on it.
+    pub fn frame_in(&mut self, src: &[u8]) -> Result<Framed, ProtocolError> {
         if let Some((tag, remaining)) = self.streaming {
             if src.is_empty() {
-                return Ok(None);
+                return Ok(Framed::Incomplete { reserve: 0 });
             }
             let n = remaining.min(src.len());
             let ends = n == remaining;
@@ -120,15 +177,15 @@ impl Decoder for MessageCodec {
             } else {
                 Some((tag, remaining - n))
             };
-            return Ok(Some(Frame {
+            return Ok(Framed::Part {
                 tag,
-                bytes: src.split_to(n),
+                len: n,
                 starts: false,
                 ends,
-            }));
+            });
         }
         let Some(header) = src.first_chunk::<5>() else {
-            return Ok(None);
+            return Ok(Framed::Incomplete { reserve: 0 });
         };
         let tag = header[0];
         let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
@@ -144,31 +201,60 @@ impl Decoder for MessageCodec {
         }
         let total = 1 + len;
         if src.len() >= total {
-            return Ok(Some(Frame {
+            return Ok(Framed::Part {
                 tag,
-                bytes: src.split_to(total),
+                len: total,
                 starts: true,
                 ends: true,
-            }));
+            });
         }
         if total <= self.max_whole {
-            src.reserve(total - src.len());
-            return Ok(None);
+            return Ok(Framed::Incomplete {
+                reserve: total - src.len(),
+            });
         }
         if src.len() < FIRST_PART {
             // The first part carries the names at the start of a Bind or Parse.
-            src.reserve(FIRST_PART - src.len());
-            return Ok(None);
+            return Ok(Framed::Incomplete {
+                reserve: FIRST_PART - src.len(),
+            });
         }
         // Too large to hold: pass on what we have and stream the rest.
         let n = src.len();
         self.streaming = Some((tag, total - n));
-        Ok(Some(Frame {
+        Ok(Framed::Part {
             tag,
-            bytes: src.split_to(n),
+            len: n,
             starts: true,
             ends: false,
-        }))
+        })
+    }
+}
+
+impl Decoder for MessageCodec {
+    type Item = Frame;
+    type Error = ProtocolError;
+
+    fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, ProtocolError> {
+        match self.frame_in(src)? {
+            Framed::Part {
+                tag,
+                len,
+                starts,
+                ends,
+            } => Ok(Some(Frame {
+                tag,
+                bytes: src.split_to(len),
+                starts,
+                ends,
+            })),
+            Framed::Incomplete { reserve } => {
+                if reserve > 0 {
+                    src.reserve(reserve);
+                }
+                Ok(None)
+            }
+        }
     }
 }
 

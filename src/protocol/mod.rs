@@ -10,7 +10,7 @@ pub mod sqlstate;
 pub mod startup;
 pub mod write;
 
-pub use codec::{Frame, MessageCodec, ProtocolError};
+pub use codec::{Frame, FrameRef, Framed, MessageCodec, ProtocolError};
 pub use sqlstate::SqlState;
 pub use write::PgError;
 
@@ -50,7 +50,12 @@ pub mod tag {
 
 /// Reads a NUL-terminated string at the start of `buf`; returns it and the rest.
 pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
-    let end = buf.iter().position(|&b| b == 0)?;
+    // Names are short, query texts long: a byte loop for the first bytes, then SIMD.
+    let head = buf.get(..16).unwrap_or(buf);
+    let end = match head.iter().position(|&b| b == 0) {
+        Some(end) => end,
+        None => head.len() + memchr::memchr(0, buf.get(head.len()..)?)?,
+    };
     let (s, rest) = buf.split_at_checked(end)?;
     let s = std::str::from_utf8(s).ok()?;
     Some((s, rest.get(1..)?))
@@ -60,4 +65,34 @@ pub fn read_cstr(buf: &[u8]) -> Option<(&str, &[u8])> {
 pub fn read_i32(buf: &[u8]) -> Option<(i32, &[u8])> {
     let (head, rest) = buf.split_first_chunk::<4>()?;
     Some((i32::from_be_bytes(*head), rest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::read_cstr;
+
+    proptest::proptest! {
+        /// The string ends at the first NUL wherever it is (in the first 16 bytes, looked
+        /// at one by one, or after them, searched); no NUL, or bytes that are not UTF-8:
+        /// `None`.
+        #[test]
+        fn read_cstr_stops_at_the_first_nul(
+            // Mostly ASCII, some UTF-8 (é) and some bytes that are never UTF-8.
+            bytes in proptest::collection::vec(
+                proptest::sample::select(vec![b'a', b'b', b'c', b'_', b'1', 0xc3, 0xa9, 0xff]),
+                0..80,
+            ),
+            nul_at in proptest::option::of(0usize..80),
+        ) {
+            let mut bytes = bytes;
+            if let Some(at) = nul_at.filter(|&at| at < bytes.len()) {
+                bytes[at] = 0;
+            }
+            let want = bytes.iter().position(|&b| b == 0).and_then(|end| {
+                let s = std::str::from_utf8(&bytes[..end]).ok()?;
+                Some((s, &bytes[end + 1..]))
+            });
+            proptest::prop_assert_eq!(read_cstr(&bytes), want);
+        }
+    }
 }

@@ -75,7 +75,7 @@ impl ServerConn {
                         }
                         _ => {}
                     }
-                    if let ServerEvent::Ready(_) = self.observe(&frame)? {
+                    if let ServerEvent::Ready(_) = self.observe(frame.as_ref())? {
                         return Ok(reply);
                     }
                 }

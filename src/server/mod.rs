@@ -29,7 +29,7 @@ use tokio_util::io::poll_read_buf;
 
 use crate::prepared::ServerStatements;
 use crate::protocol::read::parse_parameter_status;
-use crate::protocol::{Frame, MessageCodec, ProtocolError, tag, write};
+use crate::protocol::{Frame, FrameRef, Framed, MessageCodec, ProtocolError, tag, write};
 
 /// The key PostgreSQL gave this connection, needed to cancel its queries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -307,9 +307,46 @@ impl ServerConn {
         self.codec.decode(&mut self.read_buf)
     }
 
+    /// Lends the read buffer, with what was read and not yet framed, to a holder that
+    /// frames it in place ([`ServerConn::frame_in`]) and splits off or drops what it
+    /// handled. It must come back ([`ServerConn::restore_read_buf`]) before the
+    /// connection is read again or given back: until then it looks as if nothing were
+    /// unread.
+    pub fn lend_read_buf(&mut self) -> BytesMut {
+        std::mem::take(&mut self.read_buf)
+    }
+
+    /// Takes back the read buffer lent by [`ServerConn::lend_read_buf`], with the bytes
+    /// the holder did not consume.
+    pub fn restore_read_buf(&mut self, buf: BytesMut) {
+        self.read_buf = buf;
+    }
+
+    /// The next message (or part of a large one) at the start of `bytes`, which must
+    /// follow the last one framed (from the lent read buffer); the holder then consumes
+    /// its bytes. `None`: not enough yet (the session's reads reserve room themselves).
+    pub fn frame_in<'b>(&mut self, bytes: &'b [u8]) -> Result<Option<FrameRef<'b>>, ProtocolError> {
+        match self.codec.frame_in(bytes)? {
+            Framed::Part {
+                tag,
+                len,
+                starts,
+                ends,
+            } => Ok(Some(FrameRef {
+                tag,
+                bytes: bytes.get(..len).unwrap_or_default(),
+                starts,
+                ends,
+            })),
+            Framed::Incomplete { .. } => Ok(None),
+        }
+    }
+
     /// Notes what a server message changes about the connection (its transaction status,
     /// its reported settings) and says what it was.
-    pub fn observe<'f>(&mut self, frame: &'f Frame) -> Result<ServerEvent<'f>, ProtocolError> {
+    #[inline]
+    pub fn observe<'f>(&mut self, frame: FrameRef<'f>) -> Result<ServerEvent<'f>, ProtocolError> {
+        // Inlined: most messages are neither, and this runs for every one.
         if !frame.is_whole() {
             return Ok(ServerEvent::Other);
         }
@@ -324,14 +361,20 @@ impl ServerConn {
                 self.tx_status = status;
                 Ok(ServerEvent::Ready(status))
             }
-            tag::PARAMETER_STATUS => match parse_parameter_status(frame.body()) {
-                Some((name, value)) => {
-                    self.set_param(name, value);
-                    Ok(ServerEvent::Parameter { name, value })
-                }
-                None => Err(ProtocolError::Malformed("ParameterStatus")),
-            },
+            tag::PARAMETER_STATUS => self.observe_parameter(frame.body()),
             _ => Ok(ServerEvent::Other),
+        }
+    }
+
+    /// A ParameterStatus (rare): kept out of [`ServerConn::observe`], which is inlined.
+    #[inline(never)]
+    fn observe_parameter<'f>(&mut self, body: &'f [u8]) -> Result<ServerEvent<'f>, ProtocolError> {
+        match parse_parameter_status(body) {
+            Some((name, value)) => {
+                self.set_param(name, value);
+                Ok(ServerEvent::Parameter { name, value })
+            }
+            None => Err(ProtocolError::Malformed("ParameterStatus")),
         }
     }
 
@@ -469,7 +512,7 @@ impl ServerConn {
                         tag::DATA_ROW => quiet.value = first_column(frame.body()),
                         _ => {}
                     }
-                    if let ServerEvent::Ready(status) = self.observe(&frame)? {
+                    if let ServerEvent::Ready(status) = self.observe(frame.as_ref())? {
                         quiet.status = Some(status);
                         return Ok(quiet);
                     }

@@ -2,6 +2,7 @@
 //! needs no server, checking one out for the rest, and forwarding.
 
 use super::*;
+use crate::client::statements::whole_parse;
 
 impl Loop<'_> {
     pub(super) async fn on_client_read(&mut self, read: io::Result<usize>) -> Result<(), End> {
@@ -176,11 +177,15 @@ impl Loop<'_> {
             }
             tag::PARSE | tag::BIND | tag::DESCRIBE | tag::EXECUTE | tag::CLOSE | tag::FLUSH => {
                 self.unsynced = true;
-                if t == tag::PARSE {
-                    self.watch_parse(&frame);
-                    self.unlisten_by_parse(&frame);
-                }
-                let rewrite = self.rewrite_extended(&frame);
+                let rewrite = if t == tag::PARSE {
+                    // Read once for all that look at it.
+                    let parse = whole_parse(&frame);
+                    self.watch_parse(parse.as_ref());
+                    self.unlisten_by_parse(parse.as_ref());
+                    self.rewrite_parse(&frame, parse.as_ref())
+                } else {
+                    self.rewrite_extended(&frame)
+                };
                 self.apply(frame, rewrite);
             }
             tag::COPY_DONE | tag::COPY_FAIL => {

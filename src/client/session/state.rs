@@ -134,11 +134,11 @@ impl Loop<'_> {
     }
 
     /// A client Parse: a statement whose text may make state fires at each Bind too.
-    pub(super) fn watch_parse(&mut self, frame: &Frame) {
+    pub(super) fn watch_parse(&mut self, parse: Option<&Parse<'_>>) {
         if !self.watches_state() {
             return;
         }
-        let Some(parse) = whole_parse(frame) else {
+        let Some(parse) = parse else {
             // Too large to hold whole, or malformed (the server will say so).
             return self.state_trigger(None);
         };
@@ -178,8 +178,7 @@ impl Loop<'_> {
     /// The ReadyForQuery that ends a client's transaction: returned to be sent now, or
     /// held while the server is asked what state the transaction left.
     pub(super) fn ready_or_verify(&mut self, ready: BytesMut) -> Option<BytesMut> {
-        let due = self.state.triggered || (self.s.verify_always && self.watches_state());
-        if !due || self.settled() != Some(TxStatus::Idle) {
+        if !self.verify_due() {
             return Some(ready);
         }
         if !self.state.triggered {
@@ -196,6 +195,13 @@ impl Loop<'_> {
         self.to_server.push(query);
         self.replies.hidden(Kind::Query, Effect::VerifyState);
         None
+    }
+
+    /// Whether the ReadyForQuery that ends a client's transaction now is held for a
+    /// verification ([`Loop::ready_or_verify`]).
+    pub(super) fn verify_due(&self) -> bool {
+        let due = self.state.triggered || (self.s.verify_always && self.watches_state());
+        due && self.settled() == Some(TxStatus::Idle)
     }
 
     /// A DataRow of the verification (hidden replies, while it runs).
@@ -456,11 +462,11 @@ impl Loop<'_> {
     /// A Parse of `UNLISTEN name` / `UNLISTEN *` from a listening client (pgjdbc sends them
     /// by the extended protocol): applied as it goes; the server, which listens to
     /// nothing, runs it as a no-op.
-    pub(super) fn unlisten_by_parse(&mut self, frame: &Frame) {
+    pub(super) fn unlisten_by_parse(&mut self, parse: Option<&Parse<'_>>) {
         if self.subscription.is_none() {
             return;
         }
-        let Some(parse) = whole_parse(frame) else {
+        let Some(parse) = parse else {
             return;
         };
         match crate::notify::parse_listen(parse.query.as_bytes()) {
@@ -576,15 +582,6 @@ pub(in crate::client) struct ListenConfirm {
 
 /// How much longer than `connect_timeout` a LISTEN waits for the listener connection.
 const LISTEN_CONFIRM_EXTRA: Duration = Duration::from_secs(5);
-
-/// A Parse message held whole, read; `None` when it is too large to hold whole or
-/// malformed.
-fn whole_parse(frame: &Frame) -> Option<Parse<'_>> {
-    frame
-        .is_whole()
-        .then(|| Parse::read(frame.body()))
-        .flatten()
-}
 
 /// "A temporary table" from "a temporary table".
 fn capitalized(text: &str) -> String {

@@ -12,7 +12,7 @@ use crate::client::replies::{Done, Effect, Expect, Kind};
 use crate::client::session::Loop;
 use crate::pool::Lease;
 use crate::prepared::Statement;
-use crate::protocol::{Frame, read, tag, write};
+use crate::protocol::{FrameRef, read, tag, write};
 
 /// CommandComplete, from a server (the same byte as a client's Close).
 const COMMAND_COMPLETE: u8 = b'C';
@@ -64,20 +64,24 @@ impl Loop<'_> {
     /// `DEALLOCATE` that pgmux did not make itself may have removed any of them. Errors
     /// reveal a record that was wrong (a Bind of a statement the server lacks, a Parse of
     /// one it holds) and statements whose result type DDL changed.
-    pub(in crate::client) fn on_statement_reply(&mut self, frame: &mut Frame, done: Option<&Done>) {
+    ///
+    /// Returns the message the client gets in its place, if it is not the server's.
+    pub(in crate::client) fn on_statement_reply(
+        &mut self,
+        frame: FrameRef<'_>,
+        done: Option<&Done>,
+    ) -> Option<BytesMut> {
         if !matches!(frame.tag, COMMAND_COMPLETE | tag::ERROR_RESPONSE)
             || !frame.is_whole()
             || !self.tracks_statements()
         {
-            return;
+            return None;
         }
         let owner = match done {
             Some(done) => Some(&done.entry),
             None => self.replies.front(),
         };
-        let Some(owner) = owner else {
-            return;
-        };
+        let owner = owner?;
         if frame.tag == COMMAND_COMPLETE
             && matches!(
                 owner,
@@ -88,11 +92,9 @@ impl Loop<'_> {
             )
         {
             // DEALLOCATE_IN_PLACE ran in place of the client's DEALLOCATE: its tag.
-            frame.bytes.clear();
-            write::message(&mut frame.bytes, COMMAND_COMPLETE, |b| {
-                write::cstr(b, "DEALLOCATE")
-            });
-            return;
+            let mut tag = BytesMut::new();
+            write::message(&mut tag, COMMAND_COMPLETE, |b| write::cstr(b, "DEALLOCATE"));
+            return Some(tag);
         }
         let news = if frame.tag == COMMAND_COMPLETE {
             deallocation(frame.body(), owner)
@@ -137,10 +139,11 @@ impl Loop<'_> {
                 );
                 let _ = statement
                     .result_changed
-                    .set(Bytes::copy_from_slice(&frame.bytes));
+                    .set(Bytes::copy_from_slice(frame.bytes));
                 self.s.registry.forget(&statement);
             }
         }
+        None
     }
 }
 
