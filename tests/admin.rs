@@ -661,3 +661,56 @@ async fn a_removed_database_ends_its_sessions_between_transactions() {
         Some(&tokio_postgres::error::SqlState::INVALID_CATALOG_NAME)
     );
 }
+
+/// A checkout served at once from the idle servers (`Pool::checkout_now`, no future) is
+/// counted as every checkout is: lent, waited for no time, held, a transaction, and shown
+/// holding its server while it does.
+#[tokio::test]
+async fn checkouts_served_at_once_are_counted_like_any_other() {
+    let pg = TestPostgres::shared().await;
+    let mux = TestPgmux::start(pg, with_admin(2)).await;
+    let client = mux.connect("app", "app").await;
+    client.simple_query("SELECT 1").await.unwrap(); // the pool's first server opens
+    let count = |m: &Metrics, name: &str, labels: &[(&str, &str)]| {
+        m.0.samples
+            .iter()
+            .filter(|s| s.metric == name)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(v)))
+            .find_map(|s| match &s.value {
+                Value::Histogram(h) => h.last().map(|b| b.count),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("no histogram {name}{labels:?}"))
+    };
+    let none = [("database", "app"), ("user", "app"), ("cause", "none")];
+    let before = Metrics::scrape(&mux).await;
+    for _ in 0..25 {
+        client.simple_query("SELECT 1").await.unwrap();
+    }
+    client
+        .batch_execute("BEGIN; SELECT pg_backend_pid()")
+        .await
+        .unwrap();
+    let held = app_pool(&mux).await;
+    let after = Metrics::scrape(&mux).await;
+    client.batch_execute("COMMIT").await.unwrap();
+    let delta = |name: &str| after.get(name, &APP) - before.get(name, &APP);
+    assert_eq!(delta("pgmux_server_checkouts_total"), 26.0);
+    assert_eq!(
+        count(&after, "pgmux_wait_seconds", &none) - count(&before, "pgmux_wait_seconds", &none),
+        26.0,
+        "every one served at once"
+    );
+    assert_eq!(
+        count(&after, "pgmux_server_hold_seconds", &APP)
+            - count(&before, "pgmux_server_hold_seconds", &APP),
+        25.0,
+        "the 25 given back; the open transaction holds its server"
+    );
+    assert_eq!(after.get("pgmux_pool_waiting_clients", &APP), 0.0);
+    assert_eq!(
+        held["active"].as_u64(),
+        Some(1),
+        "the lent server shown: {held:#}"
+    );
+}

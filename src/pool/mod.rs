@@ -164,6 +164,20 @@ struct State {
 }
 
 impl State {
+    /// Records `conn` as lent at `now` to a client that wanted it at `wanted`.
+    fn lend(&mut self, conn: &ServerConn, wanted: Instant, now: Instant) {
+        self.lent.push(Lent {
+            id: conn.id(),
+            pid: conn.key().process_id,
+            tls: conn.tls().cloned(),
+            created: conn.created(),
+            wanted,
+            since: now,
+        });
+        let demand = self.demand();
+        self.demand.checkout(now, demand);
+    }
+
     /// The idle connection to lend next, unless paused; idle ones past their lifetime, to
     /// be replaced or found dead on the way go to `stale` (their slots freed here; the
     /// caller closes them outside the lock).
@@ -385,21 +399,7 @@ impl Pool {
         };
         drop(watch);
         match &result {
-            Ok(conn) => {
-                self.stats.checkouts.fetch_add(1, Relaxed);
-                self.stats.waited(cause, waited);
-                let mut st = self.state.lock();
-                st.lent.push(Lent {
-                    id: conn.id(),
-                    pid: conn.key().process_id,
-                    tls: conn.tls().cloned(),
-                    created: conn.created(),
-                    wanted,
-                    since: now,
-                });
-                let demand = st.demand();
-                st.demand.checkout(now, demand);
-            }
+            Ok(conn) => self.lent(conn, cause, wanted, now),
             Err(CheckoutError::Timeout { .. }) => {
                 self.stats.wait_timeouts.fetch_add(1, Relaxed);
                 self.stats.waited(cause, waited);
@@ -435,6 +435,52 @@ impl Pool {
             );
         }
         result.map(|conn| Lease::new(conn, self.clone()))
+    }
+
+    /// [`Pool::checkout_for`] when an idle connection is there now, without a future or a
+    /// wait: most checkouts of a pool that keeps up. `None` when none is (or one could not
+    /// move to this thread): then wait with `checkout_for`. The same accounting as a
+    /// checkout served at once by it.
+    pub fn checkout_now(self: &Arc<Self>) -> Option<Lease> {
+        let now = Instant::now();
+        let several = crate::workers::several();
+        let mut stale = Vec::new();
+        let conn = {
+            let mut st = self.state.lock();
+            let conn = st.pop_idle(now, &mut stale);
+            // One thread: lent under the same lock (no move to wait for).
+            if let Some(conn) = &conn
+                && !several
+            {
+                st.lend(conn, now, now);
+            }
+            conn
+        };
+        if !stale.is_empty() {
+            self.close_stale(stale);
+        }
+        let mut conn = conn?;
+        if several {
+            conn = match conn.rehome() {
+                Ok(conn) => conn,
+                Err(e) => {
+                    self.lost_in_move(e);
+                    return None;
+                }
+            };
+            self.state.lock().lend(&conn, now, now);
+        }
+        self.stats.checkouts.fetch_add(1, Relaxed);
+        self.stats.waited(None, Duration::ZERO);
+        Some(Lease::new(conn, self.clone()))
+    }
+
+    /// Records `conn` as lent now (`now`) to a client that wanted it at `wanted` and waited
+    /// for `cause`, if it waited.
+    fn lent(&self, conn: &ServerConn, cause: Option<WaitCause>, wanted: Instant, now: Instant) {
+        self.stats.checkouts.fetch_add(1, Relaxed);
+        self.stats.waited(cause, now - wanted);
+        self.state.lock().lend(conn, wanted, now);
     }
 
     /// With worker threads: `conn` with its socket on this thread's reactor; should the

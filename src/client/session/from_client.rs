@@ -18,8 +18,11 @@ impl Loop<'_> {
                 self.s.pool.stats.bytes_from_client(n);
                 self.on_client_bytes().await?;
                 self.touch();
-                if self.s.cbuf.is_empty() {
-                    // Frames keep what they need of the buffer; an idle client keeps none.
+                if self.s.cbuf.is_empty() && self.s.cbuf.capacity() > CLIENT_READ {
+                    // A large buffer goes once drained; a small one stays for the next read,
+                    // which takes its room back once the frames split off it are written (no
+                    // allocation per transaction). An idle client gives it up when it parks,
+                    // or when it is asked to and cannot (memory per idle client).
                     self.s.cbuf = BytesMut::new();
                 }
                 Ok(())
@@ -119,9 +122,17 @@ impl Loop<'_> {
                 }
                 _ => {}
             }
-            // Boxed: a waiting checkout is large, and an idle session should not carry its
-            // room (memory per idle client).
-            if let Err(err) = Box::pin(self.checkout()).await? {
+            // An idle server there now needs no future; a checkout that may wait is boxed:
+            // it is large, and an idle session should not carry its room (memory per idle
+            // client).
+            let checked = match self.s.pool.checkout_now() {
+                Some(lease) => {
+                    self.take_server(lease);
+                    Ok(())
+                }
+                None => Box::pin(self.checkout()).await?,
+            };
+            if let Err(err) = checked {
                 let mut buf = BytesMut::new();
                 err.error().write(&mut buf);
                 self.to_client.push(buf);
@@ -268,24 +279,8 @@ impl Loop<'_> {
             }
         };
         match result {
-            Ok(mut conn) => {
-                self.s.cancel.set_target(Some(CancelTarget {
-                    addr: conn.addr().clone(),
-                    key: conn.key(),
-                }));
-                self.s
-                    .view
-                    .set_server(Some((conn.id(), conn.key().process_id)));
-                self.s.view.set_state(ClientState::Active);
-                if let Some(sql) = self.s.params.sync_sql(&mut conn) {
-                    debug!(pool = %Escaped(&self.s.pool.key), server = conn.id(), sql = %Escaped(&sql), "restoring the client's settings");
-                    let mut query = BytesMut::new();
-                    write::query(&mut query, &sql);
-                    self.to_server.push(query);
-                    self.replies.hidden(Kind::Query, Effect::None);
-                }
-                self.reset_unsure_statements(&mut conn);
-                self.server = Some(conn);
+            Ok(conn) => {
+                self.take_server(conn);
                 Ok(Ok(()))
             }
             Err(e) => {
@@ -293,6 +288,27 @@ impl Loop<'_> {
                 Ok(Err(ClientError::Checkout(e)))
             }
         }
+    }
+
+    /// Takes the server a checkout gave for the client's transaction.
+    fn take_server(&mut self, mut conn: Lease) {
+        self.s.cancel.set_target(Some(CancelTarget {
+            addr: conn.addr().clone(),
+            key: conn.key(),
+        }));
+        self.s
+            .view
+            .set_server(Some((conn.id(), conn.key().process_id)));
+        self.s.view.set_state(ClientState::Active);
+        if let Some(sql) = self.s.params.sync_sql(&mut conn) {
+            debug!(pool = %Escaped(&self.s.pool.key), server = conn.id(), sql = %Escaped(&sql), "restoring the client's settings");
+            let mut query = BytesMut::new();
+            write::query(&mut query, &sql);
+            self.to_server.push(query);
+            self.replies.hidden(Kind::Query, Effect::None);
+        }
+        self.reset_unsure_statements(&mut conn);
+        self.server = Some(conn);
     }
 }
 

@@ -650,6 +650,9 @@ impl Loop<'_> {
                 Event::Park => {
                     // Not asked again before another park_idle_after (clients.rs).
                     debug!(pool = %Escaped(&self.s.pool.key), "idle client cannot park");
+                    if self.s.cbuf.is_empty() {
+                        self.s.cbuf = BytesMut::new(); // idle: no read buffer kept
+                    }
                     self.s.view.decline_park();
                     super::park::count_declined();
                     Ok(())
