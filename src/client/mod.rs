@@ -8,6 +8,7 @@ mod login;
 pub(crate) mod params;
 mod park;
 mod queue;
+mod read_buffers;
 mod replies;
 mod session;
 pub(crate) mod state;

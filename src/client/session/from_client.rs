@@ -18,12 +18,11 @@ impl Loop<'_> {
                 self.s.pool.stats.bytes_from_client(n);
                 self.on_client_bytes().await?;
                 self.touch();
-                if self.s.cbuf.is_empty() && self.s.cbuf.capacity() > CLIENT_READ {
-                    // A large buffer goes once drained; a small one stays for the next read,
-                    // which takes its room back once the frames split off it are written (no
-                    // allocation per transaction). An idle client gives it up when it parks,
-                    // or when it is asked to and cannot (memory per idle client).
-                    self.s.cbuf = BytesMut::new();
+                if self.s.cbuf.is_empty() {
+                    // Frames keep what they need of the buffer; an idle client keeps none.
+                    // Back to the thread's kept buffers, for the next read to take its room
+                    // back once those frames are written (`read_buffers.rs`).
+                    crate::client::read_buffers::give(std::mem::take(&mut self.s.cbuf));
                 }
                 Ok(())
             }

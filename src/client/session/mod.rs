@@ -553,11 +553,18 @@ impl Loop<'_> {
                     return Poll::Ready(Event::ServerRead(read));
                 }
                 if read_client && self.client.poll_read_ready(cx).is_ready() {
-                    // The buffer is reserved only now: an idle client holds none.
+                    // The buffer is taken only now, from the thread's kept ones, and given
+                    // back once emptied (`read_buffers.rs`): an idle client holds none.
+                    if self.s.cbuf.capacity() == 0 {
+                        self.s.cbuf = crate::client::read_buffers::take();
+                    }
                     self.s.cbuf.reserve(self.client_read);
                     let read = poll_read_buf(Pin::new(&mut *self.client), cx, &mut self.s.cbuf);
                     if let Poll::Ready(read) = read {
                         return Poll::Ready(Event::ClientRead(read));
+                    }
+                    if self.s.cbuf.is_empty() {
+                        crate::client::read_buffers::give(std::mem::take(&mut self.s.cbuf));
                     }
                 }
                 if self.listen_confirm.is_some()
@@ -650,9 +657,6 @@ impl Loop<'_> {
                 Event::Park => {
                     // Not asked again before another park_idle_after (clients.rs).
                     debug!(pool = %Escaped(&self.s.pool.key), "idle client cannot park");
-                    if self.s.cbuf.is_empty() {
-                        self.s.cbuf = BytesMut::new(); // idle: no read buffer kept
-                    }
                     self.s.view.decline_park();
                     super::park::count_declined();
                     Ok(())
