@@ -3,8 +3,7 @@
 
 mod common;
 
-use common::{MuxOptions, TestPgmux, TestPostgres, run_psql};
-use tokio_postgres::SimpleQueryMessage;
+use common::{MuxOptions, TestPgmux, TestPostgres, rows, run_psql};
 use tokio_postgres::error::SqlState;
 
 /// pgmux with `other` as its admin user.
@@ -14,17 +13,6 @@ async fn start(pg: &TestPostgres) -> TestPgmux {
         ..MuxOptions::default()
     };
     TestPgmux::start(pg, opts).await
-}
-
-/// The rows of a simple query, as (column name -> value) lookups.
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<&tokio_postgres::SimpleQueryRow> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        })
-        .collect()
 }
 
 #[tokio::test]

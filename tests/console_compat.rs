@@ -8,8 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::raw::{Raw, error_fields, msg};
-use common::{MuxOptions, TestPgmux, TestPostgres, eventually, run_psql};
-use tokio_postgres::SimpleQueryMessage;
+use common::{MuxOptions, TestPgmux, TestPostgres, eventually, run_psql, show_lookup as lookup};
 use tokio_postgres::error::SqlState;
 
 /// pgmux with `other` as its admin user and `opts`.
@@ -706,31 +705,6 @@ async fn pgbouncer_exporter_reads_everything_it_needs() {
         }
     }
     app.batch_execute("COMMIT").await.unwrap();
-}
-
-/// The rows of a simple query.
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<&tokio_postgres::SimpleQueryRow> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(row) => Some(row),
-            _ => None,
-        })
-        .collect()
-}
-
-/// The value of `column` in the row of SHOW `show` whose `key` column is `value`.
-async fn lookup(
-    console: &tokio_postgres::Client,
-    show: &str,
-    key: (&str, &str),
-    column: &str,
-) -> Option<String> {
-    let messages = console.simple_query(&format!("SHOW {show}")).await.unwrap();
-    rows(&messages)
-        .into_iter()
-        .find(|r| r.get(key.0) == Some(key.1))
-        .and_then(|r| r.get(column).map(str::to_owned))
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, Error, SimpleQueryMessage};
+use tokio_postgres::{AsyncMessage, Client, Error};
 
 /// A bound against hangs, never a measure.
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -74,25 +74,10 @@ async fn closed_with(connection: JoinHandle<Result<(), Error>>) -> Error {
     ended.expect_err("pgmux said why it closed the connection")
 }
 
-/// The rows of a simple query.
-fn rows(messages: &[SimpleQueryMessage]) -> Vec<&tokio_postgres::SimpleQueryRow> {
-    messages
-        .iter()
-        .filter_map(|m| match m {
-            SimpleQueryMessage::Row(r) => Some(r),
-            _ => None,
-        })
-        .collect()
-}
-
 /// The value of `column` in the row of the console's SHOW CLIENTS whose
 /// `application_name` is `name`.
 async fn client_column(console: &Client, name: &str, column: &str) -> Option<String> {
-    let messages = console.simple_query("SHOW CLIENTS").await.unwrap();
-    rows(&messages)
-        .into_iter()
-        .find(|r| r.get("application_name") == Some(name))
-        .and_then(|r| r.get(column).map(str::to_owned))
+    common::show_lookup(console, "CLIENTS", ("application_name", name), column).await
 }
 
 /// A client named `name` with a prepared statement that adds `n`.

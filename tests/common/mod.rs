@@ -316,3 +316,31 @@ pub fn metric_values<'a>(
 pub fn parse_metrics(body: &str) -> prometheus_parse::Scrape {
     prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).expect("metrics parse")
 }
+
+/// The rows of a simple query.
+pub fn rows(
+    messages: &[tokio_postgres::SimpleQueryMessage],
+) -> Vec<&tokio_postgres::SimpleQueryRow> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The value of `column` in the row of the console's SHOW `show` whose `key` column is
+/// `value`.
+pub async fn show_lookup(
+    console: &tokio_postgres::Client,
+    show: &str,
+    key: (&str, &str),
+    column: &str,
+) -> Option<String> {
+    let messages = console.simple_query(&format!("SHOW {show}")).await.unwrap();
+    rows(&messages)
+        .into_iter()
+        .find(|r| r.get(key.0) == Some(key.1))
+        .and_then(|r| r.get(column).map(str::to_owned))
+}
